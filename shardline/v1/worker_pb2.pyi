@@ -1,0 +1,176 @@
+from shardline.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
+    LOAD_PHASE_MANIFEST: _ClassVar[LoadPhase]
+    LOAD_PHASE_FETCHING: _ClassVar[LoadPhase]
+    LOAD_PHASE_BUILDING: _ClassVar[LoadPhase]
+    LOAD_PHASE_READY: _ClassVar[LoadPhase]
+
+class OutputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_KIND_UNSPECIFIED: _ClassVar[OutputKind]
+    OUTPUT_KIND_TOKENS: _ClassVar[OutputKind]
+    OUTPUT_KIND_LOGITS: _ClassVar[OutputKind]
+    OUTPUT_KIND_LAST_LOGITS: _ClassVar[OutputKind]
+    OUTPUT_KIND_HIDDEN: _ClassVar[OutputKind]
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_EMPTY: _ClassVar[WorkerState]
+    WORKER_STATE_LOADING: _ClassVar[WorkerState]
+    WORKER_STATE_READY: _ClassVar[WorkerState]
+    WORKER_STATE_FAILED: _ClassVar[WorkerState]
+LOAD_PHASE_UNSPECIFIED: LoadPhase
+LOAD_PHASE_MANIFEST: LoadPhase
+LOAD_PHASE_FETCHING: LoadPhase
+LOAD_PHASE_BUILDING: LoadPhase
+LOAD_PHASE_READY: LoadPhase
+OUTPUT_KIND_UNSPECIFIED: OutputKind
+OUTPUT_KIND_TOKENS: OutputKind
+OUTPUT_KIND_LOGITS: OutputKind
+OUTPUT_KIND_LAST_LOGITS: OutputKind
+OUTPUT_KIND_HIDDEN: OutputKind
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_EMPTY: WorkerState
+WORKER_STATE_LOADING: WorkerState
+WORKER_STATE_READY: WorkerState
+WORKER_STATE_FAILED: WorkerState
+
+class LoadShardRequest(_message.Message):
+    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start_layer: int
+    end_layer: int
+    dtype: _tensor_pb2.DType
+    parameters_address: str
+    timeout_ms: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class LoadShardProgress(_message.Message):
+    __slots__ = ("phase", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "tensor")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    phase: LoadPhase
+    bytes_done: int
+    bytes_total: int
+    tensors_done: int
+    tensors_total: int
+    tensor: str
+    def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., tensor: _Optional[str] = ...) -> None: ...
+
+class SequenceSlice(_message.Message):
+    __slots__ = ("session_id", "start_position", "num_tokens", "sampling")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_position: int
+    num_tokens: int
+    sampling: SamplingParams
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    hidden: _tensor_pb2.Tensor
+    start_layer: int
+    route: _containers.RepeatedScalarFieldContainer[str]
+    output: OutputKind
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("step_id", "error", "token_ids", "tensor")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    error: _tensor_pb2.ErrorStatus
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    tensor: _tensor_pb2.Tensor
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[_tensor_pb2.ErrorStatus, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EndSessionRequest(_message.Message):
+    __slots__ = ("session_ids",)
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EndSessionResponse(_message.Message):
+    __slots__ = ("ended",)
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    ended: int
+    def __init__(self, ended: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    HAS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    HAS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    state: WorkerState
+    model: str
+    start_layer: int
+    end_layer: int
+    weight_bytes: int
+    sessions: int
+    kv_cache_bytes: int
+    rss_bytes: int
+    last_error: str
+    has_embedding: bool
+    has_head: bool
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ...) -> None: ...
