@@ -1,0 +1,69 @@
+"""GPT-2: learned absolute positions, Conv1D projections, tied head."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GPT2Config
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+from shard_worker.families.base import Family, StageModules
+
+
+class GPT2(Family):
+    name = "gpt2"
+    model_types = ("gpt2",)
+    layer_pattern = re.compile(r"^transformer\.h\.(\d+)\.")
+    embed_names = ("transformer.wte.weight", "transformer.wpe.weight")
+    head_names = ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight")
+    tied = {"lm_head.weight": "transformer.wte.weight"}
+
+    def config_class(self) -> Any:
+        return GPT2Config
+
+    def num_layers(self, config: Any) -> int:
+        return int(config.n_layer)
+
+    def build(self, config: Any, start: int, end: int) -> StageModules:
+        config._attn_implementation = "sdpa"
+        mods = StageModules()
+        with torch.device("meta"):
+            if start == 0:
+                mods.embed = _GPT2Embedding(config)
+            for i in range(start, end):
+                mods.layers[str(i)] = GPT2Block(config, layer_idx=i)
+            if end == config.n_layer:
+                mods.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+                mods.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        return mods
+
+    def checkpoint_name(self, stage_name: str) -> str:
+        return _TO_HF.sub(lambda m: _HF_PREFIX[m.group(1)], stage_name)
+
+    def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if modules.embed is None:
+            raise RuntimeError("this stage has no embedding")
+        return modules.embed(token_ids, positions)  # type: ignore[no-any-return]
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
+        out = layer(hidden, past_key_values=cache, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+
+
+class _GPT2Embedding(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.wte(token_ids) + self.wpe(positions)  # type: ignore[no-any-return]
+
+
+_HF_PREFIX = {"embed.wte": "transformer.wte", "embed.wpe": "transformer.wpe", "layers": "transformer.h",
+              "norm": "transformer.ln_f", "head": "lm_head"}
+_TO_HF = re.compile(r"^(embed\.wte|embed\.wpe|layers|norm|head)")

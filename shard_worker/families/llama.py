@@ -1,0 +1,66 @@
+"""Llama and the families that share its decoder layer (SmolLM2, Mistral, Qwen2-style configs)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from shard_worker.families.base import Family, StageModules
+
+
+class Llama(Family):
+    name = "llama"
+    model_types = ("llama", "mistral")
+    layer_pattern = re.compile(r"^model\.layers\.(\d+)\.")
+    embed_names = ("model.embed_tokens.weight",)
+    head_names = ("model.norm.weight", "lm_head.weight")
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def config_class(self) -> Any:
+        return LlamaConfig
+
+    def num_layers(self, config: Any) -> int:
+        return int(config.num_hidden_layers)
+
+    def build(self, config: Any, start: int, end: int) -> StageModules:
+        config._attn_implementation = "sdpa"
+        mods = StageModules()
+        with torch.device("meta"):
+            if start == 0:
+                mods.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+            for i in range(start, end):
+                mods.layers[str(i)] = LlamaDecoderLayer(config, i)
+            if end == config.num_hidden_layers:
+                mods.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                mods.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # rotary frequencies are computed, not stored: build them for real (a few KB)
+        mods.rotary = LlamaRotaryEmbedding(config)
+        return mods
+
+    def checkpoint_name(self, stage_name: str) -> str:
+        return _TO_HF.sub(lambda m: _HF_PREFIX[m.group(1)], stage_name)
+
+    def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if modules.embed is None:
+            raise RuntimeError("this stage has no embedding")
+        return modules.embed(token_ids)  # type: ignore[no-any-return]
+
+    def rope(self, modules: StageModules, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
+        if modules.rotary is None:
+            raise RuntimeError("this stage has no rotary embedding")
+        return modules.rotary(hidden, positions)
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
+        out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    position_embeddings=rope)
+        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+
+
+_HF_PREFIX = {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"}
+_TO_HF = re.compile(r"^(embed|layers|norm|head)")

@@ -1,0 +1,116 @@
+"""A stage: the modules of a contiguous layer range, run over a packed batch of sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shard_worker.families import Family, StageModules
+from shard_worker.kv_cache import BatchCache, SessionCache
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a packed batch ([T, ...] rows, sequence after sequence) maps onto a padded [B, N, ...] one."""
+
+    starts: list[int]
+    counts: list[int]
+
+    @property
+    def width(self) -> int:
+        return max(self.counts)
+
+    def rows(self) -> torch.Tensor:
+        """Row of each packed token in the flattened padded batch."""
+        width = self.width
+        return torch.cat([torch.arange(n) + b * width for b, n in enumerate(self.counts)])
+
+    def positions(self) -> torch.Tensor:
+        """[B, N] positions; pad slots repeat their sequence's last position (valid for learned tables)."""
+        j = torch.arange(self.width)
+        return torch.stack([s + torch.clamp(j, max=n - 1) for s, n in zip(self.starts, self.counts, strict=True)])
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive attention mask [B, 1, N, L]: query j of sequence b sees keys 0..start_b + j."""
+        if len(self.counts) == 1 and self.counts[0] == 1:
+            return None
+        total = max(s + n for s, n in zip(self.starts, self.counts, strict=True))
+        query_pos = torch.tensor(self.starts)[:, None] + torch.arange(self.width)[None, :]
+        allowed = torch.arange(total)[None, None, :] <= query_pos[:, :, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+    def pad(self, packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if len(self.counts) == 1:
+            return packed[None]
+        padded = packed.new_zeros((len(self.counts) * self.width, *packed.shape[1:]))
+        padded[rows] = packed
+        return padded.view(len(self.counts), self.width, *packed.shape[1:])
+
+    def unpad(self, padded: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if len(self.counts) == 1:
+            return padded[0]
+        return padded.reshape(-1, *padded.shape[2:])[rows]
+
+
+class Stage:
+    """Layers [start, end) of one model; embeds at the first stage, norms (and owns the head) at the last."""
+
+    def __init__(self, family: Family, config: Any, modules: StageModules, start: int, end: int,
+                 dtype: torch.dtype) -> None:
+        self.family, self.config, self.modules = family, config, modules.eval()
+        self.start, self.end, self.dtype = start, end, dtype
+        self.is_first = start == 0
+        self.is_last = end == family.num_layers(config)
+        self.hidden_size = int(config.hidden_size)
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0))
+        self.kv_heads, self.head_dim = family.kv_shape(config)
+
+    def new_session(self) -> SessionCache:
+        return SessionCache(self.end - self.start, self.kv_heads, self.head_dim, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, sessions: list[SessionCache], packing: Packing, token_ids: torch.Tensor | None,
+                hidden: torch.Tensor | None) -> torch.Tensor:
+        """Run the packed batch through this stage's layers; returns packed [T, hidden] (normed at the last
+        stage). Each session's cache is written at [start, start + count) and its length set after."""
+        rows = packing.rows()
+        positions = packing.positions()
+        if self.is_first:
+            if token_ids is None:
+                raise ValueError("the first stage needs token ids")
+            x = self.family.embed(self.modules, packing.pad(token_ids, rows), positions)
+        else:
+            if hidden is None:
+                raise ValueError("this stage needs hidden states")
+            x = packing.pad(hidden, rows)
+        x = x.to(self.dtype)
+        mask = packing.mask(self.dtype)
+        cache = BatchCache(sessions, packing.starts, packing.counts, self.start)
+        rope = self.family.rope(self.modules, x, positions)
+        for layer in self.modules.layers.values():
+            x = self.family.run_layer(layer, x, positions, mask, cache, rope)
+        if self.is_last and self.modules.norm is not None:
+            x = self.modules.norm(x)
+        for session, start, count in zip(sessions, packing.starts, packing.counts, strict=True):
+            session.length = start + count
+        return packing.unpad(x, rows)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.modules.head is None:
+            raise ValueError("this stage has no LM head")
+        return self.modules.head(hidden).float()  # type: ignore[no-any-return]
+
+
+def build_stage(family: Family, config: Any, start: int, end: int, tensors: dict[str, torch.Tensor],
+                dtype: torch.dtype) -> Stage:
+    """A stage for [start, end) built on the meta device and filled with `tensors` (checkpoint names)."""
+    modules = family.build(config, start, end)
+    family.load(config, modules, {name: t.to(dtype) for name, t in tensors.items()})
+    if modules.rotary is not None:
+        modules.rotary.to(dtype=torch.float32)
+    return Stage(family, config, modules, start, end, dtype)

@@ -1,0 +1,101 @@
+"""Tensors on the wire: `shardline.v1.Tensor` <-> RawTensor (dtype name, shape, bytes) <-> numpy.
+
+Row-major, little-endian, no padding; bf16 travels as raw 2-byte values. No torch here: the server side
+turns RawTensor into torch tensors itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from shardline.errors import InvalidArgument
+from shardline.v1 import tensor_pb2
+
+# dtype name -> (wire enum, bytes per element, safetensors name)
+DTYPES: dict[str, tuple[int, int, str]] = {
+    "float32": (tensor_pb2.DTYPE_FLOAT32, 4, "F32"),
+    "float16": (tensor_pb2.DTYPE_FLOAT16, 2, "F16"),
+    "bfloat16": (tensor_pb2.DTYPE_BFLOAT16, 2, "BF16"),
+    "int64": (tensor_pb2.DTYPE_INT64, 8, "I64"),
+    "int32": (tensor_pb2.DTYPE_INT32, 4, "I32"),
+    "uint8": (tensor_pb2.DTYPE_UINT8, 1, "U8"),
+}
+_BY_ENUM = {enum: name for name, (enum, _, _) in DTYPES.items()}
+_BY_SAFETENSORS = {st: name for name, (_, _, st) in DTYPES.items()}
+_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+          "uint8": np.uint8}
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype][1]
+
+
+def dtype_from_enum(value: int) -> str:
+    if value not in _BY_ENUM:
+        raise InvalidArgument(f"dtype {value} is not a known shardline.v1.DType")
+    return _BY_ENUM[value]
+
+
+def dtype_to_enum(dtype: str) -> int:
+    return DTYPES[dtype][0]
+
+
+def dtype_from_safetensors(name: str) -> str:
+    if name not in _BY_SAFETENSORS:
+        raise InvalidArgument(f"safetensors dtype {name!r} is not supported (supported: {sorted(_BY_SAFETENSORS)})")
+    return _BY_SAFETENSORS[name]
+
+
+def safetensors_name(dtype: str) -> str:
+    return DTYPES[dtype][2]
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as bytes: what travels, before any framework sees it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def decode_tensor(msg: tensor_pb2.Tensor, field: str = "tensor") -> RawTensor:
+    """Validate and unpack a wire tensor; errors name `field`."""
+    if msg.dtype == tensor_pb2.DTYPE_UNSPECIFIED:
+        raise InvalidArgument(f"{field}.dtype is unspecified")
+    dtype = dtype_from_enum(msg.dtype)
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape {list(shape)} has a negative dimension")
+    expected = math.prod(shape) * itemsize(dtype)
+    if len(msg.data) != expected:
+        raise InvalidArgument(
+            f"{field}.data is {len(msg.data)} bytes but dtype {dtype} and shape {list(shape)} need {expected}")
+    return RawTensor(dtype, shape, msg.data)
+
+
+def encode_tensor(raw: RawTensor) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(dtype=dtype_to_enum(raw.dtype), shape=list(raw.shape), data=raw.data)
+
+
+def to_numpy(raw: RawTensor) -> np.ndarray:
+    """A read-only numpy view (bf16 is widened to float32, as numpy has no bf16)."""
+    if raw.dtype == "bfloat16":
+        halves = np.frombuffer(raw.data, dtype="<u2").astype(np.uint32) << 16
+        return halves.view(np.float32).reshape(raw.shape)
+    return np.frombuffer(raw.data, dtype=np.dtype(_NUMPY[raw.dtype]).newbyteorder("<")).reshape(raw.shape)
+
+
+def from_numpy(array: np.ndarray) -> RawTensor:
+    name = array.dtype.name
+    if name not in _NUMPY:
+        raise InvalidArgument(f"numpy dtype {name} is not supported (supported: {sorted(_NUMPY)})")
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return RawTensor(name, tuple(array.shape), little.tobytes())

@@ -1,0 +1,138 @@
+"""The one error table: domain exceptions <-> gRPC status codes.
+
+Servers raise these and `grpc_errors` turns them into statuses; clients turn statuses back into them with
+`from_rpc_error`. Anything that is not a ShardlineError becomes INTERNAL with a generic message, and its
+traceback goes to the log, never to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ShardlineError(Exception):
+    """Base of every error shardline reports; `.code` is the grpc.StatusCode it travels as."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ShardlineError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ShardlineError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(ShardlineError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ShardlineError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ShardlineError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ShardlineError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ShardlineError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(ShardlineError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
+                DeadlineExceeded, Cancelled, Internal)
+}
+_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+GENERIC_INTERNAL = "internal error; the server log has the details"
+
+
+def error_for_code(code: grpc.StatusCode, message: str) -> ShardlineError:
+    """The exception for a status code (INTERNAL for codes without their own class)."""
+    return _BY_CODE.get(code, Internal)(message)
+
+
+def code_from_number(number: int) -> grpc.StatusCode:
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def from_rpc_error(err: grpc.RpcError) -> ShardlineError:
+    """A client-side grpc error as the matching shardline exception."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    exc = error_for_code(code, details or str(code))
+    exc.code = code
+    return exc
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status an exception is reported as; unexpected ones are logged with their traceback."""
+    if isinstance(exc, ShardlineError):
+        return exc.code, exc.message
+    log.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_errors(handler: F) -> F:
+    """Wrap an async unary or server-streaming grpc.aio handler: errors become statuses via the table."""
+    import inspect
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001 - the table decides what the caller sees
+                code, message = status_of(exc)
+                await context.abort(code, message)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            code, message = status_of(exc)
+            await context.abort(code, message)
+
+    return unary_wrapper  # type: ignore[return-value]
+
+
+async def abort_with(context: Any, exc: BaseException) -> None:
+    code, message = status_of(exc)
+    await context.abort(code, message)
+
+
+__all__ = [
+    "Awaitable", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
+    "NotFound", "ResourceExhausted", "ShardlineError", "Unavailable", "code_from_number", "error_for_code",
+    "from_rpc_error", "grpc_errors", "status_of",
+]
