@@ -55,6 +55,12 @@ class Cancelled(ShardlineError):
     code = grpc.StatusCode.CANCELLED
 
 
+class DataLoss(ShardlineError):
+    """Bytes that fail their checksum: never used, always reported."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class Internal(ShardlineError):
     code = grpc.StatusCode.INTERNAL
 
@@ -62,7 +68,7 @@ class Internal(ShardlineError):
 _BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
-                DeadlineExceeded, Cancelled, Internal)
+                DeadlineExceeded, Cancelled, DataLoss, Internal)
 }
 _BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -132,7 +138,7 @@ async def abort_with(context: Any, exc: BaseException) -> None:
 
 
 __all__ = [
-    "Awaitable", "Cancelled", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
+    "Awaitable", "Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
     "NotFound", "ResourceExhausted", "ShardlineError", "Unavailable", "code_from_number", "error_for_code",
     "from_rpc_error", "grpc_errors", "status_of",
 ]

@@ -1,0 +1,1 @@
+"""The parameter service: manifests and tensor bytes, streamed in chunks straight from the store."""

@@ -1,0 +1,63 @@
+"""A shard worker's gRPC server: the ShardWorker service, health (SERVING once a shard is loaded and
+verified) and reflection, on exactly the address it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from shard_worker.servicer import WorkerServicer
+from shardline.server import add_standard_services, bind, new_server, set_serving
+from shardline.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
+
+
+@dataclass
+class WorkerServer:
+    server: grpc.aio.Server
+    servicer: WorkerServicer
+    port: int
+    host: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.server.stop(grace)
+        await self.servicer.close()
+
+
+async def start_worker(host: str = "127.0.0.1", port: int = 0) -> WorkerServer:
+    server = new_server()
+    health = add_standard_services(server, [SERVICE])
+
+    async def serving(on: bool) -> None:
+        await set_serving(health, [SERVICE], on)
+
+    servicer = WorkerServicer(serving)
+    worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, server)
+    bound = bind(server, host, port)
+    await server.start()
+    await serving(False)
+    log.info("shard worker listening on %s:%d", host, bound)
+    return WorkerServer(server, servicer, bound, host)
+
+
+async def serve_forever(host: str, port: int) -> None:
+    worker = await start_worker(host, port)
+    print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
+    try:
+        await worker.server.wait_for_termination()
+    finally:
+        await worker.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    asyncio.run(serve_forever("127.0.0.1", 0))

@@ -1,0 +1,236 @@
+"""ShardWorker servicer: protobuf <-> domain types at the edge, nothing else. Compute runs on the compute
+thread, weight loading on a loader thread; the event loop only moves bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from shard_worker.links import Links
+from shard_worker.loader import load_stage
+from shard_worker.runtime import ComputeThread, Slice, Step, StageRuntime, StepResult
+from shard_worker.sampling import Sampling
+from shard_worker.weights import Progress, ShardSpec
+from shardline.codec import decode_tensor, dtype_from_enum, encode_tensor
+from shardline.errors import FailedPrecondition, InvalidArgument, status_of
+from shardline.errors import grpc_errors as rpc_errors
+from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = {worker_pb2.OUTPUT_KIND_UNSPECIFIED: "tokens", worker_pb2.OUTPUT_KIND_TOKENS: "tokens",
+           worker_pb2.OUTPUT_KIND_LOGITS: "logits", worker_pb2.OUTPUT_KIND_LAST_LOGITS: "last_logits",
+           worker_pb2.OUTPUT_KIND_HIDDEN: "hidden"}
+PHASES = {"manifest": worker_pb2.LOAD_PHASE_MANIFEST, "fetching": worker_pb2.LOAD_PHASE_FETCHING,
+          "building": worker_pb2.LOAD_PHASE_BUILDING, "ready": worker_pb2.LOAD_PHASE_READY}
+STATES = {"empty": worker_pb2.WORKER_STATE_EMPTY, "loading": worker_pb2.WORKER_STATE_LOADING,
+          "ready": worker_pb2.WORKER_STATE_READY, "failed": worker_pb2.WORKER_STATE_FAILED}
+
+
+@dataclass
+class _Shard:
+    spec: ShardSpec
+    runtime: StageRuntime
+    weight_bytes: int
+
+
+def step_from_proto(req: worker_pb2.ForwardRequest) -> Step:
+    if req.output not in OUTPUTS:
+        raise InvalidArgument(f"output {req.output} is not a known OutputKind")
+    sequences = [Slice(s.session_id, s.start_position, s.num_tokens,
+                       Sampling(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p or 1.0, s.sampling.seed))
+                 for s in req.sequences]
+    hidden = decode_tensor(req.hidden, "hidden") if req.HasField("hidden") else None
+    return Step(sequences, list(req.token_ids) if req.token_ids else None, hidden, OUTPUTS[req.output])
+
+
+def response_from_result(step_id: int, result: StepResult) -> worker_pb2.ForwardResponse:
+    return worker_pb2.ForwardResponse(
+        step_id=step_id, token_ids=result.token_ids or [],
+        tensor=encode_tensor(result.tensor) if result.tensor is not None else None)
+
+
+def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardResponse:
+    code, message = status_of(exc)
+    return worker_pb2.ForwardResponse(step_id=step_id,
+                                      error=tensor_pb2.ErrorStatus(code=code.value[0], message=message))
+
+
+class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
+    def __init__(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        self._set_serving = set_serving
+        self.compute = ComputeThread()
+        self.links = Links()
+        self.state = "empty"
+        self.shard: _Shard | None = None
+        self.last_error = ""
+        self._loading = False
+
+    # -- LoadShard -------------------------------------------------------------------------------------
+    @rpc_errors
+    async def LoadShard(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.LoadShardProgress]:
+        if not request.model:
+            raise InvalidArgument("model is empty")
+        if not 0 <= request.start_layer < request.end_layer:
+            raise InvalidArgument(f"layer range [{request.start_layer}, {request.end_layer}) is empty or negative "
+                                  "(need 0 <= start_layer < end_layer)")
+        if not request.parameters_address:
+            raise InvalidArgument("parameters_address is empty")
+        dtype = dtype_from_enum(request.dtype) if request.dtype else "float32"
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise InvalidArgument(f"dtype {dtype} cannot be a compute dtype (float32, float16 or bfloat16)")
+        if self._loading:
+            raise FailedPrecondition("a LoadShard is already in progress on this worker")
+        spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address)
+        self._loading = True
+        self.state, self.shard, self.last_error = "loading", None, ""
+        await self._set_serving(False)
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[Progress] = asyncio.Queue()
+
+        def report(p: Progress) -> None:
+            loop.call_soon_threadsafe(progress.put_nowait, p)
+
+        task = asyncio.ensure_future(asyncio.to_thread(load_stage, spec, report))
+        try:
+            while not task.done() or not progress.empty():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield _progress_proto(getter.result())
+                else:
+                    getter.cancel()
+            stage, weight_bytes = task.result()
+            self.shard = _Shard(spec, StageRuntime(stage), weight_bytes)
+            self.state = "ready"
+            await self._set_serving(True)
+            log.info("loaded %s layers [%d, %d): %d bytes", spec.model, spec.start, spec.end, weight_bytes)
+            yield worker_pb2.LoadShardProgress(phase=worker_pb2.LOAD_PHASE_READY, bytes_done=weight_bytes,
+                                               bytes_total=weight_bytes)
+        except BaseException as exc:
+            self.state, self.shard = "failed", None
+            self.last_error = status_of(exc)[1] if isinstance(exc, Exception) else "load cancelled"
+            log.error("LoadShard %s [%d, %d) failed: %s", spec.model, spec.start, spec.end, self.last_error)
+            raise
+        finally:
+            self._loading = False
+
+    # -- Forward ---------------------------------------------------------------------------------------
+    def _runtime(self) -> StageRuntime:
+        if self.shard is None:
+            raise FailedPrecondition(f"no shard is loaded on this worker (state: {self.state})")
+        return self.shard.runtime
+
+    def _check_route(self, runtime: StageRuntime, req: worker_pb2.ForwardRequest, output: str) -> None:
+        stage = runtime.stage
+        if req.start_layer != stage.start:
+            raise InvalidArgument(f"start_layer {req.start_layer} does not match this worker, whose first layer "
+                                  f"is {stage.start}")
+        if req.route and stage.is_last:
+            raise InvalidArgument(f"route continues to {req.route[0]} past the last stage")
+        if not req.route and not stage.is_last and output != "hidden":
+            raise InvalidArgument(f"route is empty but layers [{stage.end}, ...) remain: output {output!r} "
+                                  "needs the route to reach the last stage")
+
+    async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[worker_pb2.ForwardResponse]:
+        responses: asyncio.Queue[worker_pb2.ForwardResponse | None] = asyncio.Queue()
+        ordered: asyncio.Queue[tuple[worker_pb2.ForwardRequest, int, asyncio.Future[StepResult]] | None] = (
+            asyncio.Queue())
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    try:
+                        step = step_from_proto(req)
+                        runtime = self._runtime()
+                        self._check_route(runtime, req, step.output)
+                        future = asyncio.wrap_future(self.compute.submit(lambda r=runtime, s=step: r.step(s)))
+                    except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
+                        responses.put_nowait(error_response(req.step_id, exc))
+                        continue
+                    ordered.put_nowait((req, runtime.stage.end, future))
+            finally:
+                ordered.put_nowait(None)
+
+        async def forward_on() -> None:
+            relays: set[asyncio.Task[None]] = set()
+            while (item := await ordered.get()) is not None:
+                req, next_layer, future = item
+                try:
+                    result = await future
+                except Exception as exc:  # noqa: BLE001
+                    responses.put_nowait(error_response(req.step_id, exc))
+                    continue
+                if not req.route:
+                    responses.put_nowait(response_from_result(req.step_id, result))
+                    continue
+                if result.tensor is None:
+                    raise RuntimeError("a middle stage produced no hidden states")
+                onward = worker_pb2.ForwardRequest(
+                    sequences=req.sequences, hidden=encode_tensor(result.tensor), start_layer=next_layer,
+                    route=req.route[1:], output=req.output)
+                reply = self.links.get(req.route[0]).send(onward)
+                relay = asyncio.create_task(self._relay(req.step_id, reply, responses))
+                relays.add(relay)
+                relay.add_done_callback(relays.discard)
+            if relays:
+                await asyncio.gather(*relays)
+            responses.put_nowait(None)
+
+        reader, sender = asyncio.create_task(read()), asyncio.create_task(forward_on())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            sender.cancel()
+
+    @staticmethod
+    async def _relay(step_id: int, reply: asyncio.Future[worker_pb2.ForwardResponse],
+                     responses: asyncio.Queue[worker_pb2.ForwardResponse | None]) -> None:
+        try:
+            response = await reply
+        except Exception as exc:  # noqa: BLE001
+            responses.put_nowait(error_response(step_id, exc))
+            return
+        response.step_id = step_id
+        responses.put_nowait(response)
+
+    # -- EndSession / GetStatus ------------------------------------------------------------------------
+    @rpc_errors
+    async def EndSession(self, request: Any, context: Any) -> worker_pb2.EndSessionResponse:
+        if any(not sid for sid in request.session_ids):
+            raise InvalidArgument("session_ids holds an empty id")
+        if self.shard is None:
+            return worker_pb2.EndSessionResponse(ended=0)
+        runtime, ids = self.shard.runtime, list(request.session_ids)
+        ended = await asyncio.wrap_future(self.compute.submit(lambda: runtime.end_sessions(ids)))
+        return worker_pb2.EndSessionResponse(ended=ended)
+
+    @rpc_errors
+    async def GetStatus(self, request: Any, context: Any) -> worker_pb2.GetStatusResponse:
+        rss = psutil.Process().memory_info().rss
+        shard = self.shard
+        if shard is None:
+            return worker_pb2.GetStatusResponse(state=STATES[self.state], rss_bytes=rss, last_error=self.last_error)
+        runtime = shard.runtime
+        sessions = dict(runtime.sessions)  # a snapshot: the compute thread may be changing it
+        return worker_pb2.GetStatusResponse(
+            state=STATES[self.state], model=shard.spec.model, start_layer=shard.spec.start,
+            end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(sessions),
+            kv_cache_bytes=sum(s.nbytes for s in sessions.values()), rss_bytes=rss,
+            has_embedding=runtime.stage.is_first, has_head=runtime.stage.is_last)
+
+    async def close(self) -> None:
+        await self.links.close()
+        self.compute.shutdown()
+
+
+def _progress_proto(p: Progress) -> worker_pb2.LoadShardProgress:
+    return worker_pb2.LoadShardProgress(phase=PHASES[p.phase], bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+                                        tensors_done=p.tensors_done, tensors_total=p.tensors_total, tensor=p.tensor)

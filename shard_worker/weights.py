@@ -1,0 +1,169 @@
+"""Fetching a shard's weights from the parameter service: only its own tensors, every byte checked against
+the manifest's sha256, resumed from the last byte received when the connection drops.
+
+This runs on a loader thread with a blocking gRPC channel; the event loop only hears about progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from shard_worker.families import FAMILIES, Family
+from shardline.codec import dtype_from_safetensors
+from shardline.errors import DataLoss, InvalidArgument, NotFound, ShardlineError, Unavailable, from_rpc_error
+from shardline.server import CHANNEL_OPTIONS
+from shardline.v1 import parameters_pb2, parameters_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    model: str
+    start: int
+    end: int
+    dtype: str
+    parameters_address: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str  # "manifest" | "fetching" | "building" | "ready"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    tensors_done: int = 0
+    tensors_total: int = 0
+    tensor: str = ""
+
+
+@dataclass
+class FetchedShard:
+    family: Family
+    config: Any
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+class _Receiving:
+    """One tensor arriving in chunks: a preallocated buffer and a running sha256."""
+
+    def __init__(self, entry: parameters_pb2.TensorEntry) -> None:
+        self.entry = entry
+        self.buffer = bytearray(entry.size_bytes)
+        self.view = memoryview(self.buffer)
+        self.hasher = hashlib.sha256()
+        self.received = 0
+
+    def add(self, offset: int, data: bytes) -> bool:
+        """Append a chunk; True once the last byte is in."""
+        name = self.entry.name
+        if offset != self.received or offset + len(data) > self.entry.size_bytes:
+            raise DataLoss(f"tensor {name!r}: chunk at byte {offset} (+{len(data)}) does not continue the "
+                           f"{self.received} bytes received of {self.entry.size_bytes}")
+        self.view[offset: offset + len(data)] = data
+        self.hasher.update(data)
+        self.received += len(data)
+        return self.received == self.entry.size_bytes
+
+    def tensor(self, dtype: torch.dtype) -> torch.Tensor:
+        digest = self.hasher.hexdigest()
+        if digest != self.entry.sha256:
+            raise DataLoss(f"tensor {self.entry.name!r} failed its checksum: sha256 {digest[:16]}... but the "
+                           f"manifest lists {self.entry.sha256[:16]}...; the shard was not loaded")
+        stored = TORCH_DTYPES[dtype_from_safetensors(self.entry.dtype)]
+        shape = tuple(self.entry.shape)
+        if not self.buffer:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self.buffer, dtype=stored).view(shape)
+        return t if stored == dtype or not t.is_floating_point() else t.to(dtype)
+
+
+def _rpc(call: Callable[[], Any], address: str) -> Any:
+    try:
+        return call()
+    except grpc.RpcError as err:
+        exc = from_rpc_error(err)
+        if isinstance(exc, Unavailable):
+            raise Unavailable(f"parameter service {address} is unreachable: {exc.message}") from err
+        raise exc from err
+
+
+def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retries: int = 5,
+                chunk_bytes: int = 0) -> FetchedShard:
+    """Fetch and verify the tensors of layers [start, end) (+ embedding / head where the stage has them)."""
+    channel = grpc.insecure_channel(spec.parameters_address, options=CHANNEL_OPTIONS)
+    try:
+        stub = parameters_pb2_grpc.ParametersStub(channel)
+        on_progress(Progress("manifest"))
+        try:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        except grpc.FutureTimeoutError as exc:
+            raise Unavailable(f"parameter service {spec.parameters_address} is unreachable "
+                              "(no connection within 10 s)") from exc
+        manifest = _rpc(lambda: stub.GetManifest(parameters_pb2.GetManifestRequest(model=spec.model), timeout=30),
+                        spec.parameters_address)
+        family = FAMILIES.get(manifest.family)
+        if family is None:
+            raise NotFound(f"model {spec.model!r} is of family {manifest.family!r}, which this worker does not run")
+        config = family.config_class()(**json.loads(manifest.config_json))
+        if not 0 <= spec.start < spec.end <= manifest.num_layers:
+            raise InvalidArgument(f"layer range [{spec.start}, {spec.end}) is outside model {spec.model!r}, "
+                                  f"which has layers [0, {manifest.num_layers})")
+        entries = {t.name: t for t in manifest.tensors}
+        names = family.stage_tensor_names(config, list(entries), spec.start, spec.end)
+        missing = [n for n in names if n not in entries]
+        if missing:
+            raise NotFound(f"model {spec.model!r}: the manifest lacks {missing[0]!r}")
+        receiving = {n: _Receiving(entries[n]) for n in names}
+        total = sum(r.entry.size_bytes for r in receiving.values())
+        dtype = TORCH_DTYPES[spec.dtype]
+        tensors: dict[str, torch.Tensor] = {}
+        done_bytes = 0
+        on_progress(Progress("fetching", 0, total, 0, len(names)))
+        for attempt in range(retries + 1):
+            todo = [parameters_pb2.TensorRequest(name=n, offset_bytes=r.received)
+                    for n, r in receiving.items() if n not in tensors]
+            if not todo:
+                break
+            request = parameters_pb2.FetchTensorsRequest(model=spec.model, tensors=todo, chunk_size_bytes=chunk_bytes)
+            try:
+                for chunk in stub.FetchTensors(request):
+                    r = receiving.get(chunk.name)
+                    if r is None or chunk.name in tensors:
+                        raise DataLoss(f"parameter service sent tensor {chunk.name!r}, which was not asked for")
+                    done_bytes += len(chunk.data)
+                    if r.add(chunk.offset_bytes, chunk.data):
+                        tensors[chunk.name] = r.tensor(dtype)
+                        del receiving[chunk.name]
+                        on_progress(Progress("fetching", done_bytes, total, len(tensors), len(names), chunk.name))
+            except grpc.RpcError as err:
+                exc = from_rpc_error(err)
+                if not isinstance(exc, Unavailable) or attempt == retries:
+                    if isinstance(exc, Unavailable):
+                        raise Unavailable(f"parameter service {spec.parameters_address} dropped the transfer "
+                                          f"{retries + 1} times: {exc.message}") from err
+                    raise exc from err
+                log.warning("weight transfer interrupted (%s); resuming %d tensors", exc.message, len(receiving))
+                time.sleep(min(0.2 * 2**attempt, 2.0))
+        if len(tensors) != len(names):
+            raise DataLoss(f"the transfer ended with {len(names) - len(tensors)} tensors incomplete")
+        return FetchedShard(family, config, tensors)
+    except ShardlineError:
+        raise
+    finally:
+        channel.close()
