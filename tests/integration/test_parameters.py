@@ -1,0 +1,82 @@
+"""The parameter service sends a worker exactly its shard's bytes, and a corrupted byte is never loaded."""
+
+from __future__ import annotations
+
+import shutil
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.parameters.server import start_parameter_server
+from coordinator.store import ModelStore
+from shardline.server import CHANNEL_OPTIONS
+from shardline.v1 import parameters_pb2, parameters_pb2_grpc, worker_pb2
+from tests.helpers import load, seq, worker_stub
+
+
+def stats(address):
+    stub = parameters_pb2_grpc.ParametersStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    return stub.GetStats(parameters_pb2.GetStatsRequest())
+
+
+@pytest.mark.parametrize("start, end", [(0, 2), (2, 4), (4, 6), (0, 6)])
+def test_worker_receives_exactly_its_layers(store, parameters, workers, start, end):
+    manifest = store.manifest("tiny-llama")
+    expected = sum(t.size_bytes for t in manifest.tensors
+                   if (t.part == "layer" and start <= t.layer < end)
+                   or (t.part == "embed" and start == 0) or (t.part == "head" and end == 6))
+    (worker,) = workers(1)
+    before = stats(parameters.address).bytes_sent
+    progress = load(worker.address, "tiny-llama", start, end, parameters.address)
+    assert stats(parameters.address).bytes_sent - before == expected
+    assert progress[-1].phase == worker_pb2.LOAD_PHASE_READY
+    fetching = [p for p in progress if p.phase == worker_pb2.LOAD_PHASE_FETCHING]
+    assert fetching[-1].bytes_done == fetching[-1].bytes_total == expected
+    status = worker_stub(worker.address).GetStatus(worker_pb2.GetStatusRequest())
+    assert status.weight_bytes == expected and status.state == worker_pb2.WORKER_STATE_READY
+
+
+def test_fetch_unknown_tensor_and_resume_offset(parameters):
+    stub = parameters_pb2_grpc.ParametersStub(grpc.insecure_channel(parameters.address, options=CHANNEL_OPTIONS))
+    request = parameters_pb2.FetchTensorsRequest(model="tiny-llama",
+                                                 tensors=[parameters_pb2.TensorRequest(name="model.nope.weight")])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.FetchTensors(request))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "model.nope.weight" in err.value.details()
+    name = "model.layers.0.mlp.up_proj.weight"  # 128 x 64 float32 = 32768 bytes
+    whole = b"".join(c.data for c in stub.FetchTensors(parameters_pb2.FetchTensorsRequest(
+        model="tiny-llama", tensors=[parameters_pb2.TensorRequest(name=name)], chunk_size_bytes=4096)))
+    tail = list(stub.FetchTensors(parameters_pb2.FetchTensorsRequest(
+        model="tiny-llama", tensors=[parameters_pb2.TensorRequest(name=name, offset_bytes=30000)])))
+    assert len(whole) == 32768 and tail[0].offset_bytes == 30000 and b"".join(c.data for c in tail) == whole[30000:]
+
+
+def test_flipped_byte_fails_load_naming_tensor(loop, store, workers, tmp_path):
+    corrupt = ModelStore(tmp_path)
+    shutil.copytree(store.path("tiny-llama"), corrupt.path("tiny-llama"))
+    victim = next(t for t in corrupt.manifest("tiny-llama").tensors if t.layer == 1)
+    with open(corrupt.path("tiny-llama") / victim.file, "r+b") as f:
+        f.seek(victim.offset_bytes + 17)
+        byte = f.read(1)
+        f.seek(victim.offset_bytes + 17)
+        f.write(bytes([byte[0] ^ 0x01]))
+    server = loop.run(start_parameter_server(corrupt))
+    try:
+        (worker,) = workers(1)
+        load(worker.address, "tiny-llama", 2, 4, server.address)  # a good load first: it must be dropped
+        with pytest.raises(grpc.RpcError) as err:
+            load(worker.address, "tiny-llama", 0, 3, server.address)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert victim.name in err.value.details()
+        stub = worker_stub(worker.address)
+        status = stub.GetStatus(worker_pb2.GetStatusRequest())
+        assert status.state == worker_pb2.WORKER_STATE_FAILED and victim.name in status.last_error
+        assert status.weight_bytes == 0
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        request = worker_pb2.ForwardRequest(step_id=1, sequences=[seq("s", 0, 1)], token_ids=[1], start_layer=0)
+        (response,) = stub.Forward(iter([request]), timeout=60)
+        assert response.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    finally:
+        loop.run(server.stop(0))

@@ -1,0 +1,122 @@
+"""Bad input gets the right status and a message naming the field; the stream keeps serving others."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardline.codec import encode_tensor, from_numpy
+from shardline.v1 import tensor_pb2, worker_pb2
+from tests.helpers import Chain, load, seq, worker_stub
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.fixture()
+def middle(workers, parameters):
+    """A loaded two-worker chain [0, 3) + [3, 6) of tiny-llama; returns (first, second) servers."""
+    first, second = workers(2)
+    load(first.address, "tiny-llama", 0, 3, parameters.address)
+    load(second.address, "tiny-llama", 3, 6, parameters.address)
+    return first, second
+
+
+def hidden_request(step_id, sequences, hidden, start_layer=3):
+    return worker_pb2.ForwardRequest(step_id=step_id, sequences=sequences, hidden=hidden, start_layer=start_layer)
+
+
+def good_hidden(n):
+    return encode_tensor(from_numpy(np.random.default_rng(0).standard_normal((n, 64)).astype(np.float32)))
+
+
+@pytest.mark.parametrize("bad, code, field", [
+    (lambda: good_hidden(2), INVALID, "hidden.shape"),  # 2 rows for 3 tokens
+    (lambda: encode_tensor(from_numpy(np.zeros((3, 65), np.float32))), INVALID, "hidden.shape"),
+    (lambda: encode_tensor(from_numpy(np.zeros((3, 64), np.float16))), INVALID, "hidden.dtype"),
+    (lambda: tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 64], data=b"\0" * 100), INVALID,
+     "hidden.data"),
+])
+def test_bad_hidden_is_refused_and_stream_goes_on(middle, bad, code, field):
+    _, second = middle
+    requests = [
+        hidden_request(1, [seq("bad", 0, 3)], bad()),
+        hidden_request(2, [seq("good", 0, 3)], good_hidden(3)),
+    ]
+    responses = sorted(worker_stub(second.address).Forward(iter(requests), timeout=60), key=lambda r: r.step_id)
+    assert responses[0].error.code == code
+    assert field in responses[0].error.message
+    assert not responses[1].HasField("error")
+    assert len(responses[1].token_ids) == 1
+
+
+def test_unknown_session_and_gap_in_positions(middle):
+    first, second = middle
+    chain = Chain([first.address, second.address])
+    chain.greedy("known", [1, 2, 3], 2)  # cache now holds 4 positions
+    responses = chain.send([
+        chain.request([seq("nobody", 5, 1)], [7], step_id=1),
+        chain.request([seq("known", 9, 1)], [7], step_id=2),
+        chain.request([seq("known", 4, 1)], [7], step_id=3),
+    ])
+    assert responses[0].error.code == NOT_FOUND and "'nobody'" in responses[0].error.message
+    assert responses[1].error.code == INVALID and "start_position 9" in responses[1].error.message
+    assert not responses[2].HasField("error") and len(responses[2].token_ids) == 1
+
+
+def test_route_and_layer_mismatch(middle):
+    first, second = middle
+    stub = worker_stub(second.address)
+    wrong_layer = hidden_request(1, [seq("s", 0, 3)], good_hidden(3), start_layer=2)
+    (response,) = stub.Forward(iter([wrong_layer]), timeout=60)
+    assert response.error.code == INVALID and "start_layer 2" in response.error.message
+    short_route = worker_pb2.ForwardRequest(step_id=1, sequences=[seq("s", 0, 3)], token_ids=[1, 2, 3])
+    (response,) = worker_stub(first.address).Forward(iter([short_route]), timeout=60)
+    assert response.error.code == INVALID and "route" in response.error.message
+
+
+def test_token_ids_outside_vocabulary(middle):
+    first, second = middle
+    chain = Chain([first.address, second.address])
+    response = chain.step([seq("v", 0, 2)], [1, 5000])
+    assert response.error.code == INVALID and "5000" in response.error.message
+
+
+def test_end_session_frees_cache(middle):
+    first, second = middle
+    chain = Chain([first.address, second.address])
+    chain.greedy("ending", [1, 2, 3], 3)
+    for server in (first, second):
+        stub = worker_stub(server.address)
+        before = stub.GetStatus(worker_pb2.GetStatusRequest())
+        assert before.sessions == 1 and before.kv_cache_bytes > 0
+        assert stub.EndSession(worker_pb2.EndSessionRequest(session_ids=["ending"])).ended == 1
+        after = stub.GetStatus(worker_pb2.GetStatusRequest())
+        assert after.sessions == 0 and after.kv_cache_bytes == 0
+
+
+def test_load_shard_bad_range_and_unreachable_parameters(workers, parameters):
+    (worker,) = workers(1)
+    with pytest.raises(grpc.RpcError) as err:
+        load(worker.address, "tiny-llama", 4, 9, parameters.address)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[4, 9)" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        load(worker.address, "tiny-llama", 3, 3, parameters.address)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        load(worker.address, "no-such-model", 0, 1, parameters.address)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-model" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        load(worker.address, "tiny-llama", 0, 1, "127.0.0.1:1")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "127.0.0.1:1" in err.value.details()
+
+
+def test_forward_before_load_is_failed_precondition(workers):
+    (worker,) = workers(1)
+    request = worker_pb2.ForwardRequest(step_id=1, sequences=[seq("s", 0, 1)], token_ids=[1])
+    (response,) = worker_stub(worker.address).Forward(iter([request]), timeout=60)
+    assert response.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
