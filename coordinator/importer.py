@@ -106,8 +106,10 @@ class StoreWriter:
         total = sum(t.size_bytes for t in self.tensors)
         (self.tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        shares = [n for n in self.family.head_tensor_names(self.config) if n in weight_map and
+                  self.family.placement(n).part == "embed"]
         manifest = Manifest(name=self.name, family=self.family.name,
-                            num_layers=self.family.num_layers(self.config), tensors=self.tensors)
+                            num_layers=self.family.num_layers(self.config), tensors=self.tensors, head_shares=shares)
         (self.tmp / MANIFEST).write_text(manifest.to_json())
         target = self.store.path(self.name)
         if target.exists():

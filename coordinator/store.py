@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Manifest:
     family: str
     num_layers: int
     tensors: list[TensorInfo]
+    head_shares: list[str] = field(default_factory=list)  # embedding tensors the head also loads (tied)
     format: int = FORMAT_VERSION
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from dataclasses import dataclass
 
 import grpc
@@ -50,13 +52,27 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0) -> WorkerServer:
     return WorkerServer(server, servicer, bound, host)
 
 
-async def serve_forever(host: str, port: int) -> None:
+async def serve_forever(host: str, port: int, parent_pid: int = 0) -> None:
     worker = await start_worker(host, port)
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if parent_pid:
+        asyncio.create_task(_watch_parent(parent_pid, stop))
     try:
-        await worker.server.wait_for_termination()
+        await stop.wait()
     finally:
-        await worker.stop()
+        await worker.stop(0.5)
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    """A child of a launcher ends with it, even when the launcher was killed without a chance to clean up."""
+    while os.getppid() == pid:
+        await asyncio.sleep(1.0)
+    log.warning("parent process %d is gone; stopping", pid)
+    stop.set()
 
 
 if __name__ == "__main__":  # pragma: no cover
