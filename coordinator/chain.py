@@ -41,7 +41,7 @@ class ChainClient:
                     future.set_exception(ConnectionError(f"the stream to {self.addresses[0]} ended"))
 
     async def step(self, sequences: list[worker_pb2.SequenceSlice], token_ids: list[int],
-                   output: int = worker_pb2.OUTPUT_KIND_TOKENS) -> worker_pb2.ForwardResponse:
+                   output: worker_pb2.OutputKind = worker_pb2.OUTPUT_KIND_TOKENS) -> worker_pb2.ForwardResponse:
         step_id = next(self._ids)
         future: asyncio.Future[worker_pb2.ForwardResponse] = asyncio.get_running_loop().create_future()
         self._pending[step_id] = future
@@ -74,4 +74,4 @@ class ChainClient:
     async def close(self) -> None:
         self._queue.put_nowait(None)
         self._reader.cancel()
-        await self._channel.close()
+        await self._channel.close(None)

@@ -44,8 +44,15 @@ def import_(
     seed: int = typer.Option(0, help="with --random: seed of the weights"),
 ) -> None:
     """Convert a model into the store: config, tokenizer, safetensors and a sha256 manifest."""
-    from coordinator.importer import BUILTIN, ImportFailed, builtin_gguf, import_gguf, import_hf_dir, import_random, \
-        random_config
+    from coordinator.importer import (
+        BUILTIN,
+        ImportFailed,
+        builtin_gguf,
+        import_gguf,
+        import_hf_dir,
+        import_random,
+        random_config,
+    )
 
     logging.basicConfig(level=logging.WARNING)
     target = _store(store)
@@ -90,8 +97,8 @@ def parameters(store: Path | None = typer.Option(None, help=STORE_HELP),
                host: str = typer.Option("127.0.0.1", help="address to listen on"),
                port: int = typer.Option(50052, help="port (0 = a free one)")) -> None:
     """Run the parameter service alone: it streams each worker the tensors of its layers."""
-    from coordinator.parameters.server import start_parameter_server
     from coordinator.launcher import wait_for_signal
+    from coordinator.parameters.server import start_parameter_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -141,7 +148,7 @@ async def _launch(store: ModelStore, model: str, workers: int, host: str, prompt
         await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)
     cluster = LocalCluster(store, model, workers, host)
     try:
-        starting = asyncio.ensure_future(cluster.start())
+        starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -181,7 +188,7 @@ async def _generate(store: ModelStore, model: str, addresses: list[str], prompt:
     try:
         async for token in chain.greedy("launch-prompt", ids, max_tokens, stop_ids):
             out.append(token)
-            text = tokenizer.decode(out, skip_special_tokens=True)
+            text = str(tokenizer.decode(out, skip_special_tokens=True))
             print(text[len(shown):], end="", flush=True)
             shown = text
         print(flush=True)

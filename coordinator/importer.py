@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from coordinator.store import MANIFEST, Manifest, ModelStore, TensorInfo, check_model_name
-from shard_worker.families import FAMILIES, Family, family_for
 from shardline.codec import safetensors_name
+from shardline.families import FAMILY_NAMES, FamilyNames, names_for_model_type
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class StoreWriter:
     """Writes one model into a temporary directory of the store, in safetensors shards of about
     SHARD_BYTES, and moves it into place on `commit()`."""
 
-    def __init__(self, store: ModelStore, name: str, family: Family, config: Any, total_bytes: int = 0):
+    def __init__(self, store: ModelStore, name: str, family: FamilyNames, config: Any, total_bytes: int = 0):
         self.store, self.name, self.family, self.config = store, check_model_name(name), family, config
         store.root.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".importing-{name}-", dir=store.root))
@@ -83,7 +83,7 @@ class StoreWriter:
         offsets = _data_offsets(self.tmp / file)
         for name, tensor in self._pending.items():
             place = self.family.placement(name)
-            digest = hashlib.sha256(tensor.view(torch.uint8).numpy() if tensor.numel() else b"").hexdigest()
+            digest = hashlib.sha256(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"").hexdigest()
             self.tensors.append(TensorInfo(
                 name=name, dtype=safetensors_name(str(tensor.dtype).removeprefix("torch.")),
                 shape=list(tensor.shape), size_bytes=tensor.nbytes, sha256=digest, part=place.part,
@@ -131,7 +131,7 @@ def _data_offsets(path: Path) -> dict[str, int]:
             for name, info in header.items() if name != "__metadata__"}
 
 
-def _write(store: ModelStore, name: str, family: Family, config: Any,
+def _write(store: ModelStore, name: str, family: FamilyNames, config: Any,
            tensors: Iterator[tuple[str, torch.Tensor]], total_bytes: int, tokenizer_dir: Path | None) -> Manifest:
     writer = StoreWriter(store, name, family, config, total_bytes)
     try:
@@ -179,7 +179,7 @@ def import_hf_dir(store: ModelStore, path: Path, name: str) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ImportFailed(f"{config_path}: not valid JSON ({exc})") from exc
     family = _family_or_fail(str(raw.get("model_type")), config_path)
-    config = family.config_class()(**{k: v for k, v in raw.items() if k != "model_type"})
+    config = _config(raw["model_type"], {k: v for k, v in raw.items() if k != "model_type"})
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ImportFailed(f"{path}: no *.safetensors files (pickle checkpoints are never loaded)")
@@ -225,9 +225,9 @@ def _check_safetensors(file: Path) -> None:
         raise ImportFailed(f"{file}: truncated ({size} bytes, the header needs {8 + header_len + end})")
 
 
-def _family_or_fail(model_type: str, source: Path) -> Family:
+def _family_or_fail(model_type: str, source: Path) -> FamilyNames:
     try:
-        return family_for(model_type)
+        return names_for_model_type(model_type)
     except ValueError as exc:
         raise ImportFailed(f"{source}: {exc}") from exc
 
@@ -235,9 +235,8 @@ def _family_or_fail(model_type: str, source: Path) -> Family:
 def random_config(family_name: str, **dims: Any) -> Any:
     """A config for a family from size options (hidden, layers, heads, kv_heads, intermediate, vocab,
     positions) plus any raw config fields."""
-    if family_name not in FAMILIES:
-        raise ImportFailed(f"--random {family_name}: unknown family (supported: {', '.join(sorted(FAMILIES))})")
-    family = FAMILIES[family_name]
+    if family_name not in FAMILY_NAMES:
+        raise ImportFailed(f"--random {family_name}: unknown family (supported: {', '.join(sorted(FAMILY_NAMES))})")
     hidden = int(dims.pop("hidden", 256))
     layers = int(dims.pop("layers", 4))
     heads = int(dims.pop("heads", max(1, hidden // 64)))
@@ -256,7 +255,13 @@ def random_config(family_name: str, **dims: Any) -> Any:
                       vocab_size=vocab, max_position_embeddings=positions, bos_token_id=0, eos_token_id=0,
                       tie_word_embeddings=False)
     fields.update(dims)
-    return family.config_class()(**fields)
+    return _config(family_name, fields)
+
+
+def _config(model_type: str, fields: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def import_random(store: ModelStore, name: str, config: Any, seed: int = 0, dtype: torch.dtype = torch.float32
@@ -264,7 +269,7 @@ def import_random(store: ModelStore, name: str, config: Any, seed: int = 0, dtyp
     """Random weights (normal, std 0.02; norms 1, biases 0) for a config, one tensor at a time."""
     from transformers import AutoModelForCausalLM
 
-    family = family_for(config.model_type)
+    family = names_for_model_type(config.model_type)
     with torch.device("meta"):
         shapes = {k: (tuple(v.shape), k.endswith("bias") or v.dim() == 1)
                   for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}

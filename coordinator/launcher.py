@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,7 +20,7 @@ from coordinator.planner import StagePlan, plan
 from coordinator.store import ModelStore
 from shardline.errors import from_rpc_error
 from shardline.server import channel
-from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 PREFIX = "shard worker listening on "
@@ -46,7 +47,8 @@ async def spawn_worker(host: str, log_level: str = "WARNING") -> WorkerProcess:
     raise RuntimeError(f"shard worker exited with code {code} before listening (it said: {said[-3:]})")
 
 
-async def load_shard(address: str, model: str, stage: StagePlan, parameters: str, dtype: int,
+async def load_shard(address: str, model: str, stage: StagePlan, parameters: str,
+                     dtype: tensor_pb2.DType,
                      progress: dict[str, int]) -> None:
     request = worker_pb2.LoadShardRequest(model=model, start_layer=stage.start, end_layer=stage.end,
                                           parameters_address=parameters, dtype=dtype)
@@ -64,7 +66,7 @@ class LocalCluster:
     model: str
     workers: int = 3
     host: str = "127.0.0.1"
-    dtype: int = 0
+    dtype: tensor_pb2.DType = tensor_pb2.DTYPE_FLOAT32
     parameters: ParameterServer | None = None
     processes: list[WorkerProcess] = field(default_factory=list)
     stages: list[StagePlan] = field(default_factory=list)
@@ -73,15 +75,15 @@ class LocalCluster:
     def addresses(self) -> list[str]:
         return [p.address for p in self.processes]
 
-    async def start(self, report: bool = True) -> float:
-        """Start everything and load every shard; returns the seconds it took."""
+    async def start(self, say: Callable[[str], None] = log.info) -> float:
+        """Start everything and load every shard, telling `say` the plan and the progress; returns the
+        seconds it took."""
         began = time.perf_counter()
         manifest = self.store.manifest(self.model)
         self.stages = plan(manifest, self.workers)
         self.processes = list(await asyncio.gather(*(spawn_worker(self.host) for _ in self.stages)))
         self.parameters = await start_parameter_server(self.store, self.host, 0)
-        if report:
-            _print_plan(self.model, self.stages, self.addresses, self.parameters.address)
+        say(format_plan(self.model, self.stages, self.addresses, self.parameters.address))
         progress: dict[str, int] = {}
         total = sum(s.weight_bytes for s in self.stages)
         loads = asyncio.gather(*(load_shard(a, self.model, s, self.parameters.address, self.dtype, progress)
@@ -90,9 +92,9 @@ class LocalCluster:
         while not loads.done():
             await asyncio.wait([loads], timeout=0.5)
             percent = int(100 * sum(progress.values()) / max(total, 1))
-            if report and percent // 10 != shown // 10:
+            if percent // 10 != shown // 10:
                 shown = percent
-                print(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+                say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
         await loads
         return time.perf_counter() - began
 
@@ -111,13 +113,13 @@ class LocalCluster:
             await self.parameters.stop(0)
 
 
-def _print_plan(model: str, stages: list[StagePlan], addresses: list[str], parameters: str) -> None:
-    print(f"plan for {model} (parameter service {parameters}):")
-    print(f"  {'worker':<22} {'layers':<12} {'weights':>10}")
+def format_plan(model: str, stages: list[StagePlan], addresses: list[str], parameters: str) -> str:
+    lines = [f"plan for {model} (parameter service {parameters}):",
+             f"  {'worker':<22} {'layers':<10} {'weights':>11}"]
     for address, s in zip(addresses, stages, strict=True):
-        extra = ("+embed " if s.start == 0 else "") + ("+head" if s is stages[-1] else "")
-        print(f"  {address:<22} [{s.start}, {s.end}){'':<3} {s.weight_bytes / 2**20:>7.1f} MiB  {extra}")
-    sys.stdout.flush()
+        extra = ("  +embedding" if s.start == 0 else "") + ("  +head" if s is stages[-1] else "")
+        lines.append(f"  {address:<22} {f'[{s.start}, {s.end})':<10} {s.weight_bytes / 2**20:>7.1f} MiB{extra}")
+    return "\n".join(lines)
 
 
 async def wait_for_signal() -> None:

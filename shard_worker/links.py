@@ -62,7 +62,7 @@ class Link:
     async def close(self) -> None:
         self._queue.put_nowait(None)
         self._reader.cancel()
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 class Links:

@@ -4,6 +4,7 @@ thread, weight loading on a loader thread; the event loop only moves bytes."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import psutil
 
 from shard_worker.links import Links
 from shard_worker.loader import load_stage
-from shard_worker.runtime import ComputeThread, Slice, Step, StageRuntime, StepResult
+from shard_worker.runtime import ComputeThread, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
 from shardline.codec import decode_tensor, dtype_from_enum, encode_tensor
@@ -149,7 +150,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                         step = step_from_proto(req)
                         runtime = self._runtime()
                         self._check_route(runtime, req, step.output)
-                        future = asyncio.wrap_future(self.compute.submit(lambda r=runtime, s=step: r.step(s)))
+                        future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
                     except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue

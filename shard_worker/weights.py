@@ -125,7 +125,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
             raise InvalidArgument(f"layer range [{spec.start}, {spec.end}) is outside model {spec.model!r}, "
                                   f"which has layers [0, {manifest.num_layers})")
         entries = {t.name: t for t in manifest.tensors}
-        names = family.stage_tensor_names(config, list(entries), spec.start, spec.end)
+        names = family.names.stage_tensor_names(config, list(entries), spec.start, spec.end)
         missing = [n for n in names if n not in entries]
         if missing:
             raise NotFound(f"model {spec.model!r}: the manifest lacks {missing[0]!r}")
@@ -152,13 +152,13 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                         del receiving[chunk.name]
                         on_progress(Progress("fetching", done_bytes, total, len(tensors), len(names), chunk.name))
             except grpc.RpcError as err:
-                exc = from_rpc_error(err)
-                if not isinstance(exc, Unavailable) or attempt == retries:
-                    if isinstance(exc, Unavailable):
+                failure = from_rpc_error(err)
+                if not isinstance(failure, Unavailable) or attempt == retries:
+                    if isinstance(failure, Unavailable):
                         raise Unavailable(f"parameter service {spec.parameters_address} dropped the transfer "
-                                          f"{retries + 1} times: {exc.message}") from err
-                    raise exc from err
-                log.warning("weight transfer interrupted (%s); resuming %d tensors", exc.message, len(receiving))
+                                          f"{retries + 1} times: {failure.message}") from err
+                    raise failure from err
+                log.warning("weight transfer interrupted (%s); resuming %d tensors", failure.message, len(receiving))
                 time.sleep(min(0.2 * 2**attempt, 2.0))
         if len(tensors) != len(names):
             raise DataLoss(f"the transfer ended with {len(names) - len(tensors)} tensors incomplete")

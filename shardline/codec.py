@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -39,8 +40,8 @@ def dtype_from_enum(value: int) -> str:
     return _BY_ENUM[value]
 
 
-def dtype_to_enum(dtype: str) -> int:
-    return DTYPES[dtype][0]
+def dtype_to_enum(dtype: str) -> tensor_pb2.DType:
+    return cast(tensor_pb2.DType, DTYPES[dtype][0])
 
 
 def dtype_from_safetensors(name: str) -> str:

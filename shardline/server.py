@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,16 +24,16 @@ def new_server() -> grpc.aio.Server:
     return grpc.aio.server(options=CHANNEL_OPTIONS)
 
 
-def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
+def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
     """gRPC health checking (every service starts NOT_SERVING) and server reflection."""
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return health_servicer
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str],
+async def set_serving(health_servicer: Any, service_names: Iterable[str],
                       serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *service_names]:

@@ -10,22 +10,15 @@ from torch import nn
 from transformers import GPT2Config
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+import shardline.families
 from shard_worker.families.base import Family, StageModules
 
 
 class GPT2(Family):
-    name = "gpt2"
-    model_types = ("gpt2",)
-    layer_pattern = re.compile(r"^transformer\.h\.(\d+)\.")
-    embed_names = ("transformer.wte.weight", "transformer.wpe.weight")
-    head_names = ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight")
-    tied = {"lm_head.weight": "transformer.wte.weight"}
+    names = shardline.families.GPT2
 
     def config_class(self) -> Any:
         return GPT2Config
-
-    def num_layers(self, config: Any) -> int:
-        return int(config.n_layer)
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
         config._attn_implementation = "sdpa"

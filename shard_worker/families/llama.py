@@ -11,21 +11,14 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from shard_worker.families.base import Family, StageModules
+from shardline.families import LLAMA
 
 
 class Llama(Family):
-    name = "llama"
-    model_types = ("llama", "mistral")
-    layer_pattern = re.compile(r"^model\.layers\.(\d+)\.")
-    embed_names = ("model.embed_tokens.weight",)
-    head_names = ("model.norm.weight", "lm_head.weight")
-    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    names = LLAMA
 
     def config_class(self) -> Any:
         return LlamaConfig
-
-    def num_layers(self, config: Any) -> int:
-        return int(config.num_hidden_layers)
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
         config._attn_implementation = "sdpa"

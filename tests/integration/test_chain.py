@@ -52,8 +52,8 @@ def test_mixed_batch_equals_each_sequence_alone(store, parameters, workers):
     # together: b and c prefilled first; then one batch holds a's prefill next to b's and c's decode steps
     chain.logits("mixed-b", 0, b)
     chain.logits("mixed-c", 0, c)
-    from tests.helpers import decode_tensor, to_numpy
     from shardline.v1 import worker_pb2
+    from tests.helpers import decode_tensor, to_numpy
 
     response = chain.step([seq("mixed-a", 0, len(a)), seq("mixed-b", len(b), 1), seq("mixed-c", len(c), 1)],
                           a + [31, 32], worker_pb2.OUTPUT_KIND_LOGITS)
