@@ -179,7 +179,10 @@ def import_hf_dir(store: ModelStore, path: Path, name: str) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ImportFailed(f"{config_path}: not valid JSON ({exc})") from exc
     family = _family_or_fail(str(raw.get("model_type")), config_path)
-    config = _config(raw["model_type"], {k: v for k, v in raw.items() if k != "model_type"})
+    try:
+        config = _config(raw["model_type"], {k: v for k, v in raw.items() if k != "model_type"})
+    except Exception as exc:
+        raise ImportFailed(f"{config_path}: not a valid {family.name} config ({exc})") from exc
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ImportFailed(f"{path}: no *.safetensors files (pickle checkpoints are never loaded)")
