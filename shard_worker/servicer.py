@@ -17,7 +17,7 @@ from shard_worker.loader import load_stage
 from shard_worker.runtime import ComputeThread, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
-from shardline.codec import decode_tensor, dtype_from_enum, encode_tensor
+from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument, status_of
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -51,9 +51,10 @@ def step_from_proto(req: worker_pb2.ForwardRequest) -> Step:
 
 
 def response_from_result(step_id: int, result: StepResult) -> worker_pb2.ForwardResponse:
-    return worker_pb2.ForwardResponse(
-        step_id=step_id, token_ids=result.token_ids or [],
-        tensor=encode_tensor(result.tensor) if result.tensor is not None else None)
+    response = worker_pb2.ForwardResponse(step_id=step_id, token_ids=result.token_ids or [])
+    if result.tensor is not None:
+        fill_tensor(response.tensor, result.tensor)
+    return response
 
 
 def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardResponse:
@@ -172,10 +173,9 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     continue
                 if result.tensor is None:
                     raise RuntimeError("a middle stage produced no hidden states")
-                onward = worker_pb2.ForwardRequest(
-                    sequences=req.sequences, hidden=encode_tensor(result.tensor), start_layer=next_layer,
-                    route=req.route[1:], output=req.output)
-                reply = self.links.get(req.route[0]).send(onward)
+                onward = worker_pb2.ForwardRequest(sequences=req.sequences, start_layer=next_layer,
+                                                   route=req.route[1:], output=req.output)
+                reply = self.links.get(req.route[0]).send(onward, result.tensor)
                 relay = asyncio.create_task(self._relay(req.step_id, reply, responses))
                 relays.add(relay)
                 relay.add_done_callback(relays.discard)

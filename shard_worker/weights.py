@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from shard_worker.families import FAMILIES, Family
+from shardline.chunks import decode_chunk
 from shardline.codec import dtype_from_safetensors
 from shardline.errors import DataLoss, InvalidArgument, NotFound, ShardlineError, Unavailable, from_rpc_error
 from shardline.server import CHANNEL_OPTIONS
@@ -25,6 +26,7 @@ from shardline.v1 import parameters_pb2, parameters_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+FETCH = "/" + parameters_pb2.DESCRIPTOR.services_by_name["Parameters"].full_name + "/FetchTensors"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
 
@@ -60,21 +62,25 @@ class FetchedShard:
 
 
 class _Receiving:
-    """One tensor arriving in chunks: a preallocated buffer and a running sha256."""
+    """One tensor arriving in chunks: a buffer (allocated, uninitialised, at the first chunk, so memory
+    grows with what has arrived) and a running sha256."""
 
     def __init__(self, entry: parameters_pb2.TensorEntry) -> None:
         self.entry = entry
-        self.buffer = bytearray(entry.size_bytes)
-        self.view = memoryview(self.buffer)
+        self.buffer: torch.Tensor | None = None
+        self.view: memoryview | None = None
         self.hasher = hashlib.sha256()
         self.received = 0
 
-    def add(self, offset: int, data: bytes) -> bool:
+    def add(self, offset: int, data: memoryview) -> bool:
         """Append a chunk; True once the last byte is in."""
         name = self.entry.name
         if offset != self.received or offset + len(data) > self.entry.size_bytes:
             raise DataLoss(f"tensor {name!r}: chunk at byte {offset} (+{len(data)}) does not continue the "
                            f"{self.received} bytes received of {self.entry.size_bytes}")
+        if self.view is None:
+            self.buffer = torch.empty(self.entry.size_bytes, dtype=torch.uint8)
+            self.view = memoryview(self.buffer.numpy())  # type: ignore[arg-type]
         self.view[offset: offset + len(data)] = data
         self.hasher.update(data)
         self.received += len(data)
@@ -87,9 +93,9 @@ class _Receiving:
                            f"manifest lists {self.entry.sha256[:16]}...; the shard was not loaded")
         stored = TORCH_DTYPES[dtype_from_safetensors(self.entry.dtype)]
         shape = tuple(self.entry.shape)
-        if not self.buffer:
+        if self.buffer is None:
             return torch.empty(shape, dtype=dtype)
-        t = torch.frombuffer(self.buffer, dtype=stored).view(shape)
+        t = self.buffer.view(stored).view(shape)
         return t if stored == dtype or not t.is_floating_point() else t.to(dtype)
 
 
@@ -109,6 +115,8 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
     channel = grpc.insecure_channel(spec.parameters_address, options=CHANNEL_OPTIONS)
     try:
         stub = parameters_pb2_grpc.ParametersStub(channel)
+        fetch = channel.unary_stream(FETCH, request_serializer=parameters_pb2.FetchTensorsRequest.SerializeToString,
+                                     response_deserializer=decode_chunk)
         on_progress(Progress("manifest"))
         try:
             grpc.channel_ready_future(channel).result(timeout=10)
@@ -142,7 +150,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                 break
             request = parameters_pb2.FetchTensorsRequest(model=spec.model, tensors=todo, chunk_size_bytes=chunk_bytes)
             try:
-                for chunk in stub.FetchTensors(request):
+                for chunk in fetch(request):
                     r = receiving.get(chunk.name)
                     if r is None or chunk.name in tensors:
                         raise DataLoss(f"parameter service sent tensor {chunk.name!r}, which was not asked for")

@@ -76,14 +76,47 @@ def decode_tensor(msg: tensor_pb2.Tensor, field: str = "tensor") -> RawTensor:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape {list(shape)} has a negative dimension")
     expected = math.prod(shape) * itemsize(dtype)
-    if len(msg.data) != expected:
+    data = msg.data  # each access copies the bytes out of the message: read it once
+    if len(data) != expected:
         raise InvalidArgument(
-            f"{field}.data is {len(msg.data)} bytes but dtype {dtype} and shape {list(shape)} need {expected}")
-    return RawTensor(dtype, shape, msg.data)
+            f"{field}.data is {len(data)} bytes but dtype {dtype} and shape {list(shape)} need {expected}")
+    return RawTensor(dtype, shape, data)
+
+
+def fill_tensor(target: tensor_pb2.Tensor, raw: RawTensor) -> None:
+    """Set a message's Tensor field in place (passing a Tensor to a constructor deep-copies it: slow)."""
+    target.dtype = dtype_to_enum(raw.dtype)
+    target.shape[:] = raw.shape
+    target.data = raw.data
 
 
 def encode_tensor(raw: RawTensor) -> tensor_pb2.Tensor:
-    return tensor_pb2.Tensor(dtype=dtype_to_enum(raw.dtype), shape=list(raw.shape), data=raw.data)
+    msg = tensor_pb2.Tensor()
+    fill_tensor(msg, raw)
+    return msg
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def tensor_field_bytes(field_number: int, raw: RawTensor) -> bytes:
+    """The wire bytes of a Tensor submessage field, built with one copy of the payload.
+
+    Appended to a serialized message that lacks the field, they give the same message as setting it
+    (protobuf's wire format allows fields in any order): large tensors skip protobuf's serializer, which
+    copies them more than once.
+    """
+    head = tensor_pb2.Tensor(dtype=dtype_to_enum(raw.dtype), shape=list(raw.shape)).SerializeToString()
+    data_key = _varint(3 << 3 | 2)  # Tensor.data = 3, length-delimited
+    data_len = _varint(len(raw.data))
+    body = len(head) + len(data_key) + len(data_len) + len(raw.data)
+    return b"".join([_varint(field_number << 3 | 2), _varint(body), head, data_key, data_len, raw.data])
 
 
 def to_numpy(raw: RawTensor) -> np.ndarray:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from coordinator.parameters.service import ParametersServicer
 from coordinator.store import ModelStore
+from shardline.chunks import serialize_response
 from shardline.server import add_standard_services, bind, new_server, set_serving
-from shardline.v1 import parameters_pb2, parameters_pb2_grpc
+from shardline.v1 import parameters_pb2
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,30 @@ class ParameterServer:
         await self.server.stop(grace)
 
 
+def _handlers(servicer: ParametersServicer) -> Any:
+    """The Parameters service as the generated code registers it, except that FetchTensors' chunks are
+    serialized by shardline.chunks (they arrive pre-encoded)."""
+    p = parameters_pb2
+
+    def unary(method: Any, request: Any) -> Any:
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                   response_serializer=lambda m: m.SerializeToString())
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "ListStoredModels": unary(servicer.ListStoredModels, p.ListStoredModelsRequest),
+        "GetManifest": unary(servicer.GetManifest, p.GetManifestRequest),
+        "GetStats": unary(servicer.GetStats, p.GetStatsRequest),
+        "FetchTensors": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchTensors, request_deserializer=p.FetchTensorsRequest.FromString,
+            response_serializer=serialize_response),
+    })
+
+
 async def start_parameter_server(store: ModelStore, host: str = "127.0.0.1", port: int = 0) -> ParameterServer:
     server = new_server()
     health = add_standard_services(server, [SERVICE])
     servicer = ParametersServicer(store)
-    parameters_pb2_grpc.add_ParametersServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers([_handlers(servicer)])
     bound = bind(server, host, port)
     await server.start()
     await set_serving(health, [SERVICE], True)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coordinator.store import Manifest, ModelStore, TensorInfo
+from shardline.chunks import encode_chunk
 from shardline.errors import InvalidArgument, NotFound, grpc_errors
 from shardline.v1 import parameters_pb2, parameters_pb2_grpc
 
@@ -53,8 +54,15 @@ class ParametersServicer(parameters_pb2_grpc.ParametersServicer):
         return parameters_pb2.GetStatsResponse(bytes_sent=self.bytes_sent, chunks_sent=self.chunks_sent,
                                                tensors_sent=self.tensors_sent)
 
+    @staticmethod
+    def _read(fd: int, info: TensorInfo, pos: int, chunk: int) -> asyncio.Future[bytes]:
+        return asyncio.ensure_future(
+            asyncio.to_thread(os.pread, fd, min(chunk, info.size_bytes - pos), info.offset_bytes + pos))
+
     @grpc_errors
-    async def FetchTensors(self, request: Any, context: Any) -> AsyncIterator[parameters_pb2.TensorChunk]:
+    async def FetchTensors(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        """Yields chunks already in wire form (see shardline.chunks; the server registers a pass-through
+        serializer for this method)."""
         manifest = self._manifest(request.model)
         known = manifest.by_name()
         if request.chunk_size_bytes < 0:
@@ -76,19 +84,19 @@ class ParametersServicer(parameters_pb2_grpc.ParametersServicer):
                 if info.file not in fds:
                     fds[info.file] = os.open(root / info.file, os.O_RDONLY)
                 fd = fds[info.file]
-                pos = offset
-                while pos < info.size_bytes or (pos == 0 and info.size_bytes == 0):
-                    n = min(chunk, info.size_bytes - pos)
-                    data = await asyncio.to_thread(os.pread, fd, n, info.offset_bytes + pos)
-                    if len(data) != n:
+                starts = list(range(offset, info.size_bytes, chunk)) if info.size_bytes else [0]
+                for i, pos in enumerate(starts):
+                    # one read ahead: the next chunk comes off the disk while this one goes out
+                    if i == 0:
+                        pending = self._read(fd, info, pos, chunk)
+                    data = await pending
+                    if i + 1 < len(starts):
+                        pending = self._read(fd, info, starts[i + 1], chunk)
+                    if len(data) != min(chunk, info.size_bytes - pos):
                         raise NotFound(f"tensor {info.name!r}: {info.file} is shorter than the manifest says")
-                    yield parameters_pb2.TensorChunk(name=info.name, offset_bytes=pos,
-                                                     total_size_bytes=info.size_bytes, data=data)
-                    pos += n
-                    self.bytes_sent += n
+                    yield encode_chunk(info.name, pos, info.size_bytes, data)
+                    self.bytes_sent += len(data)
                     self.chunks_sent += 1
-                    if n == 0:
-                        break
                 self.tensors_sent += 1
         finally:
             for fd in fds.values():

@@ -41,3 +41,16 @@ def test_error_table_both_ways():
         assert type(error_for_code(code, message)) is type(exc)
     code, message = status_of(RuntimeError("secret detail"))
     assert code == grpc.StatusCode.INTERNAL and "secret" not in message
+
+
+def test_appended_tensor_field_parses_as_the_message_with_the_field_set():
+    from shardline.codec import tensor_field_bytes
+    from shardline.v1 import worker_pb2
+
+    raw = from_numpy(np.arange(3000, dtype=np.float32).reshape(1000, 3))
+    head = worker_pb2.ForwardRequest(step_id=9, start_layer=4, route=["a:1"], token_ids=[])
+    wire = head.SerializeToString() + tensor_field_bytes(4, raw)
+    parsed = worker_pb2.ForwardRequest.FromString(wire)
+    expected = worker_pb2.ForwardRequest(step_id=9, start_layer=4, route=["a:1"], hidden=encode_tensor(raw))
+    assert parsed == expected
+    assert np.array_equal(to_numpy(decode_tensor(parsed.hidden)), to_numpy(raw))
