@@ -7,12 +7,9 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
-
-import grpc
 
 from shard_worker.servicer import WorkerServicer
-from shardline.server import add_standard_services, bind, new_server, set_serving
+from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -20,20 +17,7 @@ log = logging.getLogger(__name__)
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
 
 
-@dataclass
-class WorkerServer:
-    server: grpc.aio.Server
-    servicer: WorkerServicer
-    port: int
-    host: str
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def stop(self, grace: float = 1.0) -> None:
-        await self.server.stop(grace)
-        await self.servicer.close()
+WorkerServer = RunningServer[WorkerServicer]
 
 
 async def start_worker(host: str = "127.0.0.1", port: int = 0) -> WorkerServer:

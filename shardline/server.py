@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,3 +52,26 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
 
 def channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+S = TypeVar("S")
+
+
+@dataclass
+class RunningServer(Generic[S]):
+    """A started gRPC server, its servicer and where it listens."""
+
+    server: grpc.aio.Server
+    servicer: S
+    port: int
+    host: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.server.stop(grace)
+        close = getattr(self.servicer, "close", None)
+        if close is not None:
+            await close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -11,7 +10,7 @@ import grpc
 from coordinator.parameters.service import ParametersServicer
 from coordinator.store import ModelStore
 from shardline.chunks import serialize_response
-from shardline.server import add_standard_services, bind, new_server, set_serving
+from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
 from shardline.v1 import parameters_pb2
 
 log = logging.getLogger(__name__)
@@ -19,19 +18,7 @@ log = logging.getLogger(__name__)
 SERVICE = parameters_pb2.DESCRIPTOR.services_by_name["Parameters"].full_name
 
 
-@dataclass
-class ParameterServer:
-    server: grpc.aio.Server
-    servicer: ParametersServicer
-    port: int
-    host: str
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def stop(self, grace: float = 1.0) -> None:
-        await self.server.stop(grace)
+ParameterServer = RunningServer[ParametersServicer]
 
 
 def _handlers(servicer: ParametersServicer) -> Any:

@@ -27,6 +27,8 @@ class StageModules(nn.Module):
 
 class Family(ABC):
     names: FamilyNames
+    # stage module prefix -> checkpoint prefix, e.g. "layers" -> "model.layers"
+    prefixes: dict[str, str]
 
     @property
     def name(self) -> str:
@@ -43,9 +45,12 @@ class Family(ABC):
         """Modules for layers [start, end) (+ embedding when start == 0, + head when end == num_layers),
         created on the meta device except small computed buffers."""
 
-    @abstractmethod
     def checkpoint_name(self, stage_name: str) -> str:
         """The checkpoint (Hugging Face) name of a stage parameter."""
+        for stage_prefix, checkpoint_prefix in self.prefixes.items():
+            if stage_name.startswith(stage_prefix + "."):
+                return checkpoint_prefix + stage_name[len(stage_prefix):]
+        raise ValueError(f"stage parameter {stage_name!r} has no checkpoint name in family {self.name}")
 
     def load(self, config: Any, modules: StageModules, tensors: dict[str, torch.Tensor]) -> None:
         """Fill a meta-device stage with its own tensors, by name, without copying them."""

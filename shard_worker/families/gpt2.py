@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -16,6 +15,8 @@ from shard_worker.families.base import Family, StageModules
 
 class GPT2(Family):
     names = shardline.families.GPT2
+    prefixes = {"embed.wte": "transformer.wte", "embed.wpe": "transformer.wpe", "layers": "transformer.h",
+                "norm": "transformer.ln_f", "head": "lm_head"}
 
     def config_class(self) -> Any:
         return GPT2Config
@@ -32,9 +33,6 @@ class GPT2(Family):
                 mods.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
                 mods.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         return mods
-
-    def checkpoint_name(self, stage_name: str) -> str:
-        return _TO_HF.sub(lambda m: _HF_PREFIX[m.group(1)], stage_name)
 
     def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if modules.embed is None:
@@ -55,8 +53,3 @@ class _GPT2Embedding(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.wte(token_ids) + self.wpe(positions)  # type: ignore[no-any-return]
-
-
-_HF_PREFIX = {"embed.wte": "transformer.wte", "embed.wpe": "transformer.wpe", "layers": "transformer.h",
-              "norm": "transformer.ln_f", "head": "lm_head"}
-_TO_HF = re.compile(r"^(embed\.wte|embed\.wpe|layers|norm|head)")

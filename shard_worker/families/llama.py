@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from shardline.families import LLAMA
 
 class Llama(Family):
     names = LLAMA
+    prefixes = {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"}
 
     def config_class(self) -> Any:
         return LlamaConfig
@@ -35,9 +35,6 @@ class Llama(Family):
         mods.rotary = LlamaRotaryEmbedding(config)
         return mods
 
-    def checkpoint_name(self, stage_name: str) -> str:
-        return _TO_HF.sub(lambda m: _HF_PREFIX[m.group(1)], stage_name)
-
     def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if modules.embed is None:
             raise RuntimeError("this stage has no embedding")
@@ -53,7 +50,3 @@ class Llama(Family):
         out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     position_embeddings=rope)
         return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
-
-
-_HF_PREFIX = {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"}
-_TO_HF = re.compile(r"^(embed|layers|norm|head)")
