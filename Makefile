@@ -37,6 +37,7 @@ protos: setup
 bench: setup
 	$(BIN)/python bench/hop.py
 	$(BIN)/python bench/parameters.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -120,7 +120,10 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             log.error("LoadShard %s [%d, %d) failed: %s", spec.model, spec.start, spec.end, self.last_error)
             raise
         finally:
-            self._loading = False
+            if task.done():
+                self._loading = False
+            else:  # the caller went away mid-load: the loader thread runs on, and no other load may start
+                task.add_done_callback(lambda _: setattr(self, "_loading", False))
 
     # -- Forward ---------------------------------------------------------------------------------------
     def _runtime(self) -> StageRuntime:

@@ -1,0 +1,25 @@
+"""Every server offers reflection (so grpcurl works) and health checking."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from tests.helpers import load
+
+
+def services(address):
+    return set(ProtoReflectionDescriptorDatabase(grpc.insecure_channel(address)).get_services())
+
+
+def test_reflection_and_health(workers, parameters):
+    (worker,) = workers(1)
+    assert "shardline.v1.ShardWorker" in services(worker.address)
+    assert "grpc.health.v1.Health" in services(worker.address)
+    assert "shardline.v1.Parameters" in services(parameters.address)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
+    request = health_pb2.HealthCheckRequest(service="shardline.v1.ShardWorker")
+    assert health.Check(request).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    load(worker.address, "tiny-llama", 0, 6, parameters.address)
+    assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
