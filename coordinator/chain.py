@@ -6,7 +6,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from shardline.errors import code_from_number, error_for_code
+from shardline.errors import Unavailable, code_from_number, error_for_code
 from shardline.server import channel
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
@@ -24,6 +24,7 @@ class ChainClient:
         self._ids = itertools.count(1)
         self._call = worker_pb2_grpc.ShardWorkerStub(self._channel).Forward(self._requests())
         self._reader = asyncio.create_task(self._read())
+        self._stubs: dict[str, worker_pb2_grpc.ShardWorkerStub] = {}
 
     async def _requests(self) -> AsyncIterator[worker_pb2.ForwardRequest]:
         while (msg := await self._queue.get()) is not None:
@@ -38,7 +39,7 @@ class ChainClient:
         finally:
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(ConnectionError(f"the stream to {self.addresses[0]} ended"))
+                    future.set_exception(Unavailable(f"the stream to the first stage {self.addresses[0]} ended"))
 
     async def step(self, sequences: list[worker_pb2.SequenceSlice], token_ids: list[int],
                    output: worker_pb2.OutputKind = worker_pb2.OUTPUT_KIND_TOKENS) -> worker_pb2.ForwardResponse:
@@ -65,11 +66,17 @@ class ChainClient:
                 return
             position, ids = position + len(ids), [token]
 
+    def stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
+        if address not in self._stubs:
+            self._stubs[address] = worker_pb2_grpc.ShardWorkerStub(channel(address) if address != self.addresses[0]
+                                                                   else self._channel)
+        return self._stubs[address]
+
     async def end_session(self, session: str) -> None:
-        for address in self.addresses:
-            async with channel(address) as ch:
-                await worker_pb2_grpc.ShardWorkerStub(ch).EndSession(
-                    worker_pb2.EndSessionRequest(session_ids=[session]))
+        """Free the session's KV cache on every stage (best effort: a stage that is gone has nothing to free)."""
+        request = worker_pb2.EndSessionRequest(session_ids=[session])
+        await asyncio.gather(*(self.stub(a).EndSession(request, timeout=10) for a in self.addresses),
+                             return_exceptions=True)
 
     async def close(self) -> None:
         self._queue.put_nowait(None)

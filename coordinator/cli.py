@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from coordinator.config import CoordinatorConfig
 from coordinator.store import ModelStore, default_store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline coordinator")
@@ -111,42 +112,58 @@ def parameters(store: Path | None = typer.Option(None, help=STORE_HELP),
     asyncio.run(run())
 
 
+def _config(store: Path | None, **fields: object) -> CoordinatorConfig:
+    from coordinator.config import CoordinatorConfig
+
+    return CoordinatorConfig(store=store or default_store(), **fields)  # type: ignore[arg-type]
+
+
+def _resolve_model(model: str, store: Path | None) -> tuple[Path | None, str]:
+    """--model is a name in the store, or a store directory of one model."""
+    path = Path(model)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return path.parent, path.name
+    return store, model
+
+
+async def _ensure_model(store: ModelStore, model: str) -> None:
+    from coordinator.importer import BUILTIN, builtin_gguf, import_gguf
+
+    if store.has(model):
+        return
+    if model != BUILTIN:
+        _fail(f"model {model!r} is not in the store {store.root} (models: {store.models() or 'none'}); "
+              "add it with `coordinator import`")
+    print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once)", flush=True)
+    await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)
+
+
 @app.command()
 def launch(model: str = typer.Option("smollm2", help="model name in the store, or a store directory"),
            workers: int = typer.Option(3, min=1, help="number of shard workers"),
            host: str = typer.Option("127.0.0.1", help="address every server listens on"),
+           port: int = typer.Option(50051, min=1, max=65535, help="the coordinator's port"),
            store: Path | None = typer.Option(None, help=STORE_HELP),
-           prompt: str = typer.Option("The capital of France is", help="greedy-generate this once ready "
-                                      "('' for none)"),
-           max_tokens: int = typer.Option(16, min=1, help="tokens to generate for --prompt"),
-           exit_after_prompt: bool = typer.Option(False, help="stop once the prompt is answered")) -> None:
-    """Start a whole cluster on this machine: parameter service and shard workers, each loaded with its
-    planned layers; then serve until Ctrl-C / SIGTERM, which stops every child."""
+           worker_memory_mb: int = typer.Option(0, help="memory each worker offers (default: 80% of available)"),
+           exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
+    """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
+    processes, each loaded with its planned layers; serve until Ctrl-C / SIGTERM, which stops every child."""
     logging.basicConfig(level=logging.WARNING)
-    model_path = Path(model)
-    if model_path.is_dir() and (model_path / "manifest.json").is_file():
-        target, model = ModelStore(model_path.parent), model_path.name
-    else:
-        target = _store(store)
-    asyncio.run(_launch(target, model, workers, host, prompt, max_tokens, exit_after_prompt))
+    store, model = _resolve_model(model, store)
+    config = _config(store, model=model, workers=workers, host=host, port=port)
+    asyncio.run(_launch(config, worker_memory_mb, exit_when_ready))
 
 
-async def _launch(store: ModelStore, model: str, workers: int, host: str, prompt: str, max_tokens: int,
-                  exit_after_prompt: bool) -> None:
-    from coordinator.importer import BUILTIN, builtin_gguf, import_gguf
-    from coordinator.launcher import LocalCluster
+async def _launch(config: CoordinatorConfig, worker_memory_mb: int, exit_when_ready: bool) -> None:
+    from coordinator.launcher import LocalCluster, format_plan
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if not store.has(model):
-        if model != BUILTIN:
-            _fail(f"model {model!r} is not in the store {store.root} (models: {store.models() or 'none'}); "
-                  "add it with `coordinator import`")
-        print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once)", flush=True)
-        await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)
-    cluster = LocalCluster(store, model, workers, host)
+    await _ensure_model(ModelStore(config.store), config.model)
+    cluster = LocalCluster(config, worker_memory_mb)
+    failed = ""
     try:
         starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
         stopping = asyncio.ensure_future(stop.wait())
@@ -156,45 +173,107 @@ async def _launch(store: ModelStore, model: str, workers: int, host: str, prompt
             print("stopped before ready", flush=True)
             return
         stopping.cancel()
-        seconds = starting.result()
-        print(f"ready in {seconds:.1f} s: {len(cluster.stages)} workers serving {model}", flush=True)
-        if prompt:
-            await _generate(store, model, cluster.addresses, prompt, max_tokens)
-        if not exit_after_prompt:
+        try:
+            seconds = starting.result()
+        except (RuntimeError, ValueError) as exc:
+            failed = str(exc)
+            return
+        state = cluster.coordinator.cluster if cluster.coordinator else None
+        if state is not None:
+            print(format_plan(config.model, state.deployed, state.stages), flush=True)
+        print(f"ready in {seconds:.1f} s: {config.workers} workers serving {config.model} on "
+              f"{config.host}:{config.port}", flush=True)
+        if not exit_when_ready:
+            print(f'try: coordinator generate "The capital of France is" --endpoint {config.host}:{config.port}')
             print("serving; Ctrl-C to stop", flush=True)
             await stop.wait()
     finally:
-        print("stopping workers", flush=True)
+        print("stopping", flush=True)
         with contextlib.suppress(Exception):
             await cluster.stop()
+        if failed:
+            _fail(failed)
 
 
-async def _generate(store: ModelStore, model: str, addresses: list[str], prompt: str, max_tokens: int) -> None:
-    from transformers import AutoTokenizer
+@app.command()
+def serve(model: str = typer.Option("smollm2", help="model name in the store, or a store directory"),
+          workers: int = typer.Option(1, min=1, help="deploy once this many workers have registered"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on"),
+          port: int = typer.Option(50051, min=0, max=65535, help="port"),
+          store: Path | None = typer.Option(None, help=STORE_HELP),
+          parameters_address: str = typer.Option("", "--parameters", help="a parameter service's HOST:PORT "
+                                                 "(default: run one in-process)"),
+          max_tokens_limit: int = typer.Option(2048, min=1, help="the largest max_tokens a request may ask")) -> None:
+    """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store, model = _resolve_model(model, store)
+    config = _config(store, model=model, workers=workers, host=host, port=port,
+                     parameters_address=parameters_address, max_tokens_limit=max_tokens_limit)
 
-    from coordinator.chain import ChainClient
+    async def run() -> None:
+        from coordinator.launcher import wait_for_signal
+        from coordinator.server import start_coordinator
 
-    path = store.path(model)
-    if not (path / "tokenizer_config.json").is_file():
-        print(f"(model {model} has no tokenizer: skipping --prompt)", flush=True)
-        return
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(prompt)["input_ids"]
-    stop_ids = frozenset(i for i in [tokenizer.eos_token_id] if i is not None)
-    chain = ChainClient(addresses)
-    out: list[int] = []
-    shown = ""
-    print(f"> {prompt}", end="", flush=True)
-    try:
-        async for token in chain.greedy("launch-prompt", ids, max_tokens, stop_ids):
-            out.append(token)
-            text = str(tokenizer.decode(out, skip_special_tokens=True))
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        print(flush=True)
-        await chain.end_session("launch-prompt")
-    finally:
-        await chain.close()
+        await _ensure_model(ModelStore(config.store), config.model)
+        coordinator = await start_coordinator(config, say=lambda line: print(line, flush=True))
+        print(f"coordinator listening on {coordinator.address}; waiting for {workers} workers", flush=True)
+        try:
+            await wait_for_signal()
+        finally:
+            await coordinator.stop()
+
+    asyncio.run(run())
+
+
+@app.command()
+def generate(prompt: str = typer.Argument(..., help="the prompt"),
+             endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+             max_tokens: int = typer.Option(64, help="tokens to generate at most"),
+             temperature: float = typer.Option(1.0, help="0 = greedy"),
+             top_k: int = typer.Option(0, help="0 = no limit"),
+             top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+             seed: int | None = typer.Option(None, help="same seed, same text"),
+             stop: list[str] = typer.Option([], help="stop sequence (repeatable)"),
+             chat: bool = typer.Option(False, help="send the prompt as a user message (chat template)"),
+             timeout: float = typer.Option(300, help="deadline in seconds")) -> None:
+    """Stream generated text to stdout."""
+    from shardline.client import Client
+    from shardline.errors import ShardlineError
+
+    params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    with Client(endpoint) as client:
+        try:
+            chunks = (client.chat([{"role": "user", "content": prompt}], stream=True, timeout=timeout, **params)
+                      if chat else client.generate(prompt, stream=True, timeout=timeout, **params))
+            for chunk in chunks:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except ShardlineError as exc:
+            _fail(f"{exc.code.name}: {exc.message}")
+
+
+@app.command()
+def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator")) -> None:
+    """Workers, their layer ranges, memory, sessions and state, as a table."""
+    from shardline.client import Client
+    from shardline.errors import ShardlineError
+
+    with Client(endpoint, timeout=10) as client:
+        try:
+            s = client.cluster_status()
+        except ShardlineError as exc:
+            _fail(f"{exc.code.name}: {exc.message}")
+            return
+    print(f"model {s.model}: {s.state}{' - ' + s.message if s.message else ''}; {s.active_sessions} active sessions")
+    print(f"{'worker':<22} {'state':<10} {'layers':<10} {'weights':>9} {'RSS':>9} {'offered':>9} "
+          f"{'sessions':>8} {'KV cache':>9} {'heartbeat':>9}")
+    for w in s.workers:
+        layers = f"[{w.start_layer}, {w.end_layer})" if w.end_layer else "-"
+        print(f"{w.address:<22} {w.state:<10} {layers:<10} {w.weight_bytes / 2**20:>5.0f} MiB "
+              f"{w.rss_bytes / 2**20:>5.0f} MiB {w.memory_budget_bytes / 2**20:>5.0f} MiB {w.sessions:>8} "
+              f"{w.kv_cache_bytes / 2**20:>5.1f} MiB {w.last_heartbeat_age_ms / 1000:>7.1f} s"
+              + (f"  {w.last_error}" if w.last_error else ""))
 
 
 def main() -> None:

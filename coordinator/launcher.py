@@ -1,5 +1,6 @@
-"""A whole cluster on this machine: the parameter service in-process, shard workers as child processes on
-free ports, each loaded with its planned layer range. Stops every child on Ctrl-C / SIGTERM."""
+"""A whole cluster on this machine: the coordinator (with the parameter service in-process) and shard
+workers as child processes on free ports, which register with the coordinator exactly as workers on other
+hosts do. Stops every child on Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
-from coordinator.parameters.server import ParameterServer, start_parameter_server
-from coordinator.planner import StagePlan, plan
-from coordinator.store import ModelStore
-from shardline.errors import from_rpc_error
-from shardline.server import channel
-from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from coordinator.config import CoordinatorConfig
+from coordinator.planner import StagePlan
+from coordinator.registry import WorkerRecord
+from coordinator.server import Coordinator, start_coordinator
 
 log = logging.getLogger(__name__)
 PREFIX = "shard worker listening on "
@@ -32,10 +29,15 @@ class WorkerProcess:
     address: str
 
 
-async def spawn_worker(host: str, log_level: str = "WARNING") -> WorkerProcess:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shard_worker.cli", "serve", "--host", host, "--port", "0", "--log-level", log_level,
-        "--parent-pid", str(os.getpid()), stdout=asyncio.subprocess.PIPE)
+async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int = 0,
+                       log_level: str = "WARNING") -> WorkerProcess:
+    args = ["--host", host, "--port", "0", "--log-level", log_level, "--parent-pid", str(os.getpid())]
+    if coordinator:
+        args += ["--coordinator", coordinator]
+    if memory_budget_mb:
+        args += ["--memory-budget-mb", str(memory_budget_mb)]
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "shard_worker.cli", "serve", *args,
+                                                   stdout=asyncio.subprocess.PIPE)
     if process.stdout is None:
         raise RuntimeError("no stdout from the worker process")
     said: list[str] = []
@@ -47,78 +49,68 @@ async def spawn_worker(host: str, log_level: str = "WARNING") -> WorkerProcess:
     raise RuntimeError(f"shard worker exited with code {code} before listening (it said: {said[-3:]})")
 
 
-async def load_shard(address: str, model: str, stage: StagePlan, parameters: str,
-                     dtype: tensor_pb2.DType,
-                     progress: dict[str, int]) -> None:
-    request = worker_pb2.LoadShardRequest(model=model, start_layer=stage.start, end_layer=stage.end,
-                                          parameters_address=parameters, dtype=dtype)
-    async with channel(address) as ch:
+async def stop_processes(processes: list[WorkerProcess], timeout: float = 8.0) -> None:
+    for p in processes:
+        with contextlib.suppress(ProcessLookupError):
+            p.process.terminate()
+    for p in processes:
         try:
-            async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request):
-                progress[address] = p.bytes_done
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            await asyncio.wait_for(p.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                p.process.kill()
+            await p.process.wait()
 
 
 @dataclass
 class LocalCluster:
-    store: ModelStore
-    model: str
-    workers: int = 3
-    host: str = "127.0.0.1"
-    dtype: tensor_pb2.DType = tensor_pb2.DTYPE_FLOAT32
-    parameters: ParameterServer | None = None
+    config: CoordinatorConfig
+    worker_memory_mb: int = 0
+    coordinator: Coordinator | None = None
     processes: list[WorkerProcess] = field(default_factory=list)
-    stages: list[StagePlan] = field(default_factory=list)
-
-    @property
-    def addresses(self) -> list[str]:
-        return [p.address for p in self.processes]
 
     async def start(self, say: Callable[[str], None] = log.info) -> float:
-        """Start everything and load every shard, telling `say` the plan and the progress; returns the
-        seconds it took."""
+        """Start everything and wait until every shard is loaded and verified; returns the seconds it took.
+        Raises RuntimeError with the coordinator's reason when deployment fails (a plan that does not fit)."""
         began = time.perf_counter()
-        manifest = self.store.manifest(self.model)
-        self.stages = plan(manifest, self.workers)
-        self.processes = list(await asyncio.gather(*(spawn_worker(self.host) for _ in self.stages)))
-        self.parameters = await start_parameter_server(self.store, self.host, 0)
-        say(format_plan(self.model, self.stages, self.addresses, self.parameters.address))
-        progress: dict[str, int] = {}
-        total = sum(s.weight_bytes for s in self.stages)
-        loads = asyncio.gather(*(load_shard(a, self.model, s, self.parameters.address, self.dtype, progress)
-                                 for a, s in zip(self.addresses, self.stages, strict=True)))
+        # workers first: no gRPC threads exist yet while the children are created
+        endpoint = f"{self.config.host}:{self.config.port}"
+        if self.config.port == 0:
+            raise ValueError("launch needs a fixed coordinator port for its workers to register with")
+        spawning = [spawn_worker(self.config.host, endpoint, self.worker_memory_mb) for _ in range(self.config.workers)]
+        self.processes = list(await asyncio.gather(*spawning))
+        self.coordinator = await start_coordinator(self.config, say)
+        cluster = self.coordinator.cluster
         shown = -1
-        while not loads.done():
-            await asyncio.wait([loads], timeout=0.5)
-            percent = int(100 * sum(progress.values()) / max(total, 1))
-            if percent // 10 != shown // 10:
-                shown = percent
-                say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
-        await loads
+        while cluster.state not in ("ready", "failed"):
+            waiting = asyncio.ensure_future(cluster.changed.wait())
+            await asyncio.wait([waiting], timeout=0.5)
+            waiting.cancel()
+            total = sum(s.weight_bytes for s in cluster.stages)
+            if cluster.state == "deploying" and total:
+                percent = int(100 * sum(cluster.progress.values()) / total)
+                if percent // 25 != shown // 25:
+                    shown = percent
+                    say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
+            if any(p.process.returncode is not None for p in self.processes):
+                raise RuntimeError("a shard worker exited during start-up")
+        if cluster.state == "failed":
+            raise RuntimeError(cluster.message)
         return time.perf_counter() - began
 
-    async def stop(self, timeout: float = 8.0) -> None:
-        for p in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                p.process.terminate()
-        for p in self.processes:
-            try:
-                await asyncio.wait_for(p.process.wait(), timeout)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    p.process.kill()
-                await p.process.wait()
-        if self.parameters is not None:
-            await self.parameters.stop(0)
+    async def stop(self) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+        await stop_processes(self.processes)
 
 
-def format_plan(model: str, stages: list[StagePlan], addresses: list[str], parameters: str) -> str:
-    lines = [f"plan for {model} (parameter service {parameters}):",
-             f"  {'worker':<22} {'layers':<10} {'weights':>11}"]
-    for address, s in zip(addresses, stages, strict=True):
+def format_plan(model: str, workers: list[WorkerRecord], stages: list[StagePlan]) -> str:
+    lines = [f"plan for {model}:",
+             f"  {'worker':<22} {'layers':<10} {'weights':>11} {'offered':>11}"]
+    for worker, s in zip(workers, stages, strict=True):
         extra = ("  +embedding" if s.start == 0 else "") + ("  +head" if s is stages[-1] else "")
-        lines.append(f"  {address:<22} {f'[{s.start}, {s.end})':<10} {s.weight_bytes / 2**20:>7.1f} MiB{extra}")
+        lines.append(f"  {worker.address:<22} {f'[{s.start}, {s.end})':<10} {s.weight_bytes / 2**20:>7.1f} MiB "
+                     f"{worker.memory_budget_bytes / 2**20:>7.0f} MiB{extra}")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 
+from shard_worker.registration import default_memory_budget, stay_registered
 from shard_worker.servicer import WorkerServicer
 from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -36,9 +37,14 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0) -> WorkerServer:
     return WorkerServer(server, servicer, bound, host)
 
 
-async def serve_forever(host: str, port: int, parent_pid: int = 0) -> None:
+async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: str = "", advertise: str = "",
+                        memory_budget_bytes: int = 0) -> None:
     worker = await start_worker(host, port)
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
+    if coordinator:
+        address = f"{advertise or host}:{worker.port}"
+        budget = memory_budget_bytes or default_memory_budget()
+        asyncio.create_task(stay_registered(coordinator, address, budget))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from coordinator.planner import split_layers
+from coordinator.planner import PlanDoesNotFit, split_layers
 
 
 def brute_force(costs, stages):
@@ -28,5 +28,19 @@ def test_split_is_contiguous_complete_and_optimal(costs, stages):
 
 
 def test_more_stages_than_layers_is_refused():
-    with pytest.raises(ValueError, match="cannot split 2 layers into 3 stages"):
+    with pytest.raises(PlanDoesNotFit, match="cannot split 2 layers into 3 stages"):
         split_layers([1, 1], 3)
+
+
+def test_budgets_shape_the_split():
+    costs = [4, 4, 4, 4, 4, 4]
+    assert split_layers(costs, 2) == [(0, 3), (3, 6)]
+    assert split_layers(costs, 2, budgets=[8, 100]) == [(0, 2), (2, 6)]
+
+
+def test_a_plan_that_cannot_fit_names_the_missing_memory():
+    mib = 1024 * 1024
+    with pytest.raises(PlanDoesNotFit, match="offer 6.0 MiB: 2.0 MiB missing"):
+        split_layers([2 * mib] * 4, 2, budgets=[3 * mib, 3 * mib])
+    with pytest.raises(PlanDoesNotFit, match=r"worker 0 needs 5.0 MiB for layers \[0, 1\).*1.0 MiB missing"):
+        split_layers([5 * mib, 1 * mib, 1 * mib], 2, budgets=[4 * mib, 10 * mib])

@@ -1,0 +1,106 @@
+"""Coordinator and WorkerRegistry servicers: protobuf <-> domain at the edge, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from coordinator.cluster import Cluster
+from coordinator.generation import GenerationRequest, prepare, run
+from shardline.errors import InvalidArgument, grpc_errors
+from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
+          "stop": coordinator_pb2.FINISH_REASON_STOP}
+
+
+def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
+        max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
+        temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
+        top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
+        stop=tuple(r.stop))
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.active_sessions = 0
+
+    @grpc_errors
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        req = request_from_proto(request)
+        config = self.cluster.config
+        chain, text = self.cluster.serving(req.model)
+        plan = await asyncio.to_thread(prepare, req, text, config.default_max_tokens, config.max_tokens_limit)
+        session_id = uuid.uuid4().hex
+        self.active_sessions += 1
+        try:
+            async for piece in run(chain, text, plan, session_id):
+                response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
+                                                            finish_reason=FINISH[piece.finish_reason])
+                if piece.finish_reason:
+                    response.usage.prompt_tokens = piece.prompt_tokens
+                    response.usage.completion_tokens = piece.completion_tokens
+                yield response
+        finally:
+            self.active_sessions -= 1
+            # runs on cancellation and deadline too: the session's KV cache is freed on every stage
+            await asyncio.shield(chain.end_session(session_id))
+
+    @grpc_errors
+    async def ListModels(self, request: Any, context: Any) -> coordinator_pb2.ListModelsResponse:
+        m = self.cluster.manifest
+        text = self.cluster.text
+        return coordinator_pb2.ListModelsResponse(models=[coordinator_pb2.ModelInfo(
+            name=m.name, family=m.family, num_layers=m.num_layers, size_bytes=m.total_size_bytes,
+            context_tokens=text.context_tokens if text else 0, ready=self.cluster.ready)])
+
+    @grpc_errors
+    async def GetClusterStatus(self, request: Any, context: Any) -> coordinator_pb2.GetClusterStatusResponse:
+        records = list(self.cluster.registry.workers.values())
+        statuses = await asyncio.gather(*(self.cluster.worker_status(r) for r in records))
+        now = time.monotonic()
+        workers = []
+        for record, status in zip(records, statuses, strict=True):
+            info = coordinator_pb2.WorkerInfo(
+                address=record.address, state=record.state, memory_budget_bytes=record.memory_budget_bytes,
+                last_heartbeat_age_ms=int((now - record.last_heartbeat) * 1000), last_error=record.last_error)
+            if record.stage is not None:
+                info.start_layer, info.end_layer = record.stage.start, record.stage.end
+            if status is not None:
+                info.weight_bytes, info.rss_bytes = status.weight_bytes, status.rss_bytes
+                info.sessions, info.kv_cache_bytes = status.sessions, status.kv_cache_bytes
+            workers.append(info)
+        return coordinator_pb2.GetClusterStatusResponse(
+            model=self.cluster.config.model, ready=self.cluster.ready, state=self.cluster.state,
+            message=self.cluster.message, workers=workers, active_sessions=self.active_sessions)
+
+
+class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    @grpc_errors
+    async def RegisterWorker(self, request: Any, context: Any) -> coordinator_pb2.RegisterWorkerResponse:
+        host, _, port = request.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"address {request.address!r} is not host:port")
+        if request.memory_budget_bytes <= 0:
+            raise InvalidArgument(f"memory_budget_bytes must be > 0, got {request.memory_budget_bytes}")
+        record = self.cluster.register(request.address, request.memory_budget_bytes)
+        return coordinator_pb2.RegisterWorkerResponse(
+            worker_id=record.worker_id, heartbeat_interval_ms=self.cluster.config.heartbeat_interval_ms)
+
+    @grpc_errors
+    async def Heartbeat(self, request: Any, context: Any) -> coordinator_pb2.HeartbeatResponse:
+        known = self.cluster.registry.heartbeat(request.worker_id)
+        if known:
+            self.cluster._maybe_deploy()
+        return coordinator_pb2.HeartbeatResponse(known=known)

@@ -1,0 +1,271 @@
+"""The Python SDK: `Client` (blocking) and `AsyncClient` (asyncio) for a shardline coordinator.
+
+    from shardline.client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        client.wait_ready(timeout=120)
+        result = client.generate("The capital of France is", max_tokens=16, temperature=0)
+        print(result.text, result.finish_reason)
+        for chunk in client.generate("Once upon a time", max_tokens=32, stream=True):
+            print(chunk.text, end="", flush=True)
+
+Errors raise shardline.errors exceptions whose `.code` is the grpc.StatusCode. No torch needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardline.errors import DeadlineExceeded, from_rpc_error
+from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop"}
+SERVICE = "shardline.v1.Coordinator"
+Message = Mapping[str, str] | tuple[str, str]
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # None until the last chunk: "length" or "stop"
+
+
+@dataclass
+class GenerateResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
+        chunk = GenerateChunk(response.text, list(response.token_ids), FINISH.get(response.finish_reason))
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            self.prompt_tokens = response.usage.prompt_tokens
+            self.completion_tokens = response.usage.completion_tokens
+        return chunk
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    num_layers: int
+    size_bytes: int
+    context_tokens: int
+    ready: bool
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    address: str
+    state: str
+    start_layer: int
+    end_layer: int
+    weight_bytes: int
+    memory_budget_bytes: int
+    rss_bytes: int
+    sessions: int
+    kv_cache_bytes: int
+    last_heartbeat_age_ms: int
+    last_error: str
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    model: str
+    ready: bool
+    state: str
+    message: str
+    workers: list[WorkerStatus]
+    active_sessions: int
+
+
+def generate_request(prompt: str = "", messages: Sequence[Message] = (), *, model: str = "",
+                     max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
+                     top_p: float | None = None, seed: int | None = None,
+                     stop: Iterable[str] = ()) -> coordinator_pb2.GenerateRequest:
+    chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
+            else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
+    request = coordinator_pb2.GenerateRequest(model=model, prompt=prompt, messages=chat, top_k=top_k, stop=list(stop))
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if temperature is not None:
+        request.temperature = temperature
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def _models(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready) for m in response.models]
+
+
+def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
+    workers = [WorkerStatus(w.address, w.state, w.start_layer, w.end_layer, w.weight_bytes, w.memory_budget_bytes,
+                            w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error)
+               for w in r.workers]
+    return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions)
+
+
+class Client:
+    """A blocking client. `timeout` (seconds) is the default deadline of every call."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, prompt: str, *, stream: bool = False, timeout: float | None = None,
+                 **params: Any) -> Any:
+        """Text for a prompt: a GenerateResult, or with stream=True an iterator of GenerateChunk."""
+        return self._run(generate_request(prompt, **params), stream, timeout)
+
+    def chat(self, messages: Sequence[Message], *, stream: bool = False, timeout: float | None = None,
+             **params: Any) -> Any:
+        """Like generate, for chat messages ({"role": ..., "content": ...}); the model's template applies."""
+        return self._run(generate_request("", messages, **params), stream, timeout)
+
+    def _run(self, request: coordinator_pb2.GenerateRequest, stream: bool, timeout: float | None) -> Any:
+        responses = self.stub.Generate(request, timeout=timeout or self.timeout)
+        if stream:
+            return self._chunks(responses)
+        result = GenerateResult()
+        try:
+            for response in responses:
+                result.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return result
+
+    @staticmethod
+    def _chunks(responses: Iterator[coordinator_pb2.GenerateResponse]) -> Iterator[GenerateChunk]:
+        result = GenerateResult()
+        try:
+            for response in responses:
+                yield result.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def list_models(self) -> list[ModelInfo]:
+        try:
+            return _models(self.stub.ListModels(coordinator_pb2.ListModelsRequest(), timeout=self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def cluster_status(self) -> ClusterStatus:
+        try:
+            return _status(self.stub.GetClusterStatus(coordinator_pb2.GetClusterStatusRequest(), timeout=self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the coordinator reports SERVING (every shard loaded and verified)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+                if status.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"the cluster was not ready within {timeout:.0f} s")
+            time.sleep(0.25)
+
+
+class AsyncClient:
+    """The asyncio client: the same calls, awaited; generate(stream=True) gives an async iterator."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def generate(self, prompt: str, *, stream: bool = False, timeout: float | None = None,
+                       **params: Any) -> Any:
+        return await self._run(generate_request(prompt, **params), stream, timeout)
+
+    async def chat(self, messages: Sequence[Message], *, stream: bool = False, timeout: float | None = None,
+                   **params: Any) -> Any:
+        return await self._run(generate_request("", messages, **params), stream, timeout)
+
+    async def _run(self, request: coordinator_pb2.GenerateRequest, stream: bool, timeout: float | None) -> Any:
+        call = self.stub.Generate(request, timeout=timeout or self.timeout)
+        if stream:
+            return self._chunks(call)
+        result = GenerateResult()
+        try:
+            async for response in call:
+                result.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return result
+
+    @staticmethod
+    async def _chunks(call: Any) -> AsyncIterator[GenerateChunk]:
+        result = GenerateResult()
+        try:
+            async for response in call:
+                yield result.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            return _models(await self.stub.ListModels(coordinator_pb2.ListModelsRequest(), timeout=self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def cluster_status(self) -> ClusterStatus:
+        try:
+            return _status(await self.stub.GetClusterStatus(coordinator_pb2.GetClusterStatusRequest(),
+                                                            timeout=self.timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = await self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+                if status.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"the cluster was not ready within {timeout:.0f} s")
+            await asyncio.sleep(0.25)
