@@ -43,7 +43,7 @@ class Cluster:
         self.manifest = store.manifest(config.model)
         self.registry = Registry(config.heartbeat_timeout_ms / 1000)
         self._set_serving, self.say = set_serving, say
-        self.state, self.message = "waiting for workers", f"waiting for {config.workers} workers to register"
+        self.state, self.message = "waiting for workers", f"0 of {config.workers} workers registered"
         self.stages: list[StagePlan] = []
         self.deployed: list[WorkerRecord] = []
         self.chain: ChainClient | None = None

@@ -44,7 +44,7 @@ class Piece:
     completion_tokens: int = 0
 
 
-def check_parameters(req: GenerationRequest, default_max_tokens: int, max_tokens_limit: int) -> None:
+def check_parameters(req: GenerationRequest, max_tokens_limit: int) -> None:
     """Everything that can be checked without the tokenizer; errors name the field."""
     if not req.prompt and not req.messages:
         raise InvalidArgument("prompt is empty (send a prompt or chat messages)")
@@ -67,7 +67,7 @@ def check_parameters(req: GenerationRequest, default_max_tokens: int, max_tokens
 
 def prepare(req: GenerationRequest, text: TextModel, default_max_tokens: int, max_tokens_limit: int) -> Plan:
     """Tokenize and resolve defaults (runs off the event loop: tokenizing is compute)."""
-    check_parameters(req, default_max_tokens, max_tokens_limit)
+    check_parameters(req, max_tokens_limit)
     ids = text.encode_chat(list(req.messages)) if req.messages else text.encode(req.prompt)
     if not ids:
         raise InvalidArgument("prompt encodes to no tokens")

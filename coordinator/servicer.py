@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coordinator.cluster import Cluster
-from coordinator.generation import GenerationRequest, prepare, run
+from coordinator.generation import GenerationRequest, check_parameters, prepare, run
 from shardline.errors import InvalidArgument, grpc_errors
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -37,6 +37,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         req = request_from_proto(request)
         config = self.cluster.config
+        check_parameters(req, config.max_tokens_limit)  # a malformed request fails first, whatever the state
         chain, text = self.cluster.serving(req.model)
         plan = await asyncio.to_thread(prepare, req, text, config.default_max_tokens, config.max_tokens_limit)
         session_id = uuid.uuid4().hex

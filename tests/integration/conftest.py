@@ -56,3 +56,27 @@ def workers(loop: LoopThread) -> Iterator[Callable[[int], list[WorkerServer]]]:
 @pytest.fixture(scope="session")
 def store_path(store: ModelStore) -> Path:
     return store.root
+
+
+@pytest.fixture(scope="module")
+def smollm2_cluster(loop, smollm2_store, parameters):
+    """A coordinator serving SmolLM2 over 3 real workers that registered through the WorkerRegistry RPC."""
+    import grpc
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import start_coordinator
+    from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    config = CoordinatorConfig(store=smollm2_store.root, model="smollm2", workers=3, port=0,
+                               parameters_address=parameters.address, max_tokens_limit=10000,
+                               heartbeat_timeout_ms=3_600_000)
+    coordinator = loop.run(start_coordinator(config))
+    servers = [loop.run(start_worker()) for _ in range(3)]
+    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
+    for server in servers:
+        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=server.address,
+                                                                      memory_budget_bytes=2**30))
+    yield coordinator, servers
+    for server in servers:
+        loop.run(server.stop(0))
+    loop.run(coordinator.stop())
