@@ -29,3 +29,26 @@ def loop() -> Iterator[LoopThread]:
     thread = LoopThread()
     yield thread
     thread.close()
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    """A store with small random models; the built-in SmolLM2 is added by `smollm2_store` when asked for."""
+    from coordinator.importer import import_random, random_config
+    from coordinator.store import ModelStore
+
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    import_random(store, "tiny-llama", random_config("llama", hidden=64, layers=6, heads=4, kv_heads=2,
+                                                     vocab=128, intermediate=128), seed=1)
+    import_random(store, "tiny-gpt2", random_config("gpt2", hidden=64, layers=6, heads=4, vocab=128,
+                                                    positions=256), seed=2)
+    return store
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(store):
+    from coordinator.importer import builtin_gguf, import_gguf
+
+    if not store.has("smollm2"):
+        import_gguf(store, builtin_gguf(), "smollm2")
+    return store

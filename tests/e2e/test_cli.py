@@ -45,8 +45,10 @@ def test_launch_serves_then_sigterm_leaves_no_child(tmp_path):
     assert made.returncode == 0, made.stderr
     assert "4 layers" in made.stdout
     env = {**os.environ, "SHARDLINE_STORE": str(store)}
+    from tests.e2e.test_join_and_generate import free_port
+
     launcher = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "launch", "--model", "tiny",
-                                 "--workers", "2", "--prompt", ""], env=env, stdout=subprocess.PIPE,
+                                 "--workers", "2", "--port", str(free_port())], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 120

@@ -8,28 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.importer import builtin_gguf, import_gguf, import_random, random_config
 from coordinator.parameters.server import ParameterServer, start_parameter_server
 from coordinator.store import ModelStore
 from shard_worker.server import WorkerServer, start_worker
 from tests.helpers import LoopThread
-
-
-@pytest.fixture(scope="session")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    store = ModelStore(tmp_path_factory.mktemp("store"))
-    import_random(store, "tiny-llama", random_config("llama", hidden=64, layers=6, heads=4, kv_heads=2,
-                                                     vocab=128, intermediate=128), seed=1)
-    import_random(store, "tiny-gpt2", random_config("gpt2", hidden=64, layers=6, heads=4, vocab=128,
-                                                    positions=256), seed=2)
-    return store
-
-
-@pytest.fixture(scope="session")
-def smollm2_store(store: ModelStore) -> ModelStore:
-    if not store.has("smollm2"):
-        import_gguf(store, builtin_gguf(), "smollm2")
-    return store
 
 
 @pytest.fixture(scope="session")
