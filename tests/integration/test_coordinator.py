@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import grpc
@@ -109,5 +110,5 @@ def test_models_and_status(client, smollm2_cluster):
     status = client.cluster_status()
     assert status.ready and status.state == "ready" and len(status.workers) == 3
     ranges = [(w.start_layer, w.end_layer) for w in status.workers]
-    assert ranges[0][0] == 0 and ranges[-1][1] == 30 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert ranges[0][0] == 0 and ranges[-1][1] == 30 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     assert all(w.state == "ready" and w.weight_bytes > 0 and w.rss_bytes > 0 for w in status.workers)
