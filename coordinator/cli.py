@@ -196,19 +196,40 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, exit_when_re
 
 
 @app.command()
-def serve(model: str = typer.Option("smollm2", help="model name in the store, or a store directory"),
-          workers: int = typer.Option(1, min=1, help="deploy once this many workers have registered"),
-          host: str = typer.Option("127.0.0.1", help="address to listen on"),
-          port: int = typer.Option(50051, min=0, max=65535, help="port"),
+def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML file of coordinator settings "
+                                                  "(see deploy/cluster.example.toml); flags given here win"),
+          model: str | None = typer.Option(None, help="model name in the store, or a store directory [smollm2]"),
+          workers: int | None = typer.Option(None, min=1, help="deploy once this many workers registered [1]"),
+          host: str | None = typer.Option(None, help="address to listen on [127.0.0.1]"),
+          port: int | None = typer.Option(None, min=0, max=65535, help="port [50051]"),
+          advertise: str | None = typer.Option(None, help="host workers reach this machine on [--host]"),
           store: Path | None = typer.Option(None, help=STORE_HELP),
-          parameters_address: str = typer.Option("", "--parameters", help="a parameter service's HOST:PORT "
-                                                 "(default: run one in-process)"),
-          max_tokens_limit: int = typer.Option(2048, min=1, help="the largest max_tokens a request may ask")) -> None:
+          parameters_address: str | None = typer.Option(None, "--parameters", help="a parameter service's "
+                                                        "HOST:PORT [run one in-process]"),
+          parameters_port: int | None = typer.Option(None, help="port of the in-process parameter service [free]"),
+          max_tokens_limit: int | None = typer.Option(None, min=1, help="the largest max_tokens allowed [2048]")
+          ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
+    from coordinator.config import load_config
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    store, model = _resolve_model(model, store)
-    config = _config(store, model=model, workers=workers, host=host, port=port,
-                     parameters_address=parameters_address, max_tokens_limit=max_tokens_limit)
+    given = dict(model=model, workers=workers, host=host, port=port, advertise=advertise, store=store,
+                 parameters_address=parameters_address, parameters_port=parameters_port,
+                 max_tokens_limit=max_tokens_limit)
+    flags = {k: v for k, v in given.items() if v is not None}
+    if "model" in flags:
+        resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)
+        if resolved_store is not None:
+            flags["store"] = resolved_store
+    flags.setdefault("workers", 1)
+    try:
+        if config_file is not None:
+            config = load_config(config_file, **flags)
+        else:
+            config = _config(flags.pop("store", None), **flags)  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc))
+        return
 
     async def run() -> None:
         from coordinator.launcher import wait_for_signal
@@ -216,7 +237,7 @@ def serve(model: str = typer.Option("smollm2", help="model name in the store, or
 
         await _ensure_model(ModelStore(config.store), config.model)
         coordinator = await start_coordinator(config, say=lambda line: print(line, flush=True))
-        print(f"coordinator listening on {coordinator.address}; waiting for {workers} workers", flush=True)
+        print(f"coordinator listening on {coordinator.address}; waiting for {config.workers} workers", flush=True)
         try:
             await wait_for_signal()
         finally:

@@ -7,16 +7,35 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from coordinator.store import default_store
+
 
 class CoordinatorConfig(BaseModel):
+    """Every field can come from a TOML file (`coordinator serve --config FILE`) or from flags."""
+
+    model_config = {"extra": "forbid"}
+
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    store: Path
+    store: Path = Field(default_factory=default_store)
     model: str = "smollm2"
     workers: int = Field(3, ge=1, description="deploy once this many workers have registered")
+    advertise: str = Field("", description="host workers reach this machine on (default: host)")
     parameters_address: str = Field("", description="host:port of a parameter service; empty = in-process")
+    parameters_port: int = Field(0, ge=0, le=65535, description="port of the in-process parameter service")
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
     max_tokens_limit: int = Field(2048, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     heartbeat_interval_ms: int = Field(2000, ge=100)
     heartbeat_timeout_ms: int = Field(10000, ge=500)
+
+
+def load_config(path: Path, **overrides: object) -> CoordinatorConfig:
+    """A config from a TOML file; `overrides` (flags given on the command line) win."""
+    import tomllib
+
+    try:
+        fields = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return CoordinatorConfig(**{**fields, **overrides})

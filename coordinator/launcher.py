@@ -56,7 +56,7 @@ async def stop_processes(processes: list[WorkerProcess], timeout: float = 8.0) -
     for p in processes:
         try:
             await asyncio.wait_for(p.process.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 p.process.kill()
             await p.process.wait()

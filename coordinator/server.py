@@ -43,8 +43,8 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     parameters = None
     address = config.parameters_address
     if not address:
-        parameters = await start_parameter_server(store, config.host, 0)
-        address = parameters.address
+        parameters = await start_parameter_server(store, config.host, config.parameters_port)
+        address = f"{config.advertise or config.host}:{parameters.port}"
     server = new_server()
     health = add_standard_services(server, [SERVICE, REGISTRY])
 
