@@ -73,14 +73,23 @@ class LocalCluster:
         """Start everything and wait until every shard is loaded and verified; returns the seconds it took.
         Raises RuntimeError with the coordinator's reason when deployment fails (a plan that does not fit)."""
         began = time.perf_counter()
-        # workers first: no gRPC threads exist yet while the children are created
         endpoint = f"{self.config.host}:{self.config.port}"
         if self.config.port == 0:
             raise ValueError("launch needs a fixed coordinator port for its workers to register with")
+        # the coordinator and the workers start side by side; workers retry until the coordinator listens
         spawning = [spawn_worker(self.config.host, endpoint, self.worker_memory_mb) for _ in range(self.config.workers)]
-        self.processes = list(await asyncio.gather(*spawning))
-        self.coordinator = await start_coordinator(self.config, say)
-        cluster = self.coordinator.cluster
+        coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,
+                                                       return_exceptions=True)
+        self.processes = [p for p in processes if isinstance(p, WorkerProcess)]
+        if isinstance(coordinator, BaseException):
+            raise coordinator
+        if not isinstance(coordinator, Coordinator):
+            raise TypeError("start_coordinator returned no coordinator")
+        self.coordinator = coordinator
+        failed = [p for p in processes if isinstance(p, BaseException)]
+        if failed:
+            raise failed[0]
+        cluster = coordinator.cluster
         shown = -1
         while cluster.state not in ("ready", "failed"):
             waiting = asyncio.ensure_future(cluster.changed.wait())

@@ -42,6 +42,6 @@ async def stay_registered(coordinator: str, address: str, memory_budget_bytes: i
                     log.error("coordinator %s refused this worker: %s", coordinator, err.details())
                     raise
                 failures += 1
-                if failures % 25 == 0:  # a coordinator still starting is normal; one that stays away is not
+                if failures % 100 == 0:  # a coordinator still starting is normal; one that stays away is not
                     log.warning("coordinator %s unreachable (%d tries): %s", coordinator, failures, err.details())
             await asyncio.sleep(interval)

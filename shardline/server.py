@@ -22,7 +22,8 @@ CHANNEL_OPTIONS = [
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=CHANNEL_OPTIONS)
+    # no SO_REUSEPORT: a port another server holds is an error here, not a silently shared listener
+    return grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
 
 
 def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
@@ -44,9 +45,12 @@ async def set_serving(health_servicer: Any, service_names: Iterable[str],
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Listen on exactly host:port (port 0 = a free one); returns the bound port."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's way of saying the bind failed
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
     return bound
 
 

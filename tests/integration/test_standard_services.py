@@ -23,3 +23,13 @@ def test_reflection_and_health(workers, parameters):
     assert health.Check(request).status == health_pb2.HealthCheckResponse.NOT_SERVING
     load(worker.address, "tiny-llama", 0, 6, parameters.address)
     assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_busy_port_is_an_error_not_a_shared_listener(loop, workers):
+    from shard_worker.server import start_worker
+
+    (worker,) = workers(1)
+    import pytest
+
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{worker.port}"):
+        loop.run(start_worker("127.0.0.1", worker.port))
