@@ -29,7 +29,15 @@ def coordinator(loop, store, parameters):
 
 
 def test_no_workers_is_unavailable(coordinator):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.integration.test_standard_services import services
+
     c = coordinator(workers=2)
+    assert {"shardline.v1.Coordinator", "shardline.v1.WorkerRegistry"} <= services(c.address)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(c.address))
+    request = health_pb2.HealthCheckRequest(service="shardline.v1.Coordinator")
+    assert health.Check(request).status == health_pb2.HealthCheckResponse.NOT_SERVING
     with Client(c.address, timeout=10) as client:
         with pytest.raises(Unavailable, match="0 of 2 workers registered"):
             client.generate("hello")
