@@ -76,7 +76,36 @@ class Stage:
     def forward(self, sessions: list[SessionCache], packing: Packing, token_ids: torch.Tensor | None,
                 hidden: torch.Tensor | None) -> torch.Tensor:
         """Run the packed batch through this stage's layers; returns packed [T, hidden] (normed at the last
-        stage). Each session's cache is written at [start, start + count) and its length set after."""
+        stage). Each session's cache is written at [start, start + count) and its length set after.
+
+        Sequences with the same token count run as one padded batch, so a prefill chunk never pads the
+        one-token decode steps batched beside it."""
+        counts = packing.counts
+        if len(set(counts)) == 1:
+            return self._forward_uniform(sessions, packing, token_ids, hidden)
+        offsets = [0]
+        for n in counts:
+            offsets.append(offsets[-1] + n)
+        source = token_ids if self.is_first else hidden
+        if source is None:
+            raise ValueError("the first stage needs token ids, the others hidden states")
+        out: torch.Tensor | None = None
+        for count in sorted(set(counts)):
+            members = [i for i, n in enumerate(counts) if n == count]
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
+            part = source[rows]
+            result = self._forward_uniform([sessions[i] for i in members],
+                                           Packing([packing.starts[i] for i in members], [count] * len(members)),
+                                           part if self.is_first else None, None if self.is_first else part)
+            if out is None:
+                out = result.new_empty((offsets[-1], *result.shape[1:]))
+            out[rows] = result
+        if out is None:
+            raise ValueError("empty batch")
+        return out
+
+    def _forward_uniform(self, sessions: list[SessionCache], packing: Packing, token_ids: torch.Tensor | None,
+                         hidden: torch.Tensor | None) -> torch.Tensor:
         rows = packing.rows()
         positions = packing.positions()
         if self.is_first:
