@@ -72,9 +72,9 @@ class ChainClient:
                                                                    else self._channel)
         return self._stubs[address]
 
-    async def end_session(self, session: str) -> None:
-        """Free the session's KV cache on every stage (best effort: a stage that is gone has nothing to free)."""
-        request = worker_pb2.EndSessionRequest(session_ids=[session])
+    async def end_sessions(self, sessions: list[str]) -> None:
+        """Free the sessions' KV caches on every stage (best effort: a stage that is gone has nothing to free)."""
+        request = worker_pb2.EndSessionRequest(session_ids=sessions)
         await asyncio.gather(*(self.stub(a).EndSession(request, timeout=10) for a in self.addresses),
                              return_exceptions=True)
 

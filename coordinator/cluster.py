@@ -14,6 +14,7 @@ from coordinator.chain import ChainClient
 from coordinator.config import CoordinatorConfig
 from coordinator.planner import PlanDoesNotFit, StagePlan, plan
 from coordinator.registry import Registry, WorkerRecord
+from coordinator.scheduler import Scheduler
 from coordinator.store import ModelStore
 from coordinator.textmodel import TextModel
 from shardline.codec import dtype_to_enum
@@ -47,6 +48,7 @@ class Cluster:
         self.stages: list[StagePlan] = []
         self.deployed: list[WorkerRecord] = []
         self.chain: ChainClient | None = None
+        self.scheduler: Scheduler | None = None
         self.text: TextModel | None = None
         self.progress: dict[str, int] = {}
         self.changed = asyncio.Event()  # set on every state change (the launcher waits on it)
@@ -67,6 +69,8 @@ class Cluster:
         for task in (self._monitor, self._deploy_task):
             if task is not None:
                 task.cancel()
+        if self.scheduler is not None:
+            await self.scheduler.close()
         if self.chain is not None:
             await self.chain.close()
 
@@ -75,16 +79,16 @@ class Cluster:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    def serving(self, model: str) -> tuple[ChainClient, TextModel]:
-        """The chain and text model for a request, or why there are none."""
+    def serving(self, model: str) -> tuple[Scheduler, TextModel]:
+        """The scheduler and text model for a request, or why there are none."""
         if model and model != self.config.model:
             raise NotFound(f"model {model!r} is not served here (this cluster serves {self.config.model!r})")
-        if not self.ready or self.chain is None:
+        if not self.ready or self.scheduler is None:
             detail = f" ({self.message})" if self.message else ""
             raise Unavailable(f"the cluster is not ready: {self.state}{detail}")
         if self.text is None:
             raise FailedPrecondition(f"model {self.config.model!r} has no tokenizer in the store: it cannot serve text")
-        return self.chain, self.text
+        return self.scheduler, self.text
 
     # -- registration and deployment -----------------------------------------------------------------
     def register(self, address: str, memory_budget_bytes: int) -> WorkerRecord:
@@ -108,6 +112,9 @@ class Cluster:
     async def _deploy(self, workers: list[WorkerRecord]) -> None:
         await self._set_serving(False)
         old_chain, self.chain = self.chain, None
+        old_scheduler, self.scheduler = self.scheduler, None
+        if old_scheduler is not None:
+            await old_scheduler.close()
         if old_chain is not None:
             await old_chain.close()
         try:
@@ -136,6 +143,9 @@ class Cluster:
             return
         self.deployed = workers
         self.chain = ChainClient([w.address for w in workers])
+        c = self.config
+        self.scheduler = Scheduler(self.chain, groups=len(workers), max_active=c.max_active_streams,
+                                   max_queued=c.max_queued_streams, prefill_chunk=c.prefill_chunk_tokens)
         self._set_state("ready")
         await self._set_serving(True)
 

@@ -26,6 +26,9 @@ class CoordinatorConfig(BaseModel):
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
     max_tokens_limit: int = Field(2048, ge=1)
     default_max_tokens: int = Field(256, ge=1)
+    max_active_streams: int = Field(64, ge=1, description="streams batched together at most")
+    max_queued_streams: int = Field(256, ge=0, description="streams waiting to join; more are refused")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens fed per step")
     heartbeat_interval_ms: int = Field(2000, ge=100)
     heartbeat_timeout_ms: int = Field(10000, ge=500)
 

@@ -6,7 +6,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from coordinator.chain import ChainClient
+from coordinator.scheduler import Scheduler
 from coordinator.textmodel import TextModel, TextStream
 from shardline.errors import InvalidArgument
 from shardline.v1 import worker_pb2
@@ -87,26 +87,29 @@ def prepare(req: GenerationRequest, text: TextModel, default_max_tokens: int, ma
     return Plan(ids, max_tokens, sampling, req.stop)
 
 
-async def run(chain: ChainClient, text: TextModel, plan: Plan, session_id: str) -> AsyncIterator[Piece]:
-    """Prefill, then one decode step per token; pieces of text as they become final."""
-    stream = TextStream(text, plan.stop)
-    position, feed = 0, plan.prompt_ids
+async def run(scheduler: Scheduler, text: TextModel, plan: Plan, session_id: str) -> AsyncIterator[Piece]:
+    """The request's tokens as the scheduler produces them, turned into pieces of text as they become
+    final; the stream leaves the running batch when this generator ends, however it ends."""
+    stream = scheduler.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, text.stop_ids)
+    texts = TextStream(text, plan.stop)
     produced = 0
     usage = {"prompt_tokens": len(plan.prompt_ids)}
-    while True:
-        sequence = worker_pb2.SequenceSlice(session_id=session_id, start_position=position, num_tokens=len(feed),
-                                            sampling=plan.sampling)
-        token = (await chain.step([sequence], feed)).token_ids[0]
-        if token in text.stop_ids:
-            yield Piece(stream.flush(), [], "stop", completion_tokens=produced, **usage)
-            return
-        produced += 1
-        piece = stream.push(token)
-        if stream.stopped:
-            yield Piece(piece, [token], "stop", completion_tokens=produced, **usage)
-            return
-        if produced == plan.max_tokens:
-            yield Piece(piece + stream.flush(), [token], "length", completion_tokens=produced, **usage)
-            return
-        yield Piece(piece, [token])
-        position, feed = position + len(feed), [token]
+    try:
+        while True:
+            token = await stream.tokens.get()
+            if isinstance(token, BaseException):
+                raise token
+            if token is None or token in text.stop_ids:
+                yield Piece(texts.flush(), [], "stop", completion_tokens=produced, **usage)
+                return
+            produced += 1
+            piece = texts.push(token)
+            if texts.stopped:
+                yield Piece(piece, [token], "stop", completion_tokens=produced, **usage)
+                return
+            if produced == plan.max_tokens:
+                yield Piece(piece + texts.flush(), [token], "length", completion_tokens=produced, **usage)
+                return
+            yield Piece(piece, [token])
+    finally:
+        stream.stop()

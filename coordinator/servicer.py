@@ -38,12 +38,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         req = request_from_proto(request)
         config = self.cluster.config
         check_parameters(req, config.max_tokens_limit)  # a malformed request fails first, whatever the state
-        chain, text = self.cluster.serving(req.model)
+        scheduler, text = self.cluster.serving(req.model)
         plan = await asyncio.to_thread(prepare, req, text, config.default_max_tokens, config.max_tokens_limit)
         session_id = uuid.uuid4().hex
         self.active_sessions += 1
         try:
-            async for piece in run(chain, text, plan, session_id):
+            async for piece in run(scheduler, text, plan, session_id):
                 response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
                                                             finish_reason=FINISH[piece.finish_reason])
                 if piece.finish_reason:
@@ -51,9 +51,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     response.usage.completion_tokens = piece.completion_tokens
                 yield response
         finally:
+            # also on cancellation and deadline: `run` takes the stream out of the batch, and the scheduler
+            # frees its KV cache on every stage once no step of it is in flight
             self.active_sessions -= 1
-            # runs on cancellation and deadline too: the session's KV cache is freed on every stage
-            await asyncio.shield(chain.end_session(session_id))
 
     @grpc_errors
     async def ListModels(self, request: Any, context: Any) -> coordinator_pb2.ListModelsResponse:
