@@ -144,7 +144,8 @@ class Cluster:
         self.deployed = workers
         self.chain = ChainClient([w.address for w in workers])
         c = self.config
-        self.scheduler = Scheduler(self.chain, groups=len(workers), max_active=c.max_active_streams,
+        self.scheduler = Scheduler(self.chain, groups=c.micro_batch_groups or len(workers),
+                                   max_active=c.max_active_streams,
                                    max_queued=c.max_queued_streams, prefill_chunk=c.prefill_chunk_tokens)
         self._set_state("ready")
         await self._set_serving(True)

@@ -29,6 +29,7 @@ class CoordinatorConfig(BaseModel):
     max_active_streams: int = Field(64, ge=1, description="streams batched together at most")
     max_queued_streams: int = Field(256, ge=0, description="streams waiting to join; more are refused")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens fed per step")
+    micro_batch_groups: int = Field(0, ge=0, description="micro-batch groups in flight; 0 = one per stage")
     heartbeat_interval_ms: int = Field(2000, ge=100)
     heartbeat_timeout_ms: int = Field(10000, ge=500)
 

@@ -36,8 +36,10 @@ async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int =
         args += ["--coordinator", coordinator]
     if memory_budget_mb:
         args += ["--memory-budget-mb", str(memory_budget_mb)]
+    # several workers share this machine's cores: OpenMP threads that spin while waiting would steal them
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "shard_worker.cli", "serve", *args,
-                                                   stdout=asyncio.subprocess.PIPE)
+                                                   stdout=asyncio.subprocess.PIPE, env=env)
     if process.stdout is None:
         raise RuntimeError("no stdout from the worker process")
     said: list[str] = []

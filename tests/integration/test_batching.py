@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from shardline.client import AsyncClient, Client
 from shardline.errors import ResourceExhausted
 from shardline.v1 import worker_pb2

@@ -1,0 +1,128 @@
+"""Generation throughput against plain transformers, measured in the same run on the same machine.
+
+SmolLM2-135M over 3 local worker processes (fp32, greedy, 64 new tokens), through the real coordinator and
+the Python SDK, against `transformers` `generate` in this process (on a thread, so the in-process
+coordinator keeps answering heartbeats) while the cluster idles:
+  - one stream vs generate with batch size 1;
+  - 16 concurrent streams vs generate on the same 16 prompts as one static batch;
+  - time to first token for a 512-token prompt vs a transformers forward over the same 512 tokens.
+
+    python bench/generate.py [--store DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from coordinator.config import CoordinatorConfig  # noqa: E402
+from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.launcher import LocalCluster  # noqa: E402
+from coordinator.store import ModelStore  # noqa: E402
+from shardline.client import AsyncClient  # noqa: E402
+
+NEW = 64
+CITIES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid", "Berlin", "Vienna", "Lagos",
+          "Quito", "Seoul", "Dublin", "Athens", "Nairobi"]
+PROMPTS = [f"The history of the city of {c} began" for c in CITIES]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hf_generate(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    began = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return time.perf_counter() - began, (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+
+
+def hf_prefill(model, ids: torch.Tensor) -> float:
+    began = time.perf_counter()
+    with torch.no_grad():
+        model(ids)
+    return time.perf_counter() - began
+
+
+async def ours_generate(endpoint: str, prompts: list[str]) -> tuple[float, int]:
+    async with AsyncClient(endpoint, timeout=600) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(client.generate(p, max_tokens=NEW, temperature=0) for p in prompts))
+        return time.perf_counter() - began, sum(r.completion_tokens for r in results)
+
+
+async def ours_ttft(endpoint: str, prompt: str) -> float:
+    async with AsyncClient(endpoint, timeout=600) as client:
+        began = time.perf_counter()
+        async for chunk in await client.generate(prompt, max_tokens=2, temperature=0, stream=True):
+            if chunk.token_ids:
+                return time.perf_counter() - began
+    raise RuntimeError("no token")
+
+
+async def main(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    if not store.has("smollm2"):
+        import_gguf(store, builtin_gguf(), "smollm2")
+    path = store.path("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    long_ids = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))["input_ids"][:512]
+    long_prompt = tokenizer.decode(long_ids)
+    long_tensor = torch.tensor([tokenizer(long_prompt)["input_ids"]])
+
+    config = CoordinatorConfig(store=store_dir, model="smollm2", workers=3, port=free_port())
+    cluster = LocalCluster(config)
+    await cluster.start()
+    endpoint = f"127.0.0.1:{config.port}"
+    try:
+        await ours_generate(endpoint, PROMPTS[:2])  # warm up both
+        await asyncio.to_thread(hf_generate, model, tokenizer, PROMPTS[:2])
+        rows = []
+        for label, prompts in (("1 stream", PROMPTS[:1]), ("16 concurrent streams", PROMPTS)):
+            hf_runs, our_runs = [], []
+            for _ in range(2):  # interleaved
+                seconds, tokens = await asyncio.to_thread(hf_generate, model, tokenizer, prompts)
+                hf_runs.append(tokens / seconds)
+                seconds, tokens = await ours_generate(endpoint, prompts)
+                our_runs.append(tokens / seconds)
+            hf, ours = statistics.median(hf_runs), statistics.median(our_runs)
+            rows.append((label, f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x"))
+        hf_t = statistics.median([await asyncio.to_thread(hf_prefill, model, long_tensor) for _ in range(3)])
+        our_t = statistics.median([await ours_ttft(endpoint, long_prompt) for _ in range(3)])
+        rows.append((f"time to first token, {long_tensor.shape[1]}-token prompt", f"{hf_t * 1000:.0f} ms prefill",
+                     f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time"))
+    finally:
+        await cluster.stop()
+    print("| case | transformers (same run) | shardline, 3 workers | ratio |")
+    print("|---|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", type=Path, default=None)
+    args = parser.parse_args()
+    if args.store:
+        asyncio.run(main(args.store))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(main(Path(tmp)))
