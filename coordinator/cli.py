@@ -295,6 +295,12 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
               f"{w.rss_bytes / 2**20:>5.0f} MiB {w.memory_budget_bytes / 2**20:>5.0f} MiB {w.sessions:>8} "
               f"{w.kv_cache_bytes / 2**20:>5.1f} MiB {w.last_heartbeat_age_ms / 1000:>7.1f} s"
               + (f"  {w.last_error}" if w.last_error else ""))
+    print(f"\n{'stage':<22} {'busy':>9} {'idle':>9} {'busy %':>7} {'queue':>6} {'in':>10} {'out':>10} {'tokens/s':>9}")
+    for w in s.workers:
+        up = w.busy_ms + w.idle_ms
+        print(f"{w.address:<22} {w.busy_ms / 1000:>7.1f} s {w.idle_ms / 1000:>7.1f} s "
+              f"{100 * w.busy_ms / up if up else 0:>6.1f}% {w.queue_depth:>6} {w.bytes_in / 2**20:>6.1f} MiB "
+              f"{w.bytes_out / 2**20:>6.1f} MiB {w.tokens_per_second:>9.1f}")
 
 
 def main() -> None:

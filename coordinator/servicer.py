@@ -78,6 +78,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if status is not None:
                 info.weight_bytes, info.rss_bytes = status.weight_bytes, status.rss_bytes
                 info.sessions, info.kv_cache_bytes = status.sessions, status.kv_cache_bytes
+                m = status.metrics
+                info.busy_ms, info.idle_ms, info.queue_depth = m.busy_ms, m.idle_ms, m.queue_depth
+                info.bytes_in, info.bytes_out = m.bytes_in, m.bytes_out
+                info.tokens_per_second = m.tokens / (m.uptime_ms / 1000) if m.uptime_ms else 0.0
             workers.append(info)
         return coordinator_pb2.GetClusterStatusResponse(
             model=self.cluster.config.model, ready=self.cluster.ready, state=self.cluster.state,

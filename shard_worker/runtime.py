@@ -6,6 +6,7 @@ Runtime code never sees protobuf: the servicer hands it a Step and gets a StepRe
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,12 +60,26 @@ def torch_from_raw(raw: RawTensor) -> torch.Tensor:
     return flat.view(raw.shape)
 
 
+@dataclass
+class Metrics:
+    """What a stage has done since it was loaded (the compute thread writes; the status reads)."""
+
+    started: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    queued: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
 class StageRuntime:
     """Owns a stage and its sessions. Every method runs on the compute thread, one step at a time."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.sessions: dict[str, SessionCache] = {}
+        self.metrics = Metrics()
 
     @property
     def kv_bytes(self) -> int:
@@ -132,6 +147,15 @@ class StageRuntime:
         return caches
 
     def step(self, step: Step) -> StepResult:
+        began = time.perf_counter()
+        try:
+            return self._step(step)
+        finally:
+            self.metrics.busy_s += time.perf_counter() - began
+            self.metrics.steps += 1
+            self.metrics.tokens += sum(s.count for s in step.sequences)
+
+    def _step(self, step: Step) -> StepResult:
         caches = self.validate(step)
         packing = Packing([s.start for s in step.sequences], [s.count for s in step.sequences])
         token_ids = torch.tensor(step.token_ids, dtype=torch.long) if step.token_ids is not None else None

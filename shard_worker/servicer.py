@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ import psutil
 
 from shard_worker.links import Links
 from shard_worker.loader import load_stage
-from shard_worker.runtime import ComputeThread, Slice, StageRuntime, Step, StepResult
+from shard_worker.runtime import ComputeThread, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
 from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
@@ -154,7 +155,11 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                         step = step_from_proto(req)
                         runtime = self._runtime()
                         self._check_route(runtime, req, step.output)
+                        metrics = runtime.metrics
+                        metrics.bytes_in += req.ByteSize()
+                        metrics.queued += 1
                         future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
+                        future.add_done_callback(functools.partial(_dequeued, metrics))
                     except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue
@@ -172,8 +177,11 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     responses.put_nowait(error_response(req.step_id, exc))
                     continue
                 if not req.route:
-                    responses.put_nowait(response_from_result(req.step_id, result))
+                    response = response_from_result(req.step_id, result)
+                    self._count_out(response.ByteSize())
+                    responses.put_nowait(response)
                     continue
+                self._count_out(len(result.tensor.data) if result.tensor is not None else 0)
                 if result.tensor is None:
                     raise RuntimeError("a middle stage produced no hidden states")
                 onward = worker_pb2.ForwardRequest(sequences=req.sequences, start_layer=next_layer,
@@ -193,6 +201,10 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         finally:
             reader.cancel()
             sender.cancel()
+
+    def _count_out(self, n: int) -> None:
+        if self.shard is not None:
+            self.shard.runtime.metrics.bytes_out += n
 
     @staticmethod
     async def _relay(step_id: int, reply: asyncio.Future[worker_pb2.ForwardResponse],
@@ -228,7 +240,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             state=STATES[self.state], model=shard.spec.model, start_layer=shard.spec.start,
             end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(sessions),
             kv_cache_bytes=sum(s.nbytes for s in sessions.values()), rss_bytes=rss,
-            has_embedding=runtime.stage.is_first, has_head=runtime.stage.is_last)
+            has_embedding=runtime.stage.is_first, has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime))
 
     async def close(self) -> None:
         await self.links.close()
@@ -238,3 +250,15 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 def _progress_proto(p: Progress) -> worker_pb2.LoadShardProgress:
     return worker_pb2.LoadShardProgress(phase=PHASES[p.phase], bytes_done=p.bytes_done, bytes_total=p.bytes_total,
                                         tensors_done=p.tensors_done, tensors_total=p.tensors_total, tensor=p.tensor)
+
+
+def _metrics_proto(runtime: StageRuntime) -> worker_pb2.StageMetrics:
+    m = runtime.metrics
+    uptime = time.monotonic() - m.started
+    return worker_pb2.StageMetrics(uptime_ms=int(uptime * 1000), busy_ms=int(m.busy_s * 1000),
+                                   idle_ms=int(max(0.0, uptime - m.busy_s) * 1000), queue_depth=m.queued,
+                                   steps=m.steps, tokens=m.tokens, bytes_in=m.bytes_in, bytes_out=m.bytes_out)
+
+
+def _dequeued(metrics: Metrics, _: object) -> None:
+    metrics.queued -= 1

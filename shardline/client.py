@@ -80,6 +80,12 @@ class WorkerStatus:
     kv_cache_bytes: int
     last_heartbeat_age_ms: int
     last_error: str
+    busy_ms: int = 0
+    idle_ms: int = 0
+    queue_depth: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ def _models(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
 
 def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
     workers = [WorkerStatus(w.address, w.state, w.start_layer, w.end_layer, w.weight_bytes, w.memory_budget_bytes,
-                            w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error)
+                            w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error,
+                            w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second)
                for w in r.workers]
     return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions)
 

@@ -97,7 +97,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("address", "state", "start_layer", "end_layer", "weight_bytes", "memory_budget_bytes", "rss_bytes", "sessions", "kv_cache_bytes", "last_heartbeat_age_ms", "last_error")
+    __slots__ = ("address", "state", "start_layer", "end_layer", "weight_bytes", "memory_budget_bytes", "rss_bytes", "sessions", "kv_cache_bytes", "last_heartbeat_age_ms", "last_error", "busy_ms", "idle_ms", "queue_depth", "bytes_in", "bytes_out", "tokens_per_second")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,12 @@ class WorkerInfo(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     address: str
     state: str
     start_layer: int
@@ -120,7 +126,13 @@ class WorkerInfo(_message.Message):
     kv_cache_bytes: int
     last_heartbeat_age_ms: int
     last_error: str
-    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    busy_ms: int
+    idle_ms: int
+    queue_depth: int
+    bytes_in: int
+    bytes_out: int
+    tokens_per_second: float
+    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
     __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions")

@@ -150,7 +150,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head")
+    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class GetStatusResponse(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     HAS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HAS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     state: WorkerState
     model: str
     start_layer: int
@@ -173,4 +174,25 @@ class GetStatusResponse(_message.Message):
     last_error: str
     has_embedding: bool
     has_head: bool
-    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ...) -> None: ...
+    metrics: StageMetrics
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ...) -> None: ...
+
+class StageMetrics(_message.Message):
+    __slots__ = ("uptime_ms", "busy_ms", "idle_ms", "queue_depth", "steps", "tokens", "bytes_in", "bytes_out")
+    UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    uptime_ms: int
+    busy_ms: int
+    idle_ms: int
+    queue_depth: int
+    steps: int
+    tokens: int
+    bytes_in: int
+    bytes_out: int
+    def __init__(self, uptime_ms: _Optional[int] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...

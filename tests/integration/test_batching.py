@@ -78,3 +78,19 @@ def test_requests_beyond_the_admission_queue_are_refused_while_admitted_ones_com
         scheduler.max_active, scheduler.max_queued = limits
     assert outcomes.count("refused") == 3
     assert all(o in ("length", "stop") for o in outcomes if o != "refused")
+
+
+def test_per_stage_metrics_count_the_work(smollm2_cluster):
+    coordinator, _ = smollm2_cluster
+    with Client(coordinator.address, timeout=300) as client:
+        client.wait_ready(timeout=120)
+        before = {w.address: w for w in client.cluster_status().workers}
+        client.generate("The capital of France is", max_tokens=8, temperature=0)
+        after = client.cluster_status().workers
+    for w in after:
+        b = before[w.address]
+        assert w.busy_ms > b.busy_ms and w.bytes_in > b.bytes_in and w.bytes_out > b.bytes_out
+        assert w.idle_ms >= 0 and w.queue_depth == 0 and w.tokens_per_second > 0
+    first, middle = after[0], after[1]
+    assert middle.bytes_in - before[middle.address].bytes_in > 576 * 4 * 6  # hidden states, not token ids
+    assert first.bytes_in - before[first.address].bytes_in < 2000  # token ids only
