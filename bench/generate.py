@@ -77,7 +77,7 @@ async def ours_ttft(endpoint: str, prompt: str) -> float:
     raise RuntimeError("no token")
 
 
-async def main(store_dir: Path) -> None:
+async def main(store_dir: Path, groups: int) -> None:
     store = ModelStore(store_dir)
     if not store.has("smollm2"):
         import_gguf(store, builtin_gguf(), "smollm2")
@@ -88,7 +88,8 @@ async def main(store_dir: Path) -> None:
     long_prompt = tokenizer.decode(long_ids)
     long_tensor = torch.tensor([tokenizer(long_prompt)["input_ids"]])
 
-    config = CoordinatorConfig(store=store_dir, model="smollm2", workers=3, port=free_port())
+    config = CoordinatorConfig(store=store_dir, model="smollm2", workers=3, port=free_port(),
+                               micro_batch_groups=groups)
     cluster = LocalCluster(config)
     await cluster.start()
     endpoint = f"127.0.0.1:{config.port}"
@@ -111,6 +112,7 @@ async def main(store_dir: Path) -> None:
                      f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time"))
     finally:
         await cluster.stop()
+    print(f"micro-batch groups: {groups or 'one per stage'}")
     print("| case | transformers (same run) | shardline, 3 workers | ratio |")
     print("|---|---:|---:|---:|")
     for row in rows:
@@ -120,9 +122,10 @@ async def main(store_dir: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--groups", type=int, default=0, help="micro-batch groups (0 = one per stage)")
     args = parser.parse_args()
     if args.store:
-        asyncio.run(main(args.store))
+        asyncio.run(main(args.store, args.groups))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(main(Path(tmp)))
+            asyncio.run(main(Path(tmp), args.groups))

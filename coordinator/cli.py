@@ -145,12 +145,16 @@ def launch(model: str = typer.Option("smollm2", help="model name in the store, o
            port: int = typer.Option(50051, min=1, max=65535, help="the coordinator's port"),
            store: Path | None = typer.Option(None, help=STORE_HELP),
            worker_memory_mb: int = typer.Option(0, help="memory each worker offers (default: 80% of available)"),
+           micro_batch_groups: int = typer.Option(1, min=0, help="micro-batch groups in flight (0 = one per "
+                                                  "stage). Here every worker shares this machine's cores, so "
+                                                  "one big batch beats several small ones (BENCHMARKS.md)"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes, each loaded with its planned layers; serve until Ctrl-C / SIGTERM, which stops every child."""
     logging.basicConfig(level=logging.WARNING)
     store, model = _resolve_model(model, store)
-    config = _config(store, model=model, workers=workers, host=host, port=port)
+    config = _config(store, model=model, workers=workers, host=host, port=port,
+                     micro_batch_groups=micro_batch_groups)
     asyncio.run(_launch(config, worker_memory_mb, exit_when_ready))
 
 
