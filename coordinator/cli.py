@@ -30,7 +30,8 @@ def _fail(message: str) -> None:
 
 @app.command("import")
 def import_(
-    source: str = typer.Argument("", help="'smollm2' (built in), a .gguf file, or a Hugging Face directory"),
+    source: str = typer.Argument("", help="'smollm2' or 'minilm' (built in), a .gguf file, or a Hugging Face "
+                                 "directory"),
     name: str = typer.Option(..., "--name", help="name of the model in the store"),
     store: Path | None = typer.Option(None, help=STORE_HELP),
     random: str = typer.Option("", "--random", help="random weights for this family (llama, gpt2)"),
@@ -47,7 +48,9 @@ def import_(
     """Convert a model into the store: config, tokenizer, safetensors and a sha256 manifest."""
     from coordinator.importer import (
         BUILTIN,
+        BUILTIN_ENCODER,
         ImportFailed,
+        builtin_encoder_dir,
         builtin_gguf,
         import_gguf,
         import_hf_dir,
@@ -67,6 +70,8 @@ def import_(
             manifest = import_random(target, name, random_config(random, **dims, **fields), seed=seed)
         elif source == BUILTIN:
             manifest = import_gguf(target, builtin_gguf(), name)
+        elif source == BUILTIN_ENCODER:
+            manifest = import_hf_dir(target, builtin_encoder_dir(), name)
         elif source.endswith(".gguf"):
             manifest = import_gguf(target, Path(source), name)
         elif source and Path(source).is_dir():

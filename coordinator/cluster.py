@@ -90,6 +90,10 @@ class Cluster:
             raise FailedPrecondition(f"model {self.config.model!r} has no tokenizer in the store: it cannot serve text")
         return self.scheduler, self.text
 
+    @property
+    def is_encoder(self) -> bool:
+        return self.manifest.family == "bert"
+
     # -- registration and deployment -----------------------------------------------------------------
     def register(self, address: str, memory_budget_bytes: int) -> WorkerRecord:
         record = self.registry.register(address, memory_budget_bytes)

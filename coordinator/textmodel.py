@@ -34,6 +34,10 @@ class TextModel:
                                                  add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
+    def encode_batch(self, texts: list[str], max_tokens: int) -> list[list[int]]:
+        """Token ids of each text, truncated to the model's positions (as sentence-transformers does)."""
+        return [list(ids) for ids in self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
+
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 

@@ -96,6 +96,12 @@ class StageRuntime:
             raise InvalidArgument("sequences is empty")
         if step.output not in OUTPUTS:
             raise InvalidArgument(f"output {step.output!r} is not one of {OUTPUTS}")
+        if not stage.causal:
+            nonzero = [i for i, s in enumerate(step.sequences) if s.start != 0]
+            if nonzero:
+                raise InvalidArgument(f"sequences[{nonzero[0]}].start_position must be 0: an encoder keeps no cache")
+            if stage.is_last and step.output != "hidden":
+                raise InvalidArgument(f"output {step.output!r}: an encoder has no LM head; ask for hidden states")
         seen: set[str] = set()
         caches: list[SessionCache] = []
         for i, seq in enumerate(step.sequences):
@@ -112,7 +118,7 @@ class StageRuntime:
             if stage.max_positions and seq.start + seq.count > stage.max_positions:
                 raise InvalidArgument(f"{where} ends at position {seq.start + seq.count}, beyond the model's "
                                       f"{stage.max_positions} positions")
-            cache = self.sessions.get(seq.session_id)
+            cache = self.sessions.get(seq.session_id) if stage.causal else stage.new_session()
             if cache is None:
                 if seq.start != 0:
                     raise NotFound(f"{where}.session_id {seq.session_id!r} has no cache on this stage "
@@ -161,8 +167,9 @@ class StageRuntime:
         token_ids = torch.tensor(step.token_ids, dtype=torch.long) if step.token_ids is not None else None
         hidden = torch_from_raw(step.hidden) if step.hidden is not None else None
         out = self.stage.forward(caches, packing, token_ids, hidden)
-        for seq, cache in zip(step.sequences, caches, strict=True):
-            self.sessions[seq.session_id] = cache
+        if self.stage.causal:
+            for seq, cache in zip(step.sequences, caches, strict=True):
+                self.sessions[seq.session_id] = cache
         if not self.stage.is_last or step.output == "hidden":
             return StepResult(tensor=raw_from_torch(out))
         if step.output == "logits":

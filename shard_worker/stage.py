@@ -32,6 +32,11 @@ class Packing:
         j = torch.arange(self.width)
         return torch.stack([s + torch.clamp(j, max=n - 1) for s, n in zip(self.starts, self.counts, strict=True)])
 
+    def padding_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [B, 1, 1, N] for encoders: every token sees its own sequence's tokens."""
+        valid = torch.arange(self.width)[None, :] < torch.tensor(self.counts)[:, None]
+        return torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)[:, None, None]
+
     def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive attention mask [B, 1, N, L]: query j of sequence b sees keys 0..start_b + j."""
         if len(self.counts) == 1 and self.counts[0] == 1:
@@ -68,6 +73,7 @@ class Stage:
         self.vocab_size = int(config.vocab_size)
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0))
         self.kv_heads, self.head_dim = family.kv_shape(config)
+        self.causal = family.causal
 
     def new_session(self) -> SessionCache:
         return SessionCache(self.end - self.start, self.kv_heads, self.head_dim, self.dtype)
@@ -81,7 +87,7 @@ class Stage:
         Sequences with the same token count run as one padded batch, so a prefill chunk never pads the
         one-token decode steps batched beside it."""
         counts = packing.counts
-        if len(set(counts)) == 1:
+        if len(set(counts)) == 1 or not self.causal:  # encoders: one padded batch, nothing cached
             return self._forward_uniform(sessions, packing, token_ids, hidden)
         offsets = [0]
         for n in counts:
@@ -117,8 +123,8 @@ class Stage:
                 raise ValueError("this stage needs hidden states")
             x = packing.pad(hidden, rows)
         x = x.to(self.dtype)
-        mask = packing.mask(self.dtype)
-        cache = BatchCache(sessions, packing.starts, packing.counts, self.start)
+        mask = packing.mask(self.dtype) if self.causal else packing.padding_mask(self.dtype)
+        cache = BatchCache(sessions, packing.starts, packing.counts, self.start) if self.causal else None
         rope = self.family.rope(self.modules, x, positions)
         for layer in self.modules.layers.values():
             x = self.family.run_layer(layer, x, positions, mask, cache, rope)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardline.codec import decode_tensor, to_numpy
 from shardline.errors import DeadlineExceeded, from_rpc_error
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -116,6 +118,19 @@ def generate_request(prompt: str = "", messages: Sequence[Message] = (), *, mode
     return request
 
 
+POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}
+
+
+def infer_request(texts: Sequence[str], pooling: str = "mean", normalize: bool = True) -> coordinator_pb2.InferRequest:
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {sorted(POOLING)}")
+    return coordinator_pb2.InferRequest(texts=list(texts), pooling=POOLING[pooling], normalize=normalize)
+
+
+def _vectors(response: coordinator_pb2.InferResponse) -> np.ndarray:
+    return to_numpy(decode_tensor(response.embeddings, "embeddings")).copy()
+
+
 def _models(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready) for m in response.models]
 
@@ -174,6 +189,14 @@ class Client:
         try:
             for response in responses:
                 yield result.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+              timeout: float | None = None) -> np.ndarray:
+        """One vector per text ([len(texts), hidden] float32) from an encoder model (Infer)."""
+        try:
+            return _vectors(self.stub.Infer(infer_request(texts, pooling, normalize), timeout=timeout or self.timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -248,6 +271,14 @@ class AsyncClient:
         try:
             async for response in call:
                 yield result.add(response)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+                    timeout: float | None = None) -> np.ndarray:
+        try:
+            return _vectors(await self.stub.Infer(infer_request(texts, pooling, normalize),
+                                                  timeout=timeout or self.timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 

@@ -68,7 +68,14 @@ GPT2 = FamilyNames(
     head_names=("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"),
     tied={"lm_head.weight": "transformer.wte.weight"}, layers_field="n_layer")
 
-FAMILY_NAMES: dict[str, FamilyNames] = {f.name: f for f in (LLAMA, GPT2)}
+BERT = FamilyNames(
+    name="bert", model_types=("bert",), layer_pattern=re.compile(r"^encoder\.layer\.(\d+)\."),
+    embed_names=("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+                 "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",
+                 "embeddings.LayerNorm.bias", "embeddings.position_ids"),
+    head_names=("pooler.dense.weight", "pooler.dense.bias"), tied={}, layers_field="num_hidden_layers")
+
+FAMILY_NAMES: dict[str, FamilyNames] = {f.name: f for f in (LLAMA, GPT2, BERT)}
 
 
 def names_for_model_type(model_type: str) -> FamilyNames:

@@ -52,3 +52,12 @@ def smollm2_store(store):
     if not store.has("smollm2"):
         import_gguf(store, builtin_gguf(), "smollm2")
     return store
+
+
+@pytest.fixture(scope="session")
+def minilm_store(store):
+    from coordinator.importer import builtin_encoder_dir, import_hf_dir
+
+    if not store.has("minilm"):
+        import_hf_dir(store, builtin_encoder_dir(), "minilm")
+    return store

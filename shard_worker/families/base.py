@@ -29,6 +29,8 @@ class Family(ABC):
     names: FamilyNames
     # stage module prefix -> checkpoint prefix, e.g. "layers" -> "model.layers"
     prefixes: dict[str, str]
+    # decoders attend causally and keep a KV cache per session; encoders see the whole sequence, keep nothing
+    causal: bool = True
 
     @property
     def name(self) -> str:

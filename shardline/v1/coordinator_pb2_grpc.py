@@ -50,6 +50,11 @@ class CoordinatorStub:
                 request_serializer=shardline_dot_v1_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_coordinator__pb2.GetClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.Infer = channel.unary_unary(
+                '/shardline.v1.Coordinator/Infer',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.InferRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.InferResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -78,6 +83,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Infer(self, request, context):
+        """/ One forward pass over a batch (e.g. sentence embeddings from an encoder), split into micro-batches
+        / that flow through the stages back to back; returns one pooled vector per input.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=shardline_dot_v1_dot_coordinator__pb2.GetClusterStatusRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_coordinator__pb2.GetClusterStatusResponse.SerializeToString,
+            ),
+            'Infer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Infer,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.InferRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.InferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +197,33 @@ class Coordinator:
             '/shardline.v1.Coordinator/GetClusterStatus',
             shardline_dot_v1_dot_coordinator__pb2.GetClusterStatusRequest.SerializeToString,
             shardline_dot_v1_dot_coordinator__pb2.GetClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Infer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/Infer',
+            shardline_dot_v1_dot_coordinator__pb2.InferRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,
