@@ -38,6 +38,9 @@ bench: setup
 	$(BIN)/python bench/hop.py
 	$(BIN)/python bench/parameters.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/generate.py --groups 1
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/embeddings.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
