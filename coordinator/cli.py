@@ -132,15 +132,26 @@ def _resolve_model(model: str, store: Path | None) -> tuple[Path | None, str]:
 
 
 async def _ensure_model(store: ModelStore, model: str) -> None:
-    from coordinator.importer import BUILTIN, builtin_gguf, import_gguf
+    from coordinator.importer import (
+        BUILTIN,
+        BUILTIN_ENCODER,
+        builtin_encoder_dir,
+        builtin_gguf,
+        import_gguf,
+        import_hf_dir,
+    )
 
     if store.has(model):
         return
-    if model != BUILTIN:
+    if model == BUILTIN:
+        print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once)", flush=True)
+        await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)
+    elif model == BUILTIN_ENCODER:
+        print(f"importing the built-in all-MiniLM-L6-v2 into {store.root} (once)", flush=True)
+        await asyncio.to_thread(import_hf_dir, store, builtin_encoder_dir(), model)
+    else:
         _fail(f"model {model!r} is not in the store {store.root} (models: {store.models() or 'none'}); "
               "add it with `coordinator import`")
-    print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once)", flush=True)
-    await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)
 
 
 @app.command()
@@ -193,7 +204,12 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, exit_when_re
         print(f"ready in {seconds:.1f} s: {config.workers} workers serving {config.model} on "
               f"{config.host}:{config.port}", flush=True)
         if not exit_when_ready:
-            print(f'try: coordinator generate "The capital of France is" --endpoint {config.host}:{config.port}')
+            endpoint = f"{config.host}:{config.port}"
+            if state is not None and state.is_encoder:
+                print(f'try: python -c "from shardline.client import Client; '
+                      f"print(Client('{endpoint}').embed(['hello world']))\"")
+            else:
+                print(f'try: coordinator generate "The capital of France is" --endpoint {endpoint}')
             print("serving; Ctrl-C to stop", flush=True)
             await stop.wait()
     finally:
