@@ -54,18 +54,6 @@ class ChainClient:
             raise error_for_code(code_from_number(response.error.code), response.error.message)
         return response
 
-    async def greedy(self, session: str, prompt: list[int], max_tokens: int,
-                     stop_ids: frozenset[int] = frozenset()) -> AsyncIterator[int]:
-        """Greedy tokens for one prompt, yielded as they come."""
-        position, ids = 0, prompt
-        for _ in range(max_tokens):
-            sequence = worker_pb2.SequenceSlice(session_id=session, start_position=position, num_tokens=len(ids))
-            token = (await self.step([sequence], ids)).token_ids[0]
-            yield token
-            if token in stop_ids:
-                return
-            position, ids = position + len(ids), [token]
-
     def stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
         if address not in self._stubs:
             self._stubs[address] = worker_pb2_grpc.ShardWorkerStub(channel(address) if address != self.addresses[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -132,13 +132,8 @@ def grpc_errors(handler: F) -> F:
     return unary_wrapper  # type: ignore[return-value]
 
 
-async def abort_with(context: Any, exc: BaseException) -> None:
-    code, message = status_of(exc)
-    await context.abort(code, message)
-
-
 __all__ = [
-    "Awaitable", "Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
+    "Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
     "NotFound", "ResourceExhausted", "ShardlineError", "Unavailable", "code_from_number", "error_for_code",
     "from_rpc_error", "grpc_errors", "status_of",
 ]
