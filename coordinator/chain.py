@@ -24,7 +24,7 @@ class ChainClient:
         self._ids = itertools.count(1)
         self._call = worker_pb2_grpc.ShardWorkerStub(self._channel).Forward(self._requests())
         self._reader = asyncio.create_task(self._read())
-        self._stubs: dict[str, worker_pb2_grpc.ShardWorkerStub] = {}
+        self._channels = {addresses[0]: self._channel}  # one per stage, opened on first use
 
     async def _requests(self) -> AsyncIterator[worker_pb2.ForwardRequest]:
         while (msg := await self._queue.get()) is not None:
@@ -55,10 +55,9 @@ class ChainClient:
         return response
 
     def stub(self, address: str) -> worker_pb2_grpc.ShardWorkerStub:
-        if address not in self._stubs:
-            self._stubs[address] = worker_pb2_grpc.ShardWorkerStub(channel(address) if address != self.addresses[0]
-                                                                   else self._channel)
-        return self._stubs[address]
+        if address not in self._channels:
+            self._channels[address] = channel(address)
+        return worker_pb2_grpc.ShardWorkerStub(self._channels[address])
 
     async def end_sessions(self, sessions: list[str]) -> None:
         """Free the sessions' KV caches on every stage (best effort: a stage that is gone has nothing to free)."""
@@ -69,4 +68,5 @@ class ChainClient:
     async def close(self) -> None:
         self._queue.put_nowait(None)
         self._reader.cancel()
-        await self._channel.close(None)
+        for ch in self._channels.values():
+            await ch.close(None)

@@ -101,6 +101,13 @@ class Cluster:
         self._maybe_deploy()
         return record
 
+    def heartbeat(self, worker_id: str) -> bool:
+        """A registered worker's sign of life; False if this coordinator does not know it."""
+        known = self.registry.heartbeat(worker_id)
+        if known:
+            self._maybe_deploy()  # a worker that came back may complete the set
+        return known
+
     def _maybe_deploy(self) -> None:
         live = self.registry.live()
         if self._deploy_task is not None and not self._deploy_task.done():

@@ -139,7 +139,4 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
 
     @grpc_errors
     async def Heartbeat(self, request: Any, context: Any) -> coordinator_pb2.HeartbeatResponse:
-        known = self.cluster.registry.heartbeat(request.worker_id)
-        if known:
-            self.cluster._maybe_deploy()
-        return coordinator_pb2.HeartbeatResponse(known=known)
+        return coordinator_pb2.HeartbeatResponse(known=self.cluster.heartbeat(request.worker_id))

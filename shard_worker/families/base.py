@@ -66,12 +66,21 @@ class Family(ABC):
             state[stage_name] = tensors[name]
         modules.load_state_dict(state, strict=True, assign=True)
 
-    @abstractmethod
-    def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+    def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The first stage's input embedding (families whose embedding ignores positions override this)."""
+        if modules.embed is None:
+            raise RuntimeError("this stage has no embedding")
+        return modules.embed(token_ids, positions)  # type: ignore[no-any-return]
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
+        out = self.call_layer(layer, hidden, positions, mask, cache, rope)
+        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
 
     @abstractmethod
-    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
-                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor: ...
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
+        """Call one Hugging Face layer with the arguments its family takes; it may return a tuple."""
 
     def rope(self, modules: StageModules, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
         """Per-forward positional tensors shared by every layer (rotary cos/sin); None if unused."""

@@ -32,15 +32,9 @@ class Bert(Family):
                 mods.layers[str(i)] = BertLayer(config, layer_idx=i)
         return mods
 
-    def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if modules.embed is None:
-            raise RuntimeError("this stage has no embedding")
-        return modules.embed(token_ids, positions)  # type: ignore[no-any-return]
-
-    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
-                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
-        out = layer(hidden, attention_mask=mask)
-        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
+        return layer(hidden, attention_mask=mask)
 
 
 class _BertEmbedding(nn.Module):

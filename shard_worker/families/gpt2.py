@@ -34,15 +34,9 @@ class GPT2(Family):
                 mods.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         return mods
 
-    def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if modules.embed is None:
-            raise RuntimeError("this stage has no embedding")
-        return modules.embed(token_ids, positions)  # type: ignore[no-any-return]
-
-    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
-                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
-        out = layer(hidden, past_key_values=cache, attention_mask=mask)
-        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
+        return layer(hidden, past_key_values=cache, attention_mask=mask)
 
 
 class _GPT2Embedding(nn.Module):

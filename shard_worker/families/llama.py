@@ -36,6 +36,7 @@ class Llama(Family):
         return mods
 
     def embed(self, modules: StageModules, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # rotary positions enter in the attention, not here
         if modules.embed is None:
             raise RuntimeError("this stage has no embedding")
         return modules.embed(token_ids)  # type: ignore[no-any-return]
@@ -45,8 +46,7 @@ class Llama(Family):
             raise RuntimeError("this stage has no rotary embedding")
         return modules.rotary(hidden, positions)
 
-    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
-                  mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
-        out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    position_embeddings=rope)
-        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
+        return layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     position_embeddings=rope)
