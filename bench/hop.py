@@ -1,6 +1,6 @@
 """Activation hop: what shardline's worker-to-worker transport costs over raw grpc.aio, same run.
 
-shardline path: the real `Link` a worker uses to reach the next stage sends ForwardRequests carrying a
+shardline path: the real `StageStream` a worker uses to reach the next stage sends ForwardRequests carrying a
 hidden-state Tensor to a server that decodes it exactly as the worker's servicer does (proto -> domain
 Step -> torch tensor) and replies with one token id, as the route's end does. No layer compute: this
 isolates the hop. Baseline: a raw grpc.aio bidi stream carrying bytes messages of the same size, each
@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shard_worker.links import Link  # noqa: E402
 from shard_worker.runtime import StepResult, torch_from_raw  # noqa: E402
 from shard_worker.servicer import response_from_result, step_from_proto  # noqa: E402
 from shardline.codec import from_numpy  # noqa: E402
 from shardline.server import bind, channel, new_server  # noqa: E402
+from shardline.stream import StageStream  # noqa: E402
 from shardline.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 
@@ -94,7 +94,7 @@ async def timed(send: Callable[[], Awaitable[Any]], count: int, in_flight: int) 
 async def main() -> None:
     server, port, _ = await start_servers()
     target = f"127.0.0.1:{port}"
-    link, raw = Link(target), RawEcho(target)
+    link, raw = StageStream(target), RawEcho(target)
     cases = [("2 KB, one at a time (latency)", 512, 1, 400), ("16 MB, 4 in flight (bandwidth)", 4096 * 1024, 4, 24)]
     print("| payload | raw grpc.aio echo | shardline hop | ratio (shardline / raw) |")
     print("|---|---:|---:|---:|")
@@ -105,7 +105,7 @@ async def main() -> None:
         sequence = worker_pb2.SequenceSlice(session_id="s", start_position=0, num_tokens=1)
 
         def shardline_send(sequence: Any = sequence, hidden: Any = raw_hidden) -> Awaitable[Any]:
-            return link.send(worker_pb2.ForwardRequest(sequences=[sequence], start_layer=1), hidden)
+            return link.step(worker_pb2.ForwardRequest(sequences=[sequence], start_layer=1), hidden)
 
         def raw_send(payload: bytes = payload) -> Awaitable[Any]:
             return raw.send(payload)

@@ -1,40 +1,39 @@
-"""The cluster as the coordinator sees it: registered workers, the plan, deployment of the model onto
-them, and whether it can serve."""
+"""The cluster as the coordinator sees it: registered workers, the chain they form, and every change to it.
+
+Every change of membership is one routine, `_change`, run one at a time: the first deployment, healing after
+a dead worker or a broken link, draining a worker, and rebalancing onto spares. It picks an assignment
+(stage -> worker), loads what is missing (spares first, while the old chain still serves when it can), then
+installs the new chain and rewinds every running stream, which replays from the coordinator's token ids.
+Workers that register while the cluster serves become spares and disturb nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
-from coordinator.chain import ChainClient
+from coordinator.chain import ChainClient, end_sessions
 from coordinator.config import CoordinatorConfig
+from coordinator.membership import Assignment, LoadedShard, choose_replacements, describe
+from coordinator.pipeline import Pipeline
 from coordinator.planner import PlanDoesNotFit, StagePlan, plan
-from coordinator.registry import Registry, WorkerRecord
+from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.scheduler import Scheduler
 from coordinator.store import ModelStore
 from coordinator.textmodel import TextModel
 from shardline.codec import dtype_to_enum
 from shardline.errors import FailedPrecondition, NotFound, Unavailable, from_rpc_error
-from shardline.server import channel
+from shardline.server import Keepalive, channel
+from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-async def load_shard(address: str, model: str, stage: StagePlan, parameters: str, dtype: str,
-                     progress: dict[str, int]) -> None:
-    request = worker_pb2.LoadShardRequest(model=model, start_layer=stage.start, end_layer=stage.end,
-                                          parameters_address=parameters, dtype=dtype_to_enum(dtype))
-    async with channel(address) as ch:
-        try:
-            async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request):
-                progress[address] = p.bytes_done
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+LOAD_ATTEMPTS = 3
 
 
 class Cluster:
@@ -44,20 +43,32 @@ class Cluster:
         self.manifest = store.manifest(config.model)
         self.registry = Registry(config.heartbeat_timeout_ms / 1000)
         self._set_serving, self.say = set_serving, say
+        self.links = LinkSettings(step_timeout_ms=config.step_timeout_ms,
+                                  keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms))
         self.state, self.message = "waiting for workers", f"0 of {config.workers} workers registered"
+        self.assignment: list[WorkerRecord] = []   # stage i is served by assignment[i]
         self.stages: list[StagePlan] = []
-        self.deployed: list[WorkerRecord] = []
-        self.chain: ChainClient | None = None
+        self.pipeline = Pipeline(self.heal)
         self.scheduler: Scheduler | None = None
         self.text: TextModel | None = None
         self.progress: dict[str, int] = {}
+        self.loading_bytes = 0
+        self._failed_with: tuple[str, ...] = ()
         self.changed = asyncio.Event()  # set on every state change (the launcher waits on it)
-        self._deploy_task: asyncio.Task[None] | None = None
+        self.recoveries, self.last_recovery_ms, self.last_recovery = 0, 0, ""
+        self.draining = False
+        self._lock = asyncio.Lock()     # one change of membership at a time
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._healing: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    @property
+    def deployed(self) -> list[WorkerRecord]:
+        return list(self.assignment)
 
     async def start(self) -> None:
         path = self.store.path(self.config.model)
@@ -66,24 +77,42 @@ class Cluster:
         self._monitor = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
-        for task in (self._monitor, self._deploy_task):
+        for task in (self._monitor, self._healing, *self._tasks):
             if task is not None:
                 task.cancel()
         if self.scheduler is not None:
             await self.scheduler.close()
-        if self.chain is not None:
-            await self.chain.close()
+        if self.pipeline.chain is not None:
+            await self.pipeline.chain.close()
 
     def _set_state(self, state: str, message: str = "") -> None:
         self.state, self.message = state, message
         self.changed.set()
         self.changed = asyncio.Event()
 
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        """A background task that is kept, and whose failure is logged rather than lost."""
+        async def supervised() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("%s failed", name)
+
+        task = asyncio.create_task(supervised(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def serving(self, model: str) -> tuple[Scheduler, TextModel]:
-        """The scheduler and text model for a request, or why there are none."""
+        """The scheduler and text model for a request, or why there are none. While the cluster recovers,
+        requests are accepted: they wait at the pipeline's gate within their deadline."""
         if model and model != self.config.model:
             raise NotFound(f"model {model!r} is not served here (this cluster serves {self.config.model!r})")
-        if not self.ready or self.scheduler is None:
+        if self.draining:
+            raise Unavailable("the coordinator is draining: it finishes the requests in flight and takes no new "
+                              "ones; retry on another coordinator")
+        if self.state not in ("ready", "recovering") or self.scheduler is None:
             detail = f" ({self.message})" if self.message else ""
             raise Unavailable(f"the cluster is not ready: {self.state}{detail}")
         if self.text is None:
@@ -94,10 +123,14 @@ class Cluster:
     def is_encoder(self) -> bool:
         return self.manifest.family == "bert"
 
-    # -- registration and deployment -----------------------------------------------------------------
+    # -- membership ------------------------------------------------------------------------------------
     def register(self, address: str, memory_budget_bytes: int) -> WorkerRecord:
+        replaced = next((w for w in self.assignment if w.address == address), None)
         record = self.registry.register(address, memory_budget_bytes)
-        self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered)")
+        role = "a spare" if self.assignment else "registered"
+        self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered){', ' + role}")
+        if replaced is not None:  # a worker that restarted at the same address holds nothing any more
+            self._trigger_heal(f"worker {address} registered again (it restarted)")
         self._maybe_deploy()
         return record
 
@@ -109,78 +142,260 @@ class Cluster:
         return known
 
     def _maybe_deploy(self) -> None:
-        live = self.registry.live()
-        if self._deploy_task is not None and not self._deploy_task.done():
+        """Deploy once enough workers have registered; after a failed heal, try again with who is there;
+        with the rebalance policy on, fold in spares when the chain is narrower than configured."""
+        if self._lock.locked() or self.draining:
             return
-        if len(live) < self.config.workers:
-            if not self.ready:
+        live = [w for w in self.registry.live() if w.state not in UNPLANNABLE]
+        if self.state == "failed" and tuple(w.worker_id for w in self.registry.live()) == self._failed_with:
+            return  # nothing changed since the last attempt failed
+        if not self.assignment:
+            if len(live) < self.config.workers:
                 self._set_state("waiting for workers", f"{len(live)} of {self.config.workers} workers registered")
-            return
-        if self.ready and [w.worker_id for w in live] == [w.worker_id for w in self.deployed]:
-            return
-        self._deploy_task = asyncio.create_task(self._deploy(live))
+                return
+            self._spawn(self._change("deploy", first=True), "deployment")
+        elif self.state == "failed":
+            self._trigger_heal("a worker joined after a failed recovery")
+        elif (self.config.rebalance_on_join and len(self.assignment) < self.config.workers
+              and len(live) > len(self.assignment)):
+            self._spawn(self._change("rebalance", rebalance=True), "rebalance")
 
-    async def _deploy(self, workers: list[WorkerRecord]) -> None:
-        await self._set_serving(False)
-        old_chain, self.chain = self.chain, None
-        old_scheduler, self.scheduler = self.scheduler, None
-        if old_scheduler is not None:
-            await old_scheduler.close()
+    def _trigger_heal(self, reason: str, epoch: int | None = None) -> asyncio.Task[None]:
+        if self._healing is None or self._healing.done():
+            self.pipeline.suspend()  # no further steps into the broken chain
+            self._healing = asyncio.create_task(self._change(reason, heal=True, epoch=epoch))
+        return self._healing
+
+    async def heal(self, epoch: int, error: BaseException) -> None:
+        """The pipeline's report of a failed step in `epoch`: heal once per epoch, then return (the streams
+        are rewound by then, or failed if the cluster cannot serve)."""
+        if epoch < self.pipeline.epoch:
+            return  # the chain was rebuilt since that step was sent
+        await asyncio.shield(self._trigger_heal(str(error), epoch))
+
+    async def drain_worker(self, address: str) -> str:
+        """Hand a worker's stage over (to a spare, or by re-planning), then forget it."""
+        record = next((w for w in self.registry.workers.values() if w.address == address), None)
+        if record is None:
+            raise NotFound(f"no worker at {address} is registered here")
+        if record not in self.assignment:
+            record.state, record.stage = "drained", None
+            return f"worker {address} held no stage; it takes no new one"
+        record.state = "draining"
+        await self._change(f"draining worker {address}", drain=record)
+        if record in self.assignment:
+            record.state = "ready"
+            raise Unavailable(f"worker {address} could not be drained: {self.message}")
+        record.state, record.stage = "drained", None
+        return f"worker {address} drained: {describe(self.assignment, self.stages)}"
+
+    async def rebalance(self) -> str:
+        await self._change("rebalance requested", rebalance=True)
+        return describe(self.assignment, self.stages)
+
+    # -- the one routine that changes the chain -----------------------------------------------------------
+    async def _change(self, reason: str, *, first: bool = False, heal: bool = False, epoch: int | None = None,
+                      drain: WorkerRecord | None = None, rebalance: bool = False) -> None:
+        async with self._lock:
+            began = time.perf_counter()
+            if heal and epoch is not None and epoch < self.pipeline.epoch:
+                self.pipeline.resume()
+                return  # another change rebuilt the chain while this one waited for its turn
+            if heal:
+                self.pipeline.suspend()
+                self._set_state("recovering", reason)
+                self.say(f"recovering: {reason}")
+                await self._set_serving(False)
+            elif first:
+                self._set_state("deploying", f"planning {self.config.model} onto {self.config.workers} workers")
+                await self._set_serving(False)
+            for attempt in range(1, LOAD_ATTEMPTS + 1):
+                loaded = await self._probe()
+                detected = time.perf_counter()
+                dead = [w for w, s in zip(self.assignment, self.stages, strict=True)
+                        if loaded.get(w.worker_id) != LoadedShard(self.config.model, s.start, s.end)]
+                for worker in dead:
+                    if worker.state != "lost":
+                        worker.state, worker.last_error = "failed", "its shard is gone (the worker restarted?)"
+                spares = [w for w in self.registry.live() if w not in self.assignment and w is not drain
+                          and w.state not in UNPLANNABLE and w.worker_id in loaded]
+                try:
+                    target = self._choose(dead, spares, loaded, first=first, drain=drain, rebalance=rebalance)
+                except PlanDoesNotFit as exc:
+                    self._cannot_serve(f"the live workers cannot hold the model: {exc}")
+                    return
+                planned = time.perf_counter()
+                if not heal and target == list(zip(self.assignment, self.stages, strict=True)):
+                    self.say(f"{reason}: nothing to change; {describe(self.assignment, self.stages)}")
+                    return
+                ok = await self._load(target, loaded, suspend=heal or first)
+                if ok:
+                    break
+                if attempt == LOAD_ATTEMPTS:
+                    self._cannot_serve(f"loading failed {LOAD_ATTEMPTS} times: {self.message}")
+                    return
+                await asyncio.sleep(0.5 * 2 ** attempt)
+            loaded_at = time.perf_counter()
+            await self._install(target)
+            took = time.perf_counter() - began
+            if heal:
+                self.recoveries += 1
+                self.last_recovery_ms = int(took * 1000)
+                self.last_recovery = (f"{reason}: recovered in {took:.2f} s (detect {detected - began:.2f} s, "
+                                      f"plan {planned - detected:.2f} s, load {loaded_at - planned:.2f} s); "
+                                      f"{describe(self.assignment, self.stages)}")
+                self.say(self.last_recovery)
+            elif not first:
+                self.say(f"{reason}: done in {took:.2f} s; {describe(self.assignment, self.stages)}")
+
+    def _choose(self, dead: list[WorkerRecord], spares: list[WorkerRecord], loaded: dict[str, LoadedShard], *,
+                first: bool, drain: WorkerRecord | None, rebalance: bool) -> Assignment:
+        if first or rebalance:
+            candidates = ([w for w in self.assignment if w not in dead] + spares)[: self.config.workers]
+            stages = plan(self.manifest, len(candidates), [w.memory_budget_bytes for w in candidates])
+            return list(zip(candidates, stages, strict=True))
+        leaving = [*dead, *([drain] if drain is not None else [])]
+        current = list(zip(self.assignment, self.stages, strict=True))
+        replaced = choose_replacements(current, leaving, spares, loaded, self.config.model)
+        if replaced is not None:
+            return replaced
+        # not enough spares: re-plan onto the workers that stay (and whatever spares there are)
+        staying = [w for w in self.assignment if w not in leaving] + spares
+        if not staying:
+            raise PlanDoesNotFit("no live worker is left")
+        staying = staying[: self.config.workers]
+        stages = plan(self.manifest, len(staying), [w.memory_budget_bytes for w in staying])
+        return list(zip(staying, stages, strict=True))
+
+    async def _probe(self) -> dict[str, LoadedShard]:
+        """Ask every live worker what it holds (in parallel, each within the probe timeout); a worker that
+        does not answer is marked lost. Returns worker id -> what it holds, for those that answered."""
+        workers = self.registry.live()
+        statuses = await asyncio.gather(*(self._status(w.address, self.config.probe_timeout_ms / 1000)
+                                          for w in workers))
+        found: dict[str, LoadedShard] = {}
+        for worker, status in zip(workers, statuses, strict=True):
+            if status is None:
+                worker.state, worker.last_error = "lost", "did not answer the probe"
+            elif status.state == worker_pb2.WORKER_STATE_READY:
+                found[worker.worker_id] = LoadedShard(status.model, status.start_layer, status.end_layer)
+            else:
+                found[worker.worker_id] = LoadedShard("", 0, 0)
+        return found
+
+    async def _load(self, target: Assignment, loaded: dict[str, LoadedShard], suspend: bool) -> bool:
+        """Load every stage whose worker does not hold it already. Spares load while the old chain serves;
+        the chain's own workers only once it is suspended. False (with the reason in .message) on failure."""
+        todo = [(w, s) for w, s in target if loaded.get(w.worker_id) != LoadedShard(self.config.model, s.start, s.end)]
+        in_chain = [(w, s) for w, s in todo if w in self.assignment]
+        outside = [(w, s) for w, s in todo if w not in self.assignment]
+        self.loading_bytes = sum(s.weight_bytes for _, s in todo)
+        self.progress = {}
+        for batch in (outside, in_chain):
+            if not batch:
+                continue
+            if batch is in_chain or suspend:
+                self.pipeline.suspend()  # the chain's own workers drop their shards: no step may reach them
+            for worker, stage in batch:
+                worker.state, worker.stage, worker.last_error = "loading", stage, ""
+            results = await asyncio.gather(*(self._load_one(w, s) for w, s in batch), return_exceptions=True)
+            failed = []
+            for (worker, _), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    worker.state, worker.last_error = "failed", str(result)
+                    failed.append(f"{worker.address}: {result}")
+            if failed:
+                self.message = "; ".join(failed)
+                self.say(f"error: loading failed: {self.message}")
+                return False
+        return True
+
+    async def _load_one(self, worker: WorkerRecord, stage: StagePlan) -> None:
+        request = worker_pb2.LoadShardRequest(model=self.config.model, start_layer=stage.start, end_layer=stage.end,
+                                              parameters_address=self.parameters_address,
+                                              dtype=dtype_to_enum(self.config.dtype))
+        async with channel(worker.address, self.links.keepalive) as ch:
+            try:
+                async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(
+                        request, timeout=self.config.load_timeout_s):
+                    self.progress[worker.address] = p.bytes_done
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from err
+
+    async def _install(self, target: Assignment) -> None:
+        """The new chain: install it, rewind every stream (replay), free the old sessions, open the gate."""
+        self.pipeline.suspend()
+        old_workers = {w.address for w in self.assignment}
+        self.assignment = [w for w, _ in target]
+        self.stages = [s for _, s in target]
+        for worker, stage in target:
+            worker.state, worker.stage = "ready", stage
+        for worker in self.registry.live():
+            if worker not in self.assignment and worker.state not in (*UNPLANNABLE, "loading"):
+                worker.state, worker.stage = "spare", None
+        old_chain = self.pipeline.install(ChainClient([w.address for w in self.assignment], self.links))
+        if self.scheduler is None:
+            c = self.config
+            self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
+                                       max_active=c.max_active_streams, max_queued=c.max_queued_streams,
+                                       prefill_chunk=c.prefill_chunk_tokens)
+        stale = self.scheduler.rewind()
         if old_chain is not None:
             await old_chain.close()
-        try:
-            self.stages = plan(self.manifest, len(workers), [w.memory_budget_bytes for w in workers])
-        except PlanDoesNotFit as exc:
-            self._set_state("failed", f"the plan does not fit: {exc}")
-            self.say(f"error: the plan does not fit: {exc}")
-            return
-        self._set_state("deploying", f"loading {self.config.model} onto {len(workers)} workers")
-        for worker, stage in zip(workers, self.stages, strict=True):
-            worker.stage, worker.state, worker.last_error = stage, "loading", ""
-        self.progress = {}
-        results = await asyncio.gather(*(
-            load_shard(w.address, self.config.model, s, self.parameters_address, self.config.dtype, self.progress)
-            for w, s in zip(workers, self.stages, strict=True)), return_exceptions=True)
-        failed = []
-        for worker, result in zip(workers, results, strict=True):
-            if isinstance(result, BaseException):
-                worker.state, worker.last_error = "failed", str(result)
-                failed.append(f"{worker.address}: {result}")
-            else:
-                worker.state = "ready"
-        if failed:
-            self._set_state("failed", "; ".join(failed))
-            self.say(f"error: deployment failed: {'; '.join(failed)}")
-            return
-        self.deployed = workers
-        self.chain = ChainClient([w.address for w in workers])
-        c = self.config
-        self.scheduler = Scheduler(self.chain, groups=c.micro_batch_groups or len(workers),
-                                   max_active=c.max_active_streams,
-                                   max_queued=c.max_queued_streams, prefill_chunk=c.prefill_chunk_tokens)
+        everyone = sorted(old_workers | {w.address for w in self.registry.live()})
+        self._spawn(end_sessions(everyone, stale, self.links), "freeing replayed sessions")
         self._set_state("ready")
-        await self._set_serving(True)
+        self.pipeline.resume()
+        if not self.draining:
+            await self._set_serving(True)
+
+    def _cannot_serve(self, why: str) -> None:
+        """Healing is impossible for now: the requests in flight fail with the reason; a worker that joins
+        later triggers another attempt."""
+        self._set_state("failed", why)
+        self._failed_with = tuple(w.worker_id for w in self.registry.live())
+        self.say(f"error: {why}")
+        if self.scheduler is not None:
+            self.scheduler.fail_all(Unavailable(why))
 
     async def _watch(self) -> None:
+        """Heartbeat bookkeeping, supervised: a worker of the chain that stops sending them is healed around
+        even when no request is running to notice."""
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_ms / 1000)
-            lost = self.registry.mark_lost()
-            gone = [w for w in lost if w in self.deployed]
-            if gone:
-                self.say(f"worker {gone[0].address} lost (no heartbeat)")
-                await self._set_serving(False)
-                self._set_state("degraded", f"worker {gone[0].address} stopped sending heartbeats")
-                self.deployed = []
-            if lost or not self.ready:
-                self._maybe_deploy()
+            try:
+                lost = self.registry.mark_lost()
+                gone = [w for w in lost if w in self.assignment]
+                if gone:
+                    self._trigger_heal(f"worker {gone[0].address} stopped sending heartbeats")
+                elif lost or not self.ready:
+                    self._maybe_deploy()
+            except Exception:  # noqa: BLE001
+                log.exception("the membership watch failed once; it goes on")
+
+    # -- drain of the coordinator ------------------------------------------------------------------------
+    async def drain(self, grace_s: float) -> None:
+        """Take no new requests; wait up to `grace_s` for the streams in flight to finish."""
+        self.draining = True
+        await self._set_serving(False)
+        deadline = time.monotonic() + grace_s
+        while self.scheduler is not None and (self.scheduler.active or self.scheduler.waiting):
+            if time.monotonic() >= deadline:
+                log.warning("drain: %d streams still running after %.0f s; stopping them", self.scheduler.active,
+                            grace_s)
+                return
+            await asyncio.sleep(0.1)
 
     # -- status ----------------------------------------------------------------------------------------
+    async def _status(self, address: str, timeout: float) -> worker_pb2.GetStatusResponse | None:
+        with contextlib.suppress(grpc.RpcError, asyncio.TimeoutError):
+            async with channel(address, self.links.keepalive) as ch:
+                status: worker_pb2.GetStatusResponse = await worker_pb2_grpc.ShardWorkerStub(ch).GetStatus(
+                    worker_pb2.GetStatusRequest(), timeout=timeout)
+                return status
+        return None
+
     async def worker_status(self, record: WorkerRecord) -> worker_pb2.GetStatusResponse | None:
         if record.state == "lost":
             return None
-        with contextlib.suppress(grpc.RpcError, asyncio.TimeoutError):
-            async with channel(record.address) as ch:
-                status: worker_pb2.GetStatusResponse = await worker_pb2_grpc.ShardWorkerStub(ch).GetStatus(
-                    worker_pb2.GetStatusRequest(), timeout=2)
-                return status
-        return None
+        return await self._status(record.address, 2.0)

@@ -34,6 +34,14 @@ class CoordinatorConfig(BaseModel):
     infer_micro_batch: int = Field(32, ge=1, description="inputs per micro-batch of an Infer")
     heartbeat_interval_ms: int = Field(2000, ge=100)
     heartbeat_timeout_ms: int = Field(10000, ge=500)
+    step_timeout_ms: int = Field(60_000, ge=100, description="a step not answered within this heals the chain")
+    keepalive_time_ms: int = Field(20_000, ge=1000, description="ping idle connections this often")
+    keepalive_timeout_ms: int = Field(10_000, ge=100, description="a ping unanswered this long closes the link")
+    probe_timeout_ms: int = Field(2000, ge=100, description="a worker that does not answer a probe within this "
+                                  "is taken for dead during recovery")
+    load_timeout_s: float = Field(600, gt=0, description="deadline of one LoadShard")
+    rebalance_on_join: bool = Field(False, description="fold a joining spare into a chain narrower than `workers`")
+    drain_seconds: float = Field(30, ge=0, description="on SIGTERM, how long streams in flight may finish")
 
 
 def load_config(path: Path, **overrides: object) -> CoordinatorConfig:

@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 
-from coordinator.chain import ChainClient
+from coordinator.pipeline import Pipeline
 from shardline.codec import RawTensor, decode_tensor, to_numpy
 from shardline.errors import InvalidArgument
 from shardline.v1 import worker_pb2
@@ -55,7 +55,7 @@ def inputs_from_tensors(input_ids: RawTensor, mask: RawTensor | None, vocab: int
     return rows
 
 
-async def embed(chain: ChainClient, inputs: list[list[int]], micro_batch: int, pooling: str,
+async def embed(pipeline: Pipeline, inputs: list[list[int]], micro_batch: int, pooling: str,
                 normalize: bool) -> np.ndarray:
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     prefix = uuid.uuid4().hex[:12]
@@ -65,7 +65,7 @@ async def embed(chain: ChainClient, inputs: list[list[int]], micro_batch: int, p
         sequences = [worker_pb2.SequenceSlice(session_id=f"{prefix}-{i}", start_position=0,
                                               num_tokens=len(inputs[i])) for i in batch]
         ids = [t for i in batch for t in inputs[i]]
-        response = await chain.step(sequences, ids, worker_pb2.OUTPUT_KIND_HIDDEN)
+        response = await pipeline.stateless_step(sequences, ids, worker_pb2.OUTPUT_KIND_HIDDEN)
         hidden = to_numpy(decode_tensor(response.tensor)).astype(np.float32)
         bounds = np.cumsum([0] + [len(inputs[i]) for i in batch])
         rows = [hidden[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -97,7 +97,7 @@ class LocalCluster:
             waiting = asyncio.ensure_future(cluster.changed.wait())
             await asyncio.wait([waiting], timeout=0.5)
             waiting.cancel()
-            total = sum(s.weight_bytes for s in cluster.stages)
+            total = cluster.loading_bytes
             if cluster.state == "deploying" and total:
                 percent = int(100 * sum(cluster.progress.values()) / total)
                 if percent // 25 != shown // 25:

@@ -15,9 +15,12 @@ class WorkerRecord:
     address: str
     memory_budget_bytes: int
     last_heartbeat: float
-    state: str = "registered"  # registered | loading | ready | failed | lost
+    state: str = "registered"  # registered | spare | loading | ready | failed | lost | draining | drained
     stage: StagePlan | None = None
     last_error: str = ""
+
+
+UNPLANNABLE = ("failed", "draining", "drained")  # states a worker is never planned into
 
 
 class Registry:
@@ -51,6 +54,9 @@ class Registry:
         for record in lost:
             record.state = "lost"
         return lost
+
+    def remove(self, worker_id: str) -> WorkerRecord | None:
+        return self.workers.pop(worker_id, None)
 
     def live(self) -> list[WorkerRecord]:
         """Live workers in registration order (the order stages are assigned in)."""

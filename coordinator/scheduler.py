@@ -7,6 +7,12 @@ stage 1, and every stage is busy. Streams join a group and leave it between step
 `prefill_chunk` are fed a chunk per step so they never stall the streams decoding beside them. A finished
 or cancelled stream's KV cache is freed on every stage when its group drops it, between two steps. At most
 `max_active` streams run, `max_queued` more wait, and the rest are refused with RESOURCE_EXHAUSTED.
+
+Every stream keeps its token ids (prompt and sampled tokens). When the chain breaks, the cluster heals it and
+rewinds every stream: a new session id, position 0, and all its ids to feed again; the first step after the
+replayed prefill samples the next new token (sampling is seeded by seed and position, so it is the same
+token an undisturbed run gives). Each group loop is supervised: a failure in one cycle fails the streams of
+that cycle's batch, is logged, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import collections
 import logging
 from dataclasses import dataclass, field
 
-from coordinator.chain import ChainClient
-from shardline.errors import ResourceExhausted, Unavailable
+from coordinator.chain import end_sessions
+from coordinator.pipeline import RECOVERABLE, Pipeline
+from shardline.errors import Internal, ResourceExhausted, Unavailable
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -28,15 +35,31 @@ class Stream:
     """One request's sequence as the scheduler runs it. `tokens` receives each sampled id, then None
     when the scheduler stops it (end of sequence or max_tokens), or an exception."""
 
-    session_id: str
-    pending: list[int]  # ids still to feed: the prompt, then the last sampled token
+    request_id: str
+    ids: list[int]      # every id of the sequence so far: the prompt, then each sampled token
     sampling: worker_pb2.SamplingParams
     max_tokens: int
     stop_ids: frozenset[int]
+    pending: list[int] = field(default_factory=list)  # ids still to feed: the prompt, then the last sample
     position: int = 0
     produced: int = 0
+    replays: int = 0
     done: bool = False
     tokens: asyncio.Queue[int | BaseException | None] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        self.pending = list(self.ids)
+
+    @property
+    def session_id(self) -> str:
+        """The id of this stream's caches on the workers; a replay starts a new one."""
+        return f"{self.request_id}.r{self.replays}" if self.replays else self.request_id
+
+    def rewind(self) -> None:
+        """Start over on a new chain: feed every id again, under a new session id."""
+        self.replays += 1
+        self.position = 0
+        self.pending = list(self.ids)
 
     def stop(self, item: BaseException | None = None) -> None:
         if not self.done:
@@ -44,10 +67,13 @@ class Stream:
             self.tokens.put_nowait(item)
 
 
+MAX_REPLAYS = 8  # a stream that needs more replays than this fails rather than loop forever
+
+
 class Scheduler:
-    def __init__(self, chain: ChainClient, groups: int, max_active: int = 64, max_queued: int = 256,
+    def __init__(self, pipeline: Pipeline, groups: int, max_active: int = 64, max_queued: int = 256,
                  prefill_chunk: int = 256, max_step_tokens: int = 2048) -> None:
-        self.chain = chain
+        self.pipeline = pipeline
         self.max_active, self.max_queued = max_active, max_queued
         self.prefill_chunk, self.max_step_tokens = prefill_chunk, max_step_tokens
         self.groups: list[list[Stream]] = [[] for _ in range(max(1, groups))]
@@ -80,51 +106,96 @@ class Scheduler:
             self.groups[i].append(stream)
             self._wake[i].set()
 
-    async def _run(self, i: int) -> None:
-        while True:
-            finished = [s.session_id for s in self.groups[i] if s.done]
-            if finished:
-                # between this group's steps, so no step of theirs is still in the pipeline
-                self.groups[i] = [s for s in self.groups[i] if not s.done]
-                ending = asyncio.create_task(self.chain.end_sessions(finished))
-                self._ending.add(ending)
-                ending.add_done_callback(self._ending.discard)
-            self._admit()
-            if not self.groups[i]:
-                self._wake[i].clear()
-                await self._wake[i].wait()
-                continue
-            batch: list[tuple[Stream, int]] = []
-            budget = self.max_step_tokens
-            for stream in self.groups[i]:
-                n = min(len(stream.pending), self.prefill_chunk, budget)
-                if n <= 0:
-                    break
-                batch.append((stream, n))
-                budget -= n
-            sequences = [worker_pb2.SequenceSlice(session_id=s.session_id, start_position=s.position, num_tokens=n,
-                                                  sampling=s.sampling) for s, n in batch]
-            ids = [t for s, n in batch for t in s.pending[:n]]
-            try:
-                response = await self.chain.step(sequences, ids)
-            except Exception as exc:  # noqa: BLE001 - every stream of the step hears of it
-                for stream, _ in batch:
-                    stream.stop(exc)
-                continue
-            for (stream, n), token in zip(batch, response.token_ids, strict=True):
-                stream.position += n
-                del stream.pending[:n]
-                if stream.pending or stream.done:
-                    continue  # mid-prefill: this chunk's sample is not the next token
-                stream.produced += 1
-                stream.tokens.put_nowait(token)
-                if token in stream.stop_ids or stream.produced >= stream.max_tokens:
-                    stream.stop()
-                else:
-                    stream.pending = [token]
+    def rewind(self) -> list[str]:
+        """Rewind every running stream for replay on a new chain (called while the gate is closed, so no
+        step is in flight); returns the session ids whose caches the old chain's workers may still hold."""
+        old: list[str] = []
+        for group in self.groups:
+            for stream in group:
+                old.append(stream.session_id)
+                if stream.done:
+                    continue
+                stream.rewind()
+                if stream.replays > MAX_REPLAYS:
+                    stream.stop(Unavailable(f"the chain failed {MAX_REPLAYS} times while this request ran"))
+        return old
 
-    async def close(self) -> None:
+    def fail_all(self, error: BaseException) -> None:
+        """Every stream, running or waiting, ends with `error` (the cluster cannot serve)."""
+        for stream in [*self.waiting, *(s for g in self.groups for s in g)]:
+            stream.stop(error)
+
+    async def _run(self, i: int) -> None:
+        """Group i's loop, supervised: an unexpected error fails that cycle's streams only."""
+        while True:
+            try:
+                await self._cycle(i)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged with its traceback; the loop goes on
+                log.exception("micro-batch group %d failed; its streams end with INTERNAL", i)
+                for stream in self.groups[i]:
+                    stream.stop(Internal("internal error; the server log has the details"))
+                await asyncio.sleep(0.05)
+
+    def _end(self, sessions: list[str]) -> None:
+        ending = asyncio.create_task(end_sessions(self.pipeline.addresses, sessions))
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+
+    async def _cycle(self, i: int) -> None:
+        finished = [s.session_id for s in self.groups[i] if s.done]
+        if finished:
+            # between this group's steps, so no step of theirs is still in the pipeline
+            self.groups[i] = [s for s in self.groups[i] if not s.done]
+            self._end(finished)
+        self._admit()
+        if not self.groups[i]:
+            self._wake[i].clear()
+            await self._wake[i].wait()
+            return
+        chain = await self.pipeline.wait_open()  # closed while the cluster heals: streams wait, not fail
+        epoch = self.pipeline.epoch
+        batch: list[tuple[Stream, int]] = []
+        budget = self.max_step_tokens
+        for stream in self.groups[i]:
+            n = min(len(stream.pending), self.prefill_chunk, budget)
+            if stream.done or n <= 0:
+                continue
+            batch.append((stream, n))
+            budget -= n
+            if budget <= 0:
+                break
+        if not batch:
+            return
+        sequences = [worker_pb2.SequenceSlice(session_id=s.session_id, start_position=s.position, num_tokens=n,
+                                              sampling=s.sampling) for s, n in batch]
+        ids = [t for s, n in batch for t in s.pending[:n]]
+        try:
+            response = await chain.step(sequences, ids)
+        except RECOVERABLE as exc:
+            await self.pipeline.heal(epoch, exc)  # the streams are rewound by then; the next cycle replays
+            return
+        except Exception as exc:  # noqa: BLE001 - every stream of the step hears of it
+            for stream, _ in batch:
+                stream.stop(exc)
+            return
+        if epoch != self.pipeline.epoch:
+            return  # the chain changed under this step: its streams were rewound, the result is stale
+        for (stream, n), token in zip(batch, response.token_ids, strict=True):
+            stream.position += n
+            del stream.pending[:n]
+            if stream.pending or stream.done:
+                continue  # mid-prefill: this chunk's sample is not the next token
+            stream.produced += 1
+            stream.ids.append(token)
+            stream.tokens.put_nowait(token)
+            if token in stream.stop_ids or stream.produced >= stream.max_tokens:
+                stream.stop()
+            else:
+                stream.pending = [token]
+
+    async def close(self, reason: str = "the coordinator is stopping") -> None:
         for task in self._tasks:
             task.cancel()
-        for stream in [*self.waiting, *(s for g in self.groups for s in g)]:
-            stream.stop(Unavailable("the cluster is redeploying; try again"))
+        self.fail_all(Unavailable(reason))

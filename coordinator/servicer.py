@@ -83,7 +83,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             inputs = inputs_from_tensors(input_ids, mask, vocab, positions)
         else:
             inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
-        vectors = await embed(scheduler.chain, inputs, config.infer_micro_batch, pooling,
+        vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
                               request.normalize if request.HasField("normalize") else True)
         response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))
         fill_tensor(response.embeddings, from_numpy(vectors))

@@ -13,7 +13,6 @@ from typing import Any
 
 import psutil
 
-from shard_worker.links import Links
 from shard_worker.loader import load_stage
 from shard_worker.runtime import ComputeThread, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
@@ -21,6 +20,7 @@ from shard_worker.weights import Progress, ShardSpec
 from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument, status_of
 from shardline.errors import grpc_errors as rpc_errors
+from shardline.stream import LinkSettings, StageStreams
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,10 @@ def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardRespon
 
 
 class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
-    def __init__(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+    def __init__(self, set_serving: Callable[[bool], Awaitable[None]], links: LinkSettings | None = None) -> None:
         self._set_serving = set_serving
         self.compute = ComputeThread()
-        self.links = Links()
+        self.links = StageStreams(links)
         self.state = "empty"
         self.shard: _Shard | None = None
         self.last_error = ""
@@ -145,12 +145,13 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 
     async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[worker_pb2.ForwardResponse]:
         responses: asyncio.Queue[worker_pb2.ForwardResponse | None] = asyncio.Queue()
-        ordered: asyncio.Queue[tuple[worker_pb2.ForwardRequest, int, asyncio.Future[StepResult]] | None] = (
+        ordered: asyncio.Queue[tuple[worker_pb2.ForwardRequest, float, int, asyncio.Future[StepResult]] | None] = (
             asyncio.Queue())
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
+                    received = time.monotonic()
                     try:
                         step = step_from_proto(req)
                         runtime = self._runtime()
@@ -163,36 +164,42 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue
-                    ordered.put_nowait((req, runtime.stage.end, future))
+                    ordered.put_nowait((req, received, runtime.stage.end, future))
             finally:
                 ordered.put_nowait(None)
 
         async def forward_on() -> None:
             relays: set[asyncio.Task[None]] = set()
-            while (item := await ordered.get()) is not None:
-                req, next_layer, future = item
-                try:
-                    result = await future
-                except Exception as exc:  # noqa: BLE001
-                    responses.put_nowait(error_response(req.step_id, exc))
-                    continue
-                if not req.route:
-                    response = response_from_result(req.step_id, result)
-                    self._count_out(response.ByteSize())
-                    responses.put_nowait(response)
-                    continue
-                self._count_out(len(result.tensor.data) if result.tensor is not None else 0)
-                if result.tensor is None:
-                    raise RuntimeError("a middle stage produced no hidden states")
-                onward = worker_pb2.ForwardRequest(sequences=req.sequences, start_layer=next_layer,
-                                                   route=req.route[1:], output=req.output)
-                reply = self.links.get(req.route[0]).send(onward, result.tensor)
-                relay = asyncio.create_task(self._relay(req.step_id, reply, responses))
-                relays.add(relay)
-                relay.add_done_callback(relays.discard)
-            if relays:
-                await asyncio.gather(*relays)
-            responses.put_nowait(None)
+            try:
+                while (item := await ordered.get()) is not None:
+                    req, received, next_layer, future = item
+                    try:
+                        result = await future
+                    except Exception as exc:  # noqa: BLE001
+                        responses.put_nowait(error_response(req.step_id, exc))
+                        continue
+                    if not req.route:
+                        response = response_from_result(req.step_id, result)
+                        self._count_out(response.ByteSize())
+                        responses.put_nowait(response)
+                        continue
+                    if result.tensor is None:
+                        responses.put_nowait(error_response(req.step_id, RuntimeError("no hidden states to pass on")))
+                        continue
+                    self._count_out(len(result.tensor.data))
+                    onward = worker_pb2.ForwardRequest(sequences=req.sequences, start_layer=next_layer,
+                                                       route=req.route[1:], output=req.output)
+                    # what is left of the step's deadline goes on with it
+                    left = req.timeout_ms / 1000 - (time.monotonic() - received) if req.timeout_ms else None
+                    reply = self.links.get(req.route[0]).step(onward, result.tensor,
+                                                              None if left is None else max(0.001, left))
+                    relay = asyncio.create_task(self._relay(req.step_id, reply, responses))
+                    relays.add(relay)
+                    relay.add_done_callback(relays.discard)
+                if relays:
+                    await asyncio.gather(*relays)
+            finally:
+                responses.put_nowait(None)  # the call ends, however this task ends: never a hung stream
 
         reader, sender = asyncio.create_task(read()), asyncio.create_task(forward_on())
         try:
@@ -207,7 +214,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             self.shard.runtime.metrics.bytes_out += n
 
     @staticmethod
-    async def _relay(step_id: int, reply: asyncio.Future[worker_pb2.ForwardResponse],
+    async def _relay(step_id: int, reply: Awaitable[worker_pb2.ForwardResponse],
                      responses: asyncio.Queue[worker_pb2.ForwardResponse | None]) -> None:
         try:
             response = await reply

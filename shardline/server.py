@@ -14,16 +14,53 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-CHANNEL_OPTIONS = [
+
+# Keepalive, in one place for both ends of every channel. Clients ping an idle connection every
+# `Keepalive.time_ms` so a dead peer or a stalled link is noticed; every server accepts pings as often as
+# PING_FLOOR_MS, with or without calls, so no client interval the config allows can earn a GOAWAY
+# "too_many_pings" (gRPC's server default accepts one ping per 5 minutes without data, and closes the
+# connection after two strikes: that is what silenced idle clusters).
+PING_FLOOR_MS = 1_000
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """How a client keeps its connections alive: ping every `time_ms`, give up after `timeout_ms`."""
+
+    time_ms: int = 20_000
+    timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.time_ms < PING_FLOOR_MS:
+            raise ValueError(f"keepalive time {self.time_ms} ms is below the servers' floor of {PING_FLOOR_MS} ms")
+        if self.timeout_ms < 1:
+            raise ValueError(f"keepalive timeout must be positive, got {self.timeout_ms} ms")
+
+
+MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
 ]
+SERVER_PING_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", PING_FLOOR_MS),
+    ("grpc.http2.min_ping_interval_without_data_ms", PING_FLOOR_MS),
+    ("grpc.http2.max_ping_strikes", 2),
+]
+
+
+def channel_options(keepalive: Keepalive | None = None) -> list[tuple[str, int]]:
+    k = keepalive or Keepalive()
+    return [*MESSAGE_OPTIONS, ("grpc.keepalive_time_ms", k.time_ms), ("grpc.keepalive_timeout_ms", k.timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
+CHANNEL_OPTIONS = channel_options()
 
 
 def new_server() -> grpc.aio.Server:
     # no SO_REUSEPORT: a port another server holds is an error here, not a silently shared listener
-    return grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    return grpc.aio.server(options=[*MESSAGE_OPTIONS, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
 
 
 def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
@@ -54,8 +91,8 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel(target: str, keepalive: Keepalive | None = None) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=channel_options(keepalive))
 
 
 S = TypeVar("S")

@@ -26,6 +26,28 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class DrainWorkerResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
+
+class RebalanceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebalanceResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
+
 class InferRequest(_message.Message):
     __slots__ = ("model", "texts", "input_ids", "attention_mask", "pooling", "normalize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +71,18 @@ class InferResponse(_message.Message):
     embeddings: _tensor_pb2.Tensor
     tokens: int
     def __init__(self, embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class LeaveClusterRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class LeaveClusterResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -169,20 +203,26 @@ class WorkerInfo(_message.Message):
     def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions")
+    __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions", "recoveries", "last_recovery_ms", "last_recovery")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECOVERY_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECOVERY_FIELD_NUMBER: _ClassVar[int]
     model: str
     ready: bool
     state: str
     message: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     active_sessions: int
-    def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ...) -> None: ...
+    recoveries: int
+    last_recovery_ms: int
+    last_recovery: str
+    def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("address", "memory_budget_bytes")

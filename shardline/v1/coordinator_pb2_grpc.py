@@ -55,6 +55,16 @@ class CoordinatorStub:
                 request_serializer=shardline_dot_v1_dot_coordinator__pb2.InferRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_coordinator__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/shardline.v1.Coordinator/DrainWorker',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/shardline.v1.Coordinator/Rebalance',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -91,6 +101,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """/ Moves a worker's layers to a spare (or re-plans onto the other workers), replaying every stream in
+        / flight, then releases the worker; no request fails. Returns once the worker holds no stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """/ Re-plans onto up to the configured number of workers, folding in spares; streams migrate by replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +138,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=shardline_dot_v1_dot_coordinator__pb2.InferRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_coordinator__pb2.InferResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +269,60 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/DrainWorker',
+            shardline_dot_v1_dot_coordinator__pb2.DrainWorkerRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/Rebalance',
+            shardline_dot_v1_dot_coordinator__pb2.RebalanceRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerRegistryStub:
     """How shard workers join a coordinator.
@@ -254,6 +343,11 @@ class WorkerRegistryStub:
                 '/shardline.v1.WorkerRegistry/Heartbeat',
                 request_serializer=shardline_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.LeaveCluster = channel.unary_unary(
+                '/shardline.v1.WorkerRegistry/LeaveCluster',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.LeaveClusterRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.LeaveClusterResponse.FromString,
                 _registered_method=True)
 
 
@@ -276,6 +370,14 @@ class WorkerRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaveCluster(self, request, context):
+        """/ A worker leaving on purpose (SIGTERM): its stage is handed over first, so no request fails; returns
+        / once it may exit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +390,11 @@ def add_WorkerRegistryServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=shardline_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'LeaveCluster': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveCluster,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.LeaveClusterRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.LeaveClusterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +452,33 @@ class WorkerRegistry:
             '/shardline.v1.WorkerRegistry/Heartbeat',
             shardline_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             shardline_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveCluster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.WorkerRegistry/LeaveCluster',
+            shardline_dot_v1_dot_coordinator__pb2.LeaveClusterRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.LeaveClusterResponse.FromString,
             options,
             channel_credentials,
             insecure,

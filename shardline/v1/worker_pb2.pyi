@@ -104,7 +104,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output")
+    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output", "timeout_ms")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ForwardRequest(_message.Message):
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -119,7 +120,8 @@ class ForwardRequest(_message.Message):
     start_layer: int
     route: _containers.RepeatedScalarFieldContainer[str]
     output: OutputKind
-    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("step_id", "error", "token_ids", "tensor")

@@ -1,0 +1,75 @@
+"""The chain the scheduler steps through, behind a gate.
+
+The cluster installs a chain (a new epoch) and opens the gate; while it heals or migrates, the gate is
+closed and steps wait at it instead of failing. A step that fails for a reason of the cluster's (a stage
+unreachable, a link stalled past its deadline, a cache that is gone) is reported with the epoch it ran in:
+the cluster heals once per epoch, however many steps saw the failure, and every caller resumes on the new
+chain by replaying from the coordinator's token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from coordinator.chain import ChainClient
+from shardline.errors import DeadlineExceeded, NotFound, ShardlineError, Unavailable
+from shardline.v1 import worker_pb2
+
+# failures that say the chain is broken, not the request: healed, then replayed
+RECOVERABLE: tuple[type[ShardlineError], ...] = (Unavailable, DeadlineExceeded, NotFound)
+MAX_STATELESS_RETRIES = 3
+
+
+class Pipeline:
+    def __init__(self, heal: Callable[[int, BaseException], Awaitable[None]]) -> None:
+        self._heal = heal
+        self.chain: ChainClient | None = None
+        self.epoch = 0
+        self._open = asyncio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    @property
+    def addresses(self) -> list[str]:
+        return list(self.chain.addresses) if self.chain is not None else []
+
+    def install(self, chain: ChainClient) -> ChainClient | None:
+        """A new chain and epoch (the gate stays as it is); returns the old chain for the caller to close."""
+        old, self.chain = self.chain, chain
+        self.epoch += 1
+        return old
+
+    def suspend(self) -> None:
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    async def wait_open(self) -> ChainClient:
+        while True:
+            await self._open.wait()
+            if self.chain is not None:
+                return self.chain
+            self._open.clear()
+
+    async def heal(self, epoch: int, error: BaseException) -> None:
+        """Report a failure seen in `epoch`; returns once the cluster has healed (or given up, in which case
+        it has failed the streams concerned)."""
+        await self._heal(epoch, error)
+
+    async def stateless_step(self, sequences: list[worker_pb2.SequenceSlice], token_ids: list[int],
+                             output: worker_pb2.OutputKind) -> worker_pb2.ForwardResponse:
+        """A step with no session state to rebuild (an encoder's forward): after a heal it simply runs again."""
+        for attempt in range(MAX_STATELESS_RETRIES + 1):
+            chain = await self.wait_open()
+            epoch = self.epoch
+            try:
+                return await chain.step(sequences, token_ids, output)
+            except RECOVERABLE as exc:
+                if attempt == MAX_STATELESS_RETRIES:
+                    raise
+                await self.heal(epoch, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
