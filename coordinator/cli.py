@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -164,29 +164,46 @@ def launch(model: str = typer.Option("smollm2", help="model name in the store, o
            micro_batch_groups: int = typer.Option(1, min=0, help="micro-batch groups in flight (0 = one per "
                                                   "stage). Here every worker shares this machine's cores, so "
                                                   "one big batch beats several small ones (BENCHMARKS.md)"),
+           spares: int = typer.Option(0, min=0, help="extra workers kept loaded-on-demand as spares: one takes "
+                                      "over a dead worker's layers"),
+           drain_seconds: float = typer.Option(30, min=0, help="on SIGTERM, how long the streams in flight may "
+                                               "finish (a second SIGTERM stops at once)"),
+           rebalance_on_join: bool = typer.Option(True, help="fold a worker that (re)joins into a chain left "
+                                                  "narrower by a failure"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
-    processes, each loaded with its planned layers; serve until Ctrl-C / SIGTERM, which stops every child."""
+    processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
+    which drains the streams in flight and stops every child."""
     logging.basicConfig(level=logging.WARNING)
     store, model = _resolve_model(model, store)
     config = _config(store, model=model, workers=workers, host=host, port=port,
-                     micro_batch_groups=micro_batch_groups)
-    asyncio.run(_launch(config, worker_memory_mb, exit_when_ready))
+                     micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds,
+                     rebalance_on_join=rebalance_on_join)
+    asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready))
 
 
-async def _launch(config: CoordinatorConfig, worker_memory_mb: int, exit_when_ready: bool) -> None:
+async def _drain(drain: Any, grace_s: float, signals: Any) -> None:
+    """Drain (within `grace_s`), unless a second signal says stop now."""
+    print(f"draining: no new requests; the streams in flight have {grace_s:.0f} s to finish "
+          "(signal again to stop now)", flush=True)
+    draining = asyncio.ensure_future(drain(grace_s))
+    now = asyncio.ensure_future(signals.second.wait())
+    await asyncio.wait({draining, now}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (draining, now):
+        task.cancel()
+
+
+async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool) -> None:
     from coordinator.launcher import LocalCluster, format_plan
+    from shardline.server import Signals
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals = Signals()
     await _ensure_model(ModelStore(config.store), config.model)
-    cluster = LocalCluster(config, worker_memory_mb)
+    cluster = LocalCluster(config, worker_memory_mb, spares)
     failed = ""
     try:
         starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
-        stopping = asyncio.ensure_future(stop.wait())
+        stopping = asyncio.ensure_future(signals.first.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             starting.cancel()
@@ -202,7 +219,7 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, exit_when_re
         if state is not None:
             print(format_plan(config.model, state.deployed, state.stages), flush=True)
         print(f"ready in {seconds:.1f} s: {config.workers} workers serving {config.model} on "
-              f"{config.host}:{config.port}", flush=True)
+              f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
             if state is not None and state.is_encoder:
@@ -211,7 +228,8 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, exit_when_re
             else:
                 print(f'try: coordinator generate "The capital of France is" --endpoint {endpoint}')
             print("serving; Ctrl-C to stop", flush=True)
-            await stop.wait()
+            await signals.first.wait()
+            await _drain(cluster.drain, config.drain_seconds, signals)
     finally:
         print("stopping", flush=True)
         with contextlib.suppress(Exception):
@@ -232,7 +250,9 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           parameters_address: str | None = typer.Option(None, "--parameters", help="a parameter service's "
                                                         "HOST:PORT [run one in-process]"),
           parameters_port: int | None = typer.Option(None, help="port of the in-process parameter service [free]"),
-          max_tokens_limit: int | None = typer.Option(None, min=1, help="the largest max_tokens allowed [2048]")
+          max_tokens_limit: int | None = typer.Option(None, min=1, help="the largest max_tokens allowed [2048]"),
+          drain_seconds: float | None = typer.Option(None, min=0, help="on SIGTERM, how long the streams in "
+                                                     "flight may finish [30]")
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -240,7 +260,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     given = dict(model=model, workers=workers, host=host, port=port, advertise=advertise, store=store,
                  parameters_address=parameters_address, parameters_port=parameters_port,
-                 max_tokens_limit=max_tokens_limit)
+                 max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
         resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)
@@ -257,14 +277,16 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
         return
 
     async def run() -> None:
-        from coordinator.launcher import wait_for_signal
         from coordinator.server import start_coordinator
+        from shardline.server import Signals
 
+        signals = Signals()
         await _ensure_model(ModelStore(config.store), config.model)
         coordinator = await start_coordinator(config, say=lambda line: print(line, flush=True))
         print(f"coordinator listening on {coordinator.address}; waiting for {config.workers} workers", flush=True)
         try:
-            await wait_for_signal()
+            await signals.first.wait()
+            await _drain(coordinator.cluster.drain, config.drain_seconds, signals)
         finally:
             await coordinator.stop()
 
@@ -312,6 +334,8 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
             _fail(f"{exc.code.name}: {exc.message}")
             return
     print(f"model {s.model}: {s.state}{' - ' + s.message if s.message else ''}; {s.active_sessions} active sessions")
+    if s.recoveries:
+        print(f"recoveries: {s.recoveries}; the last took {s.last_recovery_ms / 1000:.2f} s: {s.last_recovery}")
     print(f"{'worker':<22} {'state':<10} {'layers':<10} {'weights':>9} {'RSS':>9} {'offered':>9} "
           f"{'sessions':>8} {'KV cache':>9} {'heartbeat':>9}")
     for w in s.workers:
@@ -326,6 +350,36 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
         print(f"{w.address:<22} {w.busy_ms / 1000:>7.1f} s {w.idle_ms / 1000:>7.1f} s "
               f"{100 * w.busy_ms / up if up else 0:>6.1f}% {w.queue_depth:>6} {w.bytes_in / 2**20:>6.1f} MiB "
               f"{w.bytes_out / 2**20:>6.1f} MiB {w.tokens_per_second:>9.1f}")
+
+
+@app.command("drain-worker")
+def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker registered with"),
+                 endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+                 timeout: float = typer.Option(600, help="deadline in seconds")) -> None:
+    """Move a worker's layers to a spare (or re-plan onto the others) without failing a request; the worker
+    then holds no stage and can be stopped."""
+    from shardline.client import Client
+    from shardline.errors import ShardlineError
+
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            print(client.drain_worker(address))
+        except ShardlineError as exc:
+            _fail(f"{exc.code.name}: {exc.message}")
+
+
+@app.command()
+def rebalance(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+              timeout: float = typer.Option(600, help="deadline in seconds")) -> None:
+    """Re-plan onto up to the configured number of workers, folding in spares; streams migrate by replay."""
+    from shardline.client import Client
+    from shardline.errors import ShardlineError
+
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            print(client.rebalance())
+        except ShardlineError as exc:
+            _fail(f"{exc.code.name}: {exc.message}")
 
 
 def main() -> None:

@@ -134,6 +134,14 @@ class Cluster:
         self._maybe_deploy()
         return record
 
+    def report_dead(self, address: str, why: str) -> None:
+        """Someone who knows (the launcher that saw the process exit) says a worker is gone: heal now."""
+        for worker in list(self.registry.workers.values()):
+            if worker.address == address and worker.state != "lost":
+                worker.state, worker.last_error = "lost", why
+                if worker in self.assignment:
+                    self._trigger_heal(f"worker {address}: {why}")
+
     def heartbeat(self, worker_id: str) -> bool:
         """A registered worker's sign of life; False if this coordinator does not know it."""
         known = self.registry.heartbeat(worker_id)

@@ -1,23 +1,26 @@
 """A whole cluster on this machine: the coordinator (with the parameter service in-process) and shard
 workers as child processes on free ports, which register with the coordinator exactly as workers on other
-hosts do. Stops every child on Ctrl-C / SIGTERM."""
+hosts do. The launcher supervises its workers: one that dies is reported to the coordinator at once (which
+heals the chain) and restarted with backoff, rejoining as a spare; a crash loop stops with a clear message.
+Stops every child on Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from coordinator.config import CoordinatorConfig
 from coordinator.planner import StagePlan
 from coordinator.registry import WorkerRecord
 from coordinator.server import Coordinator, start_coordinator
+from shardline.server import Signals
 
 log = logging.getLogger(__name__)
 PREFIX = "shard worker listening on "
@@ -30,8 +33,8 @@ class WorkerProcess:
 
 
 async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int = 0,
-                       log_level: str = "WARNING") -> WorkerProcess:
-    args = ["--host", host, "--port", "0", "--log-level", log_level, "--parent-pid", str(os.getpid())]
+                       log_level: str = "WARNING", extra: tuple[str, ...] = ()) -> WorkerProcess:
+    args = ["--host", host, "--port", "0", "--log-level", log_level, "--parent-pid", str(os.getpid()), *extra]
     if coordinator:
         args += ["--coordinator", coordinator]
     if memory_budget_mb:
@@ -64,22 +67,34 @@ async def stop_processes(processes: list[WorkerProcess], timeout: float = 8.0) -
             await p.process.wait()
 
 
+CRASH_LOOP_RESTARTS = 5      # more restarts than this within CRASH_LOOP_WINDOW_S: stop restarting
+CRASH_LOOP_WINDOW_S = 60.0
+
+
 @dataclass
 class LocalCluster:
     config: CoordinatorConfig
     worker_memory_mb: int = 0
+    spares: int = 0
     coordinator: Coordinator | None = None
     processes: list[WorkerProcess] = field(default_factory=list)
+    restarts: int = 0
+    gave_up: str = ""
+    _supervisor: asyncio.Task[None] | None = None
+
+    def _spawn(self) -> Awaitable[WorkerProcess]:
+        c = self.config
+        extra = ("--keepalive-ms", str(c.keepalive_time_ms), "--step-timeout-ms", str(c.step_timeout_ms))
+        return spawn_worker(c.host, f"{c.host}:{c.port}", self.worker_memory_mb, extra=extra)
 
     async def start(self, say: Callable[[str], None] = log.info) -> float:
         """Start everything and wait until every shard is loaded and verified; returns the seconds it took.
         Raises RuntimeError with the coordinator's reason when deployment fails (a plan that does not fit)."""
         began = time.perf_counter()
-        endpoint = f"{self.config.host}:{self.config.port}"
         if self.config.port == 0:
             raise ValueError("launch needs a fixed coordinator port for its workers to register with")
         # the coordinator and the workers start side by side; workers retry until the coordinator listens
-        spawning = [spawn_worker(self.config.host, endpoint, self.worker_memory_mb) for _ in range(self.config.workers)]
+        spawning = [self._spawn() for _ in range(self.config.workers + self.spares)]
         coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,
                                                        return_exceptions=True)
         self.processes = [p for p in processes if isinstance(p, WorkerProcess)]
@@ -107,9 +122,43 @@ class LocalCluster:
                 raise RuntimeError("a shard worker exited during start-up")
         if cluster.state == "failed":
             raise RuntimeError(cluster.message)
+        self._supervisor = asyncio.create_task(self._supervise(say))
         return time.perf_counter() - began
 
+    async def _supervise(self, say: Callable[[str], None]) -> None:
+        """Restart worker processes that die, with backoff; give up on a crash loop."""
+        recent: collections.deque[float] = collections.deque()
+        while True:
+            await asyncio.sleep(0.2)
+            for dead in [p for p in self.processes if p.process.returncode is not None]:
+                self.processes.remove(dead)
+                why = f"its process exited with code {dead.process.returncode}"
+                if self.coordinator is not None:
+                    self.coordinator.cluster.report_dead(dead.address, why)
+                now = time.monotonic()
+                recent.append(now)
+                while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
+                    recent.popleft()
+                if len(recent) > CRASH_LOOP_RESTARTS:
+                    self.gave_up = (f"worker processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, "
+                                    f"the last one: {why}); not restarting them any more: see the workers' log")
+                    say(f"error: {self.gave_up}")
+                    return
+                say(f"worker {dead.address}: {why}; restarting it")
+                await asyncio.sleep(min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0)
+                try:
+                    self.processes.append(await self._spawn())
+                    self.restarts += 1
+                except (RuntimeError, OSError, TimeoutError) as exc:
+                    say(f"error: restarting a worker failed: {exc}")
+
+    async def drain(self, grace_s: float) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.cluster.drain(grace_s)
+
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         if self.coordinator is not None:
             await self.coordinator.stop()
         await stop_processes(self.processes)
@@ -126,9 +175,4 @@ def format_plan(model: str, workers: list[WorkerRecord], stages: list[StagePlan]
 
 
 async def wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await Signals().first.wait()

@@ -13,7 +13,7 @@ from coordinator.cluster import Cluster
 from coordinator.embedding import check_batch, embed, inputs_from_tensors
 from coordinator.generation import GenerationRequest, check_parameters, prepare, run
 from shardline.codec import decode_tensor, fill_tensor, from_numpy
-from shardline.errors import FailedPrecondition, InvalidArgument, grpc_errors
+from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_errors
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 info.bytes_in, info.bytes_out = m.bytes_in, m.bytes_out
                 info.tokens_per_second = m.tokens / (m.uptime_ms / 1000) if m.uptime_ms else 0.0
             workers.append(info)
+        c = self.cluster
         return coordinator_pb2.GetClusterStatusResponse(
-            model=self.cluster.config.model, ready=self.cluster.ready, state=self.cluster.state,
-            message=self.cluster.message, workers=workers, active_sessions=self.active_sessions)
+            model=c.config.model, ready=c.ready, state="draining" if c.draining else c.state, message=c.message,
+            workers=workers, active_sessions=self.active_sessions, recoveries=c.recoveries,
+            last_recovery_ms=c.last_recovery_ms, last_recovery=c.last_recovery)
+
+    @grpc_errors
+    async def DrainWorker(self, request: Any, context: Any) -> coordinator_pb2.DrainWorkerResponse:
+        if not request.address:
+            raise InvalidArgument("address is empty (give the host:port the worker registered with)")
+        return coordinator_pb2.DrainWorkerResponse(message=await self.cluster.drain_worker(request.address))
+
+    @grpc_errors
+    async def Rebalance(self, request: Any, context: Any) -> coordinator_pb2.RebalanceResponse:
+        if not self.cluster.assignment:
+            raise FailedPrecondition(f"nothing is deployed yet ({self.cluster.state})")
+        return coordinator_pb2.RebalanceResponse(message=await self.cluster.rebalance())
 
 
 class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
@@ -140,3 +154,12 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
     @grpc_errors
     async def Heartbeat(self, request: Any, context: Any) -> coordinator_pb2.HeartbeatResponse:
         return coordinator_pb2.HeartbeatResponse(known=self.cluster.heartbeat(request.worker_id))
+
+    @grpc_errors
+    async def LeaveCluster(self, request: Any, context: Any) -> coordinator_pb2.LeaveClusterResponse:
+        record = self.cluster.registry.workers.get(request.worker_id)
+        if record is None:
+            raise NotFound(f"worker id {request.worker_id!r} is not registered here")
+        message = await self.cluster.drain_worker(record.address)
+        self.cluster.registry.remove(record.worker_id)
+        return coordinator_pb2.LeaveClusterResponse(message=message)

@@ -8,6 +8,8 @@ import logging
 import typer
 
 from shard_worker.server import serve_forever
+from shardline.server import Keepalive
+from shardline.stream import LinkSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline shard worker")
 
@@ -25,11 +27,18 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                           "this worker its shard"),
           advertise: str = typer.Option("", help="host the coordinator reaches this worker on (default: --host)"),
           memory_budget_mb: int = typer.Option(0, help="memory offered for weights (default: 80% of available)"),
+          step_timeout_ms: int = typer.Option(60_000, min=100, help="deadline of a step passed on to the next "
+                                              "stage, when the sender gives none"),
+          keepalive_ms: int = typer.Option(20_000, min=1000, help="ping idle connections this often"),
+          leave_timeout_s: float = typer.Option(120, min=0, help="on SIGTERM, how long to wait for the "
+                                                "coordinator to hand this worker's stage over"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, memory_budget_mb * 2**20))
+        links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms))
+        asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, memory_budget_mb * 2**20, links,
+                                  leave_timeout_s))
     except KeyboardInterrupt:
         pass
 

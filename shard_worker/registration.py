@@ -1,5 +1,7 @@
 """Joining a coordinator: register the worker's address and memory budget, then heartbeat; register again
-whenever the coordinator has forgotten it (it restarted) or cannot be reached for a while."""
+whenever the coordinator has forgotten it (it restarted) or cannot be reached for a while. The loop never
+dies: every failure is logged and retried with backoff. `leave` hands the worker's stage over before it exits.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import logging
 import grpc
 import psutil
 
-from shardline.server import channel
+from shardline.errors import from_rpc_error
+from shardline.server import Keepalive, channel
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
+RPC_TIMEOUT_S = 10.0
+MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
 
 
 def default_memory_budget() -> int:
@@ -20,28 +25,53 @@ def default_memory_budget() -> int:
     return int(psutil.virtual_memory().available * 0.8)
 
 
-async def stay_registered(coordinator: str, address: str, memory_budget_bytes: int) -> None:
-    async with channel(coordinator) as ch:
-        stub = coordinator_pb2_grpc.WorkerRegistryStub(ch)
-        worker_id, interval, failures = "", 0.2, 0
-        while True:
+class Registration:
+    def __init__(self, coordinator: str, address: str, memory_budget_bytes: int,
+                 keepalive: Keepalive | None = None) -> None:
+        self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
+        self.keepalive = keepalive
+        self.worker_id = ""
+
+    async def run(self) -> None:
+        async with channel(self.coordinator, self.keepalive) as ch:
+            stub = coordinator_pb2_grpc.WorkerRegistryStub(ch)
+            interval, failures = 0.2, 0
+            while True:
+                try:
+                    if not self.worker_id:
+                        reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
+                            address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S)
+                        self.worker_id, interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
+                        log.info("registered with %s as %s", self.coordinator, self.worker_id)
+                    else:
+                        beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=self.worker_id),
+                                                    timeout=RPC_TIMEOUT_S)
+                        if not beat.known:
+                            log.warning("coordinator %s forgot this worker; registering again", self.coordinator)
+                            self.worker_id = ""
+                            continue
+                    failures = 0
+                    await asyncio.sleep(interval)
+                except grpc.RpcError as err:
+                    failures += 1
+                    if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        log.error("coordinator %s refused this worker: %s (retrying)", self.coordinator, err.details())
+                    elif failures % 100 == 0:  # a coordinator still starting is normal; one that stays away is not
+                        log.warning("coordinator %s unreachable (%d tries): %s", self.coordinator, failures,
+                                    err.details())
+                    # quick retries while a coordinator starts up, then exponential backoff
+                    backoff = interval if failures <= 20 else interval * 2 ** min(failures - 20, 8)
+                    await asyncio.sleep(min(MAX_BACKOFF_S, backoff))
+
+    async def leave(self, timeout_s: float) -> str:
+        """Ask the coordinator to hand this worker's stage over; returns once it may exit."""
+        if not self.worker_id:
+            return "not registered"
+        async with channel(self.coordinator, self.keepalive) as ch:
             try:
-                if not worker_id:
-                    reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
-                        address=address, memory_budget_bytes=memory_budget_bytes), timeout=10)
-                    worker_id, interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
-                    log.info("registered with %s as %s", coordinator, worker_id)
-                else:
-                    beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=worker_id), timeout=10)
-                    if not beat.known:
-                        worker_id = ""
-                        continue
-                failures = 0
+                reply = await coordinator_pb2_grpc.WorkerRegistryStub(ch).LeaveCluster(
+                    coordinator_pb2.LeaveClusterRequest(worker_id=self.worker_id), timeout=timeout_s)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    log.error("coordinator %s refused this worker: %s", coordinator, err.details())
-                    raise
-                failures += 1
-                if failures % 100 == 0:  # a coordinator still starting is normal; one that stays away is not
-                    log.warning("coordinator %s unreachable (%d tries): %s", coordinator, failures, err.details())
-            await asyncio.sleep(interval)
+                raise from_rpc_error(err) from err
+        self.worker_id = ""
+        return str(reply.message)

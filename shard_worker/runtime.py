@@ -5,6 +5,7 @@ Runtime code never sees protobuf: the servicer hands it a Step and gets a StepRe
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import time
 import warnings
@@ -22,6 +23,7 @@ from shardline.errors import InvalidArgument, NotFound
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUTS = ("tokens", "logits", "last_logits", "hidden")
+MAX_TOMBSTONES = 65_536
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class StageRuntime:
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.sessions: dict[str, SessionCache] = {}
+        # recently ended sessions: a step for one of them (a late step released by a link that had stalled)
+        # must not create its cache again. Session ids are never reused: a replay takes a new one.
+        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.metrics = Metrics()
 
     @property
@@ -86,6 +91,11 @@ class StageRuntime:
         return sum(s.nbytes for s in self.sessions.values())
 
     def end_sessions(self, session_ids: list[str]) -> int:
+        for sid in session_ids:
+            self.ended[sid] = None
+            self.ended.move_to_end(sid)
+        while len(self.ended) > MAX_TOMBSTONES:
+            self.ended.popitem(last=False)
         return sum(self.sessions.pop(sid, None) is not None for sid in session_ids)
 
     def validate(self, step: Step) -> list[SessionCache]:
@@ -108,6 +118,8 @@ class StageRuntime:
             where = f"sequences[{i}]"
             if not seq.session_id:
                 raise InvalidArgument(f"{where}.session_id is empty")
+            if seq.session_id in self.ended:
+                raise NotFound(f"{where}.session_id {seq.session_id!r} has ended on this stage")
             if seq.session_id in seen:
                 raise InvalidArgument(f"{where}.session_id {seq.session_id!r} appears twice in one batch")
             seen.add(seq.session_id)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 
-from shard_worker.registration import default_memory_budget, stay_registered
+from shard_worker.registration import Registration, default_memory_budget
 from shard_worker.servicer import WorkerServicer
-from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
+from shardline.errors import ShardlineError
+from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
+from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,14 @@ SERVICE = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
 WorkerServer = RunningServer[WorkerServicer]
 
 
-async def start_worker(host: str = "127.0.0.1", port: int = 0) -> WorkerServer:
+async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettings | None = None) -> WorkerServer:
     server = new_server()
     health = add_standard_services(server, [SERVICE])
 
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE], on)
 
-    servicer = WorkerServicer(serving)
+    servicer = WorkerServicer(serving, links)
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, server)
     bound = bind(server, host, port)
     await server.start()
@@ -38,31 +39,49 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0) -> WorkerServer:
 
 
 async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: str = "", advertise: str = "",
-                        memory_budget_bytes: int = 0) -> None:
-    worker = await start_worker(host, port)
+                        memory_budget_bytes: int = 0, links: LinkSettings | None = None,
+                        leave_timeout_s: float = 120.0) -> None:
+    """Serve until SIGINT/SIGTERM. A worker registered with a coordinator first leaves the cluster (its stage
+    is handed over, so no request fails); a second signal stops at once."""
+    worker = await start_worker(host, port, links)
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
+    registration: Registration | None = None
+    registering: asyncio.Task[None] | None = None
     if coordinator:
         address = f"{advertise or host}:{worker.port}"
         budget = memory_budget_bytes or default_memory_budget()
-        asyncio.create_task(stay_registered(coordinator, address, budget))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        registration = Registration(coordinator, address, budget, links.keepalive if links else None)
+        registering = asyncio.create_task(registration.run())
+    signals = Signals()
     if parent_pid:
-        asyncio.create_task(_watch_parent(parent_pid, stop))
+        asyncio.create_task(_watch_parent(parent_pid, signals))
     try:
-        await stop.wait()
+        await signals.first.wait()
+        if registration is not None and not signals.second.is_set():
+            log.info("leaving the cluster: handing this worker's stage over (a second signal stops at once)")
+            leaving = asyncio.ensure_future(registration.leave(leave_timeout_s))
+            stop_now = asyncio.ensure_future(signals.second.wait())
+            await asyncio.wait({leaving, stop_now}, return_when=asyncio.FIRST_COMPLETED)
+            stop_now.cancel()
+            if leaving.done():
+                try:
+                    log.info("left the cluster: %s", leaving.result())
+                except (ShardlineError, OSError) as exc:
+                    log.warning("could not leave the cluster cleanly: %s", exc)
+            else:
+                leaving.cancel()
     finally:
+        if registering is not None:
+            registering.cancel()
         await worker.stop(0.5)
 
 
-async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+async def _watch_parent(pid: int, signals: Signals) -> None:
     """A child of a launcher ends with it, even when the launcher was killed without a chance to clean up."""
     while os.getppid() == pid:
         await asyncio.sleep(1.0)
     log.warning("parent process %d is gone; stopping", pid)
-    stop.set()
+    signals.stop_now()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,11 @@
             print(chunk.text, end="", flush=True)
 
 Errors raise shardline.errors exceptions whose `.code` is the grpc.StatusCode. No torch needed.
+
+Deadlines: no call waits forever. Every call has a deadline of `timeout` seconds (the client's, default
+DEFAULT_TIMEOUT_S = 300, or the call's own `timeout=`); past it the call raises DeadlineExceeded and the
+coordinator frees whatever the request held. A request sent while the cluster recovers from a failure
+waits for it within that deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop"}
 SERVICE = "shardline.v1.Coordinator"
+DEFAULT_TIMEOUT_S = 300.0
 Message = Mapping[str, str] | tuple[str, str]
 
 
@@ -98,6 +104,9 @@ class ClusterStatus:
     message: str
     workers: list[WorkerStatus]
     active_sessions: int
+    recoveries: int = 0
+    last_recovery_ms: int = 0
+    last_recovery: str = ""
 
 
 def generate_request(prompt: str = "", messages: Sequence[Message] = (), *, model: str = "",
@@ -140,13 +149,14 @@ def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
                             w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error,
                             w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second)
                for w in r.workers]
-    return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions)
+    return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions, r.recoveries,
+                         r.last_recovery_ms, r.last_recovery)
 
 
 class Client:
     """A blocking client. `timeout` (seconds) is the default deadline of every call."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.channel = grpc.insecure_channel(target)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -212,6 +222,21 @@ class Client:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
+    def drain_worker(self, address: str) -> str:
+        """Admin: move a worker's layers elsewhere without failing a request; returns what was done."""
+        try:
+            reply = self.stub.DrainWorker(coordinator_pb2.DrainWorkerRequest(address=address), timeout=self.timeout)
+            return str(reply.message)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def rebalance(self) -> str:
+        """Admin: re-plan onto up to the configured number of workers, folding in spares."""
+        try:
+            return str(self.stub.Rebalance(coordinator_pb2.RebalanceRequest(), timeout=self.timeout).message)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the coordinator reports SERVING (every shard loaded and verified)."""
         deadline = time.monotonic() + timeout
@@ -230,7 +255,7 @@ class Client:
 class AsyncClient:
     """The asyncio client: the same calls, awaited; generate(stream=True) gives an async iterator."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None) -> None:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -51,8 +54,11 @@ SERVER_PING_OPTIONS = [
 
 def channel_options(keepalive: Keepalive | None = None) -> list[tuple[str, int]]:
     k = keepalive or Keepalive()
+    # a local subchannel pool: gRPC otherwise shares one TCP connection among channels to the same target, so
+    # a channel opened to replace a stalled link (or to probe its peer) would reuse the stalled connection
     return [*MESSAGE_OPTIONS, ("grpc.keepalive_time_ms", k.time_ms), ("grpc.keepalive_timeout_ms", k.timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.use_local_subchannel_pool", 1)]
 
 
 CHANNEL_OPTIONS = channel_options()
@@ -116,3 +122,22 @@ class RunningServer(Generic[S]):
         close = getattr(self.servicer, "close", None)
         if close is not None:
             await close()
+
+
+class Signals:
+    """SIGINT/SIGTERM for a server process: the first asks for a graceful stop (`first`), a second for an
+    immediate one (`second`)."""
+
+    def __init__(self) -> None:
+        self.first, self.second = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.receive)
+
+    def receive(self) -> None:
+        (self.second if self.first.is_set() else self.first).set()
+
+    def stop_now(self) -> None:
+        self.first.set()
+        self.second.set()
