@@ -127,8 +127,10 @@ class Cluster:
     def register(self, address: str, memory_budget_bytes: int) -> WorkerRecord:
         replaced = next((w for w in self.assignment if w.address == address), None)
         record = self.registry.register(address, memory_budget_bytes)
-        role = "a spare" if self.assignment else "registered"
-        self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered){', ' + role}")
+        if self.assignment:
+            record.state = "spare"  # it waits to be needed; the running chain is not touched
+        self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered)"
+                 + (" as a spare" if self.assignment else ""))
         if replaced is not None:  # a worker that restarted at the same address holds nothing any more
             self._trigger_heal(f"worker {address} registered again (it restarted)")
         self._maybe_deploy()

@@ -1,6 +1,7 @@
-"""Links between stages that idle, reset or stall: every stream completes with the tokens an undisturbed
-run gives, and nothing is left behind on any worker. A fault proxy sits in front of the middle stage, so
-every byte to it (from the first stage, and the coordinator's probes) crosses the proxy."""
+"""A live cluster keeps serving through idle time, links that reset or stall, workers that join and workers
+that are drained: every stream completes with the tokens an undisturbed run gives, and nothing is left
+behind on any worker. A fault proxy sits in front of the middle stage, so every byte to it (from the first
+stage, and the coordinator's probes) crosses the proxy. The tests share one cluster and run in order."""
 
 from __future__ import annotations
 
@@ -113,5 +114,43 @@ def test_a_link_stalled_past_the_step_deadline_completes_every_stream_identicall
     assert "did not answer within" in status.last_recovery, status.last_recovery
     assert len(status.assignment) == 3, status.last_recovery  # the stalled worker was alive: it stayed
     time.sleep(1)  # late steps released by the proxy must not recreate ended sessions
+    statuses = wait_until_no_sessions([s.address for s in proxied.servers])
+    assert all(s.sessions == 0 and s.kv_cache_bytes == 0 for s in statuses), statuses
+
+
+def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undisturbed):
+    cluster = proxied.coordinator.cluster
+    before = (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment])
+    joined = []
+
+    async def join():
+        server = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(start_worker(), loop.loop))
+        proxied.servers.append(server)
+        joined.append(server.address)
+        await asyncio.to_thread(register, proxied.coordinator, server.address)
+
+    tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, join, **PARAMS))
+    assert tokens == undisturbed
+    assert (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment]) == before
+    (spare,) = [w for w in cluster.registry.workers.values() if w.address == joined[0]]
+    assert spare.state == "spare"
+
+
+def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed):
+    cluster = proxied.coordinator.cluster
+    draining = cluster.assignment[2].address
+    spare = next(w.address for w in cluster.registry.live() if w.state == "spare")
+    messages = []
+
+    async def drain():
+        with Client(proxied.coordinator.address) as client:
+            messages.append(await asyncio.to_thread(client.drain_worker, draining))
+
+    tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, drain, **PARAMS))
+    assert tokens == undisturbed
+    assert [w.address for w in cluster.assignment][2] == spare, messages
+    assert "drained" in messages[0]
+    (record,) = [w for w in cluster.registry.workers.values() if w.address == draining]
+    assert record.state == "drained" and record.stage is None
     statuses = wait_until_no_sessions([s.address for s in proxied.servers])
     assert all(s.sessions == 0 and s.kv_cache_bytes == 0 for s in statuses), statuses
