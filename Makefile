@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardline-installed
 
-.PHONY: setup run test test-slow lint protos bench clean
+.PHONY: setup run test test-slow test-chaos lint protos bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: lint
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# failure tests (kill processes, cut links), RUNS times in a row: a test joins the default suite after 20
+RUNS ?= 1
+test-chaos: setup
+	for i in $$(seq $(RUNS)); do $(BIN)/python -m pytest -q -m chaos || exit 1; echo "chaos run $$i passed"; done
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py

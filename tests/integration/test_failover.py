@@ -19,6 +19,8 @@ from coordinator.server import start_coordinator
 from shardline.client import Client
 from tests.chaos import PROMPTS, streams, wait_until_no_sessions
 
+pytestmark = pytest.mark.chaos
+
 GREEDY = dict(max_tokens=16, temperature=0)
 SEEDED = dict(max_tokens=16, temperature=0.8, seed=7)
 

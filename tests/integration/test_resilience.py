@@ -22,6 +22,8 @@ from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 from tests.chaos import PROMPTS, on_loop, streams, wait_until_no_sessions
 from tests.faults import FaultProxy
 
+pytestmark = pytest.mark.chaos
+
 STEP_TIMEOUT_MS = 3000
 PARAMS = dict(max_tokens=16, temperature=0)
 
