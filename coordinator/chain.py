@@ -4,12 +4,16 @@ the rest of the route; the stages pass them on among themselves."""
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import grpc
 
 from shardline.errors import code_from_number, error_for_code
 from shardline.server import channel
 from shardline.stream import LinkSettings, StageStream
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
+log = logging.getLogger(__name__)
 END_SESSION_TIMEOUT_S = 5.0
 
 
@@ -48,4 +52,10 @@ async def end_sessions(addresses: list[str], sessions: list[str], settings: Link
         async with channel(address, keepalive) as ch:
             await worker_pb2_grpc.ShardWorkerStub(ch).EndSession(request, timeout=END_SESSION_TIMEOUT_S)
 
-    await asyncio.gather(*(end(a) for a in addresses), return_exceptions=True)
+    results = await asyncio.gather(*(end(a) for a in addresses), return_exceptions=True)
+    for address, result in zip(addresses, results, strict=True):
+        if isinstance(result, grpc.RpcError):
+            log.info("could not end %d sessions on %s (%s): a worker that is gone holds nothing", len(sessions),
+                     address, result.code().name)
+        elif isinstance(result, BaseException):
+            log.warning("ending sessions on %s failed: %s", address, result)

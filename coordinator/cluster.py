@@ -10,12 +10,10 @@ Workers that register while the cluster serves become spares and disturb nothing
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-
-import grpc
+from typing import Any
 
 from coordinator.chain import ChainClient, end_sessions
 from coordinator.config import CoordinatorConfig
@@ -26,14 +24,19 @@ from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.scheduler import Scheduler
 from coordinator.store import ModelStore
 from coordinator.textmodel import TextModel
+from coordinator.worker_calls import load_shard, probe, status
 from shardline.codec import dtype_to_enum
-from shardline.errors import FailedPrecondition, NotFound, Unavailable, from_rpc_error
-from shardline.server import Keepalive, channel
+from shardline.errors import FailedPrecondition, NotFound, Unavailable
+from shardline.server import Keepalive
 from shardline.stream import LinkSettings
-from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 LOAD_ATTEMPTS = 3
+
+
+class ChangeRefused(Exception):
+    """A change (drain, rebalance) that cannot be made; the running chain was not touched."""
 
 
 class Cluster:
@@ -56,10 +59,12 @@ class Cluster:
         self._failed_with: tuple[str, ...] = ()
         self.changed = asyncio.Event()  # set on every state change (the launcher waits on it)
         self.recoveries, self.last_recovery_ms, self.last_recovery = 0, 0, ""
+        self.last_recovery_phases: dict[str, float] = {}  # time.perf_counter() at each phase of the last one
         self.draining = False
         self._lock = asyncio.Lock()     # one change of membership at a time
         self._tasks: set[asyncio.Task[None]] = set()
         self._healing: asyncio.Task[None] | None = None
+        self._healing_epoch = -1
         self._monitor: asyncio.Task[None] | None = None
 
     @property
@@ -90,19 +95,22 @@ class Cluster:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """A background task that is kept, and whose failure is logged rather than lost."""
         async def supervised() -> None:
             try:
                 await coro
             except asyncio.CancelledError:
                 raise
+            except ChangeRefused as exc:
+                log.warning("%s: %s", name, exc)
             except Exception:  # noqa: BLE001
                 log.exception("%s failed", name)
 
         task = asyncio.create_task(supervised(), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def serving(self, model: str) -> tuple[Scheduler, TextModel]:
         """The scheduler and text model for a request, or why there are none. While the cluster recovers,
@@ -168,171 +176,192 @@ class Cluster:
             self._trigger_heal("a worker joined after a failed recovery")
         elif (self.config.rebalance_on_join and len(self.assignment) < self.config.workers
               and len(live) > len(self.assignment)):
-            self._spawn(self._change("rebalance", rebalance=True), "rebalance")
+            self._spawn(self._change("rebalance onto a worker that joined", rebalance=True), "rebalance")
 
     def _trigger_heal(self, reason: str, epoch: int | None = None) -> asyncio.Task[None]:
-        if self._healing is None or self._healing.done():
+        """One heal at a time; a failure seen in a newer epoch than the running heal's queues another."""
+        task = self._healing
+        if task is None or task.done() or (epoch is not None and epoch > self._healing_epoch):
             self.pipeline.suspend()  # no further steps into the broken chain
-            self._healing = asyncio.create_task(self._change(reason, heal=True, epoch=epoch))
-        return self._healing
+            self._healing_epoch = self.pipeline.epoch if epoch is None else epoch
+            task = self._healing = self._spawn(self._change(reason, heal=True, epoch=epoch), "recovery")
+        return task
 
     async def heal(self, epoch: int, error: BaseException) -> None:
         """The pipeline's report of a failed step in `epoch`: heal once per epoch, then return (the streams
         are rewound by then, or failed if the cluster cannot serve)."""
         if epoch < self.pipeline.epoch:
-            return  # the chain was rebuilt since that step was sent
+            return  # the chain was retired since that step was sent
         await asyncio.shield(self._trigger_heal(str(error), epoch))
 
     async def drain_worker(self, address: str) -> str:
-        """Hand a worker's stage over (to a spare, or by re-planning), then forget it."""
+        """Hand a worker's stage over (to a spare, or by re-planning); it then holds no stage."""
         record = next((w for w in self.registry.workers.values() if w.address == address), None)
         if record is None:
             raise NotFound(f"no worker at {address} is registered here")
         if record not in self.assignment:
             record.state, record.stage = "drained", None
             return f"worker {address} held no stage; it takes no new one"
-        record.state = "draining"
-        await self._change(f"draining worker {address}", drain=record)
+        previous, record.state = record.state, "draining"
+        try:
+            # a task of its own: a caller that goes away does not cancel a change half done
+            await asyncio.shield(self._spawn_change(f"draining worker {address}", drain=record))
+        except ChangeRefused as exc:
+            record.state = previous
+            raise FailedPrecondition(f"cannot drain worker {address}: {exc}") from None
         if record in self.assignment:
-            record.state = "ready"
             raise Unavailable(f"worker {address} could not be drained: {self.message}")
         record.state, record.stage = "drained", None
         return f"worker {address} drained: {describe(self.assignment, self.stages)}"
 
     async def rebalance(self) -> str:
-        await self._change("rebalance requested", rebalance=True)
+        try:
+            await asyncio.shield(self._spawn_change("rebalance requested", rebalance=True))
+        except ChangeRefused as exc:
+            raise FailedPrecondition(f"cannot rebalance: {exc}") from None
         return describe(self.assignment, self.stages)
+
+    def _spawn_change(self, reason: str, **kind: Any) -> asyncio.Task[None]:
+        """A change whose refusal reaches the caller (ChangeRefused) instead of the log."""
+        task = asyncio.create_task(self._change(reason, **kind))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- the one routine that changes the chain -----------------------------------------------------------
     async def _change(self, reason: str, *, first: bool = False, heal: bool = False, epoch: int | None = None,
                       drain: WorkerRecord | None = None, rebalance: bool = False) -> None:
+        """Never leaves the gate closed while the state says the cluster serves: it ends with a new chain
+        installed, with the old chain untouched (ChangeRefused), or in state "failed" with every stream told."""
         async with self._lock:
-            began = time.perf_counter()
             if heal and epoch is not None and epoch < self.pipeline.epoch:
-                self.pipeline.resume()
-                return  # another change rebuilt the chain while this one waited for its turn
-            if heal:
-                self.pipeline.suspend()
-                self._set_state("recovering", reason)
-                self.say(f"recovering: {reason}")
-                await self._set_serving(False)
-            elif first:
-                self._set_state("deploying", f"planning {self.config.model} onto {self.config.workers} workers")
-                await self._set_serving(False)
-            for attempt in range(1, LOAD_ATTEMPTS + 1):
-                loaded = await self._probe()
-                detected = time.perf_counter()
-                dead = [w for w, s in zip(self.assignment, self.stages, strict=True)
-                        if loaded.get(w.worker_id) != LoadedShard(self.config.model, s.start, s.end)]
-                for worker in dead:
-                    if worker.state != "lost":
-                        worker.state, worker.last_error = "failed", "its shard is gone (the worker restarted?)"
-                spares = [w for w in self.registry.live() if w not in self.assignment and w is not drain
-                          and w.state not in UNPLANNABLE and w.worker_id in loaded]
-                try:
-                    target = self._choose(dead, spares, loaded, first=first, drain=drain, rebalance=rebalance)
-                except PlanDoesNotFit as exc:
-                    self._cannot_serve(f"the live workers cannot hold the model: {exc}")
-                    return
-                planned = time.perf_counter()
-                if not heal and target == list(zip(self.assignment, self.stages, strict=True)):
-                    self.say(f"{reason}: nothing to change; {describe(self.assignment, self.stages)}")
-                    return
-                ok = await self._load(target, loaded, suspend=heal or first)
-                if ok:
-                    break
-                if attempt == LOAD_ATTEMPTS:
-                    self._cannot_serve(f"loading failed {LOAD_ATTEMPTS} times: {self.message}")
-                    return
-                await asyncio.sleep(0.5 * 2 ** attempt)
-            loaded_at = time.perf_counter()
-            await self._install(target)
-            took = time.perf_counter() - began
-            if heal:
-                self.recoveries += 1
-                self.last_recovery_ms = int(took * 1000)
-                self.last_recovery = (f"{reason}: recovered in {took:.2f} s (detect {detected - began:.2f} s, "
-                                      f"plan {planned - detected:.2f} s, load {loaded_at - planned:.2f} s); "
-                                      f"{describe(self.assignment, self.stages)}")
-                self.say(self.last_recovery)
-            elif not first:
-                self.say(f"{reason}: done in {took:.2f} s; {describe(self.assignment, self.stages)}")
+                return  # another change retired that chain while this one waited for its turn
+            try:
+                await self._change_locked(reason, first=first, heal=heal, drain=drain, rebalance=rebalance)
+            except (asyncio.CancelledError, ChangeRefused):
+                raise
+            except Exception:
+                log.exception("changing the chain (%s) failed", reason)
+                self._cannot_serve(f"internal error while {reason}; the coordinator log has the details")
+                raise
 
-    def _choose(self, dead: list[WorkerRecord], spares: list[WorkerRecord], loaded: dict[str, LoadedShard], *,
-                first: bool, drain: WorkerRecord | None, rebalance: bool) -> Assignment:
+    async def _retire(self) -> None:
+        """Close the gate and the chain: steps in flight fail at once (their streams are rewound at install)."""
+        self.pipeline.suspend()
+        old = self.pipeline.retire()
+        if old is not None:
+            await old.close()
+
+    async def _change_locked(self, reason: str, *, first: bool, heal: bool, drain: WorkerRecord | None,
+                             rebalance: bool) -> None:
+        began = time.perf_counter()
+        retired = heal or first
+        if retired:
+            await self._retire()
+            self._set_state("recovering" if heal else "deploying",
+                            reason if heal else f"planning {self.config.model} onto {self.config.workers} workers")
+            await self._set_serving(False)
+            if heal:
+                self.say(f"recovering: {reason}")
+        excluded: set[str] = set()  # workers whose load failed during this change
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            loaded = await probe(self.registry.live(), self.config.probe_timeout_ms / 1000, self.links.keepalive)
+            for worker in self.registry.live():
+                if worker.worker_id not in loaded:
+                    worker.state, worker.last_error = "lost", "did not answer the probe"
+            detected = time.perf_counter()
+            dead = [w for w in self.assignment if w.worker_id not in loaded]
+            spares = [w for w in self.registry.live() if w not in self.assignment and w is not drain
+                      and w.state not in UNPLANNABLE and w.worker_id not in excluded]
+            try:
+                target = self._choose(dead, spares, loaded, excluded, first=first, drain=drain, rebalance=rebalance)
+            except PlanDoesNotFit as exc:
+                if not retired:
+                    raise ChangeRefused(str(exc)) from None  # the running chain serves on, untouched
+                self._cannot_serve(f"the live workers cannot hold the model: {exc}")
+                return
+            planned = time.perf_counter()
+            if not retired and target == list(zip(self.assignment, self.stages, strict=True)):
+                self.say(f"{reason}: nothing to change; {describe(self.assignment, self.stages)}")
+                return
+            ok, retired = await self._load(target, loaded, retired, excluded)
+            if ok:
+                break
+            if attempt == LOAD_ATTEMPTS:
+                if not retired:
+                    raise ChangeRefused(f"loading failed {LOAD_ATTEMPTS} times: {self.message}")
+                self._cannot_serve(f"loading failed {LOAD_ATTEMPTS} times: {self.message}")
+                return
+            await asyncio.sleep(0.5 * 2 ** attempt)
+        loaded_at = time.perf_counter()
+        await self._install(target, counted=heal)
+        took = time.perf_counter() - began
+        if heal:
+            self.recoveries += 1
+            self.last_recovery_ms = int(took * 1000)
+            self.last_recovery_phases = dict(began=began, detected=detected, planned=planned, loaded=loaded_at,
+                                             serving=began + took)
+            self.last_recovery = (f"{reason}: recovered in {took:.2f} s (detect {detected - began:.2f} s, "
+                                  f"plan {planned - detected:.2f} s, load {loaded_at - planned:.2f} s); "
+                                  f"{describe(self.assignment, self.stages)}")
+            self.say(self.last_recovery)
+        elif not first:
+            self.say(f"{reason}: done in {took:.2f} s; {describe(self.assignment, self.stages)}")
+
+    def _choose(self, dead: list[WorkerRecord], spares: list[WorkerRecord], loaded: dict[str, LoadedShard],
+                excluded: set[str], *, first: bool, drain: WorkerRecord | None, rebalance: bool) -> Assignment:
+        usable = [w for w in self.assignment if w not in dead and w.worker_id not in excluded]
         if first or rebalance:
-            candidates = ([w for w in self.assignment if w not in dead] + spares)[: self.config.workers]
+            candidates = (usable + spares)[: self.config.workers]
             stages = plan(self.manifest, len(candidates), [w.memory_budget_bytes for w in candidates])
             return list(zip(candidates, stages, strict=True))
-        leaving = [*dead, *([drain] if drain is not None else [])]
+        leaving = [w for w in self.assignment if w not in usable or w is drain]
         current = list(zip(self.assignment, self.stages, strict=True))
         replaced = choose_replacements(current, leaving, spares, loaded, self.config.model)
         if replaced is not None:
             return replaced
         # not enough spares: re-plan onto the workers that stay (and whatever spares there are)
-        staying = [w for w in self.assignment if w not in leaving] + spares
+        staying = ([w for w in usable if w is not drain] + spares)[: self.config.workers]
         if not staying:
-            raise PlanDoesNotFit("no live worker is left")
-        staying = staying[: self.config.workers]
+            raise PlanDoesNotFit("no live worker is left to take the layers")
         stages = plan(self.manifest, len(staying), [w.memory_budget_bytes for w in staying])
         return list(zip(staying, stages, strict=True))
 
-    async def _probe(self) -> dict[str, LoadedShard]:
-        """Ask every live worker what it holds (in parallel, each within the probe timeout); a worker that
-        does not answer is marked lost. Returns worker id -> what it holds, for those that answered."""
-        workers = self.registry.live()
-        statuses = await asyncio.gather(*(self._status(w.address, self.config.probe_timeout_ms / 1000)
-                                          for w in workers))
-        found: dict[str, LoadedShard] = {}
-        for worker, status in zip(workers, statuses, strict=True):
-            if status is None:
-                worker.state, worker.last_error = "lost", "did not answer the probe"
-            elif status.state == worker_pb2.WORKER_STATE_READY:
-                found[worker.worker_id] = LoadedShard(status.model, status.start_layer, status.end_layer)
-            else:
-                found[worker.worker_id] = LoadedShard("", 0, 0)
-        return found
-
-    async def _load(self, target: Assignment, loaded: dict[str, LoadedShard], suspend: bool) -> bool:
-        """Load every stage whose worker does not hold it already. Spares load while the old chain serves;
-        the chain's own workers only once it is suspended. False (with the reason in .message) on failure."""
+    async def _load(self, target: Assignment, loaded: dict[str, LoadedShard], retired: bool,
+                    excluded: set[str]) -> tuple[bool, bool]:
+        """Load every stage whose worker does not hold it already: first the workers outside the chain, while
+        it still serves; then the chain's own, once it is retired (no step may reach a worker mid-load).
+        Returns (ok, retired); on failure the reason is in .message and the workers are in `excluded`."""
         todo = [(w, s) for w, s in target if loaded.get(w.worker_id) != LoadedShard(self.config.model, s.start, s.end)]
-        in_chain = [(w, s) for w, s in todo if w in self.assignment]
         outside = [(w, s) for w, s in todo if w not in self.assignment]
+        in_chain = [(w, s) for w, s in todo if w in self.assignment]
         self.loading_bytes = sum(s.weight_bytes for _, s in todo)
         self.progress = {}
         for batch in (outside, in_chain):
             if not batch:
                 continue
-            if batch is in_chain or suspend:
-                self.pipeline.suspend()  # the chain's own workers drop their shards: no step may reach them
+            if batch is in_chain and not retired:
+                await self._retire()
+                retired = True
             for worker, stage in batch:
                 worker.state, worker.stage, worker.last_error = "loading", stage, ""
-            results = await asyncio.gather(*(self._load_one(w, s) for w, s in batch), return_exceptions=True)
+            c = self.config
+            results = await asyncio.gather(*(
+                load_shard(w, c.model, s, self.parameters_address, dtype_to_enum(c.dtype), c.load_timeout_s,
+                           self.links.keepalive, self.progress) for w, s in batch), return_exceptions=True)
             failed = []
             for (worker, _), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     worker.state, worker.last_error = "failed", str(result)
+                    excluded.add(worker.worker_id)
                     failed.append(f"{worker.address}: {result}")
             if failed:
                 self.message = "; ".join(failed)
                 self.say(f"error: loading failed: {self.message}")
-                return False
-        return True
+                return False, retired
+        return True, retired
 
-    async def _load_one(self, worker: WorkerRecord, stage: StagePlan) -> None:
-        request = worker_pb2.LoadShardRequest(model=self.config.model, start_layer=stage.start, end_layer=stage.end,
-                                              parameters_address=self.parameters_address,
-                                              dtype=dtype_to_enum(self.config.dtype))
-        async with channel(worker.address, self.links.keepalive) as ch:
-            try:
-                async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(
-                        request, timeout=self.config.load_timeout_s):
-                    self.progress[worker.address] = p.bytes_done
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-
-    async def _install(self, target: Assignment) -> None:
+    async def _install(self, target: Assignment, counted: bool) -> None:
         """The new chain: install it, rewind every stream (replay), free the old sessions, open the gate."""
         self.pipeline.suspend()
         old_workers = {w.address for w in self.assignment}
@@ -349,11 +378,12 @@ class Cluster:
             self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
                                        max_active=c.max_active_streams, max_queued=c.max_queued_streams,
                                        prefill_chunk=c.prefill_chunk_tokens)
-        stale = self.scheduler.rewind()
+        stale = self.scheduler.rewind(counted)
         if old_chain is not None:
             await old_chain.close()
         everyone = sorted(old_workers | {w.address for w in self.registry.live()})
         self._spawn(end_sessions(everyone, stale, self.links), "freeing replayed sessions")
+        self._failed_with = ()
         self._set_state("ready")
         self.pipeline.resume()
         if not self.draining:
@@ -361,7 +391,8 @@ class Cluster:
 
     def _cannot_serve(self, why: str) -> None:
         """Healing is impossible for now: the requests in flight fail with the reason; a worker that joins
-        later triggers another attempt."""
+        later triggers another attempt. The gate stays closed (state "failed" refuses new requests)."""
+        self.pipeline.suspend()
         self._set_state("failed", why)
         self._failed_with = tuple(w.worker_id for w in self.registry.live())
         self.say(f"error: {why}")
@@ -397,15 +428,7 @@ class Cluster:
             await asyncio.sleep(0.1)
 
     # -- status ----------------------------------------------------------------------------------------
-    async def _status(self, address: str, timeout: float) -> worker_pb2.GetStatusResponse | None:
-        with contextlib.suppress(grpc.RpcError, asyncio.TimeoutError):
-            async with channel(address, self.links.keepalive) as ch:
-                status: worker_pb2.GetStatusResponse = await worker_pb2_grpc.ShardWorkerStub(ch).GetStatus(
-                    worker_pb2.GetStatusRequest(), timeout=timeout)
-                return status
-        return None
-
     async def worker_status(self, record: WorkerRecord) -> worker_pb2.GetStatusResponse | None:
         if record.state == "lost":
             return None
-        return await self._status(record.address, 2.0)
+        return await status(record.address, 2.0, self.links.keepalive)

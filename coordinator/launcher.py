@@ -41,8 +41,9 @@ async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int =
         args += ["--memory-budget-mb", str(memory_budget_mb)]
     # several workers share this machine's cores: OpenMP threads that spin while waiting would steal them
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # a session of its own: Ctrl-C on the launcher reaches the launcher only, which drains, then stops it
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "shard_worker.cli", "serve", *args,
-                                                   stdout=asyncio.subprocess.PIPE, env=env)
+                                                   stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True)
     if process.stdout is None:
         raise RuntimeError("no stdout from the worker process")
     said: list[str] = []
@@ -128,31 +129,40 @@ class LocalCluster:
     async def _supervise(self, say: Callable[[str], None]) -> None:
         """Restart worker processes that die, with backoff; give up on a crash loop."""
         recent: collections.deque[float] = collections.deque()
-        while True:
+        while not self.gave_up:
             await asyncio.sleep(0.2)
-            for dead in [p for p in self.processes if p.process.returncode is not None]:
-                self.processes.remove(dead)
-                why = f"its process exited with code {dead.process.returncode}"
-                if self.coordinator is not None:
-                    self.coordinator.cluster.report_dead(dead.address, why)
-                now = time.monotonic()
-                recent.append(now)
-                while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
-                    recent.popleft()
-                if len(recent) > CRASH_LOOP_RESTARTS:
-                    self.gave_up = (f"worker processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, "
-                                    f"the last one: {why}); not restarting them any more: see the workers' log")
-                    say(f"error: {self.gave_up}")
-                    return
-                say(f"worker {dead.address}: {why}; restarting it")
-                await asyncio.sleep(min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0)
-                try:
-                    self.processes.append(await self._spawn())
-                    self.restarts += 1
-                except (RuntimeError, OSError, TimeoutError) as exc:
-                    say(f"error: restarting a worker failed: {exc}")
+            try:
+                await self._restart_dead(recent, say)
+            except Exception:  # noqa: BLE001 - the supervisor itself must not die silently
+                log.exception("worker supervision failed once; it goes on")
+
+    async def _restart_dead(self, recent: collections.deque[float], say: Callable[[str], None]) -> None:
+        """Report each worker process that exited, and start another in its place (it joins as a spare)."""
+        for dead in [p for p in self.processes if p.process.returncode is not None]:
+            self.processes.remove(dead)
+            why = f"its process exited with code {dead.process.returncode}"
+            if self.coordinator is not None:
+                self.coordinator.cluster.report_dead(dead.address, why)
+            now = time.monotonic()
+            recent.append(now)
+            while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
+                recent.popleft()
+            if len(recent) > CRASH_LOOP_RESTARTS:
+                self.gave_up = (f"worker processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, "
+                                f"the last one: {why}); not restarting them any more: see the workers' log")
+                say(f"error: {self.gave_up}")
+                return
+            say(f"worker {dead.address}: {why}; restarting it")
+            await asyncio.sleep(min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0)
+            try:
+                self.processes.append(await self._spawn())
+                self.restarts += 1
+            except (RuntimeError, OSError, TimeoutError) as exc:
+                say(f"error: restarting a worker failed: {exc}")
 
     async def drain(self, grace_s: float) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()  # workers that exit now are not restarted
         if self.coordinator is not None:
             await self.coordinator.cluster.drain(grace_s)
 

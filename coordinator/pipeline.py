@@ -42,6 +42,14 @@ class Pipeline:
         self.epoch += 1
         return old
 
+    def retire(self) -> ChainClient | None:
+        """No chain for now (a new epoch, the gate closed): steps in flight belong to a retired epoch. Returns
+        the old chain for the caller to close."""
+        old, self.chain = self.chain, None
+        self.epoch += 1
+        self._open.clear()
+        return old
+
     def suspend(self) -> None:
         self._open.clear()
 

@@ -20,7 +20,7 @@ class WorkerRecord:
     last_error: str = ""
 
 
-UNPLANNABLE = ("failed", "draining", "drained")  # states a worker is never planned into
+UNPLANNABLE = ("draining", "drained")  # states a worker is never planned into
 
 
 class Registry:

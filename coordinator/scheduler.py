@@ -43,7 +43,8 @@ class Stream:
     pending: list[int] = field(default_factory=list)  # ids still to feed: the prompt, then the last sample
     position: int = 0
     produced: int = 0
-    replays: int = 0
+    replays: int = 0    # chains this stream moved to (each a new session id)
+    failures: int = 0   # of which after a failure
     done: bool = False
     tokens: asyncio.Queue[int | BaseException | None] = field(default_factory=asyncio.Queue)
 
@@ -55,9 +56,10 @@ class Stream:
         """The id of this stream's caches on the workers; a replay starts a new one."""
         return f"{self.request_id}.r{self.replays}" if self.replays else self.request_id
 
-    def rewind(self) -> None:
+    def rewind(self, failure: bool) -> None:
         """Start over on a new chain: feed every id again, under a new session id."""
         self.replays += 1
+        self.failures += failure
         self.position = 0
         self.pending = list(self.ids)
 
@@ -67,7 +69,7 @@ class Stream:
             self.tokens.put_nowait(item)
 
 
-MAX_REPLAYS = 8  # a stream that needs more replays than this fails rather than loop forever
+MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather than loop forever
 
 
 class Scheduler:
@@ -80,6 +82,7 @@ class Scheduler:
         self.waiting: collections.deque[Stream] = collections.deque()
         self._wake = [asyncio.Event() for _ in self.groups]
         self._ending: set[asyncio.Task[None]] = set()
+        self.replayed = 0  # streams rewound for replay, in all
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(self.groups))]
 
     @property
@@ -106,18 +109,20 @@ class Scheduler:
             self.groups[i].append(stream)
             self._wake[i].set()
 
-    def rewind(self) -> list[str]:
-        """Rewind every running stream for replay on a new chain (called while the gate is closed, so no
-        step is in flight); returns the session ids whose caches the old chain's workers may still hold."""
+    def rewind(self, failure: bool) -> list[str]:
+        """Rewind every running stream for replay on a new chain (called while the gate is closed and the old
+        chain is retired, so no step of theirs can still count); returns the session ids whose caches the old
+        chain's workers may still hold."""
         old: list[str] = []
         for group in self.groups:
             for stream in group:
                 old.append(stream.session_id)
                 if stream.done:
                     continue
-                stream.rewind()
-                if stream.replays > MAX_REPLAYS:
-                    stream.stop(Unavailable(f"the chain failed {MAX_REPLAYS} times while this request ran"))
+                stream.rewind(failure)
+                self.replayed += 1
+                if stream.failures > MAX_FAILURES:
+                    stream.stop(Unavailable(f"the chain failed {stream.failures} times while this request ran"))
         return old
 
     def fail_all(self, error: BaseException) -> None:
@@ -173,11 +178,13 @@ class Scheduler:
         ids = [t for s, n in batch for t in s.pending[:n]]
         try:
             response = await chain.step(sequences, ids)
-        except RECOVERABLE as exc:
-            await self.pipeline.heal(epoch, exc)  # the streams are rewound by then; the next cycle replays
-            return
-        except Exception as exc:  # noqa: BLE001 - every stream of the step hears of it
-            for stream, _ in batch:
+        except Exception as exc:  # noqa: BLE001
+            if epoch != self.pipeline.epoch:
+                return  # the chain was retired under this step: its streams are rewound at the next install
+            if isinstance(exc, RECOVERABLE):
+                await self.pipeline.heal(epoch, exc)  # the streams are rewound by then; the next cycle replays
+                return
+            for stream, _ in batch:  # the request's fault, not the chain's: every stream of the step hears of it
                 stream.stop(exc)
             return
         if epoch != self.pipeline.epoch:

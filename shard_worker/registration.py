@@ -31,6 +31,7 @@ class Registration:
         self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
         self.keepalive = keepalive
         self.worker_id = ""
+        self.leaving = False  # once leaving, a coordinator that forgets this worker is not asked again
 
     async def run(self) -> None:
         async with channel(self.coordinator, self.keepalive) as ch:
@@ -39,6 +40,8 @@ class Registration:
             while True:
                 try:
                     if not self.worker_id:
+                        if self.leaving:
+                            return
                         reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
                             address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S)
                         self.worker_id, interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
@@ -47,6 +50,8 @@ class Registration:
                         beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=self.worker_id),
                                                     timeout=RPC_TIMEOUT_S)
                         if not beat.known:
+                            if self.leaving:
+                                return  # it let this worker go
                             log.warning("coordinator %s forgot this worker; registering again", self.coordinator)
                             self.worker_id = ""
                             continue
@@ -65,6 +70,7 @@ class Registration:
 
     async def leave(self, timeout_s: float) -> str:
         """Ask the coordinator to hand this worker's stage over; returns once it may exit."""
+        self.leaving = True
         if not self.worker_id:
             return "not registered"
         async with channel(self.coordinator, self.keepalive) as ch:
@@ -73,5 +79,4 @@ class Registration:
                     coordinator_pb2.LeaveClusterRequest(worker_id=self.worker_id), timeout=timeout_s)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from err
-        self.worker_id = ""
         return str(reply.message)

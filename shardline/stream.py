@@ -67,6 +67,7 @@ class _Connection:
         self.pending: dict[int, asyncio.Future[worker_pb2.ForwardResponse]] = {}
         self.answered = 0
         self.reason = ""
+        self.closing: asyncio.Task[None] | None = None
         forward = self.channel.stream_stream(FORWARD, request_serializer=Outgoing.serialize,
                                              response_deserializer=worker_pb2.ForwardResponse.FromString)
         self.call = forward(self._requests())
@@ -103,7 +104,7 @@ class _Connection:
             self.reason = str(error)
             self.queue.put_nowait(None)
             self.call.cancel()
-            asyncio.get_running_loop().create_task(self.channel.close(None))
+            self.closing = asyncio.get_running_loop().create_task(self.channel.close(None))  # kept: not collected
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -168,17 +169,21 @@ class StageStream:
         def left() -> float:
             return max(0.001, deadline - time.monotonic())
 
-        late = DeadlineExceeded(f"stage {self.target} did not answer within {timeout:.1f} s")
+        late = DeadlineExceeded(f"no answer within {timeout:.1f} s from stage {self.target} (it, or a stage after "
+                                f"it on the route, stalled)")
         try:
             await asyncio.wait_for(self._window.acquire(), timeout)
         except TimeoutError:
-            raise DeadlineExceeded(f"stage {self.target}: {self.settings.window} steps already in flight for "
-                                   f"{timeout:.1f} s") from None
+            raise DeadlineExceeded(f"stage {self.target}: no room among the {self.settings.window} steps in flight "
+                                   f"within {timeout:.1f} s") from None
         try:
             try:
                 conn = await asyncio.wait_for(self._connection(), left())
             except TimeoutError:
-                raise late from None
+                raise DeadlineExceeded(f"could not reach stage {self.target} within {timeout:.1f} s (reconnecting "
+                                       "with backoff)") from None
+            if conn.broken:  # it broke while this step waited to connect
+                raise Unavailable(f"stage {self.target} is unreachable ({conn.reason})")
             step_id = next(self._ids)
             request.step_id = step_id
             request.timeout_ms = int(left() * 1000) + 1

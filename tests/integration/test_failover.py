@@ -72,6 +72,7 @@ def kill_stage(cluster, stage: int):
 
 def check_after(coordinator, killed: str, workers: int, recoveries_before: int) -> None:
     c = coordinator.cluster
+    assert c.scheduler.replayed > 0
     assert c.recoveries == recoveries_before + 1, c.last_recovery
     assert killed not in [w.address for w in c.assignment]
     assert len(c.assignment) == workers, c.last_recovery
@@ -85,6 +86,7 @@ def test_sigterm_on_a_worker_hands_its_stage_to_a_spare_then_it_exits(cluster, u
     assert len(coordinator.cluster.assignment) == 3 and len(coordinator.cluster.registry.live()) == 5
     leaving = coordinator.cluster.assignment[2].address
     process = next(p for p in processes if p.address == leaving)
+    replayed = coordinator.cluster.scheduler.replayed
 
     async def terminate() -> None:
         os.kill(process.process.pid, signal.SIGTERM)
@@ -96,6 +98,7 @@ def test_sigterm_on_a_worker_hands_its_stage_to_a_spare_then_it_exits(cluster, u
         time.sleep(0.1)
     assert process.process.returncode == 0  # it exited on its own, once handed over
     c = coordinator.cluster
+    assert c.scheduler.replayed > replayed  # it left while streams ran: they moved to the new chain
     assert c.recoveries == 0  # a handover, not a failure
     assert leaving not in [w.address for w in c.assignment] and len(c.assignment) == 3
     assert leaving not in [w.address for w in c.registry.workers.values()]
@@ -105,13 +108,12 @@ def test_sigkill_of_a_worker_with_a_spare_fails_no_stream(cluster, undisturbed):
     coordinator, _ = cluster
     assert len(coordinator.cluster.assignment) == 3 and len(coordinator.cluster.registry.live()) == 4
     before = coordinator.cluster.recoveries
+    (spare,) = [w.address for w in coordinator.cluster.registry.live() if w not in coordinator.cluster.assignment]
     killed, kill = kill_stage(cluster, 1)
-    began = time.monotonic()
     tokens = asyncio.run(streams(coordinator.address, PROMPTS, kill, **GREEDY))
     assert tokens == undisturbed["greedy"]
-    check_after(coordinator, killed, 3, before)  # the spare took the dead worker's layers
-    assert "load" in coordinator.cluster.last_recovery
-    assert coordinator.cluster.last_recovery_ms < (time.monotonic() - began) * 1000
+    check_after(coordinator, killed, 3, before)
+    assert coordinator.cluster.assignment[1].address == spare  # the spare took the dead worker's layers
 
 
 def test_sigkill_with_no_spare_replans_onto_the_live_workers(cluster, undisturbed):

@@ -25,7 +25,7 @@ from tests.faults import FaultProxy
 pytestmark = pytest.mark.chaos
 
 STEP_TIMEOUT_MS = 3000
-PARAMS = dict(max_tokens=16, temperature=0)
+PARAMS = dict(max_tokens=24, temperature=0)
 
 
 @dataclass
@@ -44,10 +44,12 @@ def register(coordinator: Coordinator, address: str) -> None:
 
 @pytest.fixture(scope="module")
 def proxied(loop, smollm2_store, parameters):
-    links = LinkSettings(step_timeout_ms=STEP_TIMEOUT_MS, keepalive=Keepalive(time_ms=1000, timeout_ms=2000))
+    # pings every second (the idle test needs several periods), but a stall is left to the step deadline to
+    # find: a keepalive timeout as short as the deadline would race it
+    links = LinkSettings(step_timeout_ms=STEP_TIMEOUT_MS, keepalive=Keepalive(time_ms=1000, timeout_ms=20_000))
     config = CoordinatorConfig(store=smollm2_store.root, model="smollm2", workers=3, port=0,
                                parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000,
-                               step_timeout_ms=STEP_TIMEOUT_MS, keepalive_time_ms=1000, keepalive_timeout_ms=2000,
+                               step_timeout_ms=STEP_TIMEOUT_MS, keepalive_time_ms=1000, keepalive_timeout_ms=20_000,
                                probe_timeout_ms=1000)
     coordinator = loop.run(start_coordinator(config))
     servers = [loop.run(start_worker(links=links)) for _ in range(3)]
@@ -113,16 +115,17 @@ def test_a_link_stalled_past_the_step_deadline_completes_every_stream_identicall
     assert tokens == undisturbed
     assert recoveries(proxied) > before
     status = proxied.coordinator.cluster
-    assert "did not answer within" in status.last_recovery, status.last_recovery
+    assert "no answer within" in status.last_recovery, status.last_recovery
     assert len(status.assignment) == 3, status.last_recovery  # the stalled worker was alive: it stayed
-    time.sleep(1)  # late steps released by the proxy must not recreate ended sessions
+    time.sleep(1)  # the steps the proxy held arrive late: they must leave nothing behind
     statuses = wait_until_no_sessions([s.address for s in proxied.servers])
     assert all(s.sessions == 0 and s.kv_cache_bytes == 0 for s in statuses), statuses
 
 
 def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undisturbed):
     cluster = proxied.coordinator.cluster
-    before = (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment])
+    before = (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment],
+              cluster.scheduler.replayed)
     joined = []
 
     async def join():
@@ -130,10 +133,13 @@ def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undi
         proxied.servers.append(server)
         joined.append(server.address)
         await asyncio.to_thread(register, proxied.coordinator, server.address)
+        joined.append(cluster.scheduler.active)
 
     tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, join, **PARAMS))
+    assert joined[1] > 0  # it joined while streams were running
     assert tokens == undisturbed
-    assert (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment]) == before
+    assert (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment],
+            cluster.scheduler.replayed) == before
     (spare,) = [w for w in cluster.registry.workers.values() if w.address == joined[0]]
     assert spare.state == "spare"
 
@@ -142,6 +148,7 @@ def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed)
     cluster = proxied.coordinator.cluster
     draining = cluster.assignment[2].address
     spare = next(w.address for w in cluster.registry.live() if w.state == "spare")
+    replayed = cluster.scheduler.replayed
     messages = []
 
     async def drain():
@@ -150,6 +157,8 @@ def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed)
 
     tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, drain, **PARAMS))
     assert tokens == undisturbed
+    assert cluster.scheduler.replayed > replayed  # the hand-over happened while streams ran: they moved
+    assert recoveries(proxied) == 0 or "stalled" in cluster.last_recovery  # a drain is not a failure
     assert [w.address for w in cluster.assignment][2] == spare, messages
     assert "drained" in messages[0]
     (record,) = [w for w in cluster.registry.workers.values() if w.address == draining]

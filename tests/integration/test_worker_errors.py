@@ -97,6 +97,18 @@ def test_end_session_frees_cache(middle):
         assert after.sessions == 0 and after.kv_cache_bytes == 0
 
 
+def test_a_late_step_for_an_ended_session_does_not_bring_it_back(middle):
+    """Replay gives a session a new id, so an id once ended is never used again: a step for it that arrives
+    late (held by a link that stalled) is refused, even at position 0, and no cache is created."""
+    first, second = middle
+    chain = Chain([first.address, second.address])
+    for server in (first, second):
+        worker_stub(server.address).EndSession(worker_pb2.EndSessionRequest(session_ids=["late"]))
+    response = chain.step([seq("late", 0, 3)], [1, 2, 3])
+    assert response.error.code == grpc.StatusCode.NOT_FOUND.value[0] and "has ended" in response.error.message
+    assert all(worker_stub(s.address).GetStatus(worker_pb2.GetStatusRequest()).sessions == 0 for s in (first, second))
+
+
 def test_load_shard_bad_range_and_unreachable_parameters(workers, parameters):
     (worker,) = workers(1)
     with pytest.raises(grpc.RpcError) as err:
