@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardline-installed
 
-.PHONY: setup run test test-slow test-chaos lint protos bench clean
+.PHONY: setup run test test-slow test-chaos lint protos bench soak clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ bench: setup
 	$(BIN)/python bench/generate.py --groups 1
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/embeddings.py
+	$(BIN)/python bench/recovery.py
+
+# 10 minutes of 32 streams with a worker killed every 2 minutes (not part of `make bench`)
+soak: setup
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -81,13 +81,16 @@ def test_idle_for_several_keepalive_periods_then_serves_at_once_without_goaway(p
     cluster = proxied.coordinator.cluster
     chain = cluster.pipeline.chain
     links = [s.servicer.links for s in proxied.servers]
+    began = time.perf_counter()
+    asyncio.run(streams(proxied.coordinator.address, PROMPTS[:2], **PARAMS))
+    normal = time.perf_counter() - began  # the same work, not idle before: the baseline of this run
     before = (chain.first.connections, [ls.reconnects for ls in links], recoveries(proxied))
     time.sleep(6)  # 6 keepalive periods of 1 s: gRPC's default server policy sends GOAWAY after 3
     began = time.perf_counter()
     tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS[:2], **PARAMS))
     took = time.perf_counter() - began
     assert tokens == undisturbed[:2]
-    assert took < STEP_TIMEOUT_MS / 1000  # no stalled step had to time out first
+    assert took < 2 * normal + 1.0, (took, normal)  # at normal speed: no step waited on a dead link
     after = (cluster.pipeline.chain.first.connections, [ls.reconnects for ls in links], recoveries(proxied))
     assert after == before  # the same Forward streams carried on: none was dropped and reconnected
     assert "too_many_pings" not in capfd.readouterr().err
