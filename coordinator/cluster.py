@@ -57,6 +57,7 @@ class Cluster:
         self.progress: dict[str, int] = {}
         self.loading_bytes = 0
         self._failed_with: tuple[str, ...] = ()
+        self._rebalanced_with: tuple[str, ...] = ()
         self.changed = asyncio.Event()  # set on every state change (the launcher waits on it)
         self.recoveries, self.last_recovery_ms, self.last_recovery = 0, 0, ""
         self.last_recovery_phases: dict[str, float] = {}  # time.perf_counter() at each phase of the last one
@@ -65,6 +66,7 @@ class Cluster:
         self._tasks: set[asyncio.Task[None]] = set()
         self._healing: asyncio.Task[None] | None = None
         self._healing_epoch = -1
+        self._heal_pending = False  # the latest heal waits for the lock and has not probed yet
         self._monitor: asyncio.Task[None] | None = None
 
     @property
@@ -175,16 +177,23 @@ class Cluster:
         elif self.state == "failed":
             self._trigger_heal("a worker joined after a failed recovery")
         elif (self.config.rebalance_on_join and len(self.assignment) < self.config.workers
-              and len(live) > len(self.assignment)):
+              and len(live) > len(self.assignment) and tuple(w.worker_id for w in live) != self._rebalanced_with):
+            self._rebalanced_with = tuple(w.worker_id for w in live)  # one try per membership
             self._spawn(self._change("rebalance onto a worker that joined", rebalance=True), "rebalance")
 
     def _trigger_heal(self, reason: str, epoch: int | None = None) -> asyncio.Task[None]:
-        """One heal at a time; a failure seen in a newer epoch than the running heal's queues another."""
+        """One heal at a time. A failure from a newer epoch than the latest heal's, or news without an epoch
+        (a worker reported dead, or registered again) once that heal has begun probing, queues one more."""
         task = self._healing
-        if task is None or task.done() or (epoch is not None and epoch > self._healing_epoch):
-            self.pipeline.suspend()  # no further steps into the broken chain
-            self._healing_epoch = self.pipeline.epoch if epoch is None else epoch
-            task = self._healing = self._spawn(self._change(reason, heal=True, epoch=epoch), "recovery")
+        if task is not None and not task.done():
+            if epoch is not None and epoch <= self._healing_epoch:
+                return task
+            if epoch is None and self._heal_pending:
+                return task  # it has not probed yet: it will see what this news is about
+        self.pipeline.suspend()  # no further steps into the broken chain
+        self._healing_epoch = self.pipeline.epoch if epoch is None else epoch
+        self._heal_pending = True
+        task = self._healing = self._spawn(self._change(reason, heal=True, epoch=epoch), "recovery")
         return task
 
     async def heal(self, epoch: int, error: BaseException) -> None:
@@ -234,8 +243,10 @@ class Cluster:
         """Never leaves the gate closed while the state says the cluster serves: it ends with a new chain
         installed, with the old chain untouched (ChangeRefused), or in state "failed" with every stream told."""
         async with self._lock:
-            if heal and epoch is not None and epoch < self.pipeline.epoch:
-                return  # another change retired that chain while this one waited for its turn
+            if heal:
+                self._heal_pending = False
+                if epoch is not None and epoch < self.pipeline.epoch:
+                    return  # another change retired that chain while this one waited for its turn
             try:
                 await self._change_locked(reason, first=first, heal=heal, drain=drain, rebalance=rebalance)
             except (asyncio.CancelledError, ChangeRefused):
@@ -244,6 +255,10 @@ class Cluster:
                 log.exception("changing the chain (%s) failed", reason)
                 self._cannot_serve(f"internal error while {reason}; the coordinator log has the details")
                 raise
+            finally:
+                for worker in self.registry.live():  # loaded for a chain that was not installed
+                    if worker.state == "loading" and worker not in self.assignment:
+                        worker.state, worker.stage = "spare", None
 
     async def _retire(self) -> None:
         """Close the gate and the chain: steps in flight fail at once (their streams are rewound at install)."""
@@ -267,7 +282,7 @@ class Cluster:
         for attempt in range(1, LOAD_ATTEMPTS + 1):
             loaded = await probe(self.registry.live(), self.config.probe_timeout_ms / 1000, self.links.keepalive)
             for worker in self.registry.live():
-                if worker.worker_id not in loaded:
+                if worker.worker_id not in loaded and worker.state not in UNPLANNABLE:
                     worker.state, worker.last_error = "lost", "did not answer the probe"
             detected = time.perf_counter()
             dead = [w for w in self.assignment if w.worker_id not in loaded]
@@ -285,6 +300,9 @@ class Cluster:
                 self.say(f"{reason}: nothing to change; {describe(self.assignment, self.stages)}")
                 return
             ok, retired = await self._load(target, loaded, retired, excluded)
+            replaced = [w for w, _ in target if self.registry.workers.get(w.worker_id) is not w]
+            if ok and replaced:  # one restarted and registered again while this change ran: probe again
+                ok, self.message = False, f"worker {replaced[0].address} registered again during the change"
             if ok:
                 break
             if attempt == LOAD_ATTEMPTS:
@@ -343,6 +361,8 @@ class Cluster:
             if batch is in_chain and not retired:
                 await self._retire()
                 retired = True
+                self._set_state("recovering", "moving the chain's layers: requests wait for it")
+                await self._set_serving(False)
             for worker, stage in batch:
                 worker.state, worker.stage, worker.last_error = "loading", stage, ""
             c = self.config
@@ -392,7 +412,9 @@ class Cluster:
     def _cannot_serve(self, why: str) -> None:
         """Healing is impossible for now: the requests in flight fail with the reason; a worker that joins
         later triggers another attempt. The gate stays closed (state "failed" refuses new requests)."""
-        self.pipeline.suspend()
+        old = self.pipeline.fail(Unavailable(why))
+        if old is not None:
+            self._spawn(old.close(), "closing the old chain")
         self._set_state("failed", why)
         self._failed_with = tuple(w.worker_id for w in self.registry.live())
         self.say(f"error: {why}")

@@ -13,11 +13,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from coordinator.chain import ChainClient
-from shardline.errors import DeadlineExceeded, NotFound, ShardlineError, Unavailable
+from shardline.errors import DeadlineExceeded, FailedPrecondition, NotFound, ShardlineError, Unavailable
 from shardline.v1 import worker_pb2
 
-# failures that say the chain is broken, not the request: healed, then replayed
-RECOVERABLE: tuple[type[ShardlineError], ...] = (Unavailable, DeadlineExceeded, NotFound)
+# failures that say the chain is broken, not the request: healed, then replayed. A request cannot cause
+# FAILED_PRECONDITION or NOT_FOUND on a stage (the coordinator validated it): a stage without its shard, or
+# without a session's cache, is a worker that restarted.
+RECOVERABLE: tuple[type[ShardlineError], ...] = (Unavailable, DeadlineExceeded, NotFound, FailedPrecondition)
 MAX_STATELESS_RETRIES = 3
 
 
@@ -26,6 +28,8 @@ class Pipeline:
         self._heal = heal
         self.chain: ChainClient | None = None
         self.epoch = 0
+        self.failure: ShardlineError | None = None  # why there is no chain, when the cluster cannot serve
+        self._last_addresses: list[str] = []
         self._open = asyncio.Event()
 
     @property
@@ -34,11 +38,15 @@ class Pipeline:
 
     @property
     def addresses(self) -> list[str]:
-        return list(self.chain.addresses) if self.chain is not None else []
+        """The stages of the chain, or of the last one while there is none (their caches may still hold
+        sessions to free)."""
+        return list(self.chain.addresses) if self.chain is not None else list(self._last_addresses)
 
     def install(self, chain: ChainClient) -> ChainClient | None:
         """A new chain and epoch (the gate stays as it is); returns the old chain for the caller to close."""
         old, self.chain = self.chain, chain
+        self._last_addresses = list(chain.addresses)
+        self.failure = None
         self.epoch += 1
         return old
 
@@ -50,6 +58,14 @@ class Pipeline:
         self._open.clear()
         return old
 
+    def fail(self, error: ShardlineError) -> ChainClient | None:
+        """No chain, and none coming: everyone at the gate, or arriving at it, gets `error` until a chain is
+        installed again. Returns the old chain for the caller to close."""
+        old = self.retire()
+        self.failure = error
+        self._open.set()
+        return old
+
     def suspend(self) -> None:
         self._open.clear()
 
@@ -57,10 +73,13 @@ class Pipeline:
         self._open.set()
 
     async def wait_open(self) -> ChainClient:
+        """The chain to step through, once the gate opens; raises the failure if the cluster cannot serve."""
         while True:
             await self._open.wait()
             if self.chain is not None:
                 return self.chain
+            if self.failure is not None:
+                raise self.failure
             self._open.clear()
 
     async def heal(self, epoch: int, error: BaseException) -> None:

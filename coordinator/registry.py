@@ -50,7 +50,8 @@ class Registry:
     def mark_lost(self) -> list[WorkerRecord]:
         """Workers not heard from within the timeout become lost; returns the newly lost ones."""
         now = time.monotonic()
-        lost = [r for r in self.workers.values() if r.state != "lost" and now - r.last_heartbeat > self.timeout_s]
+        lost = [r for r in self.workers.values()
+                if r.state not in ("lost", *UNPLANNABLE) and now - r.last_heartbeat > self.timeout_s]
         for record in lost:
             record.state = "lost"
         return lost

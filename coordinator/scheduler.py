@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from coordinator.chain import end_sessions
 from coordinator.pipeline import RECOVERABLE, Pipeline
-from shardline.errors import Internal, ResourceExhausted, Unavailable
+from shardline.errors import Internal, ResourceExhausted, ShardlineError, Unavailable
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,12 @@ class Scheduler:
             self._wake[i].clear()
             await self._wake[i].wait()
             return
-        chain = await self.pipeline.wait_open()  # closed while the cluster heals: streams wait, not fail
+        try:
+            chain = await self.pipeline.wait_open()  # closed while the cluster heals: streams wait, not fail
+        except ShardlineError as exc:  # the cluster cannot serve: say why, to every stream of the group
+            for stream in self.groups[i]:
+                stream.stop(exc)
+            return
         epoch = self.pipeline.epoch
         batch: list[tuple[Stream, int]] = []
         budget = self.max_step_tokens
