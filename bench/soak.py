@@ -32,8 +32,8 @@ from coordinator.store import ModelStore  # noqa: E402
 from shardline.client import AsyncClient, Client  # noqa: E402
 from shardline.errors import ShardlineError  # noqa: E402
 
-TOPICS = ["a dragon", "the sea", "a city at night", "an old clock", "the first snow", "a lost letter", "a robot",
-          "a mountain village"]
+# prompts that run to max_tokens (instruction prompts without the chat template end after a token or two)
+CITIES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid", "Berlin", "Vienna", "Lagos", "Quito"]
 
 
 def free_port() -> int:
@@ -72,7 +72,7 @@ async def soak(endpoint: str, launcher: psutil.Process, minutes: float, kill_eve
     async def user(i: int) -> None:
         async with AsyncClient(endpoint, timeout=600) as client:
             while time.monotonic() < end:
-                prompt = f"Write a short story about {rng.choice(TOPICS)}."
+                prompt = f"The history of the city of {rng.choice(CITIES)} began"
                 try:
                     result = await client.generate(prompt, max_tokens=rng.choice([8, 16, 32, 64, 128]),
                                                    temperature=rng.choice([0, 0.8]), seed=i)
@@ -105,7 +105,8 @@ async def soak(endpoint: str, launcher: psutil.Process, minutes: float, kill_eve
         status = client.cluster_status()
     print(f"end: {after}, KV bytes {kv_bytes(endpoint)}; recoveries {status.recoveries}", flush=True)
     print(f"requests completed {stats['completed']}, errors {stats['errors']}, tokens {stats['tokens']} "
-          f"({stats['tokens'] / took:.1f} tok/s over {took / 60:.1f} min)", flush=True)
+          f"({stats['tokens'] / max(1, stats['completed']):.1f} per request; {stats['tokens'] / took:.1f} tok/s over "
+          f"{took / 60:.1f} min)", flush=True)
     for line in sorted(set(errors))[:10]:
         print(f"  error: {line}")
 

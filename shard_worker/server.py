@@ -9,7 +9,7 @@ import os
 
 from shard_worker.registration import Registration, default_memory_budget
 from shard_worker.servicer import WorkerServicer
-from shardline.errors import ShardlineError
+from shardline.errors import ShardlineError, Unavailable
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -66,6 +66,8 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
             if leaving.done():
                 try:
                     log.info("left the cluster: %s", leaving.result())
+                except Unavailable:
+                    log.info("the coordinator is gone (it stopped first): nothing to hand over")
                 except (ShardlineError, OSError) as exc:
                     log.warning("could not leave the cluster cleanly: %s", exc)
             else:
