@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 def test_a_default_cluster_idle_for_four_minutes_serves_the_next_request_on_the_same_streams(
         loop, smollm2_store, parameters, capfd):
+    # default keepalive; the workers are registered by hand and send no heartbeats, so none may be expected
     config = CoordinatorConfig(store=smollm2_store.root, model="smollm2", workers=2, port=0,
-                               parameters_address=parameters.address)
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000)
     coordinator = loop.run(start_coordinator(config))
     servers = [loop.run(start_worker()) for _ in range(2)]
     try:
