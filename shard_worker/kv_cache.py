@@ -1,77 +1,191 @@
-"""Per-session key/value caches, and the batch view that Hugging Face attention layers write through."""
+"""KV memory of a stage: a budget of fixed-size blocks, each session's keys and values in whole blocks, and
+the attention that reads them in place.
+
+Accounting is exact: a session holds `blocks` blocks from the stage's pool and its buffers are exactly that
+large (`blocks * block_tokens` positions per layer), so the bytes a stage reports are the bytes it holds.
+Growth takes whole blocks when a step needs them, never by doubling; a step that needs blocks the pool does
+not have fails for that sequence only (RESOURCE_EXHAUSTED), before anything is computed.
+
+Attention runs per sequence on views of its own buffers (`attend`), so a decode step never copies any
+session's past into a padded batch tensor. It is registered with `transformers` as the attention
+implementation "shardline" and finds the batch's caches through `BatchCache.activate`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
-_MIN_CAPACITY = 64
+from shardline.errors import ResourceExhausted
+
+ATTENTION = "shardline"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of one stage's KV memory."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_tokens: int
+
+    @property
+    def token_bytes(self) -> int:
+        """Keys and values of one position in every layer of the stage."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_tokens * self.token_bytes
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_tokens)
+
+
+class KVPool:
+    """The stage's budget of blocks. Only the compute thread takes and gives; status reads the counters."""
+
+    def __init__(self, layout: KVLayout, blocks_total: int) -> None:
+        self.layout, self.blocks_total = layout, max(0, blocks_total)
+        self.blocks_used = 0
+
+    @property
+    def blocks_free(self) -> int:
+        return self.blocks_total - self.blocks_used
+
+    @property
+    def bytes_used(self) -> int:
+        return self.blocks_used * self.layout.block_bytes
+
+    def take(self, n: int, positions: int) -> None:
+        if n > self.blocks_free:
+            raise ResourceExhausted(
+                f"KV memory is full on this stage: {positions} positions need {n} more blocks of "
+                f"{self.layout.block_tokens} positions, {self.blocks_free} of {self.blocks_total} are free")
+        self.blocks_used += n
+
+    def give(self, n: int) -> None:
+        self.blocks_used -= n
 
 
 class SessionCache:
-    """One session's keys and values on this stage: per local layer a [kv_heads, capacity, head_dim]
-    buffer, grown by doubling. `length` counts the committed positions."""
+    """One session's keys and values on this stage: per local layer a [kv_heads, blocks * block_tokens,
+    head_dim] buffer. `length` counts the committed positions."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
         self.length = 0
-        self._shape = (kv_heads, head_dim)
-        self._dtype = dtype
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.blocks = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.keys, *self.values) if t is not None)
+        return self.blocks * self.pool.layout.block_bytes
 
-    def _buffers(self, layer: int, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[layer], self.values[layer]
-        if keys is None or values is None or keys.shape[1] < needed:
-            capacity = max(_MIN_CAPACITY, needed, 2 * (keys.shape[1] if keys is not None else 0))
-            heads, dim = self._shape
-            new_k = torch.empty(heads, capacity, dim, dtype=self._dtype)
-            new_v = torch.empty(heads, capacity, dim, dtype=self._dtype)
-            if keys is not None and values is not None:
-                new_k[:, : keys.shape[1]] = keys
-                new_v[:, : values.shape[1]] = values
-            self.keys[layer], self.values[layer] = keys, values = new_k, new_v
-        return keys, values
+    def reserve(self, positions: int) -> None:
+        """Hold room for positions [0, positions): take the blocks missing from the pool (or raise
+        ResourceExhausted, changing nothing) and move the committed positions into the larger buffers."""
+        layout = self.pool.layout
+        blocks = layout.blocks_for(positions)
+        if blocks <= self.blocks:
+            return
+        self.pool.take(blocks - self.blocks, positions)
+        shape = (layout.kv_heads, blocks * layout.block_tokens, layout.head_dim)
+        keys, values = [], []
+        for layer in range(layout.layers):
+            k, v = torch.empty(shape, dtype=layout.dtype), torch.empty(shape, dtype=layout.dtype)
+            if self.length:
+                k[:, : self.length] = self.keys[layer][:, : self.length]
+                v[:, : self.length] = self.values[layer][:, : self.length]
+            keys.append(k)
+            values.append(v)
+        self.keys, self.values, self.blocks = keys, values, blocks
 
-    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
-        """Store [kv_heads, n, head_dim] at positions [start, start+n); return views of [0, start+n)."""
+    def release(self) -> None:
+        self.pool.give(self.blocks)
+        self.blocks, self.keys, self.values = 0, [], []
+
+    def write(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store [kv_heads, n, head_dim] at positions [start, start + n) (reserved beforehand)."""
         end = start + key.shape[1]
-        keys, values = self._buffers(layer, end)
-        keys[:, start:end] = key
-        values[:, start:end] = value
-        return keys[:, :end], values[:, :end]
+        self.keys[layer][:, start:end] = key
+        self.values[layer][:, start:end] = value
 
 
 class BatchCache:
-    """Duck-typed `transformers` Cache for one forward over a padded batch of sessions.
+    """Duck-typed `transformers` Cache for one forward over a batch of sessions with the same token count.
 
-    Layers call `update(key, value, layer_idx)` with the new keys of every sequence ([B, heads, N, dim],
-    right-padded); each sequence's own rows go into its session cache, and the attention sees, per
-    sequence, its whole past followed by the new rows, right-padded to the longest (the mask hides the pad).
+    Layers call `update(key, value, layer_idx)` with the new keys of every sequence ([B, heads, N, dim]);
+    each sequence's rows go into its own session cache. The attention ("shardline") then reads each
+    sequence's whole past from its buffers in place.
     """
 
-    def __init__(self, sessions: list[SessionCache], starts: list[int], counts: list[int], first_layer: int):
-        self.sessions, self.starts, self.counts = sessions, starts, counts
+    _active = threading.local()
+
+    def __init__(self, sessions: list[SessionCache], starts: list[int], count: int, first_layer: int):
+        self.sessions, self.starts, self.count = sessions, starts, count
         self.first_layer = first_layer
-        self.total = max(s + n for s, n in zip(starts, counts, strict=True))
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        previous = getattr(BatchCache._active, "cache", None)
+        BatchCache._active.cache = self
+        try:
+            yield
+        finally:
+            BatchCache._active.cache = previous
+
+    @staticmethod
+    def active() -> BatchCache | None:
+        return getattr(BatchCache._active, "cache", None)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         layer = layer_idx - self.first_layer
-        if len(self.sessions) == 1:
-            keys, values = self.sessions[0].write(layer, self.starts[0], key[0, :, : self.counts[0]],
-                                                  value[0, :, : self.counts[0]])
-            return keys[None], values[None]
-        batch, heads, _, dim = key.shape
-        all_keys = key.new_zeros(batch, heads, self.total, dim)
-        all_values = value.new_zeros(batch, heads, self.total, dim)
-        for b, (session, start, count) in enumerate(zip(self.sessions, self.starts, self.counts, strict=True)):
-            keys, values = session.write(layer, start, key[b, :, :count], value[b, :, :count])
-            all_keys[b, :, : start + count] = keys
-            all_values[b, :, : start + count] = values
-        return all_keys, all_values
+        for b, (session, start) in enumerate(zip(self.sessions, self.starts, strict=True)):
+            session.write(layer, start, key[b], value[b])
+        return key, value
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """query [B, heads, N, dim] -> [B, N, heads, dim]: each sequence against its own past."""
+        layer = layer_idx - self.first_layer
+        batch, heads, n, dim = query.shape
+        out = query.new_empty(batch, n, heads, dim)
+        for b, (session, start) in enumerate(zip(self.sessions, self.starts, strict=True)):
+            end = start + n
+            keys, values = session.keys[layer][None, :, :end], session.values[layer][None, :, :end]
+            gqa = keys.shape[1] != heads
+            if n == 1:
+                o = F.scaled_dot_product_attention(query[b: b + 1], keys, values, scale=scaling, enable_gqa=gqa)
+            elif start == 0:
+                o = F.scaled_dot_product_attention(query[b: b + 1], keys, values, is_causal=True, scale=scaling,
+                                                   enable_gqa=gqa)
+            else:  # a later chunk of a prompt: query j sees positions 0 .. start + j
+                allowed = torch.arange(end)[None, :] <= (start + torch.arange(n))[:, None]
+                o = F.scaled_dot_product_attention(query[b: b + 1], keys, values, attn_mask=allowed, scale=scaling,
+                                                   enable_gqa=gqa)
+            out[b] = o[0].transpose(0, 1)
+        return out
+
+
+def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The "shardline" attention implementation: a causal stage's layers read the active batch's caches."""
+    cache = BatchCache.active()
+    if cache is None:
+        raise RuntimeError("shardline attention runs only inside BatchCache.activate()")
+    return cache.attend(int(module.layer_idx), query, scaling), None  # type: ignore[arg-type]
+
+
+AttentionInterface.register(ATTENTION, attend)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -15,11 +16,11 @@ from typing import TypeVar
 
 import torch
 
-from shard_worker.kv_cache import SessionCache
+from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.sampling import Sampling, sample
 from shard_worker.stage import Packing, Stage
 from shardline.codec import RawTensor
-from shardline.errors import InvalidArgument, NotFound
+from shardline.errors import InvalidArgument, NotFound, ShardlineError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUTS = ("tokens", "logits", "last_logits", "hidden")
@@ -44,8 +45,23 @@ class Step:
 
 @dataclass(frozen=True)
 class StepResult:
+    """Results for the sequences that went through, in step order; `errors` holds those that failed (session
+    id, error): a sequence's own fault never fails its neighbours."""
+
     token_ids: list[int] | None = None
     tensor: RawTensor | None = None
+    errors: list[tuple[str, ShardlineError]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # indexes of the sequences that went through
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """What LoadShard tells a stage about the steps it will get and how to hold KV memory."""
+
+    max_step_tokens: int = 2048
+    prefill_chunk_tokens: int = 256
+    block_tokens: int = 16
+    session_ttl_s: float = 600.0
 
 
 def raw_from_torch(t: torch.Tensor) -> RawTensor:
@@ -73,14 +89,20 @@ class Metrics:
     queued: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    sessions_expired: int = 0
 
 
 class StageRuntime:
-    """Owns a stage and its sessions. Every method runs on the compute thread, one step at a time."""
+    """Owns a stage, its KV pool and its sessions. Every method runs on the compute thread, one step at a
+    time."""
 
-    def __init__(self, stage: Stage) -> None:
-        self.stage = stage
+    def __init__(self, stage: Stage, pool: KVPool, settings: KVSettings | None = None, headroom_bytes: int = 0,
+                 budget_bytes: int = 0) -> None:
+        self.stage, self.pool = stage, pool
+        self.settings = settings or KVSettings()
+        self.headroom_bytes, self.budget_bytes = headroom_bytes, budget_bytes
         self.sessions: dict[str, SessionCache] = {}
+        self.last_step: dict[str, float] = {}  # session id -> monotonic time of its last step
         # recently ended sessions: a step for one of them (a late step released by a link that had stalled)
         # must not create its cache again. Session ids are never reused: a replay takes a new one.
         self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -88,7 +110,7 @@ class StageRuntime:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(s.nbytes for s in self.sessions.values())
+        return self.pool.bytes_used
 
     def end_sessions(self, session_ids: list[str]) -> int:
         for sid in session_ids:
@@ -96,62 +118,44 @@ class StageRuntime:
             self.ended.move_to_end(sid)
         while len(self.ended) > MAX_TOMBSTONES:
             self.ended.popitem(last=False)
-        return sum(self.sessions.pop(sid, None) is not None for sid in session_ids)
+        freed = 0
+        for sid in session_ids:
+            cache = self.sessions.pop(sid, None)
+            self.last_step.pop(sid, None)
+            if cache is not None:
+                cache.release()
+                freed += 1
+        return freed
 
-    def validate(self, step: Step) -> list[SessionCache]:
-        """Check a step completely before touching any cache; returns each sequence's cache (new ones are
-        not registered until the step succeeds)."""
+    def expire(self, now: float | None = None) -> int:
+        """Free the sessions with no step for the TTL (their streams were abandoned without EndSession)."""
+        now = time.monotonic() if now is None else now
+        idle = [sid for sid, t in self.last_step.items() if now - t > self.settings.session_ttl_s]
+        freed = self.end_sessions(idle)
+        self.metrics.sessions_expired += freed
+        return freed
+
+    def _check_step(self, step: Step) -> None:
+        """What makes the whole message unusable (its shape, not one sequence's values)."""
         stage = self.stage
         if not step.sequences:
             raise InvalidArgument("sequences is empty")
         if step.output not in OUTPUTS:
             raise InvalidArgument(f"output {step.output!r} is not one of {OUTPUTS}")
-        if not stage.causal:
-            nonzero = [i for i, s in enumerate(step.sequences) if s.start != 0]
-            if nonzero:
-                raise InvalidArgument(f"sequences[{nonzero[0]}].start_position must be 0: an encoder keeps no cache")
-            if stage.is_last and step.output != "hidden":
-                raise InvalidArgument(f"output {step.output!r}: an encoder has no LM head; ask for hidden states")
-        seen: set[str] = set()
-        caches: list[SessionCache] = []
-        for i, seq in enumerate(step.sequences):
-            where = f"sequences[{i}]"
-            if not seq.session_id:
-                raise InvalidArgument(f"{where}.session_id is empty")
-            if seq.session_id in self.ended:
-                raise NotFound(f"{where}.session_id {seq.session_id!r} has ended on this stage")
-            if seq.session_id in seen:
-                raise InvalidArgument(f"{where}.session_id {seq.session_id!r} appears twice in one batch")
-            seen.add(seq.session_id)
-            if seq.count < 1:
-                raise InvalidArgument(f"{where}.num_tokens must be at least 1, got {seq.count}")
-            if seq.start < 0:
-                raise InvalidArgument(f"{where}.start_position must be >= 0, got {seq.start}")
-            if stage.max_positions and seq.start + seq.count > stage.max_positions:
-                raise InvalidArgument(f"{where} ends at position {seq.start + seq.count}, beyond the model's "
-                                      f"{stage.max_positions} positions")
-            cache = self.sessions.get(seq.session_id) if stage.causal else stage.new_session()
-            if cache is None:
-                if seq.start != 0:
-                    raise NotFound(f"{where}.session_id {seq.session_id!r} has no cache on this stage "
-                                   f"(start_position {seq.start}; a new session starts at 0)")
-                cache = stage.new_session()
-            elif seq.start > cache.length:
-                raise InvalidArgument(f"{where}.start_position {seq.start} does not follow session "
-                                      f"{seq.session_id!r}, whose cache holds {cache.length} positions")
-            s = seq.sampling
-            if s.temperature < 0 or s.top_k < 0 or not 0.0 <= s.top_p <= 1.0:
-                raise InvalidArgument(f"{where}.sampling is out of range (temperature >= 0, top_k >= 0, "
-                                      f"0 <= top_p <= 1): {s}")
-            caches.append(cache)
-        total = sum(seq.count for seq in step.sequences)
+        if not stage.causal and stage.is_last and step.output != "hidden":
+            raise InvalidArgument(f"output {step.output!r}: an encoder has no LM head; ask for hidden states")
+        counts = [seq.count for seq in step.sequences]
+        bad = next((i for i, n in enumerate(counts) if n < 1), None)
+        if bad is not None:
+            raise InvalidArgument(f"sequences[{bad}].num_tokens must be at least 1, got {counts[bad]}")
+        total = sum(counts)
+        if stage.causal and total > self.settings.max_step_tokens:
+            raise InvalidArgument(f"the step carries {total} tokens; this stage takes at most "
+                                  f"{self.settings.max_step_tokens} (max_step_tokens)")
         if stage.is_first:
             if step.token_ids is None or len(step.token_ids) != total:
                 got = "none" if step.token_ids is None else len(step.token_ids)
                 raise InvalidArgument(f"token_ids: the first stage needs {total} (sum of num_tokens), got {got}")
-            bad = [t for t in step.token_ids if not 0 <= t < stage.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token_ids: {bad[0]} is outside the vocabulary [0, {stage.vocab_size})")
         else:
             h = step.hidden
             if h is None:
@@ -162,7 +166,48 @@ class StageRuntime:
             if h.shape != (total, stage.hidden_size):
                 raise InvalidArgument(f"hidden.shape is {list(h.shape)}, expected [{total}, {stage.hidden_size}] "
                                       "(sum of num_tokens, hidden size)")
-        return caches
+
+    def _check_sequence(self, i: int, seq: Slice, token_ids: list[int] | None) -> SessionCache:
+        """One sequence's values against its session; returns its cache (a new one is not registered until
+        the step succeeds)."""
+        stage, where = self.stage, f"sequences[{i}]"
+        if not seq.session_id:
+            raise InvalidArgument(f"{where}.session_id is empty")
+        if seq.session_id in self.ended:
+            raise NotFound(f"{where}.session_id {seq.session_id!r} has ended on this stage")
+        if seq.start < 0:
+            raise InvalidArgument(f"{where}.start_position must be >= 0, got {seq.start}")
+        if not stage.causal and seq.start != 0:
+            raise InvalidArgument(f"{where}.start_position must be 0: an encoder keeps no cache")
+        if seq.count > self.settings.prefill_chunk_tokens and stage.causal:
+            raise InvalidArgument(f"{where}.num_tokens is {seq.count}; this stage takes at most "
+                                  f"{self.settings.prefill_chunk_tokens} per sequence (prefill_chunk_tokens)")
+        if stage.max_positions and seq.start + seq.count > stage.max_positions:
+            raise InvalidArgument(f"{where} ends at position {seq.start + seq.count}, beyond the model's "
+                                  f"{stage.max_positions} positions")
+        s = seq.sampling
+        if not (math.isfinite(s.temperature) and math.isfinite(s.top_p)) or s.temperature < 0 or s.top_k < 0 \
+                or not 0.0 <= s.top_p <= 1.0:
+            raise InvalidArgument(f"{where}.sampling is out of range (finite temperature >= 0, top_k >= 0, "
+                                  f"0 <= top_p <= 1): {s}")
+        if token_ids is not None:
+            bad = [t for t in token_ids if not 0 <= t < stage.vocab_size]
+            if bad:
+                raise InvalidArgument(f"token_ids of {where}: {bad[0]} is outside the vocabulary "
+                                      f"[0, {stage.vocab_size})")
+        if not stage.causal:
+            return stage.new_session(self.pool)
+        cache = self.sessions.get(seq.session_id)
+        if cache is None:
+            if seq.start != 0:
+                raise NotFound(f"{where}.session_id {seq.session_id!r} has no cache on this stage "
+                               f"(start_position {seq.start}; a new session starts at 0)")
+            cache = stage.new_session(self.pool)
+        elif seq.start > cache.length:
+            raise InvalidArgument(f"{where}.start_position {seq.start} does not follow session "
+                                  f"{seq.session_id!r}, whose cache holds {cache.length} positions")
+        cache.reserve(seq.start + seq.count)  # ResourceExhausted when the pool is short: nothing taken
+        return cache
 
     def step(self, step: Step) -> StepResult:
         began = time.perf_counter()
@@ -174,24 +219,79 @@ class StageRuntime:
             self.metrics.tokens += sum(s.count for s in step.sequences)
 
     def _step(self, step: Step) -> StepResult:
-        caches = self.validate(step)
-        packing = Packing([s.start for s in step.sequences], [s.count for s in step.sequences])
-        token_ids = torch.tensor(step.token_ids, dtype=torch.long) if step.token_ids is not None else None
-        hidden = torch_from_raw(step.hidden) if step.hidden is not None else None
-        out = self.stage.forward(caches, packing, token_ids, hidden)
+        self._check_step(step)
+        offsets = [0]
+        for seq in step.sequences:
+            offsets.append(offsets[-1] + seq.count)
+        seen: set[str] = set()
+        kept: list[int] = []
+        caches: list[SessionCache] = []
+        errors: list[tuple[str, ShardlineError]] = []
+        for i, seq in enumerate(step.sequences):
+            try:
+                if seq.session_id in seen:
+                    raise InvalidArgument(f"sequences[{i}].session_id {seq.session_id!r} appears twice in one batch")
+                ids = step.token_ids[offsets[i]: offsets[i + 1]] if step.token_ids is not None else None
+                caches.append(self._check_sequence(i, seq, ids))
+            except ShardlineError as exc:
+                errors.append((seq.session_id, exc))
+                continue
+            seen.add(seq.session_id)
+            kept.append(i)
+        if not kept:
+            return StepResult(errors=errors)
+        sequences = [step.sequences[i] for i in kept]
+        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in kept]) if errors else None
+        new = [c for seq, c in zip(sequences, caches, strict=True) if seq.session_id not in self.sessions]
+        try:
+            out = self._compute(step, sequences, caches, rows)
+        except BaseException:
+            for cache in new:  # never registered: give their blocks back
+                cache.release()
+            raise
         if self.stage.causal:
-            for seq, cache in zip(step.sequences, caches, strict=True):
+            now = time.monotonic()
+            for seq, cache in zip(sequences, caches, strict=True):
                 self.sessions[seq.session_id] = cache
-        if not self.stage.is_last or step.output == "hidden":
-            return StepResult(tensor=raw_from_torch(out))
-        if step.output == "logits":
-            return StepResult(tensor=raw_from_torch(self.stage.logits(out)))
-        last_rows = torch.tensor(packing.counts).cumsum(0) - 1
+                self.last_step[seq.session_id] = now
+        else:
+            for cache in caches:
+                cache.release()
+        return self._result(step.output, sequences, out, errors, kept)
+
+    def _compute(self, step: Step, sequences: list[Slice], caches: list[SessionCache],
+                 rows: torch.Tensor | None) -> torch.Tensor:
+        packing = Packing([s.start for s in sequences], [s.count for s in sequences])
+        token_ids = hidden = None
+        if step.token_ids is not None:
+            token_ids = torch.tensor(step.token_ids, dtype=torch.long)
+            token_ids = token_ids[rows] if rows is not None else token_ids
+        if step.hidden is not None:
+            hidden = torch_from_raw(step.hidden)
+            hidden = hidden[rows] if rows is not None else hidden
+        return self.stage.forward(caches, packing, token_ids, hidden)
+
+    def _result(self, output: str, sequences: list[Slice], out: torch.Tensor,
+                errors: list[tuple[str, ShardlineError]], kept: list[int]) -> StepResult:
+        if not self.stage.is_last or output == "hidden":
+            return StepResult(tensor=raw_from_torch(out), errors=errors, kept=kept)
+        if output == "logits":
+            return StepResult(tensor=raw_from_torch(self.stage.logits(out)), errors=errors, kept=kept)
+        last_rows = torch.tensor([s.count for s in sequences]).cumsum(0) - 1
         logits = self.stage.logits(out[last_rows])
-        if step.output == "last_logits":
-            return StepResult(tensor=raw_from_torch(logits))
-        positions = [s.start + s.count for s in step.sequences]
-        return StepResult(token_ids=sample(logits, [s.sampling for s in step.sequences], positions))
+        if output == "last_logits":
+            return StepResult(tensor=raw_from_torch(logits), errors=errors, kept=kept)
+        positions = [s.start + s.count for s in sequences]
+        sampled = sample(logits, [s.sampling for s in sequences], positions)
+        tokens: list[int] = []
+        still: list[int] = []
+        for i, seq, token in zip(kept, sequences, sampled, strict=True):
+            if isinstance(token, ShardlineError):  # this sequence's sampling failed: its neighbours go on
+                errors.append((seq.session_id, token))
+            else:
+                tokens.append(token)
+                still.append(i)
+        return StepResult(token_ids=tokens, errors=errors, kept=still)
 
 
 T = TypeVar("T")

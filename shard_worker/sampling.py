@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shardline.errors import Internal, InvalidArgument, ShardlineError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -23,7 +25,8 @@ def sample_one(logits: torch.Tensor, params: Sampling, position: int) -> int:
     """A token id from one row of float32 logits [vocab]."""
     if params.temperature <= 0.0:
         return int(torch.argmax(logits))
-    scores = logits / params.temperature
+    # shifted so the best score is 0 before dividing: a tiny temperature gives -inf elsewhere, never inf/NaN
+    scores = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -38,9 +41,20 @@ def sample_one(logits: torch.Tensor, params: Sampling, position: int) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -> list[int]:
-    """One token id per row of [B, vocab] logits; `positions` is the position each sampled token takes."""
-    greedy = [p.temperature <= 0.0 for p in params]
-    if all(greedy):
+def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -> list[int | ShardlineError]:
+    """One token id per row of [B, vocab] logits; `positions` is the position each sampled token takes. A row
+    that cannot be sampled (its logits hold NaN or inf, its values fail) gets an error instead: the other
+    rows are unaffected."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    if all(finite) and all(p.temperature <= 0.0 for p in params):
         return [int(t) for t in torch.argmax(logits, dim=-1)]
-    return [sample_one(row, p, pos) for row, p, pos in zip(logits, params, positions, strict=True)]
+    out: list[int | ShardlineError] = []
+    for row, p, pos, ok in zip(logits, params, positions, finite, strict=True):
+        if not ok:
+            out.append(Internal(f"the logits at position {pos} hold NaN or inf: this sequence cannot be sampled"))
+            continue
+        try:
+            out.append(sample_one(row, p, pos))
+        except (RuntimeError, ValueError) as exc:
+            out.append(InvalidArgument(f"sampling at position {pos} failed with {p}: {exc}"))
+    return out

@@ -22,14 +22,17 @@ SERVICE = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
 WorkerServer = RunningServer[WorkerServicer]
 
 
-async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettings | None = None) -> WorkerServer:
+async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettings | None = None,
+                       memory_budget_bytes: int = 0) -> WorkerServer:
+    """A worker serving on exactly host:port; `memory_budget_bytes` (default: 80% of the memory available)
+    bounds weights + activations + KV cache."""
     server = new_server()
     health = add_standard_services(server, [SERVICE])
 
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE], on)
 
-    servicer = WorkerServicer(serving, links)
+    servicer = WorkerServicer(serving, links, memory_budget_bytes)
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, server)
     bound = bind(server, host, port)
     await server.start()
@@ -43,13 +46,13 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
                         leave_timeout_s: float = 120.0) -> None:
     """Serve until SIGINT/SIGTERM. A worker registered with a coordinator first leaves the cluster (its stage
     is handed over, so no request fails); a second signal stops at once."""
-    worker = await start_worker(host, port, links)
+    budget = memory_budget_bytes or default_memory_budget()
+    worker = await start_worker(host, port, links, budget)
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
     registration: Registration | None = None
     registering: asyncio.Task[None] | None = None
     if coordinator:
         address = f"{advertise or host}:{worker.port}"
-        budget = memory_budget_bytes or default_memory_budget()
         registration = Registration(coordinator, address, budget, links.keepalive if links else None)
         registering = asyncio.create_task(registration.run())
     signals = Signals()

@@ -13,12 +13,14 @@ from typing import Any
 
 import psutil
 
+from shard_worker.capacity import plan_runtime
 from shard_worker.loader import load_stage
-from shard_worker.runtime import ComputeThread, Metrics, Slice, StageRuntime, Step, StepResult
+from shard_worker.registration import default_memory_budget
+from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
 from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
-from shardline.errors import FailedPrecondition, InvalidArgument, status_of
+from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.stream import LinkSettings, StageStreams
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -51,11 +53,43 @@ def step_from_proto(req: worker_pb2.ForwardRequest) -> Step:
     return Step(sequences, list(req.token_ids) if req.token_ids else None, hidden, OUTPUTS[req.output])
 
 
-def response_from_result(step_id: int, result: StepResult) -> worker_pb2.ForwardResponse:
-    response = worker_pb2.ForwardResponse(step_id=step_id, token_ids=result.token_ids or [])
+def sequence_errors(errors: list[tuple[str, ShardlineError]]) -> list[worker_pb2.SequenceError]:
+    out = []
+    for session_id, exc in errors:
+        code, message = status_of(exc)
+        out.append(worker_pb2.SequenceError(session_id=session_id,
+                                            error=tensor_pb2.ErrorStatus(code=code.value[0], message=message)))
+    return out
+
+
+def response_from_result(step_id: int, result: StepResult,
+                         failed: list[worker_pb2.SequenceError]) -> worker_pb2.ForwardResponse:
+    response = worker_pb2.ForwardResponse(step_id=step_id, token_ids=result.token_ids or [],
+                                          sequence_errors=[*failed, *sequence_errors(result.errors)])
     if result.tensor is not None:
         fill_tensor(response.tensor, result.tensor)
     return response
+
+
+def kv_settings(request: worker_pb2.LoadShardRequest) -> KVSettings:
+    """The KV settings a LoadShard asks for (0 = the default); errors name the field."""
+    defaults = KVSettings()
+    for name in ("max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms"):
+        if getattr(request, name) < 0:
+            raise InvalidArgument(f"{name} must be >= 0 (0 = the default), got {getattr(request, name)}")
+    settings = KVSettings(max_step_tokens=request.max_step_tokens or defaults.max_step_tokens,
+                          prefill_chunk_tokens=request.prefill_chunk_tokens or defaults.prefill_chunk_tokens,
+                          block_tokens=request.kv_block_tokens or defaults.block_tokens,
+                          session_ttl_s=request.session_ttl_ms / 1000 if request.session_ttl_ms
+                          else defaults.session_ttl_s)
+    if settings.max_step_tokens > MAX_STEP_TOKENS_LIMIT:
+        raise InvalidArgument(f"max_step_tokens {settings.max_step_tokens} is above {MAX_STEP_TOKENS_LIMIT}")
+    if settings.block_tokens > 4096:
+        raise InvalidArgument(f"kv_block_tokens {settings.block_tokens} is above 4096")
+    if settings.prefill_chunk_tokens > settings.max_step_tokens:
+        raise InvalidArgument(f"prefill_chunk_tokens {settings.prefill_chunk_tokens} is above max_step_tokens "
+                              f"{settings.max_step_tokens}")
+    return settings
 
 
 def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardResponse:
@@ -64,15 +98,21 @@ def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardRespon
                                       error=tensor_pb2.ErrorStatus(code=code.value[0], message=message))
 
 
+MAX_STEP_TOKENS_LIMIT = 65_536
+
+
 class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
-    def __init__(self, set_serving: Callable[[bool], Awaitable[None]], links: LinkSettings | None = None) -> None:
+    def __init__(self, set_serving: Callable[[bool], Awaitable[None]], links: LinkSettings | None = None,
+                 memory_budget_bytes: int = 0) -> None:
         self._set_serving = set_serving
+        self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
         self.compute = ComputeThread()
         self.links = StageStreams(links)
         self.state = "empty"
         self.shard: _Shard | None = None
         self.last_error = ""
         self._loading = False
+        self._sweeper = asyncio.create_task(self._expire_sessions())
 
     # -- LoadShard -------------------------------------------------------------------------------------
     @rpc_errors
@@ -90,6 +130,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         if self._loading:
             raise FailedPrecondition("a LoadShard is already in progress on this worker")
         spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address)
+        settings = kv_settings(request)
         self._loading = True
         self.state, self.shard, self.last_error = "loading", None, ""
         await self._set_serving(False)
@@ -99,7 +140,13 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         def report(p: Progress) -> None:
             loop.call_soon_threadsafe(progress.put_nowait, p)
 
-        task = asyncio.ensure_future(asyncio.to_thread(load_stage, spec, report))
+        budget = self.memory_budget_bytes
+
+        def load() -> tuple[StageRuntime, int]:
+            stage, weight_bytes = load_stage(spec, report)
+            return plan_runtime(stage, weight_bytes, budget, settings), weight_bytes
+
+        task = asyncio.ensure_future(asyncio.to_thread(load))
         try:
             while not task.done() or not progress.empty():
                 getter = asyncio.ensure_future(progress.get())
@@ -108,8 +155,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     yield _progress_proto(getter.result())
                 else:
                     getter.cancel()
-            stage, weight_bytes = task.result()
-            self.shard = _Shard(spec, StageRuntime(stage), weight_bytes)
+            runtime, weight_bytes = task.result()
+            self.shard = _Shard(spec, runtime, weight_bytes)
             self.state = "ready"
             await self._set_serving(True)
             log.info("loaded %s layers [%d, %d): %d bytes", spec.model, spec.start, spec.end, weight_bytes)
@@ -178,8 +225,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     except Exception as exc:  # noqa: BLE001
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue
-                    if not req.route:
-                        response = response_from_result(req.step_id, result)
+                    if not req.route or not result.kept:  # the end of the route, or nothing left to pass on
+                        response = response_from_result(req.step_id, result, list(req.failed))
                         self._count_out(response.ByteSize())
                         responses.put_nowait(response)
                         continue
@@ -187,8 +234,10 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                         responses.put_nowait(error_response(req.step_id, RuntimeError("no hidden states to pass on")))
                         continue
                     self._count_out(len(result.tensor.data))
-                    onward = worker_pb2.ForwardRequest(sequences=req.sequences, start_layer=next_layer,
-                                                       route=req.route[1:], output=req.output)
+                    kept = req.sequences if not result.errors else [req.sequences[i] for i in result.kept]
+                    onward = worker_pb2.ForwardRequest(sequences=kept, start_layer=next_layer, route=req.route[1:],
+                                                       output=req.output,
+                                                       failed=[*req.failed, *sequence_errors(result.errors)])
                     # what is left of the step's deadline goes on with it
                     left = req.timeout_ms / 1000 - (time.monotonic() - received) if req.timeout_ms else None
                     reply = self.links.get(req.route[0]).step(onward, result.tensor,
@@ -242,14 +291,31 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         if shard is None:
             return worker_pb2.GetStatusResponse(state=STATES[self.state], rss_bytes=rss, last_error=self.last_error)
         runtime = shard.runtime
-        sessions = dict(runtime.sessions)  # a snapshot: the compute thread may be changing it
         return worker_pb2.GetStatusResponse(
             state=STATES[self.state], model=shard.spec.model, start_layer=shard.spec.start,
-            end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(sessions),
-            kv_cache_bytes=sum(s.nbytes for s in sessions.values()), rss_bytes=rss,
-            has_embedding=runtime.stage.is_first, has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime))
+            end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(runtime.sessions),
+            kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,
+            has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime))
+
+    async def _expire_sessions(self) -> None:
+        """Supervised: sessions abandoned without EndSession are freed once their TTL has passed."""
+        while True:
+            shard = self.shard
+            interval = min(5.0, shard.runtime.settings.session_ttl_s / 4) if shard is not None else 5.0
+            await asyncio.sleep(max(0.05, interval))
+            shard = self.shard
+            if shard is None:
+                continue
+            try:
+                freed = await asyncio.wrap_future(self.compute.submit(shard.runtime.expire))
+                if freed:
+                    log.info("freed %d sessions idle for more than %.0f s", freed,
+                             shard.runtime.settings.session_ttl_s)
+            except Exception:  # noqa: BLE001 - logged; the sweep goes on
+                log.exception("expiring idle sessions failed once")
 
     async def close(self) -> None:
+        self._sweeper.cancel()
         await self.links.close()
         self.compute.shutdown()
 
@@ -265,6 +331,16 @@ def _metrics_proto(runtime: StageRuntime) -> worker_pb2.StageMetrics:
     return worker_pb2.StageMetrics(uptime_ms=int(uptime * 1000), busy_ms=int(m.busy_s * 1000),
                                    idle_ms=int(max(0.0, uptime - m.busy_s) * 1000), queue_depth=m.queued,
                                    steps=m.steps, tokens=m.tokens, bytes_in=m.bytes_in, bytes_out=m.bytes_out)
+
+
+def _kv_proto(runtime: StageRuntime) -> worker_pb2.KVCapacity:
+    pool, layout = runtime.pool, runtime.pool.layout
+    return worker_pb2.KVCapacity(
+        block_tokens=layout.block_tokens, block_bytes=layout.block_bytes, blocks_total=pool.blocks_total,
+        blocks_used=pool.blocks_used, capacity_tokens=pool.blocks_total * layout.block_tokens,
+        capacity_bytes=pool.blocks_total * layout.block_bytes, headroom_bytes=runtime.headroom_bytes,
+        memory_budget_bytes=runtime.budget_bytes, sessions_expired=runtime.metrics.sessions_expired,
+        max_step_tokens=runtime.settings.max_step_tokens)
 
 
 def _dequeued(metrics: Metrics, _: object) -> None:

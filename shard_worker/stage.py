@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from shard_worker.families import Family, StageModules
-from shard_worker.kv_cache import BatchCache, SessionCache
+from shard_worker.kv_cache import BatchCache, KVLayout, KVPool, SessionCache
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,6 @@ class Packing:
         """Additive mask [B, 1, 1, N] for encoders: every token sees its own sequence's tokens."""
         valid = torch.arange(self.width)[None, :] < torch.tensor(self.counts)[:, None]
         return torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, torch.finfo(dtype).min)[:, None, None]
-
-    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive attention mask [B, 1, N, L]: query j of sequence b sees keys 0..start_b + j."""
-        if len(self.counts) == 1 and self.counts[0] == 1:
-            return None
-        total = max(s + n for s, n in zip(self.starts, self.counts, strict=True))
-        query_pos = torch.tensor(self.starts)[:, None] + torch.arange(self.width)[None, :]
-        allowed = torch.arange(total)[None, None, :] <= query_pos[:, :, None]
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
 
     def pad(self, packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if len(self.counts) == 1:
@@ -75,8 +65,11 @@ class Stage:
         self.kv_heads, self.head_dim = family.kv_shape(config)
         self.causal = family.causal
 
-    def new_session(self) -> SessionCache:
-        return SessionCache(self.end - self.start, self.kv_heads, self.head_dim, self.dtype)
+    def kv_layout(self, block_tokens: int) -> KVLayout:
+        return KVLayout(self.end - self.start, self.kv_heads, self.head_dim, self.dtype, block_tokens)
+
+    def new_session(self, pool: KVPool) -> SessionCache:
+        return SessionCache(pool)
 
     @torch.inference_mode()
     def forward(self, sessions: list[SessionCache], packing: Packing, token_ids: torch.Tensor | None,
@@ -123,11 +116,16 @@ class Stage:
                 raise ValueError("this stage needs hidden states")
             x = packing.pad(hidden, rows)
         x = x.to(self.dtype)
-        mask = packing.mask(self.dtype) if self.causal else packing.padding_mask(self.dtype)
-        cache = BatchCache(sessions, packing.starts, packing.counts, self.start) if self.causal else None
         rope = self.family.rope(self.modules, x, positions)
-        for layer in self.modules.layers.values():
-            x = self.family.run_layer(layer, x, positions, mask, cache, rope)
+        if self.causal:  # the "shardline" attention reads each session's cache in place: no mask to build
+            cache = BatchCache(sessions, packing.starts, packing.counts[0], self.start)
+            with cache.activate():
+                for layer in self.modules.layers.values():
+                    x = self.family.run_layer(layer, x, positions, None, cache, rope)
+        else:
+            mask = packing.padding_mask(self.dtype)
+            for layer in self.modules.layers.values():
+                x = self.family.run_layer(layer, x, positions, mask, None, rope)
         if self.is_last and self.modules.norm is not None:
             x = self.modules.norm(x)
         for session, start, count in zip(sessions, packing.starts, packing.counts, strict=True):

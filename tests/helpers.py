@@ -72,19 +72,26 @@ class Chain:
 
     def logits(self, session: str, start: int, token_ids: list[int]) -> Any:
         response = self.step([seq(session, start, len(token_ids))], token_ids, worker_pb2.OUTPUT_KIND_LOGITS)
-        assert not response.HasField("error"), response.error.message
+        assert not response.HasField("error") and not response.sequence_errors, error_of(response).message
         return to_numpy(decode_tensor(response.tensor))
 
     def greedy(self, session: str, prompt: list[int], steps: int) -> list[int]:
         response = self.step([seq(session, 0, len(prompt))], prompt)
-        assert not response.HasField("error"), response.error.message
+        assert not response.HasField("error") and not response.sequence_errors, error_of(response).message
         out = [response.token_ids[0]]
         for _ in range(steps - 1):
             response = self.step([seq(session, len(prompt) + len(out) - 1, 1)], [out[-1]])
-            assert not response.HasField("error"), response.error.message
+            assert not response.HasField("error") and not response.sequence_errors, error_of(response).message
             out.append(response.token_ids[0])
         return out
 
 
 __all__ = ["Chain", "LoopThread", "decode_tensor", "encode_tensor", "from_numpy", "load", "seq", "to_numpy",
            "worker_stub"]
+
+
+def error_of(response: worker_pb2.ForwardResponse) -> Any:
+    """The response's error: the message's own, or else its first sequence's (an empty ErrorStatus if none)."""
+    if response.HasField("error") or not response.sequence_errors:
+        return response.error
+    return response.sequence_errors[0].error

@@ -11,6 +11,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 import shardline.families
 from shard_worker.families.base import Family, StageModules
+from shard_worker.kv_cache import ATTENTION
 
 
 class GPT2(Family):
@@ -22,7 +23,7 @@ class GPT2(Family):
         return GPT2Config
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = ATTENTION  # each session's KV read in place
         mods = StageModules()
         with torch.device("meta"):
             if start == 0:

@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from shard_worker.families.base import Family, StageModules
+from shard_worker.kv_cache import ATTENTION
 from shardline.families import LLAMA
 
 
@@ -21,7 +22,7 @@ class Llama(Family):
         return LlamaConfig
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = ATTENTION  # each session's KV read in place
         mods = StageModules()
         with torch.device("meta"):
             if start == 0:

@@ -48,20 +48,28 @@ WORKER_STATE_READY: WorkerState
 WORKER_STATE_FAILED: WorkerState
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms")
+    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
     dtype: _tensor_pb2.DType
     parameters_address: str
     timeout_ms: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    max_step_tokens: int
+    prefill_chunk_tokens: int
+    kv_block_tokens: int
+    session_ttl_ms: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "tensor")
@@ -104,7 +112,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output", "timeout_ms")
+    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output", "timeout_ms", "failed")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +121,7 @@ class ForwardRequest(_message.Message):
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -121,19 +130,30 @@ class ForwardRequest(_message.Message):
     route: _containers.RepeatedScalarFieldContainer[str]
     output: OutputKind
     timeout_ms: int
-    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    failed: _containers.RepeatedCompositeFieldContainer[SequenceError]
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., timeout_ms: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[SequenceError, _Mapping]]] = ...) -> None: ...
+
+class SequenceError(_message.Message):
+    __slots__ = ("session_id", "error")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    error: _tensor_pb2.ErrorStatus
+    def __init__(self, session_id: _Optional[str] = ..., error: _Optional[_Union[_tensor_pb2.ErrorStatus, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("step_id", "error", "token_ids", "tensor")
+    __slots__ = ("step_id", "error", "token_ids", "tensor", "sequence_errors")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     error: _tensor_pb2.ErrorStatus
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     tensor: _tensor_pb2.Tensor
-    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[_tensor_pb2.ErrorStatus, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    sequence_errors: _containers.RepeatedCompositeFieldContainer[SequenceError]
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[_tensor_pb2.ErrorStatus, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sequence_errors: _Optional[_Iterable[_Union[SequenceError, _Mapping]]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_ids",)
@@ -152,7 +172,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics")
+    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics", "kv")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +185,7 @@ class GetStatusResponse(_message.Message):
     HAS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     HAS_HEAD_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     state: WorkerState
     model: str
     start_layer: int
@@ -177,7 +198,32 @@ class GetStatusResponse(_message.Message):
     has_embedding: bool
     has_head: bool
     metrics: StageMetrics
-    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ...) -> None: ...
+    kv: KVCapacity
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., kv: _Optional[_Union[KVCapacity, _Mapping]] = ...) -> None: ...
+
+class KVCapacity(_message.Message):
+    __slots__ = ("block_tokens", "block_bytes", "blocks_total", "blocks_used", "capacity_tokens", "capacity_bytes", "headroom_bytes", "memory_budget_bytes", "sessions_expired", "max_step_tokens")
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_tokens: int
+    block_bytes: int
+    blocks_total: int
+    blocks_used: int
+    capacity_tokens: int
+    capacity_bytes: int
+    headroom_bytes: int
+    memory_budget_bytes: int
+    sessions_expired: int
+    max_step_tokens: int
+    def __init__(self, block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
 
 class StageMetrics(_message.Message):
     __slots__ = ("uptime_ms", "busy_ms", "idle_ms", "queue_depth", "steps", "tokens", "bytes_in", "bytes_out")

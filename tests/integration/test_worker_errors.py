@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.codec import encode_tensor, from_numpy
 from shardline.v1 import tensor_pb2, worker_pb2
-from tests.helpers import Chain, load, seq, worker_stub
+from tests.helpers import Chain, error_of, load, seq, worker_stub
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -61,9 +61,25 @@ def test_unknown_session_and_gap_in_positions(middle):
         chain.request([seq("known", 9, 1)], [7], step_id=2),
         chain.request([seq("known", 4, 1)], [7], step_id=3),
     ])
-    assert responses[0].error.code == NOT_FOUND and "'nobody'" in responses[0].error.message
-    assert responses[1].error.code == INVALID and "start_position 9" in responses[1].error.message
-    assert not responses[2].HasField("error") and len(responses[2].token_ids) == 1
+    assert error_of(responses[0]).code == NOT_FOUND and "'nobody'" in error_of(responses[0]).message
+    assert error_of(responses[1]).code == INVALID and "start_position 9" in error_of(responses[1]).message
+    assert not error_of(responses[2]).code and len(responses[2].token_ids) == 1
+
+
+def test_a_bad_sequence_fails_alone_and_its_neighbours_in_the_batch_go_on(middle):
+    """One sequence's fault (an unknown session, a token outside the vocabulary, poison sampling values)
+    fails that sequence only: the others of the same message get their tokens, as they do alone."""
+    first, second = middle
+    chain = Chain([first.address, second.address])
+    alone = chain.greedy("alone", [1, 2, 3], 1)
+    response = chain.step([seq("nobody", 5, 1), seq("good", 0, 3), seq("vocab", 0, 2),
+                           seq("nan", 0, 1, temperature=float("nan")), seq("tiny", 0, 3, temperature=1e-39, top_p=1e-30)],
+                          [7, 1, 2, 3, 1, 5000, 4, 1, 2, 3])
+    assert not response.HasField("error")
+    failed = {e.session_id: e.error for e in response.sequence_errors}
+    assert failed["nobody"].code == NOT_FOUND and failed["vocab"].code == INVALID and "5000" in failed["vocab"].message
+    assert failed["nan"].code == INVALID and "sampling" in failed["nan"].message
+    assert list(response.token_ids) == alone[:1] * 2  # "good", and "tiny" (a denormal temperature is greedy)
 
 
 def test_route_and_layer_mismatch(middle):
@@ -81,7 +97,7 @@ def test_token_ids_outside_vocabulary(middle):
     first, second = middle
     chain = Chain([first.address, second.address])
     response = chain.step([seq("v", 0, 2)], [1, 5000])
-    assert response.error.code == INVALID and "5000" in response.error.message
+    assert error_of(response).code == INVALID and "5000" in error_of(response).message
 
 
 def test_end_session_frees_cache(middle):
@@ -105,7 +121,7 @@ def test_a_late_step_for_an_ended_session_does_not_bring_it_back(middle):
     for server in (first, second):
         worker_stub(server.address).EndSession(worker_pb2.EndSessionRequest(session_ids=["late"]))
     response = chain.step([seq("late", 0, 3)], [1, 2, 3])
-    assert response.error.code == grpc.StatusCode.NOT_FOUND.value[0] and "has ended" in response.error.message
+    assert error_of(response).code == NOT_FOUND and "has ended" in error_of(response).message
     assert all(worker_stub(s.address).GetStatus(worker_pb2.GetStatusRequest()).sessions == 0 for s in (first, second))
 
 

@@ -1,0 +1,84 @@
+"""A stage's KV capacity, planned once after loading: the memory budget minus the weights minus the
+activation headroom of the largest step, measured by running that step once.
+
+The measurement resets the process's peak RSS (Linux: /proc/self/clear_refs), runs a step of
+`max_step_tokens` tokens cut into sequences of `prefill_chunk_tokens` (the largest step the coordinator
+sends), and reads the new peak. Elsewhere the RSS growth over the step is used, doubled.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psutil
+import torch
+
+from shard_worker.kv_cache import KVPool
+from shard_worker.runtime import KVSettings, Slice, StageRuntime, Step, raw_from_torch
+from shard_worker.stage import Stage
+from shardline.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+HEADROOM_MARGIN = 1.2  # allocator slack on top of the measured peak
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def measure_headroom(stage: Stage, settings: KVSettings) -> int:
+    """Bytes the largest step needs beyond weights and KV (activations, logits, temporaries)."""
+    if not stage.causal:
+        return 0
+    chunk, total = settings.prefill_chunk_tokens, settings.max_step_tokens
+    counts = [min(chunk, total - start) for start in range(0, total, chunk)]
+    scratch = StageRuntime(stage, KVPool(stage.kv_layout(settings.block_tokens), 1 << 40), settings)
+    sequences = [Slice(f"warmup-{i}", 0, n) for i, n in enumerate(counts)]
+    if stage.is_first:
+        step = Step(sequences, token_ids=[0] * total)
+    else:
+        step = Step(sequences, hidden=raw_from_torch(torch.zeros(total, stage.hidden_size, dtype=stage.dtype)))
+    # the KV the step writes is KV, not headroom: allocate it before measuring
+    caches = [scratch._check_sequence(i, seq, None) for i, seq in enumerate(sequences)]
+    scratch.sessions.update({s.session_id: c for s, c in zip(sequences, caches, strict=True)})
+    before = psutil.Process().memory_info().rss
+    exact = _reset_peak()
+    scratch.step(step)
+    peak = _peak_rss() if exact else None
+    after = psutil.Process().memory_info().rss
+    scratch.end_sessions([s.session_id for s in sequences])
+    measured = (peak - before) if peak is not None else 2 * (after - before)
+    return int(max(0, measured) * HEADROOM_MARGIN)
+
+
+def plan_runtime(stage: Stage, weight_bytes: int, budget_bytes: int, settings: KVSettings) -> StageRuntime:
+    """The stage's runtime with a KV pool sized to what the budget leaves; refuses a budget that leaves none."""
+    layout = stage.kv_layout(settings.block_tokens)
+    headroom = measure_headroom(stage, settings)
+    free = budget_bytes - weight_bytes - headroom
+    blocks = free // layout.block_bytes if stage.causal else 0
+    if stage.causal and blocks < 1:
+        raise ResourceExhausted(
+            f"the memory budget of {budget_bytes / 2**20:.0f} MiB leaves no room for the KV cache: weights take "
+            f"{weight_bytes / 2**20:.0f} MiB and the largest step ({settings.max_step_tokens} tokens) "
+            f"{headroom / 2**20:.0f} MiB; give the worker more memory or the stage fewer layers")
+    log.info("KV capacity: %d blocks of %d positions (%d tokens, %.0f MiB); budget %.0f MiB, weights %.0f MiB, "
+             "headroom %.0f MiB", blocks, layout.block_tokens, blocks * layout.block_tokens,
+             blocks * layout.block_bytes / 2**20, budget_bytes / 2**20, weight_bytes / 2**20, headroom / 2**20)
+    return StageRuntime(stage, KVPool(layout, blocks), settings, headroom, budget_bytes)
