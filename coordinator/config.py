@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from coordinator.store import default_store
+from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES
 
 
 class CoordinatorConfig(BaseModel):
@@ -30,7 +31,19 @@ class CoordinatorConfig(BaseModel):
     max_queued_streams: int = Field(256, ge=0, description="streams waiting to join; more are refused")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens fed per step")
     micro_batch_groups: int = Field(0, ge=0, description="micro-batch groups in flight; 0 = one per stage")
+    # bounded input: every request field that can grow has a limit, checked before any worker is involved
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=64 * 1024, le=MAX_MESSAGE_BYTES,
+                                   description="the largest message the public port receives (larger: "
+                                   "RESOURCE_EXHAUSTED); internal links keep their own, larger limit")
+    max_prompt_bytes: int = Field(256 * 1024, ge=1, description="UTF-8 bytes of a prompt, or of all chat messages' "
+                                  "contents together")
+    max_prompt_tokens: int = Field(32_768, ge=1, description="tokens of a prompt (after the chat template); the "
+                                   "model's context bounds it too")
+    max_chat_messages: int = Field(256, ge=1, description="messages of one chat request")
+    max_stop_sequences: int = Field(16, ge=0, description="stop sequences of one request")
+    max_stop_bytes: int = Field(256, ge=1, description="UTF-8 bytes of one stop sequence")
     max_infer_batch: int = Field(1024, ge=1, description="inputs one Infer may carry")
+    max_infer_tokens: int = Field(262_144, ge=1, description="tokens of one Infer, all its inputs together")
     infer_micro_batch: int = Field(32, ge=1, description="inputs per micro-batch of an Infer")
     heartbeat_interval_ms: int = Field(2000, ge=100)
     heartbeat_timeout_ms: int = Field(10000, ge=500)
@@ -42,6 +55,14 @@ class CoordinatorConfig(BaseModel):
     load_timeout_s: float = Field(600, gt=0, description="deadline of one LoadShard")
     rebalance_on_join: bool = Field(False, description="fold a joining spare into a chain narrower than `workers`")
     drain_seconds: float = Field(30, ge=0, description="on SIGTERM, how long streams in flight may finish")
+    max_step_tokens: int = Field(2048, ge=1, le=65_536, description="token rows of one step (all its sequences); "
+                                 "each stage measures its activation headroom with a step this large")
+    kv_block_tokens: int = Field(16, ge=1, le=4096, description="KV memory is allocated and admitted in blocks of "
+                                 "this many positions")
+    kv_reserve_tokens: int = Field(16, ge=0, description="a stream is admitted when every stage has room for its "
+                                   "prompt plus this many positions")
+    session_ttl_s: float = Field(600, gt=0, description="a session with no step for this long is freed on every "
+                                 "stage (a stream abandoned without EndSession)")
 
 
 def load_config(path: Path, **overrides: object) -> CoordinatorConfig:

@@ -15,6 +15,7 @@ import numpy as np
 from coordinator.pipeline import Pipeline
 from shardline.codec import RawTensor, decode_tensor, to_numpy
 from shardline.errors import InvalidArgument
+from shardline.limits import MAX_RESPONSE_BYTES
 from shardline.v1 import worker_pb2
 
 
@@ -22,7 +23,20 @@ def check_batch(size: int, limit: int) -> None:
     if size == 0:
         raise InvalidArgument("texts is empty (send texts or input_ids)")
     if size > limit:
-        raise InvalidArgument(f"a batch of {size} inputs is above the limit of {limit}")
+        raise InvalidArgument(f"a batch of {size} inputs is above the limit of {limit} (max_infer_batch)")
+
+
+def check_response_size(size: int, hidden: int) -> None:
+    """The embeddings must fit in one response (the SDK's channels accept MAX_RESPONSE_BYTES)."""
+    if hidden and size * hidden * 4 > MAX_RESPONSE_BYTES:
+        raise InvalidArgument(f"a batch of {size} inputs makes {size * hidden * 4} bytes of embeddings ({hidden} "
+                              f"floats each); a response holds at most {MAX_RESPONSE_BYTES} bytes: send fewer")
+
+
+def check_tokens(inputs: list[list[int]], limit: int) -> None:
+    total = sum(len(i) for i in inputs)
+    if total > limit:
+        raise InvalidArgument(f"the inputs are {total} tokens together; the limit is {limit} (max_infer_tokens)")
 
 
 def inputs_from_tensors(input_ids: RawTensor, mask: RawTensor | None, vocab: int, positions: int) -> list[list[int]]:

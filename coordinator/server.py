@@ -13,6 +13,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.parameters.server import ParameterServer, start_parameter_server
 from coordinator.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.store import ModelStore
+from shardline.limits import MAX_RESPONSE_BYTES
 from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -45,7 +46,9 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     if not address:
         parameters = await start_parameter_server(store, config.host, config.parameters_port)
         address = f"{config.advertise or config.host}:{parameters.port}"
-    server = new_server()
+    # the public port: small requests (max_request_bytes), responses up to what the SDK accepts; the
+    # registry's messages on the same port are small too
+    server = new_server(max_receive_bytes=config.max_request_bytes, max_send_bytes=MAX_RESPONSE_BYTES)
     health = add_standard_services(server, [SERVICE, REGISTRY])
 
     async def serving(on: bool) -> None:

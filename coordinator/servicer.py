@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coordinator.cluster import Cluster
-from coordinator.embedding import check_batch, embed, inputs_from_tensors
-from coordinator.generation import GenerationRequest, check_parameters, prepare, run
+from coordinator.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
+from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, check_parameters, prepare, run, shown
 from shardline.codec import decode_tensor, fill_tensor, from_numpy
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_errors
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_ADDRESS_CHARS = 300  # host:port, the longest DNS name and a port
 FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
           "stop": coordinator_pb2.FINISH_REASON_STOP}
 
@@ -27,7 +28,7 @@ def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
         temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
         top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
-        stop=tuple(r.stop))
+        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -39,12 +40,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         req = request_from_proto(request)
         config = self.cluster.config
-        check_parameters(req, config.max_tokens_limit)  # a malformed request fails first, whatever the state
+        check_parameters(req, config)  # a malformed or oversized request fails first, whatever the state
         scheduler, text = self.cluster.serving(req.model)
         if self.cluster.is_encoder:
             raise FailedPrecondition(f"model {self.cluster.config.model!r} is an encoder: it embeds (Infer), it "
                                      "does not generate")
-        plan = await asyncio.to_thread(prepare, req, text, config.default_max_tokens, config.max_tokens_limit)
+        plan = await asyncio.to_thread(prepare, req, text, config)
         session_id = uuid.uuid4().hex
         self.active_sessions += 1
         try:
@@ -64,10 +65,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
         config = self.cluster.config
         has_ids = request.HasField("input_ids")
+        if len(request.model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidArgument(f"model is {len(request.model)} characters; a model name has at most "
+                                  f"{MAX_MODEL_NAME_CHARS}")
         if request.texts and has_ids:
             raise InvalidArgument("send either texts or input_ids, not both")
-        check_batch(len(request.texts) or (request.input_ids.shape[0] if has_ids and request.input_ids.shape else 0),
-                    config.max_infer_batch)
+        batch = len(request.texts) or (request.input_ids.shape[0] if has_ids and request.input_ids.shape else 0)
+        check_batch(batch, config.max_infer_batch)
         input_ids = decode_tensor(request.input_ids, "input_ids") if has_ids else None
         mask = decode_tensor(request.attention_mask, "attention_mask") if request.HasField("attention_mask") else None
         pooling = {coordinator_pb2.POOLING_UNSPECIFIED: "mean", coordinator_pb2.POOLING_MEAN: "mean",
@@ -77,12 +81,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         scheduler, text = self.cluster.serving(request.model)
         if not self.cluster.is_encoder:
             raise FailedPrecondition(f"model {config.model!r} is a decoder: Infer serves encoder models")
+        check_response_size(batch, text.hidden_size)
         positions = text.context_tokens or 512
         if input_ids is not None:
             vocab = int(text.tokenizer.vocab_size)
-            inputs = inputs_from_tensors(input_ids, mask, vocab, positions)
+            inputs = await asyncio.to_thread(inputs_from_tensors, input_ids, mask, vocab, positions)
         else:
             inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
+        check_tokens(inputs, config.max_infer_tokens)
         vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
                               request.normalize if request.HasField("normalize") else True)
         response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))
@@ -127,6 +133,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def DrainWorker(self, request: Any, context: Any) -> coordinator_pb2.DrainWorkerResponse:
         if not request.address:
             raise InvalidArgument("address is empty (give the host:port the worker registered with)")
+        if len(request.address) > MAX_ADDRESS_CHARS:
+            raise InvalidArgument(f"address {shown(request.address)} is not host:port")
         return coordinator_pb2.DrainWorkerResponse(message=await self.cluster.drain_worker(request.address))
 
     @grpc_errors
@@ -143,8 +151,8 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
     @grpc_errors
     async def RegisterWorker(self, request: Any, context: Any) -> coordinator_pb2.RegisterWorkerResponse:
         host, _, port = request.address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidArgument(f"address {request.address!r} is not host:port")
+        if len(request.address) > MAX_ADDRESS_CHARS or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"address {shown(request.address)} is not host:port")
         if request.memory_budget_bytes <= 0:
             raise InvalidArgument(f"memory_budget_bytes must be > 0, got {request.memory_budget_bytes}")
         record = self.cluster.register(request.address, request.memory_budget_bytes)
@@ -159,7 +167,7 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
     async def LeaveCluster(self, request: Any, context: Any) -> coordinator_pb2.LeaveClusterResponse:
         record = self.cluster.registry.workers.get(request.worker_id)
         if record is None:
-            raise NotFound(f"worker id {request.worker_id!r} is not registered here")
+            raise NotFound(f"worker id {shown(request.worker_id)} is not registered here")
         message = await self.cluster.drain_worker(record.address)
         self.cluster.registry.remove(record.worker_id)
         return coordinator_pb2.LeaveClusterResponse(message=message)

@@ -4,11 +4,13 @@ incremental detokenization with stop sequences."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.stops import StopMatcher
 from shardline.errors import FailedPrecondition, InvalidArgument
+
+MAX_PENDING_TOKENS = 4
 
 
 class TextModel:
@@ -20,6 +22,8 @@ class TextModel:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
         config = json.loads((path / "config.json").read_text())
         self.context_tokens = int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
+        self.vocab_size = int(config.get("vocab_size") or 0)
+        self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
         eos = config.get("eos_token_id", self.tokenizer.eos_token_id)
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.stop_ids = frozenset(int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
@@ -42,36 +46,43 @@ class TextModel:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
-@dataclass
 class TextStream:
     """Turns generated token ids into text pieces as they come, holding back what could still turn out to
-    be part of a stop sequence or an incomplete UTF-8 character."""
+    be part of a stop sequence or of an incomplete UTF-8 character.
 
-    model: TextModel
-    stop: tuple[str, ...] = ()
-    ids: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the decoded text already given out
-    stopped: bool = False
+    Incremental: each token decodes only a short window of ids (those since the last text given out, and the
+    one before them, so that tokenizers which drop a leading space at the start of a decode drop it from the
+    context, not from the new text), and stop sequences are matched in a window of their own length
+    (coordinator/stops.py). The work per token does not grow with the completion."""
 
-    def push(self, token_id: int) -> str:
-        """The new text this token makes final ('' if none yet); sets `stopped` on a stop sequence."""
+    def __init__(self, model: TextModel, stop: tuple[str, ...] = ()) -> None:
+        self.model = model
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already given to the stop matcher
+        self.read = 0
+        self.matcher = StopMatcher(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def push(self, token_id: int, match: bool = True) -> str:
+        """The new text this token makes final ('' if none yet); sets `stopped` on a stop sequence. With
+        match=False (before min_tokens) its text cannot begin or complete a stop sequence."""
         self.ids.append(token_id)
-        text = self.model.decode(self.ids)
-        for s in self.stop:
-            at = text.find(s, max(0, self.emitted - len(s)))
-            if at != -1:
-                self.stopped = True
-                return self._take(text[:at])
-        if text.endswith("\ufffd"):
-            return ""
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._take(text[: len(text) - hold])
+        return self.matcher.push(self._detokenize(final=False), match)
 
     def flush(self) -> str:
         """At the end: what was held back and is not a stop sequence."""
-        return "" if self.stopped else self._take(self.model.decode(self.ids))
+        return self.matcher.push(self._detokenize(final=True), match=False) if not self.stopped else ""
 
-    def _take(self, text: str) -> str:
-        piece = text[self.emitted:] if len(text) > self.emitted else ""
-        self.emitted = max(self.emitted, len(text))
-        return piece
+    def _detokenize(self, final: bool) -> str:
+        context = self.model.decode(self.ids[self.prefix: self.read]) if self.read > self.prefix else ""
+        text = self.model.decode(self.ids[self.prefix:])
+        # an incomplete UTF-8 character decodes to U+FFFD: wait for the bytes that complete it, but only as
+        # long as they could (a character is at most 4 bytes, so at most 4 tokens)
+        if not final and (len(text) <= len(context) or text.endswith("\ufffd")) \
+                and len(self.ids) - self.read < MAX_PENDING_TOKENS:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(context):]

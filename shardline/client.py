@@ -15,6 +15,10 @@ Deadlines: no call waits forever. Every call has a deadline of `timeout` seconds
 DEFAULT_TIMEOUT_S = 300, or the call's own `timeout=`); past it the call raises DeadlineExceeded and the
 coordinator frees whatever the request held. A request sent while the cluster recovers from a failure
 waits for it within that deadline.
+
+Message sizes: the client's channels accept responses up to MAX_RESPONSE_BYTES (64 MiB, the most the
+coordinator sends: an Infer of 1024 embeddings of up to 16384 floats). Requests larger than the
+coordinator's `max_request_bytes` (4 MiB by default) are refused with ResourceExhausted.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.codec import decode_tensor, to_numpy
 from shardline.errors import DeadlineExceeded, from_rpc_error
+from shardline.limits import MAX_RESPONSE_BYTES
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop"}
 SERVICE = "shardline.v1.Coordinator"
 DEFAULT_TIMEOUT_S = 300.0
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
 Message = Mapping[str, str] | tuple[str, str]
 
 
@@ -111,11 +117,17 @@ class ClusterStatus:
 
 def generate_request(prompt: str = "", messages: Sequence[Message] = (), *, model: str = "",
                      max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
-                     top_p: float | None = None, seed: int | None = None,
-                     stop: Iterable[str] = ()) -> coordinator_pb2.GenerateRequest:
+                     top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
+                     min_tokens: int | None = None, ignore_eos: bool = False) -> coordinator_pb2.GenerateRequest:
+    """The request for generate/chat. `min_tokens`: the end-of-sequence token and stop sequences count
+    only after this many tokens; `ignore_eos`: the end-of-sequence token is just a token (run to
+    max_tokens)."""
     chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
             else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
-    request = coordinator_pb2.GenerateRequest(model=model, prompt=prompt, messages=chat, top_k=top_k, stop=list(stop))
+    request = coordinator_pb2.GenerateRequest(model=model, prompt=prompt, messages=chat, top_k=top_k, stop=list(stop),
+                                              ignore_eos=ignore_eos)
+    if min_tokens is not None:
+        request.min_tokens = min_tokens
     if max_tokens is not None:
         request.max_tokens = max_tokens
     if temperature is not None:
@@ -157,7 +169,7 @@ class Client:
     """A blocking client. `timeout` (seconds) is the default deadline of every call."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.channel = grpc.insecure_channel(target)
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -173,7 +185,8 @@ class Client:
 
     def generate(self, prompt: str, *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
-        """Text for a prompt: a GenerateResult, or with stream=True an iterator of GenerateChunk."""
+        """Text for a prompt: a GenerateResult, or with stream=True an iterator of GenerateChunk. `params`:
+        model, max_tokens, temperature, top_k, top_p, seed, stop, min_tokens, ignore_eos (generate_request)."""
         return self._run(generate_request(prompt, **params), stream, timeout)
 
     def chat(self, messages: Sequence[Message], *, stream: bool = False, timeout: float | None = None,
@@ -256,7 +269,7 @@ class AsyncClient:
     """The asyncio client: the same calls, awaited; generate(stream=True) gives an async iterator."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -272,6 +285,7 @@ class AsyncClient:
 
     async def generate(self, prompt: str, *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:
+        """As Client.generate (the same `params`), awaited; stream=True gives an async iterator."""
         return await self._run(generate_request(prompt, **params), stream, timeout)
 
     async def chat(self, messages: Sequence[Message], *, stream: bool = False, timeout: float | None = None,

@@ -1,4 +1,5 @@
-"""What every shardline gRPC server shares: message limits, health checking, reflection, binding."""
+"""What every shardline gRPC server shares: message limits, malformed requests answered INVALID_ARGUMENT
+(shardline/malformed.py), health checking, reflection, binding."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-log = logging.getLogger(__name__)
+from shardline.limits import MAX_MESSAGE_BYTES
+from shardline.malformed import MalformedRequests
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 # Keepalive, in one place for both ends of every channel. Clients ping an idle connection every
 # `Keepalive.time_ms` so a dead peer or a stalled link is noticed; every server accepts pings as often as
@@ -64,9 +66,14 @@ def channel_options(keepalive: Keepalive | None = None) -> list[tuple[str, int]]
 CHANNEL_OPTIONS = channel_options()
 
 
-def new_server() -> grpc.aio.Server:
+def new_server(max_receive_bytes: int = MAX_MESSAGE_BYTES, max_send_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    """A server for internal links by default; the coordinator's public port passes its smaller limits. A
+    larger message than `max_receive_bytes` is answered RESOURCE_EXHAUSTED by gRPC itself, and one whose
+    bytes do not parse INVALID_ARGUMENT (MalformedRequests)."""
+    limits = [("grpc.max_send_message_length", max_send_bytes), ("grpc.max_receive_message_length", max_receive_bytes)]
     # no SO_REUSEPORT: a port another server holds is an error here, not a silently shared listener
-    return grpc.aio.server(options=[*MESSAGE_OPTIONS, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
+    return grpc.aio.server(interceptors=[MalformedRequests()],
+                           options=[*limits, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
 
 
 def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
