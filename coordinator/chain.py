@@ -28,12 +28,18 @@ class ChainClient:
         self.first = StageStream(addresses[0], self.settings)
 
     async def step(self, sequences: list[worker_pb2.SequenceSlice], token_ids: list[int],
-                   output: worker_pb2.OutputKind = worker_pb2.OUTPUT_KIND_TOKENS) -> worker_pb2.ForwardResponse:
+                   output: worker_pb2.OutputKind = worker_pb2.OUTPUT_KIND_TOKENS,
+                   partial: bool = False) -> worker_pb2.ForwardResponse:
+        """One step through the chain. A failed message raises its error; so does a failed sequence, unless
+        `partial` (the caller then reads `sequence_errors`, and the results cover the other sequences)."""
         request = worker_pb2.ForwardRequest(sequences=sequences, token_ids=token_ids, start_layer=0,
                                             route=self.addresses[1:], output=output)
         response = await self.first.step(request)
         if response.HasField("error"):
             raise error_for_code(code_from_number(response.error.code), response.error.message)
+        if response.sequence_errors and not partial:
+            first = response.sequence_errors[0].error
+            raise error_for_code(code_from_number(first.code), first.message)
         return response
 
     async def close(self) -> None:

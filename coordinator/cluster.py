@@ -24,7 +24,7 @@ from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.scheduler import Scheduler
 from coordinator.store import ModelStore
 from coordinator.textmodel import TextModel
-from coordinator.worker_calls import load_shard, probe, status
+from coordinator.worker_calls import chain_capacity, load_shard, probe, status
 from shardline.codec import dtype_to_enum
 from shardline.errors import FailedPrecondition, NotFound, Unavailable
 from shardline.server import Keepalive
@@ -368,7 +368,8 @@ class Cluster:
             c = self.config
             results = await asyncio.gather(*(
                 load_shard(w, c.model, s, self.parameters_address, dtype_to_enum(c.dtype), c.load_timeout_s,
-                           self.links.keepalive, self.progress) for w, s in batch), return_exceptions=True)
+                           self.links.keepalive, self.progress, self._kv_request()) for w, s in batch),
+                return_exceptions=True)
             failed = []
             for (worker, _), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
@@ -397,8 +398,11 @@ class Cluster:
             c = self.config
             self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
                                        max_active=c.max_active_streams, max_queued=c.max_queued_streams,
-                                       prefill_chunk=c.prefill_chunk_tokens)
+                                       prefill_chunk=c.prefill_chunk_tokens, max_step_tokens=c.max_step_tokens,
+                                       reserve_tokens=c.kv_reserve_tokens)
         stale = self.scheduler.rewind(counted)
+        self.scheduler.set_capacity(await chain_capacity([w.address for w in self.assignment],
+                                                         self.config.probe_timeout_ms / 1000, self.links.keepalive))
         if old_chain is not None:
             await old_chain.close()
         everyone = sorted(old_workers | {w.address for w in self.registry.live()})
@@ -408,6 +412,13 @@ class Cluster:
         self.pipeline.resume()
         if not self.draining:
             await self._set_serving(True)
+
+    def _kv_request(self) -> worker_pb2.LoadShardRequest:
+        c = self.config
+        return worker_pb2.LoadShardRequest(max_step_tokens=c.max_step_tokens,
+                                           prefill_chunk_tokens=c.prefill_chunk_tokens,
+                                           kv_block_tokens=c.kv_block_tokens,
+                                           session_ttl_ms=int(c.session_ttl_s * 1000))
 
     def _cannot_serve(self, why: str) -> None:
         """Healing is impossible for now: the requests in flight fail with the reason; a worker that joins

@@ -13,18 +13,36 @@ rewinds every stream: a new session id, position 0, and all its ids to feed agai
 replayed prefill samples the next new token (sampling is seeded by seed and position, so it is the same
 token an undisturbed run gives). Each group loop is supervised: a failure in one cycle fails the streams of
 that cycle's batch, is logged, and the loop goes on.
+
+Memory is admitted, not hoped for: each stage reports its KV capacity in blocks after loading, and the
+scheduler accounts every stream's blocks (the same on every stage). A stream is admitted when the chain has
+room for its prompt plus `reserve_tokens`; it takes more blocks as it grows. When the blocks run out, the
+most recently admitted stream is preempted: its caches are freed on every stage, and it goes back to the
+head of the queue to resume later by re-prefill (the same replay as failover, so its output is identical).
+A request that could never fit alone is refused up front.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 
 from coordinator.chain import end_sessions
 from coordinator.pipeline import RECOVERABLE, Pipeline
-from shardline.errors import Internal, ResourceExhausted, ShardlineError, Unavailable
+from shardline.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShardlineError,
+    Unavailable,
+    code_from_number,
+    error_for_code,
+)
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -45,8 +63,13 @@ class Stream:
     produced: int = 0
     replays: int = 0    # chains this stream moved to (each a new session id)
     failures: int = 0   # of which after a failure
+    min_tokens: int = 0  # stop ids are ordinary tokens until this many were produced
     done: bool = False
     tokens: asyncio.Queue[int | BaseException | None] = field(default_factory=asyncio.Queue)
+    blocks: int = 0     # KV blocks held for this stream on every stage (as the scheduler accounts them)
+    admitted: int = -1  # admission order: the most recent is preempted first
+    preemptions: int = 0
+    waiting_in: collections.deque[Stream] | None = None  # the queue it waits in, left at once when it stops
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -67,6 +90,32 @@ class Stream:
         if not self.done:
             self.done = True
             self.tokens.put_nowait(item)
+            if self.waiting_in is not None:
+                self.waiting_in.remove(self)
+                self.waiting_in = None
+
+
+@dataclass
+class KVBudget:
+    """The chain's KV memory as the scheduler accounts it: the smallest stage's blocks (every stage holds
+    the same positions of a sequence). `releasing` blocks belong to sessions being ended: they are free
+    once every stage has answered the EndSession."""
+
+    block_tokens: int
+    blocks_total: int
+    held: int = 0
+    releasing: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.blocks_total - self.held - self.releasing
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks_total * self.block_tokens
 
 
 MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather than loop forever
@@ -74,40 +123,127 @@ MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, groups: int, max_active: int = 64, max_queued: int = 256,
-                 prefill_chunk: int = 256, max_step_tokens: int = 2048) -> None:
+                 prefill_chunk: int = 256, max_step_tokens: int = 2048, reserve_tokens: int = 16) -> None:
         self.pipeline = pipeline
         self.max_active, self.max_queued = max_active, max_queued
         self.prefill_chunk, self.max_step_tokens = prefill_chunk, max_step_tokens
+        self.reserve_tokens = reserve_tokens
+        self.kv: KVBudget | None = None  # unknown (no limit) until the chain reports its capacity
         self.groups: list[list[Stream]] = [[] for _ in range(max(1, groups))]
         self.waiting: collections.deque[Stream] = collections.deque()
         self._wake = [asyncio.Event() for _ in self.groups]
+        self._kv_freed = asyncio.Event()
         self._ending: set[asyncio.Task[None]] = set()
+        self._admissions = itertools.count()
         self.replayed = 0  # streams rewound for replay, in all
+        self.preempted = 0  # streams preempted for KV memory, in all
         self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(self.groups))]
 
     @property
     def active(self) -> int:
         return sum(len(g) for g in self.groups)
 
+    def set_capacity(self, kv: KVBudget | None) -> None:
+        """The KV capacity of a newly installed chain (called with every stream rewound: nothing is held)."""
+        self.kv = kv
+        for group in self.groups:
+            for stream in group:
+                stream.blocks = 0
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """A request that could never fit alone is refused before it is queued."""
+        kv = self.kv
+        if kv is not None and kv.blocks_for(prompt_tokens + max_tokens) > kv.blocks_total:
+            raise InvalidArgument(
+                f"the request needs {prompt_tokens + max_tokens} tokens of KV cache (prompt {prompt_tokens} + "
+                f"max_tokens {max_tokens}); the cluster can hold {kv.capacity_tokens} tokens: shorten the prompt "
+                "or lower max_tokens")
+
     def submit(self, session_id: str, prompt: list[int], sampling: worker_pb2.SamplingParams, max_tokens: int,
-               stop_ids: frozenset[int]) -> Stream:
-        if self.active >= self.max_active and len(self.waiting) >= self.max_queued:
-            raise ResourceExhausted(f"the cluster is at capacity ({self.max_active} streams running, "
-                                    f"{self.max_queued} waiting); try again later")
-        stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids)
-        self.waiting.append(stream)
+               stop_ids: frozenset[int], min_tokens: int = 0) -> Stream:
+        self.check_fits(len(prompt), max_tokens)
+        if len(self.waiting) >= self.max_queued and not self._can_admit(len(prompt)):
+            running = f"{self.active} streams running"
+            if self.kv is not None:
+                running += f", {self.kv.held} of {self.kv.blocks_total} KV blocks held"
+            raise ResourceExhausted(f"the cluster is at capacity ({running}, {len(self.waiting)} waiting); "
+                                    "try again later")
+        stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens)
+        self._enqueue(stream)
         self._admit()
         return stream
 
+    def _enqueue(self, stream: Stream, front: bool = False) -> None:
+        if front:
+            self.waiting.appendleft(stream)
+        else:
+            self.waiting.append(stream)
+        stream.waiting_in = self.waiting
+
+    def _admission_blocks(self, tokens: int) -> int:
+        return self.kv.blocks_for(tokens + self.reserve_tokens) if self.kv is not None else 0
+
+    def _can_admit(self, tokens: int) -> bool:
+        if self.active >= self.max_active or self.waiting:
+            return False
+        return self.kv is None or self.kv.free >= self._admission_blocks(tokens)
+
     def _admit(self) -> None:
-        """Move waiting streams into the least-loaded groups, and wake those groups."""
+        """Move waiting streams, oldest first, into the least-loaded groups while there is room for their
+        prompt plus the reservation; wake those groups."""
         while self.waiting and self.active < self.max_active:
-            stream = self.waiting.popleft()
-            if stream.done:
-                continue
+            stream = self.waiting[0]
+            blocks = self._admission_blocks(len(stream.ids))
+            if self.kv is not None:
+                if self.kv.free < blocks:
+                    return
+                self.kv.held += blocks
+            self.waiting.popleft()
+            stream.waiting_in = None
+            stream.blocks, stream.admitted = blocks, next(self._admissions)
             i = min(range(len(self.groups)), key=lambda g: len(self.groups[g]))
             self.groups[i].append(stream)
             self._wake[i].set()
+
+    def _take_blocks(self, stream: Stream, positions: int) -> bool:
+        """Hold the blocks `stream` needs for `positions`; preempts the most recently admitted streams when
+        the chain is short. False when the stream must wait (blocks are still being released, or it was
+        itself preempted)."""
+        kv = self.kv
+        if kv is None:
+            return True
+        extra = kv.blocks_for(positions) - stream.blocks
+        if extra <= 0:
+            return True
+        while kv.free + kv.releasing < extra:
+            running = [s for g in self.groups for s in g if not s.done and s.blocks]
+            victim = max(running, key=lambda s: s.admitted, default=None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is stream:
+                return False
+        if kv.free < extra:
+            return False
+        kv.held += extra
+        stream.blocks += extra
+        return True
+
+    def _preempt(self, stream: Stream) -> None:
+        """Free the stream's caches on every stage and put it back at the head of the queue; it resumes by
+        re-prefill of its ids under a new session id, with the same output."""
+        for group in self.groups:
+            if stream in group:
+                group.remove(stream)
+        old = stream.session_id
+        stream.rewind(failure=False)
+        stream.preemptions += 1
+        self.preempted += 1
+        log.info("preempted %s (%d KV blocks) to make room; it resumes by re-prefill", stream.request_id,
+                 stream.blocks)
+        self._end([old], stream.blocks)
+        stream.blocks = 0
+        self._enqueue(stream, front=True)
 
     def rewind(self, failure: bool) -> list[str]:
         """Rewind every running stream for replay on a new chain (called while the gate is closed and the old
@@ -117,6 +253,7 @@ class Scheduler:
         for group in self.groups:
             for stream in group:
                 old.append(stream.session_id)
+                stream.blocks = 0  # the new chain holds nothing yet; set_capacity starts its account afresh
                 if stream.done:
                     continue
                 stream.rewind(failure)
@@ -143,17 +280,34 @@ class Scheduler:
                     stream.stop(Internal("internal error; the server log has the details"))
                 await asyncio.sleep(0.05)
 
-    def _end(self, sessions: list[str]) -> None:
-        ending = asyncio.create_task(end_sessions(self.pipeline.addresses, sessions))
+    def _end(self, sessions: list[str], blocks: int = 0) -> None:
+        """Free the sessions on every stage; their `blocks` count as free once every stage has answered."""
+        kv = self.kv
+        if kv is not None:
+            kv.held -= blocks
+            kv.releasing += blocks
+
+        async def end() -> None:
+            try:
+                await end_sessions(self.pipeline.addresses, sessions)
+            finally:
+                if kv is not None:
+                    kv.releasing -= blocks
+                    self._kv_freed.set()
+                    self._admit()
+
+        ending = asyncio.create_task(end())
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)
 
     async def _cycle(self, i: int) -> None:
-        finished = [s.session_id for s in self.groups[i] if s.done]
+        finished = [s for s in self.groups[i] if s.done]
         if finished:
             # between this group's steps, so no step of theirs is still in the pipeline
             self.groups[i] = [s for s in self.groups[i] if not s.done]
-            self._end(finished)
+            self._end([s.session_id for s in finished], sum(s.blocks for s in finished))
+            for stream in finished:
+                stream.blocks = 0
         self._admit()
         if not self.groups[i]:
             self._wake[i].clear()
@@ -166,46 +320,76 @@ class Scheduler:
                 stream.stop(exc)
             return
         epoch = self.pipeline.epoch
-        batch: list[tuple[Stream, int]] = []
+        planned: list[tuple[Stream, int, str]] = []
         budget = self.max_step_tokens
-        for stream in self.groups[i]:
+        for stream in list(self.groups[i]):
             n = min(len(stream.pending), self.prefill_chunk, budget)
-            if stream.done or n <= 0:
+            if stream.done or n <= 0 or stream not in self.groups[i]:
                 continue
-            batch.append((stream, n))
+            if not self._take_blocks(stream, stream.position + n):
+                continue  # waits for KV blocks (or was preempted itself)
+            planned.append((stream, n, stream.session_id))
             budget -= n
             if budget <= 0:
                 break
+        # a stream planned early may have been preempted to make room for a later one
+        batch = [(s, n, sid) for s, n, sid in planned if s.session_id == sid]
         if not batch:
+            self._kv_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kv_freed.wait(), 0.05)
             return
-        sequences = [worker_pb2.SequenceSlice(session_id=s.session_id, start_position=s.position, num_tokens=n,
-                                              sampling=s.sampling) for s, n in batch]
-        ids = [t for s, n in batch for t in s.pending[:n]]
+        sequences = [worker_pb2.SequenceSlice(session_id=sid, start_position=s.position, num_tokens=n,
+                                              sampling=s.sampling) for s, n, sid in batch]
+        ids = [t for s, n, _ in batch for t in s.pending[:n]]
         try:
-            response = await chain.step(sequences, ids)
+            response = await chain.step(sequences, ids, partial=True)
         except Exception as exc:  # noqa: BLE001
             if epoch != self.pipeline.epoch:
                 return  # the chain was retired under this step: its streams are rewound at the next install
             if isinstance(exc, RECOVERABLE):
                 await self.pipeline.heal(epoch, exc)  # the streams are rewound by then; the next cycle replays
                 return
-            for stream, _ in batch:  # the request's fault, not the chain's: every stream of the step hears of it
+            for stream, _, _ in batch:  # the message's fault, not the chain's: every stream of it hears of it
                 stream.stop(exc)
             return
         if epoch != self.pipeline.epoch:
             return  # the chain changed under this step: its streams were rewound, the result is stale
-        for (stream, n), token in zip(batch, response.token_ids, strict=True):
+        failed = {e.session_id: error_for_code(code_from_number(e.error.code), e.error.message)
+                  for e in response.sequence_errors}
+        tokens = iter(response.token_ids)
+        for stream, n, sid in batch:
+            error = failed.get(sid)
+            token = next(tokens) if error is None else None
+            if stream.session_id != sid or stream.done:
+                continue  # preempted (or stopped) while the step ran: the result is stale
+            if error is not None:
+                self._sequence_failed(stream, error)
+                continue
             stream.position += n
             del stream.pending[:n]
-            if stream.pending or stream.done:
+            if stream.pending:
                 continue  # mid-prefill: this chunk's sample is not the next token
             stream.produced += 1
-            stream.ids.append(token)
-            stream.tokens.put_nowait(token)
-            if token in stream.stop_ids or stream.produced >= stream.max_tokens:
+            stream.ids.append(token)  # type: ignore[arg-type]
+            stream.tokens.put_nowait(token)  # type: ignore[arg-type]
+            stops = stream.produced >= stream.min_tokens and token in stream.stop_ids
+            if stops or stream.produced >= stream.max_tokens:
                 stream.stop()
             else:
-                stream.pending = [token]
+                stream.pending = [token]  # type: ignore[list-item]
+
+    def _sequence_failed(self, stream: Stream, error: ShardlineError) -> None:
+        """One sequence failed on a stage. A cache that is gone (expired, its worker restarted) or a stage
+        short of KV blocks is the cluster's state, not the request's: the stream is preempted and replays.
+        Anything else is the request's own fault: it ends with that error, alone."""
+        if isinstance(error, (NotFound, ResourceExhausted)) and stream.failures < MAX_FAILURES:
+            stream.failures += 1
+            log.info("%s: %s; it resumes by replay", stream.request_id, error)
+            self._preempt(stream)
+            self._admit()
+            return
+        stream.stop(error)
 
     async def close(self, reason: str = "the coordinator is stopping") -> None:
         for task in self._tasks:

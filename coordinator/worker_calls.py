@@ -11,6 +11,7 @@ import grpc
 from coordinator.membership import LoadedShard
 from coordinator.planner import StagePlan
 from coordinator.registry import WorkerRecord
+from coordinator.scheduler import KVBudget
 from shardline.errors import from_rpc_error
 from shardline.server import Keepalive, channel
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -24,6 +25,18 @@ async def status(address: str, timeout: float, keepalive: Keepalive) -> worker_p
                 worker_pb2.GetStatusRequest(), timeout=timeout)
             return reply
     return None
+
+
+async def chain_capacity(addresses: list[str], timeout: float, keepalive: Keepalive) -> KVBudget | None:
+    """The chain's KV capacity: the smallest stage's blocks (None when a stage keeps no KV, or is silent;
+    each worker still refuses what it cannot hold)."""
+    replies = await asyncio.gather(*(status(a, timeout, keepalive) for a in addresses))
+    kvs = [r.kv for r in replies if r is not None]
+    if len(kvs) != len(addresses) or any(kv.blocks_total <= 0 for kv in kvs):
+        return None
+    if len({kv.block_tokens for kv in kvs}) != 1:
+        return None
+    return KVBudget(kvs[0].block_tokens, min(kv.blocks_total for kv in kvs))
 
 
 async def probe(workers: list[WorkerRecord], timeout: float, keepalive: Keepalive) -> dict[str, LoadedShard]:
@@ -41,11 +54,14 @@ async def probe(workers: list[WorkerRecord], timeout: float, keepalive: Keepaliv
 
 
 async def load_shard(worker: WorkerRecord, model: str, stage: StagePlan, parameters_address: str, dtype: int,
-                     timeout: float, keepalive: Keepalive, progress: dict[str, int]) -> None:
-    """LoadShard, within `timeout`; progress[address] follows the bytes loaded. Raises the error table's
-    exception on failure."""
+                     timeout: float, keepalive: Keepalive, progress: dict[str, int],
+                     kv: worker_pb2.LoadShardRequest | None = None) -> None:
+    """LoadShard, within `timeout`; progress[address] follows the bytes loaded; `kv` carries the step and KV
+    settings. Raises the error table's exception on failure."""
     request = worker_pb2.LoadShardRequest(model=model, start_layer=stage.start, end_layer=stage.end,
                                           parameters_address=parameters_address, dtype=dtype)  # type: ignore[arg-type]
+    if kv is not None:
+        request.MergeFrom(kv)
     async with channel(worker.address, keepalive) as ch:
         try:
             async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request, timeout=timeout):
