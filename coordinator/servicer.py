@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,8 +20,23 @@ from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
 MAX_ADDRESS_CHARS = 300  # host:port, the longest DNS name and a port
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
           "stop": coordinator_pb2.FINISH_REASON_STOP}
+
+
+def is_host_port(address: str) -> bool:
+    """host:port with a host name, an IPv4 address or an IPv6 one (bracketed or not), and a port 1-65535."""
+    host, _, port = address.rpartition(":")
+    if len(address) > MAX_ADDRESS_CHARS or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None
 
 
 def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
@@ -150,8 +167,7 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
 
     @grpc_errors
     async def RegisterWorker(self, request: Any, context: Any) -> coordinator_pb2.RegisterWorkerResponse:
-        host, _, port = request.address.rpartition(":")
-        if len(request.address) > MAX_ADDRESS_CHARS or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not is_host_port(request.address):
             raise InvalidArgument(f"address {shown(request.address)} is not host:port")
         if request.memory_budget_bytes <= 0:
             raise InvalidArgument(f"memory_budget_bytes must be > 0, got {request.memory_budget_bytes}")

@@ -6,8 +6,10 @@ grpc.aio deserializes a request before any handler runs; a DecodeError there wou
 that `shardline.server.new_server` installs, wraps each handler instead: its deserializer turns bytes that
 do not parse into a `Malformed` marker, and its behavior answers a marker with INVALID_ARGUMENT "request is
 not a valid <Type>: <why>" before the servicer sees it, logged at WARNING in one line (at most one line per
-method and second; the next line counts those left out). On a client stream, the call ends the same way at
-the first malformed message, and the servicer sees its requests end.
+method and second; the next line counts those left out). On a client stream, the servicer sees its
+requests end at the first malformed message, and the call ends the same way (at once if the servicer sends
+a response, else when it returns). A servicer that reads with `context.read()` instead of its request
+iterator is not covered.
 """
 
 from __future__ import annotations
@@ -132,23 +134,33 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-a
         return unary_out
 
     def _stream_request(self, method: str, behavior: Any) -> Any:
-        async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        # the status is sent from the handler's own task, never from whichever task reads the requests (a
+        # status sent there can race a response the handler is sending, and the call then never ends)
+        async def checked(requests: AsyncIterator[Any], seen: list[Malformed]) -> AsyncIterator[Any]:
             async for request in requests:
                 if isinstance(request, Malformed):
-                    with contextlib.suppress(grpc.aio.AbortError):  # the status is sent; the requests end
-                        await self._refuse(method, request, context)
-                    return
+                    seen.append(request)
+                    return  # the servicer sees its requests end, and winds down
                 yield request
 
         if inspect.isasyncgenfunction(behavior):
             async def stream_out(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-                async with contextlib.aclosing(behavior(checked(requests, context), context)) as responses:
+                seen: list[Malformed] = []
+                async with contextlib.aclosing(behavior(checked(requests, seen), context)) as responses:
                     async for response in responses:
+                        if seen:
+                            break
                         yield response
+                if seen:
+                    await self._refuse(method, seen[0], context)
 
             return stream_out
 
         async def unary_out(requests: AsyncIterator[Any], context: Any) -> Any:
-            return await behavior(checked(requests, context), context)
+            seen: list[Malformed] = []
+            response = await behavior(checked(requests, seen), context)
+            if seen:
+                await self._refuse(method, seen[0], context)
+            return response
 
         return unary_out
