@@ -302,13 +302,17 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
              top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
              seed: int | None = typer.Option(None, help="same seed, same text"),
              stop: list[str] = typer.Option([], help="stop sequence (repeatable)"),
+             min_tokens: int = typer.Option(0, help="end-of-sequence and stop sequences count only after this "
+                                            "many tokens"),
+             ignore_eos: bool = typer.Option(False, help="run to --max-tokens past the end-of-sequence token"),
              chat: bool = typer.Option(False, help="send the prompt as a user message (chat template)"),
              timeout: float = typer.Option(300, help="deadline in seconds")) -> None:
     """Stream generated text to stdout."""
     from shardline.client import Client
     from shardline.errors import ShardlineError
 
-    params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+    params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                  min_tokens=min_tokens, ignore_eos=ignore_eos)
     with Client(endpoint) as client:
         try:
             chunks = (client.chat([{"role": "user", "content": prompt}], stream=True, timeout=timeout, **params)

@@ -163,10 +163,8 @@ async def run(scheduler: Scheduler, text: TextModel, plan: Plan, session_id: str
     End-of-sequence ids (none with `ignore_eos`) and stop sequences count only once `min_tokens` tokens
     were produced; before that, an end-of-sequence id is just a token."""
     stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
-    # min_tokens only when asked for, until every Scheduler.submit takes it (the scheduler ignores stop ids
-    # before min_tokens tokens; this loop does the same below)
-    extra = {"min_tokens": plan.min_tokens} if plan.min_tokens else {}
-    stream = scheduler.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids, **extra)
+    stream = scheduler.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
+                              min_tokens=plan.min_tokens)
     texts = TextStream(text, plan.stop)
     produced = 0
     usage = {"prompt_tokens": len(plan.prompt_ids)}

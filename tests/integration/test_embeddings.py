@@ -26,7 +26,7 @@ SENTENCES = ["A man is eating food.", "A man is riding a horse.", "The new movie
 def encoder_cluster(loop, minilm_store, parameters):
     config = CoordinatorConfig(store=minilm_store.root, model="minilm", workers=2, port=0,
                                parameters_address=parameters.address, max_infer_batch=64, infer_micro_batch=3,
-                               heartbeat_timeout_ms=3_600_000)
+                               max_infer_tokens=2000, heartbeat_timeout_ms=3_600_000)
     coordinator = loop.run(start_coordinator(config))
     servers = [loop.run(start_worker()) for _ in range(2)]
     registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
@@ -95,3 +95,15 @@ def test_infer_bad_input_names_the_field(encoder_cluster):
     good = stub.Infer(coordinator_pb2.InferRequest(input_ids=encode_tensor(from_numpy(np.array(
         [[101, 2460, 102, 0]], np.int64))), attention_mask=encode_tensor(from_numpy(np.array([[1, 1, 1, 0]])))))
     assert good.tokens == 3
+
+
+def test_infer_tokens_are_bounded_and_the_cluster_keeps_serving(encoder_cluster):
+    client, coordinator = encoder_cluster
+    stub = coordinator_pb2_grpc.CoordinatorStub(grpc.insecure_channel(coordinator.address))
+    with pytest.raises(InvalidArgument, match=r"the limit is 2000 \(max_infer_tokens\)"):
+        client.embed(["a sentence of several words that adds up to many tokens " * 4] * 64)
+    ids = encode_tensor(from_numpy(np.full((8, 300), 1000, np.int64)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Infer(coordinator_pb2.InferRequest(input_ids=ids), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2400 tokens" in err.value.details()
+    assert client.embed(["still serving"]).shape == (1, 384)

@@ -77,3 +77,11 @@ def test_sane_sampling_values_pass(config, fields):
 
 def test_top_k_below_zero_is_refused(config):
     assert "top_k must be >= 0" in refused(config, top_k=-1)
+
+
+def test_an_infer_whose_embeddings_exceed_a_response_is_refused():
+    from coordinator.embedding import check_response_size
+
+    check_response_size(1024, 16384)  # the default max_infer_batch, 16384 floats each: fits exactly
+    with pytest.raises(InvalidArgument, match="a response holds at most 67108864 bytes"):
+        check_response_size(1025, 16384)
