@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from shardline.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 1.0
@@ -99,7 +101,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-a
     async def _refuse(self, method: str, bad: Malformed, context: Any) -> None:
         message = f"request is not a valid {bad.type_name}: {bad.reason}"
         self.warnings.warn(method, str(context.peer()), message)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        await context.abort(InvalidArgument.code, message)  # the error table's code for bad input
 
     def _wrap(self, method: str, handler: Any) -> Any:
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
