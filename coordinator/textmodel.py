@@ -57,8 +57,7 @@ class TextStream:
 
     def __init__(self, model: TextModel, stop: tuple[str, ...] = ()) -> None:
         self.model = model
-        self.ids: list[int] = []
-        self.prefix = 0  # ids[prefix:read] decode to text already given to the stop matcher
+        self.ids: list[int] = []  # the window: ids[:read] decode to text already given to the stop matcher
         self.read = 0
         self.matcher = StopMatcher(stop)
 
@@ -77,12 +76,13 @@ class TextStream:
         return self.matcher.push(self._detokenize(final=True), match=False) if not self.stopped else ""
 
     def _detokenize(self, final: bool) -> str:
-        context = self.model.decode(self.ids[self.prefix: self.read]) if self.read > self.prefix else ""
-        text = self.model.decode(self.ids[self.prefix:])
+        context = self.model.decode(self.ids[: self.read]) if self.read else ""
+        text = self.model.decode(self.ids)
         # an incomplete UTF-8 character decodes to U+FFFD: wait for the bytes that complete it, but only as
         # long as they could (a character is at most 4 bytes, so at most 4 tokens)
         if not final and (len(text) <= len(context) or text.endswith("\ufffd")) \
                 and len(self.ids) - self.read < MAX_PENDING_TOKENS:
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
+        del self.ids[: self.read]  # what is before the new context is never decoded again
+        self.read = len(self.ids)
         return text[len(context):]
