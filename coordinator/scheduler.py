@@ -69,6 +69,7 @@ class Stream:
     blocks: int = 0     # KV blocks held for this stream on every stage (as the scheduler accounts them)
     admitted: int = -1  # admission order: the most recent is preempted first
     preemptions: int = 0
+    wants: int = 0      # blocks it waits for (being released by a preempted stream); admission leaves them
     waiting_in: collections.deque[Stream] | None = None  # the queue it waits in, left at once when it stops
 
     def __post_init__(self) -> None:
@@ -195,7 +196,10 @@ class Scheduler:
             stream = self.waiting[0]
             blocks = self._admission_blocks(len(stream.ids))
             if self.kv is not None:
-                if self.kv.free < blocks:
+                # running streams waiting to grow come first: else a preempted stream, readmitted into the
+                # blocks it just freed, would be preempted again and again
+                wanted = sum(s.wants for g in self.groups for s in g)
+                if self.kv.free - wanted < blocks:
                     return
                 self.kv.held += blocks
             self.waiting.popleft()
@@ -224,9 +228,11 @@ class Scheduler:
             if victim is stream:
                 return False
         if kv.free < extra:
+            stream.wants = extra
             return False
         kv.held += extra
         stream.blocks += extra
+        stream.wants = 0
         return True
 
     def _preempt(self, stream: Stream) -> None:
@@ -242,7 +248,7 @@ class Scheduler:
         log.info("preempted %s (%d KV blocks) to make room; it resumes by re-prefill", stream.request_id,
                  stream.blocks)
         self._end([old], stream.blocks)
-        stream.blocks = 0
+        stream.blocks = stream.wants = 0
         self._enqueue(stream, front=True)
 
     def rewind(self, failure: bool) -> list[str]:
@@ -373,7 +379,7 @@ class Scheduler:
             stream.produced += 1
             stream.ids.append(token)  # type: ignore[arg-type]
             stream.tokens.put_nowait(token)  # type: ignore[arg-type]
-            stops = stream.produced >= stream.min_tokens and token in stream.stop_ids
+            stops = stream.produced > stream.min_tokens and token in stream.stop_ids  # EOS only after min_tokens
             if stops or stream.produced >= stream.max_tokens:
                 stream.stop()
             else:

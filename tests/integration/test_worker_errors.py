@@ -73,7 +73,8 @@ def test_a_bad_sequence_fails_alone_and_its_neighbours_in_the_batch_go_on(middle
     chain = Chain([first.address, second.address])
     alone = chain.greedy("alone", [1, 2, 3], 1)
     response = chain.step([seq("nobody", 5, 1), seq("good", 0, 3), seq("vocab", 0, 2),
-                           seq("nan", 0, 1, temperature=float("nan")), seq("tiny", 0, 3, temperature=1e-39, top_p=1e-30)],
+                           seq("nan", 0, 1, temperature=float("nan")),
+                           seq("tiny", 0, 3, temperature=1e-39, top_p=1e-30)],
                           [7, 1, 2, 3, 1, 5000, 4, 1, 2, 3])
     assert not response.HasField("error")
     failed = {e.session_id: e.error for e in response.sequence_errors}
