@@ -401,12 +401,17 @@ class Cluster:
                                        prefill_chunk=c.prefill_chunk_tokens, max_step_tokens=c.max_step_tokens,
                                        reserve_tokens=c.kv_reserve_tokens)
         stale = self.scheduler.rewind(counted)
-        self.scheduler.set_capacity(await chain_capacity([w.address for w in self.assignment],
-                                                         self.config.probe_timeout_ms / 1000, self.links.keepalive))
         if old_chain is not None:
             await old_chain.close()
         everyone = sorted(old_workers | {w.address for w in self.registry.live()})
-        self._spawn(end_sessions(everyone, stale, self.links), "freeing replayed sessions")
+        # the old sessions are freed before the new chain's capacity is read: the replay starts on empty
+        # caches, and the budget the scheduler starts from is the one the workers have (bounded: 5 s a worker)
+        ending = asyncio.ensure_future(end_sessions(everyone, stale, self.links))
+        await asyncio.wait({ending}, timeout=2.0)  # a worker that does not answer holds nothing we can free
+        if not ending.done():
+            self._spawn(asyncio.wait_for(ending, None), "freeing replayed sessions")
+        self.scheduler.set_capacity(await chain_capacity([w.address for w in self.assignment],
+                                                         self.config.probe_timeout_ms / 1000, self.links.keepalive))
         self._failed_with = ()
         self._set_state("ready")
         self.pipeline.resume()
@@ -416,6 +421,7 @@ class Cluster:
     def _kv_request(self) -> worker_pb2.LoadShardRequest:
         c = self.config
         return worker_pb2.LoadShardRequest(max_step_tokens=c.max_step_tokens,
+                                           max_step_sequences=min(c.max_active_streams, c.max_step_tokens),
                                            prefill_chunk_tokens=c.prefill_chunk_tokens,
                                            kv_block_tokens=c.kv_block_tokens,
                                            session_ttl_ms=int(c.session_ttl_s * 1000))

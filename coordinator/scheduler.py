@@ -181,20 +181,26 @@ class Scheduler:
             self.waiting.append(stream)
         stream.waiting_in = self.waiting
 
-    def _admission_blocks(self, tokens: int) -> int:
-        return self.kv.blocks_for(tokens + self.reserve_tokens) if self.kv is not None else 0
+    def _admission_blocks(self, tokens: int, left: int) -> int:
+        """Room for `tokens` ids plus the reservation, but never more than the stream can still reach."""
+        return self.kv.blocks_for(tokens + min(self.reserve_tokens, left)) if self.kv is not None else 0
 
     def _can_admit(self, tokens: int) -> bool:
         if self.active >= self.max_active or self.waiting:
             return False
-        return self.kv is None or self.kv.free >= self._admission_blocks(tokens)
+        return self.kv is None or self.kv.free >= self._admission_blocks(tokens, self.reserve_tokens)
 
     def _admit(self) -> None:
         """Move waiting streams, oldest first, into the least-loaded groups while there is room for their
         prompt plus the reservation; wake those groups."""
         while self.waiting and self.active < self.max_active:
             stream = self.waiting[0]
-            blocks = self._admission_blocks(len(stream.ids))
+            blocks = self._admission_blocks(len(stream.ids), stream.max_tokens - stream.produced)
+            if self.kv is not None and blocks > self.kv.blocks_total:  # the chain shrank under it
+                stream.stop(ResourceExhausted(
+                    f"the request needs {len(stream.ids)} tokens of KV cache; the cluster now holds "
+                    f"{self.kv.capacity_tokens} (a smaller chain took over): retry with a shorter request"))
+                continue
             if self.kv is not None:
                 # running streams waiting to grow come first: else a preempted stream, readmitted into the
                 # blocks it just freed, would be preempted again and again
@@ -288,14 +294,14 @@ class Scheduler:
 
     def _end(self, sessions: list[str], blocks: int = 0) -> None:
         """Free the sessions on every stage; their `blocks` count as free once every stage has answered."""
-        kv = self.kv
+        kv, addresses = self.kv, self.pipeline.addresses
         if kv is not None:
             kv.held -= blocks
             kv.releasing += blocks
 
         async def end() -> None:
             try:
-                await end_sessions(self.pipeline.addresses, sessions)
+                await end_sessions(addresses, sessions)
             finally:
                 if kv is not None:
                     kv.releasing -= blocks
@@ -366,7 +372,10 @@ class Scheduler:
         tokens = iter(response.token_ids)
         for stream, n, sid in batch:
             error = failed.get(sid)
-            token = next(tokens) if error is None else None
+            token = next(tokens, None) if error is None else None
+            if error is None and token is None:
+                error = Internal(f"the chain answered {len(response.token_ids)} tokens for {len(batch)} sequences "
+                                 f"and {len(failed)} failures")
             if stream.session_id != sid or stream.done:
                 continue  # preempted (or stopped) while the step ran: the result is stale
             if error is not None:

@@ -1,9 +1,12 @@
 """A stage's KV capacity, planned once after loading: the memory budget minus the weights minus the
 activation headroom of the largest step, measured by running that step once.
 
-The measurement resets the process's peak RSS (Linux: /proc/self/clear_refs), runs a step of
-`max_step_tokens` tokens cut into sequences of `prefill_chunk_tokens` (the largest step the coordinator
-sends), and reads the new peak. Elsewhere the RSS growth over the step is used, doubled.
+The measurement resets the process's peak RSS (Linux: /proc/self/clear_refs), runs the largest steps the
+coordinator sends (`max_step_tokens` tokens cut into sequences of `prefill_chunk_tokens`, and
+`max_step_sequences` one-token sequences, whose logits the last stage computes), and reads the new peak.
+It costs a few seconds per load (and so per failover onto a spare that must load).
+Elsewhere the RSS growth over the step is used, doubled. Not measured: attention at a long context (CPU
+SDPA works through keys in blocks, so its temporaries grow little with the context).
 """
 
 from __future__ import annotations
@@ -42,20 +45,20 @@ def _peak_rss() -> int | None:
     return None
 
 
-def measure_headroom(stage: Stage, settings: KVSettings) -> int:
-    """Bytes the largest step needs beyond weights and KV (activations, logits, temporaries)."""
-    if not stage.causal:
-        return 0
-    chunk, total = settings.prefill_chunk_tokens, settings.max_step_tokens
-    counts = [min(chunk, total - start) for start in range(0, total, chunk)]
+def _peak_of(stage: Stage, settings: KVSettings, counts: list[int]) -> int:
+    """The memory one step of these sequence lengths (all from position 0) needs beyond its KV."""
+    total = sum(counts)
     scratch = StageRuntime(stage, KVPool(stage.kv_layout(settings.block_tokens), 1 << 40), settings)
     sequences = [Slice(f"warmup-{i}", 0, n) for i, n in enumerate(counts)]
     if stage.is_first:
         step = Step(sequences, token_ids=[0] * total)
     else:
         step = Step(sequences, hidden=raw_from_torch(torch.zeros(total, stage.hidden_size, dtype=stage.dtype)))
-    # the KV the step writes is KV, not headroom: allocate it before measuring
+    # the KV the step writes is KV, not headroom: allocate it, and touch it, before measuring
     caches = [scratch._check_sequence(i, seq, None) for i, seq in enumerate(sequences)]
+    for cache in caches:
+        for t in (*cache.keys, *cache.values):
+            t.zero_()
     scratch.sessions.update({s.session_id: c for s, c in zip(sequences, caches, strict=True)})
     before = psutil.Process().memory_info().rss
     exact = _reset_peak()
@@ -63,8 +66,19 @@ def measure_headroom(stage: Stage, settings: KVSettings) -> int:
     peak = _peak_rss() if exact else None
     after = psutil.Process().memory_info().rss
     scratch.end_sessions([s.session_id for s in sequences])
-    measured = (peak - before) if peak is not None else 2 * (after - before)
-    return int(max(0, measured) * HEADROOM_MARGIN)
+    return max(0, (peak - before) if peak is not None else 2 * (after - before))
+
+
+def measure_headroom(stage: Stage, settings: KVSettings) -> int:
+    """Bytes the largest step needs beyond weights and KV (activations, logits, temporaries): the larger of
+    a prefill step (max_step_tokens in chunks) and a decode step (max_step_sequences rows, each with its
+    logits at the last stage)."""
+    if not stage.causal:
+        return 0
+    chunk, total = settings.prefill_chunk_tokens, settings.max_step_tokens
+    prefill = [min(chunk, total - start) for start in range(0, total, chunk)]
+    decode = [1] * settings.max_step_sequences
+    return int(max(_peak_of(stage, settings, prefill), _peak_of(stage, settings, decode)) * HEADROOM_MARGIN)
 
 
 def plan_runtime(stage: Stage, weight_bytes: int, budget_bytes: int, settings: KVSettings) -> StageRuntime:

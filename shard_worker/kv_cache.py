@@ -101,15 +101,21 @@ class SessionCache:
             return
         self.pool.take(blocks - self.blocks, positions)
         shape = (layout.kv_heads, blocks * layout.block_tokens, layout.head_dim)
-        keys, values = [], []
-        for layer in range(layout.layers):
-            k, v = torch.empty(shape, dtype=layout.dtype), torch.empty(shape, dtype=layout.dtype)
-            if self.length:
-                k[:, : self.length] = self.keys[layer][:, : self.length]
-                v[:, : self.length] = self.values[layer][:, : self.length]
-            keys.append(k)
-            values.append(v)
-        self.keys, self.values, self.blocks = keys, values, blocks
+        try:
+            # layer by layer, each old buffer dropped as soon as it is copied: the transient is one layer
+            for layer in range(layout.layers):
+                k, v = torch.empty(shape, dtype=layout.dtype), torch.empty(shape, dtype=layout.dtype)
+                if layer < len(self.keys):
+                    k[:, : self.length] = self.keys[layer][:, : self.length]
+                    v[:, : self.length] = self.values[layer][:, : self.length]
+                    self.keys[layer], self.values[layer] = k, v
+                else:
+                    self.keys.append(k)
+                    self.values.append(v)
+        except BaseException:
+            self.pool.give(blocks - self.blocks)  # nothing counted that was not allocated
+            raise
+        self.blocks = blocks
 
     def release(self) -> None:
         self.pool.give(self.blocks)

@@ -59,6 +59,7 @@ class KVSettings:
     """What LoadShard tells a stage about the steps it will get and how to hold KV memory."""
 
     max_step_tokens: int = 2048
+    max_step_sequences: int = 64
     prefill_chunk_tokens: int = 256
     block_tokens: int = 16
     session_ttl_s: float = 600.0
@@ -149,6 +150,9 @@ class StageRuntime:
         if bad is not None:
             raise InvalidArgument(f"sequences[{bad}].num_tokens must be at least 1, got {counts[bad]}")
         total = sum(counts)
+        if stage.causal and len(counts) > self.settings.max_step_sequences:
+            raise InvalidArgument(f"the step carries {len(counts)} sequences; this stage takes at most "
+                                  f"{self.settings.max_step_sequences} (max_step_sequences)")
         if stage.causal and total > self.settings.max_step_tokens:
             raise InvalidArgument(f"the step carries {total} tokens; this stage takes at most "
                                   f"{self.settings.max_step_tokens} (max_step_tokens)")
@@ -227,17 +231,24 @@ class StageRuntime:
         kept: list[int] = []
         caches: list[SessionCache] = []
         errors: list[tuple[str, ShardlineError]] = []
-        for i, seq in enumerate(step.sequences):
-            try:
-                if seq.session_id in seen:
-                    raise InvalidArgument(f"sequences[{i}].session_id {seq.session_id!r} appears twice in one batch")
-                ids = step.token_ids[offsets[i]: offsets[i + 1]] if step.token_ids is not None else None
-                caches.append(self._check_sequence(i, seq, ids))
-            except ShardlineError as exc:
-                errors.append((seq.session_id, exc))
-                continue
-            seen.add(seq.session_id)
-            kept.append(i)
+        try:
+            for i, seq in enumerate(step.sequences):
+                try:
+                    if seq.session_id in seen:
+                        raise InvalidArgument(f"sequences[{i}].session_id {seq.session_id!r} appears twice in "
+                                              "one batch")
+                    ids = step.token_ids[offsets[i]: offsets[i + 1]] if step.token_ids is not None else None
+                    caches.append(self._check_sequence(i, seq, ids))
+                except ShardlineError as exc:
+                    errors.append((seq.session_id, exc))
+                    continue
+                seen.add(seq.session_id)
+                kept.append(i)
+        except BaseException:
+            for c, i in zip(caches, kept, strict=True):  # reserved for this step, never registered
+                if step.sequences[i].session_id not in self.sessions:
+                    c.release()
+            raise
         if not kept:
             return StepResult(errors=errors)
         sequences = [step.sequences[i] for i in kept]

@@ -74,10 +74,12 @@ def response_from_result(step_id: int, result: StepResult,
 def kv_settings(request: worker_pb2.LoadShardRequest) -> KVSettings:
     """The KV settings a LoadShard asks for (0 = the default); errors name the field."""
     defaults = KVSettings()
-    for name in ("max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms"):
+    for name in ("max_step_tokens", "max_step_sequences", "prefill_chunk_tokens", "kv_block_tokens",
+                 "session_ttl_ms"):
         if getattr(request, name) < 0:
             raise InvalidArgument(f"{name} must be >= 0 (0 = the default), got {getattr(request, name)}")
     settings = KVSettings(max_step_tokens=request.max_step_tokens or defaults.max_step_tokens,
+                          max_step_sequences=request.max_step_sequences or defaults.max_step_sequences,
                           prefill_chunk_tokens=request.prefill_chunk_tokens or defaults.prefill_chunk_tokens,
                           block_tokens=request.kv_block_tokens or defaults.block_tokens,
                           session_ttl_s=request.session_ttl_ms / 1000 if request.session_ttl_ms
@@ -86,6 +88,9 @@ def kv_settings(request: worker_pb2.LoadShardRequest) -> KVSettings:
         raise InvalidArgument(f"max_step_tokens {settings.max_step_tokens} is above {MAX_STEP_TOKENS_LIMIT}")
     if settings.block_tokens > 4096:
         raise InvalidArgument(f"kv_block_tokens {settings.block_tokens} is above 4096")
+    if settings.max_step_sequences > settings.max_step_tokens:
+        raise InvalidArgument(f"max_step_sequences {settings.max_step_sequences} is above max_step_tokens "
+                              f"{settings.max_step_tokens}")
     if settings.prefill_chunk_tokens > settings.max_step_tokens:
         raise InvalidArgument(f"prefill_chunk_tokens {settings.prefill_chunk_tokens} is above max_step_tokens "
                               f"{settings.max_step_tokens}")

@@ -36,10 +36,11 @@ def worker_stub(address: str) -> worker_pb2_grpc.ShardWorkerStub:
     return worker_pb2_grpc.ShardWorkerStub(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
 
 
-def load(address: str, model: str, start: int, end: int, parameters: str, dtype: int = 0) -> list[Any]:
-    """LoadShard and return every progress message (raises grpc.RpcError on failure)."""
+def load(address: str, model: str, start: int, end: int, parameters: str, dtype: int = 0, **kv: Any) -> list[Any]:
+    """LoadShard and return every progress message (raises grpc.RpcError on failure); `kv`: the request's
+    step and KV settings (max_step_tokens, kv_block_tokens, session_ttl_ms, ...)."""
     request = worker_pb2.LoadShardRequest(model=model, start_layer=start, end_layer=end,
-                                          parameters_address=parameters, dtype=dtype)
+                                          parameters_address=parameters, dtype=dtype, **kv)
     return list(worker_stub(address).LoadShard(request, timeout=300))
 
 

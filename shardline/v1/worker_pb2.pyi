@@ -48,7 +48,7 @@ WORKER_STATE_READY: WorkerState
 WORKER_STATE_FAILED: WorkerState
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms")
+    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class LoadShardRequest(_message.Message):
     PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -69,7 +70,8 @@ class LoadShardRequest(_message.Message):
     prefill_chunk_tokens: int
     kv_block_tokens: int
     session_ttl_ms: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ...) -> None: ...
+    max_step_sequences: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ..., max_step_sequences: _Optional[int] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "tensor")

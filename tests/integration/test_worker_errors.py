@@ -71,16 +71,16 @@ def test_a_bad_sequence_fails_alone_and_its_neighbours_in_the_batch_go_on(middle
     fails that sequence only: the others of the same message get their tokens, as they do alone."""
     first, second = middle
     chain = Chain([first.address, second.address])
-    alone = chain.greedy("alone", [1, 2, 3], 1)
+    alone = chain.greedy("alone", [1, 2, 3], 1) + chain.greedy("alone-2", [4, 5, 6], 1)
     response = chain.step([seq("nobody", 5, 1), seq("good", 0, 3), seq("vocab", 0, 2),
                            seq("nan", 0, 1, temperature=float("nan")),
                            seq("tiny", 0, 3, temperature=1e-39, top_p=1e-30)],
-                          [7, 1, 2, 3, 1, 5000, 4, 1, 2, 3])
+                          [7, 1, 2, 3, 1, 5000, 4, 4, 5, 6])
     assert not response.HasField("error")
     failed = {e.session_id: e.error for e in response.sequence_errors}
     assert failed["nobody"].code == NOT_FOUND and failed["vocab"].code == INVALID and "5000" in failed["vocab"].message
     assert failed["nan"].code == INVALID and "sampling" in failed["nan"].message
-    assert list(response.token_ids) == alone[:1] * 2  # "good", and "tiny" (a denormal temperature is greedy)
+    assert list(response.token_ids) == alone  # "good", and "tiny" (a denormal temperature is greedy)
 
 
 def test_route_and_layer_mismatch(middle):
