@@ -30,7 +30,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bench.generate import free_port  # noqa: E402
+from bench.generate import NEW, free_port, hf_generate  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.launcher import LocalCluster  # noqa: E402
@@ -39,7 +39,6 @@ from shardline.client import AsyncClient  # noqa: E402
 from shardline.errors import ResourceExhausted  # noqa: E402
 from shardline.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 
-NEW = 64
 STREAMS = 64
 TOPICS = ["city", "river", "mountain", "forest", "library", "harbor", "market", "bridge"]
 PLACES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid"]
@@ -71,16 +70,6 @@ class PeakRss:
         return self.peak
 
 
-def hf_generate(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    began = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return time.perf_counter() - began, (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
-
-
 async def ours_generate(endpoint: str, prompts: list[str]) -> tuple[float, int]:
     async with AsyncClient(endpoint, timeout=900) as client:
         began = time.perf_counter()
@@ -89,8 +78,10 @@ async def ours_generate(endpoint: str, prompts: list[str]) -> tuple[float, int]:
         return time.perf_counter() - began, sum(len(r.token_ids) for r in results)
 
 
-def memory_rows(cluster: LocalCluster, peak: dict[int, int]) -> list[str]:
+def print_memory(cluster: LocalCluster, peak: dict[int, int]) -> None:
     """Per worker: peak RSS next to what it planned (weights, KV capacity, headroom) and its budget."""
+    print("| stage | peak RSS | weights | KV capacity | headroom | budget |")
+    print("|---|---:|---:|---:|---:|---:|")
     rows = []
     for p in cluster.processes:
         with grpc.insecure_channel(p.address) as ch:
@@ -100,7 +91,7 @@ def memory_rows(cluster: LocalCluster, peak: dict[int, int]) -> list[str]:
                     f"{s.weight_bytes / mib:.0f} MiB | {s.kv.capacity_bytes / mib:.0f} MiB "
                     f"({s.kv.capacity_tokens} tokens) | {s.kv.headroom_bytes / mib:.0f} MiB | "
                     f"{s.kv.memory_budget_bytes / mib:.0f} MiB |")
-    return rows
+    print("\n".join(rows))
 
 
 async def decode(store_dir: Path) -> None:
@@ -129,10 +120,7 @@ async def decode(store_dir: Path) -> None:
             print(f"\n{STREAMS} streams x {NEW} tokens, {workers} worker(s): transformers static batch "
                   f"{hf:.1f} tok/s, shardline {ours:.1f} tok/s, ratio {ours / hf:.2f}x "
                   f"(runs: hf {[round(x, 1) for x in hf_runs]}, ours {[round(x, 1) for x in our_runs]})")
-            print("| stage | peak RSS | weights | KV capacity | headroom | budget |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for row in memory_rows(cluster, peak.stop()):
-                print(row)
+            print_memory(cluster, peak.stop())
         finally:
             await cluster.stop()
 
@@ -179,10 +167,7 @@ async def burst(store_dir: Path, budget_mb: int, requests: int) -> None:
               f"--worker-memory-mb {budget_mb}: completed {len(latencies)}, refused {refused}, errors {errors}; "
               f"p50 {p50:.1f} s, p99 {p99:.1f} s; wall {wall:.0f} s; "
               f"preemptions {scheduler.preempted if scheduler else '?'}")
-        print("| stage | peak RSS | weights | KV capacity | headroom | budget |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for row in memory_rows(cluster, peak.stop()):
-            print(row)
+        print_memory(cluster, peak.stop())
     finally:
         await cluster.stop()
 
