@@ -52,11 +52,12 @@ async def end_sessions(addresses: list[str], sessions: list[str], settings: Link
     if not sessions or not addresses:
         return
     request = worker_pb2.EndSessionRequest(session_ids=sessions)
-    keepalive = (settings or LinkSettings()).keepalive
+    links = settings or LinkSettings()
 
     async def end(address: str) -> None:
-        async with channel(address, keepalive) as ch:
-            await worker_pb2_grpc.ShardWorkerStub(ch).EndSession(request, timeout=END_SESSION_TIMEOUT_S)
+        async with channel(address, links.keepalive, links.identity) as ch:
+            await worker_pb2_grpc.ShardWorkerStub(ch).EndSession(request, timeout=END_SESSION_TIMEOUT_S,
+                                                                 metadata=links.identity.metadata)
 
     results = await asyncio.gather(*(end(a) for a in addresses), return_exceptions=True)
     for address, result in zip(addresses, results, strict=True):

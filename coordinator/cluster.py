@@ -24,7 +24,8 @@ from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.scheduler import Scheduler
 from coordinator.store import ModelStore
 from coordinator.textmodel import TextModel
-from coordinator.worker_calls import chain_capacity, load_shard, probe, status
+from coordinator.worker_calls import chain_capacity, load_shard, probe, set_peers, status
+from shardline.auth import ClusterIdentity
 from shardline.codec import dtype_to_enum
 from shardline.errors import FailedPrecondition, NotFound, Unavailable
 from shardline.server import Keepalive
@@ -41,17 +42,20 @@ class ChangeRefused(Exception):
 
 class Cluster:
     def __init__(self, config: CoordinatorConfig, store: ModelStore, parameters_address: str,
-                 set_serving: Callable[[bool], Awaitable[None]], say: Callable[[str], None] = log.info) -> None:
+                 set_serving: Callable[[bool], Awaitable[None]], say: Callable[[str], None] = log.info,
+                 identity: ClusterIdentity | None = None) -> None:
+        identity = identity or ClusterIdentity()
         self.config, self.store, self.parameters_address = config, store, parameters_address
         self.manifest = store.manifest(config.model)
         self.registry = Registry(config.heartbeat_timeout_ms / 1000)
         self._set_serving, self.say = set_serving, say
         self.links = LinkSettings(step_timeout_ms=config.step_timeout_ms,
-                                  keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms))
+                                  keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms),
+                                  identity=identity)
         self.state, self.message = "waiting for workers", f"0 of {config.workers} workers registered"
         self.assignment: list[WorkerRecord] = []   # stage i is served by assignment[i]
         self.stages: list[StagePlan] = []
-        self.pipeline = Pipeline(self.heal)
+        self.pipeline = Pipeline(self.heal, self.links)
         self.scheduler: Scheduler | None = None
         self.text: TextModel | None = None
         self.progress: dict[str, int] = {}
@@ -280,7 +284,7 @@ class Cluster:
                 self.say(f"recovering: {reason}")
         excluded: set[str] = set()  # workers whose load failed during this change
         for attempt in range(1, LOAD_ATTEMPTS + 1):
-            loaded = await probe(self.registry.live(), self.config.probe_timeout_ms / 1000, self.links.keepalive)
+            loaded = await probe(self.registry.live(), self.config.probe_timeout_ms / 1000, self.links)
             for worker in self.registry.live():
                 if worker.worker_id not in loaded and worker.state not in UNPLANNABLE:
                     worker.state, worker.last_error = "lost", "did not answer the probe"
@@ -368,7 +372,7 @@ class Cluster:
             c = self.config
             results = await asyncio.gather(*(
                 load_shard(w, c.model, s, self.parameters_address, dtype_to_enum(c.dtype), c.load_timeout_s,
-                           self.links.keepalive, self.progress, self._kv_request()) for w, s in batch),
+                           self.links, self.progress, self._kv_request()) for w, s in batch),
                 return_exceptions=True)
             failed = []
             for (worker, _), result in zip(batch, results, strict=True):
@@ -410,8 +414,12 @@ class Cluster:
         await asyncio.wait({ending}, timeout=2.0)  # a worker that does not answer holds nothing we can free
         if not ending.done():
             self._spawn(asyncio.wait_for(ending, None), "freeing replayed sessions")
-        self.scheduler.set_capacity(await chain_capacity([w.address for w in self.assignment],
-                                                         self.config.probe_timeout_ms / 1000, self.links.keepalive))
+        chain = [w.address for w in self.assignment]
+        timeout = self.config.probe_timeout_ms / 1000
+        # every stage learns the plan's workers (its routes may name only these) before a step is sent
+        _, capacity = await asyncio.gather(set_peers(chain, timeout, self.links),
+                                           chain_capacity(chain, timeout, self.links))
+        self.scheduler.set_capacity(capacity)
         self._failed_with = ()
         self._set_state("ready")
         self.pipeline.resume()
@@ -470,4 +478,4 @@ class Cluster:
     async def worker_status(self, record: WorkerRecord) -> worker_pb2.GetStatusResponse | None:
         if record.state == "lost":
             return None
-        return await status(record.address, 2.0, self.links.keepalive)
+        return await status(record.address, 2.0, self.links)

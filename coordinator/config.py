@@ -63,6 +63,18 @@ class CoordinatorConfig(BaseModel):
                                    "prompt plus this many positions")
     session_ttl_s: float = Field(600, gt=0, description="a session with no step for this long is freed on every "
                                  "stage (a stream abandoned without EndSession)")
+    # security (README "Security"): TLS and the cluster's identity, API keys for the public API
+    certs_dir: Path | None = Field(None, description="TLS on every link with the certificates of this directory "
+                                   "(`coordinator certs`): ca.crt, node.crt, node.key")
+    client_certs: str = Field("optional", pattern="^(optional|required)$", description="with certs_dir: whether "
+                              "public API clients must present a certificate from the cluster CA")
+    cluster_port: int = Field(50053, ge=0, le=65535, description="with certs_dir: the port workers register on "
+                              "(mutual TLS only; the public port takes clients without certificates)")
+    cluster_token_file: Path | None = Field(None, description="without TLS: a file holding the token every "
+                                            "process of the cluster sends on internal RPCs")
+    api_keys: Path | None = Field(None, description="a JSON file of hashed API keys with roles "
+                                  "(`coordinator api-keys create`); without it the public API takes any caller")
+    insecure: bool = Field(False, description="serve on a non-loopback address without TLS or authentication")
 
 
 def load_config(path: Path, **overrides: object) -> CoordinatorConfig:

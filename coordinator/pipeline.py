@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from coordinator.chain import ChainClient
 from shardline.errors import DeadlineExceeded, FailedPrecondition, NotFound, ShardlineError, Unavailable
+from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2
 
 # failures that say the chain is broken, not the request: healed, then replayed. A request cannot cause
@@ -24,8 +25,10 @@ MAX_STATELESS_RETRIES = 3
 
 
 class Pipeline:
-    def __init__(self, heal: Callable[[int, BaseException], Awaitable[None]]) -> None:
+    def __init__(self, heal: Callable[[int, BaseException], Awaitable[None]],
+                 links: LinkSettings | None = None) -> None:
         self._heal = heal
+        self.links = links or LinkSettings()  # every chain's settings (and the cluster's identity)
         self.chain: ChainClient | None = None
         self.epoch = 0
         self.failure: ShardlineError | None = None  # why there is no chain, when the cluster cannot serve

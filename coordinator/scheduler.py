@@ -301,7 +301,7 @@ class Scheduler:
 
         async def end() -> None:
             try:
-                await end_sessions(addresses, sessions)
+                await end_sessions(addresses, sessions, self.pipeline.links)
             finally:
                 if kv is not None:
                     kv.releasing -= blocks

@@ -13,8 +13,10 @@ from coordinator.config import CoordinatorConfig
 from coordinator.parameters.server import ParameterServer, start_parameter_server
 from coordinator.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.store import ModelStore
+from shardline.auth import Access, ApiKeys, ClusterIdentity, Guard, Rules, describe, read_token
 from shardline.limits import MAX_RESPONSE_BYTES
-from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
+from shardline.server import RunningServer, add_standard_services, bind, check_exposure, new_server, set_serving
+from shardline.tls import NodeFiles
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,10 +29,15 @@ class Coordinator:
     cluster: Cluster
     server: RunningServer[CoordinatorServicer]
     parameters: ParameterServer | None
+    cluster_port: int = 0  # where workers register (the public port, unless the cluster has TLS)
 
     @property
     def address(self) -> str:
         return self.server.address
+
+    @property
+    def cluster_address(self) -> str:
+        return f"{self.server.host}:{self.cluster_port or self.server.port}"
 
     async def stop(self) -> None:
         await self.server.stop(0.5)
@@ -39,28 +46,74 @@ class Coordinator:
             await self.parameters.stop(0)
 
 
+def identity_of(config: CoordinatorConfig) -> ClusterIdentity:
+    """The cluster's identity from the config: its certificates, or else its token (checked as they are read:
+    a file that cannot be used stops the start with its name)."""
+    if config.certs_dir is not None:
+        NodeFiles.read(config.certs_dir)
+        return ClusterIdentity(certs_dir=config.certs_dir)
+    if config.cluster_token_file is not None:
+        return ClusterIdentity(token=read_token(config.cluster_token_file))
+    return ClusterIdentity()
+
+
+ADMIN_METHODS = ("GetClusterStatus", "DrainWorker", "Rebalance")
+
+
+def rules() -> Rules:
+    """The coordinator's port: the registry for the cluster only; the API for role client, except what
+    reads the cluster's state or changes it (role admin)."""
+    return Rules({REGISTRY: Access.CLUSTER, SERVICE: Access.CLIENT},
+                 {f"/{SERVICE}/{m}": Access.ADMIN for m in ADMIN_METHODS})
+
+
 async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None] = log.info) -> Coordinator:
+    identity = identity_of(config)
+    api_keys = ApiKeys(config.api_keys) if config.api_keys is not None else None
+    authenticated = api_keys is not None or config.client_certs == "required"
+    check_exposure(config.host, identity.tls, authenticated, config.insecure, "coordinator")
     store = ModelStore(config.store)
     parameters = None
     address = config.parameters_address
     if not address:
-        parameters = await start_parameter_server(store, config.host, config.parameters_port)
+        parameters = await start_parameter_server(store, config.host, config.parameters_port, identity)
         address = f"{config.advertise or config.host}:{parameters.port}"
+
+    def hint(method: str) -> str:
+        if identity.tls and config.client_certs == "optional" and method.startswith(f"/{REGISTRY}/"):
+            return f"workers register at the coordinator's cluster port, {config.cluster_port}"
+        return ""
+
     # the public port: small requests (max_request_bytes), responses up to what the SDK accepts; the
     # registry's messages on the same port are small too
-    server = new_server(max_receive_bytes=config.max_request_bytes, max_send_bytes=MAX_RESPONSE_BYTES)
+    server = new_server(Guard(rules(), identity, api_keys, hint), max_receive_bytes=config.max_request_bytes,
+                        max_send_bytes=MAX_RESPONSE_BYTES)
     health = add_standard_services(server, [SERVICE, REGISTRY])
 
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE], on)
 
-    cluster = Cluster(config, store, address, serving, say)
+    cluster = Cluster(config, store, address, serving, say, identity)
     await cluster.start()
     servicer = CoordinatorServicer(cluster)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
     coordinator_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(cluster), server)
-    port = bind(server, config.host, config.port)
+    try:
+        port = bind(server, config.host, config.port,
+                    identity.server_credentials(require_client_cert=config.client_certs == "required"))
+        # with TLS, workers register on a port of their own that asks every caller for its certificate (the
+        # public port cannot: it takes clients without one)
+        cluster_port = bind(server, config.host, config.cluster_port, identity.server_credentials()) \
+            if identity.tls else port
+    except OSError:
+        await cluster.stop()
+        if parameters is not None:
+            await parameters.stop(0)
+        raise
     await server.start()
     await serving(False)
     await set_serving(health, [REGISTRY], True)
-    return Coordinator(cluster, RunningServer(server, servicer, port, config.host), parameters)
+    log.info("coordinator listening on %s:%d (%s%s; public API: %s)", config.host, port, describe(identity),
+             f", workers register on port {cluster_port}" if cluster_port != port else "",
+             "API keys" if api_keys else "client certificates" if authenticated else "open to any caller")
+    return Coordinator(cluster, RunningServer(server, servicer, port, config.host), parameters, cluster_port)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,27 +14,12 @@ from coordinator.embedding import check_batch, check_response_size, check_tokens
 from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, check_parameters, prepare, run, shown
 from shardline.codec import decode_tensor, fill_tensor, from_numpy
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_errors
+from shardline.limits import MAX_ADDRESS_CHARS, is_host_port
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
-MAX_ADDRESS_CHARS = 300  # host:port, the longest DNS name and a port
-_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
           "stop": coordinator_pb2.FINISH_REASON_STOP}
-
-
-def is_host_port(address: str) -> bool:
-    """host:port with a host name, an IPv4 address or an IPv6 one (bracketed or not), and a port 1-65535."""
-    host, _, port = address.rpartition(":")
-    if len(address) > MAX_ADDRESS_CHARS or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return False
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return _HOSTNAME.fullmatch(host) is not None
 
 
 def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 
 import grpc
 
@@ -13,24 +13,51 @@ from coordinator.planner import StagePlan
 from coordinator.registry import WorkerRecord
 from coordinator.scheduler import KVBudget
 from shardline.errors import from_rpc_error
-from shardline.server import Keepalive, channel
+from shardline.server import channel
+from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 
+log = logging.getLogger(__name__)
 
-async def status(address: str, timeout: float, keepalive: Keepalive) -> worker_pb2.GetStatusResponse | None:
+
+async def status(address: str, timeout: float, links: LinkSettings) -> worker_pb2.GetStatusResponse | None:
     """A worker's status, or None if it does not answer within `timeout`."""
-    with contextlib.suppress(grpc.RpcError, asyncio.TimeoutError):
-        async with channel(address, keepalive) as ch:
+    try:
+        async with channel(address, links.keepalive, links.identity) as ch:
             reply: worker_pb2.GetStatusResponse = await worker_pb2_grpc.ShardWorkerStub(ch).GetStatus(
-                worker_pb2.GetStatusRequest(), timeout=timeout)
+                worker_pb2.GetStatusRequest(), timeout=timeout, metadata=links.identity.metadata)
             return reply
+    except grpc.RpcError as err:
+        if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            log.error("worker %s refused the coordinator: %s", address, err.details())
+    except TimeoutError:
+        pass
     return None
 
 
-async def chain_capacity(addresses: list[str], timeout: float, keepalive: Keepalive) -> KVBudget | None:
+async def set_peers(addresses: list[str], timeout: float, links: LinkSettings) -> list[str]:
+    """Tell every worker of the plan which workers its routes may name; returns those that did not answer."""
+    request = worker_pb2.SetPeersRequest(addresses=addresses)
+
+    async def one(address: str) -> None:
+        async with channel(address, links.keepalive, links.identity) as ch:
+            await worker_pb2_grpc.ShardWorkerStub(ch).SetPeers(request, timeout=timeout,
+                                                               metadata=links.identity.metadata)
+
+    results = await asyncio.gather(*(one(a) for a in addresses), return_exceptions=True)
+    failed = []
+    for address, result in zip(addresses, results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning("worker %s was not told the plan's workers: %s", address,
+                        result.details() if isinstance(result, grpc.RpcError) else result)
+            failed.append(address)
+    return failed
+
+
+async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettings) -> KVBudget | None:
     """The chain's KV capacity: the smallest stage's blocks (None when a stage keeps no KV, or is silent;
     each worker still refuses what it cannot hold)."""
-    replies = await asyncio.gather(*(status(a, timeout, keepalive) for a in addresses))
+    replies = await asyncio.gather(*(status(a, timeout, links) for a in addresses))
     kvs = [r.kv for r in replies if r is not None]
     if len(kvs) != len(addresses) or any(kv.blocks_total <= 0 for kv in kvs):
         return None
@@ -39,10 +66,10 @@ async def chain_capacity(addresses: list[str], timeout: float, keepalive: Keepal
     return KVBudget(kvs[0].block_tokens, min(kv.blocks_total for kv in kvs))
 
 
-async def probe(workers: list[WorkerRecord], timeout: float, keepalive: Keepalive) -> dict[str, LoadedShard]:
+async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings) -> dict[str, LoadedShard]:
     """Ask every worker what it holds, in parallel; worker id -> its shard (model "" when it holds none), for
     those that answered within `timeout`."""
-    replies = await asyncio.gather(*(status(w.address, timeout, keepalive) for w in workers))
+    replies = await asyncio.gather(*(status(w.address, timeout, links) for w in workers))
     found: dict[str, LoadedShard] = {}
     for worker, reply in zip(workers, replies, strict=True):
         if reply is None:
@@ -54,7 +81,7 @@ async def probe(workers: list[WorkerRecord], timeout: float, keepalive: Keepaliv
 
 
 async def load_shard(worker: WorkerRecord, model: str, stage: StagePlan, parameters_address: str, dtype: int,
-                     timeout: float, keepalive: Keepalive, progress: dict[str, int],
+                     timeout: float, links: LinkSettings, progress: dict[str, int],
                      kv: worker_pb2.LoadShardRequest | None = None) -> None:
     """LoadShard, within `timeout`; progress[address] follows the bytes loaded; `kv` carries the step and KV
     settings. Raises the error table's exception on failure."""
@@ -62,9 +89,10 @@ async def load_shard(worker: WorkerRecord, model: str, stage: StagePlan, paramet
                                           parameters_address=parameters_address, dtype=dtype)  # type: ignore[arg-type]
     if kv is not None:
         request.MergeFrom(kv)
-    async with channel(worker.address, keepalive) as ch:
+    async with channel(worker.address, links.keepalive, links.identity) as ch:
         try:
-            async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request, timeout=timeout):
+            async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request, timeout=timeout,
+                                                                         metadata=links.identity.metadata):
                 progress[worker.address] = p.bytes_done
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err

@@ -12,7 +12,8 @@ import grpc
 import psutil
 
 from shardline.errors import from_rpc_error
-from shardline.server import Keepalive, channel
+from shardline.server import channel
+from shardline.stream import LinkSettings
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,15 @@ def default_memory_budget() -> int:
 
 class Registration:
     def __init__(self, coordinator: str, address: str, memory_budget_bytes: int,
-                 keepalive: Keepalive | None = None) -> None:
+                 links: LinkSettings | None = None) -> None:
         self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
-        self.keepalive = keepalive
+        self.links = links or LinkSettings()
+        self.metadata = self.links.identity.metadata
         self.worker_id = ""
         self.leaving = False  # once leaving, a coordinator that forgets this worker is not asked again
 
     async def run(self) -> None:
-        async with channel(self.coordinator, self.keepalive) as ch:
+        async with channel(self.coordinator, self.links.keepalive, self.links.identity) as ch:
             stub = coordinator_pb2_grpc.WorkerRegistryStub(ch)
             interval, failures = 0.2, 0
             while True:
@@ -43,12 +45,13 @@ class Registration:
                         if self.leaving:
                             return
                         reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
-                            address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S)
+                            address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S,
+                            metadata=self.metadata)
                         self.worker_id, interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
                         log.info("registered with %s as %s", self.coordinator, self.worker_id)
                     else:
                         beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=self.worker_id),
-                                                    timeout=RPC_TIMEOUT_S)
+                                                    timeout=RPC_TIMEOUT_S, metadata=self.metadata)
                         if not beat.known:
                             if self.leaving:
                                 return  # it let this worker go
@@ -73,10 +76,11 @@ class Registration:
         self.leaving = True
         if not self.worker_id:
             return "not registered"
-        async with channel(self.coordinator, self.keepalive) as ch:
+        async with channel(self.coordinator, self.links.keepalive, self.links.identity) as ch:
             try:
                 reply = await coordinator_pb2_grpc.WorkerRegistryStub(ch).LeaveCluster(
-                    coordinator_pb2.LeaveClusterRequest(worker_id=self.worker_id), timeout=timeout_s)
+                    coordinator_pb2.LeaveClusterRequest(worker_id=self.worker_id), timeout=timeout_s,
+                    metadata=self.metadata)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from err
         return str(reply.message)

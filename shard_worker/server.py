@@ -9,6 +9,7 @@ import os
 
 from shard_worker.registration import Registration, default_memory_budget
 from shard_worker.servicer import WorkerServicer
+from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings
@@ -26,7 +27,8 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
                        memory_budget_bytes: int = 0) -> WorkerServer:
     """A worker serving on exactly host:port; `memory_budget_bytes` (default: 80% of the memory available)
     bounds weights + activations + KV cache."""
-    server = new_server()
+    links = links or LinkSettings()
+    server = new_server(Guard(Rules({SERVICE: Access.CLUSTER}), links.identity))
     health = add_standard_services(server, [SERVICE])
 
     async def serving(on: bool) -> None:
@@ -34,10 +36,10 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
 
     servicer = WorkerServicer(serving, links, memory_budget_bytes)
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, server)
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, links.identity.server_credentials())
     await server.start()
     await serving(False)
-    log.info("shard worker listening on %s:%d", host, bound)
+    log.info("shard worker listening on %s:%d (%s)", host, bound, describe(links.identity))
     return WorkerServer(server, servicer, bound, host)
 
 
@@ -53,7 +55,7 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
     registering: asyncio.Task[None] | None = None
     if coordinator:
         address = f"{advertise or host}:{worker.port}"
-        registration = Registration(coordinator, address, budget, links.keepalive if links else None)
+        registration = Registration(coordinator, address, budget, links)
         registering = asyncio.create_task(registration.run())
     signals = Signals()
     if parent_pid:

@@ -20,8 +20,9 @@ from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, Stag
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
 from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
-from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
+from shardline.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
+from shardline.limits import is_host_port
 from shardline.stream import LinkSettings, StageStreams
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 
@@ -104,6 +105,7 @@ def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardRespon
 
 
 MAX_STEP_TOKENS_LIMIT = 65_536
+MAX_PEERS = 4096
 
 
 class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
@@ -113,6 +115,11 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
         self.compute = ComputeThread()
         self.links = StageStreams(links)
+        self.identity = (links or LinkSettings()).identity
+        # the workers of the current plan (SetPeers): a route may name only these. None = never told: a
+        # worker of a cluster with an identity then refuses every route; one without (loopback development)
+        # accepts any
+        self.peers: frozenset[str] | None = None
         self.state = "empty"
         self.shard: _Shard | None = None
         self.last_error = ""
@@ -134,7 +141,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             raise InvalidArgument(f"dtype {dtype} cannot be a compute dtype (float32, float16 or bfloat16)")
         if self._loading:
             raise FailedPrecondition("a LoadShard is already in progress on this worker")
-        spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address)
+        spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address,
+                         self.identity)
         settings = kv_settings(request)
         self._loading = True
         self.state, self.shard, self.last_error = "loading", None, ""
@@ -194,6 +202,11 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         if not req.route and not stage.is_last and output != "hidden":
             raise InvalidArgument(f"route is empty but layers [{stage.end}, ...) remain: output {output!r} "
                                   "needs the route to reach the last stage")
+        if req.route and (self.peers is not None or self.identity.configured):
+            outside = [a for a in req.route if a not in (self.peers or ())]
+            if outside:
+                raise PermissionDenied(f"route names {outside[0]}, which is not a worker of the current plan "
+                                       f"({len(self.peers or ())} workers named by the coordinator)")
 
     async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[worker_pb2.ForwardResponse]:
         responses: asyncio.Queue[worker_pb2.ForwardResponse | None] = asyncio.Queue()
@@ -288,6 +301,18 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         runtime, ids = self.shard.runtime, list(request.session_ids)
         ended = await asyncio.wrap_future(self.compute.submit(lambda: runtime.end_sessions(ids)))
         return worker_pb2.EndSessionResponse(ended=ended)
+
+    @rpc_errors
+    async def SetPeers(self, request: Any, context: Any) -> worker_pb2.SetPeersResponse:
+        addresses = list(request.addresses)
+        if len(addresses) > MAX_PEERS:
+            raise InvalidArgument(f"{len(addresses)} peers; a plan has at most {MAX_PEERS} workers")
+        for a in addresses:
+            if not is_host_port(a):
+                raise InvalidArgument(f"peer {a[:64]!r} is not HOST:PORT")
+        self.peers = frozenset(addresses)
+        log.info("the plan's workers: %s", ", ".join(sorted(self.peers)) or "none")
+        return worker_pb2.SetPeersResponse()
 
     @rpc_errors
     async def GetStatus(self, request: Any, context: Any) -> worker_pb2.GetStatusResponse:

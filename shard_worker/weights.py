@@ -18,10 +18,11 @@ import grpc
 import torch
 
 from shard_worker.families import FAMILIES, Family
+from shardline.auth import ClusterIdentity
 from shardline.chunks import decode_chunk
 from shardline.codec import dtype_from_safetensors
 from shardline.errors import DataLoss, InvalidArgument, NotFound, ShardlineError, Unavailable, from_rpc_error
-from shardline.server import CHANNEL_OPTIONS
+from shardline.server import sync_channel
 from shardline.v1 import parameters_pb2, parameters_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ShardSpec:
     end: int
     dtype: str
     parameters_address: str
+    identity: ClusterIdentity = ClusterIdentity()
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def _rpc(call: Callable[[], Any], address: str) -> Any:
 def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retries: int = 5,
                 chunk_bytes: int = 0) -> FetchedShard:
     """Fetch and verify the tensors of layers [start, end) (+ embedding / head where the stage has them)."""
-    channel = grpc.insecure_channel(spec.parameters_address, options=CHANNEL_OPTIONS)
+    channel = sync_channel(spec.parameters_address, spec.identity)
+    metadata = spec.identity.metadata
     try:
         stub = parameters_pb2_grpc.ParametersStub(channel)
         fetch = channel.unary_stream(FETCH, request_serializer=parameters_pb2.FetchTensorsRequest.SerializeToString,
@@ -123,7 +126,8 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
         except grpc.FutureTimeoutError as exc:
             raise Unavailable(f"parameter service {spec.parameters_address} is unreachable "
                               "(no connection within 10 s)") from exc
-        manifest = _rpc(lambda: stub.GetManifest(parameters_pb2.GetManifestRequest(model=spec.model), timeout=30),
+        manifest = _rpc(lambda: stub.GetManifest(parameters_pb2.GetManifestRequest(model=spec.model), timeout=30,
+                                                     metadata=metadata),
                         spec.parameters_address)
         family = FAMILIES.get(manifest.family)
         if family is None:
@@ -150,7 +154,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                 break
             request = parameters_pb2.FetchTensorsRequest(model=spec.model, tensors=todo, chunk_size_bytes=chunk_bytes)
             try:
-                for chunk in fetch(request):
+                for chunk in fetch(request, metadata=metadata):
                     r = receiving.get(chunk.name)
                     if r is None or chunk.name in tensors:
                         raise DataLoss(f"parameter service sent tensor {chunk.name!r}, which was not asked for")

@@ -61,6 +61,19 @@ class DataLoss(ShardlineError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class Unauthenticated(ShardlineError):
+    """No credentials, or wrong ones: a missing or unknown API key, no cluster certificate or token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ShardlineError):
+    """A known caller without the right: a client key on an admin RPC, a client certificate on an internal
+    RPC, a route naming a worker outside the plan."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Internal(ShardlineError):
     code = grpc.StatusCode.INTERNAL
 
@@ -68,10 +81,11 @@ class Internal(ShardlineError):
 _BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unavailable,
-                DeadlineExceeded, Cancelled, DataLoss, Internal)
+                DeadlineExceeded, Cancelled, DataLoss, Unauthenticated, PermissionDenied, Internal)
 }
 _BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
+TLS_FAILURES = ("Ssl handshake failed", "CERTIFICATE_VERIFY_FAILED", "Peer name", "certificate verify failed")
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
@@ -88,6 +102,11 @@ def from_rpc_error(err: grpc.RpcError) -> ShardlineError:
     """A client-side grpc error as the matching shardline exception."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.UNAVAILABLE and details and any(s in details for s in TLS_FAILURES):
+        # the TLS handshake failed on this side: the server's certificate is not one this client trusts
+        code = grpc.StatusCode.UNAUTHENTICATED
+        details = ("TLS handshake failed: the server's certificate is not signed by the CA given, or not for "
+                   f"the host name dialed ({details})")
     exc = error_for_code(code, details or str(code))
     exc.code = code
     return exc

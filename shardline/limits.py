@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 # the largest response the coordinator sends: an Infer of 1024 inputs (the default max_infer_batch) of
@@ -16,3 +19,20 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+MAX_ADDRESS_CHARS = 300  # host:port, the longest DNS name and a port
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def is_host_port(address: str) -> bool:
+    """host:port with a host name, an IPv4 address or an IPv6 one (bracketed or not), and a port 1-65535."""
+    host, _, port = address.rpartition(":")
+    if len(address) > MAX_ADDRESS_CHARS or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return _HOSTNAME.fullmatch(host) is not None

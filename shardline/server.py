@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shardline.auth import ClusterIdentity, Guard
 from shardline.limits import MAX_MESSAGE_BYTES
 from shardline.malformed import MalformedRequests
 
@@ -64,15 +65,20 @@ def channel_options(keepalive: Keepalive | None = None) -> list[tuple[str, int]]
 
 
 CHANNEL_OPTIONS = channel_options()
+MAX_METADATA_BYTES = 16 * 1024  # all of a call's metadata; more is refused by gRPC before any handler
 
 
-def new_server(max_receive_bytes: int = MAX_MESSAGE_BYTES, max_send_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
-    """A server for internal links by default; the coordinator's public port passes its smaller limits. A
-    larger message than `max_receive_bytes` is answered RESOURCE_EXHAUSTED by gRPC itself, and one whose
-    bytes do not parse INVALID_ARGUMENT (MalformedRequests)."""
-    limits = [("grpc.max_send_message_length", max_send_bytes), ("grpc.max_receive_message_length", max_receive_bytes)]
+def new_server(guard: Guard | None = None, max_receive_bytes: int = MAX_MESSAGE_BYTES,
+               max_send_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    """A server for internal links by default; the coordinator's public port passes its smaller limits.
+    `guard` checks every call's credentials first (shardline/auth.py; every role's server has one). A larger message than
+    `max_receive_bytes` is answered RESOURCE_EXHAUSTED by gRPC itself, and one whose bytes do not parse
+    INVALID_ARGUMENT (MalformedRequests). Metadata beyond MAX_METADATA_BYTES is refused by gRPC itself."""
+    limits = [("grpc.max_send_message_length", max_send_bytes), ("grpc.max_receive_message_length", max_receive_bytes),
+              ("grpc.max_metadata_size", MAX_METADATA_BYTES)]
     # no SO_REUSEPORT: a port another server holds is an error here, not a silently shared listener
-    return grpc.aio.server(interceptors=[MalformedRequests()],
+    interceptors = [MalformedRequests()] if guard is None else [guard, MalformedRequests()]
+    return grpc.aio.server(interceptors=interceptors,
                            options=[*limits, *SERVER_PING_OPTIONS, ("grpc.so_reuseport", 0)])
 
 
@@ -92,11 +98,37 @@ async def set_serving(health_servicer: Any, service_names: Iterable[str],
         await health_servicer.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Listen on exactly host:port (port 0 = a free one); returns the bound port."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def check_exposure(host: str, tls: bool, authenticated: bool, insecure: bool, role: str) -> None:
+    """Safe defaults: a server on an address other machines can reach needs TLS and authentication, unless
+    the operator says --insecure (then it warns once at start)."""
+    if is_loopback(host) or (tls and authenticated):
+        return
+    missing = " and ".join(m for m, ok in (("TLS (--certs-dir)", tls), (AUTH_HINT.get(role, "authentication"),
+                                                                          authenticated)) if not ok)
+    if not insecure:
+        raise ValueError(f"refusing to serve the {role} on {host}, which other machines can reach, without "
+                         f"{missing}: create certificates with `coordinator certs create-ca` and `create-node`, "
+                         "or pass --insecure to accept the risk")
+    log.warning("INSECURE: the %s serves on %s without %s; anyone who can reach it can use it", role, host, missing)
+
+
+AUTH_HINT = {"coordinator": "API keys (--api-keys) or required client certificates"}
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on exactly host:port (port 0 = a free one), with TLS when `credentials` are given; returns the
+    bound port."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials is not None \
+            else server.add_insecure_port(address)
     except RuntimeError:  # grpc's way of saying the bind failed
         bound = 0
     if bound == 0:
@@ -104,8 +136,21 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-def channel(target: str, keepalive: Keepalive | None = None) -> grpc.aio.Channel:
+def channel(target: str, keepalive: Keepalive | None = None,
+            identity: ClusterIdentity | None = None) -> grpc.aio.Channel:
+    """A channel of one of the cluster's processes to another: TLS with the node certificate when the
+    cluster has certificates (calls then need no token: pass `identity.metadata` on each call anyway)."""
+    credentials = identity.channel_credentials() if identity is not None else None
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=channel_options(keepalive))
     return grpc.aio.insecure_channel(target, options=channel_options(keepalive))
+
+
+def sync_channel(target: str, identity: ClusterIdentity | None = None) -> grpc.Channel:
+    credentials = identity.channel_credentials() if identity is not None else None
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 S = TypeVar("S")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from shardline.auth import ClusterIdentity
 from shardline.codec import RawTensor, tensor_field_bytes
 from shardline.errors import DeadlineExceeded, Unavailable
 from shardline.server import Keepalive, channel
@@ -42,6 +43,7 @@ class LinkSettings:
     backoff_initial_ms: int = 50    # first wait before reconnecting after a failed connection
     backoff_max_ms: int = 2_000
     keepalive: Keepalive = Keepalive()
+    identity: ClusterIdentity = ClusterIdentity()  # how this process proves it belongs to the cluster
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,9 @@ class Outgoing:
 class _Connection:
     """One channel and one Forward call on it; dead for good once it breaks."""
 
-    def __init__(self, target: str, keepalive: Keepalive) -> None:
+    def __init__(self, target: str, settings: LinkSettings) -> None:
         self.target = target
-        self.channel = channel(target, keepalive)
+        self.channel = channel(target, settings.keepalive, settings.identity)
         self.queue: asyncio.Queue[Outgoing | None] = asyncio.Queue()
         self.pending: dict[int, asyncio.Future[worker_pb2.ForwardResponse]] = {}
         self.answered = 0
@@ -70,7 +72,7 @@ class _Connection:
         self.closing: asyncio.Task[None] | None = None
         forward = self.channel.stream_stream(FORWARD, request_serializer=Outgoing.serialize,
                                              response_deserializer=worker_pb2.ForwardResponse.FromString)
-        self.call = forward(self._requests())
+        self.call = forward(self._requests(), metadata=settings.identity.metadata)
         self.reader = asyncio.create_task(self._read())
 
     @property
@@ -153,7 +155,7 @@ class StageStream:
         if self._closed:
             raise Unavailable(f"the stream to stage {self.target} is closed")
         if self._conn is None or self._conn.broken:  # another caller may have reconnected meanwhile
-            self._conn = _Connection(self.target, self.settings.keepalive)
+            self._conn = _Connection(self.target, self.settings)
             self.connections += 1
             if self.connections > 1:
                 log.info("reconnected to stage %s (connection %d)", self.target, self.connections)

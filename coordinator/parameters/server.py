@@ -9,6 +9,7 @@ import grpc
 
 from coordinator.parameters.service import ParametersServicer
 from coordinator.store import ModelStore
+from shardline.auth import Access, ClusterIdentity, Guard, Rules, describe
 from shardline.chunks import serialize_response
 from shardline.server import RunningServer, add_standard_services, bind, new_server, set_serving
 from shardline.v1 import parameters_pb2
@@ -40,13 +41,16 @@ def _handlers(servicer: ParametersServicer) -> Any:
     })
 
 
-async def start_parameter_server(store: ModelStore, host: str = "127.0.0.1", port: int = 0) -> ParameterServer:
-    server = new_server()
+async def start_parameter_server(store: ModelStore, host: str = "127.0.0.1", port: int = 0,
+                                 identity: ClusterIdentity | None = None) -> ParameterServer:
+    """The parameter service on exactly host:port; every RPC only for the cluster's processes (`identity`)."""
+    identity = identity or ClusterIdentity()
+    server = new_server(Guard(Rules({SERVICE: Access.CLUSTER}), identity))
     health = add_standard_services(server, [SERVICE])
     servicer = ParametersServicer(store)
     server.add_generic_rpc_handlers([_handlers(servicer)])
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, identity.server_credentials())
     await server.start()
     await set_serving(health, [SERVICE], True)
-    log.info("parameter service for %s listening on %s:%d", store.root, host, bound)
+    log.info("parameter service for %s listening on %s:%d (%s)", store.root, host, bound, describe(identity))
     return ParameterServer(server, servicer, bound, host)

@@ -47,6 +47,16 @@ WORKER_STATE_LOADING: WorkerState
 WORKER_STATE_READY: WorkerState
 WORKER_STATE_FAILED: WorkerState
 
+class SetPeersRequest(_message.Message):
+    __slots__ = ("addresses",)
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetPeersResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class LoadShardRequest(_message.Message):
     __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class ShardWorkerStub:
                 request_serializer=shardline_dot_v1_dot_worker__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_worker__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.SetPeers = channel.unary_unary(
+                '/shardline.v1.ShardWorker/SetPeers',
+                request_serializer=shardline_dot_v1_dot_worker__pb2.SetPeersRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_worker__pb2.SetPeersResponse.FromString,
+                _registered_method=True)
 
 
 class ShardWorkerServicer:
@@ -91,6 +96,14 @@ class ShardWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPeers(self, request, context):
+        """/ Names the workers of the current plan (the coordinator sends it after every plan change): a Forward
+        / route may name only these, so a step's hidden states never leave the cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_ShardWorkerServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=shardline_dot_v1_dot_worker__pb2.GetStatusRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_worker__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'SetPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeers,
+                    request_deserializer=shardline_dot_v1_dot_worker__pb2.SetPeersRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_worker__pb2.SetPeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +242,33 @@ class ShardWorker:
             '/shardline.v1.ShardWorker/GetStatus',
             shardline_dot_v1_dot_worker__pb2.GetStatusRequest.SerializeToString,
             shardline_dot_v1_dot_worker__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.ShardWorker/SetPeers',
+            shardline_dot_v1_dot_worker__pb2.SetPeersRequest.SerializeToString,
+            shardline_dot_v1_dot_worker__pb2.SetPeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,346 @@
+"""Who may call what: the cluster's identity on internal links, API keys with roles on the public API, and
+`Guard`, the server interceptor every shardline server installs to enforce both.
+
+- Internal RPCs (a worker's LoadShard, Forward, EndSession, GetStatus, SetPeers; the parameter service; the
+  coordinator's WorkerRegistry) accept only the cluster: with TLS, a caller whose certificate the cluster
+  CA signed for a node (common name "node"); without TLS, a caller that sends the shared cluster token. A
+  server given neither serves them to anyone on its (loopback) address, as a development default.
+- The public API (Generate, Infer, ListModels: role `client`; status and every operation that changes the
+  cluster: role `admin`) takes `authorization: Bearer <key>` when the coordinator has an API keys file.
+- Health and reflection stay open: probes and `grpcurl list` need no secret.
+
+A refusal is UNAUTHENTICATED (no credentials, or wrong ones) or PERMISSION_DENIED (a known caller without
+the right role), with a message saying what to give; keys, tokens and key material are never in a
+message or a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from shardline.tls import NODE_NAME, node_channel_credentials, server_credentials
+
+log = logging.getLogger(__name__)
+
+TOKEN_HEADER = "shardline-cluster-token"
+MAX_CREDENTIAL_BYTES = 512  # an authorization header or cluster token longer than this is refused unread
+
+
+class Access(enum.Enum):
+    OPEN = "open"        # health, reflection
+    CLUSTER = "cluster"  # the cluster's own processes
+    CLIENT = "client"    # role client or admin
+    ADMIN = "admin"      # role admin
+
+
+ROLES = ("client", "admin")
+
+
+class AuthError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _unauthenticated(message: str) -> AuthError:
+    return AuthError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def _denied(message: str) -> AuthError:
+    return AuthError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def read_token(path: Path) -> str:
+    """A cluster token file: one line of printable ASCII, at least 16 characters."""
+    try:
+        token = path.read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cluster token file {path} cannot be read as ASCII text: "
+                         f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+    if len(token) < 16 or len(token) > MAX_CREDENTIAL_BYTES or not token.isprintable() or " " in token:
+        raise ValueError(f"cluster token file {path} must hold one token of 16 to {MAX_CREDENTIAL_BYTES} "
+                         "printable characters without spaces")
+    return token
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class ClusterIdentity:
+    """How the processes of one cluster recognize each other: certificates from the cluster CA (TLS on
+    every link) or, without TLS, a shared token. Neither: internal RPCs are open (loopback development)."""
+
+    certs_dir: Path | None = None
+    token: str = field(default="", repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.certs_dir is not None
+
+    @property
+    def configured(self) -> bool:
+        return self.certs_dir is not None or bool(self.token)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every internal call sends (the token without TLS; nothing with it: the certificate speaks)."""
+        return ((TOKEN_HEADER, self.token),) if self.token and not self.tls else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        return node_channel_credentials(self.certs_dir) if self.certs_dir is not None else None
+
+    def server_credentials(self, require_client_cert: bool = True) -> grpc.ServerCredentials | None:
+        return server_credentials(self.certs_dir, require_client_cert) if self.certs_dir is not None else None
+
+    def check(self, metadata: Mapping[str, str], auth: Mapping[str, list[bytes]]) -> None:
+        """Raise AuthError unless the caller is one of the cluster's processes."""
+        if self.tls:
+            names = auth.get("x509_common_name") or []
+            if not names:
+                raise _unauthenticated("this RPC is for the cluster's own processes: connect with the node "
+                                       "certificate of the cluster (the coordinator's --certs-dir)")
+            if names != [NODE_NAME.encode()]:
+                raise _denied("this RPC is for the cluster's own processes; the certificate presented is a "
+                              "client's, not a node's")
+            return
+        if not self.token:
+            return
+        given = metadata.get(TOKEN_HEADER)
+        if given is None:
+            raise _unauthenticated("this RPC is for the cluster's own processes: send the cluster token "
+                                   "(--cluster-token-file)")
+        if len(given) > MAX_CREDENTIAL_BYTES or not hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                                        self.token.encode()):
+            raise _unauthenticated("the cluster token is wrong: use the file the cluster was started with "
+                                   "(--cluster-token-file)")
+
+
+def describe(identity: ClusterIdentity) -> str:
+    """How a server's internal RPCs are protected, for its start-up line (never the secret itself)."""
+    if identity.tls:
+        return f"mutual TLS with the certificates in {identity.certs_dir}"
+    if identity.token:
+        return "plaintext; internal RPCs need the cluster token"
+    return "plaintext; internal RPCs open to any caller that can reach this address"
+
+
+# ---- API keys ------------------------------------------------------------------------------------------
+
+KEY_PREFIX = "sl_"
+
+
+def hash_key(key: str) -> str:
+    """Keys are random (32 bytes), so one SHA-256 is as good as a slow hash and keeps each call cheap."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    name: str
+    role: str
+    sha256: str
+
+
+def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
+    """An API keys file: {"keys": [{"name": ..., "role": "client"|"admin", "sha256": hex}, ...]}."""
+    try:
+        data = json.loads(text) if text.strip() else {"keys": []}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"API keys file {source} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f'API keys file {source} must be {{"keys": [...]}}')
+    out: dict[str, KeyEntry] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not {"name", "role", "sha256"} <= set(e):
+            raise ValueError(f"API keys file {source}: entry {i} needs name, role and sha256")
+        name, role, digest = str(e["name"]), str(e["role"]), str(e["sha256"]).lower()
+        if role not in ROLES:
+            raise ValueError(f"API keys file {source}: key {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"API keys file {source}: key {name!r}: sha256 must be 64 hex digits")
+        out[digest] = KeyEntry(name, role, digest)
+    return out
+
+
+class ApiKeys:
+    """The keys of an API keys file, read again (at most once a second) when the file changes: a key added
+    or revoked takes effect without a restart. A file that becomes unreadable keeps the last good keys."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.keys = parse_keys(path.read_text(), str(path))
+        self.seen = self._signature()
+        self.checked = time.monotonic()
+
+    def _signature(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+            return st.st_mtime_ns, st.st_size
+        except OSError:
+            return -1, -1
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return
+        with self.lock:
+            self.checked = now
+            sig = self._signature()
+            if sig == self.seen:
+                return
+            try:
+                self.keys = parse_keys(self.path.read_text(), str(self.path))
+                log.info("reloaded %d API keys from %s", len(self.keys), self.path)
+            except (OSError, ValueError) as exc:
+                log.error("API keys file changed but cannot be used (%s); keeping the previous keys", exc)
+            self.seen = sig
+
+    def role_of(self, key: str) -> KeyEntry | None:
+        self._refresh()
+        return self.keys.get(hash_key(key))
+
+
+def bearer(metadata: Mapping[str, str]) -> str:
+    """The key of an `authorization: Bearer <key>` header; AuthError if absent or malformed."""
+    value = metadata.get("authorization")
+    if value is None:
+        raise _unauthenticated("this API needs a key: send the metadata 'authorization: Bearer <key>' "
+                               "(the SDK's api_key=, the CLI's --api-key)")
+    if len(value) > MAX_CREDENTIAL_BYTES:
+        raise _unauthenticated(f"the authorization metadata is {len(value)} bytes; an API key is far shorter")
+    scheme, _, key = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise _unauthenticated("the authorization metadata must be 'Bearer <key>'")
+    return key.strip()
+
+
+# ---- the interceptor -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rules:
+    """Which access each method needs: by full method ('/pkg.Service/Method') first, then by service;
+    anything not named (health, reflection) is open."""
+
+    services: Mapping[str, Access]
+    methods: Mapping[str, Access] = field(default_factory=dict)
+
+    def access(self, method: str) -> Access:
+        found = self.methods.get(method)
+        if found is not None:
+            return found
+        return self.services.get(method.split("/")[1] if method.count("/") >= 2 else "", Access.OPEN)
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out.setdefault(key.lower(), value)
+    return out
+
+
+class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
+    """Checks every call against `rules` before its handler runs (and before its request is read)."""
+
+    def __init__(self, rules: Rules, cluster: ClusterIdentity, api_keys: ApiKeys | None = None,
+                 hint: Callable[[str], str] | None = None) -> None:
+        self.rules, self.cluster, self.api_keys = rules, cluster, api_keys
+        self.hint = hint or (lambda method: "")
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._last_log: dict[tuple[str, str], float] = {}
+
+    def check(self, method: str, context: Any) -> None:
+        access = self.rules.access(method)
+        if access is Access.OPEN:
+            return
+        metadata = _metadata(context)
+        if access is Access.CLUSTER:
+            try:
+                self.cluster.check(metadata, context.auth_context())
+            except AuthError as exc:
+                hint = self.hint(method)
+                raise AuthError(exc.code, exc.message + (f" ({hint})" if hint else "")) from None
+            return
+        if self.api_keys is None:
+            return
+        entry = self.api_keys.role_of(bearer(metadata))
+        if entry is None:
+            raise _unauthenticated("the API key is not known to this coordinator (revoked, or from another "
+                                   "cluster)")
+        if access is Access.ADMIN and entry.role != "admin":
+            raise _denied(f"{method.rsplit('/', 1)[-1]} needs an API key with role admin; key {entry.name!r} has "
+                          f"role {entry.role}")
+
+    async def _refuse(self, method: str, exc: AuthError, context: Any) -> None:
+        key = (method, str(exc.code))
+        now = time.monotonic()
+        if now - self._last_log.get(key, float("-inf")) >= 1.0:  # one line a second per method and code
+            self._last_log[key] = now
+            log.warning("%s from %s refused: %s", method, context.peer(), exc.message)
+        await context.abort(exc.code, exc.message)
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        method = str(details.method)
+        if handler is None or self.rules.access(method) is Access.OPEN:
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            raise TypeError(f"{method}: a sync handler cannot be guarded")
+
+        if inspect.isasyncgenfunction(behavior):
+            async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    self.check(method, context)
+                except AuthError as exc:
+                    await self._refuse(method, exc, context)
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            wrapped: Any = stream_out
+        else:
+            async def unary_out(request: Any, context: Any) -> Any:
+                try:
+                    self.check(method, context)
+                except AuthError as exc:
+                    await self._refuse(method, exc, context)
+                return await behavior(request, context)
+            wrapped = unary_out
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(wrapped, request_deserializer=handler.request_deserializer,
+                     response_serializer=handler.response_serializer)

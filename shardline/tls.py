@@ -1,0 +1,219 @@
+"""TLS for every shardline link: the files of a certificates directory, server credentials that reload when
+those files change, and channel credentials for nodes and for clients.
+
+A certificates directory (made by `coordinator certs ...`, laid out as CockroachDB lays out its own):
+
+    ca.crt                the cluster's CA certificate: every node and client trusts it
+    ca.key                the CA's key: only on the machine that creates certificates, never on a node
+    node.crt, node.key    a node's certificate (common name "node", the host names it serves as SANs):
+                          it serves TLS with it, and presents it as a client on the cluster's internal links
+    client.NAME.crt/.key  a client certificate (common name NAME) for the public API
+
+The files are checked with the standard library's `ssl` (a certificate that does not parse, or a key that is
+not the certificate's, is refused with the file's name), so a client never needs more than grpcio.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+NODE_CERT, NODE_KEY = "node.crt", "node.key"
+NODE_NAME = "node"  # the common name of every node certificate: what internal RPCs require
+
+
+def client_files(name: str) -> tuple[str, str]:
+    return f"client.{name}.crt", f"client.{name}.key"
+
+
+class TLSFilesError(ValueError):
+    """A certificates directory that cannot be used: missing files, PEM that does not parse, a key that
+    does not match its certificate. The message names the file; it never contains key material."""
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TLSFilesError(f"{path} does not exist (create it with `coordinator certs ...`)") from None
+    except OSError as exc:
+        raise TLSFilesError(f"{path} cannot be read: {exc.strerror}") from None
+
+
+def check_ca(path: Path) -> bytes:
+    data = _read(path)
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TLSFilesError(f"{path} is not a PEM certificate ({exc.__class__.__name__})") from None
+    return data
+
+
+def check_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
+    """The certificate chain and its key, checked to parse and to belong together."""
+    cert_bytes, key_bytes = _read(cert), _read(key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        reason = "the key is not this certificate's" if "KEY_VALUES_MISMATCH" in str(exc) else \
+            "a certificate chain or key that does not parse"
+        raise TLSFilesError(f"{cert} / {key}: {reason}") from None
+    return cert_bytes, key_bytes
+
+
+@dataclass(frozen=True)
+class NodeFiles:
+    """A node's three files, read and checked together."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def read(cls, certs_dir: Path) -> NodeFiles:
+        ca = check_ca(certs_dir / CA_CERT)
+        cert, key = check_pair(certs_dir / NODE_CERT, certs_dir / NODE_KEY)
+        return cls(ca, cert, key)
+
+
+def _signature(certs_dir: Path, names: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for name in names:
+        try:
+            st = os.stat(certs_dir / name)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((-1, -1))
+    return tuple(out)
+
+
+NODE_FILES = (CA_CERT, NODE_CERT, NODE_KEY)
+
+
+class _Reloading:
+    """A node's files, read again when one changes (checked by mtime and size, at most on each use)."""
+
+    def __init__(self, certs_dir: Path) -> None:
+        self.certs_dir = certs_dir
+        self.lock = threading.Lock()
+        self.files = NodeFiles.read(certs_dir)
+        self.seen = _signature(certs_dir, NODE_FILES)
+
+    def changed(self) -> NodeFiles | None:
+        """The new files when they changed and are usable; None otherwise (the old ones stay in use: a
+        rotation caught half-written is read again on the next handshake)."""
+        with self.lock:
+            now = _signature(self.certs_dir, NODE_FILES)
+            if now == self.seen:
+                return None
+            try:
+                files = NodeFiles.read(self.certs_dir)
+            except TLSFilesError as exc:
+                log.error("the certificates in %s changed but cannot be used yet (%s); keeping the previous ones",
+                          self.certs_dir, exc)
+                return None
+            self.files, self.seen = files, now
+            log.info("reloaded the node certificate from %s", self.certs_dir)
+            return files
+
+
+_RELOADING: dict[Path, _Reloading] = {}
+_RELOADING_LOCK = threading.Lock()
+
+
+def _reloading(certs_dir: Path) -> _Reloading:
+    key = certs_dir.resolve()
+    with _RELOADING_LOCK:
+        found = _RELOADING.get(key)
+        if found is None:
+            found = _RELOADING[key] = _Reloading(key)
+        return found
+
+
+def node_files(certs_dir: Path) -> NodeFiles:
+    """The node's files as they are now (read again when they changed)."""
+    r = _reloading(certs_dir)
+    r.changed()
+    return r.files
+
+
+def server_credentials(certs_dir: Path, require_client_cert: bool) -> grpc.ServerCredentials:
+    """TLS with the node certificate; with `require_client_cert`, only callers whose certificate the
+    cluster CA signed complete the handshake. The files are read again on the first handshake after they
+    change, so a rotated certificate serves new connections without a restart."""
+    r = _reloading(certs_dir)
+
+    def configuration(files: NodeFiles) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(files.key, files.cert)], root_certificates=files.ca)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            files = r.changed()
+        except Exception:  # noqa: BLE001 - called by gRPC's core for each handshake: never raise there
+            log.exception("checking %s for new certificates failed", certs_dir)
+            return None
+        return None if files is None else configuration(files)
+
+    return grpc.dynamic_ssl_server_credentials(configuration(r.files), fetch,  # type: ignore[arg-type]
+                                               require_client_authentication=require_client_cert)
+
+
+def node_channel_credentials(certs_dir: Path) -> grpc.ChannelCredentials:
+    """A node's credentials as a client of another node: the cluster CA, and its node certificate. Read as
+    they are now: channels opened after a rotation present the new certificate."""
+    files = node_files(certs_dir)
+    return grpc.ssl_channel_credentials(files.ca, files.key, files.cert)
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """TLS for a client of the public API: the CA to trust (None = the system's roots), and optionally a
+    client certificate and its key (files)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""  # the host name to expect in the server's certificate (default: the target's)
+
+    @classmethod
+    def from_certs_dir(cls, certs_dir: str | Path, client_name: str = "") -> ClientTLS:
+        d = Path(certs_dir)
+        cert, key = client_files(client_name) if client_name else (None, None)
+        return cls(d / CA_CERT, d / cert if cert else None, d / key if key else None)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        ca = check_ca(self.ca_file) if self.ca_file else None
+        if (self.cert_file is None) != (self.key_file is None):
+            raise TLSFilesError("a client certificate needs its key, and a key its certificate")
+        cert = key = None
+        if self.cert_file is not None and self.key_file is not None:
+            cert, key = check_pair(self.cert_file, self.key_file)
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file that only its owner may read (0600 from the start, then renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
