@@ -13,10 +13,26 @@ from typing import Any
 import typer
 
 from coordinator.config import CoordinatorConfig
+from coordinator.security_cli import api_keys, certs, health
 from coordinator.store import ModelStore, default_store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline coordinator")
+app.add_typer(certs, name="certs")
+app.add_typer(api_keys, name="api-keys")
+app.command("health")(health)
 STORE_HELP = "model store directory (default: the per-user cache, or $SHARDLINE_STORE)"
+# security options, shared by the server commands (README "Security")
+CERTS_HELP = "TLS on every link with this certificates directory (ca.crt, node.crt, node.key: `coordinator certs`)"
+TOKEN_HELP = "without TLS: a file holding the cluster token every process of the cluster sends"
+INSECURE_HELP = "allow serving on a non-loopback address without TLS and authentication (warns at start)"
+API_KEYS_HELP = "a JSON file of hashed API keys with roles (`coordinator api-keys create`); without it the " \
+    "public API takes any caller"
+CLIENT_CERTS_HELP = "with --certs-dir: 'required' makes public API clients present a certificate from the CA"
+CLUSTER_PORT_HELP = "with --certs-dir: the port workers register on (mutual TLS only)"
+API_KEY_OPTION = typer.Option(None, "--api-key", envvar="SHARDLINE_API_KEY", help="the API key (or "
+                              "$SHARDLINE_API_KEY)", show_envvar=False)
+CLIENT_CERTS_DIR = typer.Option(None, "--certs-dir", help="TLS: trust this directory's ca.crt")
+CLIENT_NAME = typer.Option("", "--client-name", help="with --certs-dir: present client.NAME.crt/.key")
 
 
 def _store(store: Path | None) -> ModelStore:
@@ -101,15 +117,27 @@ def models(store: Path | None = typer.Option(None, help=STORE_HELP)) -> None:
 @app.command()
 def parameters(store: Path | None = typer.Option(None, help=STORE_HELP),
                host: str = typer.Option("127.0.0.1", help="address to listen on"),
-               port: int = typer.Option(50052, help="port (0 = a free one)")) -> None:
-    """Run the parameter service alone: it streams each worker the tensors of its layers."""
+               port: int = typer.Option(50052, help="port (0 = a free one)"),
+               certs_dir: Path | None = typer.Option(None, help=CERTS_HELP),
+               cluster_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
+               insecure: bool = typer.Option(False, help=INSECURE_HELP)) -> None:
+    """Run the parameter service alone: it streams each worker the tensors of its layers (only to the
+    cluster's processes: a node certificate, or the cluster token)."""
     from coordinator.launcher import wait_for_signal
     from coordinator.parameters.server import start_parameter_server
+    from shardline.auth import ClusterIdentity
+    from shardline.server import check_exposure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        identity = ClusterIdentity.from_files(certs_dir, cluster_token_file)
+        check_exposure(host, identity.tls, identity.tls, insecure, "parameter service")
+    except ValueError as exc:
+        _fail(str(exc))
+        return
 
     async def run() -> None:
-        server = await start_parameter_server(_store(store), host, port)
+        server = await start_parameter_server(_store(store), host, port, identity)
         print(f"parameter service listening on {server.address}", flush=True)
         await wait_for_signal()
         await server.stop()
@@ -170,16 +198,29 @@ def launch(model: str = typer.Option("smollm2", help="model name in the store, o
                                                "finish (a second SIGTERM stops at once)"),
            rebalance_on_join: bool = typer.Option(True, help="fold a worker that (re)joins into a chain left "
                                                   "narrower by a failure"),
+           secure: bool = typer.Option(False, help="mutual TLS on every link with a throwaway CA and "
+                                       "certificates, and an admin API key (their paths are printed)"),
+           certs_dir: Path | None = typer.Option(None, help=CERTS_HELP),
+           client_certs: str = typer.Option("optional", help=CLIENT_CERTS_HELP),
+           cluster_port: int = typer.Option(50053, min=1, max=65535, help=CLUSTER_PORT_HELP),
+           api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
+           insecure: bool = typer.Option(False, help=INSECURE_HELP),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
-    which drains the streams in flight and stops every child."""
+    which drains the streams in flight and stops every child. Its processes prove they belong with a random
+    cluster token (or, with --secure / --certs-dir, certificates): no other process can drive its workers."""
     logging.basicConfig(level=logging.WARNING)
     store, model = _resolve_model(model, store)
-    config = _config(store, model=model, workers=workers, host=host, port=port,
-                     micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds,
-                     rebalance_on_join=rebalance_on_join)
-    asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready))
+    try:
+        config = _config(store, model=model, workers=workers, host=host, port=port,
+                         micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds,
+                         rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
+                         cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure))
 
 
 async def _drain(drain: Any, grace_s: float, signals: Any) -> None:
@@ -193,13 +234,22 @@ async def _drain(drain: Any, grace_s: float, signals: Any) -> None:
         task.cancel()
 
 
-async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool) -> None:
-    from coordinator.launcher import LocalCluster, format_plan
+async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool,
+                  secure: bool = False) -> None:
+    from coordinator.launcher import LaunchSecurity, LocalCluster, format_plan
     from shardline.server import Signals
 
     signals = Signals()
     await _ensure_model(ModelStore(config.store), config.model)
-    cluster = LocalCluster(config, worker_memory_mb, spares)
+    try:
+        security = LaunchSecurity.prepare(config, secure)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    config = security.config
+    for line in security.lines:
+        print(line, flush=True)
+    cluster = LocalCluster(config, worker_memory_mb, spares, security.worker_args)
     failed = ""
     try:
         starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
@@ -222,11 +272,16 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
               f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
+            flags = ""
+            if config.certs_dir is not None:
+                flags += f" --certs-dir {config.certs_dir}"
+            if secure and security.private is not None and config.api_keys == security.private / "api-keys.json":
+                flags += f" --api-key $(cat {security.private / 'admin.key'})"
             if state is not None and state.is_encoder:
                 print(f'try: python -c "from shardline.client import Client; '
                       f"print(Client('{endpoint}').embed(['hello world']))\"")
             else:
-                print(f'try: coordinator generate "The capital of France is" --endpoint {endpoint}')
+                print(f'try: coordinator generate "The capital of France is" --endpoint {endpoint}{flags}')
             print("serving; Ctrl-C to stop", flush=True)
             await signals.first.wait()
             await _drain(cluster.drain, config.drain_seconds, signals)
@@ -234,6 +289,7 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
         print("stopping", flush=True)
         with contextlib.suppress(Exception):
             await cluster.stop()
+        security.cleanup()
         if failed:
             _fail(failed)
 
@@ -252,7 +308,13 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           parameters_port: int | None = typer.Option(None, help="port of the in-process parameter service [free]"),
           max_tokens_limit: int | None = typer.Option(None, min=1, help="the largest max_tokens allowed [2048]"),
           drain_seconds: float | None = typer.Option(None, min=0, help="on SIGTERM, how long the streams in "
-                                                     "flight may finish [30]")
+                                                     "flight may finish [30]"),
+          certs_dir: Path | None = typer.Option(None, help=CERTS_HELP),
+          client_certs: str | None = typer.Option(None, help=CLIENT_CERTS_HELP + " [optional]"),
+          cluster_port: int | None = typer.Option(None, min=0, max=65535, help=CLUSTER_PORT_HELP + " [50053]"),
+          cluster_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
+          api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
+          insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP)
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -260,7 +322,9 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     given = dict(model=model, workers=workers, host=host, port=port, advertise=advertise, store=store,
                  parameters_address=parameters_address, parameters_port=parameters_port,
-                 max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
+                 max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds, certs_dir=certs_dir,
+                 client_certs=client_certs, cluster_port=cluster_port, cluster_token_file=cluster_token_file,
+                 api_keys=api_keys_file, insecure=insecure)
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
         resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)
@@ -282,8 +346,15 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
 
         signals = Signals()
         await _ensure_model(ModelStore(config.store), config.model)
-        coordinator = await start_coordinator(config, say=lambda line: print(line, flush=True))
-        print(f"coordinator listening on {coordinator.address}; waiting for {config.workers} workers", flush=True)
+        try:
+            coordinator = await start_coordinator(config, say=lambda line: print(line, flush=True))
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+            return
+        joins = "" if coordinator.cluster_address == coordinator.address else \
+            f" (workers register on {coordinator.cluster_address})"
+        print(f"coordinator listening on {coordinator.address}{joins}; waiting for {config.workers} workers",
+              flush=True)
         try:
             await signals.first.wait()
             await _drain(coordinator.cluster.drain, config.drain_seconds, signals)
@@ -306,14 +377,15 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
                                             "many tokens"),
              ignore_eos: bool = typer.Option(False, help="run to --max-tokens past the end-of-sequence token"),
              chat: bool = typer.Option(False, help="send the prompt as a user message (chat template)"),
-             timeout: float = typer.Option(300, help="deadline in seconds")) -> None:
+             timeout: float = typer.Option(300, help="deadline in seconds"),
+             api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+             client_name: str = CLIENT_NAME) -> None:
     """Stream generated text to stdout."""
-    from shardline.client import Client
     from shardline.errors import ShardlineError
 
     params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                   min_tokens=min_tokens, ignore_eos=ignore_eos)
-    with Client(endpoint) as client:
+    with _client(endpoint, 300, api_key, certs_dir, client_name) as client:
         try:
             chunks = (client.chat([{"role": "user", "content": prompt}], stream=True, timeout=timeout, **params)
                       if chat else client.generate(prompt, stream=True, timeout=timeout, **params))
@@ -326,12 +398,13 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
 
 
 @app.command()
-def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator")) -> None:
+def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+           api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+           client_name: str = CLIENT_NAME) -> None:
     """Workers, their layer ranges, memory, sessions and state, as a table."""
-    from shardline.client import Client
     from shardline.errors import ShardlineError
 
-    with Client(endpoint, timeout=10) as client:
+    with _client(endpoint, 10, api_key, certs_dir, client_name) as client:
         try:
             s = client.cluster_status()
         except ShardlineError as exc:
@@ -359,13 +432,14 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
 @app.command("drain-worker")
 def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker registered with"),
                  endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
-                 timeout: float = typer.Option(600, help="deadline in seconds")) -> None:
+                 timeout: float = typer.Option(600, help="deadline in seconds"),
+                 api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+                 client_name: str = CLIENT_NAME) -> None:
     """Move a worker's layers to a spare (or re-plan onto the others) without failing a request; the worker
     then holds no stage and can be stopped."""
-    from shardline.client import Client
     from shardline.errors import ShardlineError
 
-    with Client(endpoint, timeout=timeout) as client:
+    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
         try:
             print(client.drain_worker(address))
         except ShardlineError as exc:
@@ -374,16 +448,28 @@ def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker r
 
 @app.command()
 def rebalance(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
-              timeout: float = typer.Option(600, help="deadline in seconds")) -> None:
+              timeout: float = typer.Option(600, help="deadline in seconds"),
+              api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+              client_name: str = CLIENT_NAME) -> None:
     """Re-plan onto up to the configured number of workers, folding in spares; streams migrate by replay."""
-    from shardline.client import Client
     from shardline.errors import ShardlineError
 
-    with Client(endpoint, timeout=timeout) as client:
+    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
         try:
             print(client.rebalance())
         except ShardlineError as exc:
             _fail(f"{exc.code.name}: {exc.message}")
+
+
+def _client(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path | None, client_name: str) -> Any:
+    """The SDK's client for a CLI command; files that cannot be used end the command with their name."""
+    from shardline.client import Client
+    from shardline.tls import TLSFilesError
+
+    try:
+        return Client(endpoint, timeout=timeout, api_key=api_key, tls=certs_dir, client_name=client_name)
+    except (TLSFilesError, ValueError) as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
 from coordinator.planner import StagePlan
@@ -73,10 +78,70 @@ CRASH_LOOP_WINDOW_S = 60.0
 
 
 @dataclass
+class LaunchSecurity:
+    """What `launch` secures its processes with: the config's own certificates or token, else a throwaway
+    CA and certificates (`secure`), else a random cluster token; files of its own live in `private` (0700),
+    removed at stop."""
+
+    config: CoordinatorConfig
+    worker_args: tuple[str, ...] = ()
+    private: Path | None = None
+    lines: tuple[str, ...] = ()
+
+    @classmethod
+    def prepare(cls, config: CoordinatorConfig, secure: bool) -> LaunchSecurity:
+        insecure = ("--insecure",) if config.insecure else ()
+        if config.certs_dir is not None:
+            return cls(config, ("--certs-dir", str(config.certs_dir), *insecure))
+        if config.cluster_token_file is not None and not secure:
+            return cls(config, ("--cluster-token-file", str(config.cluster_token_file), *insecure))
+        private = Path(tempfile.mkdtemp(prefix="shardline-launch-"))  # 0700
+        try:
+            return cls._private(config, secure, private, insecure)
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _private(cls, config: CoordinatorConfig, secure: bool, private: Path,
+                 insecure: tuple[str, ...]) -> LaunchSecurity:
+        from coordinator.certs import create_ca, create_node
+        from shardline.auth import hash_key, new_api_key, new_token
+        from shardline.tls import write_private
+
+        if not secure:
+            token = private / "cluster.token"
+            write_private(token, new_token().encode())
+            return cls(config.model_copy(update={"cluster_token_file": token}),
+                       ("--cluster-token-file", str(token), *insecure), private)
+        hosts = sorted({config.host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"}
+                       | ({socket.gethostname()} if config.host in ("0.0.0.0", "::") else set()))
+        create_ca(private, days=31)
+        create_node(private, hosts, days=30)
+        update: dict[str, object] = {"certs_dir": private}
+        lines = [f"mutual TLS on every link: throwaway CA and certificates in {private} (clients trust "
+                 f"{private / 'ca.crt'})"]
+        if config.api_keys is None:
+            key = new_api_key()
+            write_private(private / "admin.key", key.encode())
+            write_private(private / "api-keys.json", json.dumps({"keys": [
+                {"name": "launch-admin", "role": "admin", "sha256": hash_key(key)}]}).encode())
+            update["api_keys"] = private / "api-keys.json"
+            lines.append(f"API key (role admin) in {private / 'admin.key'}: send it as 'authorization: Bearer <key>'")
+        return cls(config.model_copy(update=update), ("--certs-dir", str(private), *insecure), private,
+                   tuple(lines))
+
+    def cleanup(self) -> None:
+        if self.private is not None:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+@dataclass
 class LocalCluster:
     config: CoordinatorConfig
     worker_memory_mb: int = 0
     spares: int = 0
+    worker_args: tuple[str, ...] = ()  # how workers prove they belong (LaunchSecurity.worker_args)
     coordinator: Coordinator | None = None
     processes: list[WorkerProcess] = field(default_factory=list)
     restarts: int = 0
@@ -85,15 +150,19 @@ class LocalCluster:
 
     def _spawn(self) -> Awaitable[WorkerProcess]:
         c = self.config
-        extra = ("--keepalive-ms", str(c.keepalive_time_ms), "--step-timeout-ms", str(c.step_timeout_ms))
-        return spawn_worker(c.host, f"{c.host}:{c.port}", self.worker_memory_mb, extra=extra)
+        extra = ("--keepalive-ms", str(c.keepalive_time_ms), "--step-timeout-ms", str(c.step_timeout_ms),
+                 *self.worker_args)
+        # with TLS, workers register on the coordinator's cluster port (mutual TLS); else on its one port
+        registry = c.cluster_port if c.certs_dir is not None else c.port
+        return spawn_worker(c.host, f"{c.host}:{registry}", self.worker_memory_mb, extra=extra)
 
     async def start(self, say: Callable[[str], None] = log.info) -> float:
         """Start everything and wait until every shard is loaded and verified; returns the seconds it took.
         Raises RuntimeError with the coordinator's reason when deployment fails (a plan that does not fit)."""
         began = time.perf_counter()
-        if self.config.port == 0:
-            raise ValueError("launch needs a fixed coordinator port for its workers to register with")
+        if self.config.port == 0 or (self.config.certs_dir is not None and self.config.cluster_port == 0):
+            raise ValueError("launch needs a fixed coordinator port (and, with TLS, cluster port) for its workers "
+                             "to register with")
         # the coordinator and the workers start side by side; workers retry until the coordinator listens
         spawning = [self._spawn() for _ in range(self.config.workers + self.spares)]
         coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,

@@ -13,10 +13,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.parameters.server import ParameterServer, start_parameter_server
 from coordinator.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.store import ModelStore
-from shardline.auth import Access, ApiKeys, ClusterIdentity, Guard, Rules, describe, read_token
+from shardline.auth import Access, ApiKeys, ClusterIdentity, Guard, Rules, describe
 from shardline.limits import MAX_RESPONSE_BYTES
 from shardline.server import RunningServer, add_standard_services, bind, check_exposure, new_server, set_serving
-from shardline.tls import NodeFiles
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,7 @@ class Coordinator:
 def identity_of(config: CoordinatorConfig) -> ClusterIdentity:
     """The cluster's identity from the config: its certificates, or else its token (checked as they are read:
     a file that cannot be used stops the start with its name)."""
-    if config.certs_dir is not None:
-        NodeFiles.read(config.certs_dir)
-        return ClusterIdentity(certs_dir=config.certs_dir)
-    if config.cluster_token_file is not None:
-        return ClusterIdentity(token=read_token(config.cluster_token_file))
-    return ClusterIdentity()
+    return ClusterIdentity.from_files(config.certs_dir, config.cluster_token_file)
 
 
 ADMIN_METHODS = ("GetClusterStatus", "DrainWorker", "Rebalance")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from pathlib import Path
 
 import typer
 
 from shard_worker.server import serve_forever
-from shardline.server import Keepalive
+from shardline.auth import ClusterIdentity
+from shardline.server import Keepalive, check_exposure
 from shardline.stream import LinkSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline shard worker")
@@ -32,11 +35,23 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           keepalive_ms: int = typer.Option(20_000, min=1000, help="ping idle connections this often"),
           leave_timeout_s: float = typer.Option(120, min=0, help="on SIGTERM, how long to wait for the "
                                                 "coordinator to hand this worker's stage over"),
+          certs_dir: Path | None = typer.Option(None, help="TLS on every link with this certificates directory "
+                                                "(ca.crt, node.crt, node.key): only nodes of the cluster may call"),
+          cluster_token_file: Path | None = typer.Option(None, help="without TLS: a file holding the cluster "
+                                                         "token; only callers that send it may drive this worker"),
+          insecure: bool = typer.Option(False, help="allow serving on a non-loopback address without TLS"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms))
+        identity = ClusterIdentity.from_files(certs_dir, cluster_token_file)
+        check_exposure(host, identity.tls, identity.tls, insecure, "shard worker")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    try:
+        links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms),
+                             identity=identity)
         asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, memory_budget_mb * 2**20, links,
                                   leave_timeout_s))
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from shardline.tls import NODE_NAME, node_channel_credentials, server_credentials
+from shardline.tls import NODE_NAME, NodeFiles, node_channel_credentials, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ class ClusterIdentity:
 
     certs_dir: Path | None = None
     token: str = field(default="", repr=False)
+
+    @classmethod
+    def from_files(cls, certs_dir: Path | None, token_file: Path | None) -> ClusterIdentity:
+        """--certs-dir or --cluster-token-file, checked as they are read (ValueError naming the file)."""
+        if certs_dir is not None and token_file is not None:
+            raise ValueError("give --certs-dir (TLS) or --cluster-token-file (plaintext), not both")
+        if certs_dir is not None:
+            NodeFiles.read(certs_dir)
+            return cls(certs_dir=certs_dir)
+        return cls(token=read_token(token_file)) if token_file is not None else cls()
 
     @property
     def tls(self) -> bool:

@@ -11,6 +11,12 @@
 
 Errors raise shardline.errors exceptions whose `.code` is the grpc.StatusCode. No torch needed.
 
+Security: `Client(target, api_key="sl_...", tls=...)`. The key travels as `authorization: Bearer <key>`;
+`tls` is True (the system's CA roots), a certificates directory (its ca.crt; with `client_name`, also
+client.NAME.crt/.key), or a `shardline.tls.ClientTLS` (CA, client certificate and key files). A missing or
+wrong key raises Unauthenticated; a key without the role (admin calls) raises PermissionDenied; a server
+certificate this client does not trust raises Unauthenticated too.
+
 Deadlines: no call waits forever. Every call has a deadline of `timeout` seconds (the client's, default
 DEFAULT_TIMEOUT_S = 300, or the call's own `timeout=`); past it the call raises DeadlineExceeded and the
 coordinator frees whatever the request held. A request sent while the cluster recovers from a failure
@@ -24,9 +30,11 @@ coordinator's `max_request_bytes` (4 MiB by default) are refused with ResourceEx
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardline.codec import decode_tensor, to_numpy
 from shardline.errors import DeadlineExceeded, from_rpc_error
 from shardline.limits import MAX_RESPONSE_BYTES
+from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop"}
@@ -43,6 +52,40 @@ SERVICE = "shardline.v1.Coordinator"
 DEFAULT_TIMEOUT_S = 300.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
 Message = Mapping[str, str] | tuple[str, str]
+TLSOption = bool | str | Path | ClientTLS | None
+
+
+def _tls(tls: TLSOption, client_name: str) -> ClientTLS | None:
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return ClientTLS()
+    if isinstance(tls, ClientTLS):
+        return tls
+    return ClientTLS.from_certs_dir(tls, client_name)
+
+
+def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
+    """A channel to the coordinator's public port, plaintext or TLS."""
+    settings = _tls(tls, client_name)
+    if settings is None:
+        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(target, options=CHANNEL_OPTIONS)
+    options = [*CHANNEL_OPTIONS, *settings.options()]
+    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, settings.credentials(), options=options)
+
+
+class _Authorized:
+    """A stub whose every call carries `authorization: Bearer <key>` (when there is a key)."""
+
+    def __init__(self, stub: Any, api_key: str | None) -> None:
+        if api_key is not None and (not api_key or any(c.isspace() for c in api_key) or not api_key.isascii()):
+            raise ValueError("api_key must be one word of ASCII characters")
+        self._stub = stub
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        return method if self._metadata is None else functools.partial(method, metadata=self._metadata)
 
 
 @dataclass(frozen=True)
@@ -166,11 +209,13 @@ def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
 
 
 class Client:
-    """A blocking client. `timeout` (seconds) is the default deadline of every call."""
+    """A blocking client. `timeout` (seconds) is the default deadline of every call; `api_key`, `tls` and
+    `client_name` as the module's docstring says."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
+                 api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
+        self.channel = _open(target, tls, client_name, aio=False)
+        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 
@@ -268,9 +313,10 @@ class Client:
 class AsyncClient:
     """The asyncio client: the same calls, awaited; generate(stream=True) gives an async iterator."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
+                 api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
+        self.channel = _open(target, tls, client_name, aio=True)
+        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 

@@ -71,9 +71,10 @@ MAX_METADATA_BYTES = 16 * 1024  # all of a call's metadata; more is refused by g
 def new_server(guard: Guard | None = None, max_receive_bytes: int = MAX_MESSAGE_BYTES,
                max_send_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
     """A server for internal links by default; the coordinator's public port passes its smaller limits.
-    `guard` checks every call's credentials first (shardline/auth.py; every role's server has one). A larger message than
-    `max_receive_bytes` is answered RESOURCE_EXHAUSTED by gRPC itself, and one whose bytes do not parse
-    INVALID_ARGUMENT (MalformedRequests). Metadata beyond MAX_METADATA_BYTES is refused by gRPC itself."""
+    `guard` checks every call's credentials first (shardline/auth.py; every role's server has one). A
+    larger message than `max_receive_bytes` is answered RESOURCE_EXHAUSTED by gRPC itself, and one whose
+    bytes do not parse INVALID_ARGUMENT (MalformedRequests). Metadata beyond MAX_METADATA_BYTES is refused
+    by gRPC itself."""
     limits = [("grpc.max_send_message_length", max_send_bytes), ("grpc.max_receive_message_length", max_receive_bytes),
               ("grpc.max_metadata_size", MAX_METADATA_BYTES)]
     # no SO_REUSEPORT: a port another server holds is an error here, not a silently shared listener
