@@ -85,8 +85,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ShardlineError]] = {
 }
 _BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
-TLS_FAILURES = ("Ssl handshake failed", "Tls handshake failed", "CERTIFICATE_VERIFY_FAILED", "Verification Check failed",
-                "certificate verify failed")
+TLS_FAILURES = ("Ssl handshake failed", "Tls handshake failed", "CERTIFICATE_VERIFY_FAILED",
+                "Verification Check failed", "certificate verify failed")
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
