@@ -99,7 +99,7 @@ def _load_ca(certs_dir: Path, ca_key: Path | None) -> tuple[x509.Certificate, ec
 
 
 def _leaf(certs_dir: Path, common_name: str, sans: list[x509.GeneralName], usages: list[x509.ObjectIdentifier],
-          days: float, ca_key: Path | None, not_before: datetime.datetime | None) -> tuple[x509.Certificate,
+          days: float | None, ca_key: Path | None, not_before: datetime.datetime | None) -> tuple[x509.Certificate,
                                                                                          ec.EllipticCurvePrivateKey]:
     ca_cert, ca = _load_ca(certs_dir, ca_key)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -116,8 +116,10 @@ def _leaf(certs_dir: Path, common_name: str, sans: list[x509.GeneralName], usage
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False))
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    start, end = _window(days, not_before)
-    if end > ca_cert.not_valid_after_utc:
+    start, end = _window(days or DEFAULT_DAYS, not_before)
+    if days is None:  # the default: a year, or until the CA expires if that is sooner
+        end = min(end, ca_cert.not_valid_after_utc)
+    elif end > ca_cert.not_valid_after_utc:
         raise CertError(f"the certificate would outlive the CA (valid until {ca_cert.not_valid_after_utc:%Y-%m-%d}): "
                         "give fewer --days")
     return builder.not_valid_before(start).not_valid_after(end).sign(ca, hashes.SHA256()), key
@@ -135,7 +137,7 @@ def _san(host: str) -> x509.GeneralName:
     return x509.DNSName(host)
 
 
-def create_node(certs_dir: Path, hosts: list[str], days: float = DEFAULT_DAYS, ca_key: Path | None = None,
+def create_node(certs_dir: Path, hosts: list[str], days: float | None = None, ca_key: Path | None = None,
                 overwrite: bool = False, not_before: datetime.datetime | None = None) -> Issued:
     """A node certificate for every host name / IP address a node is reached on (`*.domain` allowed)."""
     if not hosts:
@@ -146,7 +148,7 @@ def create_node(certs_dir: Path, hosts: list[str], days: float = DEFAULT_DAYS, c
     return _write(certs_dir / NODE_CERT, certs_dir / NODE_KEY, cert, key, overwrite)
 
 
-def create_client(certs_dir: Path, name: str, days: float = DEFAULT_DAYS, ca_key: Path | None = None,
+def create_client(certs_dir: Path, name: str, days: float | None = None, ca_key: Path | None = None,
                   overwrite: bool = False) -> Issued:
     if not name or name == NODE_NAME or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise CertError(f"client name {name!r} must be letters, digits, '-', '_' or '.', and not {NODE_NAME!r}")

@@ -116,8 +116,8 @@ class LaunchSecurity:
                        ("--cluster-token-file", str(token), *insecure), private)
         hosts = sorted({config.host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"}
                        | ({socket.gethostname()} if config.host in ("0.0.0.0", "::") else set()))
-        create_ca(private, days=31)
-        create_node(private, hosts, days=30)
+        create_ca(private, days=30)
+        create_node(private, hosts)  # until the CA expires
         update: dict[str, object] = {"certs_dir": private}
         lines = [f"mutual TLS on every link: throwaway CA and certificates in {private} (clients trust "
                  f"{private / 'ca.crt'})"]

@@ -20,6 +20,7 @@ api_keys = typer.Typer(add_completion=False, no_args_is_help=True,
 
 CERTS_DIR = typer.Option(..., "--certs-dir", help="the certificates directory")
 CA_KEY = typer.Option(None, "--ca-key", help="the CA's key, if kept outside the certificates directory")
+LEAF_DAYS = typer.Option(None, "--days", help=f"valid for [{DEFAULT_DAYS}, or until the CA expires if sooner]")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace files that exist")
 
 
@@ -43,7 +44,7 @@ def create_ca_cmd(certs_dir: Path = CERTS_DIR, days: float = typer.Option(DEFAUL
 @certs.command("create-node")
 def create_node_cmd(hosts: list[str] = typer.Argument(..., help="every host name and IP address the node is "
                                                       "reached on (*.domain allowed)"),
-                    certs_dir: Path = CERTS_DIR, days: float = typer.Option(DEFAULT_DAYS, help="valid for"),
+                    certs_dir: Path = CERTS_DIR, days: float | None = LEAF_DAYS,
                     ca_key: Path | None = CA_KEY, overwrite: bool = OVERWRITE) -> None:
     """A node certificate (node.crt, node.key): every coordinator, parameter service and worker uses one, to
     serve TLS and to prove on internal links that it belongs to the cluster."""
@@ -58,7 +59,7 @@ def create_node_cmd(hosts: list[str] = typer.Argument(..., help="every host name
 
 @certs.command("create-client")
 def create_client_cmd(name: str = typer.Argument(..., help="the client's name (its certificate's common name)"),
-                      certs_dir: Path = CERTS_DIR, days: float = typer.Option(DEFAULT_DAYS, help="valid for"),
+                      certs_dir: Path = CERTS_DIR, days: float | None = LEAF_DAYS,
                       ca_key: Path | None = CA_KEY, overwrite: bool = OVERWRITE) -> None:
     """A client certificate (client.NAME.crt/.key) for the public API, when it requires one
     (--client-certs required)."""
