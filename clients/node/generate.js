@@ -78,5 +78,9 @@ call.on("data", (response) => {
     process.stderr.write(`\n[${response.finish_reason}: ${response.usage.completion_tokens} tokens]\n`);
   }
 });
-call.on("error", (err) => fail(`${codeName(err.code)} ${err.details}`));
+call.on("error", (err) => {
+  const untrusted = err.code === grpc.status.UNAVAILABLE && /certificate/i.test(err.details);
+  fail(`${codeName(err.code)} ${err.details}` +
+       (untrusted ? " (TLS: the server's certificate is not signed by SHARDLINE_CA, or not for this host)" : ""));
+});
 call.on("end", () => { process.stdout.write("\n"); client.close(); });
