@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "shardline-cluster-token"
 MAX_CREDENTIAL_BYTES = 512  # an authorization header or cluster token longer than this is refused unread
+MAX_METADATA_BYTES = 8 * 1024  # a guarded call's metadata, all of it: more is refused before any check
 
 
 class Access(enum.Enum):
@@ -266,10 +267,16 @@ class Rules:
 
 
 def _metadata(context: Any) -> dict[str, str]:
+    """The call's text metadata (first value of each key); AuthError if it is oversized."""
     out: dict[str, str] = {}
+    size = 0
     for key, value in context.invocation_metadata() or ():
+        size += len(key) + len(value)
         if isinstance(value, str):
             out.setdefault(key.lower(), value)
+    if size > MAX_METADATA_BYTES:
+        raise _unauthenticated(f"the call's metadata is {size} bytes; this server reads at most "
+                               f"{MAX_METADATA_BYTES} on an authenticated RPC")
     return out
 
 

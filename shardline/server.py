@@ -65,7 +65,9 @@ def channel_options(keepalive: Keepalive | None = None) -> list[tuple[str, int]]
 
 
 CHANNEL_OPTIONS = channel_options()
-MAX_METADATA_BYTES = 16 * 1024  # all of a call's metadata; more is refused by gRPC before any handler
+# all of a call's metadata: more is refused by gRPC itself (RESOURCE_EXHAUSTED) before any handler; below
+# it, the guard refuses more than shardline.auth.MAX_METADATA_BYTES on a guarded RPC (UNAUTHENTICATED)
+MAX_WIRE_METADATA_BYTES = 64 * 1024
 
 
 def new_server(guard: Guard | None = None, max_receive_bytes: int = MAX_MESSAGE_BYTES,
@@ -73,10 +75,11 @@ def new_server(guard: Guard | None = None, max_receive_bytes: int = MAX_MESSAGE_
     """A server for internal links by default; the coordinator's public port passes its smaller limits.
     `guard` checks every call's credentials first (shardline/auth.py; every role's server has one). A
     larger message than `max_receive_bytes` is answered RESOURCE_EXHAUSTED by gRPC itself, and one whose
-    bytes do not parse INVALID_ARGUMENT (MalformedRequests). Metadata beyond MAX_METADATA_BYTES is refused
+    bytes do not parse INVALID_ARGUMENT (MalformedRequests). Metadata beyond MAX_WIRE_METADATA_BYTES is refused
     by gRPC itself."""
     limits = [("grpc.max_send_message_length", max_send_bytes), ("grpc.max_receive_message_length", max_receive_bytes),
-              ("grpc.max_metadata_size", MAX_METADATA_BYTES)]
+              ("grpc.max_metadata_size", MAX_WIRE_METADATA_BYTES),
+              ("grpc.absolute_max_metadata_size", MAX_WIRE_METADATA_BYTES)]
     # no SO_REUSEPORT: a port another server holds is an error here, not a silently shared listener
     interceptors = [MalformedRequests()] if guard is None else [guard, MalformedRequests()]
     return grpc.aio.server(interceptors=interceptors,
