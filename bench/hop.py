@@ -38,7 +38,7 @@ class EdgeOnlyWorker(worker_pb2_grpc.ShardWorkerServicer):
             step = step_from_proto(req)
             assert step.hidden is not None
             torch_from_raw(step.hidden)  # what the runtime does with its input before the layers
-            yield response_from_result(req.step_id, StepResult(token_ids=[1]))
+            yield response_from_result(req.step_id, StepResult(token_ids=[1]), [])
 
 
 async def echo(request_iterator: Any, context: Any) -> AsyncIterator[bytes]:

@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,6 @@ from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.launcher import LocalCluster  # noqa: E402
 from coordinator.store import ModelStore  # noqa: E402
-from shard_worker.runtime import StepResult, torch_from_raw  # noqa: E402
-from shard_worker.servicer import response_from_result, step_from_proto  # noqa: E402
 from shardline.auth import Access, ClusterIdentity, Guard, Rules, new_token  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 from shardline.codec import from_numpy  # noqa: E402
@@ -83,20 +81,13 @@ def sides(root: Path) -> dict[str, Side]:
 
 # ---- 1. the activation hop -------------------------------------------------------------------------------
 
-class EdgeWorker(EdgeOnlyWorker):
-    """bench/hop.py's EdgeOnlyWorker with the servicer's current `response_from_result(step_id, result,
-    failed)` (hop.py still calls it without `failed`, a TypeError on the first step)."""
 
-    async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[worker_pb2.ForwardResponse]:
-        async for req in request_iterator:
-            torch_from_raw(step_from_proto(req).hidden)  # decoded as the worker's servicer does
-            yield response_from_result(req.step_id, StepResult(token_ids=[1]), [])
 
 
 async def edge_server(identity: ClusterIdentity) -> tuple[Any, int]:
     """The edge-only worker behind the Guard a real worker has, plaintext or TLS by `identity`."""
     server = new_server(Guard(Rules({SERVICE: Access.CLUSTER}), identity))
-    worker_pb2_grpc.add_ShardWorkerServicer_to_server(EdgeWorker(), server)
+    worker_pb2_grpc.add_ShardWorkerServicer_to_server(EdgeOnlyWorker(), server)
     port = bind(server, "127.0.0.1", 0, identity.server_credentials())
     await server.start()
     return server, port
