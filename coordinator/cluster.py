@@ -416,9 +416,12 @@ class Cluster:
             self._spawn(asyncio.wait_for(ending, None), "freeing replayed sessions")
         chain = [w.address for w in self.assignment]
         timeout = self.config.probe_timeout_ms / 1000
-        # every stage learns the plan's workers (its routes may name only these) before a step is sent
-        _, capacity = await asyncio.gather(set_peers(chain, timeout, self.links),
-                                           chain_capacity(chain, timeout, self.links))
+        # every stage learns the plan's workers (its routes may name only these) before a step is sent; a
+        # stage that missed it refuses routes with FAILED_PRECONDITION, which heals like a lost stage
+        untold, capacity = await asyncio.gather(set_peers(chain, timeout, self.links),
+                                                chain_capacity(chain, timeout, self.links))
+        if untold:
+            await set_peers(untold, timeout, self.links, peers=chain)
         self.scheduler.set_capacity(capacity)
         self._failed_with = ()
         self._set_state("ready")

@@ -35,9 +35,11 @@ async def status(address: str, timeout: float, links: LinkSettings) -> worker_pb
     return None
 
 
-async def set_peers(addresses: list[str], timeout: float, links: LinkSettings) -> list[str]:
-    """Tell every worker of the plan which workers its routes may name; returns those that did not answer."""
-    request = worker_pb2.SetPeersRequest(addresses=addresses)
+async def set_peers(addresses: list[str], timeout: float, links: LinkSettings,
+                    peers: list[str] | None = None) -> list[str]:
+    """Tell workers which workers their routes may name (`peers`, default: `addresses`, the plan's chain);
+    returns those that did not answer."""
+    request = worker_pb2.SetPeersRequest(addresses=addresses if peers is None else peers)
 
     async def one(address: str) -> None:
         async with channel(address, links.keepalive, links.identity) as ch:

@@ -34,42 +34,55 @@ class Registration:
         self.metadata = self.links.identity.metadata
         self.worker_id = ""
         self.leaving = False  # once leaving, a coordinator that forgets this worker is not asked again
+        self.interval = 0.2   # between heartbeats: the coordinator's, once registered
 
     async def run(self) -> None:
-        async with channel(self.coordinator, self.links.keepalive, self.links.identity) as ch:
-            stub = coordinator_pb2_grpc.WorkerRegistryStub(ch)
-            interval, failures = 0.2, 0
-            while True:
-                try:
-                    if not self.worker_id:
-                        if self.leaving:
+        interval, failures = 0.2, 0
+        while True:
+            # a fresh channel after any failure: it presents the node certificate as it is now (rotated in
+            # place), and never retries on a connection that went bad
+            async with channel(self.coordinator, self.links.keepalive, self.links.identity) as ch:
+                stub = coordinator_pb2_grpc.WorkerRegistryStub(ch)
+                while True:
+                    try:
+                        if await self._beat(stub):
                             return
-                        reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
-                            address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S,
-                            metadata=self.metadata)
-                        self.worker_id, interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
-                        log.info("registered with %s as %s", self.coordinator, self.worker_id)
-                    else:
-                        beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=self.worker_id),
-                                                    timeout=RPC_TIMEOUT_S, metadata=self.metadata)
-                        if not beat.known:
-                            if self.leaving:
-                                return  # it let this worker go
-                            log.warning("coordinator %s forgot this worker; registering again", self.coordinator)
-                            self.worker_id = ""
-                            continue
-                    failures = 0
-                    await asyncio.sleep(interval)
-                except grpc.RpcError as err:
-                    failures += 1
-                    if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                        log.error("coordinator %s refused this worker: %s (retrying)", self.coordinator, err.details())
-                    elif failures % 100 == 0:  # a coordinator still starting is normal; one that stays away is not
-                        log.warning("coordinator %s unreachable (%d tries): %s", self.coordinator, failures,
-                                    err.details())
-                    # quick retries while a coordinator starts up, then exponential backoff
-                    backoff = interval if failures <= 20 else interval * 2 ** min(failures - 20, 8)
-                    await asyncio.sleep(min(MAX_BACKOFF_S, backoff))
+                        failures, interval = 0, self.interval
+                        if self.worker_id:  # forgotten: register again at once
+                            await asyncio.sleep(interval)
+                    except grpc.RpcError as err:
+                        failures += 1
+                        self._log_failure(err, failures)
+                        # quick retries while a coordinator starts up, then exponential backoff
+                        backoff = interval if failures <= 20 else interval * 2 ** min(failures - 20, 8)
+                        await asyncio.sleep(min(MAX_BACKOFF_S, backoff))
+                        break
+
+    async def _beat(self, stub: coordinator_pb2_grpc.WorkerRegistryStub) -> bool:
+        """Register, or heartbeat; True once this worker is done (it left and was let go)."""
+        if not self.worker_id:
+            if self.leaving:
+                return True
+            reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
+                address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S,
+                metadata=self.metadata)
+            self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
+            log.info("registered with %s as %s", self.coordinator, self.worker_id)
+            return False
+        beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=self.worker_id),
+                                    timeout=RPC_TIMEOUT_S, metadata=self.metadata)
+        if not beat.known:
+            if self.leaving:
+                return True  # it let this worker go
+            log.warning("coordinator %s forgot this worker; registering again", self.coordinator)
+            self.worker_id = ""
+        return False
+
+    def _log_failure(self, err: grpc.RpcError, failures: int) -> None:
+        if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.error("coordinator %s refused this worker: %s (retrying)", self.coordinator, err.details())
+        elif failures % 100 == 0:  # a coordinator still starting is normal; one that stays away is not
+            log.warning("coordinator %s unreachable (%d tries): %s", self.coordinator, failures, err.details())
 
     async def leave(self, timeout_s: float) -> str:
         """Ask the coordinator to hand this worker's stage over; returns once it may exit."""

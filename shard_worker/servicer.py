@@ -20,7 +20,7 @@ from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, Stag
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
 from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
-from shardline.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ShardlineError, status_of
+from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.limits import is_host_port
 from shardline.stream import LinkSettings, StageStreams
@@ -205,8 +205,10 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         if req.route and (self.peers is not None or self.identity.configured):
             outside = [a for a in req.route if a not in (self.peers or ())]
             if outside:
-                raise PermissionDenied(f"route names {outside[0]}, which is not a worker of the current plan "
-                                       f"({len(self.peers or ())} workers named by the coordinator)")
+                # FAILED_PRECONDITION: only the cluster can call Forward, so this stage's view of the plan is
+                # stale (a SetPeers it missed); the coordinator heals that like a stage that lost its state
+                raise FailedPrecondition(f"route names {outside[0]}, which is not a worker of the current plan "
+                                         f"({len(self.peers or ())} workers named by the coordinator)")
 
     async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[worker_pb2.ForwardResponse]:
         responses: asyncio.Queue[worker_pb2.ForwardResponse | None] = asyncio.Queue()

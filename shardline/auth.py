@@ -23,7 +23,6 @@ import hmac
 import inspect
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from shardline.tls import NODE_NAME, NodeFiles, node_channel_credentials, server_credentials
+from shardline.tls import NODE_NAME, NodeFiles, file_signature, node_channel_credentials, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +206,8 @@ class ApiKeys:
         self.seen = self._signature()
         self.checked = time.monotonic()
 
-    def _signature(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.path)
-            return st.st_mtime_ns, st.st_size
-        except OSError:
-            return -1, -1
+    def _signature(self) -> tuple[int, ...]:
+        return file_signature(self.path)
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -266,11 +261,11 @@ class Rules:
         return self.services.get(method.split("/")[1] if method.count("/") >= 2 else "", Access.OPEN)
 
 
-def _metadata(context: Any) -> dict[str, str]:
-    """The call's text metadata (first value of each key); AuthError if it is oversized."""
+def _metadata(items: Any) -> dict[str, str]:
+    """A call's text metadata (first value of each key); AuthError if it is oversized."""
     out: dict[str, str] = {}
     size = 0
-    for key, value in context.invocation_metadata() or ():
+    for key, value in items or ():
         size += len(key) + len(value)
         if isinstance(value, str):
             out.setdefault(key.lower(), value)
@@ -281,7 +276,9 @@ def _metadata(context: Any) -> dict[str, str]:
 
 
 class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
-    """Checks every call against `rules` before its handler runs (and before its request is read)."""
+    """Checks every call against `rules`. What the metadata decides (a token, an API key, oversized
+    metadata) is decided before the handler is chosen: a refused call's request is never parsed, nor (for a
+    unary request) waited for. What needs the peer's certificate is checked as the handler starts."""
 
     def __init__(self, rules: Rules, cluster: ClusterIdentity, api_keys: ApiKeys | None = None,
                  hint: Callable[[str], str] | None = None) -> None:
@@ -290,17 +287,11 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         self._last_log: dict[tuple[str, str], float] = {}
 
-    def check(self, method: str, context: Any) -> None:
-        access = self.rules.access(method)
-        if access is Access.OPEN:
-            return
-        metadata = _metadata(context)
+    def check_metadata(self, method: str, access: Access, items: Any) -> None:
+        metadata = _metadata(items)
         if access is Access.CLUSTER:
-            try:
-                self.cluster.check(metadata, context.auth_context())
-            except AuthError as exc:
-                hint = self.hint(method)
-                raise AuthError(exc.code, exc.message + (f" ({hint})" if hint else "")) from None
+            if not self.cluster.tls:
+                self._cluster_check(method, metadata, {})
             return
         if self.api_keys is None:
             return
@@ -312,6 +303,13 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
             raise _denied(f"{method.rsplit('/', 1)[-1]} needs an API key with role admin; key {entry.name!r} has "
                           f"role {entry.role}")
 
+    def _cluster_check(self, method: str, metadata: Mapping[str, str], auth: Mapping[str, list[bytes]]) -> None:
+        try:
+            self.cluster.check(metadata, auth)
+        except AuthError as exc:
+            hint = self.hint(method)
+            raise AuthError(exc.code, exc.message + (f" ({hint})" if hint else "")) from None
+
     async def _refuse(self, method: str, exc: AuthError, context: Any) -> None:
         key = (method, str(exc.code))
         now = time.monotonic()
@@ -320,11 +318,26 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
             log.warning("%s from %s refused: %s", method, context.peer(), exc.message)
         await context.abort(exc.code, exc.message)
 
+    def _refusing(self, method: str, exc: AuthError) -> Any:
+        """A handler that answers `exc` at once; as a streaming request it reads nothing of the request."""
+        async def refuse(requests: Any, context: Any) -> AsyncIterator[Any]:
+            await self._refuse(method, exc, context)
+            yield  # pragma: no cover - abort raised
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
+
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
         method = str(details.method)
-        if handler is None or self.rules.access(method) is Access.OPEN:
+        access = self.rules.access(method)
+        if access is Access.OPEN:
+            return await continuation(details)
+        try:
+            self.check_metadata(method, access, details.invocation_metadata)
+        except AuthError as exc:
+            return self._refusing(method, exc)
+        handler = await continuation(details)
+        if handler is None or access is not Access.CLUSTER or not self.cluster.tls:
             return handler
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
@@ -333,7 +346,11 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
+    def check_peer(self, method: str, context: Any) -> None:
+        self._cluster_check(method, {}, context.auth_context())
+
     def _wrap(self, method: str, handler: Any) -> Any:
+        """The handler, first checking the peer's certificate (TLS: known only once the call runs)."""
         kind = ("stream" if handler.request_streaming else "unary") + "_" + (
             "stream" if handler.response_streaming else "unary")
         behavior = getattr(handler, kind)
@@ -343,7 +360,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         if inspect.isasyncgenfunction(behavior):
             async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
                 try:
-                    self.check(method, context)
+                    self.check_peer(method, context)
                 except AuthError as exc:
                     await self._refuse(method, exc, context)
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -353,7 +370,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         else:
             async def unary_out(request: Any, context: Any) -> Any:
                 try:
-                    self.check(method, context)
+                    self.check_peer(method, context)
                 except AuthError as exc:
                     await self._refuse(method, exc, context)
                 return await behavior(request, context)

@@ -69,7 +69,7 @@ class Unauthenticated(ShardlineError):
 
 class PermissionDenied(ShardlineError):
     """A known caller without the right: a client key on an admin RPC, a client certificate on an internal
-    RPC, a route naming a worker outside the plan."""
+    RPC."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Iterable
@@ -102,11 +103,13 @@ async def set_serving(health_servicer: Any, service_names: Iterable[str],
         await health_servicer.set(name, status)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
+    """An address only this machine reaches: 'localhost' or a loopback IP (never a name that merely starts
+    like one: '127.attacker.example' is not)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def check_exposure(host: str, tls: bool, authenticated: bool, insecure: bool, role: str) -> None:

@@ -20,7 +20,7 @@ import os
 import ssl
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -60,16 +60,23 @@ def check_ca(path: Path) -> bytes:
 
 
 def check_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
-    """The certificate chain and its key, checked to parse and to belong together."""
-    cert_bytes, key_bytes = _read(cert), _read(key)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        reason = "the key is not this certificate's" if "KEY_VALUES_MISMATCH" in str(exc) else \
-            "a certificate chain or key that does not parse"
-        raise TLSFilesError(f"{cert} / {key}: {reason}") from None
-    return cert_bytes, key_bytes
+    """The certificate chain and its key, checked to parse and to belong together. `ssl` checks files by
+    path, so the bytes returned are those read before and after the check, unchanged (a rotation that
+    lands meanwhile is read again)."""
+    for _ in range(5):
+        cert_bytes, key_bytes = _read(cert), _read(key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            reason = "the key is not this certificate's" if "KEY_VALUES_MISMATCH" in str(exc) else \
+                "a certificate chain or key that does not parse"
+            raise TLSFilesError(f"{cert} / {key}: {reason}") from None
+        except OSError as exc:
+            raise TLSFilesError(f"{cert} / {key} cannot be read: {exc.strerror}") from None
+        if (_read(cert), _read(key)) == (cert_bytes, key_bytes):
+            return cert_bytes, key_bytes
+    raise TLSFilesError(f"{cert} / {key} kept changing while they were read")
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class NodeFiles:
 
     ca: bytes
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)
 
     @classmethod
     def read(cls, certs_dir: Path) -> NodeFiles:
@@ -87,45 +94,52 @@ class NodeFiles:
         return cls(ca, cert, key)
 
 
-def _signature(certs_dir: Path, names: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for name in names:
-        try:
-            st = os.stat(certs_dir / name)
-            out.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((-1, -1))
-    return tuple(out)
+def file_signature(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written or replaced (a rename gives a new inode and ctime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1,)
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
+def _signature(certs_dir: Path, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(file_signature(certs_dir / name) for name in names)
 
 
 NODE_FILES = (CA_CERT, NODE_CERT, NODE_KEY)
 
 
 class _Reloading:
-    """A node's files, read again when one changes (checked by mtime and size, at most on each use)."""
+    """A node's files, read again when one changes (checked on each use). Every user (each server's
+    fetcher, each new channel) compares the generation it last used with the current one, so a rotation
+    reaches all of them, not only the first to notice."""
 
     def __init__(self, certs_dir: Path) -> None:
         self.certs_dir = certs_dir
         self.lock = threading.Lock()
         self.files = NodeFiles.read(certs_dir)
+        self.generation = 0
         self.seen = _signature(certs_dir, NODE_FILES)
+        self.refused: tuple[tuple[int, ...], ...] | None = None  # files that changed but cannot be used
 
-    def changed(self) -> NodeFiles | None:
-        """The new files when they changed and are usable; None otherwise (the old ones stay in use: a
-        rotation caught half-written is read again on the next handshake)."""
+    def current(self) -> tuple[int, NodeFiles]:
+        """The generation and files in use: new ones when the files changed and are usable; else the old
+        ones (a rotation caught half-written is read again on the next use)."""
         with self.lock:
             now = _signature(self.certs_dir, NODE_FILES)
-            if now == self.seen:
-                return None
-            try:
-                files = NodeFiles.read(self.certs_dir)
-            except TLSFilesError as exc:
-                log.error("the certificates in %s changed but cannot be used yet (%s); keeping the previous ones",
-                          self.certs_dir, exc)
-                return None
-            self.files, self.seen = files, now
-            log.info("reloaded the node certificate from %s", self.certs_dir)
-            return files
+            if now != self.seen:
+                try:
+                    self.files = NodeFiles.read(self.certs_dir)
+                except TLSFilesError as exc:
+                    if now != self.refused:  # one line per state of the files
+                        self.refused = now
+                        log.error("the certificates in %s changed but cannot be used (%s); keeping the "
+                                  "previous ones", self.certs_dir, exc)
+                else:
+                    self.seen, self.generation = now, self.generation + 1
+                    log.info("reloaded the node certificate from %s", self.certs_dir)
+            return self.generation, self.files
 
 
 _RELOADING: dict[Path, _Reloading] = {}
@@ -143,9 +157,7 @@ def _reloading(certs_dir: Path) -> _Reloading:
 
 def node_files(certs_dir: Path) -> NodeFiles:
     """The node's files as they are now (read again when they changed)."""
-    r = _reloading(certs_dir)
-    r.changed()
-    return r.files
+    return _reloading(certs_dir).current()[1]
 
 
 def server_credentials(certs_dir: Path, require_client_cert: bool) -> grpc.ServerCredentials:
@@ -153,19 +165,25 @@ def server_credentials(certs_dir: Path, require_client_cert: bool) -> grpc.Serve
     cluster CA signed complete the handshake. The files are read again on the first handshake after they
     change, so a rotated certificate serves new connections without a restart."""
     r = _reloading(certs_dir)
+    given, files = r.current()
+    served = [given]  # the generation this server's gRPC core holds
 
     def configuration(files: NodeFiles) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(files.key, files.cert)], root_certificates=files.ca)
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
         try:
-            files = r.changed()
+            generation, files = r.current()
+            if generation == served[0]:
+                return None
+            new = configuration(files)
+            served[0] = generation
+            return new
         except Exception:  # noqa: BLE001 - called by gRPC's core for each handshake: never raise there
             log.exception("checking %s for new certificates failed", certs_dir)
             return None
-        return None if files is None else configuration(files)
 
-    return grpc.dynamic_ssl_server_credentials(configuration(r.files), fetch,  # type: ignore[arg-type]
+    return grpc.dynamic_ssl_server_credentials(configuration(files), fetch,  # type: ignore[arg-type]
                                                require_client_authentication=require_client_cert)
 
 

@@ -9,7 +9,6 @@ import json
 import shutil
 import socket
 import ssl
-import time
 from pathlib import Path
 
 import grpc
@@ -274,6 +273,15 @@ def test_a_plaintext_cluster_token_guards_every_internal_rpc_and_routes(loop, st
                         assert call(channel, service, method, metadata) == grpc.StatusCode.UNAUTHENTICATED
                 for method in set(methods(service)) - CHANGES:
                     assert call(channel, service, method, good) not in REFUSED, (service, method)
+        # a refused call's request is not even parsed: bytes that are no message get UNAUTHENTICATED too
+        with grpc.insecure_channel(a.address) as channel:
+            garbage = channel.unary_unary(f"/{WORKER}/EndSession", request_serializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as refused_unread:
+                garbage(b"\xff\xff\xff", timeout=10)
+            assert refused_unread.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as parsed:
+                garbage(b"\xff\xff\xff", timeout=10, metadata=good)
+            assert parsed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # the cluster's own loads work; a route outside the plan is refused before any compute
         stub_a = worker_pb2_grpc.ShardWorkerStub(grpc.insecure_channel(a.address))
         for worker, (start, end) in ((a, (0, 3)), (b, (3, 6))):
@@ -289,10 +297,10 @@ def test_a_plaintext_cluster_token_guards_every_internal_rpc_and_routes(loop, st
             return response
 
         refused = error_of(forward([b.address]))  # told no peers yet: a worker with an identity refuses routes
-        assert refused.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and "plan" in refused.message
+        assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "plan" in refused.message
         stub_a.SetPeers(worker_pb2.SetPeersRequest(addresses=[a.address, b.address]), timeout=5, metadata=good)
         outside = error_of(forward(["127.0.0.1:1"]))
-        assert outside.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and "127.0.0.1:1" in outside.message
+        assert outside.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "127.0.0.1:1" in outside.message
         response = forward([b.address])
         assert not response.HasField("error") and not response.sequence_errors and len(response.token_ids) == 1
         with pytest.raises(grpc.RpcError) as bad:
@@ -335,21 +343,23 @@ def served_certificate(address: str, certs: Path) -> bytes:
 
 
 def test_rotating_the_node_certificate_in_place_keeps_serving(secure, tmp_path):
-    certs, worker = secure["certs"], secure["workers"][0].address
-    before = served_certificate(worker, certs)
+    certs = secure["certs"]
+    servers = [secure["coordinator"].address, secure["coordinator"].cluster_address, secure["parameters"].address,
+               *(w.address for w in secure["workers"])]
+    before = {a: served_certificate(a, certs) for a in servers}
+    assert len(set(before.values())) == 1
     staged = tmp_path / "staged"
     _copy_ca(certs, staged)
     create_node(staged, HOSTS)
     for name in ("node.key", "node.crt"):  # new files in place, each replaced atomically
         shutil.copy(staged / name, certs / f".{name}.new")
         (certs / f".{name}.new").replace(certs / name)
-    deadline = time.monotonic() + 10
-    after = served_certificate(worker, certs)
-    while after == before and time.monotonic() < deadline:
-        time.sleep(0.2)
-        after = served_certificate(worker, certs)
-    assert after != before and after == ssl.PEM_cert_to_DER_cert((staged / "node.crt").read_text())
-    assert_serving(secure)  # old connections go on; the coordinator's new ones present the new certificate
+    new = ssl.PEM_cert_to_DER_cert((staged / "node.crt").read_text())
+    assert_serving(secure)  # old connections go on; new ones (status, sessions' ends) use the new files
+    # every server of every role presents the new certificate to a new connection, not only the first
+    # to notice the change
+    assert {a: served_certificate(a, certs) for a in servers} == dict.fromkeys(servers, new)
+    assert_serving(secure)
 
 
 def assert_serving(secure) -> None:
