@@ -272,24 +272,25 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
               f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
-            flags = ""
-            if config.certs_dir is not None:
-                flags += f" --certs-dir {config.certs_dir}"
+            flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
+            key = ""  # the key from its file, in the environment: never on a command line (ps shows those)
             if secure and security.private is not None and config.api_keys == security.private / "api-keys.json":
-                flags += f" --api-key $(cat {security.private / 'admin.key'})"
+                key = f"SHARDLINE_API_KEY=$(cat {security.private / 'admin.key'}) "
             if state is not None and state.is_encoder:
                 print(f'try: python -c "from shardline.client import Client; '
                       f"print(Client('{endpoint}').embed(['hello world']))\"")
             else:
-                print(f'try: coordinator generate "The capital of France is" --endpoint {endpoint}{flags}')
+                print(f'try: {key}coordinator generate "The capital of France is" --endpoint {endpoint}{flags}')
             print("serving; Ctrl-C to stop", flush=True)
             await signals.first.wait()
             await _drain(cluster.drain, config.drain_seconds, signals)
     finally:
         print("stopping", flush=True)
-        with contextlib.suppress(Exception):
-            await cluster.stop()
-        security.cleanup()
+        try:
+            with contextlib.suppress(Exception):
+                await cluster.stop()
+        finally:
+            security.cleanup()  # the throwaway CA and keys never outlive the cluster
         if failed:
             _fail(failed)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from coordinator.store import default_store
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES
@@ -66,8 +66,9 @@ class CoordinatorConfig(BaseModel):
     # security (README "Security"): TLS and the cluster's identity, API keys for the public API
     certs_dir: Path | None = Field(None, description="TLS on every link with the certificates of this directory "
                                    "(`coordinator certs`): ca.crt, node.crt, node.key")
-    client_certs: str = Field("optional", pattern="^(optional|required)$", description="with certs_dir: whether "
-                              "public API clients must present a certificate from the cluster CA")
+    client_certs: str = Field("optional", pattern="^(optional|required)$", description="with certs_dir: "
+                              "'required': public API clients must present a certificate from the cluster CA; "
+                              "'optional': the public port does not ask for one (clients authenticate by key)")
     cluster_port: int = Field(50053, ge=0, le=65535, description="with certs_dir: the port workers register on "
                               "(mutual TLS only; the public port takes clients without certificates)")
     cluster_token_file: Path | None = Field(None, description="without TLS: a file holding the token every "
@@ -75,6 +76,15 @@ class CoordinatorConfig(BaseModel):
     api_keys: Path | None = Field(None, description="a JSON file of hashed API keys with roles "
                                   "(`coordinator api-keys create`); without it the public API takes any caller")
     insecure: bool = Field(False, description="serve on a non-loopback address without TLS or authentication")
+
+
+    @model_validator(mode="after")
+    def _security_fits(self) -> CoordinatorConfig:
+        if self.client_certs == "required" and self.certs_dir is None:
+            raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")
+        if self.certs_dir is not None and self.cluster_token_file is not None:
+            raise ValueError("give certs_dir (TLS) or cluster_token_file (plaintext), not both")
+        return self
 
 
 def load_config(path: Path, **overrides: object) -> CoordinatorConfig:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.codec import decode_tensor, to_numpy
 from shardline.errors import DeadlineExceeded, from_rpc_error
-from shardline.limits import MAX_RESPONSE_BYTES
+from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
 from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -77,7 +78,10 @@ def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
 class _Authorized:
     """A stub whose every call carries `authorization: Bearer <key>` (when there is a key)."""
 
-    def __init__(self, stub: Any, api_key: str | None) -> None:
+    def __init__(self, stub: Any, api_key: str | None, target: str = "", tls: TLSOption = None) -> None:
+        if api_key and not tls and not is_loopback(target.rpartition(":")[0]):
+            warnings.warn(f"the API key goes to {target} in plaintext: anyone on the network can read it "
+                          "(give tls=)", stacklevel=3)
         if api_key is not None and (not api_key or any(c.isspace() for c in api_key) or not api_key.isascii()):
             raise ValueError("api_key must be one word of ASCII characters")
         self._stub = stub
@@ -215,7 +219,7 @@ class Client:
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
                  api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
         self.channel = _open(target, tls, client_name, aio=False)
-        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key)
+        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 
@@ -316,7 +320,7 @@ class AsyncClient:
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
                  api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
         self.channel = _open(target, tls, client_name, aio=True)
-        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key)
+        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
 

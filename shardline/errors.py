@@ -87,6 +87,7 @@ _BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.S
 
 TLS_FAILURES = ("Ssl handshake failed", "Tls handshake failed", "CERTIFICATE_VERIFY_FAILED",
                 "Verification Check failed", "certificate verify failed")
+UNTRUSTED_SERVER = ("CERTIFICATE_VERIFY_FAILED", "Verification Check failed", "certificate verify failed")
 GENERIC_INTERNAL = "internal error; the server log has the details"
 
 
@@ -104,10 +105,13 @@ def from_rpc_error(err: grpc.RpcError) -> ShardlineError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     if code == grpc.StatusCode.UNAVAILABLE and details and any(s in details for s in TLS_FAILURES):
-        # the TLS handshake failed on this side: the server's certificate is not one this client trusts
         code = grpc.StatusCode.UNAUTHENTICATED
-        details = ("TLS handshake failed: the server's certificate is not signed by the CA given, or not for "
-                   f"the host name dialed ({details})")
+        if any(s in details for s in UNTRUSTED_SERVER):  # this side refused the server's certificate
+            details = ("TLS handshake failed: the server's certificate is not signed by the CA given, or not for "
+                       f"the host name dialed ({details})")
+        else:
+            details = ("TLS handshake failed: the server refused this client (does it require a client "
+                       f"certificate from its CA?) ({details})")
     exc = error_for_code(code, details or str(code))
     exc.code = code
     return exc

@@ -36,3 +36,12 @@ def is_host_port(address: str) -> bool:
         return True
     except ValueError:
         return _HOSTNAME.fullmatch(host) is not None
+
+
+def is_loopback(host: str) -> bool:
+    """An address only this machine reaches: 'localhost' or a loopback IP (never a name that merely starts
+    like one: '127.attacker.example' is not)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

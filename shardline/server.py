@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardline.auth import ClusterIdentity, Guard
-from shardline.limits import MAX_MESSAGE_BYTES
+from shardline.limits import MAX_MESSAGE_BYTES, is_loopback
 from shardline.malformed import MalformedRequests
 
 log = logging.getLogger(__name__)
@@ -101,15 +100,6 @@ async def set_serving(health_servicer: Any, service_names: Iterable[str],
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *service_names]:
         await health_servicer.set(name, status)
-
-
-def is_loopback(host: str) -> bool:
-    """An address only this machine reaches: 'localhost' or a loopback IP (never a name that merely starts
-    like one: '127.attacker.example' is not)."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def check_exposure(host: str, tls: bool, authenticated: bool, insecure: bool, role: str) -> None:

@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 
+from shardline.auth import TOKEN_HEADER
 from shardline.client import Client
 from shardline.v1 import (
     coordinator_pb2,
@@ -107,8 +109,17 @@ def test_a_process_outside_the_default_launch_cannot_drive_its_workers(smollm2_s
         assert len(tokens) == 48 and tokens[:16] == reference.token_ids
         with Client(endpoint, timeout=30) as client:
             after = client.cluster_status()
+        assert after.recoveries == 0  # nothing was healed around: the stream never broke
         assert {w.address: (w.start_layer, w.end_layer) for w in after.workers} == layers
-        assert after.ready and all(w.state == "ready" for w in after.workers)
+        # each worker's own view, asked with the cluster's token (a child's --cluster-token-file): the shard
+        # the coordinator planned, loaded, never reloaded by the outsider's LoadShard
+        args = psutil.Process(launcher.pid).children()[0].cmdline()
+        token = Path(args[args.index("--cluster-token-file") + 1]).read_text().strip()
+        for address, (start, end) in layers.items():
+            reply = worker_pb2_grpc.ShardWorkerStub(grpc.insecure_channel(address)).GetStatus(
+                worker_pb2.GetStatusRequest(), timeout=10, metadata=((TOKEN_HEADER, token),))
+            assert reply.state == worker_pb2.WORKER_STATE_READY and reply.model == "smollm2"
+            assert (reply.start_layer, reply.end_layer) == (start, end)
     finally:
         launcher.terminate()
         try:
