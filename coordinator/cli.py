@@ -57,7 +57,9 @@ def import_(
     heads: int = typer.Option(0, help="with --random: attention heads (0 = hidden / 64)"),
     kv_heads: int = typer.Option(0, help="with --random: key/value heads (0 = heads)"),
     intermediate: int = typer.Option(0, help="with --random: MLP size (0 = 4 x hidden)"),
-    vocab: int = typer.Option(1024, help="with --random: vocabulary size"),
+    vocab: int = typer.Option(0, help="with --random: vocabulary size [1024, or the --tokenizer's size]"),
+    tokenizer: str = typer.Option("", help="with --random: borrow this stored model's tokenizer (e.g. smollm2), so "
+                                  "the model serves text"),
     positions: int = typer.Option(2048, help="with --random: maximum positions"),
     seed: int = typer.Option(0, help="with --random: seed of the weights"),
 ) -> None:
@@ -65,6 +67,7 @@ def import_(
     from coordinator.importer import (
         BUILTIN,
         BUILTIN_ENCODER,
+        BorrowedTokenizer,
         ImportFailed,
         builtin_encoder_dir,
         builtin_gguf,
@@ -77,13 +80,20 @@ def import_(
     logging.basicConfig(level=logging.WARNING)
     target = _store(store)
     try:
+        if tokenizer and not random:
+            _fail("--tokenizer goes with --random (other imports bring their own tokenizer)")
         if random:
             if source:
                 _fail("give either SOURCE or --random, not both")
-            fields = json.loads(config.read_text()) if config else {}
+            borrowed = BorrowedTokenizer.of(target, tokenizer) if tokenizer else None
+            fields = {**(borrowed.fields() if borrowed else {}), **(json.loads(config.read_text()) if config else {})}
+            vocab = vocab or (borrowed.size if borrowed else 1024)
+            if borrowed:
+                borrowed.check(vocab)
             dims = dict(hidden=hidden, layers=layers, vocab=vocab, positions=positions)
             dims.update({k: v for k, v in dict(heads=heads, kv_heads=kv_heads, intermediate=intermediate).items() if v})
-            manifest = import_random(target, name, random_config(random, **dims, **fields), seed=seed)
+            manifest = import_random(target, name, random_config(random, **dims, **fields), seed=seed,
+                                     tokenizer_dir=borrowed.source if borrowed else None)
         elif source == BUILTIN:
             manifest = import_gguf(target, builtin_gguf(), name)
         elif source == BUILTIN_ENCODER:

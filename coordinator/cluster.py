@@ -23,7 +23,7 @@ from coordinator.planner import PlanDoesNotFit, StagePlan, plan
 from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.scheduler import Scheduler
 from coordinator.store import ModelStore
-from coordinator.textmodel import TextModel
+from coordinator.textmodel import TextModel, TokenModel
 from coordinator.worker_calls import chain_capacity, load_shard, probe, set_peers, status
 from shardline.auth import ClusterIdentity
 from shardline.codec import dtype_to_enum
@@ -57,7 +57,7 @@ class Cluster:
         self.stages: list[StagePlan] = []
         self.pipeline = Pipeline(self.heal, self.links)
         self.scheduler: Scheduler | None = None
-        self.text: TextModel | None = None
+        self.text: TokenModel | None = None  # a TextModel when the store has the model's tokenizer
         self.progress: dict[str, int] = {}
         self.loading_bytes = 0
         self._failed_with: tuple[str, ...] = ()
@@ -85,6 +85,8 @@ class Cluster:
         path = self.store.path(self.config.model)
         if (path / "tokenizer_config.json").is_file():
             self.text = await asyncio.to_thread(TextModel, path)
+        else:
+            self.text = TokenModel(path, self.config.model)
         self._monitor = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
@@ -118,7 +120,7 @@ class Cluster:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def serving(self, model: str) -> tuple[Scheduler, TextModel]:
+    def serving(self, model: str) -> tuple[Scheduler, TokenModel]:
         """The scheduler and text model for a request, or why there are none. While the cluster recovers,
         requests are accepted: they wait at the pipeline's gate within their deadline."""
         if model and model != self.config.model:
@@ -130,7 +132,7 @@ class Cluster:
             detail = f" ({self.message})" if self.message else ""
             raise Unavailable(f"the cluster is not ready: {self.state}{detail}")
         if self.text is None:
-            raise FailedPrecondition(f"model {self.config.model!r} has no tokenizer in the store: it cannot serve text")
+            raise Unavailable("the cluster is starting")
         return self.scheduler, self.text
 
     @property

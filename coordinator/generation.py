@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from coordinator.config import CoordinatorConfig
 from coordinator.scheduler import Scheduler
-from coordinator.textmodel import TextModel, TextStream
+from coordinator.textmodel import TextStream, TokenModel
 from shardline.errors import InvalidArgument
 from shardline.v1 import worker_pb2
 
@@ -38,6 +38,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    prompt_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,15 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
     if len(req.model) > MAX_MODEL_NAME_CHARS:
         raise InvalidArgument(f"model is {len(req.model)} characters; a model name has at most "
                               f"{MAX_MODEL_NAME_CHARS}")
-    if not req.prompt and not req.messages:
-        raise InvalidArgument("prompt is empty (send a prompt or chat messages)")
-    if req.prompt and req.messages:
-        raise InvalidArgument("send either prompt or messages, not both")
+    given = [name for name, value in (("prompt", req.prompt), ("messages", req.messages),
+                                      ("prompt_token_ids", req.prompt_ids)) if value]
+    if not given:
+        raise InvalidArgument("prompt is empty (send a prompt, chat messages or prompt_token_ids)")
+    if len(given) > 1:
+        raise InvalidArgument(f"send one of prompt, messages and prompt_token_ids, not {' and '.join(given)}")
+    if len(req.prompt_ids) > config.max_prompt_tokens:
+        raise InvalidArgument(f"prompt_token_ids holds {len(req.prompt_ids)} tokens; the limit is "
+                              f"{config.max_prompt_tokens} (max_prompt_tokens)")
     if len(req.messages) > config.max_chat_messages:
         raise InvalidArgument(f"messages holds {len(req.messages)} messages; the limit is "
                               f"{config.max_chat_messages} (max_chat_messages)")
@@ -120,14 +126,23 @@ def check_sampling(temperature: float | None, top_p: float | None, top_k: int) -
         raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
-def prepare(req: GenerationRequest, text: TextModel, config: CoordinatorConfig) -> Plan:
+def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig) -> Plan:
     """Tokenize and resolve defaults (runs off the event loop: tokenizing is compute that grows with the
     prompt)."""
     check_parameters(req, config)
     if text.vocab_size and req.top_k > text.vocab_size:
         raise InvalidArgument(f"top_k must be between 0 and {text.vocab_size} (the model's vocabulary), "
                               f"got {req.top_k}")
-    ids = text.encode_chat(list(req.messages)) if req.messages else text.encode(req.prompt)
+    if req.prompt_ids:
+        ids = list(req.prompt_ids)
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < (text.vocab_size or 2**31)), None)
+        if bad is not None:
+            raise InvalidArgument(f"prompt_token_ids[{bad}] is {ids[bad]}, outside the model's vocabulary "
+                                  f"[0, {text.vocab_size})")
+    else:
+        ids = text.encode_chat(list(req.messages)) if req.messages else text.encode(req.prompt)
+    if req.stop and text.tokenizer is None:
+        raise InvalidArgument("stop sequences need the model's tokenizer, and this model has none")
     if not ids:
         raise InvalidArgument("prompt encodes to no tokens")
     if len(ids) > config.max_prompt_tokens:
@@ -156,7 +171,8 @@ def prepare(req: GenerationRequest, text: TextModel, config: CoordinatorConfig) 
     return Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos)
 
 
-async def run(scheduler: Scheduler, text: TextModel, plan: Plan, session_id: str) -> AsyncIterator[Piece]:
+async def run(scheduler: Scheduler, text: TokenModel, plan: Plan,
+              session_id: str) -> AsyncIterator[Piece]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 

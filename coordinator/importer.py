@@ -16,6 +16,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,10 @@ def _config(model_type: str, fields: dict[str, Any]) -> Any:
     return AutoConfig.for_model(model_type, **fields)
 
 
-def import_random(store: ModelStore, name: str, config: Any, seed: int = 0, dtype: torch.dtype = torch.float32
-                  ) -> Manifest:
-    """Random weights (normal, std 0.02; norms 1, biases 0) for a config, one tensor at a time."""
+def import_random(store: ModelStore, name: str, config: Any, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  tokenizer_dir: Path | None = None) -> Manifest:
+    """Random weights (normal, std 0.02; norms 1, biases 0) for a config, one tensor at a time; with
+    `tokenizer_dir`, that directory's tokenizer files (BorrowedTokenizer.source)."""
     from transformers import AutoModelForCausalLM
 
     family = names_for_model_type(config.model_type)
@@ -300,4 +302,38 @@ def import_random(store: ModelStore, name: str, config: Any, seed: int = 0, dtyp
                 yield key, (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
     total = sum(int(torch.Size(s).numel()) * itemsize for s, _ in shapes.values())
-    return _write(store, name, family, config, tensors(), total, None)
+    return _write(store, name, family, config, tensors(), total, tokenizer_dir)
+
+
+
+@dataclass(frozen=True)
+class BorrowedTokenizer:
+    """A stored model's tokenizer, for a random model: its files and what the config must agree with."""
+
+    source: Path
+    size: int  # ids the tokenizer can produce: the model's vocabulary must hold them all
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    @classmethod
+    def of(cls, store: ModelStore, model: str) -> BorrowedTokenizer:
+        from transformers import AutoTokenizer
+
+        if not store.has(model):
+            raise ImportFailed(f"--tokenizer {model}: no such model in the store {store.root} "
+                               f"(models: {', '.join(store.models()) or 'none'})")
+        path = store.path(model)
+        if not (path / "tokenizer_config.json").is_file():
+            raise ImportFailed(f"--tokenizer {model}: that model has no tokenizer either")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(path, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+    def fields(self) -> dict[str, Any]:
+        """Config fields that make a random model's special tokens the tokenizer's."""
+        return {k: v for k, v in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id))
+                if v is not None}
+
+    def check(self, vocab_size: int) -> None:
+        if vocab_size < self.size:
+            raise ImportFailed(f"the tokenizer of {self.source.name} has {self.size} tokens, more than the model's "
+                               f"vocabulary of {vocab_size}: give --vocab {self.size} or more")

@@ -27,6 +27,7 @@ def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
         max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
         temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
+        prompt_ids=tuple(r.prompt_token_ids),
         top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
         stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
 
@@ -84,7 +85,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         check_response_size(batch, text.hidden_size)
         positions = text.context_tokens or 512
         if input_ids is not None:
-            vocab = int(text.tokenizer.vocab_size)
+            vocab = int(text.tokenizer.vocab_size) if text.tokenizer is not None else text.vocab_size
             inputs = await asyncio.to_thread(inputs_from_tensors, input_ids, mask, vocab, positions)
         else:
             inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)

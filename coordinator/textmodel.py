@@ -13,20 +13,50 @@ from shardline.errors import FailedPrecondition, InvalidArgument
 MAX_PENDING_TOKENS = 4
 
 
-class TextModel:
+class TokenModel:
+    """A model's token side, from its config alone: context, vocabulary, end-of-sequence ids. A model
+    without a tokenizer in the store is served through it: prompts as token ids, token ids back, no text."""
+
+    tokenizer: Any = None
+
+    def __init__(self, path: Path, name: str = "") -> None:
+        self.name = name or path.name
+        config = json.loads((path / "config.json").read_text())
+        self.context_tokens = int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
+        self.vocab_size = int(config.get("vocab_size") or 0)
+        self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
+        eos = config.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer is not None:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self.stop_ids = frozenset(int(i) for i in eos_ids if i is not None)
+
+    def _no_text(self) -> FailedPrecondition:
+        return FailedPrecondition(f"model {self.name!r} has no tokenizer in the store: send prompt_token_ids, or "
+                                  "import it with a tokenizer (`coordinator import --random ... --tokenizer "
+                                  "smollm2`)")
+
+    def encode(self, prompt: str) -> list[int]:
+        raise self._no_text()
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        raise self._no_text()
+
+    def encode_batch(self, texts: list[str], max_tokens: int) -> list[list[int]]:
+        raise self._no_text()
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+class TextModel(TokenModel):
     def __init__(self, path: Path) -> None:
         from transformers import AutoTokenizer
 
         if not (path / "tokenizer_config.json").is_file():
             raise FailedPrecondition(f"model at {path} has no tokenizer: it cannot serve text")
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
-        config = json.loads((path / "config.json").read_text())
-        self.context_tokens = int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
-        self.vocab_size = int(config.get("vocab_size") or 0)
-        self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
-        eos = config.get("eos_token_id", self.tokenizer.eos_token_id)
-        eos_ids = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = frozenset(int(i) for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        super().__init__(path)
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -55,7 +85,7 @@ class TextStream:
     context, not from the new text), and stop sequences are matched in a window of their own length
     (coordinator/stops.py). The work per token does not grow with the completion."""
 
-    def __init__(self, model: TextModel, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: TokenModel, stop: tuple[str, ...] = ()) -> None:
         self.model = model
         self.ids: list[int] = []  # the window: ids[:read] decode to text already given to the stop matcher
         self.read = 0

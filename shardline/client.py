@@ -162,17 +162,19 @@ class ClusterStatus:
     last_recovery: str = ""
 
 
-def generate_request(prompt: str = "", messages: Sequence[Message] = (), *, model: str = "",
+def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
                      max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
                      top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
                      min_tokens: int | None = None, ignore_eos: bool = False) -> coordinator_pb2.GenerateRequest:
-    """The request for generate/chat. `min_tokens`: the end-of-sequence token and stop sequences count
-    only after this many tokens; `ignore_eos`: the end-of-sequence token is just a token (run to
-    max_tokens)."""
+    """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
+    without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
+    and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
+    token (run to max_tokens)."""
     chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
             else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
-    request = coordinator_pb2.GenerateRequest(model=model, prompt=prompt, messages=chat, top_k=top_k, stop=list(stop),
-                                              ignore_eos=ignore_eos)
+    text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
+    request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
+                                              top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
     if min_tokens is not None:
         request.min_tokens = min_tokens
     if max_tokens is not None:
@@ -232,9 +234,10 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def generate(self, prompt: str, *, stream: bool = False, timeout: float | None = None,
+    def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
-        """Text for a prompt: a GenerateResult, or with stream=True an iterator of GenerateChunk. `params`:
+        """Text for a prompt (a string, or token ids): a GenerateResult, or with stream=True an iterator of
+        GenerateChunk. `params`:
         model, max_tokens, temperature, top_k, top_p, seed, stop, min_tokens, ignore_eos (generate_request)."""
         return self._run(generate_request(prompt, **params), stream, timeout)
 
@@ -333,7 +336,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close(None)
 
-    async def generate(self, prompt: str, *, stream: bool = False, timeout: float | None = None,
+    async def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:
         """As Client.generate (the same `params`), awaited; stream=True gives an async iterator."""
         return await self._run(generate_request(prompt, **params), stream, timeout)

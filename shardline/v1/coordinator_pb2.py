@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from shardline.v1 import tensor_pb2 as shardline_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshardline/v1/coordinator.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/tensor.proto\"%\n\x12\x44rainWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"&\n\x13\x44rainWorkerResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x12\n\x10RebalanceRequest\"$\n\x11RebalanceResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"\xd1\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\'\n\tinput_ids\x18\x03 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12&\n\x07pooling\x18\x05 \x01(\x0e\x32\x15.shardline.v1.Pooling\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"I\n\rInferResponse\x12(\n\nembeddings\x18\x01 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\"(\n\x13LeaveClusterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\'\n\x14LeaveClusterResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_min_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x8a\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x13\n\x11ListModelsRequest\"x\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x01(\x05\x12\r\n\x05ready\x18\x06 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.shardline.v1.ModelInfo\"\x19\n\x17GetClusterStatusRequest\"\xee\x02\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x06 \x01(\x03\x12\x11\n\trss_bytes\x18\x07 \x01(\x03\x12\x10\n\x08sessions\x18\x08 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x1d\n\x15last_heartbeat_age_ms\x18\n \x01(\x03\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x0f\n\x07\x62usy_ms\x18\x0c \x01(\x03\x12\x0f\n\x07idle_ms\x18\r \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x0e \x01(\x05\x12\x10\n\x08\x62ytes_in\x18\x0f \x01(\x03\x12\x11\n\tbytes_out\x18\x10 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x11 \x01(\x01\"\xe1\x01\n\x18GetClusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x07workers\x18\x05 \x03(\x0b\x32\x18.shardline.v1.WorkerInfo\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x05\x12\x12\n\nrecoveries\x18\x07 \x01(\x05\x12\x18\n\x10last_recovery_ms\x18\x08 \x01(\x03\x12\x15\n\rlast_recovery\x18\t \x01(\t\"E\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x03\"J\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08*E\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x0f\n\x0bPOOLING_CLS\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xf2\x03\n\x0b\x43oordinator\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.shardline.v1.ListModelsRequest\x1a .shardline.v1.ListModelsResponse\x12\x61\n\x10GetClusterStatus\x12%.shardline.v1.GetClusterStatusRequest\x1a&.shardline.v1.GetClusterStatusResponse\x12@\n\x05Infer\x12\x1a.shardline.v1.InferRequest\x1a\x1b.shardline.v1.InferResponse\x12R\n\x0b\x44rainWorker\x12 .shardline.v1.DrainWorkerRequest\x1a!.shardline.v1.DrainWorkerResponse\x12L\n\tRebalance\x12\x1e.shardline.v1.RebalanceRequest\x1a\x1f.shardline.v1.RebalanceResponse2\x92\x02\n\x0eWorkerRegistry\x12[\n\x0eRegisterWorker\x12#.shardline.v1.RegisterWorkerRequest\x1a$.shardline.v1.RegisterWorkerResponse\x12L\n\tHeartbeat\x12\x1e.shardline.v1.HeartbeatRequest\x1a\x1f.shardline.v1.HeartbeatResponse\x12U\n\x0cLeaveCluster\x12!.shardline.v1.LeaveClusterRequest\x1a\".shardline.v1.LeaveClusterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshardline/v1/coordinator.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/tensor.proto\"%\n\x12\x44rainWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"&\n\x13\x44rainWorkerResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"\x12\n\x10RebalanceRequest\"$\n\x11RebalanceResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"\xd1\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\'\n\tinput_ids\x18\x03 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12&\n\x07pooling\x18\x05 \x01(\x0e\x32\x15.shardline.v1.Pooling\x12\x16\n\tnormalize\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"I\n\rInferResponse\x12(\n\nembeddings\x18\x01 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\"(\n\x13LeaveClusterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\'\n\x14LeaveClusterResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x0c \x03(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_min_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x8a\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x13\n\x11ListModelsRequest\"x\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x01(\x05\x12\r\n\x05ready\x18\x06 \x01(\x08\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.shardline.v1.ModelInfo\"\x19\n\x17GetClusterStatusRequest\"\xee\x02\n\nWorkerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x06 \x01(\x03\x12\x11\n\trss_bytes\x18\x07 \x01(\x03\x12\x10\n\x08sessions\x18\x08 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\t \x01(\x03\x12\x1d\n\x15last_heartbeat_age_ms\x18\n \x01(\x03\x12\x12\n\nlast_error\x18\x0b \x01(\t\x12\x0f\n\x07\x62usy_ms\x18\x0c \x01(\x03\x12\x0f\n\x07idle_ms\x18\r \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x0e \x01(\x05\x12\x10\n\x08\x62ytes_in\x18\x0f \x01(\x03\x12\x11\n\tbytes_out\x18\x10 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x11 \x01(\x01\"\xe1\x01\n\x18GetClusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x07workers\x18\x05 \x03(\x0b\x32\x18.shardline.v1.WorkerInfo\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\x05\x12\x12\n\nrecoveries\x18\x07 \x01(\x05\x12\x18\n\x10last_recovery_ms\x18\x08 \x01(\x03\x12\x15\n\rlast_recovery\x18\t \x01(\t\"E\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x03\"J\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08*E\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_MEAN\x10\x01\x12\x0f\n\x0bPOOLING_CLS\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xf2\x03\n\x0b\x43oordinator\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.shardline.v1.ListModelsRequest\x1a .shardline.v1.ListModelsResponse\x12\x61\n\x10GetClusterStatus\x12%.shardline.v1.GetClusterStatusRequest\x1a&.shardline.v1.GetClusterStatusResponse\x12@\n\x05Infer\x12\x1a.shardline.v1.InferRequest\x1a\x1b.shardline.v1.InferResponse\x12R\n\x0b\x44rainWorker\x12 .shardline.v1.DrainWorkerRequest\x1a!.shardline.v1.DrainWorkerResponse\x12L\n\tRebalance\x12\x1e.shardline.v1.RebalanceRequest\x1a\x1f.shardline.v1.RebalanceResponse2\x92\x02\n\x0eWorkerRegistry\x12[\n\x0eRegisterWorker\x12#.shardline.v1.RegisterWorkerRequest\x1a$.shardline.v1.RegisterWorkerResponse\x12L\n\tHeartbeat\x12\x1e.shardline.v1.HeartbeatRequest\x1a\x1f.shardline.v1.HeartbeatResponse\x12U\n\x0cLeaveCluster\x12!.shardline.v1.LeaveClusterRequest\x1a\".shardline.v1.LeaveClusterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardline.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLING']._serialized_start=2205
-  _globals['_POOLING']._serialized_end=2274
-  _globals['_FINISHREASON']._serialized_start=2276
-  _globals['_FINISHREASON']._serialized_end=2371
+  _globals['_POOLING']._serialized_start=2231
+  _globals['_POOLING']._serialized_end=2300
+  _globals['_FINISHREASON']._serialized_start=2302
+  _globals['_FINISHREASON']._serialized_end=2397
   _globals['_DRAINWORKERREQUEST']._serialized_start=75
   _globals['_DRAINWORKERREQUEST']._serialized_end=112
   _globals['_DRAINWORKERRESPONSE']._serialized_start=114
@@ -55,33 +55,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=582
   _globals['_CHATMESSAGE']._serialized_end=626
   _globals['_GENERATEREQUEST']._serialized_start=629
-  _globals['_GENERATEREQUEST']._serialized_end=951
-  _globals['_USAGE']._serialized_start=953
-  _globals['_USAGE']._serialized_end=1010
-  _globals['_GENERATERESPONSE']._serialized_start=1013
-  _globals['_GENERATERESPONSE']._serialized_end=1151
-  _globals['_LISTMODELSREQUEST']._serialized_start=1153
-  _globals['_LISTMODELSREQUEST']._serialized_end=1172
-  _globals['_MODELINFO']._serialized_start=1174
-  _globals['_MODELINFO']._serialized_end=1294
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1296
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1357
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1359
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1384
-  _globals['_WORKERINFO']._serialized_start=1387
-  _globals['_WORKERINFO']._serialized_end=1753
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1756
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=1981
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1983
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=2052
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=2054
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=2128
-  _globals['_HEARTBEATREQUEST']._serialized_start=2130
-  _globals['_HEARTBEATREQUEST']._serialized_end=2167
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2169
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2203
-  _globals['_COORDINATOR']._serialized_start=2374
-  _globals['_COORDINATOR']._serialized_end=2872
-  _globals['_WORKERREGISTRY']._serialized_start=2875
-  _globals['_WORKERREGISTRY']._serialized_end=3149
+  _globals['_GENERATEREQUEST']._serialized_end=977
+  _globals['_USAGE']._serialized_start=979
+  _globals['_USAGE']._serialized_end=1036
+  _globals['_GENERATERESPONSE']._serialized_start=1039
+  _globals['_GENERATERESPONSE']._serialized_end=1177
+  _globals['_LISTMODELSREQUEST']._serialized_start=1179
+  _globals['_LISTMODELSREQUEST']._serialized_end=1198
+  _globals['_MODELINFO']._serialized_start=1200
+  _globals['_MODELINFO']._serialized_end=1320
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1322
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1383
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1385
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1410
+  _globals['_WORKERINFO']._serialized_start=1413
+  _globals['_WORKERINFO']._serialized_end=1779
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1782
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2007
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=2009
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=2078
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=2080
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=2154
+  _globals['_HEARTBEATREQUEST']._serialized_start=2156
+  _globals['_HEARTBEATREQUEST']._serialized_end=2193
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2195
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2229
+  _globals['_COORDINATOR']._serialized_start=2400
+  _globals['_COORDINATOR']._serialized_end=2898
+  _globals['_WORKERREGISTRY']._serialized_start=2901
+  _globals['_WORKERREGISTRY']._serialized_end=3175
 # @@protoc_insertion_point(module_scope)
