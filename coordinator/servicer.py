@@ -44,8 +44,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         check_parameters(req, config)  # a malformed or oversized request fails first, whatever the state
         scheduler, text = self.cluster.serving(req.model)
         if self.cluster.is_encoder:
-            raise FailedPrecondition(f"model {self.cluster.config.model!r} is an encoder: it embeds (Infer), it "
-                                     "does not generate")
+            raise FailedPrecondition(f"model {self.cluster.config.model!r} has task embed: it embeds (Infer, the "
+                                     "SDK's embed()); it does not generate")
         plan = await asyncio.to_thread(prepare, req, text, config)
         session_id = uuid.uuid4().hex
         self.active_sessions += 1
@@ -81,7 +81,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
         scheduler, text = self.cluster.serving(request.model)
         if not self.cluster.is_encoder:
-            raise FailedPrecondition(f"model {config.model!r} is a decoder: Infer serves encoder models")
+            raise FailedPrecondition(f"model {config.model!r} has task generate: it generates (Generate), and "
+                                     "Infer serves models with task embed")
         check_response_size(batch, text.hidden_size)
         positions = text.context_tokens or 512
         if input_ids is not None:
@@ -102,7 +103,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         text = self.cluster.text
         return coordinator_pb2.ListModelsResponse(models=[coordinator_pb2.ModelInfo(
             name=m.name, family=m.family, num_layers=m.num_layers, size_bytes=m.total_size_bytes,
-            context_tokens=text.context_tokens if text else 0, ready=self.cluster.ready)])
+            context_tokens=text.context_tokens if text else 0, ready=self.cluster.ready,
+            task="embed" if self.cluster.is_encoder else "generate",
+            has_tokenizer=text is not None and text.tokenizer is not None)])
 
     @grpc_errors
     async def GetClusterStatus(self, request: Any, context: Any) -> coordinator_pb2.GetClusterStatusResponse:

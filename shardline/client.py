@@ -126,6 +126,8 @@ class ModelInfo:
     size_bytes: int
     context_tokens: int
     ready: bool
+    task: str = ""            # "generate" or "embed"
+    has_tokenizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ def _vectors(response: coordinator_pb2.InferResponse) -> np.ndarray:
 
 
 def _models(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
-    return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready) for m in response.models]
+    return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready, m.task,
+                      m.has_tokenizer) for m in response.models]
 
 
 def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:

@@ -145,20 +145,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "size_bytes", "context_tokens", "ready")
+    __slots__ = ("name", "family", "num_layers", "size_bytes", "context_tokens", "ready", "task", "has_tokenizer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
     size_bytes: int
     context_tokens: int
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., size_bytes: _Optional[int] = ..., context_tokens: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    task: str
+    has_tokenizer: bool
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., size_bytes: _Optional[int] = ..., context_tokens: _Optional[int] = ..., ready: _Optional[bool] = ..., task: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

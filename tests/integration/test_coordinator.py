@@ -106,7 +106,7 @@ def test_expired_deadline_frees_the_kv_cache_on_every_stage(client, smollm2_clus
 def test_models_and_status(client, smollm2_cluster):
     (model,) = client.list_models()
     assert (model.name, model.family, model.num_layers, model.ready) == ("smollm2", "llama", 30, True)
-    assert model.context_tokens == 8192
+    assert model.context_tokens == 8192 and model.task == "generate" and model.has_tokenizer
     status = client.cluster_status()
     assert status.ready and status.state == "ready" and len(status.workers) == 3
     ranges = [(w.start_layer, w.end_layer) for w in status.workers]

@@ -88,8 +88,10 @@ def test_infer_bad_input_names_the_field(encoder_cluster):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(InvalidArgument):
         client.embed([])
-    with pytest.raises(FailedPrecondition, match="encoder"):
+    with pytest.raises(FailedPrecondition, match=r"task embed: it embeds \(Infer, the SDK's embed\(\)\)"):
         client.generate("hello")
+    (model,) = client.list_models()
+    assert model.task == "embed" and model.has_tokenizer
     # token ids with a mask give what the texts give
     assert client.embed(["short"]).shape == (1, 384)
     good = stub.Infer(coordinator_pb2.InferRequest(input_ids=encode_tensor(from_numpy(np.array(

@@ -83,6 +83,9 @@ def test_text_on_a_model_without_tokenizer_and_bad_ids_are_refused_clearly(token
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not prompt and prompt_token_ids" in \
         err.value.details()
     assert len(tokenless.generate([1, 2, 3], max_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
+    (model,) = tokenless.list_models()
+    assert (model.name, model.task, model.has_tokenizer, model.context_tokens) == ("tiny-llama", "generate", False,
+                                                                                   2048)
 
 
 def test_a_random_import_borrows_a_stored_tokenizer(smollm2_store):
