@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import sys
@@ -230,6 +231,7 @@ def launch(model: str = typer.Option("smollm2", help="model name in the store, o
     except ValueError as exc:
         _fail(str(exc))
         return
+    _check_ports(config)
     asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure))
 
 
@@ -272,7 +274,7 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
         stopping.cancel()
         try:
             seconds = starting.result()
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, OSError) as exc:
             failed = str(exc)
             return
         state = cluster.coordinator.cluster if cluster.coordinator else None
@@ -351,6 +353,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
         _fail(str(exc))
         return
 
+    _check_ports(config)
+
     async def run() -> None:
         from coordinator.server import start_coordinator
         from shardline.server import Signals
@@ -405,7 +409,7 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
                 sys.stdout.flush()
             sys.stdout.write("\n")
         except ShardlineError as exc:
-            _fail(f"{exc.code.name}: {exc.message}")
+            _fail(explain(exc, endpoint))
 
 
 @app.command()
@@ -419,7 +423,7 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
         try:
             s = client.cluster_status()
         except ShardlineError as exc:
-            _fail(f"{exc.code.name}: {exc.message}")
+            _fail(explain(exc, endpoint))
             return
     print(f"model {s.model}: {s.state}{' - ' + s.message if s.message else ''}; {s.active_sessions} active sessions")
     if s.recoveries:
@@ -454,7 +458,7 @@ def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker r
         try:
             print(client.drain_worker(address))
         except ShardlineError as exc:
-            _fail(f"{exc.code.name}: {exc.message}")
+            _fail(explain(exc, endpoint))
 
 
 @app.command()
@@ -469,14 +473,51 @@ def rebalance(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordina
         try:
             print(client.rebalance())
         except ShardlineError as exc:
-            _fail(f"{exc.code.name}: {exc.message}")
+            _fail(explain(exc, endpoint))
+
+
+def _check_ports(config: CoordinatorConfig) -> None:
+    """Before anything starts: the ports this coordinator will listen on are free (one line if not)."""
+    import socket
+
+    ports = [("--port", config.port)] + ([("--cluster-port", config.cluster_port)] if config.certs_dir else []) \
+        + ([("--parameters-port", config.parameters_port)] if not config.parameters_address else [])
+    for flag, port in ports:
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
+            try:
+                s.bind((config.host, port))
+            except OSError as exc:
+                why = "is in use (another cluster?)" if exc.errno == errno.EADDRINUSE else \
+                    f"cannot be used ({exc.strerror})"
+                _fail(f"cannot listen on {config.host}:{port}: the port {why}; choose another with {flag}")
+
+
+def explain(exc: Any, endpoint: str) -> str:
+    """One line for a failed call, saying what to do when the cause is the usual one."""
+    message = str(exc.message)
+    if exc.code.name == "UNAVAILABLE" and ("failed to connect" in message or "Connection refused" in message):
+        return (f"no shardline cluster answers at {endpoint}: start one (`coordinator launch`), or give its "
+                "address with --endpoint HOST:PORT")
+    if exc.code.name == "UNAVAILABLE" and ("resolv" in message or "DNS" in message):
+        return f"cannot resolve {endpoint}: give --endpoint HOST:PORT"
+    if exc.code.name in ("UNAVAILABLE", "CANCELLED") and ("Cancelling all calls" in message or
+                                                         "Socket closed" in message or "GOAWAY" in message):
+        return f"the cluster at {endpoint} stopped while answering: retry once it is back"
+    return f"{exc.code.name}: {message}"
 
 
 def _client(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path | None, client_name: str) -> Any:
     """The SDK's client for a CLI command; files that cannot be used end the command with their name."""
     from shardline.client import Client
+    from shardline.limits import is_host_port
     from shardline.tls import TLSFilesError
 
+    if not is_host_port(endpoint):
+        _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
     try:
         return Client(endpoint, timeout=timeout, api_key=api_key, tls=certs_dir, client_name=client_name)
     except (TLSFilesError, ValueError) as exc:

@@ -70,3 +70,64 @@ def test_launch_serves_then_sigterm_leaves_no_child(tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_busy_port_is_one_line_before_anything_starts(tmp_path):
+    import socket
+
+    from tests.e2e.test_join_and_generate import free_port
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        for command in (["launch", "--model", "anything", "--workers", "1"], ["serve", "--model", "anything"]):
+            result = cli(*command, "--port", str(port), store=tmp_path / "store", timeout=60)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 1 and 1 <= len(lines) <= 3, result.stderr
+            assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0] and "--port" in lines[0]
+            assert "Traceback" not in result.stderr and "worker" not in result.stdout
+
+
+def test_a_client_command_without_a_cluster_says_so_in_one_line(tmp_path):
+    from tests.e2e.test_join_and_generate import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    for command in (["generate", "hello", "--endpoint", endpoint], ["status", "--endpoint", endpoint]):
+        result = cli(*command, store=tmp_path, timeout=60)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"no shardline cluster answers at {endpoint}" in result.stderr and "launch" in result.stderr
+    bad = cli("generate", "hello", "--endpoint", "50081", store=tmp_path, timeout=60)
+    assert bad.returncode == 1 and bad.stderr == "error: --endpoint must be HOST:PORT, got '50081'\n"
+
+
+@pytest.mark.slow  # stops a cluster on purpose: joins the default suite after 20 runs of `make test-chaos`
+@pytest.mark.chaos
+def test_a_cluster_that_stops_mid_request_is_one_line(tmp_path, smollm2_store):
+    from coordinator.importer import import_random, random_config
+    from coordinator.store import ModelStore
+    from tests.e2e.test_join_and_generate import free_port
+
+    store = ModelStore(tmp_path / "store")
+    import_random(store, "tok", random_config("llama", hidden=64, layers=2, vocab=49152, positions=4096),
+                  tokenizer_dir=smollm2_store.path("smollm2"))
+    port = free_port()
+    env = {**os.environ, "SHARDLINE_STORE": str(store.root)}
+    launcher = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "launch", "--model", "tok", "--workers",
+                                 "1", "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        while "serving; Ctrl-C to stop" not in (line := launcher.stdout.readline()):
+            assert line, "the launcher exited"
+        generate = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "generate", "hello", "--endpoint",
+                                     f"127.0.0.1:{port}", "--max-tokens", "2000", "--ignore-eos"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert generate.stdout.read(64)  # text is streaming
+        launcher.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)  # again: stop now, mid-request
+        _, err = generate.communicate(timeout=60)
+        assert generate.returncode == 1 and err.count("\n") == 1, err
+        assert f"the cluster at 127.0.0.1:{port} stopped while answering" in err
+    finally:
+        launcher.kill()
+        launcher.wait(30)
