@@ -101,8 +101,7 @@ def test_a_client_command_without_a_cluster_says_so_in_one_line(tmp_path):
     assert bad.returncode == 1 and bad.stderr == "error: --endpoint must be HOST:PORT, got '50081'\n"
 
 
-@pytest.mark.slow  # stops a cluster on purpose: joins the default suite after 20 runs of `make test-chaos`
-@pytest.mark.chaos
+@pytest.mark.chaos  # stops a cluster on purpose: in the default suite after passing 20 runs in a row
 def test_a_cluster_that_stops_mid_request_is_one_line(tmp_path, smollm2_store):
     from coordinator.importer import import_random, random_config
     from coordinator.store import ModelStore
