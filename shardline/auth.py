@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from shardline.malformed import WrappedHandlers, handler_kind
 from shardline.tls import NODE_NAME, NodeFiles, file_signature, node_channel_credentials, server_credentials
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
                  hint: Callable[[str], str] | None = None) -> None:
         self.rules, self.cluster, self.api_keys = rules, cluster, api_keys
         self.hint = hint or (lambda method: "")
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._wrapped = WrappedHandlers(self._wrap)
         self._last_log: dict[tuple[str, str], float] = {}
 
     def check_metadata(self, method: str, access: Access, items: Any) -> None:
@@ -339,20 +340,14 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         handler = await continuation(details)
         if handler is None or access is not Access.CLUSTER or not self.cluster.tls:
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(method, handler)
 
     def check_peer(self, method: str, context: Any) -> None:
         self._cluster_check(method, {}, context.auth_context())
 
     def _wrap(self, method: str, handler: Any) -> Any:
         """The handler, first checking the peer's certificate (TLS: known only once the call runs)."""
-        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
-            "stream" if handler.response_streaming else "unary")
+        kind = handler_kind(handler)
         behavior = getattr(handler, kind)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             raise TypeError(f"{method}: a sync handler cannot be guarded")

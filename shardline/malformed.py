@@ -80,23 +80,40 @@ class _Warnings:
                     f" ({more} more malformed requests since the last line)" if more else "")
 
 
+def handler_kind(handler: Any) -> str:
+    """'unary_unary', 'unary_stream', 'stream_unary' or 'stream_stream': the handler's attribute holding its
+    behavior, and (with '_rpc_method_handler') the grpc function that makes one."""
+    return ("stream" if handler.request_streaming else "unary") + "_" + (
+        "stream" if handler.response_streaming else "unary")
+
+
+class WrappedHandlers:
+    """An interceptor's wrapped handler per method, made once and made again only if the handler changes."""
+
+    def __init__(self, wrap: Callable[[str, Any], Any]) -> None:
+        self.wrap = wrap
+        self.cache: dict[str, tuple[Any, Any]] = {}  # method -> (its handler, the wrapped handler)
+
+    def get(self, method: str, handler: Any) -> Any:
+        cached = self.cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
+        self.cache[method] = (handler, wrapped)
+        return wrapped
+
+
 class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
     def __init__(self) -> None:
         self.warnings = _Warnings()
-        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (its handler, the wrapped handler)
+        self._wrapped = WrappedHandlers(self._wrap)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        method = str(details.method)
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(str(details.method), handler)
 
     async def _refuse(self, method: str, bad: Malformed, context: Any) -> None:
         message = f"request is not a valid {bad.type_name}: {bad.reason}"
@@ -104,8 +121,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-a
         await context.abort(InvalidArgument.code, message)  # the error table's code for bad input
 
     def _wrap(self, method: str, handler: Any) -> Any:
-        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
-            "stream" if handler.response_streaming else "unary")
+        kind = handler_kind(handler)
         behavior = getattr(handler, kind)
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # a sync handler: left as grpc runs it

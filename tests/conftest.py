@@ -61,3 +61,20 @@ def minilm_store(store):
     if not store.has("minilm"):
         import_hf_dir(store, builtin_encoder_dir(), "minilm")
     return store
+
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """The Node example client (clients/node/generate.js), its packages installed once."""
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True,
+                       timeout=300)
+    return NODE_DIR / "generate.js"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -29,7 +28,6 @@ from shardline.errors import Unauthenticated, Unavailable
 
 pytestmark = pytest.mark.e2e
 
-NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 PROMPT = "Once upon a time, in a small village by the sea,"
 TOKENS = 12
 READY_S = 150
@@ -199,16 +197,6 @@ def test_secure_cluster_refuses_no_key_a_wrong_key_plaintext_and_an_untrusted_ca
         attempt(tls=other, api_key=secure.key)
     # still serving the right client after all that
     assert generate(secure.endpoint, tls=secure.private, api_key=secure.key).completion_tokens == TOKENS
-
-
-@pytest.fixture(scope="module")
-def node_client() -> Path:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True,
-                       timeout=300)
-    return NODE_DIR / "generate.js"
 
 
 def run_node(script: Path, endpoint: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from shardline.client import Client
-
-NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
-
-
-@pytest.fixture(scope="module")
-def node_client():
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are not installed")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True,
-                       timeout=300)
-    return NODE_DIR / "generate.js"
 
 
 def test_node_client_streams_the_same_text(node_client, smollm2_cluster):
