@@ -1,5 +1,5 @@
 """The coordinator's calls to workers outside the data plane, each with a deadline: what a worker holds
-(probe), loading a shard, and its status."""
+(probe), loading and unloading a shard, and its status."""
 
 from __future__ import annotations
 
@@ -96,5 +96,19 @@ async def load_shard(worker: WorkerRecord, model: str, stage: StagePlan, paramet
             async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request, timeout=timeout,
                                                                          metadata=links.identity.metadata):
                 progress[worker.address] = p.bytes_done
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+
+async def unload_shard(address: str, model: str, timeout: float,
+                       links: LinkSettings) -> worker_pb2.UnloadShardResponse:
+    """UnloadShard, within `timeout`: the worker frees its weights, KV cache and sessions (only if it holds
+    `model`; "" = whatever it holds). Raises the error table's exception on failure (FAILED_PRECONDITION: a
+    LoadShard is in progress there, or it holds another model)."""
+    async with channel(address, links.keepalive, links.identity) as ch:
+        try:
+            reply: worker_pb2.UnloadShardResponse = await worker_pb2_grpc.ShardWorkerStub(ch).UnloadShard(
+                worker_pb2.UnloadShardRequest(model=model), timeout=timeout, metadata=links.identity.metadata)
+            return reply
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err

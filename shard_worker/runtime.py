@@ -20,7 +20,7 @@ from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.sampling import Sampling, sample
 from shard_worker.stage import Packing, Stage
 from shardline.codec import RawTensor
-from shardline.errors import InvalidArgument, NotFound, ShardlineError
+from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, ShardlineError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUTS = ("tokens", "logits", "last_logits", "hidden")
@@ -108,6 +108,7 @@ class StageRuntime:
         # must not create its cache again. Session ids are never reused: a replay takes a new one.
         self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.metrics = Metrics()
+        self.closed = False
 
     @property
     def kv_bytes(self) -> int:
@@ -127,6 +128,20 @@ class StageRuntime:
                 cache.release()
                 freed += 1
         return freed
+
+    def close(self) -> int:
+        """Free all this runtime holds (UnloadShard, after the steps queued before it): every session's KV
+        cache, and the stage's weights, which go even if a stray reference to the runtime outlives it. It
+        takes no step afterwards. Returns how many sessions were ended."""
+        ended = len(self.sessions)
+        for cache in self.sessions.values():
+            cache.release()
+        self.sessions.clear()
+        self.last_step.clear()
+        self.ended.clear()
+        self.closed = True
+        self.stage.release()
+        return ended
 
     def expire(self, now: float | None = None) -> int:
         """Free the sessions with no step for the TTL (their streams were abandoned without EndSession)."""
@@ -214,6 +229,8 @@ class StageRuntime:
         return cache
 
     def step(self, step: Step) -> StepResult:
+        if self.closed:
+            raise FailedPrecondition("no shard is loaded on this worker: it was unloaded")
         began = time.perf_counter()
         try:
             return self._step(step)

@@ -4,7 +4,9 @@ thread, weight loading on a loader thread; the event loop only moves bytes."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -220,18 +222,11 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                 async for req in request_iterator:
                     received = time.monotonic()
                     try:
-                        step = step_from_proto(req)
-                        runtime = self._runtime()
-                        self._check_route(runtime, req, step.output)
-                        metrics = runtime.metrics
-                        metrics.bytes_in += req.ByteSize()
-                        metrics.queued += 1
-                        future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
-                        future.add_done_callback(functools.partial(_dequeued, metrics))
+                        next_layer, future = self._submit(req)
                     except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue
-                    ordered.put_nowait((req, received, runtime.stage.end, future))
+                    ordered.put_nowait((req, received, next_layer, future))
             finally:
                 ordered.put_nowait(None)
 
@@ -278,6 +273,20 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             reader.cancel()
             sender.cancel()
 
+    def _submit(self, req: worker_pb2.ForwardRequest) -> tuple[int, asyncio.Future[StepResult]]:
+        """Queue one step on the compute thread: (the layer its output enters next, its result). The runtime
+        is held only by the queued step, never by a stream waiting for its next message, so an UnloadShard
+        frees it while streams stay open."""
+        step = step_from_proto(req)
+        runtime = self._runtime()
+        self._check_route(runtime, req, step.output)
+        metrics = runtime.metrics
+        metrics.bytes_in += req.ByteSize()
+        metrics.queued += 1
+        future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
+        future.add_done_callback(functools.partial(_dequeued, metrics))
+        return runtime.stage.end, future
+
     def _count_out(self, n: int) -> None:
         if self.shard is not None:
             self.shard.runtime.metrics.bytes_out += n
@@ -292,6 +301,31 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             return
         response.step_id = step_id
         responses.put_nowait(response)
+
+    # -- UnloadShard -----------------------------------------------------------------------------------
+    @rpc_errors
+    async def UnloadShard(self, request: Any, context: Any) -> worker_pb2.UnloadShardResponse:
+        if self._loading:
+            raise FailedPrecondition("a LoadShard is in progress on this worker: unload once it has ended")
+        shard = self.shard
+        if shard is None:  # nothing held: unloading twice is harmless
+            return worker_pb2.UnloadShardResponse()
+        spec, runtime, weight_bytes = shard.spec, shard.runtime, shard.weight_bytes
+        if request.model and request.model != spec.model:
+            raise FailedPrecondition(f"this worker holds model {spec.model!r} (layers [{spec.start}, {spec.end})), "
+                                     f"not {request.model[:128]!r}: nothing was unloaded")
+        # from here on no new step reaches the old runtime (Forward finds no shard) and no route is accepted
+        # until the coordinator names the peers again
+        del shard
+        self.shard, self.state, self.peers, self.last_error = None, "empty", None, ""
+        await self._set_serving(False)
+        # on the compute thread, after the steps already queued there (they finish on the old runtime)
+        ended = await asyncio.wrap_future(self.compute.submit(runtime.close))
+        del runtime
+        await asyncio.to_thread(release_memory)
+        log.info("unloaded %s layers [%d, %d): %d weight bytes, %d sessions ended", spec.model, spec.start,
+                 spec.end, weight_bytes, ended)
+        return worker_pb2.UnloadShardResponse(freed_weight_bytes=weight_bytes, sessions_ended=ended)
 
     # -- EndSession / GetStatus ------------------------------------------------------------------------
     @rpc_errors
@@ -332,24 +366,39 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     async def _expire_sessions(self) -> None:
         """Supervised: sessions abandoned without EndSession are freed once their TTL has passed."""
         while True:
-            shard = self.shard
-            interval = min(5.0, shard.runtime.settings.session_ttl_s / 4) if shard is not None else 5.0
-            await asyncio.sleep(max(0.05, interval))
-            shard = self.shard
-            if shard is None:
-                continue
-            try:
-                freed = await asyncio.wrap_future(self.compute.submit(shard.runtime.expire))
-                if freed:
-                    log.info("freed %d sessions idle for more than %.0f s", freed,
-                             shard.runtime.settings.session_ttl_s)
-            except Exception:  # noqa: BLE001 - logged; the sweep goes on
-                log.exception("expiring idle sessions failed once")
+            # no reference to the shard across the sleep: an UnloadShard meanwhile frees it at once
+            await asyncio.sleep(self._sweep_interval())
+            await self._sweep()
+
+    def _sweep_interval(self) -> float:
+        shard = self.shard
+        return max(0.05, min(5.0, shard.runtime.settings.session_ttl_s / 4) if shard is not None else 5.0)
+
+    async def _sweep(self) -> None:
+        shard = self.shard
+        if shard is None:
+            return
+        try:
+            freed = await asyncio.wrap_future(self.compute.submit(shard.runtime.expire))
+            if freed:
+                log.info("freed %d sessions idle for more than %.0f s", freed, shard.runtime.settings.session_ttl_s)
+        except Exception:  # noqa: BLE001 - logged; the sweep goes on
+            log.exception("expiring idle sessions failed once")
 
     async def close(self) -> None:
         self._sweeper.cancel()
         await self.links.close()
         self.compute.shutdown()
+
+
+def release_memory() -> None:
+    """Collect what an unload left unreachable and hand the freed heap back to the OS, so the process's RSS
+    drops (glibc keeps freed pages of its arenas otherwise; elsewhere only the collection runs)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def _progress_proto(p: Progress) -> worker_pb2.LoadShardProgress:

@@ -65,6 +65,11 @@ class Stage:
         self.kv_heads, self.head_dim = family.kv_shape(config)
         self.causal = family.causal
 
+    def release(self) -> None:
+        """Drop the weights (the stage is being unloaded): every parameter and buffer moves to the meta
+        device, so their memory goes with the last reference to the tensors, not to the stage."""
+        self.modules.to_empty(device="meta")
+
     def kv_layout(self, block_tokens: int) -> KVLayout:
         return KVLayout(self.end - self.start, self.kv_heads, self.head_dim, self.dtype, block_tokens)
 

@@ -1,10 +1,11 @@
 """Who may call what: the cluster's identity on internal links, API keys with roles on the public API, and
 `Guard`, the server interceptor every shardline server installs to enforce both.
 
-- Internal RPCs (a worker's LoadShard, Forward, EndSession, GetStatus, SetPeers; the parameter service; the
-  coordinator's WorkerRegistry) accept only the cluster: with TLS, a caller whose certificate the cluster
-  CA signed for a node (common name "node"); without TLS, a caller that sends the shared cluster token. A
-  server given neither serves them to anyone on its (loopback) address, as a development default.
+- Internal RPCs (a worker's whole ShardWorker service: LoadShard, UnloadShard, Forward, EndSession,
+  GetStatus, SetPeers; the parameter service; the coordinator's WorkerRegistry) accept only the cluster:
+  with TLS, a caller whose certificate the cluster CA signed for a node (common name "node"); without TLS, a
+  caller that sends the shared cluster token. A server given neither serves them to anyone on its
+  (loopback) address, as a development default.
 - The public API (Generate, Infer, ListModels: role `client`; status and every operation that changes the
   cluster: role `admin`) takes `authorization: Bearer <key>` when the coordinator has an API keys file.
 - Health and reflection stay open: probes and `grpcurl list` need no secret.

@@ -57,6 +57,20 @@ class SetPeersResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class UnloadShardRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadShardResponse(_message.Message):
+    __slots__ = ("freed_weight_bytes", "sessions_ended")
+    FREED_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    freed_weight_bytes: int
+    sessions_ended: int
+    def __init__(self, freed_weight_bytes: _Optional[int] = ..., sessions_ended: _Optional[int] = ...) -> None: ...
+
 class LoadShardRequest(_message.Message):
     __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class ShardWorkerStub:
                 request_serializer=shardline_dot_v1_dot_worker__pb2.SetPeersRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_worker__pb2.SetPeersResponse.FromString,
                 _registered_method=True)
+        self.UnloadShard = channel.unary_unary(
+                '/shardline.v1.ShardWorker/UnloadShard',
+                request_serializer=shardline_dot_v1_dot_worker__pb2.UnloadShardRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_worker__pb2.UnloadShardResponse.FromString,
+                _registered_method=True)
 
 
 class ShardWorkerServicer:
@@ -104,6 +109,16 @@ class ShardWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnloadShard(self, request, context):
+        """/ Frees everything the worker holds for its model (weights, KV cache, sessions) when a deployment is
+        / unloaded or scaled down; the worker is then EMPTY and not serving until the next LoadShard. Holding
+        / nothing is ok (zeros): unloading twice is harmless. FAILED_PRECONDITION while a LoadShard is in progress,
+        / or when `model` names another model than the one held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +146,11 @@ def add_ShardWorkerServicer_to_server(servicer, server):
                     servicer.SetPeers,
                     request_deserializer=shardline_dot_v1_dot_worker__pb2.SetPeersRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_worker__pb2.SetPeersResponse.SerializeToString,
+            ),
+            'UnloadShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadShard,
+                    request_deserializer=shardline_dot_v1_dot_worker__pb2.UnloadShardRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_worker__pb2.UnloadShardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +289,33 @@ class ShardWorker:
             '/shardline.v1.ShardWorker/SetPeers',
             shardline_dot_v1_dot_worker__pb2.SetPeersRequest.SerializeToString,
             shardline_dot_v1_dot_worker__pb2.SetPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.ShardWorker/UnloadShard',
+            shardline_dot_v1_dot_worker__pb2.UnloadShardRequest.SerializeToString,
+            shardline_dot_v1_dot_worker__pb2.UnloadShardResponse.FromString,
             options,
             channel_credentials,
             insecure,

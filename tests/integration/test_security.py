@@ -146,7 +146,7 @@ WORKER, PARAMETERS = "shardline.v1.ShardWorker", "shardline.v1.Parameters"
 COORDINATOR, REGISTRY = "shardline.v1.Coordinator", "shardline.v1.WorkerRegistry"
 ADMIN = {"GetClusterStatus", "DrainWorker", "Rebalance"}
 # calls that would change the cluster if they were let through: only ever made with wrong credentials
-CHANGES = {"SetPeers", "Rebalance", "DrainWorker", "LeaveCluster", "LoadShard"}
+CHANGES = {"SetPeers", "Rebalance", "DrainWorker", "LeaveCluster", "LoadShard", "UnloadShard"}
 
 
 def bad_transports(target: str, pki) -> dict[str, grpc.Channel]:
@@ -179,7 +179,7 @@ def test_every_internal_rpc_refuses_every_wrong_credential(secure, pki):
         with node_channel(target, c) as channel:  # the cluster's node certificate: let through
             for method in set(methods(service)) - CHANGES:
                 assert call(channel, service, method) not in REFUSED, (service, method)
-    assert seen == 6 * (5 + 4 + 3)
+    assert seen == 6 * (6 + 4 + 3)
     assert_serving(secure)
 
 
@@ -306,6 +306,9 @@ def test_a_plaintext_cluster_token_guards_every_internal_rpc_and_routes(loop, st
         with pytest.raises(grpc.RpcError) as bad:
             stub_a.SetPeers(worker_pb2.SetPeersRequest(addresses=["not an address"]), timeout=5, metadata=good)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # the cluster (and only the cluster, above) unloads a worker's shard
+        unloaded = stub_a.UnloadShard(worker_pb2.UnloadShardRequest(model="tiny-llama"), timeout=30, metadata=good)
+        assert unloaded.freed_weight_bytes > 0 and unloaded.sessions_ended == 1
     finally:
         for s in (a, b):
             loop.run(s.stop(0))
