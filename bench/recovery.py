@@ -84,7 +84,7 @@ async def scenario(store: Path, spares: int) -> dict[str, float]:
         await run_streams(endpoint)  # warm-up
         reference, ref_times, _ = await run_streams(endpoint)
         gaps = [b - a for ts in ref_times for a, b in zip(ts, ts[1:], strict=False)]
-        c = cluster.coordinator.cluster  # type: ignore[union-attr]
+        c = cluster.coordinator.fleet.first  # type: ignore[union-attr]
         victim_address = c.assignment[1].address
         victim = next(p for p in cluster.processes if p.address == victim_address)
         tokens, times, killed = await run_streams(endpoint, 4, lambda: os.kill(victim.process.pid, signal.SIGKILL))

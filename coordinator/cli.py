@@ -194,8 +194,11 @@ async def _ensure_model(store: ModelStore, model: str) -> None:
 
 
 @app.command()
-def launch(model: str = typer.Option("smollm2", help="model name in the store, or a store directory"),
-           workers: int = typer.Option(3, min=1, help="number of shard workers"),
+def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the store, or a store directory; "
+                                          "repeat it to serve several models on one pool"),
+           replicas: list[str] = typer.Option([], help="pipeline replicas: N for every model, or NAME=N "
+                                              "(repeatable); default 1"),
+           workers: int = typer.Option(3, min=1, help="shard workers (stages) of one replica"),
            host: str = typer.Option("127.0.0.1", help="address every server listens on"),
            port: int = typer.Option(50051, min=1, max=65535, help="the coordinator's port"),
            store: Path | None = typer.Option(None, help=STORE_HELP),
@@ -222,9 +225,13 @@ def launch(model: str = typer.Option("smollm2", help="model name in the store, o
     which drains the streams in flight and stops every child. Its processes prove they belong with a random
     cluster token (or, with --secure / --certs-dir, certificates): no other process can drive its workers."""
     logging.basicConfig(level=logging.WARNING)
-    store, model = _resolve_model(model, store)
+    names = []
+    for m in model:
+        store, name = _resolve_model(m, store)
+        names.append(name)
     try:
-        config = _config(store, model=model, workers=workers, host=host, port=port,
+        deployments = _deployments(names, replicas)
+        config = _config(store, model=names[0], workers=workers, host=host, port=port, deployments=deployments,
                          micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds,
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure)
@@ -233,6 +240,24 @@ def launch(model: str = typer.Option("smollm2", help="model name in the store, o
         return
     _check_ports(config)
     asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure))
+
+
+def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object]]:
+    """--model and --replicas as deployments (none for one model with one replica: the plain config)."""
+    counts: dict[str, int] = {}
+    for item in replicas:
+        name, _, n = item.rpartition("=")
+        if not n.isdigit():
+            raise ValueError(f"--replicas {item!r}: give N or NAME=N")
+        if name and name not in names:
+            raise ValueError(f"--replicas {item!r}: {name!r} is not one of the --model names ({', '.join(names)})")
+        for target in [name] if name else names:
+            counts[target] = int(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model lists a model twice: {', '.join(names)}")
+    if len(names) == 1 and counts.get(names[0], 1) == 1:
+        return []
+    return [dict(name=n, replicas=counts.get(n, 1)) for n in names]
 
 
 async def _drain(drain: Any, grace_s: float, signals: Any) -> None:
@@ -252,7 +277,8 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     from shardline.server import Signals
 
     signals = Signals()
-    await _ensure_model(ModelStore(config.store), config.model)
+    for spec in config.initial_deployments():
+        await _ensure_model(ModelStore(config.store), spec.model)
     try:
         security = LaunchSecurity.prepare(config, secure)
     except (ValueError, OSError) as exc:
@@ -277,10 +303,12 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
         except (RuntimeError, ValueError, OSError) as exc:
             failed = str(exc)
             return
-        state = cluster.coordinator.cluster if cluster.coordinator else None
-        if state is not None:
-            print(format_plan(config.model, state.deployed, state.stages), flush=True)
-        print(f"ready in {seconds:.1f} s: {config.workers} workers serving {config.model} on "
+        fleet = cluster.coordinator.fleet if cluster.coordinator else None
+        if fleet is not None:
+            for replica in fleet.replicas:
+                print(format_plan(replica.name, replica.assignment, replica.stages), flush=True)
+        keys = [d.key for d in fleet.deployments.values()] if fleet is not None else [config.model]
+        print(f"ready in {seconds:.1f} s: {len(cluster.processes)} workers serving {', '.join(keys)} on "
               f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
@@ -288,7 +316,7 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             key = ""  # the key from its file, in the environment: never on a command line (ps shows those)
             if secure and security.private is not None and config.api_keys == security.private / "api-keys.json":
                 key = f"SHARDLINE_API_KEY=$(cat {security.private / 'admin.key'}) "
-            if state is not None and state.is_encoder:
+            if fleet is not None and fleet.find("").task == "embed":
                 print(f'try: python -c "from shardline.client import Client; '
                       f"print(Client('{endpoint}').embed(['hello world']))\"")
             else:
@@ -372,7 +400,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
               flush=True)
         try:
             await signals.first.wait()
-            await _drain(coordinator.cluster.drain, config.drain_seconds, signals)
+            await _drain(coordinator.fleet.drain, config.drain_seconds, signals)
         finally:
             await coordinator.stop()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from coordinator.deployments import DeploymentSpec, check_unique
 from coordinator.store import default_store
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES
 
@@ -19,8 +20,12 @@ class CoordinatorConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     store: Path = Field(default_factory=default_store)
-    model: str = "smollm2"
-    workers: int = Field(3, ge=1, description="deploy once this many workers have registered")
+    model: str = Field("smollm2", description="the model served when `deployments` is empty (one replica)")
+    workers: int = Field(3, ge=1, description="stages of one replica (a deployment's default)")
+    deployments: list[DeploymentSpec] = Field(default_factory=list, description="what the coordinator serves "
+                                              "([[deployments]]: name, version, source, replicas, workers, ...)")
+    unload_grace_s: float = Field(30, ge=0, description="unloading or scaling down waits this long for the "
+                                  "streams in flight; the rest move to another replica by replay, or fail")
     advertise: str = Field("", description="host workers reach this machine on (default: host)")
     parameters_address: str = Field("", description="host:port of a parameter service; empty = in-process")
     parameters_port: int = Field(0, ge=0, le=65535, description="port of the in-process parameter service")
@@ -84,7 +89,14 @@ class CoordinatorConfig(BaseModel):
             raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")
         if self.certs_dir is not None and self.cluster_token_file is not None:
             raise ValueError("give certs_dir (TLS) or cluster_token_file (plaintext), not both")
+        check_unique(self.deployments)
         return self
+
+    def initial_deployments(self) -> list[DeploymentSpec]:
+        """What to deploy at start: the listed deployments, or `model` on `workers` stages; each with its
+        stage count filled in."""
+        specs = self.deployments or [DeploymentSpec.model_validate({"name": self.model})]
+        return [s.model_copy(update={"workers": s.workers or self.workers}) for s in specs]
 
 
 def load_config(path: Path, **overrides: object) -> CoordinatorConfig:

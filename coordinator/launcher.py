@@ -164,7 +164,8 @@ class LocalCluster:
             raise ValueError("launch needs a fixed coordinator port (and, with TLS, cluster port) for its workers "
                              "to register with")
         # the coordinator and the workers start side by side; workers retry until the coordinator listens
-        spawning = [self._spawn() for _ in range(self.config.workers + self.spares)]
+        needed = sum(d.replicas * d.workers for d in self.config.initial_deployments())
+        spawning = [self._spawn() for _ in range(needed + self.spares)]
         coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,
                                                        return_exceptions=True)
         self.processes = [p for p in processes if isinstance(p, WorkerProcess)]
@@ -176,22 +177,22 @@ class LocalCluster:
         failed = [p for p in processes if isinstance(p, BaseException)]
         if failed:
             raise failed[0]
-        cluster = coordinator.cluster
+        fleet = coordinator.fleet
         shown = -1
-        while cluster.state not in ("ready", "failed"):
-            waiting = asyncio.ensure_future(cluster.changed.wait())
+        while fleet.state not in ("ready", "failed"):
+            waiting = asyncio.ensure_future(fleet.changed.wait())
             await asyncio.wait([waiting], timeout=0.5)
             waiting.cancel()
-            total = cluster.loading_bytes
-            if cluster.state == "deploying" and total:
-                percent = int(100 * sum(cluster.progress.values()) / total)
+            done, total = fleet.progress
+            if fleet.state == "deploying" and total:
+                percent = int(100 * done / total)
                 if percent // 25 != shown // 25:
                     shown = percent
                     say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
             if any(p.process.returncode is not None for p in self.processes):
                 raise RuntimeError("a shard worker exited during start-up")
-        if cluster.state == "failed":
-            raise RuntimeError(cluster.message)
+        if fleet.state == "failed":
+            raise RuntimeError(fleet.message)
         self._supervisor = asyncio.create_task(self._supervise(say))
         return time.perf_counter() - began
 
@@ -211,7 +212,7 @@ class LocalCluster:
             self.processes.remove(dead)
             why = f"its process exited with code {dead.process.returncode}"
             if self.coordinator is not None:
-                self.coordinator.cluster.report_dead(dead.address, why)
+                self.coordinator.fleet.report_dead(dead.address, why)
             now = time.monotonic()
             recent.append(now)
             while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
@@ -233,7 +234,7 @@ class LocalCluster:
         if self._supervisor is not None:
             self._supervisor.cancel()  # workers that exit now are not restarted
         if self.coordinator is not None:
-            await self.coordinator.cluster.drain(grace_s)
+            await self.coordinator.fleet.drain(grace_s)
 
     async def stop(self) -> None:
         if self._supervisor is not None:

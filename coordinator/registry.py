@@ -18,6 +18,7 @@ class WorkerRecord:
     state: str = "registered"  # registered | spare | loading | ready | failed | lost | draining | drained
     stage: StagePlan | None = None
     last_error: str = ""
+    owner: str = ""  # the replica it belongs to ("" = free, in the pool)
 
 
 UNPLANNABLE = ("draining", "drained")  # states a worker is never planned into

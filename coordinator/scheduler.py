@@ -274,6 +274,30 @@ class Scheduler:
                     stream.stop(Unavailable(f"the chain failed {stream.failures} times while this request ran"))
         return old
 
+    def evacuate(self) -> list[Stream]:
+        """Every unfinished stream leaves this scheduler, rewound to replay elsewhere (a sibling replica):
+        running ones first, oldest first, then those waiting. Their caches here are freed (best effort); a
+        step of theirs still in flight is stale when it returns (their session ids changed)."""
+        running = sorted((s for g in self.groups for s in g if not s.done), key=lambda s: s.admitted)
+        self._end([s.session_id for s in running], sum(s.blocks for s in running))
+        for group in self.groups:
+            group[:] = [s for s in group if s.done]
+        for stream in running:
+            stream.blocks = stream.wants = 0
+            stream.rewind(failure=True)
+            self.replayed += 1
+        waiting = list(self.waiting)
+        self.waiting.clear()
+        for stream in waiting:
+            stream.waiting_in = None
+        return running + waiting
+
+    def adopt(self, streams: list[Stream]) -> None:
+        """Streams from another replica join the head of this queue, in their order, and replay here."""
+        for stream in reversed(streams):
+            self._enqueue(stream, front=True)
+        self._admit()
+
     def fail_all(self, error: BaseException) -> None:
         """Every stream, running or waiting, ends with `error` (the cluster cannot serve)."""
         for stream in [*self.waiting, *(s for g in self.groups for s in g)]:

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.cluster import Cluster
 from coordinator.config import CoordinatorConfig
+from coordinator.fleet import Fleet
 from coordinator.parameters.server import ParameterServer, start_parameter_server
 from coordinator.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.store import ModelStore
@@ -25,7 +25,7 @@ REGISTRY = coordinator_pb2.DESCRIPTOR.services_by_name["WorkerRegistry"].full_na
 
 @dataclass
 class Coordinator:
-    cluster: Cluster
+    fleet: Fleet
     server: RunningServer[CoordinatorServicer]
     parameters: ParameterServer | None
     cluster_port: int = 0  # where workers register (the public port, unless the cluster has TLS)
@@ -40,7 +40,7 @@ class Coordinator:
 
     async def stop(self) -> None:
         await self.server.stop(0.5)
-        await self.cluster.stop()
+        await self.fleet.stop()
         if self.parameters is not None:
             await self.parameters.stop(0)
 
@@ -51,7 +51,8 @@ def identity_of(config: CoordinatorConfig) -> ClusterIdentity:
     return ClusterIdentity.from_files(config.certs_dir, config.cluster_token_file)
 
 
-ADMIN_METHODS = ("GetClusterStatus", "DrainWorker", "Rebalance")
+ADMIN_METHODS = ("GetClusterStatus", "DrainWorker", "Rebalance", "LoadModel", "UnloadModel", "ScaleModel",
+                 "PromoteModel")
 
 
 def rules() -> Rules:
@@ -87,11 +88,16 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE], on)
 
-    cluster = Cluster(config, store, address, serving, say, identity)
-    await cluster.start()
-    servicer = CoordinatorServicer(cluster)
+    fleet = Fleet(config, store, address, serving, say, identity)
+    try:
+        await fleet.start()
+    except BaseException:
+        if parameters is not None:
+            await parameters.stop(0)
+        raise
+    servicer = CoordinatorServicer(fleet)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    coordinator_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(cluster), server)
+    coordinator_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(fleet), server)
     try:
         port = bind(server, config.host, config.port,
                     identity.server_credentials(require_client_cert=config.client_certs == "required"))
@@ -100,7 +106,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
         cluster_port = bind(server, config.host, config.cluster_port, identity.server_credentials()) \
             if identity.tls else port
     except OSError:
-        await cluster.stop()
+        await fleet.stop()
         if parameters is not None:
             await parameters.stop(0)
         raise
@@ -110,4 +116,4 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     log.info("coordinator listening on %s:%d (%s%s; public API: %s)", config.host, port, describe(identity),
              f", workers register on port {cluster_port}" if cluster_port != port else "",
              "API keys" if api_keys else "client certificates" if authenticated else "open to any caller")
-    return Coordinator(cluster, RunningServer(server, servicer, port, config.host), parameters, cluster_port)
+    return Coordinator(fleet, RunningServer(server, servicer, port, config.host), parameters, cluster_port)

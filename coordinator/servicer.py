@@ -9,8 +9,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from coordinator.cluster import Cluster
+from coordinator.admin_servicer import AdminMethods, deployment_info
 from coordinator.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
+from coordinator.fleet import Fleet
 from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, check_parameters, prepare, run, shown
 from shardline.codec import decode_tensor, fill_tensor, from_numpy
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_errors
@@ -32,21 +33,24 @@ def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
 
 
-class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+class CoordinatorServicer(AdminMethods, coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
         self.active_sessions = 0
 
     @grpc_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         req = request_from_proto(request)
-        config = self.cluster.config
+        config = self.fleet.config
         check_parameters(req, config)  # a malformed or oversized request fails first, whatever the state
-        scheduler, text = self.cluster.serving(req.model)
-        if self.cluster.is_encoder:
-            raise FailedPrecondition(f"model {self.cluster.config.model!r} has task embed: it embeds (Infer, the "
-                                     "SDK's embed()); it does not generate")
+        deployment = self.fleet.find(req.model)
+        if deployment.task == "embed":
+            raise FailedPrecondition(f"model {deployment.key!r} has task embed: it embeds (Infer, the SDK's "
+                                     "embed()); it does not generate")
+        self.fleet.serving(deployment)  # not ready: say so before the prompt is even read
+        text = deployment.text
         plan = await asyncio.to_thread(prepare, req, text, config)
+        _, _, scheduler = self.fleet.route(req.model)
         session_id = uuid.uuid4().hex
         self.active_sessions += 1
         try:
@@ -64,7 +68,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @grpc_errors
     async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
-        config = self.cluster.config
+        config = self.fleet.config
         has_ids = request.HasField("input_ids")
         if len(request.model) > MAX_MODEL_NAME_CHARS:
             raise InvalidArgument(f"model is {len(request.model)} characters; a model name has at most "
@@ -79,10 +83,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                    coordinator_pb2.POOLING_CLS: "cls"}.get(request.pooling)
         if pooling is None:
             raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
-        scheduler, text = self.cluster.serving(request.model)
-        if not self.cluster.is_encoder:
-            raise FailedPrecondition(f"model {config.model!r} has task generate: it generates (Generate), and "
+        deployment = self.fleet.find(request.model)
+        if deployment.task != "embed":
+            raise FailedPrecondition(f"model {deployment.key!r} has task generate: it generates (Generate), and "
                                      "Infer serves models with task embed")
+        self.fleet.serving(deployment)
+        text = deployment.text
         check_response_size(batch, text.hidden_size)
         positions = text.context_tokens or 512
         if input_ids is not None:
@@ -91,6 +97,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         else:
             inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
         check_tokens(inputs, config.max_infer_tokens)
+        _, _, scheduler = self.fleet.route(request.model)
         vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
                               request.normalize if request.HasField("normalize") else True)
         response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))
@@ -99,24 +106,30 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     @grpc_errors
     async def ListModels(self, request: Any, context: Any) -> coordinator_pb2.ListModelsResponse:
-        m = self.cluster.manifest
-        text = self.cluster.text
-        return coordinator_pb2.ListModelsResponse(models=[coordinator_pb2.ModelInfo(
-            name=m.name, family=m.family, num_layers=m.num_layers, size_bytes=m.total_size_bytes,
-            context_tokens=text.context_tokens if text else 0, ready=self.cluster.ready,
-            task="embed" if self.cluster.is_encoder else "generate",
-            has_tokenizer=text is not None and text.tokenizer is not None)])
+        versions = self.fleet.versions()
+        models = []
+        for d in self.fleet.deployments.values():
+            m, text, name = d.manifest, d.text, d.spec.name
+            models.append(coordinator_pb2.ModelInfo(
+                name=name, family=m.family, num_layers=m.num_layers, size_bytes=m.total_size_bytes,
+                context_tokens=text.context_tokens, ready=bool(d.ready_replicas), task=d.task,
+                has_tokenizer=text.tokenizer is not None, version=d.spec.version,
+                is_default=self.fleet.defaults.get(name) == d.spec.version, versions=versions.get(name, []),
+                replicas=len(d.live), replicas_ready=len(d.ready_replicas), state=d.state))
+        return coordinator_pb2.ListModelsResponse(models=models)
 
     @grpc_errors
     async def GetClusterStatus(self, request: Any, context: Any) -> coordinator_pb2.GetClusterStatusResponse:
-        records = list(self.cluster.registry.workers.values())
-        statuses = await asyncio.gather(*(self.cluster.worker_status(r) for r in records))
+        fleet = self.fleet
+        records = list(fleet.registry.workers.values())
+        statuses = await asyncio.gather(*(fleet.worker_status(r) for r in records))
         now = time.monotonic()
         workers = []
         for record, status in zip(records, statuses, strict=True):
             info = coordinator_pb2.WorkerInfo(
                 address=record.address, state=record.state, memory_budget_bytes=record.memory_budget_bytes,
-                last_heartbeat_age_ms=int((now - record.last_heartbeat) * 1000), last_error=record.last_error)
+                last_heartbeat_age_ms=int((now - record.last_heartbeat) * 1000), last_error=record.last_error,
+                replica=record.owner)
             if record.stage is not None:
                 info.start_layer, info.end_layer = record.stage.start, record.stage.end
             if status is not None:
@@ -127,11 +140,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 info.bytes_in, info.bytes_out = m.bytes_in, m.bytes_out
                 info.tokens_per_second = m.tokens / (m.uptime_ms / 1000) if m.uptime_ms else 0.0
             workers.append(info)
-        c = self.cluster
+        last_ms, last = fleet.last_recovery
         return coordinator_pb2.GetClusterStatusResponse(
-            model=c.config.model, ready=c.ready, state="draining" if c.draining else c.state, message=c.message,
-            workers=workers, active_sessions=self.active_sessions, recoveries=c.recoveries,
-            last_recovery_ms=c.last_recovery_ms, last_recovery=c.last_recovery)
+            model=fleet.primary, ready=fleet.ready, state="draining" if fleet.draining else fleet.state,
+            message=fleet.message, workers=workers, active_sessions=self.active_sessions,
+            recoveries=fleet.recoveries, last_recovery_ms=last_ms, last_recovery=last,
+            deployments=[deployment_info(fleet, d) for d in fleet.deployments.values()])
 
     @grpc_errors
     async def DrainWorker(self, request: Any, context: Any) -> coordinator_pb2.DrainWorkerResponse:
@@ -139,18 +153,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             raise InvalidArgument("address is empty (give the host:port the worker registered with)")
         if len(request.address) > MAX_ADDRESS_CHARS:
             raise InvalidArgument(f"address {shown(request.address)} is not host:port")
-        return coordinator_pb2.DrainWorkerResponse(message=await self.cluster.drain_worker(request.address))
+        return coordinator_pb2.DrainWorkerResponse(message=await self.fleet.drain_worker(request.address))
 
     @grpc_errors
     async def Rebalance(self, request: Any, context: Any) -> coordinator_pb2.RebalanceResponse:
-        if not self.cluster.assignment:
-            raise FailedPrecondition(f"nothing is deployed yet ({self.cluster.state})")
-        return coordinator_pb2.RebalanceResponse(message=await self.cluster.rebalance())
+        return coordinator_pb2.RebalanceResponse(message=await self.fleet.rebalance())
 
 
 class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
 
     @grpc_errors
     async def RegisterWorker(self, request: Any, context: Any) -> coordinator_pb2.RegisterWorkerResponse:
@@ -158,19 +170,19 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
             raise InvalidArgument(f"address {shown(request.address)} is not host:port")
         if request.memory_budget_bytes <= 0:
             raise InvalidArgument(f"memory_budget_bytes must be > 0, got {request.memory_budget_bytes}")
-        record = self.cluster.register(request.address, request.memory_budget_bytes)
+        record = self.fleet.register(request.address, request.memory_budget_bytes)
         return coordinator_pb2.RegisterWorkerResponse(
-            worker_id=record.worker_id, heartbeat_interval_ms=self.cluster.config.heartbeat_interval_ms)
+            worker_id=record.worker_id, heartbeat_interval_ms=self.fleet.config.heartbeat_interval_ms)
 
     @grpc_errors
     async def Heartbeat(self, request: Any, context: Any) -> coordinator_pb2.HeartbeatResponse:
-        return coordinator_pb2.HeartbeatResponse(known=self.cluster.heartbeat(request.worker_id))
+        return coordinator_pb2.HeartbeatResponse(known=self.fleet.heartbeat(request.worker_id))
 
     @grpc_errors
     async def LeaveCluster(self, request: Any, context: Any) -> coordinator_pb2.LeaveClusterResponse:
-        record = self.cluster.registry.workers.get(request.worker_id)
+        record = self.fleet.registry.workers.get(request.worker_id)
         if record is None:
             raise NotFound(f"worker id {shown(request.worker_id)} is not registered here")
-        message = await self.cluster.drain_worker(record.address)
-        self.cluster.registry.remove(record.worker_id)
+        message = await self.fleet.drain_worker(record.address)
+        self.fleet.registry.remove(record.worker_id)
         return coordinator_pb2.LeaveClusterResponse(message=message)

@@ -26,6 +26,82 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name", "version", "source", "replicas", "workers", "promote", "min_replicas", "max_replicas", "target_queue")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    source: str
+    replicas: int
+    workers: int
+    promote: bool
+    min_replicas: int
+    max_replicas: int
+    target_queue: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., replicas: _Optional[int] = ..., workers: _Optional[int] = ..., promote: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_queue: _Optional[float] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model", "message", "load_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    message: str
+    load_ms: int
+    def __init__(self, model: _Optional[str] = ..., message: _Optional[str] = ..., load_ms: _Optional[int] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model", "grace_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    grace_ms: int
+    def __init__(self, model: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("message", "freed_weight_bytes")
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FREED_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    freed_weight_bytes: int
+    def __init__(self, message: _Optional[str] = ..., freed_weight_bytes: _Optional[int] = ...) -> None: ...
+
+class ScaleModelRequest(_message.Message):
+    __slots__ = ("model", "replicas")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    replicas: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class ScaleModelResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
+
+class PromoteModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PromoteModelResponse(_message.Message):
+    __slots__ = ("previous_version", "message")
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    previous_version: str
+    message: str
+    def __init__(self, previous_version: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class DrainWorkerRequest(_message.Message):
     __slots__ = ("address",)
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -145,7 +221,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "size_bytes", "context_tokens", "ready", "task", "has_tokenizer")
+    __slots__ = ("name", "family", "num_layers", "size_bytes", "context_tokens", "ready", "task", "has_tokenizer", "version", "is_default", "versions", "replicas", "replicas_ready", "state")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +230,12 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_READY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -162,7 +244,13 @@ class ModelInfo(_message.Message):
     ready: bool
     task: str
     has_tokenizer: bool
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., size_bytes: _Optional[int] = ..., context_tokens: _Optional[int] = ..., ready: _Optional[bool] = ..., task: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ...) -> None: ...
+    version: str
+    is_default: bool
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    replicas: int
+    replicas_ready: int
+    state: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., size_bytes: _Optional[int] = ..., context_tokens: _Optional[int] = ..., ready: _Optional[bool] = ..., task: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., version: _Optional[str] = ..., is_default: _Optional[bool] = ..., versions: _Optional[_Iterable[str]] = ..., replicas: _Optional[int] = ..., replicas_ready: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -175,7 +263,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("address", "state", "start_layer", "end_layer", "weight_bytes", "memory_budget_bytes", "rss_bytes", "sessions", "kv_cache_bytes", "last_heartbeat_age_ms", "last_error", "busy_ms", "idle_ms", "queue_depth", "bytes_in", "bytes_out", "tokens_per_second")
+    __slots__ = ("address", "state", "start_layer", "end_layer", "weight_bytes", "memory_budget_bytes", "rss_bytes", "sessions", "kv_cache_bytes", "last_heartbeat_age_ms", "last_error", "busy_ms", "idle_ms", "queue_depth", "bytes_in", "bytes_out", "tokens_per_second", "replica")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +281,7 @@ class WorkerInfo(_message.Message):
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     address: str
     state: str
     start_layer: int
@@ -210,10 +299,59 @@ class WorkerInfo(_message.Message):
     bytes_in: int
     bytes_out: int
     tokens_per_second: float
-    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+    replica: str
+    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
+
+class ReplicaInfo(_message.Message):
+    __slots__ = ("name", "state", "message", "workers", "running", "queued", "outstanding_tokens", "requests", "recoveries", "draining")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    OUTSTANDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    message: str
+    workers: _containers.RepeatedScalarFieldContainer[str]
+    running: int
+    queued: int
+    outstanding_tokens: int
+    requests: int
+    recoveries: int
+    draining: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., recoveries: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class DeploymentInfo(_message.Message):
+    __slots__ = ("name", "version", "source", "is_default", "state", "replicas", "min_replicas", "max_replicas", "target_queue", "events")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    source: str
+    is_default: bool
+    state: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
+    min_replicas: int
+    max_replicas: int
+    target_queue: float
+    events: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., is_default: _Optional[bool] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_queue: _Optional[float] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions", "recoveries", "last_recovery_ms", "last_recovery")
+    __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions", "recoveries", "last_recovery_ms", "last_recovery", "deployments")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +361,7 @@ class GetClusterStatusResponse(_message.Message):
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     LAST_RECOVERY_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     ready: bool
     state: str
@@ -232,7 +371,8 @@ class GetClusterStatusResponse(_message.Message):
     recoveries: int
     last_recovery_ms: int
     last_recovery: str
-    def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ...) -> None: ...
+    deployments: _containers.RepeatedCompositeFieldContainer[DeploymentInfo]
+    def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("address", "memory_budget_bytes")

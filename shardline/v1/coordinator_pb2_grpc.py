@@ -65,6 +65,26 @@ class CoordinatorStub:
                 request_serializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/shardline.v1.Coordinator/LoadModel',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/shardline.v1.Coordinator/UnloadModel',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.ScaleModel = channel.unary_unary(
+                '/shardline.v1.Coordinator/ScaleModel',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.ScaleModelRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.ScaleModelResponse.FromString,
+                _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/shardline.v1.Coordinator/PromoteModel',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -116,6 +136,38 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """/ Deploys a model version (a model in the store) onto free workers while everything else serves; returns
+        / once a replica serves. With promote, it then becomes the default version of its name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """/ Drains a deployment (its streams finish within the grace period; the rest fail), then unloads it from
+        / every worker, which returns to the pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleModel(self, request, context):
+        """/ Changes a deployment's number of replicas: new ones are placed on free workers; removed ones are
+        / drained first (their streams finish, or move to another replica by replay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteModel(self, request, context):
+        """/ Makes a deployed version the default of its name, atomically: requests after the switch use it,
+        / requests in flight finish on the version they started on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +200,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_coordinator__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.LoadModelRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.UnloadModelRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ScaleModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleModel,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.ScaleModelRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.ScaleModelResponse.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +385,114 @@ class Coordinator:
             '/shardline.v1.Coordinator/Rebalance',
             shardline_dot_v1_dot_coordinator__pb2.RebalanceRequest.SerializeToString,
             shardline_dot_v1_dot_coordinator__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/LoadModel',
+            shardline_dot_v1_dot_coordinator__pb2.LoadModelRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/UnloadModel',
+            shardline_dot_v1_dot_coordinator__pb2.UnloadModelRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/ScaleModel',
+            shardline_dot_v1_dot_coordinator__pb2.ScaleModelRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.ScaleModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/PromoteModel',
+            shardline_dot_v1_dot_coordinator__pb2.PromoteModelRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.PromoteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,7 +41,7 @@ def cluster(loop, smollm2_store, parameters):
     with Client(coordinator.address) as client:
         client.wait_ready(timeout=180)
     deadline = time.monotonic() + 30  # the fourth and fifth workers register as spares
-    while len(coordinator.cluster.registry.live()) < 5 and time.monotonic() < deadline:
+    while len(coordinator.fleet.registry.live()) < 5 and time.monotonic() < deadline:
         time.sleep(0.1)
     yield coordinator, processes
     loop.run(coordinator.stop())
@@ -61,7 +61,7 @@ def undisturbed(cluster):
 def kill_stage(cluster, stage: int):
     """An action for `streams`: SIGKILL the process of the worker serving `stage`."""
     coordinator, processes = cluster
-    address = coordinator.cluster.assignment[stage].address
+    address = coordinator.fleet.first.assignment[stage].address
     process = next(p for p in processes if p.address == address)
 
     async def kill() -> None:
@@ -71,7 +71,7 @@ def kill_stage(cluster, stage: int):
 
 
 def check_after(coordinator, killed: str, workers: int, recoveries_before: int) -> None:
-    c = coordinator.cluster
+    c = coordinator.fleet.first
     assert c.scheduler.replayed > 0
     assert c.recoveries == recoveries_before + 1, c.last_recovery
     assert killed not in [w.address for w in c.assignment]
@@ -83,10 +83,10 @@ def check_after(coordinator, killed: str, workers: int, recoveries_before: int) 
 
 def test_sigterm_on_a_worker_hands_its_stage_to_a_spare_then_it_exits(cluster, undisturbed):
     coordinator, processes = cluster
-    assert len(coordinator.cluster.assignment) == 3 and len(coordinator.cluster.registry.live()) == 5
-    leaving = coordinator.cluster.assignment[2].address
+    assert len(coordinator.fleet.first.assignment) == 3 and len(coordinator.fleet.registry.live()) == 5
+    leaving = coordinator.fleet.first.assignment[2].address
     process = next(p for p in processes if p.address == leaving)
-    replayed = coordinator.cluster.scheduler.replayed
+    replayed = coordinator.fleet.first.scheduler.replayed
 
     async def terminate() -> None:
         os.kill(process.process.pid, signal.SIGTERM)
@@ -99,28 +99,28 @@ def test_sigterm_on_a_worker_hands_its_stage_to_a_spare_then_it_exits(cluster, u
     while process.process.returncode is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process.process.returncode == 0  # it exited on its own, once handed over
-    c = coordinator.cluster
+    c = coordinator.fleet.first
     assert c.scheduler.replayed > replayed  # it left while streams ran: they moved to the new chain
     assert c.recoveries == 0  # a handover, not a failure
     assert leaving not in [w.address for w in c.assignment] and len(c.assignment) == 3
-    assert leaving not in [w.address for w in c.registry.workers.values()]
+    assert leaving not in [w.address for w in coordinator.fleet.registry.workers.values()]
 
 
 def test_sigkill_of_a_worker_with_a_spare_fails_no_stream(cluster, undisturbed):
     coordinator, _ = cluster
-    assert len(coordinator.cluster.assignment) == 3 and len(coordinator.cluster.registry.live()) == 4
-    before = coordinator.cluster.recoveries
-    (spare,) = [w.address for w in coordinator.cluster.registry.live() if w not in coordinator.cluster.assignment]
+    assert len(coordinator.fleet.first.assignment) == 3 and len(coordinator.fleet.registry.live()) == 4
+    before = coordinator.fleet.recoveries
+    (spare,) = [w.address for w in coordinator.fleet.registry.live() if w not in coordinator.fleet.first.assignment]
     killed, kill = kill_stage(cluster, 1)
     tokens = asyncio.run(streams(coordinator.address, PROMPTS, kill, **GREEDY))
     assert tokens == undisturbed["greedy"]
     check_after(coordinator, killed, 3, before)
-    assert coordinator.cluster.assignment[1].address == spare  # the spare took the dead worker's layers
+    assert coordinator.fleet.first.assignment[1].address == spare  # the spare took the dead worker's layers
 
 
 def test_sigkill_with_no_spare_replans_onto_the_live_workers(cluster, undisturbed):
     coordinator, _ = cluster
-    before = coordinator.cluster.recoveries
+    before = coordinator.fleet.recoveries
     killed, kill = kill_stage(cluster, 0)
     tokens = asyncio.run(streams(coordinator.address, PROMPTS, kill, **GREEDY))
     assert tokens == undisturbed["greedy"]
@@ -129,7 +129,7 @@ def test_sigkill_with_no_spare_replans_onto_the_live_workers(cluster, undisturbe
 
 def test_seeded_sampling_survives_a_sigkill_identically(cluster, undisturbed):
     coordinator, _ = cluster
-    before = coordinator.cluster.recoveries
+    before = coordinator.fleet.recoveries
     killed, kill = kill_stage(cluster, 1)
     tokens = asyncio.run(streams(coordinator.address, PROMPTS, kill, **SEEDED))
     assert tokens == undisturbed["seeded"]

@@ -30,15 +30,15 @@ def test_a_default_cluster_idle_for_four_minutes_serves_the_next_request_on_the_
         with Client(coordinator.address, timeout=120) as client:
             client.wait_ready(timeout=120)
             first = client.generate("The capital of France is", max_tokens=8, temperature=0)
-            chain = coordinator.cluster.pipeline.chain
+            chain = coordinator.fleet.first.pipeline.chain
             time.sleep(240)
             began = time.perf_counter()
             again = client.generate("The capital of France is", max_tokens=8, temperature=0)
             assert time.perf_counter() - began < 10
         assert again.token_ids == first.token_ids
-        assert coordinator.cluster.pipeline.chain is chain and chain.first.connections == 1
+        assert coordinator.fleet.first.pipeline.chain is chain and chain.first.connections == 1
         assert [s.servicer.links.reconnects for s in servers] == [0, 0]
-        assert coordinator.cluster.recoveries == 0
+        assert coordinator.fleet.recoveries == 0
         assert "too_many_pings" not in capfd.readouterr().err
     finally:
         for server in servers:

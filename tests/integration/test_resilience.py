@@ -74,11 +74,11 @@ def undisturbed(proxied):
 
 
 def recoveries(proxied) -> int:
-    return proxied.coordinator.cluster.recoveries
+    return proxied.coordinator.fleet.recoveries
 
 
 def test_idle_for_several_keepalive_periods_then_serves_at_once_without_goaway(proxied, undisturbed, capfd):
-    cluster = proxied.coordinator.cluster
+    cluster = proxied.coordinator.fleet.first
     chain = cluster.pipeline.chain
     links = [s.servicer.links for s in proxied.servers]
     began = time.perf_counter()
@@ -117,7 +117,7 @@ def test_a_link_stalled_past_the_step_deadline_completes_every_stream_identicall
     tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, stall_then_release, **PARAMS))
     assert tokens == undisturbed
     assert recoveries(proxied) > before
-    status = proxied.coordinator.cluster
+    status = proxied.coordinator.fleet.first
     assert "no answer within" in status.last_recovery, status.last_recovery
     assert len(status.assignment) == 3, status.last_recovery  # the stalled worker was alive: it stayed
     time.sleep(1)  # the steps the proxy held arrive late: they must leave nothing behind
@@ -126,7 +126,7 @@ def test_a_link_stalled_past_the_step_deadline_completes_every_stream_identicall
 
 
 def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undisturbed):
-    cluster = proxied.coordinator.cluster
+    cluster = proxied.coordinator.fleet.first
     before = (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment],
               cluster.scheduler.replayed)
     joined = []
@@ -143,14 +143,14 @@ def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undi
     assert tokens == undisturbed
     assert (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment],
             cluster.scheduler.replayed) == before
-    (spare,) = [w for w in cluster.registry.workers.values() if w.address == joined[0]]
+    (spare,) = [w for w in proxied.coordinator.fleet.registry.workers.values() if w.address == joined[0]]
     assert spare.state == "spare"
 
 
 def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed):
-    cluster = proxied.coordinator.cluster
+    cluster = proxied.coordinator.fleet.first
     draining = cluster.assignment[2].address
-    spare = next(w.address for w in cluster.registry.live() if w.state == "spare")
+    spare = next(w.address for w in proxied.coordinator.fleet.registry.live() if w.state == "spare")
     replayed = cluster.scheduler.replayed
     messages = []
 
@@ -164,7 +164,7 @@ def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed)
     assert recoveries(proxied) == 0 or "stalled" in cluster.last_recovery  # a drain is not a failure
     assert [w.address for w in cluster.assignment][2] == spare, messages
     assert "drained" in messages[0]
-    (record,) = [w for w in cluster.registry.workers.values() if w.address == draining]
+    (record,) = [w for w in proxied.coordinator.fleet.registry.workers.values() if w.address == draining]
     assert record.state == "drained" and record.stage is None
     statuses = wait_until_no_sessions([s.address for s in proxied.servers])
     assert all(s.sessions == 0 and s.kv_cache_bytes == 0 for s in statuses), statuses
