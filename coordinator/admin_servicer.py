@@ -38,7 +38,7 @@ def spec_from_proto(r: coordinator_pb2.LoadModelRequest) -> DeploymentSpec:
     _check_name(r.name, "name")
     _check_name(r.version, "version", empty_ok=True)
     _check_name(r.source, "source", empty_ok=True)
-    for field in ("replicas", "workers", "min_replicas", "max_replicas"):
+    for field in ("replicas", "workers", "min_replicas", "max_replicas", "scale_up_after_ms", "scale_down_after_ms"):
         if getattr(r, field) < 0:
             raise InvalidArgument(f"{field} must be >= 0, got {getattr(r, field)}")
     if r.target_queue < 0:
@@ -50,6 +50,10 @@ def spec_from_proto(r: coordinator_pb2.LoadModelRequest) -> DeploymentSpec:
         fields.update(min_replicas=r.min_replicas, max_replicas=r.max_replicas)
         if r.target_queue:
             fields["target_queue"] = r.target_queue
+        if r.scale_up_after_ms:
+            fields["scale_up_after_s"] = r.scale_up_after_ms / 1000
+        if r.scale_down_after_ms:
+            fields["scale_down_after_s"] = r.scale_down_after_ms / 1000
     try:
         return DeploymentSpec(**fields)
     except ValueError as exc:

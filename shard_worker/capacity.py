@@ -76,7 +76,8 @@ def measure_headroom(stage: Stage, settings: KVSettings) -> int:
     if not stage.causal:
         return 0
     chunk, total = settings.prefill_chunk_tokens, settings.max_step_tokens
-    prefill = [min(chunk, total - start) for start in range(0, total, chunk)]
+    # a step never carries more than max_step_sequences sequences, however many chunks max_step_tokens holds
+    prefill = [min(chunk, total - start) for start in range(0, total, chunk)][: settings.max_step_sequences]
     decode = [1] * settings.max_step_sequences
     return int(max(_peak_of(stage, settings, prefill), _peak_of(stage, settings, decode)) * HEADROOM_MARGIN)
 

@@ -4,6 +4,7 @@ thread, weight loading on a loader thread; the event loop only moves bytes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import functools
 import gc
@@ -116,6 +117,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self._set_serving = set_serving
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
         self.compute = ComputeThread()
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
         self.links = StageStreams(links)
         self.identity = (links or LinkSettings()).identity
         # the workers of the current plan (SetPeers): a route may name only these. None = never told: a
@@ -161,7 +163,9 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             stage, weight_bytes = load_stage(spec, report)
             return plan_runtime(stage, weight_bytes, budget, settings), weight_bytes
 
-        task = asyncio.ensure_future(asyncio.to_thread(load))
+        # a loader thread of its own: a load waits on the parameter service, which may share this process's
+        # default executor (in tests, a local cluster) and must never starve behind the loads it serves
+        task = asyncio.ensure_future(loop.run_in_executor(self._loader, load))
         try:
             while not task.done() or not progress.empty():
                 getter = asyncio.ensure_future(progress.get())
@@ -389,6 +393,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self._sweeper.cancel()
         await self.links.close()
         self.compute.shutdown()
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
 
 def release_memory() -> None:

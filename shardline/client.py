@@ -128,6 +128,12 @@ class ModelInfo:
     ready: bool
     task: str = ""            # "generate" or "embed"
     has_tokenizer: bool = True
+    version: str = ""
+    is_default: bool = True   # the version the name alone means
+    versions: tuple[str, ...] = ()
+    replicas: int = 0
+    replicas_ready: int = 0
+    state: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,35 @@ class WorkerStatus:
     bytes_in: int = 0
     bytes_out: int = 0
     tokens_per_second: float = 0.0
+    replica: str = ""         # the replica it serves (name@version/rN); "" = free, in the pool
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    name: str
+    state: str
+    message: str
+    workers: tuple[str, ...]
+    running: int
+    queued: int
+    outstanding_tokens: int
+    requests: int
+    recoveries: int
+    draining: bool
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    name: str
+    version: str
+    source: str
+    is_default: bool
+    state: str
+    replicas: list[ReplicaStatus]
+    min_replicas: int
+    max_replicas: int
+    target_queue: float
+    events: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -162,6 +197,7 @@ class ClusterStatus:
     recoveries: int = 0
     last_recovery_ms: int = 0
     last_recovery: str = ""
+    deployments: list[DeploymentStatus] = field(default_factory=list)
 
 
 def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
@@ -205,16 +241,23 @@ def _vectors(response: coordinator_pb2.InferResponse) -> np.ndarray:
 
 def _models(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready, m.task,
-                      m.has_tokenizer) for m in response.models]
+                      m.has_tokenizer, m.version, m.is_default, tuple(m.versions), m.replicas, m.replicas_ready,
+                      m.state) for m in response.models]
 
 
 def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
     workers = [WorkerStatus(w.address, w.state, w.start_layer, w.end_layer, w.weight_bytes, w.memory_budget_bytes,
                             w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error,
-                            w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second)
+                            w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second,
+                            w.replica)
                for w in r.workers]
+    deployments = [DeploymentStatus(
+        d.name, d.version, d.source, d.is_default, d.state,
+        [ReplicaStatus(x.name, x.state, x.message, tuple(x.workers), x.running, x.queued, x.outstanding_tokens,
+                       x.requests, x.recoveries, x.draining) for x in d.replicas],
+        d.min_replicas, d.max_replicas, d.target_queue, tuple(d.events)) for d in r.deployments]
     return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions, r.recoveries,
-                         r.last_recovery_ms, r.last_recovery)
+                         r.last_recovery_ms, r.last_recovery, deployments)
 
 
 class Client:
@@ -304,6 +347,41 @@ class Client:
             return str(self.stub.Rebalance(coordinator_pb2.RebalanceRequest(), timeout=self.timeout).message)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+
+    def _admin(self, method: str, request: Any, timeout: float | None) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def load_model(self, name: str, *, version: str = "", source: str = "", replicas: int = 1, workers: int = 0,
+                   promote: bool = False, min_replicas: int = 0, max_replicas: int = 0, target_queue: float = 0,
+                   scale_up_after_s: float = 0, scale_down_after_s: float = 0, timeout: float | None = None) -> str:
+        """Admin: deploy `source` (a model in the store; default `name`) as name@version on free workers while
+        everything else serves; returns once a replica serves. `promote`: then make it the name's default.
+        `max_replicas` > 0 turns autoscaling on."""
+        request = coordinator_pb2.LoadModelRequest(
+            name=name, version=version, source=source, replicas=replicas, workers=workers, promote=promote,
+            min_replicas=min_replicas, max_replicas=max_replicas, target_queue=target_queue,
+            scale_up_after_ms=int(scale_up_after_s * 1000), scale_down_after_ms=int(scale_down_after_s * 1000))
+        return str(self._admin("LoadModel", request, timeout).message)
+
+    def unload_model(self, model: str, *, grace_s: float = 0, timeout: float | None = None) -> tuple[str, int]:
+        """Admin: drain `model` (name@version) for up to `grace_s` (0: the coordinator's default), then free
+        its workers; returns (what happened, weight bytes freed)."""
+        reply = self._admin("UnloadModel", coordinator_pb2.UnloadModelRequest(model=model,
+                                                                              grace_ms=int(grace_s * 1000)), timeout)
+        return str(reply.message), int(reply.freed_weight_bytes)
+
+    def scale_model(self, model: str, replicas: int, *, timeout: float | None = None) -> str:
+        """Admin: give `model` (name or name@version) this many replicas (removed ones are drained first)."""
+        return str(self._admin("ScaleModel", coordinator_pb2.ScaleModelRequest(model=model, replicas=replicas),
+                               timeout).message)
+
+    def promote_model(self, model: str, *, timeout: float | None = None) -> str:
+        """Admin: make name@version its name's default, atomically; returns the previous default version."""
+        return str(self._admin("PromoteModel", coordinator_pb2.PromoteModelRequest(model=model),
+                               timeout).previous_version)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until the coordinator reports SERVING (every shard loaded and verified)."""

@@ -27,7 +27,7 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("name", "version", "source", "replicas", "workers", "promote", "min_replicas", "max_replicas", "target_queue")
+    __slots__ = ("name", "version", "source", "replicas", "workers", "promote", "min_replicas", "max_replicas", "target_queue", "scale_up_after_ms", "scale_down_after_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class LoadModelRequest(_message.Message):
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     TARGET_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_UP_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DOWN_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     source: str
@@ -46,7 +48,9 @@ class LoadModelRequest(_message.Message):
     min_replicas: int
     max_replicas: int
     target_queue: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., replicas: _Optional[int] = ..., workers: _Optional[int] = ..., promote: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_queue: _Optional[float] = ...) -> None: ...
+    scale_up_after_ms: int
+    scale_down_after_ms: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., replicas: _Optional[int] = ..., workers: _Optional[int] = ..., promote: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_queue: _Optional[float] = ..., scale_up_after_ms: _Optional[int] = ..., scale_down_after_ms: _Optional[int] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model", "message", "load_ms")

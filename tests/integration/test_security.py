@@ -144,7 +144,7 @@ def methods(service: str) -> list[str]:
 
 WORKER, PARAMETERS = "shardline.v1.ShardWorker", "shardline.v1.Parameters"
 COORDINATOR, REGISTRY = "shardline.v1.Coordinator", "shardline.v1.WorkerRegistry"
-ADMIN = {"GetClusterStatus", "DrainWorker", "Rebalance"}
+ADMIN = {"GetClusterStatus", "DrainWorker", "Rebalance", "LoadModel", "UnloadModel", "ScaleModel", "PromoteModel"}
 # calls that would change the cluster if they were let through: only ever made with wrong credentials
 CHANGES = {"SetPeers", "Rebalance", "DrainWorker", "LeaveCluster", "LoadShard", "UnloadShard"}
 
