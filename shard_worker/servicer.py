@@ -165,11 +165,12 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 
         # a loader thread of its own: a load waits on the parameter service, which may share this process's
         # default executor (in tests, a local cluster) and must never starve behind the loads it serves
-        task = asyncio.ensure_future(loop.run_in_executor(self._loader, load))
+        task: asyncio.Future[tuple[StageRuntime, int]] = loop.run_in_executor(self._loader, load)
         try:
             while not task.done() or not progress.empty():
                 getter = asyncio.ensure_future(progress.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                pending: list[asyncio.Future[Any]] = [getter, task]
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield _progress_proto(getter.result())
                 else:
