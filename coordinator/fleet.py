@@ -130,10 +130,12 @@ class Fleet:
         spec = spec.model_copy(update={"workers": spec.workers or self.config.workers})
         return Deployment(spec, manifest, text)
 
-    def _add(self, deployment: Deployment) -> None:
+    def _add(self, deployment: Deployment, default: bool = True) -> None:
+        """Add a deployment and its replicas (placed by the next _maybe_deploy); with `default`, it becomes
+        its name's default when marked so or when the name has none."""
         spec = deployment.spec
         self.deployments[spec.key] = deployment
-        if spec.default or spec.name not in self.defaults:
+        if default and (spec.default or spec.name not in self.defaults):
             self.defaults[spec.name] = spec.version
         self.primary = self.primary or spec.name
         for _ in range(spec.replicas):
@@ -185,6 +187,13 @@ class Fleet:
         return self.state == "ready"
 
     @property
+    def serves_every_name(self) -> bool:
+        """Health: every model name's default version that wants replicas has a ready one (a version loaded
+        beside it, or a deployment scaled to zero, does not take the coordinator out of service)."""
+        defaults = [self.deployments.get(f"{n}@{v}") for n, v in self.defaults.items()]
+        return bool(defaults) and all(d is None or not d.live or d.ready_replicas for d in defaults)
+
+    @property
     def replicas(self) -> list[Replica]:
         return [r for d in self.deployments.values() for r in d.replicas if not r.retired]
 
@@ -219,7 +228,7 @@ class Fleet:
         while True:
             await self._health_wake.wait()
             self._health_wake.clear()
-            on = self.ready and not self.draining
+            on = self.serves_every_name and not self.draining
             if on != self._serving_now:
                 try:
                     await self._set_serving(on)
@@ -231,9 +240,10 @@ class Fleet:
 
     # -- requests --------------------------------------------------------------------------------------
     def versions(self) -> dict[str, list[str]]:
+        """Each served name's versions (a name whose first version is still loading is not served yet)."""
         out: dict[str, list[str]] = {}
         for d in self.deployments.values():
-            if not d.unloading:
+            if not d.unloading and d.spec.name in self.defaults:
                 out.setdefault(d.spec.name, []).append(d.spec.version)
         return out
 
@@ -426,9 +436,7 @@ class Fleet:
             check_replicas(spec.replicas, self.pool_size(), spec.workers, spec.key)
             self._check_fits([Wanted(spec.key, deployment.manifest, spec.workers)] * spec.replicas, spec.key)
             began = time.perf_counter()
-            if spec.name in self.defaults:  # the default moves only by promotion, once this one is ready
-                deployment.spec = spec = spec.model_copy(update={"default": False})
-            self._add(deployment)
+            self._add(deployment, default=False)  # a name's default moves only once this one serves
             deployment.note(f"loaded with {spec.replicas} replicas")
             self.say(f"loading {spec.key} ({spec.model}) with {spec.replicas} replicas of {spec.workers} workers")
             self._maybe_deploy()
@@ -438,7 +446,7 @@ class Fleet:
                 await self._unload_locked(deployment, 0)
                 raise
             deployment.loaded_in_s = time.perf_counter() - began
-            if promote:
+            if promote or spec.name not in self.defaults:
                 self._promote_locked(deployment)
             return deployment
 
@@ -468,8 +476,9 @@ class Fleet:
         name = deployment.spec.name
         previous = self.defaults.get(name, "")
         self.defaults[name] = deployment.spec.version
-        deployment.note(f"promoted to default of {name} (was version {previous})")
-        self.say(f"{deployment.key} is now the default of {name!r} (was version {previous})")
+        was = f"version {previous}" if previous else "none"
+        deployment.note(f"promoted to default of {name} (was {was})")
+        self.say(f"{deployment.key} is now the default of {name!r} (was {was})")
         self._changed()
         return previous
 
