@@ -83,7 +83,7 @@ class AdminMethods:
         spec = spec_from_proto(request)
         remaining = context.time_remaining() if context is not None else None
         timeout = min(self.fleet.config.load_timeout_s, remaining) if remaining else self.fleet.config.load_timeout_s
-        deployment = await self.fleet.load(spec, request.promote, timeout)
+        deployment = await self.fleet.admin.load(spec, request.promote, timeout)
         promoted = " and promoted to default" if request.promote else ""
         return coordinator_pb2.LoadModelResponse(
             model=deployment.key, load_ms=int(deployment.loaded_in_s * 1000),
@@ -95,20 +95,24 @@ class AdminMethods:
         check_model_ref(request.model)
         if not 0 <= request.grace_ms <= MAX_GRACE_MS:
             raise InvalidArgument(f"grace_ms must be 0 .. {MAX_GRACE_MS}, got {request.grace_ms}")
-        grace = request.grace_ms / 1000 if request.grace_ms else self.fleet.config.unload_grace_s
-        message, freed = await self.fleet.unload(request.model, grace)
+        grace = request.grace_ms / 1000 if request.HasField("grace_ms") else self.fleet.config.unload_grace_s
+        message, freed = await self.fleet.admin.unload(request.model, grace)
         return coordinator_pb2.UnloadModelResponse(message=message, freed_weight_bytes=freed)
 
     @grpc_errors
     async def ScaleModel(self, request: Any, context: Any) -> coordinator_pb2.ScaleModelResponse:
         check_model_ref(request.model)
-        return coordinator_pb2.ScaleModelResponse(message=await self.fleet.scale(request.model, request.replicas))
+        if not 0 <= request.grace_ms <= MAX_GRACE_MS:
+            raise InvalidArgument(f"grace_ms must be 0 .. {MAX_GRACE_MS}, got {request.grace_ms}")
+        grace = request.grace_ms / 1000 if request.HasField("grace_ms") else None
+        return coordinator_pb2.ScaleModelResponse(
+            message=await self.fleet.admin.scale(request.model, request.replicas, grace_s=grace))
 
     @grpc_errors
     async def PromoteModel(self, request: Any, context: Any) -> coordinator_pb2.PromoteModelResponse:
         check_model_ref(request.model)
         if "@" not in request.model:
             raise InvalidArgument(f"model {request.model[:64]!r} names no version: give NAME@VERSION")
-        previous = self.fleet.promote(request.model)
+        previous = self.fleet.admin.promote(request.model)
         return coordinator_pb2.PromoteModelResponse(
             previous_version=previous, message=f"{request.model} is the default (was version {previous})")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coordinator.deployments import DeploymentSpec
-from shardline.errors import ShardlineError
 
 if TYPE_CHECKING:
     from coordinator.fleet import Deployment, Fleet
@@ -27,12 +26,15 @@ class Pressure:
 
     high_since: float | None = None
     idle_since: float | None = None
+    quiet_until: float = 0.0  # no decision before this (a cooldown after scaling, a backoff after a failure)
 
 
 def decide(spec: DeploymentSpec, live: int, serving: int, queued: int, running: int, now: float,
            pressure: Pressure) -> tuple[int, str] | None:
     """The replica count to move to and why, or None. Decides only while every live replica serves (a
     deployment that is still placing or healing is left alone)."""
+    if now < pressure.quiet_until:
+        return None
     if live < spec.min_replicas:
         return spec.min_replicas, f"{live} replicas is below min_replicas {spec.min_replicas}"
     if serving == 0 or serving < live:
@@ -70,9 +72,13 @@ async def autoscale(fleet: Fleet, interval_s: float = 0.25) -> None:
                     continue
                 if key in scaling and not scaling[key].done():
                     continue
-                decision = _look(deployment, pressures.setdefault(key, Pressure()))
+                pressure = pressures.setdefault(key, Pressure())
+                decision = _look(deployment, pressure)
                 if decision is not None:
-                    scaling[key] = asyncio.create_task(_scale(fleet, deployment, *decision))
+                    scaling[key] = asyncio.create_task(_scale(fleet, deployment, pressure, *decision))
+            for key in [k for k in pressures if k not in fleet.deployments]:  # unloaded: forget its past
+                pressures.pop(key)
+                scaling.pop(key, None)
         except Exception:  # noqa: BLE001
             log.exception("the autoscaler failed once; it goes on")
 
@@ -84,10 +90,19 @@ def _look(deployment: Deployment, pressure: Pressure) -> tuple[int, str] | None:
                   sum(r.running for r in live), time.monotonic(), pressure)
 
 
-async def _scale(fleet: Fleet, deployment: Deployment, replicas: int, reason: str) -> None:
+BACKOFF_S = 10.0
+
+
+async def _scale(fleet: Fleet, deployment: Deployment, pressure: Pressure, replicas: int, reason: str) -> None:
+    """One decision carried out; a failure is noted and backs off, and nothing escapes the task."""
     log.info("autoscaler: %s -> %d replicas: %s", deployment.key, replicas, reason)
     try:
-        await fleet.scale(deployment.key, replicas, f"autoscaler: {reason}")
-    except ShardlineError as exc:
+        await fleet.admin.scale(deployment.key, replicas, f"autoscaler: {reason}", autoscaler=True)
+        # a cooldown: the new replica takes queued work first, and is judged on what follows
+        pressure.quiet_until = time.monotonic() + deployment.spec.scale_up_after_s
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - noted, logged, retried after the backoff
+        pressure.quiet_until = time.monotonic() + BACKOFF_S
         deployment.note(f"autoscaler could not scale to {replicas} replicas ({reason}): {exc}")
         log.warning("autoscaler: %s cannot scale to %d replicas: %s", deployment.key, replicas, exc)

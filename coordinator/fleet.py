@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from coordinator.config import CoordinatorConfig
-from coordinator.deployments import DeploymentSpec, check_replicas, resolve, split_name
+from coordinator.deployments import DeploymentSpec, resolve, split_name
+from coordinator.model_admin import ModelAdmin
 from coordinator.placement import Wanted, interleave, place
 from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.replica import ChangeRefused, Replica, Shared
@@ -26,7 +27,7 @@ from coordinator.store import Manifest, ModelStore
 from coordinator.textmodel import TextModel, TokenModel
 from coordinator.worker_calls import status
 from shardline.auth import ClusterIdentity
-from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shardline.errors import FailedPrecondition, NotFound, Unavailable
 from shardline.server import Keepalive
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2
@@ -91,8 +92,8 @@ class Fleet:
         links = LinkSettings(step_timeout_ms=config.step_timeout_ms,
                              keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms),
                              identity=identity or ClusterIdentity())
-        self.shared = Shared(config, self.registry, parameters_address, links, say, self._changed, self._evacuate,
-                             self._spawn)
+        self.shared = Shared(config, self.registry, parameters_address, links, say, self.notify, self._evacuate,
+                             self._spawn, self._membership, self._joined)
         self.deployments: dict[str, Deployment] = {}
         self.defaults: dict[str, str] = {}  # model name -> its default version
         self.primary = ""                   # the name a request without a model means: the first deployed
@@ -103,26 +104,27 @@ class Fleet:
         self._health_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._admin = asyncio.Lock()        # one load, unload, scale or promote at a time
+        self.admin = ModelAdmin(self)       # load, unload, scale and promote at run time
 
     # -- start and stop --------------------------------------------------------------------------------
     async def start(self) -> None:
         for spec in self.config.initial_deployments():
-            self._add(await self._deployment(spec))
-        self._maybe_deploy()  # says how many workers each deployment waits for
+            self.add(await self.deployment_of(spec))
+        self.place_pending()  # says how many workers each deployment waits for
         self._background = [asyncio.create_task(self._watch(), name="membership watch"),
                             asyncio.create_task(self._push_health(), name="health")]
         from coordinator.autoscaler import autoscale  # noqa: PLC0415 - it imports this module
         self._background.append(asyncio.create_task(autoscale(self), name="autoscaler"))
 
     async def stop(self) -> None:
+        self.admin.stop()
         for task in (*self._background, *self._tasks):
             task.cancel()
-        for deployment in self.deployments.values():
-            for replica in deployment.replicas:
+        for deployment in list(self.deployments.values()):
+            for replica in list(deployment.replicas):
                 await replica.stop()
 
-    async def _deployment(self, spec: DeploymentSpec) -> Deployment:
+    async def deployment_of(self, spec: DeploymentSpec) -> Deployment:
         manifest = self.store.manifest(spec.model)  # NotFound lists the store's models
         path = self.store.path(spec.model)
         text: TokenModel = await asyncio.to_thread(TextModel, path) \
@@ -130,7 +132,7 @@ class Fleet:
         spec = spec.model_copy(update={"workers": spec.workers or self.config.workers})
         return Deployment(spec, manifest, text)
 
-    def _add(self, deployment: Deployment, default: bool = True) -> None:
+    def add(self, deployment: Deployment, default: bool = True) -> None:
         """Add a deployment and its replicas (placed by the next _maybe_deploy); with `default`, it becomes
         its name's default when marked so or when the name has none."""
         spec = deployment.spec
@@ -139,9 +141,24 @@ class Fleet:
             self.defaults[spec.name] = spec.version
         self.primary = self.primary or spec.name
         for _ in range(spec.replicas):
-            self._new_replica(deployment)
+            self.new_replica(deployment)
 
-    def _new_replica(self, deployment: Deployment) -> Replica:
+    def remove(self, deployment: Deployment) -> None:
+        """An unloaded deployment leaves; its name's default moves to another version, if there is one."""
+        if self.deployments.get(deployment.key) is deployment:
+            del self.deployments[deployment.key]
+        name = deployment.spec.name
+        if self.defaults.get(name) == deployment.spec.version:
+            rest = [d.spec.version for d in self.deployments.values() if d.spec.name == name and d.ready_replicas]
+            if rest:
+                self.defaults[name] = rest[0]
+            else:
+                del self.defaults[name]
+        if self.primary == name and name not in self.defaults:
+            self.primary = next(iter(self.defaults), "")
+        self.notify()
+
+    def new_replica(self, deployment: Deployment) -> Replica:
         index = max((r.index for r in deployment.replicas), default=-1) + 1
         replica = Replica(deployment.spec, index, deployment.manifest, self.shared)
         deployment.replicas.append(replica)
@@ -217,7 +234,7 @@ class Fleet:
         loading = [r for r in self.replicas if r.state in ("deploying", "recovering")]
         return sum(sum(r.progress.values()) for r in loading), sum(r.loading_bytes for r in loading)
 
-    def _changed(self) -> None:
+    def notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
         self._health_wake.set()
@@ -250,19 +267,22 @@ class Fleet:
     def find(self, requested: str) -> Deployment:
         """The deployment a request names (`name` = its default version, `name@version`), or NotFound
         listing what exists."""
+        name, _ = split_name(requested or self.primary)
+        if name not in self.defaults and any(d.spec.name == name for d in self.deployments.values()):
+            raise Unavailable(f"model {name!r} is loading: it serves once a replica is ready; retry")
         key = resolve(requested, self.versions(), self.defaults, self.primary)
         return self.deployments[key]
 
-    def route(self, requested: str) -> tuple[Deployment, Replica, Scheduler]:
-        """The deployment and the replica a request goes to: of the replicas that serve, the one that owes
-        the least work (tokens to produce or prefill, queued or running)."""
-        deployment = self.find(requested)
+    def route(self, deployment: Deployment) -> tuple[Replica, Scheduler]:
+        """The replica of `deployment` a request goes to: of the replicas that serve, the one that owes the
+        least work (tokens to produce or prefill, queued or running). The deployment is the one the request
+        named when it arrived (its tokenizer encoded the prompt), even if a promotion happened since."""
         candidates = self.serving(deployment)
         replica = min(candidates, key=lambda r: (r.outstanding, r.queued, r.served))
         replica.served += 1
         if replica.scheduler is None:  # pragma: no cover - filtered above
             raise Unavailable(f"{replica.name} has no scheduler yet")
-        return deployment, replica, replica.scheduler
+        return replica, replica.scheduler
 
     def serving(self, deployment: Deployment) -> list[Replica]:
         """The replicas that take requests (ready ones; while none is, those recovering, whose requests wait
@@ -306,7 +326,7 @@ class Fleet:
                  + (" as a spare" if deployed else ""))
         if owner is not None and old is not None and old in owner.assignment:
             owner.worker_lost(f"worker {address} registered again (it restarted)")
-        self._maybe_deploy()
+        self.place_pending()
         return record
 
     def _owner(self, worker: WorkerRecord) -> Replica | None:
@@ -324,10 +344,10 @@ class Fleet:
     def heartbeat(self, worker_id: str) -> bool:
         known = self.registry.heartbeat(worker_id)
         if known:
-            self._maybe_deploy()  # a worker that came back may complete a set
+            self.place_pending()  # a worker that came back may complete a set
         return known
 
-    def _maybe_deploy(self) -> None:
+    def place_pending(self) -> None:
         """Place every replica that has no chain yet onto the free workers (all deployments at once); tell
         the others that membership changed (a failed replica retries, a narrow one may grow)."""
         if self.draining:
@@ -356,7 +376,22 @@ class Fleet:
                 replica.membership_changed()
 
     def _membership(self) -> tuple[str, ...]:
-        return tuple(w.worker_id for w in self.registry.live())
+        """Live workers, then the free ones: a failed replica tries again when either changes."""
+        live = self.registry.live()
+        return (*(w.worker_id for w in live), "|", *(w.worker_id for w in live if not w.owner))
+
+    def _joined(self, replica: Replica) -> None:
+        """A replica serves for the first time: it takes half of what waits on each busier sibling."""
+        deployment = self.deployments.get(replica.spec.key)
+        if deployment is None or replica.scheduler is None:
+            return
+        for sibling in deployment.ready_replicas:
+            if sibling is replica or sibling.scheduler is None:
+                continue
+            moved = sibling.scheduler.take_waiting(len(sibling.scheduler.waiting) // 2)
+            if moved:
+                replica.scheduler.adopt(moved, front=False)
+                self.say(f"{len(moved)} queued streams of {sibling.name} moved to {replica.name}")
 
     async def _watch(self) -> None:
         """Heartbeat bookkeeping, supervised: a worker of a chain that stops sending them is healed around
@@ -370,7 +405,7 @@ class Fleet:
                     if owner is not None and worker in owner.assignment:
                         owner.worker_lost(f"worker {worker.address} stopped sending heartbeats")
                 if lost or not self.ready:
-                    self._maybe_deploy()
+                    self.place_pending()
             except Exception:  # noqa: BLE001
                 log.exception("the membership watch failed once; it goes on")
 
@@ -403,147 +438,10 @@ class Fleet:
     async def drain(self, grace_s: float) -> None:
         """Take no new requests; wait up to `grace_s` for the streams in flight to finish."""
         self.draining = True
-        self._changed()
+        self.notify()
         deadline = time.monotonic() + grace_s
         while any(r.running or r.queued for r in self.replicas):
             if time.monotonic() >= deadline:
                 log.warning("drain: streams still running after %.0f s; stopping them", grace_s)
                 return
             await asyncio.sleep(0.1)
-
-    # -- run-time changes (the admin API) ---------------------------------------------------------------
-    def pool_size(self) -> int:
-        return len([w for w in self.registry.live() if w.state not in UNPLANNABLE])
-
-    def _check_fits(self, wanted: list[Wanted], key: str) -> None:
-        free = [w for w in self.registry.live() if not w.owner and w.state not in UNPLANNABLE]
-        placement = place(wanted, free)
-        if key in placement.unplaced:
-            raise FailedPrecondition(placement.unplaced[key])
-
-    async def load(self, spec: DeploymentSpec, promote: bool, timeout_s: float) -> Deployment:
-        """Deploy a model version onto free workers while everything else serves; returns once a replica is
-        ready (or raises). With `promote`, it becomes the name's default once ready."""
-        async with self._admin:
-            if spec.key in self.deployments:
-                raise FailedPrecondition(f"{spec.key} is already loaded ({self.deployments[spec.key].state}); "
-                                         "scale it, or unload it first")
-            if not self.store.has(spec.model):
-                raise NotFound(f"model {spec.model!r} is not in the store (models: "
-                               f"{', '.join(self.store.models()) or 'none'})")
-            deployment = await self._deployment(spec)
-            spec = deployment.spec
-            check_replicas(spec.replicas, self.pool_size(), spec.workers, spec.key)
-            self._check_fits([Wanted(spec.key, deployment.manifest, spec.workers)] * spec.replicas, spec.key)
-            began = time.perf_counter()
-            self._add(deployment, default=False)  # a name's default moves only once this one serves
-            deployment.note(f"loaded with {spec.replicas} replicas")
-            self.say(f"loading {spec.key} ({spec.model}) with {spec.replicas} replicas of {spec.workers} workers")
-            self._maybe_deploy()
-            try:
-                await self._until_ready(deployment, timeout_s)
-            except BaseException:
-                await self._unload_locked(deployment, 0)
-                raise
-            deployment.loaded_in_s = time.perf_counter() - began
-            if promote or spec.name not in self.defaults:
-                self._promote_locked(deployment)
-            return deployment
-
-    async def _until_ready(self, deployment: Deployment, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not deployment.ready_replicas or any(r.state not in ("ready", "failed") for r in deployment.live):
-            if any(r.state == "failed" for r in deployment.live) and not deployment.ready_replicas:
-                raise FailedPrecondition(f"{deployment.key} could not be deployed: {deployment.message}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Unavailable(f"{deployment.key} is not ready after {timeout_s:.0f} s: {deployment.state} "
-                                  f"({deployment.message})")
-            waiting = asyncio.ensure_future(self.changed.wait())
-            await asyncio.wait({waiting}, timeout=min(left, 1.0))
-            waiting.cancel()
-            self._maybe_deploy()
-
-    def promote(self, requested: str) -> str:
-        deployment = self._named(requested)
-        return self._promote_locked(deployment)
-
-    def _promote_locked(self, deployment: Deployment) -> str:
-        """Atomic: requests routed after this line use the new default; those in flight finish where they are."""
-        if not deployment.ready_replicas:
-            raise FailedPrecondition(f"{deployment.key} has no ready replica ({deployment.state}): it cannot "
-                                     "become the default")
-        name = deployment.spec.name
-        previous = self.defaults.get(name, "")
-        self.defaults[name] = deployment.spec.version
-        was = f"version {previous}" if previous else "none"
-        deployment.note(f"promoted to default of {name} (was {was})")
-        self.say(f"{deployment.key} is now the default of {name!r} (was {was})")
-        self._changed()
-        return previous
-
-    def _named(self, requested: str) -> Deployment:
-        """The deployment an admin call names: `name@version`, or `name` for its default version."""
-        name, version = split_name(requested)
-        if not name:
-            raise InvalidArgument("model is empty: give NAME or NAME@VERSION")
-        return self.find(requested if version else name)
-
-    async def unload(self, requested: str, grace_s: float) -> tuple[str, int]:
-        async with self._admin:
-            deployment = self._named(requested)
-            name = deployment.spec.name
-            others = [d for d in self.deployments.values() if d.spec.name == name and d is not deployment]
-            if others and self.defaults.get(name) == deployment.spec.version:
-                raise FailedPrecondition(f"{deployment.key} is the default version of {name!r}: promote another "
-                                         f"version first ({', '.join(d.key for d in others)})")
-            return await self._unload_locked(deployment, grace_s)
-
-    async def _unload_locked(self, deployment: Deployment, grace_s: float) -> tuple[str, int]:
-        deployment.unloading = True
-        self._changed()
-        messages = await asyncio.gather(*(r.retire(grace_s) for r in deployment.replicas if not r.retired))
-        del self.deployments[deployment.key]
-        name = deployment.spec.name
-        if self.defaults.get(name) == deployment.spec.version:
-            rest = [d.spec.version for d in self.deployments.values() if d.spec.name == name]
-            if rest:
-                self.defaults[name] = rest[0]
-            else:
-                del self.defaults[name]
-                if self.primary == name:
-                    self.primary = next(iter(self.defaults), "")
-        freed = sum(r.freed_bytes for r in deployment.replicas)
-        self.say(f"unloaded {deployment.key}: {freed / 2**20:.1f} MiB freed")
-        self._changed()
-        self._maybe_deploy()
-        return "; ".join(messages) or f"{deployment.key} had no replica", freed
-
-    async def scale(self, requested: str, replicas: int, reason: str = "requested") -> str:
-        async with self._admin:
-            deployment = self._named(requested)
-            return await self._scale_locked(deployment, replicas, reason)
-
-    async def _scale_locked(self, deployment: Deployment, replicas: int, reason: str) -> str:
-        spec = deployment.spec
-        check_replicas(replicas, self.pool_size(), spec.workers, spec.key)
-        live = deployment.live
-        if replicas > len(live):
-            more = replicas - len(live)
-            self._check_fits([Wanted(spec.key, deployment.manifest, spec.workers)] * more, spec.key)
-            for _ in range(more):
-                self._new_replica(deployment)
-            deployment.note(f"scaled {len(live)} -> {replicas} replicas ({reason})")
-            self.say(f"{spec.key}: scaling {len(live)} -> {replicas} replicas ({reason})")
-            self._maybe_deploy()
-            return f"{spec.key}: {more} replicas added, placing and loading"
-        if replicas == len(live):
-            return f"{spec.key} already has {replicas} replicas"
-        # the newest, least loaded replicas leave first, drained: their streams finish or move by replay
-        leaving = sorted(live, key=lambda r: (r.ready, -r.index))[: len(live) - replicas]
-        deployment.note(f"scaled {len(live)} -> {replicas} replicas ({reason})")
-        self.say(f"{spec.key}: scaling {len(live)} -> {replicas} replicas ({reason})")
-        messages = await asyncio.gather(*(r.retire(self.config.unload_grace_s) for r in leaving))
-        self._changed()
-        self._maybe_deploy()
-        return "; ".join(messages)

@@ -44,7 +44,7 @@ class ChangeRefused(Exception):
 @dataclass
 class Shared:
     """What every replica of the coordinator shares: the config, the pool, the links and the parameter
-    service; `changed` is awaited after every state change (the fleet updates health and wakes waiters);
+    service; `changed` is called after every state change (the fleet updates health and wakes waiters);
     `evacuate` takes the streams of a replica that cannot serve and returns those no sibling took."""
 
     config: CoordinatorConfig
@@ -55,6 +55,8 @@ class Shared:
     changed: Callable[[], None]
     evacuate: Callable[[Replica, list[Stream]], list[Stream]]
     spawn: Callable[[Awaitable[None], str], asyncio.Task[None]]
+    membership: Callable[[], tuple[str, ...]]  # live and free workers: a failed replica retries when it changes
+    joined: Callable[[Replica], None]          # a replica serves for the first time (it takes queued work)
 
 
 class Replica:
@@ -77,6 +79,8 @@ class Replica:
         self.served = 0        # requests routed here, in all
         self.freed_bytes = 0   # weight bytes its workers freed when it was retired
         self._lock = asyncio.Lock()     # one change of the chain at a time
+        self._queued = 0                # changes asked for and not finished
+        self._changes: set[asyncio.Task[None]] = set()
         self._healing: asyncio.Task[None] | None = None
         self._healing_epoch = -1
         self._heal_pending = False  # the latest heal waits for the lock and has not probed yet
@@ -87,8 +91,9 @@ class Replica:
 
     @property
     def busy(self) -> bool:
-        """A change of the chain is running or waiting."""
-        return self._lock.locked()
+        """A change of the chain is queued or running (counted from the moment it is asked for, so the
+        fleet never places a replica twice)."""
+        return self._queued > 0 or self._lock.locked()
 
     @property
     def outstanding(self) -> int:
@@ -166,25 +171,26 @@ class Replica:
         self._claim([w for w, _ in chain])
         for worker, stage in chain:
             worker.stage = stage
-        return self.shared.spawn(self._change("deploy", first=chain), f"deploying {self.name}")
+        self._set_state("deploying", f"placed on {len(chain)} workers")
+        return self._queue("deploy", f"deploying {self.name}", first=chain)
 
     def worker_lost(self, why: str) -> None:
         self._trigger_heal(why)
 
     def membership_changed(self) -> None:
         """A worker joined or came back: retry a failed replica; fold a spare into a narrow chain (policy)."""
-        if self.busy or self.draining or self.retired or not self.assignment and self.state != "failed":
-            return
+        if self.busy or self.draining or self.retired or not self.assignment:
+            return  # a replica without a chain is placed by the fleet
         live = self.shared.registry.live()
         if self.state == "failed":
-            if tuple(w.worker_id for w in live) != self._failed_with:
-                self._trigger_heal("a worker joined after a failed recovery")
+            if self.shared.membership() != self._failed_with:
+                self._trigger_heal("the pool changed after a failed recovery")
             return
         free = self.free_workers()
         if (self.config.rebalance_on_join and len(self.assignment) < self.spec.workers and free
                 and tuple(w.worker_id for w in live) != self._rebalanced_with):
             self._rebalanced_with = tuple(w.worker_id for w in live)  # one try per membership
-            self.shared.spawn(self._change("rebalance onto a worker that joined", rebalance=True), "rebalance")
+            self._queue("rebalance onto a worker that joined", "rebalance", rebalance=True)
 
     def _trigger_heal(self, reason: str, epoch: int | None = None) -> asyncio.Task[None]:
         """One heal at a time. A failure from a newer epoch than the latest heal's, or news without an epoch
@@ -198,8 +204,7 @@ class Replica:
         self.pipeline.suspend()  # no further steps into the broken chain
         self._healing_epoch = self.pipeline.epoch if epoch is None else epoch
         self._heal_pending = True
-        task = self._healing = self.shared.spawn(self._change(reason, heal=True, epoch=epoch),
-                                                 f"recovery of {self.name}")
+        task = self._healing = self._queue(reason, f"recovery of {self.name}", heal=True, epoch=epoch)
         return task
 
     async def heal(self, epoch: int, error: BaseException) -> None:
@@ -214,7 +219,7 @@ class Replica:
         previous, record.state = record.state, "draining"
         try:
             # a task of its own: a caller that goes away does not cancel a change half done
-            await asyncio.shield(self._spawn_change(f"draining worker {record.address}", drain=record))
+            await asyncio.shield(self._queue(f"draining worker {record.address}", drain=record))
         except ChangeRefused as exc:
             record.state = previous
             raise FailedPrecondition(f"cannot drain worker {record.address}: {exc}") from None
@@ -225,7 +230,7 @@ class Replica:
 
     async def rebalance(self) -> str:
         try:
-            await asyncio.shield(self._spawn_change("rebalance requested", rebalance=True))
+            await asyncio.shield(self._queue("rebalance requested", rebalance=True))
         except ChangeRefused as exc:
             raise FailedPrecondition(f"cannot rebalance {self.name}: {exc}") from None
         return self.describe()
@@ -234,9 +239,21 @@ class Replica:
         return f"{self.name}: {describe(self.assignment, self.stages)}" if self.assignment else \
             f"{self.name}: {self.state}"
 
-    def _spawn_change(self, reason: str, **kind: Any) -> asyncio.Task[None]:
-        """A change whose refusal reaches the caller (ChangeRefused) instead of the log."""
-        return asyncio.ensure_future(self._change(reason, **kind))
+    def _queue(self, reason: str, name: str = "", **kind: Any) -> asyncio.Task[None]:
+        """Ask for a change: counted at once (see `busy`), run in order under the lock. With a `name` it is a
+        supervised background task (a refusal is logged); without, a refusal reaches whoever awaits it."""
+        self._queued += 1
+
+        async def run() -> None:
+            try:
+                await self._change(reason, **kind)
+            finally:
+                self._queued -= 1
+
+        task = self.shared.spawn(run(), name) if name else asyncio.ensure_future(run())
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return task
 
     async def retire(self, grace_s: float) -> str:
         """Take no new requests, let those in flight finish within `grace_s`, move the rest to a sibling by
@@ -248,12 +265,16 @@ class Replica:
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        for task in list(self._changes):  # a deploy or heal in progress is abandoned, not waited for
+            task.cancel()
+        if self._changes:
+            await asyncio.wait(list(self._changes), timeout=self.config.probe_timeout_ms / 1000 * 5)
         async with self._lock:
             left = 0
             if self.scheduler is not None:
-                streams = self.scheduler.evacuate()
+                streams = self.scheduler.evacuate(failure=False)
                 left = len(streams)
-                for stream in self.shared.evacuate(self, streams):
+                for stream in self.shared.evacuate(self, streams):  # planned: not counted as failures
                     stream.stop(Unavailable(f"{self.spec.key} was unloaded before this request finished"))
             self.pipeline.fail(Unavailable(f"{self.name} is retired"))
             if self.pipeline.chain is not None:
@@ -270,6 +291,9 @@ class Replica:
     async def _unload(self, workers: list[WorkerRecord]) -> int:
         """Unload the replica's shards and give the workers back; returns the weight bytes freed."""
         timeout = self.config.probe_timeout_ms / 1000 * 5
+        registry = self.shared.registry.workers
+        # a record replaced since (its worker restarted and may serve someone else now) is not unloaded
+        workers = [w for w in workers if registry.get(w.worker_id) is w and w.owner in ("", self.name)]
         results = await asyncio.gather(*(unload_shard(w.address, self.spec.model, timeout, self.shared.links)
                                          for w in workers), return_exceptions=True)
         freed = 0
@@ -380,8 +404,9 @@ class Replica:
         free = [w for w in self.free_workers(excluded) if w is not drain]
         stages = self.spec.workers
         if first is not None:
-            placed = [w for w, _ in first]
-            if all(w.worker_id in loaded and w.worker_id not in excluded for w in placed):
+            placed = [w for w, _ in first if self.owns(w) and w.state not in UNPLANNABLE]
+            if len(placed) == len(first) and all(w.worker_id in loaded and w.worker_id not in excluded
+                                                 for w in placed):
                 return first
             # a placed worker is gone or failed to load: place again among the others and the free ones
             others = [w for w in placed if w.worker_id in loaded and w.worker_id not in excluded]
@@ -392,6 +417,8 @@ class Replica:
             return list(zip(candidates, fit(self.manifest, candidates), strict=True))
         leaving = [w for w in self.assignment if w not in usable or w is drain]
         current = list(zip(self.assignment, self.stages, strict=True))
+        if not current:
+            raise PlanDoesNotFit("this replica has no chain to heal (the fleet places it again)")
         replaced = choose_replacements(current, leaving, free, loaded, self.spec.model)
         if replaced is not None:
             return replaced
@@ -449,6 +476,7 @@ class Replica:
         self._release_unused()
         links = self.shared.links
         old_chain = self.pipeline.install(ChainClient([w.address for w in self.assignment], links))
+        first = self.scheduler is None
         if self.scheduler is None:
             c = self.config
             self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
@@ -476,6 +504,8 @@ class Replica:
         self._failed_with = ()
         self.pipeline.resume()
         self._set_state("ready")
+        if first:
+            self.shared.joined(self)
 
     def _kv_request(self) -> worker_pb2.LoadShardRequest:
         c = self.config
@@ -492,9 +522,9 @@ class Replica:
         old = self.pipeline.fail(error)
         if old is not None:
             self.shared.spawn(old.close(), "closing the old chain")
-        self._failed_with = tuple(w.worker_id for w in self.shared.registry.live())
+        self._failed_with = self.shared.membership()
         self.shared.say(f"error: {self.name}: {why}")
         if self.scheduler is not None:
-            for stream in self.shared.evacuate(self, self.scheduler.evacuate()):
+            for stream in self.shared.evacuate(self, self.scheduler.evacuate(failure=True)):
                 stream.stop(error)
         self._set_state("failed", why)

@@ -274,7 +274,7 @@ class Scheduler:
                     stream.stop(Unavailable(f"the chain failed {stream.failures} times while this request ran"))
         return old
 
-    def evacuate(self) -> list[Stream]:
+    def evacuate(self, failure: bool) -> list[Stream]:
         """Every unfinished stream leaves this scheduler, rewound to replay elsewhere (a sibling replica):
         running ones first, oldest first, then those waiting. Their caches here are freed (best effort); a
         step of theirs still in flight is stale when it returns (their session ids changed)."""
@@ -284,7 +284,7 @@ class Scheduler:
             group[:] = [s for s in group if s.done]
         for stream in running:
             stream.blocks = stream.wants = 0
-            stream.rewind(failure=True)
+            stream.rewind(failure)
             self.replayed += 1
         waiting = list(self.waiting)
         self.waiting.clear()
@@ -292,11 +292,21 @@ class Scheduler:
             stream.waiting_in = None
         return running + waiting
 
-    def adopt(self, streams: list[Stream]) -> None:
-        """Streams from another replica join the head of this queue, in their order, and replay here."""
-        for stream in reversed(streams):
-            self._enqueue(stream, front=True)
+    def adopt(self, streams: list[Stream], front: bool = True) -> None:
+        """Streams from another replica join this queue, in their order (at its head: they were admitted
+        before anything waiting here), and replay here."""
+        for stream in reversed(streams) if front else streams:
+            self._enqueue(stream, front=front)
         self._admit()
+
+    def take_waiting(self, n: int) -> list[Stream]:
+        """Up to `n` of the streams waiting here (the newest), for a replica that has room."""
+        taken: list[Stream] = []
+        while self.waiting and len(taken) < n:
+            stream = self.waiting.pop()
+            stream.waiting_in = None
+            taken.append(stream)
+        return taken[::-1]
 
     def fail_all(self, error: BaseException) -> None:
         """Every stream, running or waiting, ends with `error` (the cluster cannot serve)."""

@@ -50,7 +50,7 @@ class CoordinatorServicer(AdminMethods, coordinator_pb2_grpc.CoordinatorServicer
         self.fleet.serving(deployment)  # not ready: say so before the prompt is even read
         text = deployment.text
         plan = await asyncio.to_thread(prepare, req, text, config)
-        _, _, scheduler = self.fleet.route(req.model)
+        _, scheduler = self.fleet.route(deployment)
         session_id = uuid.uuid4().hex
         self.active_sessions += 1
         try:
@@ -97,7 +97,7 @@ class CoordinatorServicer(AdminMethods, coordinator_pb2_grpc.CoordinatorServicer
         else:
             inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
         check_tokens(inputs, config.max_infer_tokens)
-        _, _, scheduler = self.fleet.route(request.model)
+        _, scheduler = self.fleet.route(deployment)
         vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
                               request.normalize if request.HasField("normalize") else True)
         response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))

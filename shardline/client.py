@@ -366,17 +366,24 @@ class Client:
             scale_up_after_ms=int(scale_up_after_s * 1000), scale_down_after_ms=int(scale_down_after_s * 1000))
         return str(self._admin("LoadModel", request, timeout).message)
 
-    def unload_model(self, model: str, *, grace_s: float = 0, timeout: float | None = None) -> tuple[str, int]:
-        """Admin: drain `model` (name@version) for up to `grace_s` (0: the coordinator's default), then free
-        its workers; returns (what happened, weight bytes freed)."""
-        reply = self._admin("UnloadModel", coordinator_pb2.UnloadModelRequest(model=model,
-                                                                              grace_ms=int(grace_s * 1000)), timeout)
+    def unload_model(self, model: str, *, grace_s: float | None = None,
+                     timeout: float | None = None) -> tuple[str, int]:
+        """Admin: drain `model` (name@version) for up to `grace_s` (None: the coordinator's default), then
+        free its workers; returns (what happened, weight bytes freed)."""
+        request = coordinator_pb2.UnloadModelRequest(model=model)
+        if grace_s is not None:
+            request.grace_ms = int(grace_s * 1000)
+        reply = self._admin("UnloadModel", request, timeout)
         return str(reply.message), int(reply.freed_weight_bytes)
 
-    def scale_model(self, model: str, replicas: int, *, timeout: float | None = None) -> str:
-        """Admin: give `model` (name or name@version) this many replicas (removed ones are drained first)."""
-        return str(self._admin("ScaleModel", coordinator_pb2.ScaleModelRequest(model=model, replicas=replicas),
-                               timeout).message)
+    def scale_model(self, model: str, replicas: int, *, grace_s: float | None = None,
+                    timeout: float | None = None) -> str:
+        """Admin: give `model` (name or name@version) this many replicas. Removed ones are drained: their
+        streams have `grace_s` (None: the coordinator's default) to finish, then move to another by replay."""
+        request = coordinator_pb2.ScaleModelRequest(model=model, replicas=replicas)
+        if grace_s is not None:
+            request.grace_ms = int(grace_s * 1000)
+        return str(self._admin("ScaleModel", request, timeout).message)
 
     def promote_model(self, model: str, *, timeout: float | None = None) -> str:
         """Admin: make name@version its name's default, atomically; returns the previous default version."""

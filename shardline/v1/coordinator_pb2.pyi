@@ -79,12 +79,14 @@ class UnloadModelResponse(_message.Message):
     def __init__(self, message: _Optional[str] = ..., freed_weight_bytes: _Optional[int] = ...) -> None: ...
 
 class ScaleModelRequest(_message.Message):
-    __slots__ = ("model", "replicas")
+    __slots__ = ("model", "replicas", "grace_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: int
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ...) -> None: ...
+    grace_ms: int
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., grace_ms: _Optional[int] = ...) -> None: ...
 
 class ScaleModelResponse(_message.Message):
     __slots__ = ("message",)

@@ -47,7 +47,8 @@ def test_what_cannot_fit_is_reported_per_deployment_with_the_missing_mib():
     assert [w.key for w, _ in result.placed] == ["small@1"]
     assert "big@1 (800.0 MiB of weights on 2 workers)" in result.unplaced["big@1"]
     assert "200.0 MiB missing" in result.unplaced["big@1"]
-    with pytest.raises(PlanDoesNotFit, match="needs 3 workers and 1 are free, offering 10.0 MiB: 10.0 MiB and 2 workers missing"):
+    missing = "needs 3 workers and 1 are free, offering 10.0 MiB: 10.0 MiB and 2 workers missing"
+    with pytest.raises(PlanDoesNotFit, match=missing):
         choose_workers(small, 3, workers(10))
 
 
