@@ -77,6 +77,7 @@ class Replica:
         self.draining = False  # takes no new requests (a scale-down, an unload, the coordinator's drain)
         self.retired = False   # unloaded: it holds no worker and serves nothing any more
         self.served = 0        # requests routed here, in all
+        self.infers = 0        # Infer calls in flight (they hold no stream, but a drain waits for them)
         self.freed_bytes = 0   # weight bytes its workers freed when it was retired
         self._lock = asyncio.Lock()     # one change of the chain at a time
         self._queued = 0                # changes asked for and not finished
@@ -261,7 +262,7 @@ class Replica:
         self.draining = True
         self.shared.changed()
         deadline = time.monotonic() + grace_s
-        while self.scheduler is not None and (self.scheduler.active or self.scheduler.waiting):
+        while self.infers or self.scheduler is not None and (self.scheduler.active or self.scheduler.waiting):
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)

@@ -97,9 +97,13 @@ class CoordinatorServicer(AdminMethods, coordinator_pb2_grpc.CoordinatorServicer
         else:
             inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
         check_tokens(inputs, config.max_infer_tokens)
-        _, scheduler = self.fleet.route(deployment)
-        vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
-                              request.normalize if request.HasField("normalize") else True)
+        replica, scheduler = self.fleet.route(deployment)
+        replica.infers += 1  # a drain waits for it as for a stream
+        try:
+            vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
+                                  request.normalize if request.HasField("normalize") else True)
+        finally:
+            replica.infers -= 1
         response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response
