@@ -17,6 +17,9 @@ from coordinator.config import CoordinatorConfig
 from coordinator.security_cli import api_keys, certs, health
 from coordinator.store import ModelStore, default_store
 
+if __name__ == "__main__":  # `python -m coordinator.cli`: one module, which coordinator.models_cli imports
+    sys.modules.setdefault("coordinator.cli", sys.modules[__name__])
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline coordinator")
 app.add_typer(certs, name="certs")
 app.add_typer(api_keys, name="api-keys")
@@ -30,10 +33,10 @@ API_KEYS_HELP = "a JSON file of hashed API keys with roles (`coordinator api-key
     "public API takes any caller"
 CLIENT_CERTS_HELP = "with --certs-dir: 'required' makes public API clients present a certificate from the CA"
 CLUSTER_PORT_HELP = "with --certs-dir: the port workers register on (mutual TLS only)"
-API_KEY_OPTION = typer.Option(None, "--api-key", envvar="SHARDLINE_API_KEY", help="the API key (or "
-                              "$SHARDLINE_API_KEY)", show_envvar=False)
-CLIENT_CERTS_DIR = typer.Option(None, "--certs-dir", help="TLS: trust this directory's ca.crt")
-CLIENT_NAME = typer.Option("", "--client-name", help="with --certs-dir: present client.NAME.crt/.key")
+API_KEY_OPTION: Any = typer.Option(None, "--api-key", envvar="SHARDLINE_API_KEY", help="the API key (or "
+                                   "$SHARDLINE_API_KEY)", show_envvar=False)
+CLIENT_CERTS_DIR: Any = typer.Option(None, "--certs-dir", help="TLS: trust this directory's ca.crt")
+CLIENT_NAME: Any = typer.Option("", "--client-name", help="with --certs-dir: present client.NAME.crt/.key")
 
 
 def _store(store: Path | None) -> ModelStore:
@@ -114,15 +117,6 @@ def import_(
         return
     print(f"imported {manifest.name}: {manifest.family}, {manifest.num_layers} layers, {len(manifest.tensors)} "
           f"tensors, {manifest.total_size_bytes / 2**20:.1f} MiB -> {target.path(manifest.name)}")
-
-
-@app.command()
-def models(store: Path | None = typer.Option(None, help=STORE_HELP)) -> None:
-    """List the models in the store."""
-    target = _store(store)
-    for name in target.models():
-        m = target.manifest(name)
-        print(f"{name:<24} {m.family:<8} {m.num_layers:>4} layers {m.total_size_bytes / 2**20:>10.1f} MiB")
 
 
 @app.command()
@@ -442,12 +436,15 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
 
 @app.command()
 def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+           timeout: float = typer.Option(10, help="deadline in seconds"),
            api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
            client_name: str = CLIENT_NAME) -> None:
-    """Workers, their layer ranges, memory, sessions and state, as a table."""
+    """Workers, their layer ranges, memory, sessions and state, as a table; then each deployment (model
+    version): its replicas, their chains of workers, streams and requests, and its last events."""
+    from coordinator.models_cli import deployment_lines
     from shardline.errors import ShardlineError
 
-    with _client(endpoint, 10, api_key, certs_dir, client_name) as client:
+    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
         try:
             s = client.cluster_status()
         except ShardlineError as exc:
@@ -470,6 +467,8 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
         print(f"{w.address:<22} {w.busy_ms / 1000:>7.1f} s {w.idle_ms / 1000:>7.1f} s "
               f"{100 * w.busy_ms / up if up else 0:>6.1f}% {w.queue_depth:>6} {w.bytes_in / 2**20:>6.1f} MiB "
               f"{w.bytes_out / 2**20:>6.1f} MiB {w.tokens_per_second:>9.1f}")
+    for line in deployment_lines(s):
+        print(line)
 
 
 @app.command("drain-worker")
@@ -550,6 +549,11 @@ def _client(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path 
         return Client(endpoint, timeout=timeout, api_key=api_key, tls=certs_dir, client_name=client_name)
     except (TLSFilesError, ValueError) as exc:
         _fail(str(exc))
+
+
+from coordinator.models_cli import models  # noqa: E402 - it imports this module's helpers, defined above
+
+app.add_typer(models, name="models")
 
 
 def main() -> None:

@@ -1,0 +1,179 @@
+"""`coordinator models`: the store's models (without a subcommand), and what a running cluster serves:
+list, load, unload, scale, promote (the admin API's model management, through the SDK)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from coordinator.cli import (
+    API_KEY_OPTION,
+    CLIENT_CERTS_DIR,
+    CLIENT_NAME,
+    STORE_HELP,
+    _client,
+    _fail,
+    _store,
+    explain,
+)
+
+models = typer.Typer(add_completion=False, invoke_without_command=True,
+                     help="The store's models (without a command); with a command, what a running cluster serves.")
+ENDPOINT_HELP = "the coordinator"
+NEGATIVE_OK = {"ignore_unknown_options": True}  # `scale NAME -1` reaches the server (which says why not)
+
+
+@models.callback()
+def store_models(ctx: typer.Context, store: Path | None = typer.Option(None, help=STORE_HELP)) -> None:
+    """List the models in the store; `coordinator models list` lists what a running cluster serves."""
+    if ctx.invoked_subcommand is not None:
+        return
+    target = _store(store)
+    for name in target.models():
+        m = target.manifest(name)
+        typer.echo(f"{name:<24} {m.family:<8} {m.num_layers:>4} layers {m.total_size_bytes / 2**20:>10.1f} MiB")
+
+
+@contextmanager
+def _connected(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path | None,
+               client_name: str) -> Iterator[Any]:
+    """The SDK's client; an error of the call ends the command with one line (exit 1), never a traceback."""
+    from shardline.errors import ShardlineError
+
+    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        try:
+            yield client
+        except ShardlineError as exc:
+            _fail(explain(exc, endpoint))
+        except ValueError as exc:  # a field protobuf refuses (out of its range)
+            _fail(str(exc))
+
+
+@models.command("list")
+def list_(endpoint: str = typer.Option("127.0.0.1:50051", help=ENDPOINT_HELP),
+          timeout: float = typer.Option(10, help="deadline in seconds"),
+          api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+          client_name: str = CLIENT_NAME) -> None:
+    """What the cluster serves: each model version, its task, replicas ready/wanted and state ('*': the
+    version a request naming only NAME gets)."""
+    with _connected(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        served = client.list_models()
+    for line in model_table(served):
+        typer.echo(line)
+
+
+def model_table(served: list[Any]) -> list[str]:
+    """ListModels' models as aligned lines under a header."""
+    if not served:
+        return ["no model is served (load one with `coordinator models load NAME`)"]
+    header = ("NAME", "VERSION", "DEFAULT", "TASK", "REPLICAS", "STATE", "CONTEXT")
+    rows = [(m.name, m.version, "*" if m.is_default else "", m.task, f"{m.replicas_ready}/{m.replicas}", m.state,
+             str(m.context_tokens)) for m in sorted(served, key=lambda m: (m.name, m.version))]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]]
+
+
+@models.command()
+def load(name: str = typer.Argument(..., help="the name requests use (NAME, or NAME@VERSION)"),
+         version: str = typer.Option("", help="the version [1]"),
+         source: str = typer.Option("", help="the model in the coordinator's store to deploy [NAME]"),
+         replicas: int = typer.Option(1, help="pipeline replicas"),
+         workers: int = typer.Option(0, help="stages (workers) of one replica (0 = the coordinator's default)"),
+         promote: bool = typer.Option(False, help="once it serves, make it the default version of NAME"),
+         min_replicas: int = typer.Option(0, help="autoscaling: the fewest replicas"),
+         max_replicas: int = typer.Option(0, help="autoscaling (on when > 0): the most replicas"),
+         target_queue: float = typer.Option(0, help="autoscaling: streams waiting per replica that add one (0 = 4)"),
+         endpoint: str = typer.Option("127.0.0.1:50051", help=ENDPOINT_HELP),
+         timeout: float = typer.Option(600, help="deadline in seconds (the call returns once a replica serves)"),
+         api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+         client_name: str = CLIENT_NAME) -> None:
+    """Deploy a model of the coordinator's store as NAME@VERSION on free workers while everything else serves;
+    returns once a replica serves."""
+    if "@" in name:
+        name, _, given = name.partition("@")
+        if version and version != given:
+            _fail(f"the version is given twice: {name}@{given} and --version {version}")
+        version = given
+    with _connected(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        message = client.load_model(name, version=version, source=source, replicas=replicas, workers=workers,
+                                    promote=promote, min_replicas=min_replicas, max_replicas=max_replicas,
+                                    target_queue=target_queue, timeout=timeout)
+    typer.echo(message)
+
+
+@models.command()
+def unload(model: str = typer.Argument(..., help="NAME@VERSION (or NAME: its default version)"),
+           grace_seconds: float | None = typer.Option(None, help="how long its streams may finish (0: none may); "
+                                                      "the rest fail [the coordinator's unload_grace_s]"),
+           endpoint: str = typer.Option("127.0.0.1:50051", help=ENDPOINT_HELP),
+           timeout: float = typer.Option(600, help="deadline in seconds"),
+           api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+           client_name: str = CLIENT_NAME) -> None:
+    """Drain a deployment, then unload it from its workers, which return to the pool."""
+    with _connected(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        message, freed = client.unload_model(model, grace_s=grace_seconds, timeout=timeout)
+    typer.echo(message)
+    typer.echo(f"freed {freed / 2**20:.1f} MiB")
+
+
+@models.command(context_settings=NEGATIVE_OK)
+def scale(model: str = typer.Argument(..., help="NAME@VERSION (or NAME: its default version)"),
+          replicas: int = typer.Argument(..., help="the number of replicas it should have"),
+          grace_seconds: float | None = typer.Option(None, help="scaling down: how long the removed replicas' "
+                                                     "streams may finish before they move to another replica "
+                                                     "by replay [the coordinator's unload_grace_s]"),
+          endpoint: str = typer.Option("127.0.0.1:50051", help=ENDPOINT_HELP),
+          timeout: float = typer.Option(600, help="deadline in seconds (replicas removed are drained first)"),
+          api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+          client_name: str = CLIENT_NAME) -> None:
+    """Give a deployment this many replicas: new ones go on free workers; removed ones are drained first
+    (their streams finish, or move to another replica by replay)."""
+    with _connected(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        typer.echo(client.scale_model(model, replicas, grace_s=grace_seconds, timeout=timeout))
+
+
+@models.command()
+def promote(model: str = typer.Argument(..., help="NAME@VERSION"),
+            endpoint: str = typer.Option("127.0.0.1:50051", help=ENDPOINT_HELP),
+            timeout: float = typer.Option(30, help="deadline in seconds"),
+            api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+            client_name: str = CLIENT_NAME) -> None:
+    """Make NAME@VERSION the default of NAME, atomically: requests in flight finish on their version."""
+    with _connected(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        previous = client.promote_model(model, timeout=timeout)
+    typer.echo(f"{model} is the default (was version {previous})" if previous else f"{model} is the default")
+
+
+def deployment_lines(status: Any, events: int = 5) -> list[str]:
+    """`coordinator status`'s deployments section: each deployment (the default marked), its autoscaling
+    bounds, its replicas (state, chain of workers, running/queued streams, requests served) and its last
+    `events` scaling and loading events."""
+    lines: list[str] = []
+    for d in status.deployments:
+        head = f"{d.name}@{d.version}{' (default)' if d.is_default else ''}: {d.state}"
+        if d.source and d.source != d.name:
+            head += f"; from {d.source}"
+        if d.max_replicas:
+            head += f"; autoscaling {d.min_replicas}..{d.max_replicas} replicas, target queue {d.target_queue:g}"
+        lines += ["", head]
+        if d.replicas:
+            width = max(22, *(len(r.name) for r in d.replicas))
+            lines.append(f"  {'replica':<{width}} {'state':<12} {'running':>7} {'queued':>6} {'requests':>8}  workers")
+            for r in d.replicas:
+                state = r.state + (" (draining)" if r.draining else "")
+                chain = " -> ".join(r.workers) or "-"
+                extra = (f"  {r.recoveries} recoveries" if r.recoveries else "") + (f"  {r.message}" if r.message
+                                                                                     else "")
+                lines.append(f"  {r.name:<{width}} {state:<12} {r.running:>7} {r.queued:>6} {r.requests:>8}  "
+                             f"{chain}{extra}")
+        else:
+            lines.append("  no replicas")
+        if d.events:
+            lines.append("  events:")
+            lines += [f"    {event}" for event in d.events[-events:]]
+    return lines
