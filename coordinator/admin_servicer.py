@@ -87,7 +87,7 @@ class AdminMethods:
         promoted = " and promoted to default" if request.promote else ""
         return coordinator_pb2.LoadModelResponse(
             model=deployment.key, load_ms=int(deployment.loaded_in_s * 1000),
-            message=f"{deployment.key} serves on {len(deployment.ready_replicas)} replicas{promoted} after "
+            message=f"{deployment.key} serves on {len(deployment.ready_replicas)} replica(s){promoted} after "
                     f"{deployment.loaded_in_s:.2f} s")
 
     @grpc_errors

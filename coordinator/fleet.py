@@ -204,6 +204,11 @@ class Fleet:
         return self.state == "ready"
 
     @property
+    def settled(self) -> bool:
+        """Ready, and no replica still waits for workers, deploys or recovers (what a launch waits for)."""
+        return self.ready and all(r.state in ("ready", "failed") for r in self.replicas if not r.draining)
+
+    @property
     def serves_every_name(self) -> bool:
         """Health: every model name's default version that wants replicas has a ready one (a version loaded
         beside it, or a deployment scaled to zero, does not take the coordinator out of service)."""

@@ -179,7 +179,7 @@ class LocalCluster:
             raise failed[0]
         fleet = coordinator.fleet
         shown = -1
-        while fleet.state not in ("ready", "failed"):
+        while fleet.state != "failed" and not fleet.settled:  # every replica placed and loaded, or failed
             waiting = asyncio.ensure_future(fleet.changed.wait())
             await asyncio.wait([waiting], timeout=0.5)
             waiting.cancel()

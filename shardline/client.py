@@ -229,10 +229,12 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
 POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}
 
 
-def infer_request(texts: Sequence[str], pooling: str = "mean", normalize: bool = True) -> coordinator_pb2.InferRequest:
+def infer_request(texts: Sequence[str], pooling: str = "mean", normalize: bool = True,
+                  model: str = "") -> coordinator_pb2.InferRequest:
     if pooling not in POOLING:
         raise ValueError(f"pooling must be one of {sorted(POOLING)}")
-    return coordinator_pb2.InferRequest(texts=list(texts), pooling=POOLING[pooling], normalize=normalize)
+    return coordinator_pb2.InferRequest(texts=list(texts), pooling=POOLING[pooling], normalize=normalize,
+                                        model=model)
 
 
 def _vectors(response: coordinator_pb2.InferResponse) -> np.ndarray:
@@ -313,11 +315,13 @@ class Client:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
-    def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+    def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
               timeout: float | None = None) -> np.ndarray:
-        """One vector per text ([len(texts), hidden] float32) from an encoder model (Infer)."""
+        """One vector per text ([len(texts), hidden] float32) from an encoder model (Infer); `model` names
+        it (name or name@version) when the cluster serves several."""
         try:
-            return _vectors(self.stub.Infer(infer_request(texts, pooling, normalize), timeout=timeout or self.timeout))
+            return _vectors(self.stub.Infer(infer_request(texts, pooling, normalize, model),
+                                            timeout=timeout or self.timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -454,10 +458,10 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
-    async def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+    async def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
                     timeout: float | None = None) -> np.ndarray:
         try:
-            return _vectors(await self.stub.Infer(infer_request(texts, pooling, normalize),
+            return _vectors(await self.stub.Infer(infer_request(texts, pooling, normalize, model),
                                                   timeout=timeout or self.timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -17,8 +16,7 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from shardline.client import Client, infer_request
-from shardline.codec import decode_tensor, to_numpy
+from shardline.client import Client
 from shardline.errors import FailedPrecondition, ShardlineError
 from tests.e2e.test_cli import cli
 from tests.e2e.test_join_and_generate import free_port
@@ -68,12 +66,8 @@ def fleet(smollm2_store, minilm_store):
                     "--workers", "1")
     try:
         assert launch.serving.wait(180) and launch.process.poll() is None, launch.output
-        # "serving" comes once every deployment has a replica ready; the second replica may still be loading
-        with Client(launch.endpoint, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while not all(m.replicas_ready == m.replicas for m in client.list_models()):
-                assert time.monotonic() < deadline, client.cluster_status()
-                time.sleep(0.5)
+        with Client(launch.endpoint, timeout=30) as client:  # launch says ready once every replica is
+            assert all(m.replicas_ready == m.replicas for m in client.list_models()), client.cluster_status()
         yield launch
     finally:
         if launch.process.poll() is None:
@@ -121,10 +115,7 @@ def test_greedy_smollm2_on_both_replicas_equals_transformers(fleet):
 
 def test_minilm_embeds_as_sentence_transformers_pools(fleet):
     with Client(fleet.endpoint, timeout=60) as client, launcher_log_on_error(fleet):
-        # Client.embed names no model (the cluster's first, smollm2, here): the same request, naming minilm
-        request = infer_request(SENTENCES)
-        request.model = "minilm"
-        ours = to_numpy(decode_tensor(client.stub.Infer(request, timeout=60).embeddings))
+        ours = client.embed(SENTENCES, model="minilm")
     expected = reference(fleet.store.path("minilm"), SENTENCES)
     assert ours.shape == expected.shape == (len(SENTENCES), 384)
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
