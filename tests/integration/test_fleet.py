@@ -287,8 +287,7 @@ def test_scaling_down_under_load_moves_the_streams_by_replay(fleet, oracle):
     assert len(deployment.ready_replicas) == 2
 
 
-@pytest.mark.chaos
-@pytest.mark.slow
+@pytest.mark.chaos  # in the default suite: it passed 20 runs in a row (make test-chaos)
 def test_a_dead_worker_of_one_replica_fails_nothing(fleet, oracle, loop, pool):
     register(fleet, pool(1))  # a spare for the replica that loses a worker
     replica = fleet.fleet.deployments["tiny-llama@1"].replicas[1]
