@@ -364,9 +364,12 @@ class Replica:
             try:
                 target = self._choose(dead, loaded, excluded, first=first, drain=drain, rebalance=rebalance)
             except PlanDoesNotFit as exc:
+                # workers whose load failed are left out: their failure is the reason, not the arithmetic
+                why = f"loading failed on {len(excluded)} workers ({self.message}); without them: {exc}" \
+                    if excluded else str(exc)
                 if not retired:
-                    raise ChangeRefused(str(exc)) from None  # the running chain serves on, untouched
-                self._cannot_serve(f"the live workers cannot hold {self.spec.key}: {exc}")
+                    raise ChangeRefused(why) from None  # the running chain serves on, untouched
+                self._cannot_serve(f"the live workers cannot hold {self.spec.key}: {why}")
                 return
             self._claim([w for w, _ in target])
             planned = time.perf_counter()
