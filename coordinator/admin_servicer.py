@@ -47,7 +47,7 @@ def spec_from_proto(r: coordinator_pb2.LoadModelRequest) -> DeploymentSpec:
     if r.version:
         fields["version"] = r.version
     if r.max_replicas:
-        fields.update(min_replicas=r.min_replicas, max_replicas=r.max_replicas)
+        fields.update(min_replicas=r.min_replicas or 1, max_replicas=r.max_replicas)
         if r.target_queue:
             fields["target_queue"] = r.target_queue
         if r.scale_up_after_ms:

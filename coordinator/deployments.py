@@ -35,6 +35,9 @@ class DeploymentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> DeploymentSpec:
+        if self.max_replicas and self.min_replicas < 1:
+            raise ValueError(f"deployment {self.key}: autoscaling needs min_replicas >= 1 (a deployment at 0 "
+                             "replicas gets no requests to scale up on)")
         if self.max_replicas and not self.min_replicas <= self.replicas <= self.max_replicas:
             raise ValueError(f"deployment {self.key}: replicas {self.replicas} is outside min_replicas "
                              f"{self.min_replicas} .. max_replicas {self.max_replicas}")

@@ -358,7 +358,7 @@ class Fleet:
         if self.draining:
             return
         pending = [[r for r in d.live if not r.assignment and not r.busy and
-                    (r.state != "failed" or r.failed_with != self._membership())]
+                    (r.state != "failed" or r.may_retry(self._membership()))]
                    for d in self.deployments.values()]
         wanted = [Wanted(r.name, r.manifest, r.spec.workers) for r in interleave(pending)]
         if wanted:
@@ -388,7 +388,7 @@ class Fleet:
     def _joined(self, replica: Replica) -> None:
         """A replica serves for the first time: it takes half of what waits on each busier sibling."""
         deployment = self.deployments.get(replica.spec.key)
-        if deployment is None or replica.scheduler is None:
+        if deployment is None or replica.scheduler is None or replica.draining:
             return
         for sibling in deployment.ready_replicas:
             if sibling is replica or sibling.scheduler is None:
@@ -423,10 +423,10 @@ class Fleet:
     async def drain_worker(self, address: str) -> str:
         record = self.worker(address)
         owner = self._owner(record)
-        if owner is None or record not in owner.assignment:
+        if owner is None:
             record.state, record.stage, record.owner = "drained", None, ""
             return f"worker {address} held no stage; it takes no new one"
-        return await owner.drain_worker(record)
+        return await owner.drain_worker(record)  # also one claimed by a change in progress: it queues behind
 
     async def rebalance(self) -> str:
         serving = [r for r in self.replicas if r.assignment and not r.draining]
@@ -445,7 +445,7 @@ class Fleet:
         self.draining = True
         self.notify()
         deadline = time.monotonic() + grace_s
-        while any(r.running or r.queued for r in self.replicas):
+        while any(r.running or r.queued or r.infers for r in self.replicas):
             if time.monotonic() >= deadline:
                 log.warning("drain: streams still running after %.0f s; stopping them", grace_s)
                 return

@@ -179,7 +179,11 @@ class LocalCluster:
             raise failed[0]
         fleet = coordinator.fleet
         shown = -1
+        deadline = time.monotonic() + self.config.load_timeout_s + 120  # registration, then the loads
         while fleet.state != "failed" and not fleet.settled:  # every replica placed and loaded, or failed
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {self.config.load_timeout_s + 120:.0f} s: {fleet.state} "
+                                   f"({fleet.message})")
             waiting = asyncio.ensure_future(fleet.changed.wait())
             await asyncio.wait([waiting], timeout=0.5)
             waiting.cancel()

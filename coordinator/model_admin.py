@@ -56,7 +56,14 @@ class ModelAdmin:
         name, version = split_name(requested)
         if not name:
             raise InvalidArgument("model is empty: give NAME or NAME@VERSION")
-        return self.fleet.find(requested if version else name)
+        fleet = self.fleet
+        exact = fleet.deployments.get(requested) if version else None
+        loading = [d for d in fleet.deployments.values() if d.spec.name == name] if name not in fleet.defaults else []
+        if exact is not None:  # also one still loading: it can be unloaded or scaled before it serves
+            return exact
+        if len(loading) == 1 and not version:
+            return loading[0]
+        return fleet.find(requested if version else name)
 
     # -- load and promote ------------------------------------------------------------------------------
     async def load(self, spec: DeploymentSpec, promote: bool, timeout_s: float) -> Deployment:
@@ -85,6 +92,8 @@ class ModelAdmin:
         fleet.place_pending()
         try:
             await self._until_ready(deployment, timeout_s - (time.perf_counter() - began))
+            if deployment.unloading:
+                raise FailedPrecondition(f"{deployment.key} was unloaded while it loaded")
         except BaseException:
             if not deployment.unloading:
                 await self._unload(deployment, 0)
@@ -95,10 +104,11 @@ class ModelAdmin:
         return deployment
 
     async def _until_ready(self, deployment: Deployment, timeout_s: float) -> None:
-        """Every replica ready or failed, one at least ready; or why not, within `timeout_s`."""
+        """A replica ready and none still loading (one that waits for workers is placed later); or why not,
+        within `timeout_s`."""
         fleet = self.fleet
         deadline = time.monotonic() + timeout_s
-        while not deployment.ready_replicas or any(r.state not in ("ready", "failed") for r in deployment.live):
+        while not deployment.ready_replicas or any(r.state in ("deploying", "recovering") for r in deployment.live):
             if deployment.unloading or fleet.deployments.get(deployment.key) is not deployment:
                 raise FailedPrecondition(f"{deployment.key} was unloaded while it loaded")
             if any(r.state == "failed" for r in deployment.live) and not deployment.ready_replicas:

@@ -79,6 +79,9 @@ class Replica:
         self.served = 0        # requests routed here, in all
         self.infers = 0        # Infer calls in flight (they hold no stream, but a drain waits for them)
         self.freed_bytes = 0   # weight bytes its workers freed when it was retired
+        self._retiring = False  # retire() has begun: no change of the chain starts any more
+        self._retry_after = 0.0  # a failed replica is placed or healed again no sooner than this
+        self._backoff_s = 1.0
         self._lock = asyncio.Lock()     # one change of the chain at a time
         self._queued = 0                # changes asked for and not finished
         self._changes: set[asyncio.Task[None]] = set()
@@ -126,6 +129,10 @@ class Replica:
     def failed_with(self) -> tuple[str, ...]:
         """The membership the last failure saw (a failed replica retries once it changes)."""
         return self._failed_with
+
+    def may_retry(self, membership: tuple[str, ...]) -> bool:
+        """A failed replica tries again once the pool changed and its back-off has passed."""
+        return membership != self._failed_with and time.monotonic() >= self._retry_after
 
     def cannot_place(self, why: str, membership: tuple[str, ...]) -> None:
         """Placement found workers, but not the memory: the replica fails with the missing MiB (it is placed
@@ -184,7 +191,7 @@ class Replica:
             return  # a replica without a chain is placed by the fleet
         live = self.shared.registry.live()
         if self.state == "failed":
-            if self.shared.membership() != self._failed_with:
+            if self.may_retry(self.shared.membership()):
                 self._trigger_heal("the pool changed after a failed recovery")
             return
         free = self.free_workers()
@@ -197,6 +204,10 @@ class Replica:
         """One heal at a time. A failure from a newer epoch than the latest heal's, or news without an epoch
         (a worker reported dead, or registered again) once that heal has begun probing, queues one more."""
         task = self._healing
+        if self._retiring:  # leaving: nothing to heal (its streams move on when it retires)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done  # type: ignore[return-value]
         if task is not None and not task.done():
             if epoch is not None and epoch <= self._healing_epoch:
                 return task
@@ -218,15 +229,23 @@ class Replica:
     async def drain_worker(self, record: WorkerRecord) -> str:
         """Hand a worker's stage over (to a free worker, or by re-planning); it then holds no stage."""
         previous, record.state = record.state, "draining"
+        # a task of its own, settled however it ends: a caller that goes away changes nothing
+        task = self._queue(f"draining worker {record.address}", drain=record)
+
+        def settle(done: asyncio.Task[None]) -> None:
+            if done.cancelled() or done.exception() is not None or record in self.assignment:
+                if record.state == "draining":
+                    record.state = previous
+            else:
+                record.state, record.stage, record.owner = "drained", None, ""
+
+        task.add_done_callback(settle)
         try:
-            # a task of its own: a caller that goes away does not cancel a change half done
-            await asyncio.shield(self._queue(f"draining worker {record.address}", drain=record))
+            await asyncio.shield(task)
         except ChangeRefused as exc:
-            record.state = previous
             raise FailedPrecondition(f"cannot drain worker {record.address}: {exc}") from None
         if record in self.assignment:
             raise Unavailable(f"worker {record.address} could not be drained: {self.message}")
-        record.state, record.stage, record.owner = "drained", None, ""
         return f"worker {record.address} drained: {self.describe()}"
 
     async def rebalance(self) -> str:
@@ -244,22 +263,23 @@ class Replica:
         """Ask for a change: counted at once (see `busy`), run in order under the lock. With a `name` it is a
         supervised background task (a refusal is logged); without, a refusal reaches whoever awaits it."""
         self._queued += 1
-
-        async def run() -> None:
-            try:
-                await self._change(reason, **kind)
-            finally:
-                self._queued -= 1
-
-        task = self.shared.spawn(run(), name) if name else asyncio.ensure_future(run())
+        work = self._change(reason, **kind)
+        task = self.shared.spawn(work, name) if name else asyncio.ensure_future(work)
         self._changes.add(task)
-        task.add_done_callback(self._changes.discard)
+
+        def done(_: asyncio.Task[None]) -> None:  # also when cancelled before it ever ran
+            self._queued -= 1
+            self._changes.discard(task)
+
+        task.add_done_callback(done)
         return task
 
     async def retire(self, grace_s: float) -> str:
         """Take no new requests, let those in flight finish within `grace_s`, move the rest to a sibling by
         replay (or fail them), then unload every worker and give them back to the pool."""
-        self.draining = True
+        if self._retiring:
+            return f"{self.name} is already leaving"
+        self.draining = self._retiring = True
         self.shared.changed()
         deadline = time.monotonic() + grace_s
         while self.infers or self.scheduler is not None and (self.scheduler.active or self.scheduler.waiting):
@@ -312,7 +332,7 @@ class Replica:
         """Never leaves the gate closed while the state says the replica serves: it ends with a new chain
         installed, with the old chain untouched (ChangeRefused), or in state "failed" with every stream told."""
         async with self._lock:
-            if self.retired:
+            if self.retired or self._retiring:
                 return
             if heal:
                 self._heal_pending = False
@@ -331,6 +351,12 @@ class Replica:
                     if worker.state == "loading" and self.owns(worker) and worker not in self.assignment:
                         worker.state = "spare"
                 self._release_unused()
+                if self.state == "failed":  # the pool as it is now that this replica let go of its claims,
+                    self._failed_with = self.shared.membership()  # and a pause before the next try
+                    self._retry_after = time.monotonic() + self._backoff_s
+                    self._backoff_s = min(60.0, self._backoff_s * 2)
+                elif self.state == "ready":
+                    self._backoff_s = 1.0
 
     async def _retire_chain(self) -> None:
         """Close the gate and the chain: steps in flight fail at once (their streams are rewound at install)."""
@@ -377,7 +403,8 @@ class Replica:
                 self.shared.say(f"{reason}: nothing to change; {self.describe()}")
                 return
             ok, retired = await self._load(target, loaded, retired, excluded)
-            replaced = [w for w, _ in target if registry.workers.get(w.worker_id) is not w]
+            replaced = [w for w, _ in target if registry.workers.get(w.worker_id) is not w
+                        or not self.owns(w) or w.state in UNPLANNABLE]
             if ok and replaced:  # one restarted and registered again while this change ran: probe again
                 ok, self.message = False, f"worker {replaced[0].address} registered again during the change"
             if ok:

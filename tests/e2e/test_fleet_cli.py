@@ -168,7 +168,7 @@ def test_load_promote_unload_from_the_cli(fleet):
     """On the worker that scaling down gave back: a second version, promoted, then the first unloaded."""
     loaded = fleet.cli("models", "load", "smollm2@2", "--source", "smollm2")
     assert loaded.returncode == 0, loaded.stderr
-    assert "smollm2@2 serves on 1 replicas" in loaded.stdout
+    assert "smollm2@2 serves on 1 replica(s)" in loaded.stdout
     promoted = fleet.cli("models", "promote", "smollm2@2")
     assert promoted.returncode == 0 and promoted.stdout == "smollm2@2 is the default (was version 1)\n", \
         promoted.stderr
