@@ -80,6 +80,7 @@ class Replica:
         self.infers = 0        # Infer calls in flight (they hold no stream, but a drain waits for them)
         self.freed_bytes = 0   # weight bytes its workers freed when it was retired
         self._retiring = False  # retire() has begun: no change of the chain starts any more
+        self._broken = False    # its chain failed while it retired: its streams leave without the grace
         self._retry_after = 0.0  # a failed replica is placed or healed again no sooner than this
         self._backoff_s = 1.0
         self._lock = asyncio.Lock()     # one change of the chain at a time
@@ -204,7 +205,9 @@ class Replica:
         """One heal at a time. A failure from a newer epoch than the latest heal's, or news without an epoch
         (a worker reported dead, or registered again) once that heal has begun probing, queues one more."""
         task = self._healing
-        if self._retiring:  # leaving: nothing to heal (its streams move on when it retires)
+        if self._retiring:  # leaving: nothing to heal; its streams wait at the closed gate and move on now
+            self.pipeline.suspend()
+            self._broken = True
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done  # type: ignore[return-value]
@@ -283,7 +286,7 @@ class Replica:
         self.shared.changed()
         deadline = time.monotonic() + grace_s
         while self.infers or self.scheduler is not None and (self.scheduler.active or self.scheduler.waiting):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._broken:  # a broken chain finishes nothing: move on
                 break
             await asyncio.sleep(0.05)
         for task in list(self._changes):  # a deploy or heal in progress is abandoned, not waited for
