@@ -554,6 +554,9 @@ def _client(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path 
 from coordinator.models_cli import models  # noqa: E402 - it imports this module's helpers, defined above
 
 app.add_typer(models, name="models")
+from coordinator.jobs_cli import jobs  # noqa: E402 - as models
+
+app.add_typer(jobs, name="jobs")
 
 
 def main() -> None:

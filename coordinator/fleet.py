@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class Deployment:
     unloading: bool = False
     events: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
     loaded_in_s: float = 0.0  # from load request to the first replica ready (run-time loads)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # this load of it (result cache entries' owner)
 
     @property
     def key(self) -> str:

@@ -60,6 +60,7 @@ class Piece:
     finish_reason: str = ""  # "", "length" or "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached: bool = False  # answered from the result cache
 
 
 def utf8_bytes(text: str) -> int:
@@ -171,8 +172,8 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
     return Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos)
 
 
-async def run(scheduler: Scheduler, text: TokenModel, plan: Plan,
-              session_id: str) -> AsyncIterator[Piece]:
+async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
+              background: bool = False) -> AsyncIterator[Piece]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 
@@ -180,25 +181,25 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan,
     were produced; before that, an end-of-sequence id is just a token."""
     stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
     stream = scheduler.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
-                              min_tokens=plan.min_tokens)
+                              min_tokens=plan.min_tokens, background=background)
     texts = TextStream(text, plan.stop)
     produced = 0
-    usage = {"prompt_tokens": len(plan.prompt_ids)}
+    prompt_tokens = len(plan.prompt_ids)
     try:
         while True:
             token = await stream.tokens.get()
             if isinstance(token, BaseException):
                 raise token
             if token is None or (token in stop_ids and produced >= plan.min_tokens):
-                yield Piece(texts.flush(), [], "stop", completion_tokens=produced, **usage)
+                yield Piece(texts.flush(), [], "stop", prompt_tokens=prompt_tokens, completion_tokens=produced)
                 return
             produced += 1
             piece = texts.push(token, match=produced > plan.min_tokens)
             if texts.stopped:
-                yield Piece(piece, [token], "stop", completion_tokens=produced, **usage)
+                yield Piece(piece, [token], "stop", prompt_tokens=prompt_tokens, completion_tokens=produced)
                 return
             if produced == plan.max_tokens:
-                yield Piece(piece + texts.flush(), [token], "length", completion_tokens=produced, **usage)
+                yield Piece(piece + texts.flush(), [token], "length", prompt_tokens, produced)
                 return
             yield Piece(piece, [token])
     finally:

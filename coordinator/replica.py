@@ -107,8 +107,7 @@ class Replica:
         s = self.scheduler
         if s is None:
             return 0
-        streams = [*s.waiting, *(x for g in s.groups for x in g)]
-        return sum(len(x.pending) + max(0, x.max_tokens - x.produced) for x in streams if not x.done)
+        return sum(len(x.pending) + max(0, x.max_tokens - x.produced) for x in s.streams() if not x.done)
 
     @property
     def queued(self) -> int:
@@ -285,7 +284,7 @@ class Replica:
         self.draining = self._retiring = True
         self.shared.changed()
         deadline = time.monotonic() + grace_s
-        while self.infers or self.scheduler is not None and (self.scheduler.active or self.scheduler.waiting):
+        while self.infers or self.scheduler is not None and self.scheduler.busy:
             if time.monotonic() >= deadline or self._broken:  # a broken chain finishes nothing: move on
                 break
             await asyncio.sleep(0.05)

@@ -20,6 +20,11 @@ room for its prompt plus `reserve_tokens`; it takes more blocks as it grows. Whe
 most recently admitted stream is preempted: its caches are freed on every stage, and it goes back to the
 head of the queue to resume later by re-prefill (the same replay as failover, so its output is identical).
 A request that could never fit alone is refused up front.
+
+Two priorities: interactive streams (every RPC) and background streams (job items, coordinator/jobs.py). A
+background stream is admitted only when no interactive one waits, and it is the first to go: an interactive
+stream that finds no room (every slot taken, or KV short) preempts the most recently admitted background
+stream, which resumes later by replay. Background streams never preempt interactive ones.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class Stream:
     preemptions: int = 0
     wants: int = 0      # blocks it waits for (being released by a preempted stream); admission leaves them
     waiting_in: collections.deque[Stream] | None = None  # the queue it waits in, left at once when it stops
+    background: bool = False  # a job's item: admitted after every interactive stream, preempted first
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -131,7 +137,8 @@ class Scheduler:
         self.reserve_tokens = reserve_tokens
         self.kv: KVBudget | None = None  # unknown (no limit) until the chain reports its capacity
         self.groups: list[list[Stream]] = [[] for _ in range(max(1, groups))]
-        self.waiting: collections.deque[Stream] = collections.deque()
+        self.waiting: collections.deque[Stream] = collections.deque()     # interactive streams
+        self.background: collections.deque[Stream] = collections.deque()  # job items (bounded by the runner)
         self._wake = [asyncio.Event() for _ in self.groups]
         self._kv_freed = asyncio.Event()
         self._ending: set[asyncio.Task[None]] = set()
@@ -143,6 +150,15 @@ class Scheduler:
     @property
     def active(self) -> int:
         return sum(len(g) for g in self.groups)
+
+    @property
+    def busy(self) -> bool:
+        """A stream runs or waits here (of either priority)."""
+        return bool(self.active or self.waiting or self.background)
+
+    def streams(self) -> list[Stream]:
+        """Every stream here: waiting (both queues) and running."""
+        return [*self.waiting, *self.background, *(s for g in self.groups for s in g)]
 
     def set_capacity(self, kv: KVBudget | None) -> None:
         """The KV capacity of a newly installed chain (called with every stream rewound: nothing is held)."""
@@ -161,25 +177,29 @@ class Scheduler:
                 "or lower max_tokens")
 
     def submit(self, session_id: str, prompt: list[int], sampling: worker_pb2.SamplingParams, max_tokens: int,
-               stop_ids: frozenset[int], min_tokens: int = 0) -> Stream:
+               stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False) -> Stream:
+        """Queue a stream; interactive streams beyond `max_queued` waiting are refused (background ones are
+        bounded by their submitter)."""
         self.check_fits(len(prompt), max_tokens)
-        if len(self.waiting) >= self.max_queued and not self._can_admit(len(prompt)):
+        if not background and len(self.waiting) >= self.max_queued and not self._can_admit(len(prompt)):
             running = f"{self.active} streams running"
             if self.kv is not None:
                 running += f", {self.kv.held} of {self.kv.blocks_total} KV blocks held"
             raise ResourceExhausted(f"the cluster is at capacity ({running}, {len(self.waiting)} waiting); "
                                     "try again later")
-        stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens)
+        stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
+                        background=background)
         self._enqueue(stream)
         self._admit()
         return stream
 
     def _enqueue(self, stream: Stream, front: bool = False) -> None:
+        queue = self.background if stream.background else self.waiting
         if front:
-            self.waiting.appendleft(stream)
+            queue.appendleft(stream)
         else:
-            self.waiting.append(stream)
-        stream.waiting_in = self.waiting
+            queue.append(stream)
+        stream.waiting_in = queue
 
     def _admission_blocks(self, tokens: int, left: int) -> int:
         """Room for `tokens` ids plus the reservation, but never more than the stream can still reach."""
@@ -191,29 +211,49 @@ class Scheduler:
         return self.kv is None or self.kv.free >= self._admission_blocks(tokens, self.reserve_tokens)
 
     def _admit(self) -> None:
-        """Move waiting streams, oldest first, into the least-loaded groups while there is room for their
-        prompt plus the reservation; wake those groups."""
-        while self.waiting and self.active < self.max_active:
-            stream = self.waiting[0]
+        """Move waiting streams, oldest first (interactive ones before any background one), into the
+        least-loaded groups while there is room for their prompt plus the reservation; wake those groups. An
+        interactive stream without room preempts background streams until it has room."""
+        while (queue := self.waiting or self.background) and (self.active < self.max_active or self.waiting):
+            stream = queue[0]
             blocks = self._admission_blocks(len(stream.ids), stream.max_tokens - stream.produced)
             if self.kv is not None and blocks > self.kv.blocks_total:  # the chain shrank under it
                 stream.stop(ResourceExhausted(
                     f"the request needs {len(stream.ids)} tokens of KV cache; the cluster now holds "
                     f"{self.kv.capacity_tokens} (a smaller chain took over): retry with a shorter request"))
                 continue
+            short = self.active >= self.max_active
             if self.kv is not None:
                 # running streams waiting to grow come first: else a preempted stream, readmitted into the
                 # blocks it just freed, would be preempted again and again
                 wanted = sum(s.wants for g in self.groups for s in g)
-                if self.kv.free - wanted < blocks:
+                short = short or self.kv.free - wanted < blocks
+            if short:
+                if queue is self.background or not self._preempt_background(blocks):
                     return
+                continue  # room was made (or is being released): look again
+            if self.kv is not None:
                 self.kv.held += blocks
-            self.waiting.popleft()
+            queue.popleft()
             stream.waiting_in = None
             stream.blocks, stream.admitted = blocks, next(self._admissions)
             i = min(range(len(self.groups)), key=lambda g: len(self.groups[g]))
             self.groups[i].append(stream)
             self._wake[i].set()
+
+    def _preempt_background(self, blocks: int) -> bool:
+        """Make room for an interactive stream needing `blocks`: preempt the most recently admitted
+        background stream (one per call). False when there is none to preempt, or when the room is being
+        released already (the stream is admitted once the EndSessions are answered)."""
+        kv = self.kv
+        if self.active < self.max_active and kv is not None and kv.free + kv.releasing >= blocks:
+            return False  # enough is on its way back
+        running = [s for g in self.groups for s in g if s.background and not s.done]
+        victim = max(running, key=lambda s: s.admitted, default=None)
+        if victim is None:
+            return False
+        self._preempt(victim)
+        return True
 
     def _take_blocks(self, stream: Stream, positions: int) -> bool:
         """Hold the blocks `stream` needs for `positions`; preempts the most recently admitted streams when
@@ -226,8 +266,10 @@ class Scheduler:
         if extra <= 0:
             return True
         while kv.free + kv.releasing < extra:
-            running = [s for g in self.groups for s in g if not s.done and s.blocks]
-            victim = max(running, key=lambda s: s.admitted, default=None)
+            # background streams go first; a background stream never preempts an interactive one
+            running = [s for g in self.groups for s in g if not s.done and s.blocks
+                       and (s.background or not stream.background)]
+            victim = max(running, key=lambda s: (s.background, s.admitted), default=None)
             if victim is None:
                 return False
             self._preempt(victim)
@@ -286,15 +328,16 @@ class Scheduler:
             stream.blocks = stream.wants = 0
             stream.rewind(failure)
             self.replayed += 1
-        waiting = list(self.waiting)
+        waiting = [*self.waiting, *self.background]
         self.waiting.clear()
+        self.background.clear()
         for stream in waiting:
             stream.waiting_in = None
         return running + waiting
 
     def adopt(self, streams: list[Stream], front: bool = True) -> None:
-        """Streams from another replica join this queue, in their order (at its head: they were admitted
-        before anything waiting here), and replay here."""
+        """Streams from another replica join these queues (each its priority's), in their order (at the
+        head: they were admitted before anything waiting here), and replay here."""
         for stream in reversed(streams) if front else streams:
             self._enqueue(stream, front=front)
         self._admit()
@@ -310,7 +353,7 @@ class Scheduler:
 
     def fail_all(self, error: BaseException) -> None:
         """Every stream, running or waiting, ends with `error` (the cluster cannot serve)."""
-        for stream in [*self.waiting, *(s for g in self.groups for s in g)]:
+        for stream in self.streams():
             stream.stop(error)
 
     async def _run(self, i: int) -> None:

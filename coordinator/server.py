@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from coordinator.config import CoordinatorConfig
 from coordinator.fleet import Fleet
+from coordinator.jobs import JobRunner
 from coordinator.parameters.server import ParameterServer, start_parameter_server
+from coordinator.result_cache import ResultCache
 from coordinator.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.store import ModelStore
 from shardline.auth import Access, ApiKeys, ClusterIdentity, Guard, Rules, describe
@@ -29,6 +31,7 @@ class Coordinator:
     server: RunningServer[CoordinatorServicer]
     parameters: ParameterServer | None
     cluster_port: int = 0  # where workers register (the public port, unless the cluster has TLS)
+    jobs: JobRunner | None = None
 
     @property
     def address(self) -> str:
@@ -39,6 +42,8 @@ class Coordinator:
         return f"{self.server.host}:{self.cluster_port or self.server.port}"
 
     async def stop(self) -> None:
+        if self.jobs is not None:  # first: its items in flight stay pending on disk, not failed
+            await self.jobs.stop()
         await self.server.stop(0.5)
         await self.fleet.stop()
         if self.parameters is not None:
@@ -95,7 +100,10 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
         if parameters is not None:
             await parameters.stop(0)
         raise
-    servicer = CoordinatorServicer(fleet)
+    cache = ResultCache(int(config.result_cache_mb * 2**20))
+    jobs = JobRunner(fleet, cache, config.jobs_dir or config.store)
+    await jobs.start()
+    servicer = CoordinatorServicer(fleet, cache, jobs, api_keys)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
     coordinator_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(fleet), server)
     try:
@@ -106,6 +114,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
         cluster_port = bind(server, config.host, config.cluster_port, identity.server_credentials()) \
             if identity.tls else port
     except OSError:
+        await jobs.stop()
         await fleet.stop()
         if parameters is not None:
             await parameters.stop(0)
@@ -116,4 +125,4 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     log.info("coordinator listening on %s:%d (%s%s; public API: %s)", config.host, port, describe(identity),
              f", workers register on port {cluster_port}" if cluster_port != port else "",
              "API keys" if api_keys else "client certificates" if authenticated else "open to any caller")
-    return Coordinator(fleet, RunningServer(server, servicer, port, config.host), parameters, cluster_port)
+    return Coordinator(fleet, RunningServer(server, servicer, port, config.host), parameters, cluster_port, jobs)

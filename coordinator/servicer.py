@@ -10,11 +10,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coordinator.admin_servicer import AdminMethods, deployment_info
-from coordinator.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
 from coordinator.fleet import Fleet
-from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, check_parameters, prepare, run, shown
-from shardline.codec import decode_tensor, fill_tensor, from_numpy
-from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_errors
+from coordinator.generation import shown
+from coordinator.inference import generate, infer, request_from_proto
+from coordinator.job_servicer import JobMethods
+from coordinator.jobs import JobRunner
+from coordinator.result_cache import ResultCache
+from shardline.auth import ApiKeys
+from shardline.codec import fill_tensor, from_numpy
+from shardline.errors import InvalidArgument, NotFound, grpc_errors
 from shardline.limits import MAX_ADDRESS_CHARS, is_host_port
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -23,40 +27,20 @@ FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_p
           "stop": coordinator_pb2.FINISH_REASON_STOP}
 
 
-def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
-    return GenerationRequest(
-        model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
-        max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
-        temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
-        prompt_ids=tuple(r.prompt_token_ids),
-        top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
-        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
-
-
-class CoordinatorServicer(AdminMethods, coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
+class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, fleet: Fleet, cache: ResultCache, jobs: JobRunner, api_keys: ApiKeys | None = None) -> None:
+        self.fleet, self.cache, self.jobs, self.api_keys = fleet, cache, jobs, api_keys
         self.active_sessions = 0
 
     @grpc_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         req = request_from_proto(request)
-        config = self.fleet.config
-        check_parameters(req, config)  # a malformed or oversized request fails first, whatever the state
-        deployment = self.fleet.find(req.model)
-        if deployment.task == "embed":
-            raise FailedPrecondition(f"model {deployment.key!r} has task embed: it embeds (Infer, the SDK's "
-                                     "embed()); it does not generate")
-        self.fleet.serving(deployment)  # not ready: say so before the prompt is even read
-        text = deployment.text
-        plan = await asyncio.to_thread(prepare, req, text, config)
-        _, scheduler = self.fleet.route(deployment)
-        session_id = uuid.uuid4().hex
         self.active_sessions += 1
         try:
-            async for piece in run(scheduler, text, plan, session_id):
+            async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex):
                 response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
-                                                            finish_reason=FINISH[piece.finish_reason])
+                                                            finish_reason=FINISH[piece.finish_reason],
+                                                            cached=piece.cached)
                 if piece.finish_reason:
                     response.usage.prompt_tokens = piece.prompt_tokens
                     response.usage.completion_tokens = piece.completion_tokens
@@ -68,43 +52,8 @@ class CoordinatorServicer(AdminMethods, coordinator_pb2_grpc.CoordinatorServicer
 
     @grpc_errors
     async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
-        config = self.fleet.config
-        has_ids = request.HasField("input_ids")
-        if len(request.model) > MAX_MODEL_NAME_CHARS:
-            raise InvalidArgument(f"model is {len(request.model)} characters; a model name has at most "
-                                  f"{MAX_MODEL_NAME_CHARS}")
-        if request.texts and has_ids:
-            raise InvalidArgument("send either texts or input_ids, not both")
-        batch = len(request.texts) or (request.input_ids.shape[0] if has_ids and request.input_ids.shape else 0)
-        check_batch(batch, config.max_infer_batch)
-        input_ids = decode_tensor(request.input_ids, "input_ids") if has_ids else None
-        mask = decode_tensor(request.attention_mask, "attention_mask") if request.HasField("attention_mask") else None
-        pooling = {coordinator_pb2.POOLING_UNSPECIFIED: "mean", coordinator_pb2.POOLING_MEAN: "mean",
-                   coordinator_pb2.POOLING_CLS: "cls"}.get(request.pooling)
-        if pooling is None:
-            raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
-        deployment = self.fleet.find(request.model)
-        if deployment.task != "embed":
-            raise FailedPrecondition(f"model {deployment.key!r} has task generate: it generates (Generate), and "
-                                     "Infer serves models with task embed")
-        self.fleet.serving(deployment)
-        text = deployment.text
-        check_response_size(batch, text.hidden_size)
-        positions = text.context_tokens or 512
-        if input_ids is not None:
-            vocab = int(text.tokenizer.vocab_size) if text.tokenizer is not None else text.vocab_size
-            inputs = await asyncio.to_thread(inputs_from_tensors, input_ids, mask, vocab, positions)
-        else:
-            inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
-        check_tokens(inputs, config.max_infer_tokens)
-        replica, scheduler = self.fleet.route(deployment)
-        replica.infers += 1  # a drain waits for it as for a stream
-        try:
-            vectors = await embed(scheduler.pipeline, inputs, config.infer_micro_batch, pooling,
-                                  request.normalize if request.HasField("normalize") else True)
-        finally:
-            replica.infers -= 1
-        response = coordinator_pb2.InferResponse(tokens=sum(len(i) for i in inputs))
+        vectors, tokens = await infer(self.fleet, request)
+        response = coordinator_pb2.InferResponse(tokens=tokens)
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response
 

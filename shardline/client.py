@@ -44,11 +44,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardline.codec import decode_tensor, to_numpy
 from shardline.errors import DeadlineExceeded, from_rpc_error
+from shardline.jobs import FINISH, JobCalls
 from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
 from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop"}
 SERVICE = "shardline.v1.Coordinator"
 DEFAULT_TIMEOUT_S = 300.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
@@ -106,9 +106,11 @@ class GenerateResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached: bool = False  # answered from the coordinator's result cache
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
         chunk = GenerateChunk(response.text, list(response.token_ids), FINISH.get(response.finish_reason))
+        self.cached = self.cached or response.cached
         self.text += chunk.text
         self.token_ids += chunk.token_ids
         if chunk.finish_reason:
@@ -262,7 +264,7 @@ def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
                          r.last_recovery_ms, r.last_recovery, deployments)
 
 
-class Client:
+class Client(JobCalls):
     """A blocking client. `timeout` (seconds) is the default deadline of every call; `api_key`, `tls` and
     `client_name` as the module's docstring says."""
 

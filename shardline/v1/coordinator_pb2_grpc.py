@@ -85,6 +85,26 @@ class CoordinatorStub:
                 request_serializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/shardline.v1.Coordinator/SubmitJob',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/shardline.v1.Coordinator/GetJob',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/shardline.v1.Coordinator/ListJobs',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/shardline.v1.Coordinator/CancelJob',
+                request_serializer=shardline_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_coordinator__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -168,6 +188,37 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """/ Stores a batch of generate or infer requests as a job and returns its id at once; the job runs in the
+        / background, after interactive requests, and survives a coordinator restart. Every item is checked
+        / first: one bad item refuses the whole job (INVALID_ARGUMENT naming it), and nothing of it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """/ A job's progress, and its results (a page of them) when asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """/ The caller's jobs (an admin's: everyone's), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """/ Stops a job: items not finished are cancelled (those running stop within a second, and their KV
+        / caches are freed); finished items keep their results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +271,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.PromoteModel,
                     request_deserializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_coordinator__pb2.PromoteModelResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.SubmitJobRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.GetJobRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.ListJobsRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=shardline_dot_v1_dot_coordinator__pb2.CancelJobRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_coordinator__pb2.CancelJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +564,114 @@ class Coordinator:
             '/shardline.v1.Coordinator/PromoteModel',
             shardline_dot_v1_dot_coordinator__pb2.PromoteModelRequest.SerializeToString,
             shardline_dot_v1_dot_coordinator__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/SubmitJob',
+            shardline_dot_v1_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/GetJob',
+            shardline_dot_v1_dot_coordinator__pb2.GetJobRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/ListJobs',
+            shardline_dot_v1_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Coordinator/CancelJob',
+            shardline_dot_v1_dot_coordinator__pb2.CancelJobRequest.SerializeToString,
+            shardline_dot_v1_dot_coordinator__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

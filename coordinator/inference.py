@@ -1,0 +1,139 @@
+"""The two ways a request runs, shared by the interactive RPCs and the job runner: a generation (checked,
+tokenized, answered from the result cache or run through a replica's scheduler) and an Infer (checked,
+tokenized, run as micro-batches through a replica's pipeline)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coordinator.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
+from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, Piece, Plan, check_parameters, prepare, run
+from coordinator.result_cache import CachedResult, Key, ResultCache, cache_key
+from shardline.codec import decode_tensor
+from shardline.errors import FailedPrecondition, InvalidArgument
+from shardline.v1 import coordinator_pb2
+
+if TYPE_CHECKING:
+    from coordinator.fleet import Deployment, Fleet
+
+POOLING = {coordinator_pb2.POOLING_UNSPECIFIED: "mean", coordinator_pb2.POOLING_MEAN: "mean",
+           coordinator_pb2.POOLING_CLS: "cls"}
+
+
+def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
+        max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
+        temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
+        prompt_ids=tuple(r.prompt_token_ids),
+        top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
+        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
+
+
+def generating(fleet: Fleet, req: GenerationRequest) -> Deployment:
+    """The deployment a generation names, after the checks that need no tokenizer."""
+    check_parameters(req, fleet.config)  # a malformed or oversized request fails first, whatever the state
+    deployment = fleet.find(req.model)
+    if deployment.task == "embed":
+        raise FailedPrecondition(f"model {deployment.key!r} has task embed: it embeds (Infer, the SDK's "
+                                 "embed()); it does not generate")
+    return deployment
+
+
+async def plan_generation(fleet: Fleet, req: GenerationRequest) -> tuple[Deployment, Plan]:
+    """Every check of a generation, and its plan (tokenized off the event loop); the deployment need not
+    serve yet (a job is checked when it is submitted)."""
+    deployment = generating(fleet, req)
+    return deployment, await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
+
+
+async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
+                   background: bool = False) -> AsyncIterator[Piece]:
+    """The pieces of a generation: from the cache (one piece, marked cached) when a deterministic request
+    was answered before on the same deployment, else as the scheduler of the replica that owes least
+    produces them (a background stream for a job's item)."""
+    deployment = generating(fleet, req)
+    fleet.serving(deployment)  # not ready: say so before the prompt is even read
+    plan = await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
+    key = cache_key(deployment.uid, plan, req.seed)
+    hit = cache.get(key)
+    if hit is not None:
+        yield Piece(hit.text, hit.ids, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, cached=True)
+        return
+    _, scheduler = fleet.route(deployment)
+    async for piece in remembered(run(scheduler, deployment.text, plan, session_id, background), cache, key):
+        yield piece
+
+
+async def remembered(pieces: AsyncIterator[Piece], cache: ResultCache, key: Key | None) -> AsyncIterator[Piece]:
+    """`pieces` passed on; once the last one is out, the whole result goes into the cache."""
+    texts: list[str] = []
+    ids: list[int] = []
+    async for piece in pieces:
+        texts.append(piece.text)
+        ids.extend(piece.token_ids)
+        yield piece
+        if piece.finish_reason and key is not None:
+            cache.put(key, CachedResult.of("".join(texts), ids, piece.finish_reason, piece.prompt_tokens))
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    deployment: Deployment
+    inputs: list[list[int]]
+    pooling: str
+    normalize: bool
+
+
+async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferPlan:
+    """Every check of an Infer (bounds first, then the model, then the tokens), and its inputs; with
+    `serving`, a model not ready says so before the texts are even read (a job's item is checked when the
+    job is submitted, ready or not)."""
+    config = fleet.config
+    has_ids = request.HasField("input_ids")
+    if len(request.model) > MAX_MODEL_NAME_CHARS:
+        raise InvalidArgument(f"model is {len(request.model)} characters; a model name has at most "
+                              f"{MAX_MODEL_NAME_CHARS}")
+    if request.texts and has_ids:
+        raise InvalidArgument("send either texts or input_ids, not both")
+    batch = len(request.texts) or (request.input_ids.shape[0] if has_ids and request.input_ids.shape else 0)
+    check_batch(batch, config.max_infer_batch)
+    input_ids = decode_tensor(request.input_ids, "input_ids") if has_ids else None
+    mask = decode_tensor(request.attention_mask, "attention_mask") if request.HasField("attention_mask") else None
+    pooling = POOLING.get(request.pooling)
+    if pooling is None:
+        raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
+    deployment = fleet.find(request.model)
+    if deployment.task != "embed":
+        raise FailedPrecondition(f"model {deployment.key!r} has task generate: it generates (Generate), and "
+                                 "Infer serves models with task embed")
+    if serving:
+        fleet.serving(deployment)
+    text = deployment.text
+    check_response_size(batch, text.hidden_size)
+    positions = text.context_tokens or 512
+    if input_ids is not None:
+        vocab = int(text.tokenizer.vocab_size) if text.tokenizer is not None else text.vocab_size
+        inputs = await asyncio.to_thread(inputs_from_tensors, input_ids, mask, vocab, positions)
+    else:
+        inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
+    check_tokens(inputs, config.max_infer_tokens)
+    return InferPlan(deployment, inputs, pooling, request.normalize if request.HasField("normalize") else True)
+
+
+async def infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
+    """An Infer's pooled vectors and the tokens it processed."""
+    plan = await plan_infer(fleet, request)
+    replica, scheduler = fleet.route(plan.deployment)
+    replica.infers += 1  # a drain waits for it as for a stream
+    try:
+        vectors = await embed(scheduler.pipeline, plan.inputs, fleet.config.infer_micro_batch, plan.pooling,
+                              plan.normalize)
+    finally:
+        replica.infers -= 1
+    return vectors, sum(len(i) for i in plan.inputs)
