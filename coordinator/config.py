@@ -73,6 +73,9 @@ class CoordinatorConfig(BaseModel):
                                   "store directory. One coordinator per directory")
     job_concurrency: int = Field(64, ge=1, description="job items in flight at once (they run as background "
                                  "streams, after interactive ones)")
+    job_step_share: float = Field(0.5, ge=0, description="while interactive streams run, a step carries at most "
+                                  "this many job tokens per interactive token (0.5: interactive requests are slowed "
+                                  "by 1.5x at most; 0: jobs wait while anything interactive runs)")
     job_result_ttl_s: float = Field(7 * 86400, gt=0, description="a finished job's results are kept this long")
     max_job_items: int = Field(10_000, ge=1, description="items of one job")
     max_unfinished_jobs: int = Field(100, ge=1, description="jobs queued or running at once; more are refused")

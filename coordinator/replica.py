@@ -515,7 +515,7 @@ class Replica:
             self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
                                        max_active=c.max_active_streams, max_queued=c.max_queued_streams,
                                        prefill_chunk=c.prefill_chunk_tokens, max_step_tokens=c.max_step_tokens,
-                                       reserve_tokens=c.kv_reserve_tokens)
+                                       reserve_tokens=c.kv_reserve_tokens, background_share=c.job_step_share)
         stale = self.scheduler.rewind(counted)
         if old_chain is not None:
             await old_chain.close()

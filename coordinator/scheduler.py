@@ -24,7 +24,10 @@ A request that could never fit alone is refused up front.
 Two priorities: interactive streams (every RPC) and background streams (job items, coordinator/jobs.py). A
 background stream is admitted only when no interactive one waits, and it is the first to go: an interactive
 stream that finds no room (every slot taken, or KV short) preempts the most recently admitted background
-stream, which resumes later by replay. Background streams never preempt interactive ones.
+stream, which resumes later by replay. Background streams never preempt interactive ones. While interactive
+streams run, a step carries at most `background_share` background tokens per interactive token of that step
+(rounded down: 0.5 lets a step grow by half at most, and a step of one decode token carries none); with no
+interactive stream, background streams have every step.
 """
 
 from __future__ import annotations
@@ -130,11 +133,13 @@ MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, groups: int, max_active: int = 64, max_queued: int = 256,
-                 prefill_chunk: int = 256, max_step_tokens: int = 2048, reserve_tokens: int = 16) -> None:
+                 prefill_chunk: int = 256, max_step_tokens: int = 2048, reserve_tokens: int = 16,
+                 background_share: float = 0.5) -> None:
         self.pipeline = pipeline
         self.max_active, self.max_queued = max_active, max_queued
         self.prefill_chunk, self.max_step_tokens = prefill_chunk, max_step_tokens
         self.reserve_tokens = reserve_tokens
+        self.background_share = background_share
         self.kv: KVBudget | None = None  # unknown (no limit) until the chain reports its capacity
         self.groups: list[list[Stream]] = [[] for _ in range(max(1, groups))]
         self.waiting: collections.deque[Stream] = collections.deque()     # interactive streams
@@ -411,14 +416,23 @@ class Scheduler:
         epoch = self.pipeline.epoch
         planned: list[tuple[Stream, int, str]] = []
         budget = self.max_step_tokens
-        for stream in list(self.groups[i]):
-            n = min(len(stream.pending), self.prefill_chunk, budget)
+        members = sorted(self.groups[i], key=lambda s: s.background)  # interactive streams first
+        interactive = bool(self.waiting) or any(not s.background and not s.done for g in self.groups for s in g)
+        extra = budget  # background tokens this step may carry
+        for stream in members:
+            if stream.background and interactive:
+                # the share of this step's interactive tokens, rounded down: half of one decode token is none
+                extra = min(extra, int(self.background_share * sum(n for s, n, _ in planned if not s.background)))
+                interactive = False  # computed once, from the interactive tokens planned
+            n = min(len(stream.pending), self.prefill_chunk, budget, extra if stream.background else budget)
             if stream.done or n <= 0 or stream not in self.groups[i]:
                 continue
             if not self._take_blocks(stream, stream.position + n):
                 continue  # waits for KV blocks (or was preempted itself)
             planned.append((stream, n, stream.session_id))
             budget -= n
+            if stream.background:
+                extra -= n
             if budget <= 0:
                 break
         # a stream planned early may have been preempted to make room for a later one
