@@ -447,7 +447,7 @@ class Fleet:
         self.draining = True
         self.notify()
         deadline = time.monotonic() + grace_s
-        while any(r.running or r.queued or r.infers for r in self.replicas):
+        while any(r.interactive or r.queued or r.infers for r in self.replicas):  # not jobs' items
             if time.monotonic() >= deadline:
                 log.warning("drain: streams still running after %.0f s; stopping them", grace_s)
                 return

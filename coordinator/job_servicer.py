@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.inference import plan_generation, plan_infer, request_from_proto
 from coordinator.job_store import JobRow, NewItem
 from shardline.auth import bearer
-from shardline.errors import InvalidArgument, NotFound, ShardlineError, grpc_errors
+from shardline.errors import InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable, grpc_errors
 from shardline.v1 import coordinator_pb2
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ MAX_LABEL_CHARS = 256
 MAX_CUSTOM_ID_CHARS = 256
 MAX_JOB_ID_CHARS = 64
 MAX_PAGE = 1000
+MAX_PAGE_BYTES = 32 * 2**20  # a page of results stops growing past this (the SDK takes 64 MiB)
 
 
 def job_info(row: JobRow, message: str) -> coordinator_pb2.JobInfo:
@@ -62,8 +63,10 @@ async def checked_item(fleet: Fleet, default_model: str, item: Any, where: str) 
             r.model = r.model or default_model
             deployment = (await plan_infer(fleet, r, serving=False)).deployment
             r.model = deployment.key
-    except ShardlineError as exc:
+    except (Unavailable, ResourceExhausted) as exc:  # the cluster's state now: the job may be sent again
         raise type(exc)(f"{where}: {exc.message}") from None
+    except ShardlineError as exc:  # an unknown model, a model of another task, a bad value: the line is bad
+        raise InvalidArgument(f"{where}: {exc.message}") from None
     return NewItem(item.custom_id, stored.SerializeToString(), seeded_here), deployment.key
 
 
@@ -87,8 +90,9 @@ class JobMethods:
             raise InvalidArgument(f"job_id is {len(job_id)} characters; job ids have at most {MAX_JOB_ID_CHARS}")
         row = await self.jobs.job(job_id)
         owner, admin = self._caller(context)
-        if not admin and row.owner != owner:
+        if not admin and row.owner != owner:  # another key's job: as if there were none
             raise NotFound(f"no job {job_id!r} on this coordinator (ListJobs shows yours)")
+        self.jobs.check_kept(row)
         return row
 
     @grpc_errors
@@ -122,13 +126,18 @@ class JobMethods:
         if request.results:
             limit = min(request.limit or MAX_PAGE, MAX_PAGE)
             rows = await self.jobs.items(row.job_id, request.offset, limit)
+            size = 0
             for r in rows:
                 result = response.results.add()
                 if r.result is not None:
                     result.ParseFromString(r.result)
+                    size += len(r.result)
                 result.index, result.custom_id, result.state = r.index, r.custom_id, r.state
-            if len(rows) == limit and request.offset + limit < row.total:
-                response.next_offset = request.offset + limit
+                if size > MAX_PAGE_BYTES:
+                    break
+            shown = len(response.results)
+            if request.offset + shown < row.total and (shown < len(rows) or len(rows) == limit):
+                response.next_offset = request.offset + shown
         return response
 
     @grpc_errors

@@ -90,14 +90,18 @@ class JobStore:
         os.close(self._lock)  # releases the lock
 
     def create(self, job_id: str, owner: str, label: str, items: list[NewItem], models: list[str],
-               now: float) -> None:
+               now: float, max_unfinished: int) -> bool:
+        """Store a new job, unless `max_unfinished` jobs are unfinished already (then False)."""
         with self.db:
-            self.db.execute("BEGIN")
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.unfinished_count() >= max_unfinished:
+                return False
             self.db.execute("INSERT INTO jobs (id, owner, label, state, created, total, models) VALUES "
                             "(?, ?, ?, 'queued', ?, ?, ?)", (job_id, owner, label, now, len(items), ",".join(models)))
             rows = [(job_id, i, it.custom_id, it.request, int(it.seeded_here)) for i, it in enumerate(items)]
             self.db.executemany("INSERT INTO items (job, idx, custom_id, request, seeded_here, state) VALUES "
                                 "(?, ?, ?, ?, ?, 'pending')", rows)
+        return True
 
     def job(self, job_id: str) -> JobRow | None:
         row = self.db.execute("SELECT id, owner, label, state, created, finished, expires, total, models, message "

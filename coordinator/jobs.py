@@ -33,6 +33,7 @@ from shardline.codec import fill_tensor, from_numpy
 from shardline.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    Internal,
     NotFound,
     ResourceExhausted,
     ShardlineError,
@@ -51,6 +52,7 @@ WAITS = (Unavailable, ResourceExhausted, DeadlineExceeded)  # the cluster's stat
 BATCH = 256          # pending items read from the database at a time
 EXPIRY_EVERY_S = 60  # how often finished jobs' results are checked for expiry
 MAX_BACKOFF_S = 5.0
+MAX_ITEM_WAIT_S = 3600.0  # an item the cluster cannot serve for this long fails with the last reason
 
 
 @dataclass
@@ -63,6 +65,10 @@ class Running:
     waiting: str = ""  # why items wait (the cluster's state), shown as the job's message
 
 
+def failed(exc: ShardlineError, why: str = "") -> coordinator_pb2.JobItemResult:
+    return coordinator_pb2.JobItemResult(error_code=exc.code.value[0], error=exc.message + why)
+
+
 class JobRunner:
     def __init__(self, fleet: Fleet, cache: ResultCache, directory: Path) -> None:
         config = fleet.config
@@ -72,6 +78,8 @@ class JobRunner:
         self.off = "the job runner has not started"  # why jobs are off, while they are
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
         self._slots = asyncio.Semaphore(self.concurrency)
+        self._infer_slot = asyncio.Semaphore(1)  # embedding items run one at a time (Infer has no lower priority)
+        self._stopping = False
         self._wake = asyncio.Event()
         self._running: dict[str, Running] = {}
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +100,7 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop every item in flight (they stay pending on disk: the next start runs them)."""
+        self._stopping = True
         tasks = [t for r in self._running.values() for t in r.tasks]
         if self._task is not None:
             tasks.append(self._task)
@@ -115,24 +124,27 @@ class JobRunner:
     async def submit(self, owner: str, label: str, items: list[NewItem], models: list[str]) -> str:
         store = self.opened()
         limit = self.fleet.config.max_unfinished_jobs
-        if await self._db(store.unfinished_count) >= limit:
+        job_id = f"job-{uuid.uuid4().hex[:16]}"
+        if not await self._db(store.create, job_id, owner, label, items, models, time.time(), limit):
             raise ResourceExhausted(f"{limit} jobs are unfinished (max_unfinished_jobs); wait for one to finish "
                                     "or cancel one")
-        job_id = f"job-{uuid.uuid4().hex[:16]}"
-        await self._db(store.create, job_id, owner, label, items, models, time.time())
         self._wake.set()
         return job_id
 
     async def job(self, job_id: str) -> JobRow:
-        """The job, or NotFound (also once it expired, saying when)."""
+        """The job, or NotFound."""
         row = await self._db(self.opened().job, job_id)
         if row is None:
             raise NotFound(f"no job {job_id[:64]!r} on this coordinator (ListJobs shows yours)")
+        return row
+
+    def check_kept(self, row: JobRow) -> None:
+        """NotFound saying when, once the job's results expired."""
         if row.state == "expired" or (row.expires and row.expires <= time.time()):
+            job_id = row.job_id
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.expires))
             raise NotFound(f"job {job_id} expired at {when}: its results were kept {self.ttl_s:g} s after it "
                            "finished (job_result_ttl_s)")
-        return row
 
     def message(self, row: JobRow) -> str:
         running = self._running.get(row.job_id)
@@ -194,22 +206,29 @@ class JobRunner:
     async def _start(self, store: JobStore, job_id: str) -> None:
         """Start the job's pending items as slots free up (returns once every one has started)."""
         running = self._running[job_id] = Running()
-        await self._db(store.set_state, job_id, "running")
-        after = -1
-        while not running.cancelled:
-            batch = await self._db(store.pending, job_id, after, BATCH)
-            if not batch:
-                break
-            for index, blob, seeded_here in batch:
-                await self._slots.acquire()
-                if running.cancelled:
-                    self._slots.release()
+        try:
+            await self._db(store.set_state, job_id, "running")
+            after = -1
+            while not running.cancelled:
+                batch = await self._db(store.pending, job_id, after, BATCH)
+                if not batch:
                     break
-                task = asyncio.create_task(self._item(job_id, running, index, blob, seeded_here),
-                                           name=f"{job_id}[{index}]")
-                running.tasks.add(task)
-                task.add_done_callback(functools.partial(self._item_done, job_id, running))
-            after = batch[-1][0]
+                for index, blob, seeded_here in batch:
+                    await self._slots.acquire()
+                    if running.cancelled:
+                        self._slots.release()
+                        break
+                    task = asyncio.create_task(self._item(job_id, running, index, blob, seeded_here),
+                                               name=f"{job_id}[{index}]")
+                    running.tasks.add(task)
+                    task.add_done_callback(functools.partial(self._item_done, job_id, running))
+                after = batch[-1][0]
+        except BaseException:
+            running.cancelled = True  # its items in flight end; the job is started again from the database
+            for task in running.tasks:
+                task.cancel()
+            self._running.pop(job_id, None)
+            raise
         running.started_all = True
         if not running.tasks:
             await self._complete(job_id, running)
@@ -217,40 +236,48 @@ class JobRunner:
     def _item_done(self, job_id: str, running: Running, task: asyncio.Task[None]) -> None:
         self._slots.release()
         running.tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:  # a bug: the item stays pending
+        if not task.cancelled() and (exc := task.exception()) is not None:  # its result could not be stored
             log.error("job %s: %s failed (it runs again)", job_id, task.get_name(), exc_info=exc)
-        if running.started_all and not running.tasks and not running.cancelled:
+        if running.started_all and not running.tasks and not running.cancelled and not self._stopping:
             done = asyncio.create_task(self._complete(job_id, running))
             running.tasks.add(done)  # held (and cancelled at stop) like the items
             done.add_done_callback(running.tasks.discard)
 
     async def _complete(self, job_id: str, running: Running) -> None:
-        store = self.opened()
-        if not running.cancelled and not await self._db(store.pending, job_id, -1, 1):
-            row = await self._db(store.job, job_id)
-            failed = row.counts.get("failed", 0) if row is not None else 0
-            await self._db(store.finish, job_id, "completed", time.time(), self.ttl_s,
-                           f"{failed} item(s) failed" if failed else "")
-            log.info("job %s completed", job_id)
-        self._running.pop(job_id, None)
-        self._wake.set()  # anything left pending (none should be) is picked up again
+        try:
+            store = self.opened()
+            if not running.cancelled and not await self._db(store.pending, job_id, -1, 1):
+                row = await self._db(store.job, job_id)
+                failed = row.counts.get("failed", 0) if row is not None else 0
+                await self._db(store.finish, job_id, "completed", time.time(), self.ttl_s,
+                               f"{failed} item(s) failed" if failed else "")
+                log.info("job %s completed", job_id)
+        finally:
+            self._running.pop(job_id, None)
+            self._wake.set()  # anything left pending (an item whose result could not be stored) runs again
 
     async def _item(self, job_id: str, running: Running, index: int, blob: bytes, seeded_here: bool) -> None:
         item = coordinator_pb2.JobItem.FromString(blob)
-        delay = 0.5
+        delay, give_up = 0.5, time.monotonic() + MAX_ITEM_WAIT_S
         while True:
             try:
                 result = await self._execute(item, cache_ok=not seeded_here)
                 state = "done"
                 running.waiting = ""
                 break
-            except WAITS as exc:  # the cluster cannot serve now: wait, as long as the job runs
+            except WAITS as exc:  # the cluster cannot serve now: wait (with back-off), up to MAX_ITEM_WAIT_S
                 running.waiting = f"waiting: {exc.message}"
+                if time.monotonic() + delay > give_up:
+                    result, state = failed(exc, f" (for {MAX_ITEM_WAIT_S:.0f} s)"), "failed"
+                    break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
             except ShardlineError as exc:  # the item's own fault: it fails alone
-                result = coordinator_pb2.JobItemResult(error_code=exc.code.value[0], error=exc.message)
-                state = "failed"
+                result, state = failed(exc), "failed"
+                break
+            except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the item fails alone
+                log.exception("job %s: item %d failed", job_id, index)
+                result, state = failed(Internal("internal error; the coordinator's log has the details")), "failed"
                 break
         result.index, result.custom_id, result.state = index, item.custom_id, state
         await self._db(self.opened().finish_item, job_id, index, state, result.SerializeToString(), result.cached)
@@ -258,7 +285,8 @@ class JobRunner:
     async def _execute(self, item: coordinator_pb2.JobItem, cache_ok: bool) -> coordinator_pb2.JobItemResult:
         result = coordinator_pb2.JobItemResult()
         if item.WhichOneof("request") == "infer":
-            vectors, _ = await infer(self.fleet, item.infer)
+            async with self._infer_slot:
+                vectors, _ = await infer(self.fleet, item.infer)
             fill_tensor(result.embeddings, from_numpy(vectors))
             return result
         req = request_from_proto(item.generate)

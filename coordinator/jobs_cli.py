@@ -43,6 +43,8 @@ def submit(file: Path = typer.Argument(..., help="a JSON Lines file: one request
            model: str = typer.Option("", help="the model of lines that name none [the cluster's]"),
            label: str = typer.Option("", help="a label shown in listings [the file's name]"),
            wait: bool = typer.Option(False, help="follow the job until it finishes"),
+           wait_timeout: float = typer.Option(86400, help="with --wait: give up following after this many seconds "
+                                              "(the job goes on)"),
            endpoint: str = ENDPOINT, timeout: float = TIMEOUT, api_key: str | None = API_KEY_OPTION,
            certs_dir: Path | None = CLIENT_CERTS_DIR, client_name: str = CLIENT_NAME) -> None:
     """Store a job; prints its id at once. Every line is checked first: one bad line refuses the job."""
@@ -59,11 +61,12 @@ def submit(file: Path = typer.Argument(..., help="a JSON Lines file: one request
         job_id = client.submit_job(items, model=model, label=label or file.name)
         typer.echo(job_id)
         if wait:
-            _follow(client, job_id)
+            _follow(client, job_id, wait_timeout)
 
 
-def _follow(client: Any, job_id: str) -> None:
+def _follow(client: Any, job_id: str, timeout: float) -> None:
     shown = ""
+    deadline = time.monotonic() + timeout
     while True:
         status = client.get_job(job_id)
         line = f"{status.state}: {status.done + status.failed}/{status.total}"
@@ -74,6 +77,9 @@ def _follow(client: Any, job_id: str) -> None:
             for out in describe(status):
                 typer.echo(out)
             return
+        if time.monotonic() >= deadline:
+            _fail(f"job {job_id} has not finished after {timeout:.0f} s; it goes on (`coordinator jobs status "
+                  f"{job_id}`)")
         time.sleep(0.5)
 
 

@@ -118,6 +118,11 @@ class Replica:
         return self.scheduler.active if self.scheduler is not None else 0
 
     @property
+    def interactive(self) -> int:
+        """Interactive streams running (not jobs' items: they are stored, and run again after a restart)."""
+        return self.scheduler.interactive_active if self.scheduler is not None else 0
+
+    @property
     def config(self) -> CoordinatorConfig:
         return self.shared.config
 

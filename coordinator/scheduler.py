@@ -231,10 +231,12 @@ class Scheduler:
             if self.kv is not None:
                 # running streams waiting to grow come first: else a preempted stream, readmitted into the
                 # blocks it just freed, would be preempted again and again
-                wanted = sum(s.wants for g in self.groups for s in g)
+                # (an interactive stream heeds only interactive ones: a background stream's wish, which may
+                # wait for a step it is not given while interactive streams run, never holds it back)
+                wanted = self._wanted(stream.background)
                 short = short or self.kv.free - wanted < blocks
             if short:
-                if queue is self.background or not self._preempt_background(blocks):
+                if queue is self.background or not self._preempt_background(blocks + wanted):
                     return
                 continue  # room was made (or is being released): look again
             if self.kv is not None:
@@ -245,6 +247,14 @@ class Scheduler:
             i = min(range(len(self.groups)), key=lambda g: len(self.groups[g]))
             self.groups[i].append(stream)
             self._wake[i].set()
+
+    def _wanted(self, background: bool) -> int:
+        """Blocks running streams wait for, as a stream of this priority must leave them."""
+        return sum(s.wants for g in self.groups for s in g if background or not s.background)
+
+    @property
+    def interactive_active(self) -> int:
+        return sum(1 for g in self.groups for s in g if not s.background)
 
     def _preempt_background(self, blocks: int) -> bool:
         """Make room for an interactive stream needing `blocks`: preempt the most recently admitted

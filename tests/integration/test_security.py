@@ -22,7 +22,7 @@ from coordinator.server import start_coordinator
 from shard_worker.server import start_worker
 from shardline.auth import TOKEN_HEADER, ClusterIdentity, hash_key, new_api_key
 from shardline.client import Client
-from shardline.errors import PermissionDenied, Unauthenticated
+from shardline.errors import NotFound, PermissionDenied, Unauthenticated
 from shardline.stream import LinkSettings
 from shardline.tls import TLSFilesError, check_pair
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, parameters_pb2, worker_pb2, worker_pb2_grpc
@@ -61,15 +61,16 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    client, admin = new_api_key(), new_api_key()
+    client, admin, other = new_api_key(), new_api_key(), new_api_key()
     path = tmp_path_factory.mktemp("keys") / "api-keys.json"
     path.write_text(json.dumps({"keys": [{"name": "app", "role": "client", "sha256": hash_key(client)},
-                                         {"name": "ops", "role": "admin", "sha256": hash_key(admin)}]}))
-    return {"client": client, "admin": admin, "file": path}
+                                         {"name": "ops", "role": "admin", "sha256": hash_key(admin)},
+                                         {"name": "other-app", "role": "client", "sha256": hash_key(other)}]}))
+    return {"client": client, "admin": admin, "other": other, "file": path}
 
 
 @pytest.fixture(scope="module")
-def secure(loop, smollm2_store, pki, keys):
+def secure(loop, smollm2_store, pki, keys, tmp_path_factory):
     """Parameters, two workers and a coordinator over mutual TLS; the workers register on the cluster port."""
     certs = pki["cluster"]
     identity = ClusterIdentity(certs_dir=certs)
@@ -77,7 +78,7 @@ def secure(loop, smollm2_store, pki, keys):
     workers = [loop.run(start_worker(links=LinkSettings(identity=identity))) for _ in range(2)]
     config = CoordinatorConfig(store=smollm2_store.root, model="smollm2", workers=2, port=0, cluster_port=0,
                                parameters_address=parameters.address, certs_dir=certs, api_keys=keys["file"],
-                               heartbeat_timeout_ms=3_600_000)
+                               heartbeat_timeout_ms=3_600_000, jobs_dir=tmp_path_factory.mktemp("jobs"))
     coordinator = loop.run(start_coordinator(config))
     with node_channel(coordinator.cluster_address, certs) as ch:
         registry = coordinator_pb2_grpc.WorkerRegistryStub(ch)
@@ -209,6 +210,22 @@ def test_the_public_port_refuses_wrong_keys_and_roles_and_the_registry(secure, p
         with channel:
             assert call(channel, COORDINATOR, "ListModels", bearer(keys["admin"])) == grpc.StatusCode.UNAVAILABLE, name
     assert_serving(secure)
+
+
+def test_a_job_is_seen_only_by_the_key_that_submitted_it_and_admins(secure, keys):
+    address, certs = secure["coordinator"].address, secure["certs"]
+    with Client(address, tls=certs, api_key=keys["client"]) as app:
+        job_id = app.submit_job([{"prompt": PROMPT, "max_tokens": 2, "temperature": 0}])
+        assert app.wait_job(job_id, timeout=60, poll_s=0.05).done == 1
+        assert job_id in [j.job_id for j in app.list_jobs()]
+    with Client(address, tls=certs, api_key=keys["other"]) as other:
+        for call_ in (other.get_job, other.job_results, other.cancel_job):
+            with pytest.raises(NotFound, match=f"no job '{job_id}'"):
+                call_(job_id)
+        assert job_id not in [j.job_id for j in other.list_jobs()]
+    with Client(address, tls=certs, api_key=keys["admin"]) as ops:
+        assert ops.get_job(job_id).state == "completed"
+        assert job_id in [j.job_id for j in ops.list_jobs()]
 
 
 def test_the_sdk_says_what_is_wrong_and_never_shows_the_key(secure, pki, keys):

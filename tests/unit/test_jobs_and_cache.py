@@ -1,0 +1,119 @@
+"""Job files into JobItems (shardline/jobs.py), the result cache's key and bound, and the job store's
+transitions (coordinator/job_store.py), without a cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.generation import Plan
+from coordinator.job_store import JobsLocked, JobStore, NewItem
+from coordinator.result_cache import CachedResult, ResultCache, cache_key, entry_bytes
+from shardline.errors import InvalidArgument
+from shardline.jobs import item_from_dict, items_from_jsonl
+from shardline.v1 import coordinator_pb2, worker_pb2
+
+
+def test_job_lines_of_every_kind():
+    items = items_from_jsonl(
+        '{"custom_id": "a", "prompt": "hi", "max_tokens": 4, "temperature": 0, "stop": ["."]}\n\n'
+        '{"messages": [{"role": "user", "content": "yo"}], "seed": 3}\n'
+        '{"prompt_token_ids": [1, 2], "model": "m@2"}\n'
+        '{"texts": ["a", "b"], "pooling": "cls", "normalize": false}\n'
+        '{"custom_id": "o", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", '
+        '"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stop": "!", "n": 1}}\n'
+        '{"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"input": "one", "model": "e"}}\n')
+    assert [i.source_line for i in items] == [1, 3, 4, 5, 6, 7]
+    a, chat, ids, infer, openai, embed = items
+    assert (a.custom_id, a.generate.prompt, a.generate.max_tokens, a.generate.HasField("temperature"),
+            list(a.generate.stop)) == ("a", "hi", 4, True, ["."])
+    assert chat.generate.messages[0].content == "yo" and chat.generate.seed == 3
+    assert list(ids.generate.prompt_token_ids) == [1, 2] and ids.generate.model == "m@2"
+    assert list(infer.infer.texts) == ["a", "b"] and infer.infer.pooling == coordinator_pb2.POOLING_CLS
+    assert infer.infer.HasField("normalize") and not infer.infer.normalize
+    assert (openai.custom_id, openai.generate.model, openai.generate.max_tokens, list(openai.generate.stop)) == (
+        "o", "m", 5, ["!"])
+    assert list(embed.infer.texts) == ["one"] and embed.infer.model == "e"
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('{"prompt": "a"}\n[1, 2]', "line 2: a job line is a JSON object, not list"),
+    ('{"prompt": "a"}\n{"prompt": ', "line 2: not JSON"),
+    ('{"prompt": "a", "max_tokens": "many"}', "line 1: .*max_tokens"),
+    ('{"texts": ["a"], "pooling": "max"}', "line 1: .*POOLING_MAX"),
+    ('{"custom_id": "x", "body": 3}', "line 1: an OpenAI batch line"),
+    ("\n\n", "no requests"),
+])
+def test_bad_job_lines_name_the_line(text, error):
+    with pytest.raises(InvalidArgument, match=error):
+        items_from_jsonl(text)
+
+
+def test_a_dict_item_without_a_line():
+    with pytest.raises(InvalidArgument, match="^item: .*colour"):
+        item_from_dict({"prompt": "a", "colour": "red"})
+
+
+def plan(ids=(1, 2, 3), temperature=0.0, seed=0, **kv):
+    sampling = worker_pb2.SamplingParams(temperature=temperature, top_k=kv.pop("top_k", 0),
+                                         top_p=kv.pop("top_p", 1.0), seed=seed)
+    return Plan(list(ids), kv.pop("max_tokens", 8), sampling, kv.pop("stop", ()), **kv)
+
+
+def test_the_key_holds_every_value_that_decides_the_output():
+    base = cache_key("d1", plan(), None)
+    assert base == cache_key("d1", plan(seed=99), None)  # greedy without a caller's seed: the random seed is moot
+    others = [cache_key("d2", plan(), None), cache_key("d1", plan(ids=(1, 2, 4)), None),
+              cache_key("d1", plan(max_tokens=9), None), cache_key("d1", plan(top_k=5), None),
+              cache_key("d1", plan(top_p=0.5), None), cache_key("d1", plan(stop=("x",)), None),
+              cache_key("d1", plan(min_tokens=2), None), cache_key("d1", plan(ignore_eos=True), None),
+              cache_key("d1", plan(), 7), cache_key("d1", plan(temperature=0.5, seed=7), 7)]
+    assert base not in others and len(set(others)) == len(others)
+    assert cache_key("d1", plan(temperature=0.5, seed=123), None) is None  # sampled, seed not the caller's
+
+
+def test_the_cache_is_lru_and_bounded_in_bytes():
+    result = CachedResult.of("hello", [5, 6, 7], "length", 3)
+    keys = [cache_key("d", plan(ids=(i,)), None) for i in range(4)]
+    size = entry_bytes(keys[0], result)
+    cache = ResultCache(3 * size)
+    for key in keys[:3]:
+        cache.put(key, result)
+    assert cache.get(keys[0]) == result  # used: the least recently used is now keys[1]
+    cache.put(keys[3], result)
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) == result and cache.get(keys[3]) == result
+    assert len(cache) == 3 and cache.bytes == 3 * size <= cache.max_bytes
+    assert cache.get(keys[0]).ids == [5, 6, 7]
+    off = ResultCache(0)
+    off.put(keys[0], result)
+    assert off.get(keys[0]) is None and len(off) == 0
+    tiny = ResultCache(size - 1)  # an entry larger than the whole cache is never stored
+    tiny.put(keys[0], result)
+    assert len(tiny) == 0 and tiny.bytes == 0
+
+
+def test_the_job_store_keeps_results_and_expires_them(tmp_path):
+    store = JobStore(tmp_path)
+    with pytest.raises(JobsLocked, match="another coordinator"):
+        JobStore(tmp_path)
+    items = [NewItem(f"c{i}", coordinator_pb2.JobItem(custom_id=f"c{i}").SerializeToString(), i == 1)
+             for i in range(3)]
+    assert store.create("job-1", "alice", "label", items, ["m@1"], now=100.0, max_unfinished=1)
+    assert not store.create("job-2", "alice", "", items, ["m@1"], now=101.0, max_unfinished=1)  # one is the limit
+    assert store.unfinished() == ["job-1"] and store.unfinished_count() == 1
+    assert [(i, s) for i, _, s in store.pending("job-1", -1, 10)] == [(0, False), (1, True), (2, False)]
+    store.finish_item("job-1", 0, "done", b"r0", cached=True)
+    store.finish_item("job-1", 0, "failed", b"again", cached=False)  # a finished item is never written again
+    assert [i for i, _, _ in store.pending("job-1", -1, 10)] == [1, 2]
+    store.finish("job-1", "cancelled", now=200.0, ttl_s=50.0)
+    row = store.job("job-1")
+    assert (row.state, row.counts, row.cached, row.expires, row.models) == (
+        "cancelled", {"done": 1, "cancelled": 2}, 1, 250.0, ("m@1",))
+    assert [(r.index, r.state, r.result) for r in store.items("job-1", 0, 10)] == [
+        (0, "done", b"r0"), (1, "cancelled", None), (2, "cancelled", None)]
+    assert store.jobs("bob", 10) == [] and [r.job_id for r in store.jobs("alice", 10)] == ["job-1"]
+    assert store.expire(now=249.0) == 0 and store.expire(now=251.0) == 1
+    assert store.job("job-1").state == "expired" and store.items("job-1", 0, 10) == []
+    store.close()
+    reopened = JobStore(tmp_path)  # the lock went with the first
+    assert reopened.job("job-1").state == "expired"
+    reopened.close()
