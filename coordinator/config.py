@@ -79,8 +79,8 @@ class CoordinatorConfig(BaseModel):
     job_result_ttl_s: float = Field(7 * 86400, gt=0, description="a finished job's results are kept this long")
     max_job_items: int = Field(10_000, ge=1, description="items of one job")
     max_unfinished_jobs: int = Field(100, ge=1, description="jobs queued or running at once; more are refused")
-    result_cache_mb: float = Field(64, ge=0, description="memory of the cache of deterministic results (greedy, or "
-                                   "seeded by the caller); 0 = no cache")
+    result_cache_mb: float = Field(0, ge=0, description="memory of the cache of deterministic results (greedy, or "
+                                   "seeded by the caller); 0 = no cache (off unless asked for)")
     # security (README "Security"): TLS and the cluster's identity, API keys for the public API
     certs_dir: Path | None = Field(None, description="TLS on every link with the certificates of this directory "
                                    "(`coordinator certs`): ca.crt, node.crt, node.key")

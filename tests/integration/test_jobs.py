@@ -61,7 +61,7 @@ def items(prompts, **params):
 
 
 def test_a_job_gives_the_interactive_results_and_reports_progress(cluster):
-    coordinator = cluster(result_cache_mb=0)
+    coordinator = cluster()
     greedy = dict(max_tokens=16, temperature=0, ignore_eos=True)
     seeded = dict(max_tokens=16, temperature=0.9, top_k=50, ignore_eos=True)
     with Client(coordinator.address, timeout=60) as client:
@@ -82,7 +82,7 @@ def test_a_job_gives_the_interactive_results_and_reports_progress(cluster):
 
 
 def test_a_repeated_deterministic_request_is_answered_from_the_cache(cluster):
-    coordinator = cluster()
+    coordinator = cluster(result_cache_mb=1)
     greedy = dict(max_tokens=24, temperature=0, ignore_eos=True)
     with Client(coordinator.address, timeout=60) as client:
         first = client.generate(PROMPTS[0], **greedy)
@@ -113,7 +113,7 @@ def test_a_repeated_deterministic_request_is_answered_from_the_cache(cluster):
 def test_a_job_yields_to_interactive_requests(cluster):
     """Every slot is taken by a job's items; an interactive request still starts at once (it preempts the
     newest item, which resumes later by replay) and the job's results are unchanged by that."""
-    coordinator = cluster(max_active_streams=4, result_cache_mb=0, job_concurrency=8)
+    coordinator = cluster(max_active_streams=4, job_concurrency=8)
     long = dict(max_tokens=120, temperature=0, ignore_eos=True)
     scheduler = coordinator.fleet.deployments["tiny-llama@1"].replicas[0].scheduler
     with Client(coordinator.address, timeout=120) as client:
@@ -201,7 +201,7 @@ async def _timed(address, prompt, n):
 
 
 def test_an_interactive_request_beside_a_large_job_is_not_slowed_much(cluster):
-    coordinator = cluster(result_cache_mb=0)
+    coordinator = cluster()
     prompt, n = PROMPTS[33], 128
     idle = min(asyncio.run(_timed(coordinator.address, prompt, n)) for _ in range(3))
     with Client(coordinator.address, timeout=60) as client:
