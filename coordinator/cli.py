@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline co
 app.add_typer(certs, name="certs")
 app.add_typer(api_keys, name="api-keys")
 app.command("health")(health)
+RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy, or seeded by the caller), "
+                     "answered from memory and marked cached")
 STORE_HELP = "model store directory (default: the per-user cache, or $SHARDLINE_STORE)"
 # security options, shared by the server commands (README "Security")
 CERTS_HELP = "TLS on every link with this certificates directory (ca.crt, node.crt, node.key: `coordinator certs`)"
@@ -213,6 +215,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            cluster_port: int = typer.Option(50053, min=1, max=65535, help=CLUSTER_PORT_HELP),
            api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
            insecure: bool = typer.Option(False, help=INSECURE_HELP),
+           result_cache_mb: float = typer.Option(0, min=0, help=RESULT_CACHE_HELP + " [0: off]"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
@@ -228,7 +231,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
         config = _config(store, model=names[0], workers=workers, host=host, port=port, deployments=deployments,
                          micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds,
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
-                         cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure)
+                         cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
+                         result_cache_mb=result_cache_mb)
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -349,7 +353,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           cluster_port: int | None = typer.Option(None, min=0, max=65535, help=CLUSTER_PORT_HELP + " [50053]"),
           cluster_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
           api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
-          insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP)
+          insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP),
+          result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP + " [0: off]")
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -359,7 +364,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                  parameters_address=parameters_address, parameters_port=parameters_port,
                  max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds, certs_dir=certs_dir,
                  client_certs=client_certs, cluster_port=cluster_port, cluster_token_file=cluster_token_file,
-                 api_keys=api_keys_file, insecure=insecure)
+                 api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb)
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
         resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)
