@@ -458,6 +458,10 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
     print(f"model {s.model}: {s.state}{' - ' + s.message if s.message else ''}; {s.active_sessions} active sessions")
     if s.recoveries:
         print(f"recoveries: {s.recoveries}; the last took {s.last_recovery_ms / 1000:.2f} s: {s.last_recovery}")
+    entries, held, most, hits, misses = s.cache
+    print(f"jobs: {s.jobs_off or f'{s.jobs_unfinished} unfinished, {s.job_items_running} items running'}; "
+          + (f"result cache: {entries} entries, {held / 2**20:.1f} of {most / 2**20:.0f} MiB, {hits} hits, "
+             f"{misses} misses" if most else "result cache: off (result_cache_mb)"))
     print(f"{'worker':<22} {'state':<10} {'layers':<10} {'weights':>9} {'RSS':>9} {'offered':>9} "
           f"{'sessions':>8} {'KV cache':>9} {'heartbeat':>9}")
     for w in s.workers:

@@ -150,6 +150,13 @@ class JobRunner:
         running = self._running.get(row.job_id)
         return running.waiting if running is not None and running.waiting else row.message
 
+    async def counts(self) -> tuple[int, int]:
+        """Jobs unfinished, and their items in flight now (0, 0 while jobs are off)."""
+        if self.store is None:
+            return 0, 0
+        unfinished = await self._db(self.store.unfinished_count)
+        return unfinished, sum(len(r.tasks) for r in self._running.values())
+
     async def jobs(self, owner: str | None, limit: int) -> list[JobRow]:
         return await self._db(self.opened().jobs, owner, limit)
 

@@ -94,7 +94,11 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
                 info.tokens_per_second = m.tokens / (m.uptime_ms / 1000) if m.uptime_ms else 0.0
             workers.append(info)
         last_ms, last = fleet.last_recovery
+        cache, jobs = self.cache, self.jobs
+        unfinished, items = await jobs.counts()
         return coordinator_pb2.GetClusterStatusResponse(
+            cache_entries=len(cache), cache_bytes=cache.bytes, cache_max_bytes=cache.max_bytes, cache_hits=cache.hits,
+            cache_misses=cache.misses, jobs_unfinished=unfinished, job_items_running=items, jobs_off=jobs.off,
             model=fleet.primary, ready=fleet.ready, state="draining" if fleet.draining else fleet.state,
             message=fleet.message, workers=workers, active_sessions=self.active_sessions,
             recoveries=fleet.recoveries, last_recovery_ms=last_ms, last_recovery=last,

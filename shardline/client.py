@@ -200,6 +200,10 @@ class ClusterStatus:
     last_recovery_ms: int = 0
     last_recovery: str = ""
     deployments: list[DeploymentStatus] = field(default_factory=list)
+    cache: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # result cache: entries, bytes, max bytes, hits, misses
+    jobs_unfinished: int = 0
+    job_items_running: int = 0
+    jobs_off: str = ""  # why jobs are off on this coordinator
 
 
 def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
@@ -261,7 +265,9 @@ def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
                        x.requests, x.recoveries, x.draining) for x in d.replicas],
         d.min_replicas, d.max_replicas, d.target_queue, tuple(d.events)) for d in r.deployments]
     return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions, r.recoveries,
-                         r.last_recovery_ms, r.last_recovery, deployments)
+                         r.last_recovery_ms, r.last_recovery, deployments,
+                         (r.cache_entries, r.cache_bytes, r.cache_max_bytes, r.cache_hits, r.cache_misses),
+                         r.jobs_unfinished, r.job_items_running, r.jobs_off)
 
 
 class Client(JobCalls):

@@ -491,7 +491,7 @@ class DeploymentInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., source: _Optional[str] = ..., is_default: _Optional[bool] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., target_queue: _Optional[float] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetClusterStatusResponse(_message.Message):
-    __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions", "recoveries", "last_recovery_ms", "last_recovery", "deployments")
+    __slots__ = ("model", "ready", "state", "message", "workers", "active_sessions", "recoveries", "last_recovery_ms", "last_recovery", "deployments", "cache_entries", "cache_bytes", "cache_max_bytes", "cache_hits", "cache_misses", "jobs_unfinished", "job_items_running", "jobs_off")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -502,6 +502,14 @@ class GetClusterStatusResponse(_message.Message):
     LAST_RECOVERY_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_RECOVERY_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    JOBS_UNFINISHED_FIELD_NUMBER: _ClassVar[int]
+    JOB_ITEMS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    JOBS_OFF_FIELD_NUMBER: _ClassVar[int]
     model: str
     ready: bool
     state: str
@@ -512,7 +520,15 @@ class GetClusterStatusResponse(_message.Message):
     last_recovery_ms: int
     last_recovery: str
     deployments: _containers.RepeatedCompositeFieldContainer[DeploymentInfo]
-    def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ...) -> None: ...
+    cache_entries: int
+    cache_bytes: int
+    cache_max_bytes: int
+    cache_hits: int
+    cache_misses: int
+    jobs_unfinished: int
+    job_items_running: int
+    jobs_off: str
+    def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., jobs_unfinished: _Optional[int] = ..., job_items_running: _Optional[int] = ..., jobs_off: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("address", "memory_budget_bytes")

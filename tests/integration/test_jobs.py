@@ -106,6 +106,8 @@ def test_a_repeated_deterministic_request_is_answered_from_the_cache(cluster):
             assert not client.generate(PROMPTS[0], max_tokens=8, temperature=0.8).cached
         seeded = [client.generate(PROMPTS[1], max_tokens=8, temperature=0.8, seed=3) for _ in range(2)]
         assert [r.cached for r in seeded] == [False, True] and seeded[0].token_ids == seeded[1].token_ids
+        entries, held, most, hits, misses = client.cluster_status().cache
+        assert (entries, hits, misses, most) == (8, 22, 8, 2**20) and 0 < held <= most  # unseeded: not looked up
     cache = coordinator.server.servicer.cache
     assert 0 < cache.bytes <= cache.max_bytes
 
@@ -146,6 +148,7 @@ def test_cancel_stops_a_job_and_frees_its_kv_on_every_stage(cluster):
             assert time.monotonic() < deadline, "the job's items did not start"
             time.sleep(0.02)
         start = time.monotonic()
+        assert client.cluster_status().job_items_running == 6
         status = client.cancel_job(job_id)
         wait_until_no_sessions(addresses, timeout=5)
         freed_s = time.monotonic() - start
@@ -155,6 +158,8 @@ def test_cancel_stops_a_job_and_frees_its_kv_on_every_stage(cluster):
         assert client.get_job(job_id).done == status.done  # nothing ran on
         results = client.job_results(job_id)
         assert {r.state for r in results} <= {"done", "cancelled"}
+        after = client.cluster_status()
+        assert (after.jobs_unfinished, after.job_items_running, after.jobs_off) == (0, 0, "")
     assert freed_s < 1.0, freed_s
 
 
