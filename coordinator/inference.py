@@ -21,6 +21,8 @@ from shardline.v1 import coordinator_pb2
 if TYPE_CHECKING:
     from coordinator.fleet import Deployment, Fleet
 
+FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
+          "stop": coordinator_pb2.FINISH_REASON_STOP}
 POOLING = {coordinator_pb2.POOLING_UNSPECIFIED: "mean", coordinator_pb2.POOLING_MEAN: "mean",
            coordinator_pb2.POOLING_CLS: "cls"}
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from coordinator.inference import generate, infer, request_from_proto
+from coordinator.inference import FINISH, generate, infer, request_from_proto
 from coordinator.job_store import JobRow, JobsLocked, JobStore, NewItem
 from coordinator.result_cache import ResultCache
 from shardline.codec import fill_tensor, from_numpy
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
-          "stop": coordinator_pb2.FINISH_REASON_STOP}
 WAITS = (Unavailable, ResourceExhausted, DeadlineExceeded)  # the cluster's state now: wait, then try again
 BATCH = 256          # pending items read from the database at a time
 EXPIRY_EVERY_S = 60  # how often finished jobs' results are checked for expiry

@@ -12,7 +12,7 @@ from typing import Any
 from coordinator.admin_servicer import AdminMethods, deployment_info
 from coordinator.fleet import Fleet
 from coordinator.generation import shown
-from coordinator.inference import generate, infer, request_from_proto
+from coordinator.inference import FINISH, generate, infer, request_from_proto
 from coordinator.job_servicer import JobMethods
 from coordinator.jobs import JobRunner
 from coordinator.result_cache import ResultCache
@@ -23,8 +23,6 @@ from shardline.limits import MAX_ADDRESS_CHARS, is_host_port
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
-FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
-          "stop": coordinator_pb2.FINISH_REASON_STOP}
 
 
 class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.CoordinatorServicer):
