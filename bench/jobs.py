@@ -116,23 +116,30 @@ async def part_latency(endpoint: str, n: int, rounds: int) -> None:
     await timed(endpoint, prompt)  # warm up
     idle = [await timed(endpoint, prompt) for _ in range(rounds)]
     busy = []
+    # the coordinator runs on this event loop: the blocking SDK calls go to a thread
     with Client(endpoint, timeout=600) as client:
-        job_id = client.submit_job([generate_request(p, max_tokens=LONG, temperature=0, ignore_eos=True)
-                                    for p in prompts(4 * n, 3)])
+        job_id = await asyncio.to_thread(
+            client.submit_job, [generate_request(p, max_tokens=LONG, temperature=0, ignore_eos=True)
+                                for p in prompts(4 * n, 3)])
         await asyncio.sleep(1.0)
         for _ in range(rounds):
-            before = client.get_job(job_id).done
+            before = (await asyncio.to_thread(client.get_job, job_id)).done
             busy.append(await timed(endpoint, prompt))
-            status = client.get_job(job_id)
+            status = await asyncio.to_thread(client.get_job, job_id)
             print(f"  beside the job: {busy[-1][1]:.2f} s; the job went from {before} to {status.done} of "
                   f"{status.total} done meanwhile ({status.state})", flush=True)
-        client.cancel_job(job_id)
+        await asyncio.to_thread(client.cancel_job, job_id)
     for k, label in ((0, "time to first token"), (1, f"total, {LONG} tokens")):
         a, b = statistics.median(x[k] for x in idle), statistics.median(x[k] for x in busy)
         print(f"| {label} | {a * 1000:.0f} ms | {b * 1000:.0f} ms | {b / a:.2f}x |")
 
 
 async def part_cache(endpoint: str, cache_mb: float) -> None:
+    await asyncio.to_thread(cache_hits, endpoint)  # blocking SDK calls, off the coordinator's event loop
+    cache_memory(cache_mb)
+
+
+def cache_hits(endpoint: str) -> None:
     prompt = prompts(1, 4)[0]
     params = dict(max_tokens=NEW, temperature=0, ignore_eos=True)
     with Client(endpoint, timeout=600) as client:
@@ -152,7 +159,6 @@ async def part_cache(endpoint: str, cache_mb: float) -> None:
     p99 = sorted(hits)[int(len(hits) * 0.99) - 1]
     print(f"| cache hit vs miss, {NEW} tokens | miss {miss * 1000:.1f} ms | hit {hit * 1000:.2f} ms "
           f"(p99 {p99 * 1000:.2f} ms) | {miss / hit:.0f}x faster |")
-    cache_memory(cache_mb)
 
 
 def cache_memory(cache_mb: float) -> None:
