@@ -81,6 +81,9 @@ class CoordinatorConfig(BaseModel):
     max_unfinished_jobs: int = Field(100, ge=1, description="jobs queued or running at once; more are refused")
     result_cache_mb: float = Field(0, ge=0, description="memory of the cache of deterministic results (greedy, or "
                                    "seeded by the caller); 0 = no cache (off unless asked for)")
+    otlp_endpoint: str = Field("", max_length=1000, description="export a trace per request with OTLP/gRPC to "
+                               "this collector (http://HOST:4317 without TLS); empty: "
+                               "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing (needs the 'tracing' extra)")
     # security (README "Security"): TLS and the cluster's identity, API keys for the public API
     certs_dir: Path | None = Field(None, description="TLS on every link with the certificates of this directory "
                                    "(`coordinator certs`): ca.crt, node.crt, node.key")

@@ -173,7 +173,7 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
 
 
 async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
-              background: bool = False) -> AsyncIterator[Piece]:
+              background: bool = False, trace: str = "") -> AsyncIterator[Piece]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 
@@ -181,7 +181,7 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     were produced; before that, an end-of-sequence id is just a token."""
     stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
     stream = scheduler.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
-                              min_tokens=plan.min_tokens, background=background)
+                              min_tokens=plan.min_tokens, background=background, trace=trace)
     texts = TextStream(text, plan.stop)
     produced = 0
     prompt_tokens = len(plan.prompt_ids)

@@ -55,10 +55,11 @@ async def plan_generation(fleet: Fleet, req: GenerationRequest) -> tuple[Deploym
 
 
 async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
-                   background: bool = False) -> AsyncIterator[Piece]:
+                   background: bool = False, trace: str = "") -> AsyncIterator[Piece]:
     """The pieces of a generation: from the cache (one piece, marked cached) when a deterministic request
     was answered before on the same deployment, else as the scheduler of the replica that owes least
-    produces them (a background stream for a job's item)."""
+    produces them (a background stream for a job's item). `trace` is the request span's traceparent (tracing
+    on), which every stage's step spans take as their parent."""
     deployment = generating(fleet, req)
     fleet.serving(deployment)  # not ready: say so before the prompt is even read
     plan = await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
@@ -68,7 +69,7 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
         yield Piece(hit.text, hit.ids, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, cached=True)
         return
     _, scheduler = fleet.route(deployment)
-    async for piece in remembered(run(scheduler, deployment.text, plan, session_id, background), cache, key):
+    async for piece in remembered(run(scheduler, deployment.text, plan, session_id, background, trace), cache, key):
         yield piece
 
 

@@ -80,6 +80,7 @@ class Stream:
     wants: int = 0      # blocks it waits for (being released by a preempted stream); admission leaves them
     waiting_in: collections.deque[Stream] | None = None  # the queue it waits in, left at once when it stops
     background: bool = False  # a job's item: admitted after every interactive stream, preempted first
+    trace: str = ""     # the request span's W3C traceparent, passed to every stage with each step (tracing on)
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -182,7 +183,7 @@ class Scheduler:
                 "or lower max_tokens")
 
     def submit(self, session_id: str, prompt: list[int], sampling: worker_pb2.SamplingParams, max_tokens: int,
-               stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False) -> Stream:
+               stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False, trace: str = "") -> Stream:
         """Queue a stream; interactive streams beyond `max_queued` waiting are refused (background ones are
         bounded by their submitter)."""
         self.check_fits(len(prompt), max_tokens)
@@ -193,7 +194,7 @@ class Scheduler:
             raise ResourceExhausted(f"the cluster is at capacity ({running}, {len(self.waiting)} waiting); "
                                     "try again later")
         stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
-                        background=background)
+                        background=background, trace=trace)
         self._enqueue(stream)
         self._admit()
         return stream
@@ -453,7 +454,7 @@ class Scheduler:
                 await asyncio.wait_for(self._kv_freed.wait(), 0.05)
             return
         sequences = [worker_pb2.SequenceSlice(session_id=sid, start_position=s.position, num_tokens=n,
-                                              sampling=s.sampling) for s, n, sid in batch]
+                                              sampling=s.sampling, traceparent=s.trace) for s, n, sid in batch]
         ids = [t for s, n, _ in batch for t in s.pending[:n]]
         try:
             response = await chain.step(sequences, ids, partial=True)

@@ -15,6 +15,7 @@ from coordinator.parameters.server import ParameterServer, start_parameter_serve
 from coordinator.result_cache import ResultCache
 from coordinator.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.store import ModelStore
+from shardline import tracing
 from shardline.auth import Access, ApiKeys, ClusterIdentity, Guard, Rules, describe
 from shardline.limits import MAX_RESPONSE_BYTES
 from shardline.server import RunningServer, add_standard_services, bind, check_exposure, new_server, set_serving
@@ -69,6 +70,8 @@ def rules() -> Rules:
 
 async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None] = log.info) -> Coordinator:
     identity = identity_of(config)
+    if tracing.configure(config.otlp_endpoint, "shardline-coordinator"):
+        log.info("tracing: one trace per request, exported with OTLP")
     api_keys = ApiKeys(config.api_keys) if config.api_keys is not None else None
     authenticated = api_keys is not None or config.client_certs == "required"
     check_exposure(config.host, identity.tls, authenticated, config.insecure, "coordinator")

@@ -16,6 +16,7 @@ from coordinator.inference import FINISH, generate, infer, request_from_proto
 from coordinator.job_servicer import JobMethods
 from coordinator.jobs import JobRunner
 from coordinator.result_cache import ResultCache
+from shardline import tracing
 from shardline.auth import ApiKeys
 from shardline.codec import fill_tensor, from_numpy
 from shardline.errors import InvalidArgument, NotFound, grpc_errors
@@ -35,14 +36,19 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         req = request_from_proto(request)
         self.active_sessions += 1
         try:
-            async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex):
-                response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
-                                                            finish_reason=FINISH[piece.finish_reason],
-                                                            cached=piece.cached)
-                if piece.finish_reason:
-                    response.usage.prompt_tokens = piece.prompt_tokens
-                    response.usage.completion_tokens = piece.completion_tokens
-                yield response
+            with tracing.request_span("shardline.Generate", context, model=req.model) as span:
+                async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
+                                            trace=tracing.traceparent(span)):
+                    response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
+                                                                finish_reason=FINISH[piece.finish_reason],
+                                                                cached=piece.cached)
+                    if piece.finish_reason:
+                        response.usage.prompt_tokens = piece.prompt_tokens
+                        response.usage.completion_tokens = piece.completion_tokens
+                        if span is not None:
+                            span.set_attributes({"prompt_tokens": piece.prompt_tokens, "cached": piece.cached,
+                                                 "completion_tokens": piece.completion_tokens})
+                    yield response
         finally:
             # also on cancellation and deadline: `run` takes the stream out of the batch, and the scheduler
             # frees its KV cache on every stage once no step of it is in flight

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from shard_worker.server import serve_forever
+from shardline import tracing
 from shardline.auth import ClusterIdentity
 from shardline.server import Keepalive, check_exposure
 from shardline.stream import LinkSettings
@@ -40,13 +41,16 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           cluster_token_file: Path | None = typer.Option(None, help="without TLS: a file holding the cluster "
                                                          "token; only callers that send it may drive this worker"),
           insecure: bool = typer.Option(False, help="allow serving on a non-loopback address without TLS"),
+          otlp_endpoint: str = typer.Option("", help="export a span per traced step with OTLP/gRPC to this "
+                                            "collector (http://HOST:4317) [$OTEL_EXPORTER_OTLP_ENDPOINT; else off]"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         identity = ClusterIdentity.from_files(certs_dir, cluster_token_file)
         check_exposure(host, identity.tls, identity.tls, insecure, "shard worker")
-    except ValueError as exc:
+        tracing.configure(otlp_endpoint, "shardline-worker")
+    except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     try:

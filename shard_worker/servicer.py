@@ -22,6 +22,7 @@ from shard_worker.registration import default_memory_budget
 from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
+from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
@@ -245,6 +246,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     except Exception as exc:  # noqa: BLE001
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue
+                    if tracing.on():
+                        self._trace(req, received)
                     if not req.route or not result.kept:  # the end of the route, or nothing left to pass on
                         response = response_from_result(req.step_id, result, list(req.failed))
                         self._count_out(response.ByteSize())
@@ -291,6 +294,18 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
         future.add_done_callback(functools.partial(_dequeued, metrics))
         return runtime.stage.end, future
+
+    def _trace(self, req: worker_pb2.ForwardRequest, received: float) -> None:
+        """A span per traced request of this step: this stage's part of it, from receipt (its wait in the
+        compute queue included) to its result."""
+        if self.shard is None:
+            return
+        stage = self.shard.runtime.stage
+        now = time.time_ns()
+        tracing.step_spans(f"stage [{stage.start}, {stage.end})", (s.traceparent for s in req.sequences),
+                           now - int((time.monotonic() - received) * 1e9), now, step_id=req.step_id,
+                           step_tokens=sum(s.num_tokens for s in req.sequences), sequences=len(req.sequences),
+                           layers=f"[{stage.start}, {stage.end})")
 
     def _count_out(self, n: int) -> None:
         if self.shard is not None:
