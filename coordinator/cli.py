@@ -27,6 +27,7 @@ app.command("health")(health)
 RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy, or seeded by the caller), "
                      "answered from memory and marked cached")
 STORE_HELP = "model store directory (default: the per-user cache, or $SHARDLINE_STORE)"
+METRICS_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; printed)"
 # security options, shared by the server commands (README "Security")
 CERTS_HELP = "TLS on every link with this certificates directory (ca.crt, node.crt, node.key: `coordinator certs`)"
 TOKEN_HELP = "without TLS: a file holding the cluster token every process of the cluster sends"
@@ -216,6 +217,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
            insecure: bool = typer.Option(False, help=INSECURE_HELP),
            result_cache_mb: float = typer.Option(0, min=0, help=RESULT_CACHE_HELP + " [0: off]"),
+           metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + "; each worker "
+                                                   "gets the next port (0: a free one each) [off]"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
@@ -229,7 +232,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
     try:
         deployments = _deployments(names, replicas)
         config = _config(store, model=names[0], workers=workers, host=host, port=port, deployments=deployments,
-                         micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds,
+                         micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
                          result_cache_mb=result_cache_mb)
@@ -308,6 +311,8 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
         keys = [d.key for d in fleet.deployments.values()] if fleet is not None else [config.model]
         print(f"ready in {seconds:.1f} s: {len(cluster.processes)} workers serving {', '.join(keys)} on "
               f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
+        for line in cluster.metrics_lines():
+            print(line, flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
             flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
@@ -354,6 +359,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           cluster_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
           api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
           insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP),
+          metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + " [off]"),
           result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP + " [0: off]")
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
@@ -365,6 +371,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                  max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds, certs_dir=certs_dir,
                  client_certs=client_certs, cluster_port=cluster_port, cluster_token_file=cluster_token_file,
                  api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb)
+    given["metrics_port"] = metrics_port
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
         resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)
@@ -397,6 +404,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
             f" (workers register on {coordinator.cluster_address})"
         print(f"coordinator listening on {coordinator.address}{joins}; waiting for {config.workers} workers",
               flush=True)
+        if coordinator.metrics_server is not None:
+            print(f"metrics at {coordinator.metrics_server.url}", flush=True)
         try:
             await signals.first.wait()
             await _drain(coordinator.fleet.drain, config.drain_seconds, signals)
@@ -518,6 +527,8 @@ def _check_ports(config: CoordinatorConfig) -> None:
 
     ports = [("--port", config.port)] + ([("--cluster-port", config.cluster_port)] if config.certs_dir else []) \
         + ([("--parameters-port", config.parameters_port)] if not config.parameters_address else [])
+    if config.metrics_port is not None:
+        ports.append(("--metrics-port", config.metrics_port))
     for flag, port in ports:
         if port == 0:
             continue

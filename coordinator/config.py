@@ -84,6 +84,8 @@ class CoordinatorConfig(BaseModel):
     otlp_endpoint: str = Field("", max_length=1000, description="export a trace per request with OTLP/gRPC to "
                                "this collector (http://HOST:4317 without TLS); empty: "
                                "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing (needs the 'tracing' extra)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics at "
+                                     "http://host:PORT/metrics (0 = a free port); none = no metrics endpoint")
     # security (README "Security"): TLS and the cluster's identity, API keys for the public API
     certs_dir: Path | None = Field(None, description="TLS on every link with the certificates of this directory "
                                    "(`coordinator certs`): ca.crt, node.crt, node.key")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments import DeploymentSpec, resolve, split_name
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.model_admin import ModelAdmin
 from coordinator.placement import Wanted, interleave, place
 from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
@@ -88,14 +89,15 @@ class Deployment:
 class Fleet:
     def __init__(self, config: CoordinatorConfig, store: ModelStore, parameters_address: str,
                  set_serving: Callable[[bool], Awaitable[None]], say: Callable[[str], None] = log.info,
-                 identity: ClusterIdentity | None = None) -> None:
+                 identity: ClusterIdentity | None = None, metrics: CoordinatorMetrics | None = None) -> None:
         self.config, self.store, self.say = config, store, say
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.registry = Registry(config.heartbeat_timeout_ms / 1000)
         links = LinkSettings(step_timeout_ms=config.step_timeout_ms,
                              keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms),
                              identity=identity or ClusterIdentity())
         self.shared = Shared(config, self.registry, parameters_address, links, say, self.notify, self._evacuate,
-                             self._spawn, self._membership, self._joined)
+                             self._spawn, self._membership, self._joined, self.metrics)
         self.deployments: dict[str, Deployment] = {}
         self.defaults: dict[str, str] = {}  # model name -> its default version
         self.primary = ""                   # the name a request without a model means: the first deployed
@@ -326,6 +328,8 @@ class Fleet:
         old = next((w for w in self.registry.workers.values() if w.address == address), None)
         owner = self._owner(old) if old is not None else None
         record = self.registry.register(address, memory_budget_bytes)
+        if old is not None:  # the same address again: its process restarted
+            self.metrics.reregistrations.inc()
         deployed = any(r.assignment for r in self.replicas)
         if deployed:
             record.state = "spare"  # it waits to be needed; running chains are not touched

@@ -5,7 +5,7 @@ tokenized, run as micro-batches through a replica's pipeline)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from coordinator.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
 from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, Piece, Plan, check_parameters, prepare, run
+from coordinator.metrics import model_label
 from coordinator.result_cache import CachedResult, Key, ResultCache, cache_key
 from shardline.codec import decode_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument
@@ -56,6 +57,15 @@ async def plan_generation(fleet: Fleet, req: GenerationRequest) -> tuple[Deploym
 
 async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
                    background: bool = False, trace: str = "") -> AsyncIterator[Piece]:
+    """`_generate`, counted in the coordinator's metrics: every protocol and the job runner come here, so
+    each request is counted once, under the deployment it names."""
+    pieces = _generate(fleet, cache, req, session_id, background, trace)
+    async for piece in fleet.metrics.requests.generation(model_label(fleet, req.model), pieces):
+        yield piece
+
+
+async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
+                    background: bool = False, trace: str = "") -> AsyncGenerator[Piece, None]:
     """The pieces of a generation: from the cache (one piece, marked cached) when a deterministic request
     was answered before on the same deployment, else as the scheduler of the replica that owes least
     produces them (a background stream for a job's item). `trace` is the request span's traceparent (tracing
@@ -130,7 +140,11 @@ async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferP
 
 
 async def infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
-    """An Infer's pooled vectors and the tokens it processed."""
+    """An Infer's pooled vectors and the tokens it processed, counted in the coordinator's metrics."""
+    return await fleet.metrics.requests.infer(model_label(fleet, request.model), _infer(fleet, request))
+
+
+async def _infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
     plan = await plan_infer(fleet, request)
     replica, scheduler = fleet.route(plan.deployment)
     replica.infers += 1  # a drain waits for it as for a stream

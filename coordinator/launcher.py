@@ -29,17 +29,23 @@ from shardline.server import Signals
 
 log = logging.getLogger(__name__)
 PREFIX = "shard worker listening on "
+METRICS_PREFIX = "shard worker metrics at "  # printed before PREFIX by a worker given --metrics-port
 
 
 @dataclass
 class WorkerProcess:
     process: asyncio.subprocess.Process
     address: str
+    metrics_url: str = ""                # where its /metrics is ("" = no metrics endpoint)
+    metrics_port: int | None = None      # the port it was asked for (0 = any free one)
 
 
 async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int = 0,
-                       log_level: str = "WARNING", extra: tuple[str, ...] = ()) -> WorkerProcess:
+                       log_level: str = "WARNING", extra: tuple[str, ...] = (),
+                       metrics_port: int | None = None) -> WorkerProcess:
     args = ["--host", host, "--port", "0", "--log-level", log_level, "--parent-pid", str(os.getpid()), *extra]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
     if coordinator:
         args += ["--coordinator", coordinator]
     if memory_budget_mb:
@@ -52,9 +58,12 @@ async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int =
     if process.stdout is None:
         raise RuntimeError("no stdout from the worker process")
     said: list[str] = []
+    metrics_url = ""
     while line := (await asyncio.wait_for(process.stdout.readline(), timeout=120)).decode():
         if line.startswith(PREFIX):
-            return WorkerProcess(process, line.strip().removeprefix(PREFIX))
+            return WorkerProcess(process, line.strip().removeprefix(PREFIX), metrics_url, metrics_port)
+        if line.startswith(METRICS_PREFIX):
+            metrics_url = line.strip().removeprefix(METRICS_PREFIX)
         said.append(line.strip())
     code = await process.wait()
     raise RuntimeError(f"shard worker exited with code {code} before listening (it said: {said[-3:]})")
@@ -148,13 +157,30 @@ class LocalCluster:
     gave_up: str = ""
     _supervisor: asyncio.Task[None] | None = None
 
-    def _spawn(self) -> Awaitable[WorkerProcess]:
+    def _spawn(self, metrics_port: int | None = None) -> Awaitable[WorkerProcess]:
         c = self.config
         extra = ("--keepalive-ms", str(c.keepalive_time_ms), "--step-timeout-ms", str(c.step_timeout_ms),
                  *self.worker_args)
         # with TLS, workers register on the coordinator's cluster port (mutual TLS); else on its one port
         registry = c.cluster_port if c.certs_dir is not None else c.port
-        return spawn_worker(c.host, f"{c.host}:{registry}", self.worker_memory_mb, extra=extra)
+        return spawn_worker(c.host, f"{c.host}:{registry}", self.worker_memory_mb, extra=extra,
+                            metrics_port=metrics_port)
+
+    def _worker_metrics_port(self, index: int) -> int | None:
+        """With the coordinator's metrics on port P, worker `index` gets P + 1 + index (fixed ports, for a
+        static scrape config; a restarted worker takes the port of the one it replaces); with P = 0, a free
+        port each; without metrics, none."""
+        p = self.config.metrics_port
+        return None if p is None else p + 1 + index if p else 0
+
+    def metrics_lines(self) -> list[str]:
+        """Where every /metrics of this cluster is, for the operator."""
+        coordinator = self.coordinator.metrics_server if self.coordinator is not None else None
+        if coordinator is None:
+            return []
+        lines = [f"metrics: coordinator {coordinator.url}"]
+        lines += [f"metrics: worker {p.address} {p.metrics_url}" for p in self.processes if p.metrics_url]
+        return lines
 
     async def start(self, say: Callable[[str], None] = log.info) -> float:
         """Start everything and wait until every shard is loaded and verified; returns the seconds it took.
@@ -165,7 +191,10 @@ class LocalCluster:
                              "to register with")
         # the coordinator and the workers start side by side; workers retry until the coordinator listens
         needed = sum(d.replicas * d.workers for d in self.config.initial_deployments())
-        spawning = [self._spawn() for _ in range(needed + self.spares)]
+        if self.config.metrics_port and self.config.metrics_port + needed + self.spares > 65535:
+            raise ValueError(f"--metrics-port {self.config.metrics_port}: its {needed + self.spares} workers take the "
+                             "ports after it, beyond 65535; choose a lower one (or 0: free ports)")
+        spawning = [self._spawn(self._worker_metrics_port(i)) for i in range(needed + self.spares)]
         coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,
                                                        return_exceptions=True)
         self.processes = [p for p in processes if isinstance(p, WorkerProcess)]
@@ -229,8 +258,10 @@ class LocalCluster:
             say(f"worker {dead.address}: {why}; restarting it")
             await asyncio.sleep(min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0)
             try:
-                self.processes.append(await self._spawn())
+                self.processes.append(await self._spawn(dead.metrics_port))
                 self.restarts += 1
+                if self.coordinator is not None:
+                    self.coordinator.fleet.metrics.restarts.inc()
             except (RuntimeError, OSError, TimeoutError) as exc:
                 say(f"error: restarting a worker failed: {exc}")
 

@@ -21,6 +21,7 @@ from coordinator.chain import ChainClient, end_sessions
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments import DeploymentSpec
 from coordinator.membership import Assignment, LoadedShard, choose_replacements, describe
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline import Pipeline
 from coordinator.placement import choose_workers, fit
 from coordinator.planner import PlanDoesNotFit, StagePlan
@@ -57,6 +58,7 @@ class Shared:
     spawn: Callable[[Awaitable[None], str], asyncio.Task[None]]
     membership: Callable[[], tuple[str, ...]]  # live and free workers: a failed replica retries when it changes
     joined: Callable[[Replica], None]          # a replica serves for the first time (it takes queued work)
+    metrics: CoordinatorMetrics                # recoveries here, queue times and preemptions in the scheduler
 
 
 class Replica:
@@ -423,10 +425,12 @@ class Replica:
                 return
             await asyncio.sleep(0.5 * 2 ** attempt)
         loaded_at = time.perf_counter()
+        joined = len({w.worker_id for w, _ in target} - {w.worker_id for w in self.assignment})
         await self._install(target, counted=heal)
         took = time.perf_counter() - began
         if heal:
             self.recoveries += 1
+            self.shared.metrics.recovered(self.spec.name, self.name, took, joined)
             self.last_recovery_ms = int(took * 1000)
             self.last_recovery_phases = dict(began=began, detected=detected, planned=planned, loaded=loaded_at,
                                              serving=began + took)
@@ -520,7 +524,8 @@ class Replica:
             self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
                                        max_active=c.max_active_streams, max_queued=c.max_queued_streams,
                                        prefill_chunk=c.prefill_chunk_tokens, max_step_tokens=c.max_step_tokens,
-                                       reserve_tokens=c.kv_reserve_tokens, background_share=c.job_step_share)
+                                       reserve_tokens=c.kv_reserve_tokens, background_share=c.job_step_share,
+                                       metrics=self.shared.metrics.streams(self.spec.name))
         stale = self.scheduler.rewind(counted)
         if old_chain is not None:
             await old_chain.close()

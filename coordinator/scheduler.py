@@ -37,7 +37,9 @@ import collections
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from coordinator.chain import end_sessions
 from coordinator.pipeline import RECOVERABLE, Pipeline
@@ -52,6 +54,9 @@ from shardline.errors import (
     error_for_code,
 )
 from shardline.v1 import worker_pb2
+
+if TYPE_CHECKING:
+    from coordinator.metrics import StreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ class Stream:
     waiting_in: collections.deque[Stream] | None = None  # the queue it waits in, left at once when it stops
     background: bool = False  # a job's item: admitted after every interactive stream, preempted first
     trace: str = ""     # the request span's W3C traceparent, passed to every stage with each step (tracing on)
+    queued_at: float = field(default_factory=time.monotonic)  # when it was submitted (its queue time, metrics)
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -116,6 +122,7 @@ class KVBudget:
     blocks_total: int
     held: int = 0
     releasing: int = 0
+    stage_blocks: tuple[int, ...] = ()  # each stage's own capacity (blocks_total is the smallest; metrics)
 
     @property
     def free(self) -> int:
@@ -135,8 +142,9 @@ MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather
 class Scheduler:
     def __init__(self, pipeline: Pipeline, groups: int, max_active: int = 64, max_queued: int = 256,
                  prefill_chunk: int = 256, max_step_tokens: int = 2048, reserve_tokens: int = 16,
-                 background_share: float = 0.5) -> None:
+                 background_share: float = 0.5, metrics: StreamMetrics | None = None) -> None:
         self.pipeline = pipeline
+        self.metrics = metrics  # queue times and preemptions (coordinator/metrics.py)
         self.max_active, self.max_queued = max_active, max_queued
         self.prefill_chunk, self.max_step_tokens = prefill_chunk, max_step_tokens
         self.reserve_tokens = reserve_tokens
@@ -244,6 +252,8 @@ class Scheduler:
                 self.kv.held += blocks
             queue.popleft()
             stream.waiting_in = None
+            if stream.admitted < 0 and self.metrics is not None:  # its first admission: how long it queued
+                self.metrics.admitted(time.monotonic() - stream.queued_at, stream.background)
             stream.blocks, stream.admitted = blocks, next(self._admissions)
             i = min(range(len(self.groups)), key=lambda g: len(self.groups[g]))
             self.groups[i].append(stream)
@@ -309,6 +319,8 @@ class Scheduler:
         stream.rewind(failure=False)
         stream.preemptions += 1
         self.preempted += 1
+        if self.metrics is not None:
+            self.metrics.preempted()
         log.info("preempted %s (%d KV blocks) to make room; it resumes by re-prefill", stream.request_id,
                  stream.blocks)
         self._end([old], stream.blocks)

@@ -18,6 +18,7 @@ from coordinator.store import ModelStore
 from shardline import tracing
 from shardline.auth import Access, ApiKeys, ClusterIdentity, Guard, Rules, describe
 from shardline.limits import MAX_RESPONSE_BYTES
+from shardline.metrics import MetricsServer, start_metrics_server
 from shardline.server import RunningServer, add_standard_services, bind, check_exposure, new_server, set_serving
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -33,6 +34,7 @@ class Coordinator:
     parameters: ParameterServer | None
     cluster_port: int = 0  # where workers register (the public port, unless the cluster has TLS)
     jobs: JobRunner | None = None
+    metrics_server: MetricsServer | None = None  # http://host:port/metrics, with config.metrics_port
 
     @property
     def address(self) -> str:
@@ -43,6 +45,8 @@ class Coordinator:
         return f"{self.server.host}:{self.cluster_port or self.server.port}"
 
     async def stop(self) -> None:
+        if self.metrics_server is not None:  # first: a scrape never reads a fleet that is stopping
+            await self.metrics_server.close()
         if self.jobs is not None:  # first: its items in flight stay pending on disk, not failed
             await self.jobs.stop()
         await self.server.stop(0.5)
@@ -106,6 +110,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     cache = ResultCache(int(config.result_cache_mb * 2**20))
     jobs = JobRunner(fleet, cache, config.jobs_dir or config.store)
     await jobs.start()
+    fleet.metrics.watch(fleet, cache, jobs)
     servicer = CoordinatorServicer(fleet, cache, jobs, api_keys)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
     coordinator_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(fleet), server)
@@ -116,6 +121,8 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
         # public port cannot: it takes clients without one)
         cluster_port = bind(server, config.host, config.cluster_port, identity.server_credentials()) \
             if identity.tls else port
+        metrics_server = start_metrics_server(config.host, config.metrics_port, fleet.metrics.registry) \
+            if config.metrics_port is not None else None
     except OSError:
         await jobs.stop()
         await fleet.stop()
@@ -128,4 +135,5 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     log.info("coordinator listening on %s:%d (%s%s; public API: %s)", config.host, port, describe(identity),
              f", workers register on port {cluster_port}" if cluster_port != port else "",
              "API keys" if api_keys else "client certificates" if authenticated else "open to any caller")
-    return Coordinator(fleet, RunningServer(server, servicer, port, config.host), parameters, cluster_port, jobs)
+    return Coordinator(fleet, RunningServer(server, servicer, port, config.host), parameters, cluster_port, jobs,
+                       metrics_server=metrics_server)

@@ -65,7 +65,8 @@ async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettin
         return None
     if len({kv.block_tokens for kv in kvs}) != 1:
         return None
-    return KVBudget(kvs[0].block_tokens, min(kv.blocks_total for kv in kvs))
+    return KVBudget(kvs[0].block_tokens, min(kv.blocks_total for kv in kvs),
+                    stage_blocks=tuple(kv.blocks_total for kv in kvs))
 
 
 async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings) -> dict[str, LoadedShard]:

@@ -43,6 +43,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           insecure: bool = typer.Option(False, help="allow serving on a non-loopback address without TLS"),
           otlp_endpoint: str = typer.Option("", help="export a span per traced step with OTLP/gRPC to this "
                                             "collector (http://HOST:4317) [$OTEL_EXPORTER_OTLP_ENDPOINT; else off]"),
+          metrics_port: int | None = typer.Option(None, min=0, max=65535, help="serve Prometheus metrics at "
+                                                  "http://HOST:PORT/metrics on --host (0 = a free one, printed) "
+                                                  "[off]"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -57,9 +60,12 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms),
                              identity=identity)
         asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, memory_budget_mb * 2**20, links,
-                                  leave_timeout_s))
+                                  leave_timeout_s, metrics_port))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # e.g. a metrics port already taken: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

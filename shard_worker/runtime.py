@@ -91,6 +91,7 @@ class Metrics:
     bytes_in: int = 0
     bytes_out: int = 0
     sessions_expired: int = 0
+    bubble_s: float = 0.0  # idle while a live session's stream was elsewhere in the pipeline (shard_worker/metrics.py)
 
 
 class StageRuntime:
@@ -109,12 +110,22 @@ class StageRuntime:
         self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.metrics = Metrics()
         self.closed = False
+        self.on_step: Callable[[float], None] | None = None  # each step's seconds (the metrics' histogram)
+        self._idle_since = time.perf_counter()  # the compute thread's last operation ended then
 
     @property
     def kv_bytes(self) -> int:
         return self.pool.bytes_used
 
+    def _idle_until(self, now: float) -> None:
+        """Bubble accounting, on the compute thread (so no lock): the thread was idle since `_idle_since`;
+        with a live session all along (sessions change only on this thread), that idle time was a bubble."""
+        if self.sessions:
+            self.metrics.bubble_s += now - self._idle_since
+        self._idle_since = now
+
     def end_sessions(self, session_ids: list[str]) -> int:
+        self._idle_until(time.perf_counter())  # before the sessions it ends: they were live until now
         for sid in session_ids:
             self.ended[sid] = None
             self.ended.move_to_end(sid)
@@ -232,12 +243,16 @@ class StageRuntime:
         if self.closed:
             raise FailedPrecondition("no shard is loaded on this worker: it was unloaded")
         began = time.perf_counter()
+        self._idle_until(began)
         try:
             return self._step(step)
         finally:
-            self.metrics.busy_s += time.perf_counter() - began
+            self._idle_since = ended = time.perf_counter()
+            self.metrics.busy_s += ended - began
             self.metrics.steps += 1
             self.metrics.tokens += sum(s.count for s in step.sequences)
+            if self.on_step is not None:
+                self.on_step(ended - began)
 
     def _step(self, step: Step) -> StepResult:
         self._check_step(step)

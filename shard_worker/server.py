@@ -11,6 +11,7 @@ from shard_worker.registration import Registration, default_memory_budget
 from shard_worker.servicer import WorkerServicer
 from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
+from shardline.metrics import start_metrics_server
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -18,15 +19,17 @@ from shardline.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"].full_name
+METRICS_PREFIX = "shard worker metrics at "  # the line `coordinator launch` reads a worker's metrics URL from
 
 
 WorkerServer = RunningServer[WorkerServicer]
 
 
 async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettings | None = None,
-                       memory_budget_bytes: int = 0) -> WorkerServer:
+                       memory_budget_bytes: int = 0, metrics_port: int | None = None) -> WorkerServer:
     """A worker serving on exactly host:port; `memory_budget_bytes` (default: 80% of the memory available)
-    bounds weights + activations + KV cache."""
+    bounds weights + activations + KV cache; with `metrics_port` (0 = a free one), Prometheus metrics at
+    http://host:port/metrics (`servicer.metrics.server` says where), stopped with the worker."""
     links = links or LinkSettings()
     server = new_server(Guard(Rules({SERVICE: Access.CLUSTER}), links.identity))
     health = add_standard_services(server, [SERVICE])
@@ -38,6 +41,12 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
     worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, server)
     bound = bind(server, host, port, links.identity.server_credentials())
     await server.start()
+    if metrics_port is not None:
+        try:
+            servicer.metrics.server = start_metrics_server(host, metrics_port, servicer.metrics.registry)
+        except OSError:
+            await WorkerServer(server, servicer, bound, host).stop(0)
+            raise
     await serving(False)
     log.info("shard worker listening on %s:%d (%s)", host, bound, describe(links.identity))
     return WorkerServer(server, servicer, bound, host)
@@ -45,11 +54,13 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
 
 async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: str = "", advertise: str = "",
                         memory_budget_bytes: int = 0, links: LinkSettings | None = None,
-                        leave_timeout_s: float = 120.0) -> None:
+                        leave_timeout_s: float = 120.0, metrics_port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM. A worker registered with a coordinator first leaves the cluster (its stage
     is handed over, so no request fails); a second signal stops at once."""
     budget = memory_budget_bytes or default_memory_budget()
-    worker = await start_worker(host, port, links, budget)
+    worker = await start_worker(host, port, links, budget, metrics_port)
+    if worker.servicer.metrics.server is not None:  # before the line the launcher waits for, which it reads last
+        print(f"{METRICS_PREFIX}{worker.servicer.metrics.server.url}", flush=True)  # noqa: T201
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
     registration: Registration | None = None
     registering: asyncio.Task[None] | None = None

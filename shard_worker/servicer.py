@@ -18,6 +18,7 @@ import psutil
 
 from shard_worker.capacity import plan_runtime
 from shard_worker.loader import load_stage
+from shard_worker.metrics import WorkerMetrics
 from shard_worker.registration import default_memory_budget
 from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
@@ -130,6 +131,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self.last_error = ""
         self._loading = False
         self._sweeper = asyncio.create_task(self._expire_sessions())
+        self.metrics = WorkerMetrics(self)  # served over HTTP when the worker is given a metrics port
 
     # -- LoadShard -------------------------------------------------------------------------------------
     @rpc_errors
@@ -150,6 +152,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                          self.identity)
         settings = kv_settings(request)
         self._loading = True
+        if self.shard is not None:  # replaced: what it did stays counted
+            self.metrics.retire(self.shard.runtime.metrics)
         self.state, self.shard, self.last_error = "loading", None, ""
         await self._set_serving(False)
         loop = asyncio.get_running_loop()
@@ -177,6 +181,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                 else:
                     getter.cancel()
             runtime, weight_bytes = task.result()
+            runtime.on_step = self.metrics.step_seconds.observe
             self.shard = _Shard(spec, runtime, weight_bytes)
             self.state = "ready"
             await self._set_serving(True)
@@ -337,6 +342,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         # from here on no new step reaches the old runtime (Forward finds no shard) and no route is accepted
         # until the coordinator names the peers again
         del shard
+        self.metrics.retire(runtime.metrics)  # what it did stays counted
         self.shard, self.state, self.peers, self.last_error = None, "empty", None, ""
         await self._set_serving(False)
         # on the compute thread, after the steps already queued there (they finish on the old runtime)
@@ -406,6 +412,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             log.exception("expiring idle sessions failed once")
 
     async def close(self) -> None:
+        if self.metrics.server is not None:
+            await self.metrics.server.close()
         self._sweeper.cancel()
         await self.links.close()
         self.compute.shutdown()

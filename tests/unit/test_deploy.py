@@ -594,3 +594,70 @@ def test_dockerfile_exposes_every_port_and_does_not_run_as_root() -> None:
     for template, _ in _containers():
         context = template["spec"].get("securityContext", {})
         assert context.get("runAsNonRoot") is True and context.get("runAsUser") == int(users[-1])
+
+
+# ------------------------------------------------------------------------------------------- monitoring
+
+DASHBOARD = DEPLOY / "grafana" / "shardline-dashboard.json"
+BUILTIN_VARIABLES = {"__rate_interval", "__range", "__interval", "__all"}
+
+
+def _dashboard_panels() -> list[Doc]:
+    panels: list[Doc] = json.loads(DASHBOARD.read_text())["panels"]
+    return panels
+
+
+def test_the_grafana_dashboard_is_well_formed_and_covers_every_topic() -> None:
+    """The dashboard parses, its panels neither share an id nor overlap, every query uses the datasource and
+    model variables it defines, and it shows each topic. (That every metric it queries is served by a real
+    /metrics page is tests/integration/test_metrics.py's check.)"""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = _dashboard_panels()
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        mine = {(g["x"] + dx, g["y"] + dy) for dx in range(g["w"]) for dy in range(g["h"])}
+        assert not mine & cells, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    queries = [t for p in panels if p["type"] != "row" for t in p["targets"]]
+    assert all(p["targets"] and p["datasource"]["uid"] == "${datasource}" for p in panels if p["type"] != "row")
+    used = {name for t in queries for name in re.findall(r"\$(\w+)", t["expr"])}
+    assert used - BUILTIN_VARIABLES <= variables, used - BUILTIN_VARIABLES - variables
+    exprs = " ".join(t["expr"] for t in queries)
+    for metric in ("shardline:request_success_total", "shardline:request_errors_total",
+                   "shardline:time_to_first_token_seconds_bucket", "shardline:time_per_output_token_seconds_bucket",
+                   "shardline:e2e_request_latency_seconds_bucket", "shardline:num_requests_waiting",
+                   "shardline:num_requests_running", "shardline:kv_cache_used_blocks",
+                   "shardline:kv_cache_capacity_blocks", "shardline:stage_busy_seconds_total",
+                   "shardline:stage_bubble_seconds_total", "shardline:stage_sent_bytes_total",
+                   "shardline:stage_received_bytes_total", "shardline:recoveries_total"):
+        assert metric in exprs, f"the dashboard shows no {metric}"
+    for quantile in ("0.5", "0.95"):
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(shardline:time_to_first_token_seconds_bucket" \
+            in exprs
+
+
+def test_the_prometheus_config_scrapes_the_ports_launch_gives() -> None:
+    """deploy/prometheus.yml lists the coordinator and workers of the `coordinator launch --metrics-port P
+    --workers N` line it documents, on the ports launch gives them (P, then P+1 .. P+N)."""
+    from coordinator.launcher import LocalCluster
+
+    text = (DEPLOY / "prometheus.yml").read_text()
+    config = yaml.safe_load(text)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
+
+    def ports(job: str) -> list[int]:
+        return [_host_port(t)[1] for c in jobs[job]["static_configs"] for t in c["targets"]]
+
+    match = re.search(r"coordinator launch --metrics-port (\d+) --workers (\d+)", text)
+    assert match, "prometheus.yml does not show the launch line its targets follow"
+    base, workers = int(match.group(1)), int(match.group(2))
+    assert ports("shardline-coordinator") == [base]
+    cluster = LocalCluster(CoordinatorConfig(metrics_port=base, workers=workers))
+    assert ports("shardline-worker") == [cluster._worker_metrics_port(i) for i in range(workers)]
+    for program, sub in (("coordinator", "launch"), ("coordinator", "serve"), ("shard-worker", "serve")):
+        assert "--metrics-port" in _options(_command(program, sub)), f"`{program} {sub}` has no --metrics-port"
