@@ -36,6 +36,8 @@ API_KEYS_HELP = "a JSON file of hashed API keys with roles (`coordinator api-key
     "public API takes any caller"
 CLIENT_CERTS_HELP = "with --certs-dir: 'required' makes public API clients present a certificate from the CA"
 CLUSTER_PORT_HELP = "with --certs-dir: the port workers register on (mutual TLS only)"
+HTTP_PORT_HELP = "the OpenAI-compatible HTTP API's port, on --host (0 = a free one; or $SHARDLINE_HTTP_PORT)"
+HTTP_HELP = "serve the OpenAI-compatible HTTP API beside the gRPC port (--no-http: gRPC only)"
 API_KEY_OPTION: Any = typer.Option(None, "--api-key", envvar="SHARDLINE_API_KEY", help="the API key (or "
                                    "$SHARDLINE_API_KEY)", show_envvar=False)
 CLIENT_CERTS_DIR: Any = typer.Option(None, "--certs-dir", help="TLS: trust this directory's ca.crt")
@@ -219,6 +221,9 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            result_cache_mb: float = typer.Option(0, min=0, help=RESULT_CACHE_HELP + " [0: off]"),
            metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + "; each worker "
                                                    "gets the next port (0: a free one each) [off]"),
+           http_port: int = typer.Option(8000, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT", show_envvar=False,
+                                         help=HTTP_PORT_HELP),
+           http: bool = typer.Option(True, help=HTTP_HELP),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
@@ -235,7 +240,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
                          micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
-                         result_cache_mb=result_cache_mb)
+                         result_cache_mb=result_cache_mb, http=http, http_port=http_port)
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -290,7 +295,9 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
         print(line, flush=True)
     cluster = LocalCluster(config, worker_memory_mb, spares, security.worker_args)
     failed = ""
+    gateway = None
     try:
+        gateway = await _start_http(config, config.port)  # answers 503 until the cluster serves
         starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
         stopping = asyncio.ensure_future(signals.first.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -313,6 +320,8 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
               f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
         for line in cluster.metrics_lines():
             print(line, flush=True)
+        if gateway is not None:
+            print(f"OpenAI-compatible HTTP API on {gateway.url} (try: curl {gateway.url}/models)", flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
             flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
@@ -330,6 +339,9 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     finally:
         print("stopping", flush=True)
         try:
+            if gateway is not None:  # first: no HTTP request starts on a coordinator that is going away
+                with contextlib.suppress(Exception):
+                    await gateway.stop()
             with contextlib.suppress(Exception):
                 await cluster.stop()
         finally:
@@ -360,7 +372,10 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
           insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP),
           metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + " [off]"),
-          result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP + " [0: off]")
+          result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP + " [0: off]"),
+          http_port: int | None = typer.Option(None, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT",
+                                               show_envvar=False, help=HTTP_PORT_HELP + " [8000]"),
+          http: bool | None = typer.Option(None, "--http/--no-http", help=HTTP_HELP + " [on]"),
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -370,7 +385,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                  parameters_address=parameters_address, parameters_port=parameters_port,
                  max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds, certs_dir=certs_dir,
                  client_certs=client_certs, cluster_port=cluster_port, cluster_token_file=cluster_token_file,
-                 api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb)
+                 api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb, http_port=http_port,
+                 http=http)
     given["metrics_port"] = metrics_port
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
@@ -406,10 +422,16 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
               flush=True)
         if coordinator.metrics_server is not None:
             print(f"metrics at {coordinator.metrics_server.url}", flush=True)
+        gateway = None
         try:
+            gateway = await _start_http(config, coordinator.server.port)
+            if gateway is not None:
+                print(f"OpenAI-compatible HTTP API on {gateway.url}", flush=True)
             await signals.first.wait()
             await _drain(coordinator.fleet.drain, config.drain_seconds, signals)
         finally:
+            if gateway is not None:  # first: no HTTP request starts on a coordinator that is going away
+                await gateway.stop()
             await coordinator.stop()
 
     asyncio.run(run())
@@ -521,11 +543,61 @@ def rebalance(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordina
             _fail(explain(exc, endpoint))
 
 
+@app.command()
+def http(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator's gRPC HOST:PORT"),
+         host: str = typer.Option("127.0.0.1", help="address to listen on"),
+         port: int = typer.Option(8000, min=0, max=65535, help="port (0 = a free one)"),
+         certs_dir: Path | None = typer.Option(None, "--certs-dir", help="TLS to the coordinator: trust this "
+                                               "directory's ca.crt"),
+         client_name: str = CLIENT_NAME,
+         tls_cert: Path | None = typer.Option(None, help="serve HTTPS with this certificate (PEM) ..."),
+         tls_key: Path | None = typer.Option(None, help="... and this key"),
+         max_body_bytes: int = typer.Option(4 * 2**20, min=1024, help="the largest request body read (larger: 413)"),
+         timeout: float = typer.Option(300, min=0.001, help="each request's deadline at the coordinator, in seconds"),
+         insecure: bool = typer.Option(False, help="allow a non-loopback --host without HTTPS and API keys at the "
+                                       "coordinator (warns at start)")) -> None:
+    """Run the OpenAI-compatible HTTP API alone, in front of a coordinator elsewhere (`serve` and `launch`
+    start one beside theirs: --http-port). Callers' `Authorization: Bearer` keys go on to the coordinator."""
+    from coordinator.http_gateway import GatewaySettings, exposure_checked, start_gateway
+    from shardline.limits import is_host_port
+    from shardline.server import Signals
+    from shardline.tls import ClientTLS, TLSFilesError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not is_host_port(endpoint):
+        _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
+    if (tls_cert is None) != (tls_key is None):
+        _fail("give --tls-cert and --tls-key together (HTTPS), or neither")
+    tls = ClientTLS.from_certs_dir(certs_dir, client_name) if certs_dir is not None else None
+    settings = GatewaySettings(endpoint, host, port, tls, tls_cert, tls_key, max_body_bytes=max_body_bytes,
+                               timeout_s=timeout)
+
+    async def run() -> None:
+        signals = Signals()
+        try:
+            await exposure_checked(settings, insecure)
+            gateway = await start_gateway(settings)
+        except OSError as exc:
+            _fail(f"{exc}; choose another port with --port")
+            return
+        except (ValueError, TLSFilesError) as exc:
+            _fail(str(exc))
+            return
+        print(f"OpenAI-compatible HTTP API on {gateway.url}, in front of the coordinator at {endpoint}", flush=True)
+        try:
+            await signals.first.wait()
+        finally:
+            await gateway.stop()
+
+    asyncio.run(run())
+
+
 def _check_ports(config: CoordinatorConfig) -> None:
     """Before anything starts: the ports this coordinator will listen on are free (one line if not)."""
     import socket
 
     ports = [("--port", config.port)] + ([("--cluster-port", config.cluster_port)] if config.certs_dir else []) \
+        + ([("--http-port", config.http_port)] if config.http else []) \
         + ([("--parameters-port", config.parameters_port)] if not config.parameters_address else [])
     if config.metrics_port is not None:
         ports.append(("--metrics-port", config.metrics_port))
@@ -541,6 +613,19 @@ def _check_ports(config: CoordinatorConfig) -> None:
                 why = "is in use (another cluster?)" if exc.errno == errno.EADDRINUSE else \
                     f"cannot be used ({exc.strerror})"
                 _fail(f"cannot listen on {config.host}:{port}: the port {why}; choose another with {flag}")
+
+
+async def _start_http(config: CoordinatorConfig, port: int) -> Any:
+    """The OpenAI-compatible HTTP gateway beside the coordinator (None with --no-http); a port or exposure
+    problem ends the command with one line."""
+    from coordinator.http_gateway import start_beside
+
+    try:
+        return await start_beside(config, port)
+    except OSError as exc:
+        _fail(f"{exc}; choose another port with --http-port, or turn HTTP off with --no-http")
+    except ValueError as exc:
+        _fail(f"{exc} (or turn HTTP off with --no-http)")
 
 
 def explain(exc: Any, endpoint: str) -> str:

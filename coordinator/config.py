@@ -99,6 +99,12 @@ class CoordinatorConfig(BaseModel):
     api_keys: Path | None = Field(None, description="a JSON file of hashed API keys with roles "
                                   "(`coordinator api-keys create`); without it the public API takes any caller")
     insecure: bool = Field(False, description="serve on a non-loopback address without TLS or authentication")
+    # the OpenAI-compatible HTTP gateway (README "OpenAI-compatible HTTP API"): started beside the coordinator by
+    # `coordinator serve` / `launch` on `host`, a client of its gRPC port like any other
+    http: bool = Field(True, description="serve the OpenAI-compatible HTTP API on http_port (CLI: --no-http)")
+    http_port: int = Field(8000, ge=0, le=65535, description="the HTTP API's port (0 = a free one)")
+    max_http_body_bytes: int = Field(4 * 2**20, ge=1024, le=MAX_MESSAGE_BYTES, description="the largest HTTP "
+                                     "request body the gateway reads (larger: 413)")
 
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ coordinator's `max_request_bytes` (4 MiB by default) are refused with ResourceEx
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import time
 import warnings
@@ -97,6 +98,8 @@ class GenerateChunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # None until the last chunk: "length" or "stop"
+    prompt_tokens: int = 0            # usage, on the last chunk only (a stream's total, as GenerateResult's)
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -109,15 +112,22 @@ class GenerateResult:
     cached: bool = False  # answered from the coordinator's result cache
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
-        chunk = GenerateChunk(response.text, list(response.token_ids), FINISH.get(response.finish_reason))
+        finish = FINISH.get(response.finish_reason)
+        usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish else (0, 0)
+        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage)
         self.cached = self.cached or response.cached
         self.text += chunk.text
         self.token_ids += chunk.token_ids
-        if chunk.finish_reason:
-            self.finish_reason = chunk.finish_reason
-            self.prompt_tokens = response.usage.prompt_tokens
-            self.completion_tokens = response.usage.completion_tokens
+        if finish:
+            self.finish_reason = finish
+            self.prompt_tokens, self.completion_tokens = usage
         return chunk
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # [len(texts), hidden] float32
+    tokens: int          # tokens the encoder processed, all inputs together
 
 
 @dataclass(frozen=True)
@@ -327,11 +337,16 @@ class Client(JobCalls):
               timeout: float | None = None) -> np.ndarray:
         """One vector per text ([len(texts), hidden] float32) from an encoder model (Infer); `model` names
         it (name or name@version) when the cluster serves several."""
+        return self.embeddings(texts, pooling=pooling, normalize=normalize, model=model, timeout=timeout).vectors
+
+    def embeddings(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
+                   timeout: float | None = None) -> Embeddings:
+        """As embed, with the tokens the encoder processed (usage)."""
         try:
-            return _vectors(self.stub.Infer(infer_request(texts, pooling, normalize, model),
-                                            timeout=timeout or self.timeout))
+            response = self.stub.Infer(infer_request(texts, pooling, normalize, model), timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+        return Embeddings(_vectors(response), response.tokens)
 
     def list_models(self) -> list[ModelInfo]:
         try:
@@ -426,6 +441,15 @@ class AsyncClient:
         self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+        self._target, self._tls = target, tls
+
+    def with_api_key(self, api_key: str | None) -> AsyncClient:
+        """This client with another key on every call, over the same channel (no new connection): how a
+        gateway passes each caller's key on. Closing it closes the shared channel: close the original only.
+        ValueError if the key is not one word of ASCII characters."""
+        view = copy.copy(self)
+        view.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, self._target, self._tls)
+        return view
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -465,14 +489,23 @@ class AsyncClient:
                 yield result.add(response)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+        finally:  # closed early (aclose, a cancelled task): the coordinator frees the stream now, not at GC
+            call.cancel()
 
     async def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
                     timeout: float | None = None) -> np.ndarray:
+        return (await self.embeddings(texts, pooling=pooling, normalize=normalize, model=model,
+                                      timeout=timeout)).vectors
+
+    async def embeddings(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+                         model: str = "", timeout: float | None = None) -> Embeddings:
+        """As embed, with the tokens the encoder processed (usage)."""
         try:
-            return _vectors(await self.stub.Infer(infer_request(texts, pooling, normalize, model),
-                                                  timeout=timeout or self.timeout))
+            response = await self.stub.Infer(infer_request(texts, pooling, normalize, model),
+                                             timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
+        return Embeddings(_vectors(response), response.tokens)
 
     async def list_models(self) -> list[ModelInfo]:
         try:

@@ -10,6 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `coordinator launch` / `serve` run by the e2e tests (their environment is this one) serve their HTTP API on a
+# free port, not on 8000, which another run or program on this machine may hold
+os.environ.setdefault("SHARDLINE_HTTP_PORT", "0")
 
 from tests.helpers import LoopThread  # noqa: E402
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -63,10 +65,15 @@ def test_launch_serves_then_sigterm_leaves_no_child(tmp_path):
         assert "[0, 2)" in text and "[2, 4)" in text and "ready in" in text
         children = psutil.Process(launcher.pid).children(recursive=True)
         assert len(children) == 2
+        # the OpenAI-compatible HTTP API serves beside it (on a free port: SHARDLINE_HTTP_PORT=0 in conftest)
+        http = re.search(r"OpenAI-compatible HTTP API on (http://\S+/v1)", text).group(1)
+        assert [m["id"] for m in httpx.get(f"{http}/models", timeout=30).json()["data"]] == ["tiny"]
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=10)
         _, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
+        with pytest.raises(httpx.ConnectError):  # and its port is free again
+            httpx.get(f"{http}/models", timeout=5)
     finally:
         if launcher.poll() is None:
             launcher.kill()
