@@ -1,6 +1,6 @@
-"""The coordinator's gRPC server: the client-facing Coordinator service, the WorkerRegistry, health
-(SERVING once every shard is loaded and verified) and reflection; the parameter service in-process unless
-one is given."""
+"""The coordinator's gRPC server: the client-facing Coordinator service, the KServe v2 inference service
+(coordinator/kserve.py), the WorkerRegistry, health (SERVING once every shard is loaded and verified) and
+reflection; the parameter service in-process unless one is given."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from coordinator import kserve
 from coordinator.config import CoordinatorConfig
 from coordinator.fleet import Fleet
 from coordinator.jobs import JobRunner
@@ -68,7 +69,7 @@ ADMIN_METHODS = ("GetClusterStatus", "DrainWorker", "Rebalance", "LoadModel", "U
 def rules() -> Rules:
     """The coordinator's port: the registry for the cluster only; the API for role client, except what
     reads the cluster's state or changes it (role admin)."""
-    return Rules({REGISTRY: Access.CLUSTER, SERVICE: Access.CLIENT},
+    return Rules({REGISTRY: Access.CLUSTER, SERVICE: Access.CLIENT, kserve.SERVICE: Access.CLIENT},
                  {f"/{SERVICE}/{m}": Access.ADMIN for m in ADMIN_METHODS})
 
 
@@ -98,7 +99,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     health = add_standard_services(server, [SERVICE, REGISTRY])
 
     async def serving(on: bool) -> None:
-        await set_serving(health, [SERVICE], on)
+        await set_serving(health, [SERVICE, kserve.SERVICE], on)
 
     fleet = Fleet(config, store, address, serving, say, identity)
     try:
@@ -113,6 +114,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     fleet.metrics.watch(fleet, cache, jobs)
     servicer = CoordinatorServicer(fleet, cache, jobs, api_keys)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    kserve.add_to_server(kserve.KServeServicer(servicer), server)  # KServe v2 clients (tritonclient)
     coordinator_pb2_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(fleet), server)
     try:
         port = bind(server, config.host, config.port,

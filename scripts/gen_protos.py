@@ -1,4 +1,5 @@
-"""Regenerate shardline/v1/*_pb2*.py(i) from protos/shardline/v1/*.proto.
+"""Regenerate the generated code of every proto under protos/: shardline/v1/*_pb2*.py(i) from
+protos/shardline/v1/*.proto, shardline/kserve/*_pb2*.py(i) from protos/shardline/kserve/*.proto.
 
 Usage: python scripts/gen_protos.py [OUT_DIR]   (default: the repository root)
 """

@@ -44,7 +44,7 @@ def test_a_process_outside_the_default_launch_cannot_drive_its_workers(smollm2_s
     endpoint = f"127.0.0.1:{port}"
     env = {**os.environ, "SHARDLINE_STORE": str(smollm2_store.root)}
     launcher = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "launch", "--model", "smollm2",
-                                 "--workers", "2", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                                 "--workers", "2", "--port", str(port), "--no-http"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
