@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from coordinator.config import CoordinatorConfig
@@ -173,7 +173,7 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
 
 
 async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
-              background: bool = False, trace: str = "") -> AsyncIterator[Piece]:
+              background: bool = False, trace: str = "") -> AsyncGenerator[Piece, None]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 

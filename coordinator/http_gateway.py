@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # and tell proxies not to buffer either
 
 
@@ -151,14 +152,16 @@ class Routes:
         timeout = self.settings.timeout_s
         try:
             if chat:
-                started = await client.chat(call.messages, stream=call.stream, timeout=timeout, **call.params)
+                started = await unless_gone(request, client.chat(call.messages, stream=call.stream,
+                                                                 timeout=timeout, **call.params))
             else:
-                started = await client.generate(call.prompt, stream=call.stream, timeout=timeout, **call.params)
+                started = await unless_gone(request, client.generate(call.prompt, stream=call.stream,
+                                                                     timeout=timeout, **call.params))
             if not call.stream:
                 r = started
                 return _json(answer.whole(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens))
             try:
-                first = await anext(started)
+                first = await unless_gone(request, anext(started))
             except BaseException:
                 await started.aclose()
                 raise
@@ -195,8 +198,8 @@ class Routes:
     async def embeddings(self, request: Request) -> Response:
         call = embedding_call(await self.read_json(request))
         try:
-            found = await self.client_for(request).embeddings(call.texts, model=call.model,
-                                                              timeout=self.settings.timeout_s)
+            found = await unless_gone(request, self.client_for(request).embeddings(
+                call.texts, model=call.model, timeout=self.settings.timeout_s))
         except ShardlineError as exc:
             raise from_shardline(exc, EMBEDDING_NAMES) from None
         width = found.vectors.shape[1] if found.vectors.ndim == 2 else 0
@@ -204,6 +207,30 @@ class Routes:
             raise ApiError(400, f"dimensions is {call.dimensions}; this model's embeddings have {width} (they "
                            "cannot be shortened)", param="dimensions")
         return _json(embeddings(call.model, found.vectors, found.tokens, call.base64))
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled as soon as the client disconnects (Starlette does not cancel a handler whose client
+    went away; an abandoned generation would otherwise hold its place in the batch until it ends). Called once
+    the body is read, so the next ASGI message can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
 
 
 def _too_large(size: str, limit: int) -> ApiError:
@@ -284,9 +311,9 @@ class Gateway:
 async def start_gateway(settings: GatewaySettings, on_first: Callable[[str], None] | None = None) -> Gateway:
     """Listen on settings.host:port and serve; the coordinator need not answer yet (calls until it does get
     503)."""
-    client = AsyncClient(settings.target, timeout=settings.timeout_s, tls=settings.tls)
     if (settings.https_cert is None) != (settings.https_key is None):
         raise ValueError("HTTPS needs a certificate and its key, or neither")
+    client = AsyncClient(settings.target, timeout=settings.timeout_s, tls=settings.tls)
     https = Https(settings.https_cert, settings.https_key, settings.https_client_ca) \
         if settings.https_cert is not None and settings.https_key is not None else None
     try:
@@ -338,7 +365,14 @@ async def start_beside(config: CoordinatorConfig, port: int) -> Gateway | None:
 async def exposure_checked(settings: GatewaySettings, insecure: bool) -> None:
     """The exposure rule for a gateway alone: on an address other machines reach, it needs HTTPS and a
     coordinator that authenticates callers (asked: is ListModels without a key refused?), unless `insecure`
-    (then it warns). ValueError saying what is missing."""
+    (then it warns). Whatever it listens on, it passes callers' API keys on, so it reaches a coordinator on
+    another machine only over TLS (--certs-dir), unless `insecure`. ValueError saying what is missing."""
+    target_host = settings.target.rpartition(":")[0].strip("[]")
+    if settings.tls is None and not is_loopback(target_host):
+        if not insecure:
+            raise ValueError(f"refusing to pass API keys to the coordinator at {settings.target} in plaintext: "
+                             "give --certs-dir (TLS to the coordinator), or pass --insecure to accept the risk")
+        log.warning("INSECURE: callers' API keys go to the coordinator at %s without TLS", settings.target)
     if is_loopback(settings.host):
         return
     https = settings.https_cert is not None

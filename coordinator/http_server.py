@@ -100,6 +100,8 @@ class ServedApp:
                 return
             log.error("the HTTP server on %s ended on its own; serving again", self.address)
             await asyncio.sleep(min(5.0, 0.2 * 2**ended))
+            if self.stopping:  # stopped during the back-off: do not listen again
+                return
             try:
                 self.sock = listen(self.host, self.port)  # uvicorn closed the old socket as it ended
             except OSError:

@@ -5,6 +5,7 @@ tokenized, run as micro-batches through a replica's pipeline)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,9 +60,12 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
                    background: bool = False, trace: str = "") -> AsyncIterator[Piece]:
     """`_generate`, counted in the coordinator's metrics: every protocol and the job runner come here, so
     each request is counted once, under the deployment it names."""
-    pieces = _generate(fleet, cache, req, session_id, background, trace)
-    async for piece in fleet.metrics.requests.generation(model_label(fleet, req.model), pieces):
-        yield piece
+    # closed here, at once, when the caller stops early (not later by the garbage collector): the scheduler's
+    # stream leaves the batch as soon as its caller is gone
+    async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace)) as pieces, \
+            contextlib.aclosing(fleet.metrics.requests.generation(model_label(fleet, req.model), pieces)) as counted:
+        async for piece in counted:
+            yield piece
 
 
 async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
@@ -79,11 +83,14 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
         yield Piece(hit.text, hit.ids, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, cached=True)
         return
     _, scheduler = fleet.route(deployment)
-    async for piece in remembered(run(scheduler, deployment.text, plan, session_id, background, trace), cache, key):
-        yield piece
+    async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace)) as produced, \
+            contextlib.aclosing(remembered(produced, cache, key)) as pieces:
+        async for piece in pieces:
+            yield piece
 
 
-async def remembered(pieces: AsyncIterator[Piece], cache: ResultCache, key: Key | None) -> AsyncIterator[Piece]:
+async def remembered(pieces: AsyncIterator[Piece], cache: ResultCache,
+                     key: Key | None) -> AsyncGenerator[Piece, None]:
     """`pieces` passed on; once the last one is out, the whole result goes into the cache."""
     texts: list[str] = []
     ids: list[int] = []

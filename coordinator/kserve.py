@@ -47,7 +47,8 @@ NOT_FOUND "Request for unknown model: ...", a version not ready UNAVAILABLE):
   an unknown model or version                                   NOT_FOUND "Request for unknown model: ..."
   a model loading or not ready; the coordinator draining        UNAVAILABLE
   a model without a tokenizer (text cannot be encoded)          FAILED_PRECONDITION
-  the cluster at capacity; a message over max_request_bytes     RESOURCE_EXHAUSTED
+  the cluster at capacity (Triton: a full queue)                UNAVAILABLE
+  a message over max_request_bytes (gRPC's own limit)           RESOURCE_EXHAUSTED
   no API key, or an unknown one (when the port has API keys)    UNAUTHENTICATED
   anything unexpected (logged with its traceback)               INTERNAL "internal error; ..."
 
@@ -78,7 +79,15 @@ from coordinator.generation import MAX_MODEL_NAME_CHARS, Piece, shown
 from coordinator.inference import generate, infer, request_from_proto
 from coordinator.servicer import CoordinatorServicer
 from shardline import tracing
-from shardline.errors import InvalidArgument, NotFound, ShardlineError, grpc_errors, status_of
+from shardline.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShardlineError,
+    Unavailable,
+    grpc_errors,
+    status_of,
+)
 from shardline.kserve import grpc_predict_v2_pb2 as pb
 from shardline.v1 import coordinator_pb2
 
@@ -348,11 +357,14 @@ def requested_model(name: str, version: str) -> str:
 
 @contextlib.contextmanager
 def triton_errors() -> Iterator[None]:
-    """An unknown model is reported as Triton words it (clients match "Request for unknown model")."""
+    """An unknown model is reported as Triton words it (clients match "Request for unknown model"), and a
+    cluster at capacity as Triton reports a full queue: UNAVAILABLE, which Triton clients retry."""
     try:
         yield
     except NotFound as exc:
         raise NotFound(UNKNOWN_MODEL + exc.message) from None
+    except ResourceExhausted as exc:
+        raise Unavailable(exc.message) from None
 
 
 # ---- tensors out --------------------------------------------------------------------------------------
@@ -510,22 +522,24 @@ class KServeServicer:
 
     @grpc_errors
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
-        job = self.job(request, context, "ModelInfer")
-        return await (self.embed(job, None) if job.task == "embed" else self.whole(job, None))
+        with triton_errors():
+            job = self.job(request, context, "ModelInfer")
+            return await (self.embed(job, None) if job.task == "embed" else self.whole(job, None))
 
     async def answer(self, request: Any, context: Any) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """One stream request's responses (Triton's decoupled convention)."""
-        job = self.job(request, context, "ModelStreamInfer")
-        if job.task == "embed" or not job.stream:
-            response = await (self.embed(job, not job.empty_final) if job.task == "embed"
-                              else self.whole(job, not job.empty_final))
-            yield response
-        else:
-            async for piece in self.pieces(job):
-                last = bool(piece.finish_reason)
-                yield job.text(piece.text, piece if last else None, last and not job.empty_final)
-        if job.empty_final:
-            yield final_only(request, job.version)
+        with triton_errors():
+            job = self.job(request, context, "ModelStreamInfer")
+            if job.task == "embed" or not job.stream:
+                response = await (self.embed(job, not job.empty_final) if job.task == "embed"
+                                  else self.whole(job, not job.empty_final))
+                yield response
+            else:
+                async for piece in self.pieces(job):
+                    last = bool(piece.finish_reason)
+                    yield job.text(piece.text, piece if last else None, last and not job.empty_final)
+            if job.empty_final:
+                yield final_only(request, job.version)
 
     @grpc_errors
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],

@@ -21,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -130,7 +131,7 @@ class Requests:
                 self.tpot.labels(model), self.e2e.labels(model))
         return series
 
-    async def generation(self, model: str, pieces: AsyncGenerator[Piece, None]) -> AsyncIterator[Piece]:
+    async def generation(self, model: str, pieces: AsyncGenerator[Piece, None]) -> AsyncGenerator[Piece, None]:
         """`pieces` passed on, counted: a token counter increment per piece, the first token's latency, and
         the outcome once it is known (before the last piece is passed on, so a caller that stops reading
         then is not taken for one that went away)."""
@@ -282,6 +283,8 @@ class StateCollector(Collector):
     def __init__(self, fleet: Fleet, cache: ResultCache, jobs: JobRunner, loop: asyncio.AbstractEventLoop) -> None:
         self.fleet, self.cache, self.jobs, self.loop = fleet, cache, jobs, loop
         self._jobs = (0, 0)  # the latest job counts (they come from the jobs database, read off the loop)
+        self._lock = threading.Lock()  # scrapes that overlap share one snapshot: a flood is one hop at a time
+        self._last: tuple[float, Snapshot] | None = None
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._take()
@@ -295,6 +298,17 @@ class StateCollector(Collector):
             here = None
         if here is self.loop:  # scraped from the loop itself: no hop (it would wait for itself); last job counts
             return self.snapshot()
+        arrived = time.monotonic()
+        with self._lock:
+            if self._last is not None and self._last[0] >= arrived:  # taken while this scrape waited: fresh
+                return self._last[1]
+            began = time.monotonic()
+            snapshot = self._hop()
+            if snapshot is not None:
+                self._last = (began, snapshot)
+            return snapshot
+
+    def _hop(self) -> Snapshot | None:
         fresh = self._fresh()
         try:
             future = asyncio.run_coroutine_threadsafe(fresh, self.loop)

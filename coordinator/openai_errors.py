@@ -91,7 +91,16 @@ def from_shardline(exc: ShardlineError, names: Mapping[str, str]) -> ApiError:
         return ApiError(500, GENERIC_INTERNAL, "server_error")
     status, kind, error_code = found
     param = "model" if code == grpc.StatusCode.NOT_FOUND else param_of(exc.message, names) if status == 400 else None
-    return ApiError(status, exc.message, kind, param, error_code if status != 400 else None)
+    return ApiError(status, redacted(exc.message), kind, param, error_code if status != 400 else None)
+
+
+ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|dns):\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?|\[[0-9a-fA-F:]+\](?::\d+)?")
+
+
+def redacted(message: str) -> str:
+    """`message` without network addresses: a transport error of the gateway's own channel can name the
+    coordinator's address, which an HTTP caller has no business seeing."""
+    return ADDRESS.sub("<address>", message)
 
 
 def internal() -> ApiError:

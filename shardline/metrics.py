@@ -61,13 +61,35 @@ class MetricsServer:
         await asyncio.to_thread(self.stop)
 
 
+MAX_SCRAPES = 8  # scrapes served at once
+
+
 def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
     """Serve `registry` at http://host:port/metrics (port 0 = a free one; `MetricsServer.port` says which) on
     a daemon thread. Binds exactly `host`, as the gRPC servers do. Raises OSError when the port is taken."""
     family, address = _family(host, port)
 
     class Server(ThreadingWSGIServer):
+        """At most MAX_SCRAPES requests at once (a thread each); a connection beyond them is closed."""
+
         address_family = family
+        slots = threading.BoundedSemaphore(MAX_SCRAPES)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
 
     httpd = make_server(address, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": POLL_INTERVAL_S},

@@ -14,10 +14,12 @@ stage that computes the step records one span per traced sequence, a child of th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+log = logging.getLogger(__name__)
 _tracer: Any = None  # the tracer while tracing is on; None = off
 _provider: Any = None  # the provider configure() made (flushed and shut down by shutdown())
 ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -32,8 +34,9 @@ def configure(endpoint: str, service: str) -> bool:
     """Export spans with OTLP over gRPC to `endpoint` (or $OTEL_EXPORTER_OTLP_ENDPOINT when it is empty);
     `http://host:4317` for a collector without TLS, `https://…` with it. False when neither is set (tracing
     stays off). Once on, a second call (a second server in one process) keeps the first exporter."""
+    from_env = not endpoint
     endpoint = endpoint or os.environ.get(ENDPOINT_ENV, "")
-    if not endpoint:
+    if not endpoint or (from_env and os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"):
         return False
     if _tracer is not None:
         return True
@@ -43,8 +46,11 @@ def configure(endpoint: str, service: str) -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
-        raise RuntimeError(f"tracing to {endpoint} needs OpenTelemetry: pip install 'shardline[tracing]' "
-                           f"({exc})") from exc
+        message = f"tracing to {endpoint} needs OpenTelemetry: pip install 'shardline[tracing]' ({exc})"
+        if from_env:  # a variable set for the whole machine does not stop a server that was not asked to trace
+            log.warning("%s; $%s is set, tracing stays off", message, ENDPOINT_ENV)
+            return False
+        raise RuntimeError(message) from exc
     global _provider
     _provider = TracerProvider(resource=Resource.create({"service.name": service}))
     _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
@@ -102,8 +108,9 @@ def request_span(name: str, context: Any = None, **attributes: Any) -> Iterator[
 
 
 def traceparent(span: Any) -> str:
-    """The W3C traceparent of `span` ("" for None: tracing off)."""
-    if span is None:
+    """The W3C traceparent of `span`; "" for None (tracing off) and for a span the sampler dropped, so that
+    the stages record nothing for it."""
+    if span is None or not span.is_recording():
         return ""
     ctx = span.get_span_context()
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"

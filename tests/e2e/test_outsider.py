@@ -6,6 +6,7 @@ every worker keeps its layers."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -44,7 +45,7 @@ def test_a_process_outside_the_default_launch_cannot_drive_its_workers(smollm2_s
     endpoint = f"127.0.0.1:{port}"
     env = {**os.environ, "SHARDLINE_STORE": str(smollm2_store.root)}
     launcher = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "launch", "--model", "smollm2",
-                                 "--workers", "2", "--port", str(port), "--no-http"], env=env, stdout=subprocess.PIPE,
+                                 "--workers", "2", "--port", str(port)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -59,7 +60,9 @@ def test_a_process_outside_the_default_launch_cannot_drive_its_workers(smollm2_s
         layers = {w.address: (w.start_layer, w.end_layer) for w in status.workers}
         listening = {c.laddr.port for c in psutil.Process(launcher.pid).net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN}
-        (parameters_port,) = listening - {port}
+        # the default launch also serves the HTTP API (on a free port here: SHARDLINE_HTTP_PORT=0, conftest)
+        (http_url,) = re.findall(r"HTTP API on https?://[^:]+:(\d+)/v1", "".join(lines))
+        (parameters_port,) = listening - {port, int(http_url)}
         parameters_address = f"127.0.0.1:{parameters_port}"
 
         # a stream in flight while the outsider calls: its sessions live on both workers

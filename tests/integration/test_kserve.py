@@ -237,6 +237,29 @@ def test_requests_on_one_stream_run_together_and_a_cancelled_stream_frees_them(c
     assert sdk.generate(PROMPT, model="tok", max_tokens=2).completion_tokens == 2
 
 
+def test_a_cluster_at_capacity_is_unavailable_as_tritons_full_queue(cluster, client):
+    coordinator, sdk = cluster
+    scheduler = next(r.scheduler for r in coordinator.fleet.replicas if r.name.startswith("tok"))
+    limits = scheduler.max_active, scheduler.max_queued
+    scheduler.max_active, scheduler.max_queued = 1, 0  # configuration, as max_active_streams would set it
+    stream = Stream(client)
+    try:
+        long = [text_input(PROMPT), scalar("max_tokens", 4000, "INT32", np.int32),
+                scalar("ignore_eos", True, "BOOL", bool)]
+        stream.client.async_stream_infer("tok", long, parameters={"stream": True})
+        assert stream.next()[1] is None  # it holds the only place
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("tok", greedy_inputs())
+        assert err.value.status() == "StatusCode.UNAVAILABLE" and "at capacity" in err.value.message()
+    finally:
+        client.stop_stream(cancel_requests=True)
+        scheduler.max_active, scheduler.max_queued = limits
+    deadline = time.monotonic() + 5
+    while sdk.cluster_status().active_sessions and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sdk.generate(PROMPT, model="tok", max_tokens=2).completion_tokens == 2
+
+
 def request(model="tok", **fields) -> service_pb2.ModelInferRequest:
     return service_pb2.ModelInferRequest(model_name=model, **fields)
 

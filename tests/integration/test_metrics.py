@@ -53,11 +53,19 @@ def scrape(url: str) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """A sample that must be served (a missing series is a failure, never a silent 0)."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"{name}{labels} is not on the page"
+    return samples[key]
 
 
 def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
+    """How far a counter moved; a series on neither page did not move (its labels never happened)."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in after:
+        assert key not in before, f"{name}{labels} left the page"
+        return 0.0
+    return after[key] - before.get(key, 0.0)
 
 
 def register(coordinator, servers) -> None:

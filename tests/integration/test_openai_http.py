@@ -266,6 +266,21 @@ def test_at_capacity_is_429_and_a_stream_abandoned_midway_frees_its_place(oai, c
         scheduler.max_active, scheduler.max_queued = limits
 
 
+def test_a_caller_that_gives_up_on_a_whole_completion_leaves_the_batch(cluster):
+    """Not streamed: the handler is waiting for the whole text when the client goes away; the gateway notices
+    the disconnect and cancels the generation (2000 tokens would take the tiny model ~14 s)."""
+    coordinator = cluster["coordinator"]
+    scheduler = next(r.scheduler for r in coordinator.fleet.replicas if r.name.startswith(MODEL))
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster['url']}/completions", json=body, timeout=httpx.Timeout(30, read=1.0),
+                   headers={"authorization": f"Bearer {cluster['key']}"})
+    gone = time.monotonic()
+    while (coordinator.server.servicer.active_sessions or scheduler.active) and time.monotonic() < gone + 5:
+        time.sleep(0.05)
+    assert coordinator.server.servicer.active_sessions == 0 and scheduler.active == 0
+
+
 def test_the_bearer_key_goes_on_to_the_coordinator(cluster, http):
     wrong = openai.OpenAI(base_url=cluster["url"], api_key="sl_not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
