@@ -39,14 +39,9 @@ test-chaos: setup
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
 
+# every benchmark, then one table of their results (bench/all.py; --only NAME, --quick)
 bench: setup
-	$(BIN)/python bench/hop.py
-	$(BIN)/python bench/parameters.py
-	$(BIN)/python bench/memory.py
-	$(BIN)/python bench/generate.py --groups 1
-	$(BIN)/python bench/pipeline.py
-	$(BIN)/python bench/embeddings.py
-	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/all.py
 
 # 10 minutes of 32 streams with a worker killed every 2 minutes (not part of `make bench`)
 soak: setup

@@ -43,3 +43,92 @@ def stop(processes: list[subprocess.Popen[str]]) -> None:
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a live process (threads it starts later inherit it from their creator)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process, every thread (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(url: str, *names: str) -> dict[str, float]:
+    """Sum of each named Prometheus series (a name's prefix, e.g. 'shardline:stage_busy_seconds') at `url`."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    totals = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(name):
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+class Baseline:
+    """A whole model in a process of its own (bench/baseline.py), optionally pinned and with set threads."""
+
+    def __init__(self, model_dir: Path | str, kind: str = "causal", threads: int = 0, cpus: str = "",
+                 env: dict[str, str] | None = None) -> None:
+        args = [sys.executable, "-m", "bench.baseline", "--model", str(model_dir), "--kind", kind,
+                "--threads", str(threads), "--cpus", cpus]
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                        env={**os.environ, **(env or {})})
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("baseline ready"):
+            self.close()
+            raise RuntimeError(f"the baseline process did not start (it said {line!r})")
+
+    def send(self, op: str, **fields: object) -> None:
+        import json
+
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self) -> dict[str, float]:
+        import json
+
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the baseline process exited")
+        reply: dict[str, float] = json.loads(line)
+        return reply
+
+    def call(self, op: str, **fields: object) -> dict[str, float]:
+        self.send(op, **fields)
+        return self.receive()
+
+    def close(self) -> None:
+        stop([self.process])  # type: ignore[list-item]
+
+
+def result(bench: str, case: str, baseline: str, ours: str, ratio: str, target: str = "") -> None:
+    """One row of `make bench`'s summary table (bench/all.py collects the RESULT lines every benchmark prints)."""
+    import json
+
+    print("RESULT " + json.dumps([bench, case, baseline, ours, ratio, target]), flush=True)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

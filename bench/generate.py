@@ -5,7 +5,12 @@ the Python SDK, against `transformers` `generate` in this process (on a thread, 
 coordinator keeps answering heartbeats) while the cluster idles:
   - one stream vs generate with batch size 1;
   - 16 concurrent streams vs generate on the same 16 prompts as one static batch;
-  - time to first token for a 512-token prompt vs a transformers forward over the same 512 tokens.
+  - time to first token for a 512-token prompt vs a transformers forward over the same 512 tokens that
+    computes the logits of the last position only (`logits_to_keep=1`), as the cluster's last stage does;
+    before issue 13 the baseline computed all 512 positions' logits, which flattered the cluster.
+
+Both sides produce exactly 64 tokens per prompt (`min_new_tokens` / `ignore_eos`; checked). The user's path
+(`coordinator launch` as a subprocess, the baseline in a process of its own) is bench/user_path.py.
 
     python bench/generate.py [--store DIR]
 """
@@ -14,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from bench.common import free_port, result  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.launcher import LocalCluster  # noqa: E402
@@ -36,12 +41,6 @@ NEW = 64
 CITIES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid", "Berlin", "Vienna", "Lagos",
           "Quito", "Seoul", "Dublin", "Athens", "Nairobi"]
 PROMPTS = [f"The history of the city of {c} began" for c in CITIES]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hf_generate(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
@@ -57,15 +56,19 @@ def hf_generate(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
 def hf_prefill(model, ids: torch.Tensor) -> float:
     began = time.perf_counter()
     with torch.no_grad():
-        model(ids)
+        model(ids, logits_to_keep=1)  # the cluster computes the last position's logits only
     return time.perf_counter() - began
 
 
 async def ours_generate(endpoint: str, prompts: list[str]) -> tuple[float, int]:
     async with AsyncClient(endpoint, timeout=600) as client:
         began = time.perf_counter()
-        results = await asyncio.gather(*(client.generate(p, max_tokens=NEW, temperature=0) for p in prompts))
-        return time.perf_counter() - began, sum(r.completion_tokens for r in results)
+        results = await asyncio.gather(*(client.generate(p, max_tokens=NEW, temperature=0, ignore_eos=True)
+                                         for p in prompts))
+        seconds = time.perf_counter() - began
+    if [r.completion_tokens for r in results] != [NEW] * len(prompts):
+        raise RuntimeError(f"not {NEW} tokens each: {[r.completion_tokens for r in results]}")
+    return seconds, NEW * len(prompts)
 
 
 async def ours_ttft(endpoint: str, prompt: str) -> float:
@@ -106,10 +109,14 @@ async def main(store_dir: Path, groups: int) -> None:
                 our_runs.append(tokens / seconds)
             hf, ours = statistics.median(hf_runs), statistics.median(our_runs)
             rows.append((label, f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x"))
+            result("generate (cluster in process)", f"{label}, {groups or 'one per stage'} group(s)",
+                   f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x")
         hf_t = statistics.median([await asyncio.to_thread(hf_prefill, model, long_tensor) for _ in range(3)])
         our_t = statistics.median([await ours_ttft(endpoint, long_prompt) for _ in range(3)])
         rows.append((f"time to first token, {long_tensor.shape[1]}-token prompt", f"{hf_t * 1000:.0f} ms prefill",
                      f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time"))
+        result("generate (cluster in process)", f"time to first token, {long_tensor.shape[1]} tokens",
+               f"{hf_t * 1000:.0f} ms", f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time", "<= 1.1x")
     finally:
         await cluster.stop()
     print(f"micro-batch groups: {groups or 'one per stage'}")

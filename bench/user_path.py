@@ -1,0 +1,238 @@
+"""Generation on the user's path: `coordinator launch` as a real subprocess (as `make run` starts it) and the
+SDK (`shardline.client.AsyncClient`) in this process, against transformers `generate` in a process of its own
+with torch's default threads (the threads each worker gets). Same prompts, greedy, exactly NEW new tokens on
+both sides (`ignore_eos` here, `min_new_tokens` there; the counts are checked), interleaved rounds, medians.
+
+    python bench/user_path.py [--rounds 3] [--variant NAME=LAUNCH_ARGS ...] [--profile DIR]
+
+Each variant is a `coordinator launch` with extra arguments (default: one, "launch", with none); all variants
+are started at once and measured in the same interleaved rounds. For each run it also reads every stage's busy
+seconds (the workers' /metrics, so launch gets `--metrics-port 0`) and the CPU seconds of the launch process,
+of its workers and of this process. `--profile DIR`: after the rounds, py-spy records every process of the
+first variant during one more 16-stream run (flame graphs in DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, Baseline, cpu_seconds, free_port, result, scrape, table  # noqa: E402
+from coordinator.store import ModelStore, default_store  # noqa: E402
+from shardline.client import AsyncClient  # noqa: E402
+
+NEW = 64
+CITIES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid", "Berlin", "Vienna", "Lagos",
+          "Quito", "Seoul", "Dublin", "Athens", "Nairobi"]
+PROMPTS = [f"The history of the city of {c} began" for c in CITIES]
+BUSY, BUBBLE = "shardline:stage_busy_seconds", "shardline:stage_bubble_seconds"
+
+
+@dataclass
+class Launched:
+    name: str
+    args: list[str]
+    process: subprocess.Popen[str] | None = None
+    endpoint: str = ""
+    stages: list[tuple[str, str]] = field(default_factory=list)   # (layers, metrics url), in chain order
+    worker_pids: list[int] = field(default_factory=list)
+
+    def start(self, store: Path) -> None:
+        port = free_port()
+        command = [str(Path(sys.executable).parent / "coordinator"), "launch", "--store", str(store), "--port",
+                   str(port), "--http-port", "0", "--metrics-port", "0", *self.args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        cwd=ROOT, start_new_session=True)
+        assert self.process.stdout is not None
+        plan: dict[str, str] = {}
+        urls: dict[str, str] = {}
+        said: list[str] = []
+        ready = False
+        for line in self.process.stdout:
+            said.append(line.rstrip())
+            if m := re.match(r"\s+(\S+:\d+)\s+(\[\d+, \d+\))", line):
+                plan[m.group(1)] = m.group(2)
+            if m := re.match(r"metrics: worker (\S+) (\S+)", line):
+                urls[m.group(1)] = m.group(2)
+            ready = ready or line.startswith("ready in")
+            if ready and plan and set(plan) <= set(urls):
+                break
+        else:
+            raise RuntimeError("coordinator launch exited:\n" + "\n".join(said[-10:]))
+        # keep reading what it says, so that a full pipe never blocks it
+        threading.Thread(target=collections.deque, args=(self.process.stdout, 100), daemon=True).start()
+        self.endpoint = f"127.0.0.1:{port}"
+        order = sorted(plan, key=lambda a: int(plan[a][1:].split(",")[0]))
+        self.stages = [(plan[a], urls[a]) for a in order]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        self.worker_pids = [int(c) for c in children]
+        print(f"{self.name}: coordinator launch {' '.join(self.args)} -> stages {[s for s, _ in self.stages]}",
+              flush=True)
+
+    def busy(self) -> list[dict[str, float]]:
+        return [scrape(url, BUSY, BUBBLE) for _, url in self.stages]
+
+    def cpu(self) -> tuple[float, float]:
+        assert self.process is not None
+        return cpu_seconds(self.process.pid), sum(cpu_seconds(p) for p in self.worker_pids)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # drains (nothing in flight), then stops every worker
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+async def ours(endpoint: str, prompts: list[str]) -> tuple[float, int]:
+    async with AsyncClient(endpoint, timeout=600) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(client.generate(p, max_tokens=NEW, temperature=0, ignore_eos=True)
+                                         for p in prompts))
+        seconds = time.perf_counter() - began
+    tokens = [r.completion_tokens for r in results]
+    if tokens != [NEW] * len(prompts):
+        raise RuntimeError(f"shardline produced {tokens} tokens, not {NEW} each: the comparison is void")
+    return seconds, sum(tokens)
+
+
+async def ours_ttft(endpoint: str, ids: list[int]) -> float:
+    async with AsyncClient(endpoint, timeout=600) as client:
+        began = time.perf_counter()
+        async for chunk in await client.generate(ids, max_tokens=2, temperature=0, ignore_eos=True, stream=True):
+            if chunk.token_ids:
+                return time.perf_counter() - began
+    raise RuntimeError("no token")
+
+
+def baseline_run(baseline: Baseline, prompts: list[str]) -> tuple[float, int]:
+    reply = baseline.call("generate", prompts=prompts, new=NEW)
+    if reply["tokens"] != NEW * len(prompts):
+        raise RuntimeError(f"transformers produced {reply['tokens']} tokens, not {NEW * len(prompts)}")
+    return reply["seconds"], int(reply["tokens"])
+
+
+async def measured(v: Launched, prompts: list[str]) -> dict[str, object]:
+    busy0, (launch0, workers0), me0 = v.busy(), v.cpu(), cpu_seconds(os.getpid())
+    seconds, tokens = await ours(v.endpoint, prompts)
+    busy1, (launch1, workers1), me1 = v.busy(), v.cpu(), cpu_seconds(os.getpid())
+    return {"rate": tokens / seconds, "seconds": seconds,
+            "busy": [(b[BUSY] - a[BUSY]) / seconds for a, b in zip(busy0, busy1, strict=True)],
+            "bubble": [(b[BUBBLE] - a[BUBBLE]) / seconds for a, b in zip(busy0, busy1, strict=True)],
+            "cpu": ((launch1 - launch0) / seconds, (workers1 - workers0) / seconds, (me1 - me0) / seconds)}
+
+
+async def profile(v: Launched, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    assert v.process is not None
+    pids = {"launch": v.process.pid, **{f"stage{i}": p for i, p in enumerate(v.worker_pids)}}
+    recorders = [subprocess.Popen([spy, "record", "-p", str(pid), "-d", "12", "-r", "50", "-f", "speedscope",
+                                   "-o", str(out / f"{name}.json"), "--nonblocking"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+    await asyncio.sleep(1)
+    for _ in range(3):
+        await ours(v.endpoint, PROMPTS)
+    for r in recorders:
+        r.wait(60)
+    print(f"py-spy profiles of {', '.join(pids)} in {out}", flush=True)
+
+
+def long_prompt(model_dir: Path, n: int = 512) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids: list[int] = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))["input_ids"][:n]
+    return ids
+
+
+async def main(args: argparse.Namespace) -> None:
+    store = args.store or default_store()
+    if not ModelStore(store).has("smollm2"):
+        subprocess.run([str(Path(sys.executable).parent / "coordinator"), "import", "smollm2", "--store", str(store)],
+                       check=True)
+    variants = [Launched(name, launch_args.split()) for name, _, launch_args in
+                (v.partition("=") for v in (args.variant or ["launch="]))]
+    baseline = Baseline(ModelStore(store).path("smollm2"))
+    try:
+        for v in variants:
+            v.start(store)
+        cases = [("1 stream", PROMPTS[:1]), ("16 streams", PROMPTS)]
+        for v in variants:  # warm up
+            async with AsyncClient(v.endpoint, timeout=600) as client:
+                await client.wait_ready(timeout=120)
+            await ours(v.endpoint, PROMPTS[:2])
+        baseline_run(baseline, PROMPTS[:2])
+        runs: dict[tuple[str, str], list[dict[str, object]]] = {}
+        ttft: dict[str, list[float]] = {}
+        long_ids = long_prompt(ModelStore(store).path("smollm2"))
+        for r in range(args.rounds):  # interleaved: every side of every case in each round
+            for case, prompts in cases:
+                seconds, tokens = await asyncio.to_thread(baseline_run, baseline, prompts)
+                runs.setdefault((case, "transformers"), []).append({"rate": tokens / seconds})
+                for v in variants:
+                    runs.setdefault((case, v.name), []).append(await measured(v, prompts))
+                line = ", ".join(f"{n} {x[-1]['rate']:.1f}" for (c, n), x in runs.items() if c == case)
+                print(f"round {r + 1}, {case}: {line} tok/s", flush=True)
+            reply = await asyncio.to_thread(baseline.call, "prefill", batches=[[long_ids]])
+            ttft.setdefault("transformers", []).append(reply["seconds"])
+            for v in variants:
+                ttft.setdefault(v.name, []).append(await ours_ttft(v.endpoint, long_ids))
+            print(f"round {r + 1}, time to first token: " + ", ".join(f"{n} {x[-1] * 1000:.0f} ms"
+                                                                       for n, x in ttft.items()), flush=True)
+        rows = []
+        for case, _ in cases:
+            base = statistics.median(float(x["rate"]) for x in runs[(case, "transformers")])  # type: ignore[arg-type]
+            for v in variants:
+                mine = runs[(case, v.name)]
+                rate = statistics.median(float(x["rate"]) for x in mine)  # type: ignore[arg-type]
+                mid = sorted(mine, key=lambda x: float(x["rate"]))[len(mine) // 2]  # type: ignore[arg-type]
+                busy = " / ".join(f"{b:.2f}" for b in mid["busy"])  # type: ignore[attr-defined]
+                bubble = " / ".join(f"{b:.2f}" for b in mid["bubble"])  # type: ignore[attr-defined]
+                cpu = " / ".join(f"{c:.2f}" for c in mid["cpu"])  # type: ignore[attr-defined]
+                rows.append([case, v.name, f"{base:.1f} tok/s", f"{rate:.1f} tok/s", f"{rate / base:.2f}x", busy,
+                             bubble, cpu])
+                target = ">= 0.9x" if case == "1 stream" else ">= 0.8x"
+                result("user path", f"{case}, {v.name}", f"{base:.1f} tok/s", f"{rate:.1f} tok/s",
+                       f"{rate / base:.2f}x", target)
+        base_ttft = statistics.median(ttft["transformers"])
+        for v in variants:
+            mine_ttft = statistics.median(ttft[v.name])
+            rows.append([f"time to first token, {len(long_ids)} tokens", v.name,
+                         f"{base_ttft * 1000:.0f} ms prefill (logits_to_keep=1)", f"{mine_ttft * 1000:.0f} ms",
+                         f"{mine_ttft / base_ttft:.2f}x the time", "", "", ""])
+            result("user path", f"time to first token, {len(long_ids)} tokens, {v.name}", f"{base_ttft * 1000:.0f} ms",
+                   f"{mine_ttft * 1000:.0f} ms", f"{mine_ttft / base_ttft:.2f}x the time", "<= 1.1x")
+        for v in variants:
+            print(f"{v.name}: stages {', '.join(s for s, _ in v.stages)}")
+        print(table(["case", "cluster", "transformers (own process)", "shardline via launch + SDK", "ratio",
+                     "busy per stage (of wall)", "bubble per stage", "CPU cores: launch / workers / SDK process"],
+                    rows))
+        if args.profile:
+            await profile(variants[0], args.profile)
+    finally:
+        for v in variants:
+            v.stop()
+        baseline.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", action="append", help="NAME=ARGS for coordinator launch (repeatable)")
+    parser.add_argument("--profile", type=Path, default=None)
+    asyncio.run(main(parser.parse_args()))
