@@ -16,17 +16,36 @@ import typer
 from coordinator.config import CoordinatorConfig
 from coordinator.security_cli import api_keys, certs, health
 from coordinator.store import ModelStore, default_store
+from shardline.cli_options import (
+    configure_logging,
+    endpoint_option,
+    examples,
+    log_level_option,
+    memory_option,
+    typer_app,
+    version_option,
+)
 
 if __name__ == "__main__":  # `python -m coordinator.cli`: one module, which coordinator.models_cli imports
     sys.modules.setdefault("coordinator.cli", sys.modules[__name__])
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline coordinator")
+app = typer_app("shardline coordinator: import models, launch a local cluster or serve one, and use it (generate, "
+                "embed, status, models, jobs).")
+
+
+@app.callback()
+def _root(version: bool = version_option()) -> None:
+    """shardline coordinator."""
+
+
 app.add_typer(certs, name="certs")
 app.add_typer(api_keys, name="api-keys")
-app.command("health")(health)
+app.command("health", epilog=examples("coordinator health --endpoint 127.0.0.1:50051",
+                                      "coordinator health --endpoint node1:50051 --certs-dir ./certs"))(health)
 RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy, or seeded by the caller), "
                      "answered from memory and marked cached")
-STORE_HELP = "model store directory (default: the per-user cache, or $SHARDLINE_STORE)"
+STORE_HELP = "model store directory"
+STORE_DEFAULT = "$SHARDLINE_STORE, else the per-user cache"
 METRICS_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; printed)"
 # security options, shared by the server commands (README "Security")
 CERTS_HELP = "TLS on every link with this certificates directory (ca.crt, node.crt, node.key: `coordinator certs`)"
@@ -34,6 +53,7 @@ TOKEN_HELP = "without TLS: a file holding the cluster token every process of the
 INSECURE_HELP = "allow serving on a non-loopback address without TLS and authentication (warns at start)"
 API_KEYS_HELP = "a JSON file of hashed API keys with roles (`coordinator api-keys create`); without it the " \
     "public API takes any caller"
+LOG_PROMPTS_HELP = "the request log (one INFO line per request) also writes each prompt; off: counts and timings only"
 CLIENT_CERTS_HELP = "with --certs-dir: 'required' makes public API clients present a certificate from the CA"
 CLUSTER_PORT_HELP = "with --certs-dir: the port workers register on (mutual TLS only)"
 HTTP_PORT_HELP = "the OpenAI-compatible HTTP API's port, on --host (0 = a free one; or $SHARDLINE_HTTP_PORT)"
@@ -53,12 +73,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-@app.command("import")
+SOURCES = "'smollm2' or 'minilm' (built in), a .gguf file, a Hugging Face directory, or --random FAMILY"
+
+
+@app.command("import", epilog=examples("coordinator import smollm2", "coordinator import minilm",
+                                       "coordinator import ./SmolLM2-360M-Instruct --name smollm2-360m",
+                                       "coordinator import --random llama --layers 8 --tokenizer smollm2 --name tiny"))
 def import_(
     source: str = typer.Argument("", help="'smollm2' or 'minilm' (built in), a .gguf file, or a Hugging Face "
                                  "directory"),
-    name: str = typer.Option(..., "--name", help="name of the model in the store"),
-    store: Path | None = typer.Option(None, help=STORE_HELP),
+    name: str = typer.Option("", "--name", help="name of the model in the store (needed with --random)",
+                             show_default="the built-in's name, or the file's or directory's"),
+    overwrite: bool = typer.Option(False, help="replace a model of the same name in the store"),
+    store: Path | None = typer.Option(None, help=STORE_HELP, show_default=STORE_DEFAULT),
     random: str = typer.Option("", "--random", help="random weights for this family (llama, gpt2)"),
     config: Path | None = typer.Option(None, help="with --random: a JSON file of config fields"),
     hidden: int = typer.Option(256, help="with --random: hidden size"),
@@ -88,12 +115,26 @@ def import_(
 
     logging.basicConfig(level=logging.WARNING)
     target = _store(store)
+    if random and source:
+        _fail("give either SOURCE or --random, not both")
+    if not random and source not in (BUILTIN, BUILTIN_ENCODER):
+        if not source:
+            _fail(f"give SOURCE: {SOURCES}")
+        if not Path(source).exists():
+            _fail(f"{source} does not exist; give {SOURCES}")
+        if not (source.endswith(".gguf") or Path(source).is_dir()):
+            _fail(f"{source} is not a .gguf file or a directory; give {SOURCES}")
+    if not name:
+        if random:
+            _fail("a --random model needs a --name")
+        name = source if source in (BUILTIN, BUILTIN_ENCODER) else Path(source.rstrip("/")).stem
+    if target.has(name) and not overwrite:
+        _fail(f"the store {target.root} already holds a model named {name!r}: give another --name, or --overwrite "
+              "to replace it")
     try:
         if tokenizer and not random:
             _fail("--tokenizer goes with --random (other imports bring their own tokenizer)")
         if random:
-            if source:
-                _fail("give either SOURCE or --random, not both")
             borrowed = BorrowedTokenizer.of(target, tokenizer) if tokenizer else None
             fields = {**(borrowed.fields() if borrowed else {}), **(json.loads(config.read_text()) if config else {})}
             vocab = vocab or (borrowed.size if borrowed else 1024)
@@ -109,14 +150,8 @@ def import_(
             manifest = import_hf_dir(target, builtin_encoder_dir(), name)
         elif source.endswith(".gguf"):
             manifest = import_gguf(target, Path(source), name)
-        elif source and Path(source).is_dir():
-            manifest = import_hf_dir(target, Path(source), name)
-        elif source:
-            _fail(f"{source}: not 'smollm2', a .gguf file or a directory")
-            return
         else:
-            _fail("give SOURCE ('smollm2', a .gguf file or a Hugging Face directory) or --random FAMILY")
-            return
+            manifest = import_hf_dir(target, Path(source), name)
     except (ImportFailed, ValueError, OSError, json.JSONDecodeError) as exc:
         _fail(str(exc))
         return
@@ -124,13 +159,15 @@ def import_(
           f"tensors, {manifest.total_size_bytes / 2**20:.1f} MiB -> {target.path(manifest.name)}")
 
 
-@app.command()
-def parameters(store: Path | None = typer.Option(None, help=STORE_HELP),
+@app.command(epilog=examples("coordinator parameters --port 50052",
+                             "coordinator serve --parameters 127.0.0.1:50052   (a coordinator that uses it)"))
+def parameters(store: Path | None = typer.Option(None, help=STORE_HELP, show_default=STORE_DEFAULT),
                host: str = typer.Option("127.0.0.1", help="address to listen on"),
                port: int = typer.Option(50052, help="port (0 = a free one)"),
                certs_dir: Path | None = typer.Option(None, help=CERTS_HELP),
                cluster_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
-               insecure: bool = typer.Option(False, help=INSECURE_HELP)) -> None:
+               insecure: bool = typer.Option(False, help=INSECURE_HELP),
+               log_level: str = log_level_option()) -> None:
     """Run the parameter service alone: it streams each worker the tensors of its layers (only to the
     cluster's processes: a node certificate, or the cluster token)."""
     from coordinator.launcher import wait_for_signal
@@ -138,7 +175,7 @@ def parameters(store: Path | None = typer.Option(None, help=STORE_HELP),
     from shardline.auth import ClusterIdentity
     from shardline.server import check_exposure
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_level)
     try:
         identity = ClusterIdentity.from_files(certs_dir, cluster_token_file)
         check_exposure(host, identity.tls, identity.tls, insecure, "parameter service")
@@ -192,16 +229,18 @@ async def _ensure_model(store: ModelStore, model: str) -> None:
               "add it with `coordinator import`")
 
 
-@app.command()
+@app.command(epilog=examples("coordinator launch", "coordinator launch --model smollm2 --workers 3 --port 50061",
+                             "coordinator launch --model smollm2 --model minilm --workers 1",
+                             "coordinator launch --secure --host 0.0.0.0 --log-level DEBUG"))
 def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the store, or a store directory; "
                                           "repeat it to serve several models on one pool"),
            replicas: list[str] = typer.Option([], help="pipeline replicas: N for every model, or NAME=N "
-                                              "(repeatable); default 1"),
+                                              "(repeatable)", show_default="1"),
            workers: int = typer.Option(3, min=1, help="shard workers (stages) of one replica"),
            host: str = typer.Option("127.0.0.1", help="address every server listens on"),
            port: int = typer.Option(50051, min=1, max=65535, help="the coordinator's port"),
-           store: Path | None = typer.Option(None, help=STORE_HELP),
-           worker_memory_mb: int = typer.Option(0, help="memory each worker offers (default: 80% of available)"),
+           store: Path | None = typer.Option(None, help=STORE_HELP, show_default=STORE_DEFAULT),
+           worker_memory_mb: int = memory_option(),
            micro_batch_groups: int = typer.Option(1, min=0, help="micro-batch groups in flight (0 = one per "
                                                   "stage). Here every worker shares this machine's cores, so "
                                                   "one big batch beats several small ones (BENCHMARKS.md)"),
@@ -218,18 +257,21 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            cluster_port: int = typer.Option(50053, min=1, max=65535, help=CLUSTER_PORT_HELP),
            api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
            insecure: bool = typer.Option(False, help=INSECURE_HELP),
-           result_cache_mb: float = typer.Option(0, min=0, help=RESULT_CACHE_HELP + " [0: off]"),
+           result_cache_mb: float = typer.Option(0, min=0, help=RESULT_CACHE_HELP, show_default="0: off"),
            metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + "; each worker "
-                                                   "gets the next port (0: a free one each) [off]"),
+                                                   "gets the next port (0: a free one each)", show_default="off"),
            http_port: int = typer.Option(8000, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT", show_envvar=False,
                                          help=HTTP_PORT_HELP),
            http: bool = typer.Option(True, help=HTTP_HELP),
+           log_level: str = log_level_option(),
+           log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
     which drains the streams in flight and stops every child. Its processes prove they belong with a random
-    cluster token (or, with --secure / --certs-dir, certificates): no other process can drive its workers."""
-    logging.basicConfig(level=logging.WARNING)
+    cluster token (or, with --secure / --certs-dir, certificates): no other process can drive its workers.
+    The plan (which layers each worker holds) is checked and printed before any worker starts."""
+    configure_logging(log_level)
     names = []
     for m in model:
         store, name = _resolve_model(m, store)
@@ -240,12 +282,13 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
                          micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
-                         result_cache_mb=result_cache_mb, http=http, http_port=http_port)
+                         result_cache_mb=result_cache_mb, http=http, http_port=http_port, log_prompts=log_prompts)
     except ValueError as exc:
         _fail(str(exc))
         return
     _check_ports(config)
-    asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure))
+    asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure,
+                        "DEBUG" if log_level.upper() == "DEBUG" else "WARNING"))
 
 
 def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object]]:
@@ -278,13 +321,20 @@ async def _drain(drain: Any, grace_s: float, signals: Any) -> None:
 
 
 async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool,
-                  secure: bool = False) -> None:
-    from coordinator.launcher import LaunchSecurity, LocalCluster, format_plan
+                  secure: bool = False, worker_log_level: str = "WARNING") -> None:
+    from coordinator.launcher import LaunchSecurity, LocalCluster, preflight_plan
+    from coordinator.planner import PlanDoesNotFit
     from shardline.server import Signals
 
     signals = Signals()
     for spec in config.initial_deployments():
         await _ensure_model(ModelStore(config.store), spec.model)
+    try:  # before anything is spawned: a plan that cannot fit is one line, at once
+        for line in preflight_plan(config, worker_memory_mb):
+            print(line, flush=True)
+    except PlanDoesNotFit as exc:
+        _fail(f"{exc}; give fewer --workers, more --worker-memory-mb, or a smaller model")
+        return
     try:
         security = LaunchSecurity.prepare(config, secure)
     except (ValueError, OSError) as exc:
@@ -293,7 +343,7 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     config = security.config
     for line in security.lines:
         print(line, flush=True)
-    cluster = LocalCluster(config, worker_memory_mb, spares, security.worker_args)
+    cluster = LocalCluster(config, worker_memory_mb, spares, security.worker_args, worker_log_level=worker_log_level)
     failed = ""
     gateway = None
     try:
@@ -312,9 +362,6 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             failed = str(exc)
             return
         fleet = cluster.coordinator.fleet if cluster.coordinator else None
-        if fleet is not None:
-            for replica in fleet.replicas:
-                print(format_plan(replica.name, replica.assignment, replica.stages), flush=True)
         keys = [d.key for d in fleet.deployments.values()] if fleet is not None else [config.model]
         print(f"ready in {seconds:.1f} s: {len(cluster.processes)} workers serving {', '.join(keys)} on "
               f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
@@ -350,37 +397,47 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             _fail(failed)
 
 
-@app.command()
+@app.command(epilog=examples("coordinator serve --model smollm2 --workers 2",
+                             "coordinator serve --config deploy/cluster.example.toml --log-level DEBUG",
+                             "shard-worker serve --coordinator 127.0.0.1:50051   (on each worker host)"))
 def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML file of coordinator settings "
                                                   "(see deploy/cluster.example.toml); flags given here win"),
-          model: str | None = typer.Option(None, help="model name in the store, or a store directory [smollm2]"),
-          workers: int | None = typer.Option(None, min=1, help="deploy once this many workers registered [1]"),
-          host: str | None = typer.Option(None, help="address to listen on [127.0.0.1]"),
-          port: int | None = typer.Option(None, min=0, max=65535, help="port [50051]"),
-          advertise: str | None = typer.Option(None, help="host workers reach this machine on [--host]"),
-          store: Path | None = typer.Option(None, help=STORE_HELP),
+          model: str | None = typer.Option(None, help="model name in the store, or a store directory",
+                                           show_default="smollm2"),
+          workers: int | None = typer.Option(None, min=1, help="deploy once this many workers registered",
+                                             show_default="1"),
+          host: str | None = typer.Option(None, help="address to listen on", show_default="127.0.0.1"),
+          port: int | None = typer.Option(None, min=0, max=65535, help="port", show_default="50051"),
+          advertise: str | None = typer.Option(None, help="host workers reach this machine on",
+                                               show_default="--host"),
+          store: Path | None = typer.Option(None, help=STORE_HELP, show_default=STORE_DEFAULT),
           parameters_address: str | None = typer.Option(None, "--parameters", help="a parameter service's "
-                                                        "HOST:PORT [run one in-process]"),
-          parameters_port: int | None = typer.Option(None, help="port of the in-process parameter service [free]"),
-          max_tokens_limit: int | None = typer.Option(None, min=1, help="the largest max_tokens allowed [2048]"),
+                                                        "HOST:PORT", show_default="run one in-process"),
+          parameters_port: int | None = typer.Option(None, help="port of the in-process parameter service",
+                                                     show_default="a free one"),
+          max_tokens_limit: int | None = typer.Option(None, min=1, help="the largest max_tokens allowed",
+                                                      show_default="2048"),
           drain_seconds: float | None = typer.Option(None, min=0, help="on SIGTERM, how long the streams in "
-                                                     "flight may finish [30]"),
+                                                     "flight may finish", show_default="30"),
           certs_dir: Path | None = typer.Option(None, help=CERTS_HELP),
-          client_certs: str | None = typer.Option(None, help=CLIENT_CERTS_HELP + " [optional]"),
-          cluster_port: int | None = typer.Option(None, min=0, max=65535, help=CLUSTER_PORT_HELP + " [50053]"),
+          client_certs: str | None = typer.Option(None, help=CLIENT_CERTS_HELP, show_default="optional"),
+          cluster_port: int | None = typer.Option(None, min=0, max=65535, help=CLUSTER_PORT_HELP,
+                                                  show_default="50053"),
           cluster_token_file: Path | None = typer.Option(None, help=TOKEN_HELP),
           api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
           insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP),
-          metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + " [off]"),
-          result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP + " [0: off]"),
+          metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP, show_default="off"),
+          result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP, show_default="0: off"),
           http_port: int | None = typer.Option(None, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT",
-                                               show_envvar=False, help=HTTP_PORT_HELP + " [8000]"),
-          http: bool | None = typer.Option(None, "--http/--no-http", help=HTTP_HELP + " [on]"),
+                                               show_envvar=False, help=HTTP_PORT_HELP, show_default="8000"),
+          http: bool | None = typer.Option(None, "--http/--no-http", help=HTTP_HELP, show_default="on"),
+          log_level: str = log_level_option(),
+          log_prompts: bool | None = typer.Option(None, "--log-prompts", help=LOG_PROMPTS_HELP, show_default="off"),
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_level)
     given = dict(model=model, workers=workers, host=host, port=port, advertise=advertise, store=store,
                  parameters_address=parameters_address, parameters_port=parameters_port,
                  max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds, certs_dir=certs_dir,
@@ -388,6 +445,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                  api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb, http_port=http_port,
                  http=http)
     given["metrics_port"] = metrics_port
+    given["log_prompts"] = log_prompts
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
         resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)
@@ -437,9 +495,13 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
     asyncio.run(run())
 
 
-@app.command()
+@app.command(epilog=examples('coordinator generate "The capital of France is"',
+                             'coordinator generate "Write a haiku" --chat --temperature 0.7 --max-tokens 40',
+                             'coordinator generate "Once upon a time" --model smollm2@2 --endpoint 10.0.0.5:50051'))
 def generate(prompt: str = typer.Argument(..., help="the prompt"),
-             endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+             model: str = typer.Option("", help="the model (NAME or NAME@VERSION) when the cluster serves several",
+                                       show_default="the cluster's default"),
+             endpoint: str = endpoint_option(),
              max_tokens: int = typer.Option(64, help="tokens to generate at most"),
              temperature: float = typer.Option(1.0, help="0 = greedy"),
              top_k: int = typer.Option(0, help="0 = no limit"),
@@ -457,7 +519,7 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
     from shardline.errors import ShardlineError
 
     params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                  min_tokens=min_tokens, ignore_eos=ignore_eos)
+                  min_tokens=min_tokens, ignore_eos=ignore_eos, model=model)
     with _client(endpoint, 300, api_key, certs_dir, client_name) as client:
         try:
             chunks = (client.chat([{"role": "user", "content": prompt}], stream=True, timeout=timeout, **params)
@@ -470,8 +532,50 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
             _fail(explain(exc, endpoint))
 
 
-@app.command()
-def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+@app.command(epilog=examples("coordinator embed \"A man is eating food.\" \"A man is riding a horse.\"",
+                             "coordinator embed --file sentences.txt --truncate --model minilm > vectors.jsonl"))
+def embed(texts: list[str] = typer.Argument(None, help="the texts (or --file)", show_default=False),
+          file: Path | None = typer.Option(None, "--file", help="read the texts from this file, one a line"),
+          model: str = typer.Option("", help="the encoder (NAME or NAME@VERSION) when the cluster serves several",
+                                    show_default="the cluster's default"),
+          truncate: bool = typer.Option(False, help="cut a text longer than the model's positions to them (and "
+                                        "say how many were); without it such a text is refused"),
+          pooling: str = typer.Option("mean", help="mean or cls"),
+          normalize: bool = typer.Option(True, help="unit-length vectors"),
+          endpoint: str = endpoint_option(),
+          timeout: float = typer.Option(300, help="deadline in seconds"),
+          api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+          client_name: str = CLIENT_NAME) -> None:
+    """Embed texts with an encoder model such as minilm: one JSON line per text on stdout (index, embedding);
+    the tokens processed, and the texts truncated, on stderr."""
+    from shardline.errors import ShardlineError
+
+    given = list(texts or [])
+    if file is not None:
+        try:
+            given += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"{file}: {exc}")
+    if not given:
+        _fail("give the texts to embed, or --file FILE (one text a line)")
+    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        try:
+            found = client.embeddings(given, pooling=pooling, normalize=normalize, model=model, timeout=timeout,
+                                      truncate=truncate)
+        except ShardlineError as exc:
+            _fail(explain(exc, endpoint))
+            return
+        except ValueError as exc:
+            _fail(str(exc))
+            return
+    for i, vector in enumerate(found.vectors):
+        sys.stdout.write(json.dumps({"index": i, "embedding": [round(float(x), 6) for x in vector]}) + "\n")
+    cut = f"; {found.truncated} truncated to the model's positions" if found.truncated else ""
+    print(f"{len(given)} embeddings of {found.vectors.shape[1]} floats, {found.tokens} tokens{cut}", file=sys.stderr)
+
+
+@app.command(epilog=examples("coordinator status", "coordinator status --endpoint 10.0.0.5:50051"))
+def status(endpoint: str = endpoint_option(),
            timeout: float = typer.Option(10, help="deadline in seconds"),
            api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
            client_name: str = CLIENT_NAME) -> None:
@@ -493,27 +597,45 @@ def status(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator
     print(f"jobs: {s.jobs_off or f'{s.jobs_unfinished} unfinished, {s.job_items_running} items running'}; "
           + (f"result cache: {entries} entries, {held / 2**20:.1f} of {most / 2**20:.0f} MiB, {hits} hits, "
              f"{misses} misses" if most else "result cache: off (result_cache_mb)"))
-    print(f"{'worker':<22} {'state':<10} {'layers':<10} {'weights':>9} {'RSS':>9} {'offered':>9} "
-          f"{'sessions':>8} {'KV cache':>9} {'heartbeat':>9}")
-    for w in s.workers:
-        layers = f"[{w.start_layer}, {w.end_layer})" if w.end_layer else "-"
-        print(f"{w.address:<22} {w.state:<10} {layers:<10} {w.weight_bytes / 2**20:>5.0f} MiB "
-              f"{w.rss_bytes / 2**20:>5.0f} MiB {w.memory_budget_bytes / 2**20:>5.0f} MiB {w.sessions:>8} "
-              f"{w.kv_cache_bytes / 2**20:>5.1f} MiB {w.last_heartbeat_age_ms / 1000:>7.1f} s"
-              + (f"  {w.last_error}" if w.last_error else ""))
-    print(f"\n{'stage':<22} {'busy':>9} {'idle':>9} {'busy %':>7} {'queue':>6} {'in':>10} {'out':>10} {'tokens/s':>9}")
-    for w in s.workers:
-        up = w.busy_ms + w.idle_ms
-        print(f"{w.address:<22} {w.busy_ms / 1000:>7.1f} s {w.idle_ms / 1000:>7.1f} s "
-              f"{100 * w.busy_ms / up if up else 0:>6.1f}% {w.queue_depth:>6} {w.bytes_in / 2**20:>6.1f} MiB "
-              f"{w.bytes_out / 2**20:>6.1f} MiB {w.tokens_per_second:>9.1f}")
+    if not s.workers:
+        print("no worker has registered yet: the cluster is starting (or its workers cannot reach it)")
+    else:
+        for line in worker_lines(s.workers):
+            print(line)
     for line in deployment_lines(s):
         print(line)
 
 
-@app.command("drain-worker")
+def worker_lines(workers: list[Any]) -> list[str]:
+    """`status`'s tables: each worker (a lost one says so, not a stale heartbeat), then each stage's load."""
+    lines = [f"{'worker':<22} {'state':<10} {'layers':<10} {'weights':>9} {'RSS':>9} {'offered':>9} "
+             f"{'sessions':>8} {'KV cache':>9} {'heartbeat':>9}"]
+    for w in workers:
+        layers = f"[{w.start_layer}, {w.end_layer})" if w.end_layer else "-"
+        if w.state == "lost" or not w.rss_bytes:  # no answer to the status call: nothing measured to show
+            measured = f"{'-':>9} {'-':>9} {w.memory_budget_bytes / 2**20:>5.0f} MiB {'-':>8} {'-':>9}"
+        else:
+            measured = (f"{w.weight_bytes / 2**20:>5.0f} MiB {w.rss_bytes / 2**20:>5.0f} MiB "
+                        f"{w.memory_budget_bytes / 2**20:>5.0f} MiB {w.sessions:>8} "
+                        f"{w.kv_cache_bytes / 2**20:>5.1f} MiB")
+        heartbeat = f"{'lost':>9}" if w.state == "lost" else f"{w.last_heartbeat_age_ms / 1000:>7.1f} s"
+        lines.append(f"{w.address:<22} {w.state:<10} {layers:<10} {measured} {heartbeat}"
+                     + (f"  {w.last_error}" if w.last_error else ""))
+    lines.append(f"\n{'stage':<22} {'busy':>9} {'idle':>9} {'busy %':>7} {'queue':>6} {'in':>10} {'out':>10} "
+                 f"{'tokens/s':>9}")
+    for w in workers:
+        if w.state == "lost":
+            continue
+        up = w.busy_ms + w.idle_ms
+        lines.append(f"{w.address:<22} {w.busy_ms / 1000:>7.1f} s {w.idle_ms / 1000:>7.1f} s "
+                     f"{100 * w.busy_ms / up if up else 0:>6.1f}% {w.queue_depth:>6} {w.bytes_in / 2**20:>6.1f} MiB "
+                     f"{w.bytes_out / 2**20:>6.1f} MiB {w.tokens_per_second:>9.1f}")
+    return lines
+
+
+@app.command("drain-worker", epilog=examples("coordinator drain-worker 127.0.0.1:41234"))
 def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker registered with"),
-                 endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+                 endpoint: str = endpoint_option(),
                  timeout: float = typer.Option(600, help="deadline in seconds"),
                  api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
                  client_name: str = CLIENT_NAME) -> None:
@@ -528,8 +650,8 @@ def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker r
             _fail(explain(exc, endpoint))
 
 
-@app.command()
-def rebalance(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator"),
+@app.command(epilog=examples("coordinator rebalance"))
+def rebalance(endpoint: str = endpoint_option(),
               timeout: float = typer.Option(600, help="deadline in seconds"),
               api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
               client_name: str = CLIENT_NAME) -> None:
@@ -543,8 +665,9 @@ def rebalance(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordina
             _fail(explain(exc, endpoint))
 
 
-@app.command()
-def http(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator's gRPC HOST:PORT"),
+@app.command(epilog=examples("coordinator http --endpoint 127.0.0.1:50051 --port 8000",
+                             "curl http://127.0.0.1:8000/v1/models"))
+def http(endpoint: str = endpoint_option(),
          host: str = typer.Option("127.0.0.1", help="address to listen on"),
          port: int = typer.Option(8000, min=0, max=65535, help="port (0 = a free one)"),
          certs_dir: Path | None = typer.Option(None, "--certs-dir", help="TLS to the coordinator: trust this "
@@ -555,7 +678,8 @@ def http(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator's
          max_body_bytes: int = typer.Option(4 * 2**20, min=1024, help="the largest request body read (larger: 413)"),
          timeout: float = typer.Option(300, min=0.001, help="each request's deadline at the coordinator, in seconds"),
          insecure: bool = typer.Option(False, help="allow a non-loopback --host without HTTPS and API keys at the "
-                                       "coordinator (warns at start)")) -> None:
+                                       "coordinator (warns at start)"),
+         log_level: str = log_level_option()) -> None:
     """Run the OpenAI-compatible HTTP API alone, in front of a coordinator elsewhere (`serve` and `launch`
     start one beside theirs: --http-port). Callers' `Authorization: Bearer` keys go on to the coordinator."""
     from coordinator.http_gateway import GatewaySettings, exposure_checked, start_gateway
@@ -563,7 +687,7 @@ def http(endpoint: str = typer.Option("127.0.0.1:50051", help="the coordinator's
     from shardline.server import Signals
     from shardline.tls import ClientTLS, TLSFilesError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_level)
     if not is_host_port(endpoint):
         _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
     if (tls_cert is None) != (tls_key is None):

@@ -84,6 +84,8 @@ class CoordinatorConfig(BaseModel):
     otlp_endpoint: str = Field("", max_length=1000, description="export a trace per request with OTLP/gRPC to "
                                "this collector (http://HOST:4317 without TLS); empty: "
                                "$OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing (needs the 'tracing' extra)")
+    log_prompts: bool = Field(False, description="the request log (logger shardline.requests) also writes each "
+                              "request's prompt (or texts); off: token counts and timings only")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics at "
                                      "http://host:PORT/metrics (0 = a free port); none = no metrics endpoint")
     # security (README "Security"): TLS and the cluster's identity, API keys for the public API

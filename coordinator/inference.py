@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ import numpy as np
 from coordinator.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
 from coordinator.generation import MAX_MODEL_NAME_CHARS, GenerationRequest, Piece, Plan, check_parameters, prepare, run
 from coordinator.metrics import model_label
+from coordinator.request_log import RequestRecord, prompt_json
 from coordinator.result_cache import CachedResult, Key, ResultCache, cache_key
 from shardline.codec import decode_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument
@@ -44,8 +46,8 @@ def generating(fleet: Fleet, req: GenerationRequest) -> Deployment:
     check_parameters(req, fleet.config)  # a malformed or oversized request fails first, whatever the state
     deployment = fleet.find(req.model)
     if deployment.task == "embed":
-        raise FailedPrecondition(f"model {deployment.key!r} has task embed: it embeds (Infer, the SDK's "
-                                 "embed()); it does not generate")
+        raise FailedPrecondition(f"model {deployment.key!r} is an encoder: it embeds text and does not generate; "
+                                 "use `coordinator embed` or the SDK's embed()")
     return deployment
 
 
@@ -62,10 +64,21 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
     each request is counted once, under the deployment it names."""
     # closed here, at once, when the caller stops early (not later by the garbage collector): the scheduler's
     # stream leaves the batch as soon as its caller is gone
-    async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace)) as pieces, \
-            contextlib.aclosing(fleet.metrics.requests.generation(model_label(fleet, req.model), pieces)) as counted:
-        async for piece in counted:
-            yield piece
+    model = model_label(fleet, req.model)
+    record = RequestRecord(session_id, "generate", model, background=background)
+    if fleet.config.log_prompts:
+        record.prompt = prompt_json(req.prompt if not req.messages else [list(m) for m in req.messages])
+    try:
+        async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace)) as pieces, \
+                contextlib.aclosing(fleet.metrics.requests.generation(model, pieces)) as counted:
+            async for piece in counted:
+                record.piece(piece)
+                yield piece
+    except BaseException as exc:
+        record.failed(exc)
+        raise
+    finally:
+        record.write()
 
 
 async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
@@ -108,6 +121,7 @@ class InferPlan:
     inputs: list[list[int]]
     pooling: str
     normalize: bool
+    truncated: int = 0  # inputs cut to the model's positions (the request asked for truncation)
 
 
 async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferPlan:
@@ -130,8 +144,8 @@ async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferP
         raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
     deployment = fleet.find(request.model)
     if deployment.task != "embed":
-        raise FailedPrecondition(f"model {deployment.key!r} has task generate: it generates (Generate), and "
-                                 "Infer serves models with task embed")
+        raise FailedPrecondition(f"model {deployment.key!r} generates text and does not embed: use `coordinator "
+                                 "generate` or the SDK's generate(); embeddings come from an encoder (e.g. minilm)")
     if serving:
         fleet.serving(deployment)
     text = deployment.text
@@ -140,19 +154,42 @@ async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferP
     if input_ids is not None:
         vocab = int(text.tokenizer.vocab_size) if text.tokenizer is not None else text.vocab_size
         inputs = await asyncio.to_thread(inputs_from_tensors, input_ids, mask, vocab, positions)
+        truncated = 0
     else:
-        inputs = await asyncio.to_thread(text.encode_batch, list(request.texts), positions)
+        inputs, truncated = await asyncio.to_thread(text.encode_batch, list(request.texts), positions,
+                                                    request.truncate)
     check_tokens(inputs, config.max_infer_tokens)
-    return InferPlan(deployment, inputs, pooling, request.normalize if request.HasField("normalize") else True)
+    return InferPlan(deployment, inputs, pooling, request.normalize if request.HasField("normalize") else True,
+                     truncated)
 
 
 async def infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
     """An Infer's pooled vectors and the tokens it processed, counted in the coordinator's metrics."""
-    return await fleet.metrics.requests.infer(model_label(fleet, request.model), _infer(fleet, request))
+    vectors, tokens, _ = await infer_truncating(fleet, request)
+    return vectors, tokens
 
 
-async def _infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
+async def infer_truncating(fleet: Fleet, request: Any) -> tuple[np.ndarray, int, int]:
+    """`infer`, and how many inputs were cut to the model's positions (the request asked for truncation);
+    counted in the metrics and written to the request log."""
+    model = model_label(fleet, request.model)
+    record = RequestRecord(uuid.uuid4().hex, "infer", model, inputs=len(request.texts))
+    if fleet.config.log_prompts:
+        record.prompt = prompt_json(list(request.texts))
+    try:
+        (vectors, truncated), tokens = await fleet.metrics.requests.infer(model, _infer(fleet, request, record))
+    except BaseException as exc:
+        record.failed(exc)
+        raise
+    finally:
+        record.write()
+    return vectors, tokens, truncated
+
+
+async def _infer(fleet: Fleet, request: Any, record: RequestRecord) -> tuple[tuple[np.ndarray, int], int]:
     plan = await plan_infer(fleet, request)
+    record.inputs, record.truncated = len(plan.inputs), plan.truncated
+    record.prompt_tokens = sum(len(i) for i in plan.inputs)
     replica, scheduler = fleet.route(plan.deployment)
     replica.infers += 1  # a drain waits for it as for a stream
     try:
@@ -160,4 +197,5 @@ async def _infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
                               plan.normalize)
     finally:
         replica.infers -= 1
-    return vectors, sum(len(i) for i in plan.inputs)
+    record.outcome = "infer"
+    return (vectors, plan.truncated), record.prompt_tokens

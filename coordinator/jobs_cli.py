@@ -13,10 +13,10 @@ import typer
 
 from coordinator.cli import API_KEY_OPTION, CLIENT_CERTS_DIR, CLIENT_NAME, _fail
 from coordinator.models_cli import _connected
+from shardline.cli_options import endpoint_option, examples, typer_app
 
-jobs = typer.Typer(add_completion=False, no_args_is_help=True,
-                   help="Asynchronous jobs: a file of requests run in the background; results fetched later.")
-ENDPOINT = typer.Option("127.0.0.1:50051", help="the coordinator")
+jobs = typer_app("Asynchronous jobs: a file of requests run in the background; results fetched later.")
+ENDPOINT = endpoint_option()
 TIMEOUT = typer.Option(30, help="deadline of each call, in seconds")
 
 
@@ -37,11 +37,13 @@ def describe(s: Any) -> list[str]:
     return lines
 
 
-@jobs.command()
+@jobs.command(epilog=examples("coordinator jobs submit requests.jsonl --wait",
+                              "coordinator jobs submit texts.jsonl --model minilm --label nightly"))
 def submit(file: Path = typer.Argument(..., help="a JSON Lines file: one request per line (prompt or messages, "
                                        "max_tokens, temperature, seed, ...; or texts for an embedding model)"),
-           model: str = typer.Option("", help="the model of lines that name none [the cluster's]"),
-           label: str = typer.Option("", help="a label shown in listings [the file's name]"),
+           model: str = typer.Option("", help="the model of lines that name none",
+                                      show_default="the cluster's default"),
+           label: str = typer.Option("", help="a label shown in listings", show_default="the file's name"),
            wait: bool = typer.Option(False, help="follow the job until it finishes"),
            wait_timeout: float = typer.Option(86400, help="with --wait: give up following after this many seconds "
                                               "(the job goes on)"),
@@ -83,8 +85,8 @@ def _follow(client: Any, job_id: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-@jobs.command()
-def status(job_id: str = typer.Argument("", help="a job's id [list your jobs]"),
+@jobs.command(epilog=examples("coordinator jobs status", "coordinator jobs status JOB_ID"))
+def status(job_id: str = typer.Argument("", help="a job's id", show_default="list your jobs"),
            endpoint: str = ENDPOINT, timeout: float = TIMEOUT, api_key: str | None = API_KEY_OPTION,
            certs_dir: Path | None = CLIENT_CERTS_DIR, client_name: str = CLIENT_NAME) -> None:
     """A job's progress, or (without an id) your jobs, newest first."""
@@ -97,9 +99,10 @@ def status(job_id: str = typer.Argument("", help="a job's id [list your jobs]"),
             typer.echo(line)
 
 
-@jobs.command()
+@jobs.command(epilog=examples("coordinator jobs results JOB_ID -o results.jsonl"))
 def results(job_id: str = typer.Argument(..., help="the job's id"),
-            output: Path | None = typer.Option(None, "--output", "-o", help="write the results here [stdout]"),
+            output: Path | None = typer.Option(None, "--output", "-o", help="write the results here",
+                                          show_default="stdout"),
             endpoint: str = ENDPOINT, timeout: float = TIMEOUT, api_key: str | None = API_KEY_OPTION,
             certs_dir: Path | None = CLIENT_CERTS_DIR, client_name: str = CLIENT_NAME) -> None:
     """The job's results as JSON Lines, one per item in order.
@@ -116,7 +119,7 @@ def results(job_id: str = typer.Argument(..., help="the job's id"),
         typer.echo(f"{len(found)} results written to {output}", err=True)
 
 
-@jobs.command()
+@jobs.command(epilog=examples("coordinator jobs cancel JOB_ID"))
 def cancel(job_id: str = typer.Argument(..., help="the job's id"),
            endpoint: str = ENDPOINT, timeout: float = TIMEOUT, api_key: str | None = API_KEY_OPTION,
            certs_dir: Path | None = CLIENT_CERTS_DIR, client_name: str = CLIENT_NAME) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
-from coordinator.planner import StagePlan
+from coordinator.planner import PlanDoesNotFit, StagePlan
 from coordinator.registry import WorkerRecord
 from coordinator.server import Coordinator, start_coordinator
 from shardline.server import Signals
@@ -49,7 +49,7 @@ async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int =
     if coordinator:
         args += ["--coordinator", coordinator]
     if memory_budget_mb:
-        args += ["--memory-budget-mb", str(memory_budget_mb)]
+        args += ["--worker-memory-mb", str(memory_budget_mb)]
     # several workers share this machine's cores: OpenMP threads that spin while waiting would steal them
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     # a session of its own: Ctrl-C on the launcher reaches the launcher only, which drains, then stops it
@@ -151,6 +151,7 @@ class LocalCluster:
     worker_memory_mb: int = 0
     spares: int = 0
     worker_args: tuple[str, ...] = ()  # how workers prove they belong (LaunchSecurity.worker_args)
+    worker_log_level: str = "WARNING"
     coordinator: Coordinator | None = None
     processes: list[WorkerProcess] = field(default_factory=list)
     restarts: int = 0
@@ -163,7 +164,7 @@ class LocalCluster:
                  *self.worker_args)
         # with TLS, workers register on the coordinator's cluster port (mutual TLS); else on its one port
         registry = c.cluster_port if c.certs_dir is not None else c.port
-        return spawn_worker(c.host, f"{c.host}:{registry}", self.worker_memory_mb, extra=extra,
+        return spawn_worker(c.host, f"{c.host}:{registry}", self.worker_memory_mb, self.worker_log_level, extra=extra,
                             metrics_port=metrics_port)
 
     def _worker_metrics_port(self, index: int) -> int | None:
@@ -207,7 +208,7 @@ class LocalCluster:
         if failed:
             raise failed[0]
         fleet = coordinator.fleet
-        shown = -1
+        shown, loading_bytes = -1, 0
         deadline = time.monotonic() + self.config.load_timeout_s + 120  # registration, then the loads
         while fleet.state != "failed" and not fleet.settled:  # every replica placed and loaded, or failed
             if time.monotonic() > deadline:
@@ -218,7 +219,8 @@ class LocalCluster:
             waiting.cancel()
             done, total = fleet.progress
             if fleet.state == "deploying" and total:
-                percent = int(100 * done / total)
+                loading_bytes = max(loading_bytes, total)
+                percent = min(99, int(100 * done / total))  # 100% once every stage is loaded and verified
                 if percent // 25 != shown // 25:
                     shown = percent
                     say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
@@ -226,6 +228,8 @@ class LocalCluster:
                 raise RuntimeError("a shard worker exited during start-up")
         if fleet.state == "failed":
             raise RuntimeError(fleet.message)
+        loaded = loading_bytes or sum(s.weight_bytes for r in fleet.replicas for s in r.stages)
+        say(f"  loading weights: 100% of {loaded / 2**20:.0f} MiB")
         self._supervisor = asyncio.create_task(self._supervise(say))
         return time.perf_counter() - began
 
@@ -277,6 +281,27 @@ class LocalCluster:
         if self.coordinator is not None:
             await self.coordinator.stop()
         await stop_processes(self.processes)
+
+
+def preflight_plan(config: CoordinatorConfig, worker_memory_mb: int) -> list[str]:
+    """Before anything is spawned: the plan of every replica `launch` will start, on workers offering
+    `worker_memory_mb` (0: what a worker offers by default, 80% of the memory available now), as lines;
+    PlanDoesNotFit (with what is missing) when it cannot fit. The workers' own budgets decide at
+    deployment; this catches a plan that cannot fit at once, instead of after every worker registered."""
+    from coordinator.placement import Wanted, interleave, place
+    from coordinator.store import ModelStore
+    from shard_worker.registration import default_memory_budget
+
+    store = ModelStore(config.store)
+    budget = worker_memory_mb * 2**20 or default_memory_budget()
+    specs = config.initial_deployments()
+    wanted = interleave([[Wanted(s.key, store.manifest(s.model), s.workers)] * s.replicas for s in specs])
+    pool = [WorkerRecord(f"w{i + 1}", f"worker {i + 1}", budget, 0.0)
+            for i in range(sum(w.stages for w in wanted))]
+    placement = place(wanted, pool)
+    if placement.unplaced:
+        raise PlanDoesNotFit("; ".join(placement.unplaced.values()))
+    return [format_plan(want.key, [w for w, _ in chain], [p for _, p in chain]) for want, chain in placement.placed]
 
 
 def format_plan(model: str, workers: list[WorkerRecord], stages: list[StagePlan]) -> str:

@@ -11,16 +11,16 @@ import typer
 
 from coordinator.certs import DEFAULT_CA_DAYS, DEFAULT_DAYS, CertError, create_ca, create_client, create_node
 from shardline.auth import ROLES, hash_key, new_api_key, parse_keys
+from shardline.cli_options import examples, typer_app
 from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, write_private
 
-certs = typer.Typer(add_completion=False, no_args_is_help=True,
-                    help="the cluster's CA, node and client certificates (TLS on every link)")
-api_keys = typer.Typer(add_completion=False, no_args_is_help=True,
-                       help="API keys for the public API, stored hashed, each with a role (client or admin)")
+certs = typer_app("the cluster's CA, node and client certificates (TLS on every link)")
+api_keys = typer_app("API keys for the public API, stored hashed, each with a role (client or admin)")
 
 CERTS_DIR = typer.Option(..., "--certs-dir", help="the certificates directory")
 CA_KEY = typer.Option(None, "--ca-key", help="the CA's key, if kept outside the certificates directory")
-LEAF_DAYS = typer.Option(None, "--days", help=f"valid for [{DEFAULT_DAYS}, or until the CA expires if sooner]")
+LEAF_DAYS = typer.Option(None, "--days", help="valid for this many days",
+                         show_default=f"{DEFAULT_DAYS}, or until the CA expires if sooner")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace files that exist")
 
 
@@ -29,8 +29,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-@certs.command("create-ca")
-def create_ca_cmd(certs_dir: Path = CERTS_DIR, days: float = typer.Option(DEFAULT_CA_DAYS, help="valid for"),
+@certs.command("create-ca", epilog=examples("coordinator certs create-ca --certs-dir ./certs"))
+def create_ca_cmd(certs_dir: Path = CERTS_DIR,
+                  days: float = typer.Option(DEFAULT_CA_DAYS, help="valid for this many days"),
                   ca_key: Path | None = CA_KEY, overwrite: bool = OVERWRITE) -> None:
     """A new CA: ca.crt (give it to every node and client) and ca.key (keep it off the nodes)."""
     try:
@@ -41,7 +42,8 @@ def create_ca_cmd(certs_dir: Path = CERTS_DIR, days: float = typer.Option(DEFAUL
     print(f"CA certificate {issued.cert} (until {issued.not_after:%Y-%m-%d}), key {issued.key} (mode 0600)")
 
 
-@certs.command("create-node")
+@certs.command("create-node", epilog=examples("coordinator certs create-node node1.example.com 10.0.0.5 "
+                                               "--certs-dir ./certs"))
 def create_node_cmd(hosts: list[str] = typer.Argument(..., help="every host name and IP address the node is "
                                                       "reached on (*.domain allowed)"),
                     certs_dir: Path = CERTS_DIR, days: float | None = LEAF_DAYS,
@@ -57,7 +59,7 @@ def create_node_cmd(hosts: list[str] = typer.Argument(..., help="every host name
           f"key {issued.key} (mode 0600)")
 
 
-@certs.command("create-client")
+@certs.command("create-client", epilog=examples("coordinator certs create-client alice --certs-dir ./certs"))
 def create_client_cmd(name: str = typer.Argument(..., help="the client's name (its certificate's common name)"),
                       certs_dir: Path = CERTS_DIR, days: float | None = LEAF_DAYS,
                       ca_key: Path | None = CA_KEY, overwrite: bool = OVERWRITE) -> None:
@@ -89,7 +91,8 @@ def _write_keys(path: Path, entries: list[dict[str, str]]) -> None:
     write_private(path, (json.dumps({"keys": entries}, indent=2) + "\n").encode())
 
 
-@api_keys.command("create")
+@api_keys.command("create", epilog=examples("coordinator api-keys create alice --file keys.json",
+                                            "coordinator api-keys create ops --role admin --file keys.json"))
 def create_key(name: str = typer.Argument(..., help="who the key is for (shown in logs and errors)"),
                file: Path = KEYS_FILE,
                role: str = typer.Option("client", help=f"one of {', '.join(ROLES)}")) -> None:
@@ -107,15 +110,15 @@ def create_key(name: str = typer.Argument(..., help="who the key is for (shown i
     print(f"(key {name!r}, role {role}, stored hashed in {file}; this is the only time it is shown)", file=sys.stderr)
 
 
-@api_keys.command("list")
+@api_keys.command("list", epilog=examples("coordinator api-keys list --file keys.json"))
 def list_keys(file: Path = KEYS_FILE) -> None:
     """The keys' names and roles (the keys themselves are not stored)."""
     for e in _read_keys(file):
         print(f"{e['name']:<24} {e['role']}")
 
 
-@api_keys.command("revoke")
-def revoke_key(name: str = typer.Argument(...), file: Path = KEYS_FILE) -> None:
+@api_keys.command("revoke", epilog=examples("coordinator api-keys revoke alice --file keys.json"))
+def revoke_key(name: str = typer.Argument(..., help="the key's name"), file: Path = KEYS_FILE) -> None:
     """Remove a key: a running coordinator refuses it within a second."""
     entries = _read_keys(file)
     kept = [e for e in entries if e["name"] != name]

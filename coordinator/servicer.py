@@ -12,7 +12,7 @@ from typing import Any
 from coordinator.admin_servicer import AdminMethods, deployment_info
 from coordinator.fleet import Fleet
 from coordinator.generation import shown
-from coordinator.inference import FINISH, generate, infer, request_from_proto
+from coordinator.inference import FINISH, generate, infer_truncating, request_from_proto
 from coordinator.job_servicer import JobMethods
 from coordinator.jobs import JobRunner
 from coordinator.result_cache import ResultCache
@@ -56,8 +56,8 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
 
     @grpc_errors
     async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
-        vectors, tokens = await infer(self.fleet, request)
-        response = coordinator_pb2.InferResponse(tokens=tokens)
+        vectors, tokens, truncated = await infer_truncating(self.fleet, request)
+        response = coordinator_pb2.InferResponse(tokens=tokens, truncated=truncated)
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response
 

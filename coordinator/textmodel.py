@@ -42,7 +42,7 @@ class TokenModel:
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
         raise self._no_text()
 
-    def encode_batch(self, texts: list[str], max_tokens: int) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:
         raise self._no_text()
 
     def decode(self, ids: list[int]) -> str:
@@ -68,9 +68,21 @@ class TextModel(TokenModel):
                                                  add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    def encode_batch(self, texts: list[str], max_tokens: int) -> list[list[int]]:
-        """Token ids of each text, truncated to the model's positions (as sentence-transformers does)."""
-        return [list(ids) for ids in self.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
+    def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:
+        """Token ids of each text, and how many texts were cut: a text over `max_tokens` (the model's
+        positions) is cut to them with `truncate` (its special tokens kept, as sentence-transformers does),
+        else refused, naming the text and its tokens."""
+        ids = [list(i) for i in self.tokenizer(texts, verbose=False)["input_ids"]]
+        long = [i for i, row in enumerate(ids) if len(row) > max_tokens]
+        if long and not truncate:
+            raise InvalidArgument(f"texts[{long[0]}] is {len(ids[long[0]])} tokens; model {self.name!r} takes at "
+                                  f"most {max_tokens}: shorten it, or ask for truncation (the SDK's embed(..., "
+                                  "truncate=True); `coordinator embed --truncate`)")
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=max_tokens)["input_ids"]
+            for i, row in zip(long, cut, strict=True):
+                ids[i] = list(row)
+        return ids, len(long)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -12,25 +11,38 @@ import typer
 from shard_worker.server import serve_forever
 from shardline import tracing
 from shardline.auth import ClusterIdentity
+from shardline.cli_options import (
+    configure_logging,
+    examples,
+    hidden_alias,
+    log_level_option,
+    memory_option,
+    typer_app,
+    version_option,
+)
 from shardline.server import Keepalive, check_exposure
 from shardline.stream import LinkSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="shardline shard worker")
+app = typer_app("shardline shard worker: hosts a contiguous range of a model's layers for a coordinator.")
 
 
 @app.callback()
-def _root() -> None:
+def _root(version: bool = version_option()) -> None:
     """shardline shard worker."""
 
 
-@app.command()
+@app.command(epilog=examples("shard-worker serve --coordinator 10.0.0.1:50051 --host 0.0.0.0 --advertise 10.0.0.7",
+                             "shard-worker serve --coordinator 10.0.0.1:50053 --certs-dir ./certs",
+                             "shard-worker serve --coordinator 127.0.0.1:50051 --worker-memory-mb 2048"))
 def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
-          port: int = typer.Option(0, help="port (0 = a free one, printed on start)"),
-          log_level: str = typer.Option("INFO", help="logging level"),
+          port: int = typer.Option(0, min=0, max=65535, help="port (0 = a free one, printed on start)"),
+          log_level: str = log_level_option(),
           coordinator: str = typer.Option("", help="HOST:PORT of a coordinator to register with; it then sends "
                                           "this worker its shard"),
-          advertise: str = typer.Option("", help="host the coordinator reaches this worker on (default: --host)"),
-          memory_budget_mb: int = typer.Option(0, help="memory offered for weights (default: 80% of available)"),
+          advertise: str = typer.Option("", help="host the coordinator reaches this worker on",
+                                        show_default="--host"),
+          worker_memory_mb: int = memory_option(),
+          memory_budget_mb: int | None = hidden_alias("--memory-budget-mb"),
           step_timeout_ms: int = typer.Option(60_000, min=100, help="deadline of a step passed on to the next "
                                               "stage, when the sender gives none"),
           keepalive_ms: int = typer.Option(20_000, min=1000, help="ping idle connections this often"),
@@ -42,13 +54,16 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                                          "token; only callers that send it may drive this worker"),
           insecure: bool = typer.Option(False, help="allow serving on a non-loopback address without TLS"),
           otlp_endpoint: str = typer.Option("", help="export a span per traced step with OTLP/gRPC to this "
-                                            "collector (http://HOST:4317) [$OTEL_EXPORTER_OTLP_ENDPOINT; else off]"),
+                                            "collector (http://HOST:4317)",
+                                            show_default="$OTEL_EXPORTER_OTLP_ENDPOINT, else off"),
           metrics_port: int | None = typer.Option(None, min=0, max=65535, help="serve Prometheus metrics at "
-                                                  "http://HOST:PORT/metrics on --host (0 = a free one, printed) "
-                                                  "[off]"),
+                                                  "http://HOST:PORT/metrics on --host (0 = a free one, printed)",
+                                                  show_default="off"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_level)
+    if memory_budget_mb is not None:  # the flag's old name
+        worker_memory_mb = worker_memory_mb or memory_budget_mb
     try:
         identity = ClusterIdentity.from_files(certs_dir, cluster_token_file)
         check_exposure(host, identity.tls, identity.tls, insecure, "shard worker")
@@ -59,7 +74,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     try:
         links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms),
                              identity=identity)
-        asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, memory_budget_mb * 2**20, links,
+        asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, worker_memory_mb * 2**20, links,
                                   leave_timeout_s, metrics_port))
     except KeyboardInterrupt:
         pass

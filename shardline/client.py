@@ -128,6 +128,7 @@ class GenerateResult:
 class Embeddings:
     vectors: np.ndarray  # [len(texts), hidden] float32
     tokens: int          # tokens the encoder processed, all inputs together
+    truncated: int = 0   # inputs cut to the model's positions (only with truncate=True)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,11 @@ class ClusterStatus:
     job_items_running: int = 0
     jobs_off: str = ""  # why jobs are off on this coordinator
 
+    def __str__(self) -> str:  # print(status): one line (repr() keeps every field)
+        ready = sum(w.state == "ready" for w in self.workers)
+        return (f"{self.model}: {self.state}{' - ' + self.message if self.message else ''}; {ready}/"
+                f"{len(self.workers)} workers ready, {self.active_sessions} active sessions")
+
 
 def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
                      max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
@@ -246,11 +252,14 @@ POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_
 
 
 def infer_request(texts: Sequence[str], pooling: str = "mean", normalize: bool = True,
-                  model: str = "") -> coordinator_pb2.InferRequest:
+                  model: str = "", truncate: bool = False) -> coordinator_pb2.InferRequest:
+    """The request for embed/embeddings. A text longer than the model's positions is refused
+    (INVALID_ARGUMENT, naming it and its tokens) unless `truncate`: then it is cut, and counted in the
+    response's `truncated`."""
     if pooling not in POOLING:
         raise ValueError(f"pooling must be one of {sorted(POOLING)}")
     return coordinator_pb2.InferRequest(texts=list(texts), pooling=POOLING[pooling], normalize=normalize,
-                                        model=model)
+                                        model=model, truncate=truncate)
 
 
 def _vectors(response: coordinator_pb2.InferResponse) -> np.ndarray:
@@ -334,19 +343,22 @@ class Client(JobCalls):
             raise from_rpc_error(err) from err
 
     def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
-              timeout: float | None = None) -> np.ndarray:
+              timeout: float | None = None, truncate: bool = False) -> np.ndarray:
         """One vector per text ([len(texts), hidden] float32) from an encoder model (Infer); `model` names
-        it (name or name@version) when the cluster serves several."""
-        return self.embeddings(texts, pooling=pooling, normalize=normalize, model=model, timeout=timeout).vectors
+        it (name or name@version) when the cluster serves several. A text longer than the model's positions
+        is refused (InvalidArgument), unless `truncate` (then it is cut: `embeddings()` says how many were)."""
+        return self.embeddings(texts, pooling=pooling, normalize=normalize, model=model, timeout=timeout,
+                               truncate=truncate).vectors
 
     def embeddings(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
-                   timeout: float | None = None) -> Embeddings:
-        """As embed, with the tokens the encoder processed (usage)."""
+                   timeout: float | None = None, truncate: bool = False) -> Embeddings:
+        """As embed, with the tokens the encoder processed (usage) and how many texts were truncated."""
         try:
-            response = self.stub.Infer(infer_request(texts, pooling, normalize, model), timeout=timeout or self.timeout)
+            response = self.stub.Infer(infer_request(texts, pooling, normalize, model, truncate),
+                                       timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return Embeddings(_vectors(response), response.tokens)
+        return Embeddings(_vectors(response), response.tokens, response.truncated)
 
     def list_models(self) -> list[ModelInfo]:
         try:
@@ -493,19 +505,19 @@ class AsyncClient:
             call.cancel()
 
     async def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
-                    timeout: float | None = None) -> np.ndarray:
+                    timeout: float | None = None, truncate: bool = False) -> np.ndarray:
         return (await self.embeddings(texts, pooling=pooling, normalize=normalize, model=model,
-                                      timeout=timeout)).vectors
+                                      timeout=timeout, truncate=truncate)).vectors
 
     async def embeddings(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
-                         model: str = "", timeout: float | None = None) -> Embeddings:
-        """As embed, with the tokens the encoder processed (usage)."""
+                         model: str = "", timeout: float | None = None, truncate: bool = False) -> Embeddings:
+        """As embed, with the tokens the encoder processed (usage) and how many texts were truncated."""
         try:
-            response = await self.stub.Infer(infer_request(texts, pooling, normalize, model),
+            response = await self.stub.Infer(infer_request(texts, pooling, normalize, model, truncate),
                                              timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return Embeddings(_vectors(response), response.tokens)
+        return Embeddings(_vectors(response), response.tokens, response.truncated)
 
     async def list_models(self) -> list[ModelInfo]:
         try:

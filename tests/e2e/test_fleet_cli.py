@@ -124,7 +124,7 @@ def test_minilm_embeds_as_sentence_transformers_pools(fleet):
 def test_generate_on_the_encoder_is_a_failed_precondition(fleet):
     with Client(fleet.endpoint, timeout=30) as client, pytest.raises(FailedPrecondition) as err:
         client.generate("hello", model="minilm", max_tokens=4)
-    assert "minilm@1" in err.value.message and "task embed" in err.value.message
+    assert "minilm@1" in err.value.message and "is an encoder" in err.value.message
 
 
 def test_models_list_and_status_print_the_deployments(fleet):

@@ -157,7 +157,7 @@ def test_bad_requests_for_models_and_scaling(fleet):
             client.load_model("tiny-llama")
         with pytest.raises(InvalidArgument, match="is not a name"):
             client.load_model("bad name!")
-    with pytest.raises(FailedPrecondition, match="has task generate"):
+    with pytest.raises(FailedPrecondition, match="generates text and does not embed"):
         _infer(fleet.address, "tiny-llama")
 
 
