@@ -18,7 +18,7 @@ OMP_NUM_THREADS=1, then every thread of stage i's process is pinned to core i. T
 (this process) are pinned to core 0, beside stage 0: their CPU seconds during the run are reported. Each stage's
 busy and bubble seconds come from its own /metrics (shard_worker/metrics.py).
 
-    python bench/pipeline.py [--rounds 3] [--micro-batches 16] [--batch 4] [--tokens 32]
+    python bench/pipeline.py [--rounds 3] [--micro-batches 32] [--batch 4] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--micro-batches", type=int, default=16)
+    parser.add_argument("--micro-batches", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
     asyncio.run(main(parser.parse_args()))

@@ -5,11 +5,14 @@ both sides (`ignore_eos` here, `min_new_tokens` there; the counts are checked), 
 
     python bench/user_path.py [--rounds 3] [--variant NAME=LAUNCH_ARGS ...] [--profile DIR]
 
-Each variant is a `coordinator launch` with extra arguments (default: one, "launch", with none); all variants
-are started at once and measured in the same interleaved rounds. For each run it also reads every stage's busy
-seconds (the workers' /metrics, so launch gets `--metrics-port 0`) and the CPU seconds of the launch process,
-of its workers and of this process. `--profile DIR`: after the rounds, py-spy records every process of the
-first variant during one more 16-stream run (flame graphs in DIR).
+Each variant is a `coordinator launch` with extra arguments, and environment variables given as KEY=VALUE
+among them (default: one variant, "launch", with none); all variants are started at once and measured in the
+same interleaved rounds. For each run it also reads every stage's busy and bubble seconds (the workers'
+/metrics, so launch gets `--metrics-port 0`) and the CPU seconds of the launch process, of its workers and of
+this process. A variant with IN_PROCESS=1 among its words is the cluster as bench/generate.py runs it
+(`LocalCluster` in this process; WORKERS=N). `--in-process-baseline`: transformers also on a thread of this
+process, as bench/generate.py measures it. `--profile DIR`: after the rounds, py-spy records every process of
+the first variant during three more 16-stream runs (speedscope files in DIR).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import collections
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,8 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, Baseline, cpu_seconds, free_port, result, scrape, table  # noqa: E402
+from coordinator.config import CoordinatorConfig  # noqa: E402
+from coordinator.launcher import LocalCluster  # noqa: E402
 from coordinator.store import ModelStore, default_store  # noqa: E402
-from shardline.client import AsyncClient  # noqa: E402
+from shardline.client import AsyncClient, Client  # noqa: E402
 
 NEW = 64
 CITIES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid", "Berlin", "Vienna", "Lagos",
@@ -44,6 +50,7 @@ BUSY, BUBBLE = "shardline:stage_busy_seconds", "shardline:stage_bubble_seconds"
 class Launched:
     name: str
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
     endpoint: str = ""
     stages: list[tuple[str, str]] = field(default_factory=list)   # (layers, metrics url), in chain order
@@ -54,32 +61,31 @@ class Launched:
         command = [str(Path(sys.executable).parent / "coordinator"), "launch", "--store", str(store), "--port",
                    str(port), "--http-port", "0", "--metrics-port", "0", *self.args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        cwd=ROOT, start_new_session=True)
+                                        cwd=ROOT, start_new_session=True, env={**os.environ, **self.env})
         assert self.process.stdout is not None
-        plan: dict[str, str] = {}
         urls: dict[str, str] = {}
         said: list[str] = []
-        ready = False
+        children: list[int] = []
         for line in self.process.stdout:
             said.append(line.rstrip())
-            if m := re.match(r"\s+(\S+:\d+)\s+(\[\d+, \d+\))", line):
-                plan[m.group(1)] = m.group(2)
             if m := re.match(r"metrics: worker (\S+) (\S+)", line):
                 urls[m.group(1)] = m.group(2)
-            ready = ready or line.startswith("ready in")
-            if ready and plan and set(plan) <= set(urls):
+            if line.startswith("ready in"):
+                children = [int(c) for c in
+                            Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()]
+            if children and len(urls) >= len(children):
                 break
         else:
             raise RuntimeError("coordinator launch exited:\n" + "\n".join(said[-10:]))
         # keep reading what it says, so that a full pipe never blocks it
         threading.Thread(target=collections.deque, args=(self.process.stdout, 100), daemon=True).start()
         self.endpoint = f"127.0.0.1:{port}"
-        order = sorted(plan, key=lambda a: int(plan[a][1:].split(",")[0]))
-        self.stages = [(plan[a], urls[a]) for a in order]
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        self.worker_pids = [int(c) for c in children]
-        print(f"{self.name}: coordinator launch {' '.join(self.args)} -> stages {[s for s, _ in self.stages]}",
-              flush=True)
+        self.worker_pids = children
+        with Client(self.endpoint, timeout=60) as client:
+            chain = sorted((w for w in client.cluster_status().workers if w.replica), key=lambda w: w.start_layer)
+        self.stages = [(f"[{w.start_layer}, {w.end_layer})", urls[w.address]) for w in chain]
+        print(f"{self.name}: {' '.join(f'{k}={v}' for k, v in self.env.items())} coordinator launch "
+              f"{' '.join(self.args)} -> stages {[s for s, _ in self.stages]}", flush=True)
 
     def busy(self) -> list[dict[str, float]]:
         return [scrape(url, BUSY, BUBBLE) for _, url in self.stages]
@@ -95,6 +101,31 @@ class Launched:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+class InProcess(Launched):
+    """The cluster as bench/generate.py runs it: `LocalCluster` in this process (coordinator on this event loop),
+    its workers as child processes; for comparison with the user's path."""
+
+    cluster: LocalCluster | None = None
+
+    async def start_here(self, store: Path) -> None:
+        config = CoordinatorConfig(store=store, model="smollm2", workers=int(self.env.get("WORKERS", "3")),
+                                   port=free_port(), micro_batch_groups=1, metrics_port=0)
+        self.cluster = LocalCluster(config)
+        await self.cluster.start()
+        assert self.cluster.coordinator is not None
+        replica = self.cluster.coordinator.fleet.replicas[0]
+        urls = {p.address: p.metrics_url for p in self.cluster.processes}
+        self.stages = [(f"[{s.start}, {s.end})", urls[w.address]) for w, s in zip(replica.assignment, replica.stages,
+                                                                                   strict=True)]
+        self.worker_pids = [p.process.pid for p in self.cluster.processes]
+        self.endpoint = f"127.0.0.1:{config.port}"
+        print(f"{self.name}: LocalCluster in the benchmark's process -> stages {[s for s, _ in self.stages]}",
+              flush=True)
+
+    def cpu(self) -> tuple[float, float]:
+        return cpu_seconds(os.getpid()), sum(cpu_seconds(p) for p in self.worker_pids)
 
 
 async def ours(endpoint: str, prompts: list[str]) -> tuple[float, int]:
@@ -151,6 +182,27 @@ async def profile(v: Launched, out: Path) -> None:
     print(f"py-spy profiles of {', '.join(pids)} in {out}", flush=True)
 
 
+class HereBaseline:
+    """transformers in this process, run on a thread while the event loop goes on (bench/generate.py's way)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(self, prompts: list[str]) -> tuple[float, int]:
+        self.tokenizer.padding_side = "left"
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        began = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                      pad_token_id=self.tokenizer.eos_token_id)
+        return time.perf_counter() - began, int(out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+
+
 def long_prompt(model_dir: Path, n: int = 512) -> list[int]:
     from transformers import AutoTokenizer
 
@@ -164,12 +216,20 @@ async def main(args: argparse.Namespace) -> None:
     if not ModelStore(store).has("smollm2"):
         subprocess.run([str(Path(sys.executable).parent / "coordinator"), "import", "smollm2", "--store", str(store)],
                        check=True)
-    variants = [Launched(name, launch_args.split()) for name, _, launch_args in
-                (v.partition("=") for v in (args.variant or ["launch="]))]
+    variants = []
+    for name, _, launch_args in (v.partition("=") for v in (args.variant or ["launch="])):
+        words = launch_args.split()
+        env = dict(w.split("=", 1) for w in words if re.match(r"[A-Z_]+=", w))
+        kind = InProcess if "IN_PROCESS=1" in words else Launched
+        variants.append(kind(name, [w for w in words if not re.match(r"[A-Z_]+=", w)], env))
     baseline = Baseline(ModelStore(store).path("smollm2"))
     try:
         for v in variants:
-            v.start(store)
+            if isinstance(v, InProcess):
+                await v.start_here(store)
+            else:
+                v.start(store)
+        here = HereBaseline(ModelStore(store).path("smollm2")) if args.in_process_baseline else None
         cases = [("1 stream", PROMPTS[:1]), ("16 streams", PROMPTS)]
         for v in variants:  # warm up
             async with AsyncClient(v.endpoint, timeout=600) as client:
@@ -183,6 +243,9 @@ async def main(args: argparse.Namespace) -> None:
             for case, prompts in cases:
                 seconds, tokens = await asyncio.to_thread(baseline_run, baseline, prompts)
                 runs.setdefault((case, "transformers"), []).append({"rate": tokens / seconds})
+                if here is not None:
+                    seconds, tokens = await asyncio.to_thread(here.generate, prompts)
+                    runs.setdefault((case, "transformers, bench process"), []).append({"rate": tokens / seconds})
                 for v in variants:
                     runs.setdefault((case, v.name), []).append(await measured(v, prompts))
                 line = ", ".join(f"{n} {x[-1]['rate']:.1f}" for (c, n), x in runs.items() if c == case)
@@ -216,6 +279,11 @@ async def main(args: argparse.Namespace) -> None:
                          f"{mine_ttft / base_ttft:.2f}x the time", "", "", ""])
             result("user path", f"time to first token, {len(long_ids)} tokens, {v.name}", f"{base_ttft * 1000:.0f} ms",
                    f"{mine_ttft * 1000:.0f} ms", f"{mine_ttft / base_ttft:.2f}x the time", "<= 1.1x")
+        if here is not None:
+            for case, _ in cases:
+                rate = statistics.median(float(x["rate"]) for x in runs[(case, "transformers, bench process")])  # type: ignore[arg-type]
+                print(f"{case}: transformers on a thread of the benchmark's process (as bench/generate.py runs it): "
+                      f"{rate:.1f} tok/s")
         for v in variants:
             print(f"{v.name}: stages {', '.join(s for s, _ in v.stages)}")
         print(table(["case", "cluster", "transformers (own process)", "shardline via launch + SDK", "ratio",
@@ -225,7 +293,10 @@ async def main(args: argparse.Namespace) -> None:
             await profile(variants[0], args.profile)
     finally:
         for v in variants:
-            v.stop()
+            if isinstance(v, InProcess) and v.cluster is not None:
+                await v.cluster.stop()
+            else:
+                v.stop()
         baseline.close()
 
 
@@ -235,4 +306,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", action="append", help="NAME=ARGS for coordinator launch (repeatable)")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--in-process-baseline", action="store_true", help="also transformers on a thread of this "
+                        "process, as bench/generate.py measures it")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends it: still stop the clusters
     asyncio.run(main(parser.parse_args()))
