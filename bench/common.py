@@ -132,3 +132,33 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+async def generate_exactly(endpoint: str, prompts: list[str], new: int) -> tuple[float, int]:
+    """`prompts` as concurrent greedy requests through the SDK, each run to exactly `new` tokens (`ignore_eos`;
+    checked: a short one would make a comparison meaningless); seconds and tokens."""
+    import asyncio
+
+    from shardline.client import AsyncClient
+
+    async with AsyncClient(endpoint, timeout=600) as client:
+        began = time.perf_counter()
+        results = await asyncio.gather(*(client.generate(p, max_tokens=new, temperature=0, ignore_eos=True)
+                                         for p in prompts))
+        seconds = time.perf_counter() - began
+    tokens = [r.completion_tokens for r in results]
+    if tokens != [new] * len(prompts):
+        raise RuntimeError(f"shardline produced {tokens} tokens, not {new} each: the comparison is void")
+    return seconds, sum(tokens)
+
+
+async def first_token_seconds(endpoint: str, prompt: str | list[int]) -> float:
+    """Seconds from sending a streamed greedy request to its first token (text or token ids)."""
+    from shardline.client import AsyncClient
+
+    async with AsyncClient(endpoint, timeout=600) as client:
+        began = time.perf_counter()
+        async for chunk in await client.generate(prompt, max_tokens=2, temperature=0, ignore_eos=True, stream=True):
+            if chunk.token_ids:
+                return time.perf_counter() - began
+    raise RuntimeError("no token")

@@ -30,12 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bench.common import free_port, result  # noqa: E402
+from bench.common import first_token_seconds, free_port, generate_exactly, result  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.launcher import LocalCluster  # noqa: E402
 from coordinator.store import ModelStore  # noqa: E402
-from shardline.client import AsyncClient  # noqa: E402
 
 NEW = 64
 CITIES = ["Paris", "Rome", "Cairo", "Lima", "Oslo", "Delhi", "Tokyo", "Madrid", "Berlin", "Vienna", "Lagos",
@@ -60,26 +59,6 @@ def hf_prefill(model, ids: torch.Tensor) -> float:
     return time.perf_counter() - began
 
 
-async def ours_generate(endpoint: str, prompts: list[str]) -> tuple[float, int]:
-    async with AsyncClient(endpoint, timeout=600) as client:
-        began = time.perf_counter()
-        results = await asyncio.gather(*(client.generate(p, max_tokens=NEW, temperature=0, ignore_eos=True)
-                                         for p in prompts))
-        seconds = time.perf_counter() - began
-    if [r.completion_tokens for r in results] != [NEW] * len(prompts):
-        raise RuntimeError(f"not {NEW} tokens each: {[r.completion_tokens for r in results]}")
-    return seconds, NEW * len(prompts)
-
-
-async def ours_ttft(endpoint: str, prompt: str) -> float:
-    async with AsyncClient(endpoint, timeout=600) as client:
-        began = time.perf_counter()
-        async for chunk in await client.generate(prompt, max_tokens=2, temperature=0, stream=True):
-            if chunk.token_ids:
-                return time.perf_counter() - began
-    raise RuntimeError("no token")
-
-
 async def main(store_dir: Path, groups: int) -> None:
     store = ModelStore(store_dir)
     if not store.has("smollm2"):
@@ -97,7 +76,7 @@ async def main(store_dir: Path, groups: int) -> None:
     await cluster.start()
     endpoint = f"127.0.0.1:{config.port}"
     try:
-        await ours_generate(endpoint, PROMPTS[:2])  # warm up both
+        await generate_exactly(endpoint, PROMPTS[:2], NEW)  # warm up both
         await asyncio.to_thread(hf_generate, model, tokenizer, PROMPTS[:2])
         rows = []
         for label, prompts in (("1 stream", PROMPTS[:1]), ("16 concurrent streams", PROMPTS)):
@@ -105,14 +84,14 @@ async def main(store_dir: Path, groups: int) -> None:
             for _ in range(2):  # interleaved
                 seconds, tokens = await asyncio.to_thread(hf_generate, model, tokenizer, prompts)
                 hf_runs.append(tokens / seconds)
-                seconds, tokens = await ours_generate(endpoint, prompts)
+                seconds, tokens = await generate_exactly(endpoint, prompts, NEW)
                 our_runs.append(tokens / seconds)
             hf, ours = statistics.median(hf_runs), statistics.median(our_runs)
             rows.append((label, f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x"))
             result("generate (cluster in process)", f"{label}, {groups or 'one per stage'} group(s)",
                    f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x")
         hf_t = statistics.median([await asyncio.to_thread(hf_prefill, model, long_tensor) for _ in range(3)])
-        our_t = statistics.median([await ours_ttft(endpoint, long_prompt) for _ in range(3)])
+        our_t = statistics.median([await first_token_seconds(endpoint, long_prompt) for _ in range(3)])
         rows.append((f"time to first token, {long_tensor.shape[1]}-token prompt", f"{hf_t * 1000:.0f} ms prefill",
                      f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time"))
         result("generate (cluster in process)", f"time to first token, {long_tensor.shape[1]} tokens",

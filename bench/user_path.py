@@ -33,7 +33,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, Baseline, cpu_seconds, free_port, result, scrape, table  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    Baseline,
+    cpu_seconds,
+    first_token_seconds,
+    free_port,
+    generate_exactly,
+    result,
+    scrape,
+    table,
+)
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.launcher import LocalCluster  # noqa: E402
 from coordinator.store import ModelStore, default_store  # noqa: E402
@@ -128,27 +138,6 @@ class InProcess(Launched):
         return cpu_seconds(os.getpid()), sum(cpu_seconds(p) for p in self.worker_pids)
 
 
-async def ours(endpoint: str, prompts: list[str]) -> tuple[float, int]:
-    async with AsyncClient(endpoint, timeout=600) as client:
-        began = time.perf_counter()
-        results = await asyncio.gather(*(client.generate(p, max_tokens=NEW, temperature=0, ignore_eos=True)
-                                         for p in prompts))
-        seconds = time.perf_counter() - began
-    tokens = [r.completion_tokens for r in results]
-    if tokens != [NEW] * len(prompts):
-        raise RuntimeError(f"shardline produced {tokens} tokens, not {NEW} each: the comparison is void")
-    return seconds, sum(tokens)
-
-
-async def ours_ttft(endpoint: str, ids: list[int]) -> float:
-    async with AsyncClient(endpoint, timeout=600) as client:
-        began = time.perf_counter()
-        async for chunk in await client.generate(ids, max_tokens=2, temperature=0, ignore_eos=True, stream=True):
-            if chunk.token_ids:
-                return time.perf_counter() - began
-    raise RuntimeError("no token")
-
-
 def baseline_run(baseline: Baseline, prompts: list[str]) -> tuple[float, int]:
     reply = baseline.call("generate", prompts=prompts, new=NEW)
     if reply["tokens"] != NEW * len(prompts):
@@ -158,7 +147,7 @@ def baseline_run(baseline: Baseline, prompts: list[str]) -> tuple[float, int]:
 
 async def measured(v: Launched, prompts: list[str]) -> dict[str, object]:
     busy0, (launch0, workers0), me0 = v.busy(), v.cpu(), cpu_seconds(os.getpid())
-    seconds, tokens = await ours(v.endpoint, prompts)
+    seconds, tokens = await generate_exactly(v.endpoint, prompts, NEW)
     busy1, (launch1, workers1), me1 = v.busy(), v.cpu(), cpu_seconds(os.getpid())
     return {"rate": tokens / seconds, "seconds": seconds,
             "busy": [(b[BUSY] - a[BUSY]) / seconds for a, b in zip(busy0, busy1, strict=True)],
@@ -176,7 +165,7 @@ async def profile(v: Launched, out: Path) -> None:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
     await asyncio.sleep(1)
     for _ in range(3):
-        await ours(v.endpoint, PROMPTS)
+        await generate_exactly(v.endpoint, PROMPTS, NEW)
     for r in recorders:
         r.wait(60)
     print(f"py-spy profiles of {', '.join(pids)} in {out}", flush=True)
@@ -234,7 +223,7 @@ async def main(args: argparse.Namespace) -> None:
         for v in variants:  # warm up
             async with AsyncClient(v.endpoint, timeout=600) as client:
                 await client.wait_ready(timeout=120)
-            await ours(v.endpoint, PROMPTS[:2])
+            await generate_exactly(v.endpoint, PROMPTS[:2], NEW)
         baseline_run(baseline, PROMPTS[:2])
         runs: dict[tuple[str, str], list[dict[str, object]]] = {}
         ttft: dict[str, list[float]] = {}
@@ -253,7 +242,7 @@ async def main(args: argparse.Namespace) -> None:
             reply = await asyncio.to_thread(baseline.call, "prefill", batches=[[long_ids]])
             ttft.setdefault("transformers", []).append(reply["seconds"])
             for v in variants:
-                ttft.setdefault(v.name, []).append(await ours_ttft(v.endpoint, long_ids))
+                ttft.setdefault(v.name, []).append(await first_token_seconds(v.endpoint, long_ids))
             print(f"round {r + 1}, time to first token: " + ", ".join(f"{n} {x[-1] * 1000:.0f} ms"
                                                                        for n, x in ttft.items()), flush=True)
         rows = []

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from coordinator.deployments import DeploymentSpec, check_unique
 from coordinator.store import default_store
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES
+from shardline.wire_dtype import WIRE_DTYPES
 
 
 class CoordinatorConfig(BaseModel):
@@ -30,6 +31,13 @@ class CoordinatorConfig(BaseModel):
     parameters_address: str = Field("", description="host:port of a parameter service; empty = in-process")
     parameters_port: int = Field(0, ge=0, le=65535, description="port of the in-process parameter service")
     dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    # compressed activations and weights (README "Compressed activations and weights")
+    wire_dtype: str = Field("", pattern="^(|float32|float16|bfloat16|int8)$", description="the dtype hidden "
+                            "states travel between stages in (int8: with a scale per row); empty = `dtype`")
+    link_wire_dtypes: dict[int, str] = Field(default_factory=dict, description="per link (link i: stage i -> "
+                                             "stage i + 1), overriding wire_dtype, e.g. {1 = \"bfloat16\"}")
+    quantize: str = Field("", pattern="^(|int8)$", description="weight-only quantization of the layers' linear "
+                          "weights at load: int8 (a scale per output channel); empty = none")
     max_tokens_limit: int = Field(2048, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     max_active_streams: int = Field(64, ge=1, description="streams batched together at most")
@@ -116,6 +124,10 @@ class CoordinatorConfig(BaseModel):
         if self.certs_dir is not None and self.cluster_token_file is not None:
             raise ValueError("give certs_dir (TLS) or cluster_token_file (plaintext), not both")
         check_unique(self.deployments)
+        for link, name in self.link_wire_dtypes.items():
+            if link < 0 or name not in WIRE_DTYPES:
+                raise ValueError(f"link_wire_dtypes: link {link} -> {name!r}: links are >= 0 and dtypes one of "
+                                 f"{', '.join(WIRE_DTYPES)}")
         return self
 
     def initial_deployments(self) -> list[DeploymentSpec]:

@@ -33,6 +33,7 @@ from shardline.codec import dtype_to_enum
 from shardline.errors import FailedPrecondition, ShardlineError, Unavailable
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2
+from shardline.wire_dtype import link_dtypes, quantization_enum, wire_dtype_to_enum
 
 log = logging.getLogger(__name__)
 LOAD_ATTEMPTS = 3
@@ -491,9 +492,12 @@ class Replica:
             for worker, stage in batch:
                 worker.state, worker.stage, worker.last_error = "loading", stage, ""
             c = self.config
+            links = link_dtypes(len(target), c.wire_dtype or c.dtype, c.link_wire_dtypes)  # stage i -> i + 1
+            link_of = {s.start: i for i, (_, s) in enumerate(target)}
             results = await asyncio.gather(*(
                 load_shard(w, model, s, self.shared.parameters_address, dtype_to_enum(c.dtype), c.load_timeout_s,
-                           self.shared.links, self.progress, self._kv_request()) for w, s in batch),
+                           self.shared.links, self.progress, self._kv_request(links[link_of[s.start]]))
+                for w, s in batch),
                 return_exceptions=True)
             failed = []
             for (worker, _), result in zip(batch, results, strict=True):
@@ -550,9 +554,11 @@ class Replica:
         if first:
             self.shared.joined(self)
 
-    def _kv_request(self) -> worker_pb2.LoadShardRequest:
+    def _kv_request(self, wire_dtype: str = "") -> worker_pb2.LoadShardRequest:
         c = self.config
-        return worker_pb2.LoadShardRequest(max_step_tokens=c.max_step_tokens,
+        return worker_pb2.LoadShardRequest(wire_dtype=wire_dtype_to_enum(wire_dtype or c.dtype),
+                                           quantize=quantization_enum(c.quantize),
+                                           max_step_tokens=c.max_step_tokens,
                                            max_step_sequences=min(c.max_active_streams, c.max_step_tokens),
                                            prefill_chunk_tokens=c.prefill_chunk_tokens,
                                            kv_block_tokens=c.kv_block_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from shard_worker.quantize import held_bytes
 from shard_worker.runtime import TORCH_DTYPES
 from shard_worker.stage import Stage, build_stage
 from shard_worker.weights import Progress, ShardSpec, fetch_shard
@@ -13,5 +14,8 @@ def load_stage(spec: ShardSpec, report: Callable[[Progress], None]) -> tuple[Sta
     fetched = fetch_shard(spec, report)
     report(Progress("building", fetched.nbytes, fetched.nbytes, len(fetched.tensors), len(fetched.tensors)))
     stage = build_stage(fetched.family, fetched.config, spec.start, spec.end, fetched.tensors,
-                        TORCH_DTYPES[spec.dtype])
+                        TORCH_DTYPES[spec.dtype], spec.quantize)
+    if spec.quantize:  # the bytes held now (int8 weights and their scales), not those fetched
+        fetched.tensors.clear()
+        return stage, held_bytes(stage.modules)
     return stage, fetched.nbytes

@@ -19,6 +19,7 @@ import torch
 from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.sampling import Sampling, sample
 from shard_worker.stage import Packing, Stage
+from shard_worker.wire import check_hidden, decode_hidden, encode_hidden
 from shardline.codec import RawTensor
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, ShardlineError
 
@@ -41,6 +42,8 @@ class Step:
     token_ids: list[int] | None = None
     hidden: RawTensor | None = None
     output: str = "tokens"
+    hidden_scale: RawTensor | None = None  # int8 hidden states: a float32 scale per row
+    send_on: bool = False  # the output goes on to the next stage (in the link's wire dtype), not to the caller
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class StepResult:
     tensor: RawTensor | None = None
     errors: list[tuple[str, ShardlineError]] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # indexes of the sequences that went through
+    scale: RawTensor | None = None  # with an int8 `tensor`: its per-row scale (ForwardRequest.hidden_scale)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class StageRuntime:
         self.closed = False
         self.on_step: Callable[[float], None] | None = None  # each step's seconds (the metrics' histogram)
         self._idle_since = time.perf_counter()  # the compute thread's last operation ended then
+        # the dtype hidden states go to the next stage in (shardline/wire_dtype.py); the compute dtype by default
+        self.wire_dtype = str(stage.dtype).removeprefix("torch.")
 
     @property
     def kv_bytes(self) -> int:
@@ -190,9 +196,7 @@ class StageRuntime:
             h = step.hidden
             if h is None:
                 raise InvalidArgument(f"hidden is missing: stage [{stage.start}, {stage.end}) takes hidden states")
-            want_dtype = str(stage.dtype).removeprefix("torch.")
-            if h.dtype != want_dtype:
-                raise InvalidArgument(f"hidden.dtype is {h.dtype}, this stage computes in {want_dtype}")
+            check_hidden(h, step.hidden_scale, total)  # any wire dtype: converted to the compute dtype
             if h.shape != (total, stage.hidden_size):
                 raise InvalidArgument(f"hidden.shape is {list(h.shape)}, expected [{total}, {stage.hidden_size}] "
                                       "(sum of num_tokens, hidden size)")
@@ -300,7 +304,7 @@ class StageRuntime:
         else:
             for cache in caches:
                 cache.release()
-        return self._result(step.output, sequences, out, errors, kept)
+        return self._result(step.output, sequences, out, errors, kept, step.send_on)
 
     def _compute(self, step: Step, sequences: list[Slice], caches: list[SessionCache],
                  rows: torch.Tensor | None) -> torch.Tensor:
@@ -310,13 +314,16 @@ class StageRuntime:
             token_ids = torch.tensor(step.token_ids, dtype=torch.long)
             token_ids = token_ids[rows] if rows is not None else token_ids
         if step.hidden is not None:
-            hidden = torch_from_raw(step.hidden)
+            hidden = decode_hidden(step.hidden, step.hidden_scale, self.stage.dtype)
             hidden = hidden[rows] if rows is not None else hidden
         return self.stage.forward(caches, packing, token_ids, hidden)
 
     def _result(self, output: str, sequences: list[Slice], out: torch.Tensor,
-                errors: list[tuple[str, ShardlineError]], kept: list[int]) -> StepResult:
+                errors: list[tuple[str, ShardlineError]], kept: list[int], send_on: bool = False) -> StepResult:
         if not self.stage.is_last or output == "hidden":
+            if send_on and not self.stage.is_last:  # to the next stage: in this link's wire dtype
+                hidden, scale = encode_hidden(out, self.wire_dtype)
+                return StepResult(tensor=hidden, errors=errors, kept=kept, scale=scale)
             return StepResult(tensor=raw_from_torch(out), errors=errors, kept=kept)
         if output == "logits":
             return StepResult(tensor=raw_from_torch(self.stage.logits(out)), errors=errors, kept=kept)

@@ -19,16 +19,18 @@ import psutil
 from shard_worker.capacity import plan_runtime
 from shard_worker.loader import load_stage
 from shard_worker.metrics import WorkerMetrics
+from shard_worker.quantize import quantization_from_enum, quantization_to_enum
 from shard_worker.registration import default_memory_budget
 from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
-from shardline.codec import decode_tensor, dtype_from_enum, fill_tensor
+from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.limits import is_host_port
 from shardline.stream import LinkSettings, StageStreams
+from shardline.wire_dtype import wire_dtype_from_enum
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,9 @@ def step_from_proto(req: worker_pb2.ForwardRequest) -> Step:
                        Sampling(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p or 1.0, s.sampling.seed))
                  for s in req.sequences]
     hidden = decode_tensor(req.hidden, "hidden") if req.HasField("hidden") else None
-    return Step(sequences, list(req.token_ids) if req.token_ids else None, hidden, OUTPUTS[req.output])
+    scale = decode_tensor(req.hidden_scale, "hidden_scale") if req.HasField("hidden_scale") else None
+    return Step(sequences, list(req.token_ids) if req.token_ids else None, hidden, OUTPUTS[req.output],
+                hidden_scale=scale, send_on=bool(req.route))
 
 
 def sequence_errors(errors: list[tuple[str, ShardlineError]]) -> list[worker_pb2.SequenceError]:
@@ -146,10 +150,12 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         dtype = dtype_from_enum(request.dtype) if request.dtype else "float32"
         if dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidArgument(f"dtype {dtype} cannot be a compute dtype (float32, float16 or bfloat16)")
+        wire_dtype = wire_dtype_from_enum(request.wire_dtype, dtype)
+        quantize = quantization_from_enum(request.quantize)
         if self._loading:
             raise FailedPrecondition("a LoadShard is already in progress on this worker")
         spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address,
-                         self.identity)
+                         self.identity, quantize=quantize)
         settings = kv_settings(request)
         self._loading = True
         if self.shard is not None:  # replaced: what it did stays counted
@@ -166,7 +172,9 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 
         def load() -> tuple[StageRuntime, int]:
             stage, weight_bytes = load_stage(spec, report)
-            return plan_runtime(stage, weight_bytes, budget, settings), weight_bytes
+            runtime = plan_runtime(stage, weight_bytes, budget, settings)
+            runtime.wire_dtype = wire_dtype
+            return runtime, weight_bytes
 
         # a loader thread of its own: a load waits on the parameter service, which may share this process's
         # default executor (in tests, a local cluster) and must never starve behind the loads it serves
@@ -266,6 +274,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                     onward = worker_pb2.ForwardRequest(sequences=kept, start_layer=next_layer, route=req.route[1:],
                                                        output=req.output,
                                                        failed=[*req.failed, *sequence_errors(result.errors)])
+                    if result.scale is not None:  # int8 hidden states: their per-row scale
+                        fill_tensor(onward.hidden_scale, result.scale)
                     # what is left of the step's deadline goes on with it
                     left = req.timeout_ms / 1000 - (time.monotonic() - received) if req.timeout_ms else None
                     reply = self.links.get(req.route[0]).step(onward, result.tensor,
@@ -387,7 +397,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             state=STATES[self.state], model=shard.spec.model, start_layer=shard.spec.start,
             end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(runtime.sessions),
             kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,
-            has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime))
+            has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime),
+            wire_dtype=dtype_to_enum(runtime.wire_dtype), quantize=quantization_to_enum(shard.spec.quantize))
 
     async def _expire_sessions(self) -> None:
         """Supervised: sessions abandoned without EndSession are freed once their TTL has passed."""

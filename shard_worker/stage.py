@@ -9,6 +9,7 @@ import torch
 
 from shard_worker.families import Family, StageModules
 from shard_worker.kv_cache import BatchCache, KVLayout, KVPool, SessionCache
+from shard_worker.quantize import check_supported, quantize_int8
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,15 @@ class Stage:
 
 
 def build_stage(family: Family, config: Any, start: int, end: int, tensors: dict[str, torch.Tensor],
-                dtype: torch.dtype) -> Stage:
-    """A stage for [start, end) built on the meta device and filled with `tensors` (checkpoint names)."""
+                dtype: torch.dtype, quantize: str = "") -> Stage:
+    """A stage for [start, end) built on the meta device and filled with `tensors` (checkpoint names);
+    `quantize` "int8": the decoder layers' linear weights become int8 (shard_worker/quantize.py)."""
     modules = family.build(config, start, end)
     family.load(config, modules, {name: t.to(dtype) for name, t in tensors.items()})
+    if quantize:
+        check_supported(quantize, family.name, family.quantizations)
+        for layer in modules.layers.values():
+            quantize_int8(layer, dtype)
     if modules.rotary is not None:
         modules.rotary.to(dtype=torch.float32)
     return Stage(family, config, modules, start, end, dtype)

@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from shard_worker.families import FAMILIES, Family
+from shard_worker.quantize import check_supported
 from shardline.auth import ClusterIdentity
 from shardline.chunks import decode_chunk
 from shardline.codec import dtype_from_safetensors
@@ -40,6 +41,7 @@ class ShardSpec:
     dtype: str
     parameters_address: str
     identity: ClusterIdentity = ClusterIdentity()
+    quantize: str = ""  # weight-only quantization at load (shard_worker/quantize.py): "" or "int8"
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
         family = FAMILIES.get(manifest.family)
         if family is None:
             raise NotFound(f"model {spec.model!r} is of family {manifest.family!r}, which this worker does not run")
+        check_supported(spec.quantize, family.name, family.quantizations)  # before a byte is fetched
         config = family.config_class()(**json.loads(manifest.config_json))
         if not 0 <= spec.start < spec.end <= manifest.num_layers:
             raise InvalidArgument(f"layer range [{spec.start}, {spec.end}) is outside model {spec.model!r}, "

@@ -23,11 +23,12 @@ DTYPES: dict[str, tuple[int, int, str]] = {
     "int64": (tensor_pb2.DTYPE_INT64, 8, "I64"),
     "int32": (tensor_pb2.DTYPE_INT32, 4, "I32"),
     "uint8": (tensor_pb2.DTYPE_UINT8, 1, "U8"),
+    "int8": (tensor_pb2.DTYPE_INT8, 1, "I8"),
 }
 _BY_ENUM = {enum: name for name, (enum, _, _) in DTYPES.items()}
 _BY_SAFETENSORS = {st: name for name, (_, _, st) in DTYPES.items()}
 _NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
-          "uint8": np.uint8}
+          "uint8": np.uint8, "int8": np.int8}
 
 
 def itemsize(dtype: str) -> int:

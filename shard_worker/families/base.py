@@ -31,6 +31,8 @@ class Family(ABC):
     prefixes: dict[str, str]
     # decoders attend causally and keep a KV cache per session; encoders see the whole sequence, keep nothing
     causal: bool = True
+    # weight quantizations offered at load (shard_worker/quantize.py): only where their accuracy is measured
+    quantizations: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:

@@ -18,6 +18,7 @@ class GPT2(Family):
     names = shardline.families.GPT2
     prefixes = {"embed.wte": "transformer.wte", "embed.wpe": "transformer.wpe", "layers": "transformer.h",
                 "norm": "transformer.ln_f", "head": "lm_head"}
+    quantizations = frozenset({"int8"})
 
     def config_class(self) -> Any:
         return GPT2Config

@@ -17,6 +17,7 @@ from shardline.families import LLAMA
 class Llama(Family):
     names = LLAMA
     prefixes = {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"}
+    quantizations = frozenset({"int8"})
 
     def config_class(self) -> Any:
         return LlamaConfig

@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from shardline.v1 import tensor_pb2 as shardline_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardline/v1/worker.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/tensor.proto\"$\n\x0fSetPeersRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"\x12\n\x10SetPeersResponse\"#\n\x12UnloadShardRequest\x12\r\n\x05model\x18\x01 \x01(\t\"I\n\x13UnloadShardResponse\x12\x1a\n\x12\x66reed_weight_bytes\x18\x01 \x01(\x03\x12\x16\n\x0esessions_ended\x18\x02 \x01(\x05\"\xa1\x02\n\x10LoadShardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.shardline.v1.DType\x12\x1a\n\x12parameters_address\x18\x05 \x01(\t\x12\x12\n\ntimeout_ms\x18\x06 \x01(\x05\x12\x17\n\x0fmax_step_tokens\x18\x07 \x01(\x05\x12\x1c\n\x14prefill_chunk_tokens\x18\x08 \x01(\x05\x12\x17\n\x0fkv_block_tokens\x18\t \x01(\x05\x12\x16\n\x0esession_ttl_ms\x18\n \x01(\x05\x12\x1a\n\x12max_step_sequences\x18\x0b \x01(\x05\"\xa1\x01\n\x11LoadShardProgress\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.shardline.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x03\x12\x14\n\x0ctensors_done\x18\x04 \x01(\x05\x12\x15\n\rtensors_total\x18\x05 \x01(\x05\x12\x0e\n\x06tensor\x18\x06 \x01(\t\"\x94\x01\n\rSequenceSlice\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\x99\x02\n\x0e\x46orwardRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\tsequences\x18\x02 \x03(\x0b\x32\x1b.shardline.v1.SequenceSlice\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12$\n\x06hidden\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x13\n\x0bstart_layer\x18\x05 \x01(\x05\x12\r\n\x05route\x18\x06 \x03(\t\x12(\n\x06output\x18\x07 \x01(\x0e\x32\x18.shardline.v1.OutputKind\x12\x12\n\ntimeout_ms\x18\x08 \x01(\r\x12+\n\x06\x66\x61iled\x18\t \x03(\x0b\x32\x1b.shardline.v1.SequenceError\"M\n\rSequenceError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.shardline.v1.ErrorStatus\"\xbb\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.shardline.v1.ErrorStatus\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12$\n\x06tensor\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x34\n\x0fsequence_errors\x18\x05 \x03(\x0b\x32\x1b.shardline.v1.SequenceError\"(\n\x11\x45ndSessionRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\x05\"\x12\n\x10GetStatusRequest\"\xd7\x02\n\x11GetStatusResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.shardline.v1.WorkerState\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x10\n\x08sessions\x18\x06 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x03\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x15\n\rhas_embedding\x18\n \x01(\x08\x12\x10\n\x08has_head\x18\x0b \x01(\x08\x12+\n\x07metrics\x18\x0c \x01(\x0b\x32\x1a.shardline.v1.StageMetrics\x12$\n\x02kv\x18\r \x01(\x0b\x32\x18.shardline.v1.KVCapacity\"\xfb\x01\n\nKVCapacity\x12\x14\n\x0c\x62lock_tokens\x18\x01 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x03\x12\x14\n\x0c\x62locks_total\x18\x03 \x01(\x03\x12\x13\n\x0b\x62locks_used\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x05 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x03\x12\x16\n\x0eheadroom_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x03\x12\x18\n\x10sessions_expired\x18\t \x01(\x03\x12\x17\n\x0fmax_step_tokens\x18\n \x01(\x05\"\x9c\x01\n\x0cStageMetrics\x12\x11\n\tuptime_ms\x18\x01 \x01(\x03\x12\x0f\n\x07\x62usy_ms\x18\x02 \x01(\x03\x12\x0f\n\x07idle_ms\x18\x03 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x03\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x03\x12\x11\n\tbytes_out\x18\x08 \x01(\x03*\x88\x01\n\tLoadPhase\x12\x1a\n\x16LOAD_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13LOAD_PHASE_MANIFEST\x10\x01\x12\x17\n\x13LOAD_PHASE_FETCHING\x10\x02\x12\x17\n\x13LOAD_PHASE_BUILDING\x10\x03\x12\x14\n\x10LOAD_PHASE_READY\x10\x04*\x8e\x01\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_KIND_TOKENS\x10\x01\x12\x16\n\x12OUTPUT_KIND_LOGITS\x10\x02\x12\x1b\n\x17OUTPUT_KIND_LAST_LOGITS\x10\x03\x12\x16\n\x12OUTPUT_KIND_HIDDEN\x10\x04*\x8e\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_EMPTY\x10\x01\x12\x18\n\x14WORKER_STATE_LOADING\x10\x02\x12\x16\n\x12WORKER_STATE_READY\x10\x03\x12\x17\n\x13WORKER_STATE_FAILED\x10\x04\x32\xe7\x03\n\x0bShardWorker\x12N\n\tLoadShard\x12\x1e.shardline.v1.LoadShardRequest\x1a\x1f.shardline.v1.LoadShardProgress0\x01\x12J\n\x07\x46orward\x12\x1c.shardline.v1.ForwardRequest\x1a\x1d.shardline.v1.ForwardResponse(\x01\x30\x01\x12O\n\nEndSession\x12\x1f.shardline.v1.EndSessionRequest\x1a .shardline.v1.EndSessionResponse\x12L\n\tGetStatus\x12\x1e.shardline.v1.GetStatusRequest\x1a\x1f.shardline.v1.GetStatusResponse\x12I\n\x08SetPeers\x12\x1d.shardline.v1.SetPeersRequest\x1a\x1e.shardline.v1.SetPeersResponse\x12R\n\x0bUnloadShard\x12 .shardline.v1.UnloadShardRequest\x1a!.shardline.v1.UnloadShardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shardline/v1/worker.proto\x12\x0cshardline.v1\x1a\x19shardline/v1/tensor.proto\"$\n\x0fSetPeersRequest\x12\x11\n\taddresses\x18\x01 \x03(\t\"\x12\n\x10SetPeersResponse\"#\n\x12UnloadShardRequest\x12\r\n\x05model\x18\x01 \x01(\t\"I\n\x13UnloadShardResponse\x12\x1a\n\x12\x66reed_weight_bytes\x18\x01 \x01(\x03\x12\x16\n\x0esessions_ended\x18\x02 \x01(\x05\"\xfe\x02\n\x10LoadShardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\x05\x12\x11\n\tend_layer\x18\x03 \x01(\x05\x12\"\n\x05\x64type\x18\x04 \x01(\x0e\x32\x13.shardline.v1.DType\x12\x1a\n\x12parameters_address\x18\x05 \x01(\t\x12\x12\n\ntimeout_ms\x18\x06 \x01(\x05\x12\x17\n\x0fmax_step_tokens\x18\x07 \x01(\x05\x12\x1c\n\x14prefill_chunk_tokens\x18\x08 \x01(\x05\x12\x17\n\x0fkv_block_tokens\x18\t \x01(\x05\x12\x16\n\x0esession_ttl_ms\x18\n \x01(\x05\x12\x1a\n\x12max_step_sequences\x18\x0b \x01(\x05\x12\'\n\nwire_dtype\x18\x1e \x01(\x0e\x32\x13.shardline.v1.DType\x12\x32\n\x08quantize\x18\x1f \x01(\x0e\x32 .shardline.v1.WeightQuantization\"\xa1\x01\n\x11LoadShardProgress\x12&\n\x05phase\x18\x01 \x01(\x0e\x32\x17.shardline.v1.LoadPhase\x12\x12\n\nbytes_done\x18\x02 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x03\x12\x14\n\x0ctensors_done\x18\x04 \x01(\x05\x12\x15\n\rtensors_total\x18\x05 \x01(\x05\x12\x0e\n\x06tensor\x18\x06 \x01(\t\"\x94\x01\n\rSequenceSlice\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xc5\x02\n\x0e\x46orwardRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\tsequences\x18\x02 \x03(\x0b\x32\x1b.shardline.v1.SequenceSlice\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12$\n\x06hidden\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x13\n\x0bstart_layer\x18\x05 \x01(\x05\x12\r\n\x05route\x18\x06 \x03(\t\x12(\n\x06output\x18\x07 \x01(\x0e\x32\x18.shardline.v1.OutputKind\x12\x12\n\ntimeout_ms\x18\x08 \x01(\r\x12+\n\x06\x66\x61iled\x18\t \x03(\x0b\x32\x1b.shardline.v1.SequenceError\x12*\n\x0chidden_scale\x18\x1e \x01(\x0b\x32\x14.shardline.v1.Tensor\"M\n\rSequenceError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.shardline.v1.ErrorStatus\"\xbb\x01\n\x0f\x46orwardResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.shardline.v1.ErrorStatus\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12$\n\x06tensor\x18\x04 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\x34\n\x0fsequence_errors\x18\x05 \x03(\x0b\x32\x1b.shardline.v1.SequenceError\"(\n\x11\x45ndSessionRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"#\n\x12\x45ndSessionResponse\x12\r\n\x05\x65nded\x18\x01 \x01(\x05\"\x12\n\x10GetStatusRequest\"\xb4\x03\n\x11GetStatusResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.shardline.v1.WorkerState\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\x05\x12\x11\n\tend_layer\x18\x04 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x10\n\x08sessions\x18\x06 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x07 \x01(\x03\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x15\n\rhas_embedding\x18\n \x01(\x08\x12\x10\n\x08has_head\x18\x0b \x01(\x08\x12+\n\x07metrics\x18\x0c \x01(\x0b\x32\x1a.shardline.v1.StageMetrics\x12$\n\x02kv\x18\r \x01(\x0b\x32\x18.shardline.v1.KVCapacity\x12\'\n\nwire_dtype\x18\x1e \x01(\x0e\x32\x13.shardline.v1.DType\x12\x32\n\x08quantize\x18\x1f \x01(\x0e\x32 .shardline.v1.WeightQuantization\"\xfb\x01\n\nKVCapacity\x12\x14\n\x0c\x62lock_tokens\x18\x01 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x03\x12\x14\n\x0c\x62locks_total\x18\x03 \x01(\x03\x12\x13\n\x0b\x62locks_used\x18\x04 \x01(\x03\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x05 \x01(\x03\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x03\x12\x16\n\x0eheadroom_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x03\x12\x18\n\x10sessions_expired\x18\t \x01(\x03\x12\x17\n\x0fmax_step_tokens\x18\n \x01(\x05\"\x9c\x01\n\x0cStageMetrics\x12\x11\n\tuptime_ms\x18\x01 \x01(\x03\x12\x0f\n\x07\x62usy_ms\x18\x02 \x01(\x03\x12\x0f\n\x07idle_ms\x18\x03 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x03\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x03\x12\x11\n\tbytes_out\x18\x08 \x01(\x03*u\n\x12WeightQuantization\x12#\n\x1fWEIGHT_QUANTIZATION_UNSPECIFIED\x10\x00\x12\x1c\n\x18WEIGHT_QUANTIZATION_NONE\x10\x01\x12\x1c\n\x18WEIGHT_QUANTIZATION_INT8\x10\x02*\x88\x01\n\tLoadPhase\x12\x1a\n\x16LOAD_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13LOAD_PHASE_MANIFEST\x10\x01\x12\x17\n\x13LOAD_PHASE_FETCHING\x10\x02\x12\x17\n\x13LOAD_PHASE_BUILDING\x10\x03\x12\x14\n\x10LOAD_PHASE_READY\x10\x04*\x8e\x01\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12OUTPUT_KIND_TOKENS\x10\x01\x12\x16\n\x12OUTPUT_KIND_LOGITS\x10\x02\x12\x1b\n\x17OUTPUT_KIND_LAST_LOGITS\x10\x03\x12\x16\n\x12OUTPUT_KIND_HIDDEN\x10\x04*\x8e\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_EMPTY\x10\x01\x12\x18\n\x14WORKER_STATE_LOADING\x10\x02\x12\x16\n\x12WORKER_STATE_READY\x10\x03\x12\x17\n\x13WORKER_STATE_FAILED\x10\x04\x32\xe7\x03\n\x0bShardWorker\x12N\n\tLoadShard\x12\x1e.shardline.v1.LoadShardRequest\x1a\x1f.shardline.v1.LoadShardProgress0\x01\x12J\n\x07\x46orward\x12\x1c.shardline.v1.ForwardRequest\x1a\x1d.shardline.v1.ForwardResponse(\x01\x30\x01\x12O\n\nEndSession\x12\x1f.shardline.v1.EndSessionRequest\x1a .shardline.v1.EndSessionResponse\x12L\n\tGetStatus\x12\x1e.shardline.v1.GetStatusRequest\x1a\x1f.shardline.v1.GetStatusResponse\x12I\n\x08SetPeers\x12\x1d.shardline.v1.SetPeersRequest\x1a\x1e.shardline.v1.SetPeersResponse\x12R\n\x0bUnloadShard\x12 .shardline.v1.UnloadShardRequest\x1a!.shardline.v1.UnloadShardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardline.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOADPHASE']._serialized_start=2342
-  _globals['_LOADPHASE']._serialized_end=2478
-  _globals['_OUTPUTKIND']._serialized_start=2481
-  _globals['_OUTPUTKIND']._serialized_end=2623
-  _globals['_WORKERSTATE']._serialized_start=2626
-  _globals['_WORKERSTATE']._serialized_end=2768
+  _globals['_WEIGHTQUANTIZATION']._serialized_start=2571
+  _globals['_WEIGHTQUANTIZATION']._serialized_end=2688
+  _globals['_LOADPHASE']._serialized_start=2691
+  _globals['_LOADPHASE']._serialized_end=2827
+  _globals['_OUTPUTKIND']._serialized_start=2830
+  _globals['_OUTPUTKIND']._serialized_end=2972
+  _globals['_WORKERSTATE']._serialized_start=2975
+  _globals['_WORKERSTATE']._serialized_end=3117
   _globals['_SETPEERSREQUEST']._serialized_start=70
   _globals['_SETPEERSREQUEST']._serialized_end=106
   _globals['_SETPEERSRESPONSE']._serialized_start=108
@@ -47,31 +49,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADSHARDRESPONSE']._serialized_start=165
   _globals['_UNLOADSHARDRESPONSE']._serialized_end=238
   _globals['_LOADSHARDREQUEST']._serialized_start=241
-  _globals['_LOADSHARDREQUEST']._serialized_end=530
-  _globals['_LOADSHARDPROGRESS']._serialized_start=533
-  _globals['_LOADSHARDPROGRESS']._serialized_end=694
-  _globals['_SEQUENCESLICE']._serialized_start=697
-  _globals['_SEQUENCESLICE']._serialized_end=845
-  _globals['_SAMPLINGPARAMS']._serialized_start=847
-  _globals['_SAMPLINGPARAMS']._serialized_end=928
-  _globals['_FORWARDREQUEST']._serialized_start=931
-  _globals['_FORWARDREQUEST']._serialized_end=1212
-  _globals['_SEQUENCEERROR']._serialized_start=1214
-  _globals['_SEQUENCEERROR']._serialized_end=1291
-  _globals['_FORWARDRESPONSE']._serialized_start=1294
-  _globals['_FORWARDRESPONSE']._serialized_end=1481
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1483
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1523
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1525
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1560
-  _globals['_GETSTATUSREQUEST']._serialized_start=1562
-  _globals['_GETSTATUSREQUEST']._serialized_end=1580
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1583
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1926
-  _globals['_KVCAPACITY']._serialized_start=1929
-  _globals['_KVCAPACITY']._serialized_end=2180
-  _globals['_STAGEMETRICS']._serialized_start=2183
-  _globals['_STAGEMETRICS']._serialized_end=2339
-  _globals['_SHARDWORKER']._serialized_start=2771
-  _globals['_SHARDWORKER']._serialized_end=3258
+  _globals['_LOADSHARDREQUEST']._serialized_end=623
+  _globals['_LOADSHARDPROGRESS']._serialized_start=626
+  _globals['_LOADSHARDPROGRESS']._serialized_end=787
+  _globals['_SEQUENCESLICE']._serialized_start=790
+  _globals['_SEQUENCESLICE']._serialized_end=938
+  _globals['_SAMPLINGPARAMS']._serialized_start=940
+  _globals['_SAMPLINGPARAMS']._serialized_end=1021
+  _globals['_FORWARDREQUEST']._serialized_start=1024
+  _globals['_FORWARDREQUEST']._serialized_end=1349
+  _globals['_SEQUENCEERROR']._serialized_start=1351
+  _globals['_SEQUENCEERROR']._serialized_end=1428
+  _globals['_FORWARDRESPONSE']._serialized_start=1431
+  _globals['_FORWARDRESPONSE']._serialized_end=1618
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1620
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1660
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1662
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1697
+  _globals['_GETSTATUSREQUEST']._serialized_start=1699
+  _globals['_GETSTATUSREQUEST']._serialized_end=1717
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1720
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2156
+  _globals['_KVCAPACITY']._serialized_start=2159
+  _globals['_KVCAPACITY']._serialized_end=2410
+  _globals['_STAGEMETRICS']._serialized_start=2413
+  _globals['_STAGEMETRICS']._serialized_end=2569
+  _globals['_SHARDWORKER']._serialized_start=3120
+  _globals['_SHARDWORKER']._serialized_end=3607
 # @@protoc_insertion_point(module_scope)

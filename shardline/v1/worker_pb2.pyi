@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WeightQuantization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_QUANTIZATION_UNSPECIFIED: _ClassVar[WeightQuantization]
+    WEIGHT_QUANTIZATION_NONE: _ClassVar[WeightQuantization]
+    WEIGHT_QUANTIZATION_INT8: _ClassVar[WeightQuantization]
+
 class LoadPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LOAD_PHASE_UNSPECIFIED: _ClassVar[LoadPhase]
@@ -31,6 +37,9 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATE_LOADING: _ClassVar[WorkerState]
     WORKER_STATE_READY: _ClassVar[WorkerState]
     WORKER_STATE_FAILED: _ClassVar[WorkerState]
+WEIGHT_QUANTIZATION_UNSPECIFIED: WeightQuantization
+WEIGHT_QUANTIZATION_NONE: WeightQuantization
+WEIGHT_QUANTIZATION_INT8: WeightQuantization
 LOAD_PHASE_UNSPECIFIED: LoadPhase
 LOAD_PHASE_MANIFEST: LoadPhase
 LOAD_PHASE_FETCHING: LoadPhase
@@ -72,7 +81,7 @@ class UnloadShardResponse(_message.Message):
     def __init__(self, freed_weight_bytes: _Optional[int] = ..., sessions_ended: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences")
+    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences", "wire_dtype", "quantize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +93,8 @@ class LoadShardRequest(_message.Message):
     KV_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -95,7 +106,9 @@ class LoadShardRequest(_message.Message):
     kv_block_tokens: int
     session_ttl_ms: int
     max_step_sequences: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ..., max_step_sequences: _Optional[int] = ...) -> None: ...
+    wire_dtype: _tensor_pb2.DType
+    quantize: WeightQuantization
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ..., max_step_sequences: _Optional[int] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., quantize: _Optional[_Union[WeightQuantization, str]] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "tensor")
@@ -140,7 +153,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output", "timeout_ms", "failed")
+    __slots__ = ("step_id", "sequences", "token_ids", "hidden", "start_layer", "route", "output", "timeout_ms", "failed", "hidden_scale")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +163,7 @@ class ForwardRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceSlice]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -159,7 +173,8 @@ class ForwardRequest(_message.Message):
     output: OutputKind
     timeout_ms: int
     failed: _containers.RepeatedCompositeFieldContainer[SequenceError]
-    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., timeout_ms: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[SequenceError, _Mapping]]] = ...) -> None: ...
+    hidden_scale: _tensor_pb2.Tensor
+    def __init__(self, step_id: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceSlice, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., timeout_ms: _Optional[int] = ..., failed: _Optional[_Iterable[_Union[SequenceError, _Mapping]]] = ..., hidden_scale: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class SequenceError(_message.Message):
     __slots__ = ("session_id", "error")
@@ -200,7 +215,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics", "kv")
+    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics", "kv", "wire_dtype", "quantize")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +229,8 @@ class GetStatusResponse(_message.Message):
     HAS_HEAD_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     state: WorkerState
     model: str
     start_layer: int
@@ -227,7 +244,9 @@ class GetStatusResponse(_message.Message):
     has_head: bool
     metrics: StageMetrics
     kv: KVCapacity
-    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., kv: _Optional[_Union[KVCapacity, _Mapping]] = ...) -> None: ...
+    wire_dtype: _tensor_pb2.DType
+    quantize: WeightQuantization
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., kv: _Optional[_Union[KVCapacity, _Mapping]] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., quantize: _Optional[_Union[WeightQuantization, str]] = ...) -> None: ...
 
 class KVCapacity(_message.Message):
     __slots__ = ("block_tokens", "block_bytes", "blocks_total", "blocks_used", "capacity_tokens", "capacity_bytes", "headroom_bytes", "memory_budget_bytes", "sessions_expired", "max_step_tokens")

@@ -35,7 +35,7 @@ def good_hidden(n):
 @pytest.mark.parametrize("bad, code, field", [
     (lambda: good_hidden(2), INVALID, "hidden.shape"),  # 2 rows for 3 tokens
     (lambda: encode_tensor(from_numpy(np.zeros((3, 65), np.float32))), INVALID, "hidden.shape"),
-    (lambda: encode_tensor(from_numpy(np.zeros((3, 64), np.float16))), INVALID, "hidden.dtype"),
+    (lambda: encode_tensor(from_numpy(np.zeros((3, 64), np.int64))), INVALID, "hidden.dtype int64"),  # not a wire dtype
     (lambda: tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3, 64], data=b"\0" * 100), INVALID,
      "hidden.data"),
 ])
