@@ -8,13 +8,13 @@ import logging
 import os
 
 from shard_worker.registration import Registration, default_memory_budget
-from shard_worker.servicer import WorkerServicer
+from shard_worker.servicer import WorkerServicer, add_to_server
 from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
 from shardline.metrics import start_metrics_server
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings
-from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
         await set_serving(health, [SERVICE], on)
 
     servicer = WorkerServicer(serving, links, memory_budget_bytes)
-    worker_pb2_grpc.add_ShardWorkerServicer_to_server(servicer, server)
+    add_to_server(servicer, server)  # the generated registration, with Forward's zero-copy (de)serializers
     bound = bind(server, host, port, links.identity.server_credentials())
     await server.start()
     if metrics_port is not None:

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import psutil
+from google.protobuf import message_factory
 
 from shard_worker.capacity import plan_runtime
 from shard_worker.loader import load_stage
@@ -30,8 +32,9 @@ from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.limits import is_host_port
 from shardline.stream import LinkSettings, StageStreams
-from shardline.wire_dtype import wire_dtype_from_enum
+from shardline.tensor_wire import Beside, Parsed, TensorParser, serialize
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
+from shardline.wire_dtype import wire_dtype_from_enum
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +54,14 @@ class _Shard:
     weight_bytes: int
 
 
-def step_from_proto(req: worker_pb2.ForwardRequest) -> Step:
+def step_from_proto(req: worker_pb2.ForwardRequest, hidden_data: memoryview | None = None) -> Step:
+    """`hidden_data`: the hidden tensor's payload when it was received beside the message (FORWARD_PARSER)."""
     if req.output not in OUTPUTS:
         raise InvalidArgument(f"output {req.output} is not a known OutputKind")
     sequences = [Slice(s.session_id, s.start_position, s.num_tokens,
                        Sampling(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p or 1.0, s.sampling.seed))
                  for s in req.sequences]
-    hidden = decode_tensor(req.hidden, "hidden") if req.HasField("hidden") else None
+    hidden = decode_tensor(req.hidden, "hidden", hidden_data) if req.HasField("hidden") else None
     scale = decode_tensor(req.hidden_scale, "hidden_scale") if req.HasField("hidden_scale") else None
     return Step(sequences, list(req.token_ids) if req.token_ids else None, hidden, OUTPUTS[req.output],
                 hidden_scale=scale, send_on=bool(req.route))
@@ -73,12 +77,11 @@ def sequence_errors(errors: list[tuple[str, ShardlineError]]) -> list[worker_pb2
 
 
 def response_from_result(step_id: int, result: StepResult,
-                         failed: list[worker_pb2.SequenceError]) -> worker_pb2.ForwardResponse:
+                         failed: list[worker_pb2.SequenceError]) -> Beside[worker_pb2.ForwardResponse]:
+    """The response, its tensor (logits, hidden states) kept beside it until it goes on the wire."""
     response = worker_pb2.ForwardResponse(step_id=step_id, token_ids=result.token_ids or [],
                                           sequence_errors=[*failed, *sequence_errors(result.errors)])
-    if result.tensor is not None:
-        fill_tensor(response.tensor, result.tensor)
-    return response
+    return Beside(response, RESPONSE_TENSOR, result.tensor)
 
 
 def kv_settings(request: worker_pb2.LoadShardRequest) -> KVSettings:
@@ -112,6 +115,11 @@ def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardRespon
     return worker_pb2.ForwardResponse(step_id=step_id,
                                       error=tensor_pb2.ErrorStatus(code=code.value[0], message=message))
 
+
+# Forward on the wire: hidden states parsed and sent without protobuf's copies (shardline/tensor_wire.py)
+FORWARD_PARSER = TensorParser(worker_pb2.ForwardRequest, "hidden")
+RESPONSE_TENSOR = worker_pb2.ForwardResponse.DESCRIPTOR.fields_by_name["tensor"].number
+Reply = worker_pb2.ForwardResponse | Beside[worker_pb2.ForwardResponse]
 
 MAX_STEP_TOKENS_LIMIT = 65_536
 MAX_PEERS = 4096
@@ -231,17 +239,21 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                 raise FailedPrecondition(f"route names {outside[0]}, which is not a worker of the current plan "
                                          f"({len(self.peers or ())} workers named by the coordinator)")
 
-    async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[worker_pb2.ForwardResponse]:
-        responses: asyncio.Queue[worker_pb2.ForwardResponse | None] = asyncio.Queue()
+    async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[Reply]:
+        """Requests arrive as `Parsed` (FORWARD_PARSER, registered by `add_to_server`); replies go out as
+        messages or `Beside`s (their tensor serialized beside them)."""
+        responses: asyncio.Queue[Reply | None] = asyncio.Queue()
         ordered: asyncio.Queue[tuple[worker_pb2.ForwardRequest, float, int, asyncio.Future[StepResult]] | None] = (
             asyncio.Queue())
 
         async def read() -> None:
             try:
-                async for req in request_iterator:
+                async for item in request_iterator:
                     received = time.monotonic()
+                    parsed = item if isinstance(item, Parsed) else Parsed(item)
+                    req = parsed.message
                     try:
-                        next_layer, future = self._submit(req)
+                        next_layer, future = self._submit(req, parsed.data)
                     except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
                         responses.put_nowait(error_response(req.step_id, exc))
                         continue
@@ -263,7 +275,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                         self._trace(req, received)
                     if not req.route or not result.kept:  # the end of the route, or nothing left to pass on
                         response = response_from_result(req.step_id, result, list(req.failed))
-                        self._count_out(response.ByteSize())
+                        self._count_out(response.nbytes)
                         responses.put_nowait(response)
                         continue
                     if result.tensor is None:
@@ -296,15 +308,16 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             reader.cancel()
             sender.cancel()
 
-    def _submit(self, req: worker_pb2.ForwardRequest) -> tuple[int, asyncio.Future[StepResult]]:
+    def _submit(self, req: worker_pb2.ForwardRequest,
+                hidden_data: memoryview | None = None) -> tuple[int, asyncio.Future[StepResult]]:
         """Queue one step on the compute thread: (the layer its output enters next, its result). The runtime
         is held only by the queued step, never by a stream waiting for its next message, so an UnloadShard
         frees it while streams stay open."""
-        step = step_from_proto(req)
+        step = step_from_proto(req, hidden_data)
         runtime = self._runtime()
         self._check_route(runtime, req, step.output)
         metrics = runtime.metrics
-        metrics.bytes_in += req.ByteSize()
+        metrics.bytes_in += req.ByteSize() + (len(hidden_data) if hidden_data is not None else 0)
         metrics.queued += 1
         future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
         future.add_done_callback(functools.partial(_dequeued, metrics))
@@ -328,7 +341,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 
     @staticmethod
     async def _relay(step_id: int, reply: Awaitable[worker_pb2.ForwardResponse],
-                     responses: asyncio.Queue[worker_pb2.ForwardResponse | None]) -> None:
+                     responses: asyncio.Queue[Reply | None]) -> None:
         try:
             response = await reply
         except Exception as exc:  # noqa: BLE001
@@ -466,3 +479,21 @@ def _kv_proto(runtime: StageRuntime) -> worker_pb2.KVCapacity:
 
 def _dequeued(metrics: Metrics, _: object) -> None:
     metrics.queued -= 1
+
+
+def add_to_server(servicer: WorkerServicer, server: Any) -> None:
+    """The ShardWorker service as the generated `add_ShardWorkerServicer_to_server` registers it, except that
+    Forward's hidden states are parsed and sent beside their messages (shardline/tensor_wire.py)."""
+    service = worker_pb2.DESCRIPTOR.services_by_name["ShardWorker"]
+    handlers = {}
+    for method in service.methods:
+        kind = ("stream" if method.client_streaming else "unary") + "_" + (
+            "stream" if method.server_streaming else "unary")
+        request_type = message_factory.GetMessageClass(method.input_type)
+        handlers[method.name] = getattr(grpc, f"{kind}_rpc_method_handler")(
+            getattr(servicer, method.name), request_deserializer=request_type.FromString,
+            response_serializer=serialize)
+    handlers["Forward"] = grpc.stream_stream_rpc_method_handler(
+        servicer.Forward, request_deserializer=FORWARD_PARSER.parse, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardline.codec import _varint
+from shardline.tensor_wire import read_varint, skip_field
 from shardline.v1 import parameters_pb2
 
 _FIELDS = parameters_pb2.TensorChunk.DESCRIPTOR.fields_by_name
@@ -25,7 +26,7 @@ class Chunk:
     data: memoryview
 
 
-def encode_chunk(name: str, offset_bytes: int, total_size_bytes: int, data: bytes) -> bytes:
+def encode_chunk(name: str, offset_bytes: int, total_size_bytes: int, data: bytes | memoryview) -> bytes:
     head = parameters_pb2.TensorChunk(name=name, offset_bytes=offset_bytes,
                                       total_size_bytes=total_size_bytes).SerializeToString()
     return b"".join([head, _varint(_DATA << 3 | 2), _varint(len(data)), data])
@@ -36,46 +37,28 @@ def serialize_response(message: bytes | parameters_pb2.TensorChunk) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint in TensorChunk")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
 def decode_chunk(message: bytes) -> Chunk:
     """Parse a TensorChunk; `data` is a view into `message`, not a copy. Unknown fields are skipped."""
     buf = memoryview(message)
     name, offset, total, data = "", 0, 0, buf[0:0]
     pos = 0
     while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _read_varint(buf, pos)
+        if wire_type == 0 and number in (_OFFSET, _TOTAL):
+            value, pos = read_varint(buf, pos)
             if number == _OFFSET:
                 offset = value
-            elif number == _TOTAL:
+            else:
                 total = value
-        elif wire_type == 2:
-            length, pos = _read_varint(buf, pos)
-            if pos + length > len(buf):
-                raise ValueError("truncated field in TensorChunk")
+        elif wire_type == 2 and number in (_NAME, _DATA):
+            end = skip_field(buf, pos, wire_type)
+            value_start = read_varint(buf, pos)[1]
             if number == _NAME:
-                name = bytes(buf[pos: pos + length]).decode()
-            elif number == _DATA:
-                data = buf[pos: pos + length]
-            pos += length
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
+                name = bytes(buf[value_start:end]).decode()
+            else:
+                data = buf[value_start:end]
+            pos = end
         else:
-            raise ValueError(f"unsupported wire type {wire_type} in TensorChunk")
+            pos = skip_field(buf, pos, wire_type)
     return Chunk(name, offset, total, data)

@@ -61,15 +61,17 @@ class RawTensor:
 
     dtype: str
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview  # a memoryview: a view into received bytes (shardline/tensor_wire.py), no copy
 
     @property
     def nbytes(self) -> int:
         return len(self.data)
 
 
-def decode_tensor(msg: tensor_pb2.Tensor, field: str = "tensor") -> RawTensor:
-    """Validate and unpack a wire tensor; errors name `field`."""
+def decode_tensor(msg: tensor_pb2.Tensor, field: str = "tensor", payload: bytes | memoryview | None = None,
+                  ) -> RawTensor:
+    """Validate and unpack a wire tensor; errors name `field`. `payload`: its data when it was received beside
+    the message (shardline/tensor_wire.py), else `msg.data` is read."""
     if msg.dtype == tensor_pb2.DTYPE_UNSPECIFIED:
         raise InvalidArgument(f"{field}.dtype is unspecified")
     dtype = dtype_from_enum(msg.dtype)
@@ -77,7 +79,7 @@ def decode_tensor(msg: tensor_pb2.Tensor, field: str = "tensor") -> RawTensor:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape {list(shape)} has a negative dimension")
     expected = math.prod(shape) * itemsize(dtype)
-    data = msg.data  # each access copies the bytes out of the message: read it once
+    data = msg.data if payload is None else payload  # each .data access copies the bytes: read it once
     if len(data) != expected:
         raise InvalidArgument(
             f"{field}.data is {len(data)} bytes but dtype {dtype} and shape {list(shape)} need {expected}")
@@ -88,7 +90,7 @@ def fill_tensor(target: tensor_pb2.Tensor, raw: RawTensor) -> None:
     """Set a message's Tensor field in place (passing a Tensor to a constructor deep-copies it: slow)."""
     target.dtype = dtype_to_enum(raw.dtype)
     target.shape[:] = raw.shape
-    target.data = raw.data
+    target.data = raw.data if isinstance(raw.data, bytes) else bytes(raw.data)
 
 
 def encode_tensor(raw: RawTensor) -> tensor_pb2.Tensor:
@@ -113,11 +115,16 @@ def tensor_field_bytes(field_number: int, raw: RawTensor) -> bytes:
     (protobuf's wire format allows fields in any order): large tensors skip protobuf's serializer, which
     copies them more than once.
     """
+    return b"".join(tensor_field_parts(field_number, raw))
+
+
+def tensor_field_parts(field_number: int, raw: RawTensor) -> list[bytes | memoryview]:
+    """tensor_field_bytes in pieces, the payload not copied: join them with the rest of a message's bytes."""
     head = tensor_pb2.Tensor(dtype=dtype_to_enum(raw.dtype), shape=list(raw.shape)).SerializeToString()
     data_key = _varint(3 << 3 | 2)  # Tensor.data = 3, length-delimited
     data_len = _varint(len(raw.data))
     body = len(head) + len(data_key) + len(data_len) + len(raw.data)
-    return b"".join([_varint(field_number << 3 | 2), _varint(body), head, data_key, data_len, raw.data])
+    return [_varint(field_number << 3 | 2), _varint(body), head, data_key, data_len, raw.data]
 
 
 def to_numpy(raw: RawTensor) -> np.ndarray:

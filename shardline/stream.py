@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import grpc
 
 from shardline.auth import ClusterIdentity
-from shardline.codec import RawTensor, tensor_field_bytes
+from shardline.codec import RawTensor
 from shardline.errors import DeadlineExceeded, Unavailable
 from shardline.server import Keepalive, channel
+from shardline.tensor_wire import Beside
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,8 @@ class LinkSettings:
     identity: ClusterIdentity = ClusterIdentity()  # how this process proves it belongs to the cluster
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """A ForwardRequest and its hidden states, kept apart until they go on the wire (no protobuf copy of
-    the tensor bytes)."""
-
-    request: worker_pb2.ForwardRequest
-    hidden: RawTensor | None = None
-
-    def serialize(self) -> bytes:
-        head = self.request.SerializeToString()
-        return head if self.hidden is None else head + tensor_field_bytes(HIDDEN_FIELD, self.hidden)
+# a ForwardRequest and its hidden states, kept apart until they go on the wire (shardline/tensor_wire.py)
+Outgoing = Beside[worker_pb2.ForwardRequest]
 
 
 class _Connection:
@@ -171,33 +163,46 @@ class StageStream:
         def left() -> float:
             return max(0.001, deadline - time.monotonic())
 
-        late = DeadlineExceeded(f"no answer within {timeout:.1f} s from stage {self.target} (it, or a stage after "
-                                f"it on the route, stalled)")
-        try:
-            await asyncio.wait_for(self._window.acquire(), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"stage {self.target}: no room among the {self.settings.window} steps in flight "
-                                   f"within {timeout:.1f} s") from None
-        try:
+        # the common case (room in the window, a live connection) takes no task and no timer: a step's latency
+        # is the hop's
+        if self._window.locked():
             try:
-                conn = await asyncio.wait_for(self._connection(), left())
+                await asyncio.wait_for(self._window.acquire(), timeout)
             except TimeoutError:
-                raise DeadlineExceeded(f"could not reach stage {self.target} within {timeout:.1f} s (reconnecting "
-                                       "with backoff)") from None
+                raise DeadlineExceeded(f"stage {self.target}: no room among the {self.settings.window} steps in "
+                                       f"flight within {timeout:.1f} s") from None
+        else:
+            await self._window.acquire()
+        try:
+            conn = self._conn
+            if conn is None or conn.broken or self._closed:
+                try:
+                    conn = await asyncio.wait_for(self._connection(), left())
+                except TimeoutError:
+                    raise DeadlineExceeded(f"could not reach stage {self.target} within {timeout:.1f} s "
+                                           "(reconnecting with backoff)") from None
             if conn.broken:  # it broke while this step waited to connect
                 raise Unavailable(f"stage {self.target} is unreachable ({conn.reason})")
             step_id = next(self._ids)
             request.step_id = step_id
             request.timeout_ms = int(left() * 1000) + 1
-            future = conn.send(step_id, Outgoing(request, hidden))
+            future = conn.send(step_id, Outgoing(request, HIDDEN_FIELD, hidden))
+            timer = asyncio.get_running_loop().call_later(left(), self._missed, conn, future, timeout)
             try:
-                return await asyncio.wait_for(future, left())
-            except TimeoutError:
-                conn.fail(Unavailable(f"stage {self.target} stalled: a step on its stream missed its deadline "
-                                      f"of {timeout:.1f} s"))
-                raise late from None
+                return await future
+            finally:
+                timer.cancel()
         finally:
             self._window.release()
+
+    def _missed(self, conn: _Connection, future: asyncio.Future[worker_pb2.ForwardResponse], timeout: float) -> None:
+        """A step's deadline passed: it fails, and so does its connection (a stalled link is not trusted)."""
+        if future.done():
+            return
+        future.set_exception(DeadlineExceeded(f"no answer within {timeout:.1f} s from stage {self.target} (it, or a "
+                                              "stage after it on the route, stalled)"))
+        conn.fail(Unavailable(f"stage {self.target} stalled: a step on its stream missed its deadline of "
+                              f"{timeout:.1f} s"))
 
     def reset(self, reason: str) -> None:
         """Drop the current connection (its pending steps fail); the next step reconnects."""

@@ -1,6 +1,8 @@
-"""Parameters servicer. Tensor bytes are read with os.pread, one chunk at a time, straight from the
-safetensors files: memory stays flat whatever the model's size (pread also keeps file pages out of this
-process's RSS, which a long-lived mmap would not), and the read runs off the event loop.
+"""Parameters servicer. Tensor bytes are read with os.pread straight from the safetensors files, READ_BYTES
+at a time (one read ahead) and sent in chunks that are views of that read: memory stays flat whatever the
+model's size (pread also keeps file pages out of this process's RSS, which a long-lived mmap would not). A
+large read runs off the event loop, one thread hop per READ_BYTES rather than per chunk; a small one (a norm's
+weights) is read in place, as a thread hop would cost more than the read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1024 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
+READ_BYTES = 8 * 1024 * 1024  # per pread (a multiple of the chunk size): two in memory at most
+INLINE_READ_BYTES = 64 * 1024  # reads up to this size run on the event loop
 
 
 class ParametersServicer(parameters_pb2_grpc.ParametersServicer):
@@ -55,9 +59,13 @@ class ParametersServicer(parameters_pb2_grpc.ParametersServicer):
                                                tensors_sent=self.tensors_sent)
 
     @staticmethod
-    def _read(fd: int, info: TensorInfo, pos: int, chunk: int) -> asyncio.Future[bytes]:
-        return asyncio.ensure_future(
-            asyncio.to_thread(os.pread, fd, min(chunk, info.size_bytes - pos), info.offset_bytes + pos))
+    def _read(fd: int, info: TensorInfo, pos: int, size: int) -> asyncio.Future[bytes]:
+        size = min(size, info.size_bytes - pos)
+        if size <= INLINE_READ_BYTES:
+            done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            done.set_result(os.pread(fd, size, info.offset_bytes + pos))
+            return done
+        return asyncio.ensure_future(asyncio.to_thread(os.pread, fd, size, info.offset_bytes + pos))
 
     @grpc_errors
     async def FetchTensors(self, request: Any, context: Any) -> AsyncIterator[bytes]:
@@ -84,19 +92,23 @@ class ParametersServicer(parameters_pb2_grpc.ParametersServicer):
                 if info.file not in fds:
                     fds[info.file] = os.open(root / info.file, os.O_RDONLY)
                 fd = fds[info.file]
-                starts = list(range(offset, info.size_bytes, chunk)) if info.size_bytes else [0]
-                for i, pos in enumerate(starts):
-                    # one read ahead: the next chunk comes off the disk while this one goes out
+                step = max(chunk, READ_BYTES // chunk * chunk)
+                starts = list(range(offset, info.size_bytes, step)) if info.size_bytes else [0]
+                for i, start in enumerate(starts):
+                    # one read ahead: the next read comes off the disk while this one goes out
                     if i == 0:
-                        pending = self._read(fd, info, pos, chunk)
-                    data = await pending
+                        pending = self._read(fd, info, start, step)
+                    block = await pending
                     if i + 1 < len(starts):
-                        pending = self._read(fd, info, starts[i + 1], chunk)
-                    if len(data) != min(chunk, info.size_bytes - pos):
+                        pending = self._read(fd, info, starts[i + 1], step)
+                    if len(block) != min(step, info.size_bytes - start):
                         raise NotFound(f"tensor {info.name!r}: {info.file} is shorter than the manifest says")
-                    yield encode_chunk(info.name, pos, info.size_bytes, data)
-                    self.bytes_sent += len(data)
-                    self.chunks_sent += 1
+                    view = memoryview(block)
+                    for at in range(0, len(block), chunk) if block else [0]:
+                        data = view[at: at + chunk]
+                        yield encode_chunk(info.name, start + at, info.size_bytes, data)
+                        self.bytes_sent += len(data)
+                        self.chunks_sent += 1
                 self.tensors_sent += 1
         finally:
             for fd in fds.values():
