@@ -44,6 +44,8 @@ app.command("health", epilog=examples("coordinator health --endpoint 127.0.0.1:5
                                       "coordinator health --endpoint node1:50051 --certs-dir ./certs"))(health)
 RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy, or seeded by the caller), "
                      "answered from memory and marked cached")
+PREFIX_CACHE_HELP = ("prompts that share a prefix (a system prompt, a chat history) reuse its KV blocks on every "
+                     "stage instead of computing them again")
 STORE_HELP = "model store directory"
 STORE_DEFAULT = "$SHARDLINE_STORE, else the per-user cache"
 METRICS_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; printed)"
@@ -258,6 +260,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            api_keys_file: Path | None = typer.Option(None, "--api-keys", help=API_KEYS_HELP),
            insecure: bool = typer.Option(False, help=INSECURE_HELP),
            result_cache_mb: float = typer.Option(0, min=0, help=RESULT_CACHE_HELP, show_default="0: off"),
+           prefix_cache: bool = typer.Option(True, help=PREFIX_CACHE_HELP),
            metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP + "; each worker "
                                                    "gets the next port (0: a free one each)", show_default="off"),
            http_port: int = typer.Option(8000, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT", show_envvar=False,
@@ -282,7 +285,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
                          micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
-                         result_cache_mb=result_cache_mb, http=http, http_port=http_port, log_prompts=log_prompts)
+                         result_cache_mb=result_cache_mb, http=http, http_port=http_port, log_prompts=log_prompts,
+                         prefix_cache=prefix_cache)
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -428,6 +432,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           insecure: bool | None = typer.Option(None, "--insecure", help=INSECURE_HELP),
           metrics_port: int | None = typer.Option(None, min=0, max=65535, help=METRICS_HELP, show_default="off"),
           result_cache_mb: float | None = typer.Option(None, min=0, help=RESULT_CACHE_HELP, show_default="0: off"),
+          prefix_cache: bool | None = typer.Option(None, "--prefix-cache/--no-prefix-cache",
+                                                   help=PREFIX_CACHE_HELP, show_default="on"),
           http_port: int | None = typer.Option(None, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT",
                                                show_envvar=False, help=HTTP_PORT_HELP, show_default="8000"),
           http: bool | None = typer.Option(None, "--http/--no-http", help=HTTP_HELP, show_default="on"),
@@ -445,6 +451,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                  api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb, http_port=http_port,
                  http=http)
     given["metrics_port"] = metrics_port
+    given["prefix_cache"] = prefix_cache
     given["log_prompts"] = log_prompts
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:

@@ -72,6 +72,8 @@ class CoordinatorConfig(BaseModel):
                                  "each stage measures its activation headroom with a step this large")
     kv_block_tokens: int = Field(16, ge=1, le=4096, description="KV memory is allocated and admitted in blocks of "
                                  "this many positions")
+    prefix_cache: bool = Field(True, description="prompts that share a prefix reuse its KV blocks on every stage "
+                               "instead of computing them again (README \"Prefix cache\"); kept in free KV blocks")
     kv_reserve_tokens: int = Field(16, ge=0, description="a stream is admitted when every stage has room for its "
                                    "prompt plus this many positions")
     session_ttl_s: float = Field(600, gt=0, description="a session with no step for this long is freed on every "

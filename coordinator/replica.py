@@ -529,7 +529,8 @@ class Replica:
                                        max_active=c.max_active_streams, max_queued=c.max_queued_streams,
                                        prefill_chunk=c.prefill_chunk_tokens, max_step_tokens=c.max_step_tokens,
                                        reserve_tokens=c.kv_reserve_tokens, background_share=c.job_step_share,
-                                       metrics=self.shared.metrics.streams(self.spec.name))
+                                       metrics=self.shared.metrics.streams(self.spec.name),
+                                       prefix_cache=c.prefix_cache)
         stale = self.scheduler.rewind(counted)
         if old_chain is not None:
             await old_chain.close()

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from coordinator.chain import end_sessions
 from coordinator.pipeline import RECOVERABLE, Pipeline
+from coordinator.prefix import PrefixIndex, chain_hashes, reusable_tokens
 from shardline.errors import (
     Internal,
     InvalidArgument,
@@ -87,6 +88,8 @@ class Stream:
     background: bool = False  # a job's item: admitted after every interactive stream, preempted first
     trace: str = ""     # the request span's W3C traceparent, passed to every stage with each step (tracing on)
     queued_at: float = field(default_factory=time.monotonic)  # when it was submitted (its queue time, metrics)
+    prefix_hashes: list[bytes] | None = None  # its session's full prefill blocks' chain hashes (coordinator/prefix.py)
+    prefix_tokens: int = 0  # its session, not started yet, starts with this many positions from the prefix store
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -102,6 +105,7 @@ class Stream:
         self.failures += failure
         self.position = 0
         self.pending = list(self.ids)
+        self.prefix_hashes, self.prefix_tokens = None, 0
 
     def stop(self, item: BaseException | None = None) -> None:
         if not self.done:
@@ -142,7 +146,8 @@ MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather
 class Scheduler:
     def __init__(self, pipeline: Pipeline, groups: int, max_active: int = 64, max_queued: int = 256,
                  prefill_chunk: int = 256, max_step_tokens: int = 2048, reserve_tokens: int = 16,
-                 background_share: float = 0.5, metrics: StreamMetrics | None = None) -> None:
+                 background_share: float = 0.5, metrics: StreamMetrics | None = None,
+                 prefix_cache: bool = False) -> None:
         self.pipeline = pipeline
         self.metrics = metrics  # queue times and preemptions (coordinator/metrics.py)
         self.max_active, self.max_queued = max_active, max_queued
@@ -150,6 +155,8 @@ class Scheduler:
         self.reserve_tokens = reserve_tokens
         self.background_share = background_share
         self.kv: KVBudget | None = None  # unknown (no limit) until the chain reports its capacity
+        self.prefix_cache = prefix_cache
+        self.prefixes: PrefixIndex | None = None  # what the chain's stages keep (with prefix_cache and a capacity)
         self.groups: list[list[Stream]] = [[] for _ in range(max(1, groups))]
         self.waiting: collections.deque[Stream] = collections.deque()     # interactive streams
         self.background: collections.deque[Stream] = collections.deque()  # job items (bounded by the runner)
@@ -177,6 +184,8 @@ class Scheduler:
     def set_capacity(self, kv: KVBudget | None) -> None:
         """The KV capacity of a newly installed chain (called with every stream rewound: nothing is held)."""
         self.kv = kv
+        self.prefixes = PrefixIndex(kv.block_tokens, kv.blocks_total) if kv is not None and self.prefix_cache \
+            else None
         for group in self.groups:
             for stream in group:
                 stream.blocks = 0
@@ -447,6 +456,8 @@ class Scheduler:
                 # the share of this step's interactive tokens, rounded down: half of one decode token is none
                 extra = min(extra, int(self.background_share * sum(n for s, n, _ in planned if not s.background)))
                 interactive = False  # computed once, from the interactive tokens planned
+            if stream.position == 0 and stream.prefix_hashes is None and self.prefixes is not None:
+                self._reuse_prefix(stream, self.prefixes)
             n = min(len(stream.pending), self.prefill_chunk, budget, extra if stream.background else budget)
             if stream.done or n <= 0 or stream not in self.groups[i]:
                 continue
@@ -466,7 +477,9 @@ class Scheduler:
                 await asyncio.wait_for(self._kv_freed.wait(), 0.05)
             return
         sequences = [worker_pb2.SequenceSlice(session_id=sid, start_position=s.position, num_tokens=n,
-                                              sampling=s.sampling, traceparent=s.trace) for s, n, sid in batch]
+                                              sampling=s.sampling, traceparent=s.trace,
+                                              prefix_blocks=self._prefix_blocks(s, n), prefix_tokens=s.prefix_tokens)
+                     for s, n, sid in batch]
         ids = [t for s, n, _ in batch for t in s.pending[:n]]
         try:
             response = await chain.step(sequences, ids, partial=True)
@@ -493,8 +506,14 @@ class Scheduler:
             if stream.session_id != sid or stream.done:
                 continue  # preempted (or stopped) while the step ran: the result is stale
             if error is not None:
+                if isinstance(error, NotFound) and stream.prefix_tokens and self.prefixes is not None:
+                    # a stage no longer holds the prefix: forget it; the stream replays with the whole prefill
+                    self.prefixes.forget(self._prefix_blocks(stream, n))
                 self._sequence_failed(stream, error)
                 continue
+            if self.prefixes is not None and (sent := self._prefix_blocks(stream, n)):
+                self.prefixes.add(sent)
+            stream.prefix_tokens = 0
             stream.position += n
             del stream.pending[:n]
             if stream.pending:
@@ -507,6 +526,27 @@ class Scheduler:
                 stream.stop()
             else:
                 stream.pending = [token]  # type: ignore[list-item]
+
+    def _reuse_prefix(self, stream: Stream, prefixes: PrefixIndex) -> None:
+        """A new session: hash its full blocks, and start it past the longest prefix the stages keep."""
+        stream.prefix_hashes = chain_hashes(stream.pending, prefixes.block_tokens)
+        skip = reusable_tokens(len(stream.pending), prefixes.match(stream.prefix_hashes), prefixes.block_tokens)
+        if skip:
+            prefixes.hits += 1
+            stream.prefix_tokens = stream.position = skip
+            del stream.pending[:skip]
+
+    def _prefix_blocks(self, stream: Stream, n: int) -> list[bytes]:
+        """The block hashes a slice names to the stages: when its session completes blocks by the slice's end
+        (to keep), or starts from the prefix store (its first slice; `prefix_tokens` says how far)."""
+        hashes, prefixes = stream.prefix_hashes, self.prefixes
+        if not hashes or prefixes is None:
+            return []
+        bt = prefixes.block_tokens
+        full = min(len(hashes), max((stream.position + n) // bt, -(-stream.prefix_tokens // bt)))
+        if not stream.prefix_tokens and full <= stream.position // bt:
+            return []
+        return hashes[:full]
 
     def _sequence_failed(self, stream: Stream, error: ShardlineError) -> None:
         """One sequence failed on a stage. A cache that is gone (expired, its worker restarted) or a stage

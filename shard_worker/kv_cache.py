@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,17 +56,21 @@ class KVPool:
 
     def __init__(self, layout: KVLayout, blocks_total: int) -> None:
         self.layout, self.blocks_total = layout, max(0, blocks_total)
-        self.blocks_used = 0
+        self.blocks_used = 0  # held by sessions
+        self.cached = 0  # held by the prefix store (shard_worker/prefix_cache.py): reclaimable, never refused
+        self.reclaim: Callable[[int], int] | None = None  # frees up to n cached blocks, returns how many
 
     @property
     def blocks_free(self) -> int:
-        return self.blocks_total - self.blocks_used
+        return self.blocks_total - self.blocks_used - self.cached
 
     @property
     def bytes_used(self) -> int:
         return self.blocks_used * self.layout.block_bytes
 
     def take(self, n: int, positions: int) -> None:
+        if n > self.blocks_free and self.reclaim is not None:  # sessions come before cached prefixes
+            self.reclaim(n - self.blocks_free)
         if n > self.blocks_free:
             raise ResourceExhausted(
                 f"KV memory is full on this stage: {positions} positions need {n} more blocks of "

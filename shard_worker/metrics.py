@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 10.0, 30.0)
-SUMMED = ("busy_s", "bubble_s", "steps", "tokens", "bytes_in", "bytes_out", "sessions_expired")
+SUMMED = ("busy_s", "bubble_s", "steps", "tokens", "bytes_in", "bytes_out", "sessions_expired", "prefill_tokens",
+          "prefix_reused", "prefix_evictions")
 
 
 class WorkerMetrics:
@@ -87,6 +88,11 @@ def counters(total: dict[str, float]) -> Iterator[Metric]:
     yield counter("stage_sent_bytes", "Bytes sent on to the next hop (hidden states to the next stage, or the "
                   "answer back)", "bytes_out")
     yield counter("stage_sessions_expired", "Sessions freed because no step came for their TTL", "sessions_expired")
+    yield counter("stage_prefill_tokens", "Prompt positions computed (README \"Prefix cache\")", "prefill_tokens")
+    yield counter("stage_prefix_reused_tokens", "Prompt positions copied from the prefix cache instead of computed",
+                  "prefix_reused")
+    yield counter("stage_prefix_evicted_blocks", "Prefix cache blocks evicted to make room for sessions",
+                  "prefix_evictions")
 
 
 def gauges(servicer: WorkerServicer, shard: _Shard | None) -> Iterator[Metric]:

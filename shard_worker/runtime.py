@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 
 from shard_worker.kv_cache import KVPool, SessionCache
+from shard_worker.prefix_cache import PrefixStore, check_hashes
 from shard_worker.sampling import Sampling, sample
 from shard_worker.stage import Packing, Stage
 from shard_worker.wire import check_hidden, decode_hidden, encode_hidden
@@ -34,6 +35,8 @@ class Slice:
     start: int
     count: int
     sampling: Sampling = field(default_factory=Sampling)
+    prefix_blocks: tuple[bytes, ...] = ()  # chain hashes of the session's full blocks (shard_worker/prefix_cache.py)
+    prefix_tokens: int = 0  # a new session's positions [0, prefix_tokens) come from the prefix store
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class Metrics:
     bytes_out: int = 0
     sessions_expired: int = 0
     bubble_s: float = 0.0  # idle while a live session's stream was elsewhere in the pipeline (shard_worker/metrics.py)
+    prefill_tokens: int = 0  # positions computed in prompt chunks (more than one token, or from position 0)
+    prefix_reused: int = 0  # positions copied from the prefix store instead of computed
+    prefix_evictions: int = 0  # prefix blocks evicted to make room
 
 
 class StageRuntime:
@@ -108,6 +114,7 @@ class StageRuntime:
         self.settings = settings or KVSettings()
         self.headroom_bytes, self.budget_bytes = headroom_bytes, budget_bytes
         self.sessions: dict[str, SessionCache] = {}
+        self.prefix = PrefixStore(pool)  # prompt prefixes kept in the free KV blocks (README "Prefix cache")
         self.last_step: dict[str, float] = {}  # session id -> monotonic time of its last step
         # recently ended sessions: a step for one of them (a late step released by a link that had stalled)
         # must not create its cache again. Session ids are never reused: a replay takes a new one.
@@ -156,6 +163,7 @@ class StageRuntime:
         self.sessions.clear()
         self.last_step.clear()
         self.ended.clear()
+        self.prefix.clear()
         self.closed = True
         self.stage.release()
         return ended
@@ -229,19 +237,41 @@ class StageRuntime:
             if bad:
                 raise InvalidArgument(f"token_ids of {where}: {bad[0]} is outside the vocabulary "
                                       f"[0, {stage.vocab_size})")
+        if seq.prefix_blocks or seq.prefix_tokens:
+            self._check_prefix(where, seq)
         if not stage.causal:
             return stage.new_session(self.pool)
         cache = self.sessions.get(seq.session_id)
+        if cache is None and seq.prefix_tokens:
+            cache = stage.new_session(self.pool)
+            self.prefix.start(where, cache, list(seq.prefix_blocks), seq.prefix_tokens, seq.start + seq.count)
+            return cache
         if cache is None:
             if seq.start != 0:
                 raise NotFound(f"{where}.session_id {seq.session_id!r} has no cache on this stage "
                                f"(start_position {seq.start}; a new session starts at 0)")
             cache = stage.new_session(self.pool)
+        elif seq.prefix_tokens:
+            raise InvalidArgument(f"{where}.prefix_tokens is {seq.prefix_tokens}, but session {seq.session_id!r} "
+                                  f"already holds {cache.length} positions here: only a new session starts from "
+                                  "the prefix store")
         elif seq.start > cache.length:
             raise InvalidArgument(f"{where}.start_position {seq.start} does not follow session "
                                   f"{seq.session_id!r}, whose cache holds {cache.length} positions")
         cache.reserve(seq.start + seq.count)  # ResourceExhausted when the pool is short: nothing taken
         return cache
+
+    def _check_prefix(self, where: str, seq: Slice) -> None:
+        if not self.stage.causal:
+            raise InvalidArgument(f"{where}.prefix_blocks / prefix_tokens: an encoder keeps no cache")
+        check_hashes(where, list(seq.prefix_blocks))
+        blocks = self.pool.layout.blocks_for(seq.start + seq.count)
+        if len(seq.prefix_blocks) > blocks:
+            raise InvalidArgument(f"{where}.prefix_blocks names {len(seq.prefix_blocks)} blocks; the session "
+                                  f"reaches {blocks} blocks with this slice")
+        if seq.prefix_tokens and seq.prefix_tokens != seq.start:
+            raise InvalidArgument(f"{where}.prefix_tokens is {seq.prefix_tokens}; it must equal start_position "
+                                  f"({seq.start}): the positions before the slice come from the prefix store")
 
     def step(self, step: Step) -> StepResult:
         if self.closed:
@@ -255,6 +285,7 @@ class StageRuntime:
             self.metrics.busy_s += ended - began
             self.metrics.steps += 1
             self.metrics.tokens += sum(s.count for s in step.sequences)
+            self.metrics.prefix_evictions = self.prefix.evictions
             if self.on_step is not None:
                 self.on_step(ended - began)
 
@@ -296,11 +327,16 @@ class StageRuntime:
             for cache in new:  # never registered: give their blocks back
                 cache.release()
             raise
+        self.metrics.prefill_tokens += sum(s.count for s in sequences if s.count > 1 or s.start == 0)
         if self.stage.causal:
             now = time.monotonic()
             for seq, cache in zip(sequences, caches, strict=True):
+                if seq.prefix_tokens and seq.session_id not in self.sessions:
+                    self.metrics.prefix_reused += seq.prefix_tokens
                 self.sessions[seq.session_id] = cache
                 self.last_step[seq.session_id] = now
+                if seq.prefix_blocks:
+                    self.prefix.save(cache, list(seq.prefix_blocks), seq.start + seq.count)
         else:
             for cache in caches:
                 cache.release()

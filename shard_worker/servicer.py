@@ -59,7 +59,8 @@ def step_from_proto(req: worker_pb2.ForwardRequest, hidden_data: memoryview | No
     if req.output not in OUTPUTS:
         raise InvalidArgument(f"output {req.output} is not a known OutputKind")
     sequences = [Slice(s.session_id, s.start_position, s.num_tokens,
-                       Sampling(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p or 1.0, s.sampling.seed))
+                       Sampling(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p or 1.0, s.sampling.seed),
+                       tuple(s.prefix_blocks), s.prefix_tokens)
                  for s in req.sequences]
     hidden = decode_tensor(req.hidden, "hidden", hidden_data) if req.HasField("hidden") else None
     scale = decode_tensor(req.hidden_scale, "hidden_scale") if req.HasField("hidden_scale") else None
@@ -464,7 +465,10 @@ def _metrics_proto(runtime: StageRuntime) -> worker_pb2.StageMetrics:
     uptime = time.monotonic() - m.started
     return worker_pb2.StageMetrics(uptime_ms=int(uptime * 1000), busy_ms=int(m.busy_s * 1000),
                                    idle_ms=int(max(0.0, uptime - m.busy_s) * 1000), queue_depth=m.queued,
-                                   steps=m.steps, tokens=m.tokens, bytes_in=m.bytes_in, bytes_out=m.bytes_out)
+                                   steps=m.steps, tokens=m.tokens, bytes_in=m.bytes_in, bytes_out=m.bytes_out,
+                                   prefill_tokens=m.prefill_tokens, prefix_tokens_reused=m.prefix_reused,
+                                   prefix_blocks=len(runtime.prefix.blocks), prefix_cache_bytes=runtime.prefix.nbytes,
+                                   prefix_evictions=m.prefix_evictions)
 
 
 def _kv_proto(runtime: StageRuntime) -> worker_pb2.KVCapacity:

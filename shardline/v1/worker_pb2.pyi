@@ -127,18 +127,22 @@ class LoadShardProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., tensor: _Optional[str] = ...) -> None: ...
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("session_id", "start_position", "num_tokens", "sampling", "traceparent")
+    __slots__ = ("session_id", "start_position", "num_tokens", "sampling", "traceparent", "prefix_blocks", "prefix_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_position: int
     num_tokens: int
     sampling: SamplingParams
     traceparent: str
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    prefix_blocks: _containers.RepeatedScalarFieldContainer[bytes]
+    prefix_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., prefix_blocks: _Optional[_Iterable[bytes]] = ..., prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -273,7 +277,7 @@ class KVCapacity(_message.Message):
     def __init__(self, block_tokens: _Optional[int] = ..., block_bytes: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., headroom_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
 
 class StageMetrics(_message.Message):
-    __slots__ = ("uptime_ms", "busy_ms", "idle_ms", "queue_depth", "steps", "tokens", "bytes_in", "bytes_out")
+    __slots__ = ("uptime_ms", "busy_ms", "idle_ms", "queue_depth", "steps", "tokens", "bytes_in", "bytes_out", "prefill_tokens", "prefix_tokens_reused", "prefix_blocks", "prefix_cache_bytes", "prefix_evictions")
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
     BUSY_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +286,11 @@ class StageMetrics(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     uptime_ms: int
     busy_ms: int
     idle_ms: int
@@ -290,4 +299,9 @@ class StageMetrics(_message.Message):
     tokens: int
     bytes_in: int
     bytes_out: int
-    def __init__(self, uptime_ms: _Optional[int] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+    prefill_tokens: int
+    prefix_tokens_reused: int
+    prefix_blocks: int
+    prefix_cache_bytes: int
+    prefix_evictions: int
+    def __init__(self, uptime_ms: _Optional[int] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., prefix_tokens_reused: _Optional[int] = ..., prefix_blocks: _Optional[int] = ..., prefix_cache_bytes: _Optional[int] = ..., prefix_evictions: _Optional[int] = ...) -> None: ...
