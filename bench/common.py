@@ -162,3 +162,12 @@ async def first_token_seconds(endpoint: str, prompt: str | list[int]) -> float:
             if chunk.token_ids:
                 return time.perf_counter() - began
     raise RuntimeError("no token")
+
+
+def long_prompts(count: int, length: int = 512, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
+    """`count` prompts of `length` random token ids that share no prefix (a prefix cache must not answer a
+    time-to-first-token run from an earlier one)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(count)]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from bench.common import first_token_seconds, free_port, generate_exactly, result  # noqa: E402
+from bench.common import first_token_seconds, free_port, generate_exactly, long_prompts, result  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.launcher import LocalCluster  # noqa: E402
@@ -66,9 +66,7 @@ async def main(store_dir: Path, groups: int) -> None:
     path = store.path("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    long_ids = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))["input_ids"][:512]
-    long_prompt = tokenizer.decode(long_ids)
-    long_tensor = torch.tensor([tokenizer(long_prompt)["input_ids"]])
+    longs = long_prompts(6)  # one per run and side: no prefix a cache could reuse
 
     config = CoordinatorConfig(store=store_dir, model="smollm2", workers=3, port=free_port(),
                                micro_batch_groups=groups)
@@ -90,11 +88,11 @@ async def main(store_dir: Path, groups: int) -> None:
             rows.append((label, f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x"))
             result("generate (cluster in process)", f"{label}, {groups or 'one per stage'} group(s)",
                    f"{hf:.1f} tok/s", f"{ours:.1f} tok/s", f"{ours / hf:.2f}x")
-        hf_t = statistics.median([await asyncio.to_thread(hf_prefill, model, long_tensor) for _ in range(3)])
-        our_t = statistics.median([await first_token_seconds(endpoint, long_prompt) for _ in range(3)])
-        rows.append((f"time to first token, {long_tensor.shape[1]}-token prompt", f"{hf_t * 1000:.0f} ms prefill",
+        hf_t = statistics.median([await asyncio.to_thread(hf_prefill, model, torch.tensor([ids])) for ids in longs[:3]])
+        our_t = statistics.median([await first_token_seconds(endpoint, ids) for ids in longs[3:]])
+        rows.append((f"time to first token, {len(longs[0])}-token prompt", f"{hf_t * 1000:.0f} ms prefill",
                      f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time"))
-        result("generate (cluster in process)", f"time to first token, {long_tensor.shape[1]} tokens",
+        result("generate (cluster in process)", f"time to first token, {len(longs[0])} tokens",
                f"{hf_t * 1000:.0f} ms", f"{our_t * 1000:.0f} ms", f"{our_t / hf_t:.2f}x the time", "<= 1.1x")
     finally:
         await cluster.stop()

@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
     first_token_seconds,
     free_port,
     generate_exactly,
+    long_prompts,
     result,
     scrape,
     table,
@@ -192,14 +193,6 @@ class HereBaseline:
         return time.perf_counter() - began, int(out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
 
 
-def long_prompt(model_dir: Path, n: int = 512) -> list[int]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids: list[int] = tokenizer(" ".join(["The quick brown fox jumps over the lazy dog."] * 80))["input_ids"][:n]
-    return ids
-
-
 async def main(args: argparse.Namespace) -> None:
     store = args.store or default_store()
     if not ModelStore(store).has("smollm2"):
@@ -227,7 +220,7 @@ async def main(args: argparse.Namespace) -> None:
         baseline_run(baseline, PROMPTS[:2])
         runs: dict[tuple[str, str], list[dict[str, object]]] = {}
         ttft: dict[str, list[float]] = {}
-        long_ids = long_prompt(ModelStore(store).path("smollm2"))
+        longs = long_prompts(args.rounds)  # a new one each round: no prefix a cache could reuse
         for r in range(args.rounds):  # interleaved: every side of every case in each round
             for case, prompts in cases:
                 seconds, tokens = await asyncio.to_thread(baseline_run, baseline, prompts)
@@ -239,6 +232,7 @@ async def main(args: argparse.Namespace) -> None:
                     runs.setdefault((case, v.name), []).append(await measured(v, prompts))
                 line = ", ".join(f"{n} {x[-1]['rate']:.1f}" for (c, n), x in runs.items() if c == case)
                 print(f"round {r + 1}, {case}: {line} tok/s", flush=True)
+            long_ids = longs[r]
             reply = await asyncio.to_thread(baseline.call, "prefill", batches=[[long_ids]])
             ttft.setdefault("transformers", []).append(reply["seconds"])
             for v in variants:
