@@ -109,3 +109,24 @@ def test_infer_tokens_are_bounded_and_the_cluster_keeps_serving(encoder_cluster)
         stub.Infer(coordinator_pb2.InferRequest(input_ids=ids), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2400 tokens" in err.value.details()
     assert client.embed(["still serving"]).shape == (1, 384)
+
+
+def test_an_over_long_text_is_refused_or_truncated_when_asked_and_the_log_shows_texts_only_when_asked(
+        encoder_cluster, caplog):
+    client, coordinator = encoder_cluster
+    long = "layers " * 600
+    with pytest.raises(InvalidArgument, match=r"texts\[1\] is 602 tokens; model 'minilm' takes at most 512"):
+        client.embed(["short", long])
+    found = client.embeddings(["short", long], truncate=True)
+    assert found.truncated == 1 and found.tokens == 3 + 512 and found.vectors.shape == (2, 384)
+    assert client.embeddings(["short"], truncate=True).truncated == 0
+    with caplog.at_level("INFO", logger="shardline.requests"):
+        client.embed(["private words"])
+        coordinator.fleet.config.log_prompts = True
+        try:
+            client.embed(["private words"])
+        finally:
+            coordinator.fleet.config.log_prompts = False
+    hidden, shown = [r.getMessage() for r in caplog.records if r.name == "shardline.requests"][-2:]
+    assert "private" not in hidden and "prompt=" not in hidden and "outcome=infer" in hidden
+    assert shown.endswith('prompt=["private words"]')
