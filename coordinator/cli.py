@@ -194,6 +194,11 @@ def parameters(store: Path | None = typer.Option(None, help=STORE_HELP, show_def
     asyncio.run(run())
 
 
+WIRE_DTYPE_HELP = ("the dtype hidden states travel between stages in: float32, float16, bfloat16, or int8 (a scale "
+                   "per row); each stage converts on receipt (README \"Compressed activations and weights\")")
+QUANTIZE_HELP = "int8: weight-only int8 quantization of the layers' linear weights at load (about half the memory)"
+
+
 def _config(store: Path | None, **fields: object) -> CoordinatorConfig:
     from coordinator.config import CoordinatorConfig
 
@@ -268,6 +273,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            http: bool = typer.Option(True, help=HTTP_HELP),
            log_level: str = log_level_option(),
            log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
+           wire_dtype: str = typer.Option("", help=WIRE_DTYPE_HELP, show_default="float32"),
+           quantize: str = typer.Option("", help=QUANTIZE_HELP, show_default="none"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
@@ -286,7 +293,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
                          result_cache_mb=result_cache_mb, http=http, http_port=http_port, log_prompts=log_prompts,
-                         prefix_cache=prefix_cache)
+                         prefix_cache=prefix_cache, wire_dtype=wire_dtype, quantize=quantize)
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -439,6 +446,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
           http: bool | None = typer.Option(None, "--http/--no-http", help=HTTP_HELP, show_default="on"),
           log_level: str = log_level_option(),
           log_prompts: bool | None = typer.Option(None, "--log-prompts", help=LOG_PROMPTS_HELP, show_default="off"),
+          wire_dtype: str | None = typer.Option(None, help=WIRE_DTYPE_HELP, show_default="--dtype"),
+          quantize: str | None = typer.Option(None, help=QUANTIZE_HELP, show_default="none"),
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -453,6 +462,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
     given["metrics_port"] = metrics_port
     given["prefix_cache"] = prefix_cache
     given["log_prompts"] = log_prompts
+    given["wire_dtype"], given["quantize"] = wire_dtype, quantize
     flags = {k: v for k, v in given.items() if v is not None}
     if "model" in flags:
         resolved_store, flags["model"] = _resolve_model(str(flags["model"]), store)

@@ -3,6 +3,7 @@ delay, stall, cut and reset the link. The kernel here has no netem, so faults ar
 
     proxy = await FaultProxy.start("127.0.0.1:5001")    # listens on 127.0.0.1:<free port>
     proxy.delay_s = 0.05        # every chunk waits this long before it goes on
+    proxy.rate_bytes_s = 100e6  # each direction of each connection moves at most this many bytes a second
     proxy.stall()               # connections open now stop moving bytes (held, not lost) ...
     proxy.resume()              # ... until resumed; new connections flow meanwhile
     proxy.reset()               # every open connection is aborted with a TCP RST
@@ -31,6 +32,7 @@ class FaultProxy:
         self.target_host, _, port = target.rpartition(":")
         self.target_port = int(port)
         self.delay_s = 0.0
+        self.rate_bytes_s = 0.0  # bandwidth cap per direction of a connection; 0 = none
         self.connections = 0
         self._pairs: set[_Pair] = set()
         self._server: asyncio.Server | None = None
@@ -66,11 +68,17 @@ class FaultProxy:
                 w.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
+        loop = asyncio.get_running_loop()
+        free_at = 0.0  # with a bandwidth cap: when the bytes sent so far have left the link
         try:
             while chunk := await reader.read(65536):
                 await pair.flowing.wait()
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
+                if self.rate_bytes_s:
+                    now = loop.time()
+                    free_at = max(now, free_at) + len(chunk) / self.rate_bytes_s
+                    await asyncio.sleep(free_at - now)
                 writer.write(chunk)
                 await writer.drain()
         except (ConnectionError, OSError):
