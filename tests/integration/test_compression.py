@@ -204,3 +204,35 @@ def test_config_refuses_unknown_wire_dtypes():
         CoordinatorConfig(link_wire_dtypes={0: "int64"})
     with pytest.raises(ValueError, match="quantize"):
         CoordinatorConfig(quantize="int4")
+
+
+def test_the_fault_proxy_caps_bandwidth():
+    """The cap bench/compression.py puts on a link: 2 MB through 10 MB/s take 0.2 s at least."""
+    from tests.faults import FaultProxy
+
+    async def go():
+        received = asyncio.get_running_loop().create_future()
+
+        async def sink(reader, writer):
+            n = 0
+            while data := await reader.read(65536):
+                n += len(data)
+            received.set_result(n)
+            writer.close()
+
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        proxy = await FaultProxy.start(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        proxy.rate_bytes_s = 10e6
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        began = asyncio.get_running_loop().time()
+        writer.write(b"x" * 2_000_000)
+        await writer.drain()
+        writer.write_eof()
+        n = await asyncio.wait_for(received, 10)
+        seconds = asyncio.get_running_loop().time() - began
+        await proxy.close()
+        server.close()
+        return n, seconds
+
+    n, seconds = run(go())
+    assert n == 2_000_000 and 0.19 < seconds < 2, seconds
