@@ -187,3 +187,27 @@ def test_prefix_references_that_do_not_fit_the_session_are_refused_by_name(param
     assert not response.sequence_errors
     assert abs(to_numpy(decode_tensor(response.tensor)) - whole).max() < 1e-4
 
+
+
+@pytest.mark.slow
+def test_smollm2_chat_with_a_long_system_prompt_gives_the_same_tokens_from_the_cache(smollm2_cluster):
+    """The real model (whose attention depends on every cached key, unlike a tiny random one): greedy and
+    seeded chats sharing a long system prompt, without and with the cache."""
+    coordinator, servers = smollm2_cluster
+    system = ("You are a careful assistant for a library. " + " ".join(
+        f"Rule {i}: answer politely, cite the shelf number, and never invent a title that is not listed." for i in
+        range(40)))
+    chats = [[("system", system), ("user", q)] for q in ("Where are the atlases?", "Do you lend maps at night?")]
+    with Client(coordinator.address, timeout=300) as client:
+        client.wait_ready(timeout=120)
+        for params in (dict(max_tokens=16, temperature=0), dict(max_tokens=16, temperature=0.8, seed=5)):
+            scheduler = coordinator.fleet.first.scheduler
+            scheduler.prefix_cache, index, scheduler.prefixes = False, scheduler.prefixes, None
+            try:
+                reference = [list(client.chat(c, **params).token_ids) for c in chats]
+            finally:
+                scheduler.prefix_cache, scheduler.prefixes = True, index
+            before = counters(servers)
+            assert [list(client.chat(c, **params).token_ids) for c in chats] == reference
+            after = counters(servers)
+            assert all(r1 - r0 > 500 for (_, r0), (_, r1) in zip(before, after, strict=True)), (before, after)
