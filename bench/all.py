@@ -28,6 +28,8 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("pipeline", ["bench/pipeline.py"], ["bench/pipeline.py", "--rounds", "1", "--micro-batches", "8"]),
     ("embeddings", ["bench/embeddings.py"], ["bench/embeddings.py", "--rounds", "1"]),
     ("recovery", ["bench/recovery.py"], ["bench/recovery.py"]),
+    ("prefix", ["bench/prefix.py"], ["bench/prefix.py", "--rounds", "1"]),
+    ("compression", ["bench/compression.py"], ["bench/compression.py", "--repeats", "1"]),
 ]
 
 
