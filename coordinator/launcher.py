@@ -290,7 +290,7 @@ def preflight_plan(config: CoordinatorConfig, worker_memory_mb: int) -> list[str
     deployment; this catches a plan that cannot fit at once, instead of after every worker registered."""
     from coordinator.placement import Wanted, interleave, place
     from coordinator.store import ModelStore
-    from shard_worker.registration import default_memory_budget
+    from shardline.limits import default_memory_budget
 
     store = ModelStore(config.store)
     budget = worker_memory_mb * 2**20 or default_memory_budget()

@@ -9,7 +9,6 @@ import asyncio
 import logging
 
 import grpc
-import psutil
 
 from shardline.errors import from_rpc_error
 from shardline.server import channel
@@ -19,11 +18,6 @@ from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 10.0
 MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
-
-
-def default_memory_budget() -> int:
-    """What a worker offers by default: 80% of the memory available now."""
-    return int(psutil.virtual_memory().available * 0.8)
 
 
 class Registration:

@@ -7,10 +7,11 @@ import asyncio
 import logging
 import os
 
-from shard_worker.registration import Registration, default_memory_budget
+from shard_worker.registration import Registration
 from shard_worker.servicer import WorkerServicer, add_to_server
 from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
+from shardline.limits import default_memory_budget
 from shardline.metrics import start_metrics_server
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings

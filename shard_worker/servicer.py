@@ -22,7 +22,6 @@ from shard_worker.capacity import plan_runtime
 from shard_worker.loader import load_stage
 from shard_worker.metrics import WorkerMetrics
 from shard_worker.quantize import quantization_from_enum, quantization_to_enum
-from shard_worker.registration import default_memory_budget
 from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.weights import Progress, ShardSpec
@@ -30,7 +29,7 @@ from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
 from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
-from shardline.limits import is_host_port
+from shardline.limits import default_memory_budget, is_host_port
 from shardline.stream import LinkSettings, StageStreams
 from shardline.tensor_wire import Beside, Parsed, TensorParser, serialize
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc

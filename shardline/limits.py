@@ -45,3 +45,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def default_memory_budget() -> int:
+    """What a worker offers by default: 80% of the memory available now (a server role's default; psutil
+    comes with the `server` extra, so it is imported here, not by the SDK)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
