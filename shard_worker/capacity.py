@@ -18,8 +18,9 @@ import psutil
 import torch
 
 from shard_worker.kv_cache import KVPool
-from shard_worker.runtime import KVSettings, Slice, StageRuntime, Step, raw_from_torch
+from shard_worker.runtime import KVSettings, Slice, StageRuntime, Step
 from shard_worker.stage import Stage
+from shard_worker.wire import raw_from_torch
 from shardline.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)

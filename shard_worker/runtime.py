@@ -20,7 +20,7 @@ from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.prefix_cache import PrefixStore, check_hashes
 from shard_worker.sampling import Sampling, sample
 from shard_worker.stage import Packing, Stage
-from shard_worker.wire import check_hidden, decode_hidden, encode_hidden
+from shard_worker.wire import check_hidden, decode_hidden, encode_hidden, raw_from_torch
 from shardline.codec import RawTensor
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, ShardlineError
 
@@ -70,12 +70,6 @@ class KVSettings:
     prefill_chunk_tokens: int = 256
     block_tokens: int = 16
     session_ttl_s: float = 600.0
-
-
-def raw_from_torch(t: torch.Tensor) -> RawTensor:
-    dtype = str(t.dtype).removeprefix("torch.")
-    data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return RawTensor(dtype, tuple(t.shape), data)
 
 
 def torch_from_raw(raw: RawTensor) -> torch.Tensor:
