@@ -49,14 +49,18 @@ class PrefixStore:
     def nbytes(self) -> int:
         return len(self.blocks) * self.pool.layout.block_bytes
 
-    def evict(self, n: int) -> int:
-        """Free up to `n` blocks, least recently used first, skipping pinned ones; returns how many."""
-        freed = 0
-        for key in [k for k, b in self.blocks.items() if not b.refs]:
-            if freed >= n:
+    def evict(self, n: int, keep: frozenset[bytes] = frozenset()) -> int:
+        """Free up to `n` blocks, least recently used first, skipping pinned ones and `keep`; returns how
+        many. Stops at the `n`th victim: no pass over the whole store per block."""
+        victims: list[bytes] = []
+        for key, block in self.blocks.items():
+            if len(victims) >= n:
                 break
+            if not block.refs and key not in keep:
+                victims.append(key)
+        for key in victims:
             del self.blocks[key]
-            freed += 1
+        freed = len(victims)
         self.pool.cached -= freed
         self.evictions += freed
         return freed
@@ -102,9 +106,16 @@ class PrefixStore:
                     raise NotFound(f"{where}.prefix_blocks: the prefix was evicted to make room for this session "
                                    "on this stage: send the whole prefill") from None
                 used = [self.blocks[h] for h in names]
-            for layer in range(len(cache.keys)):
-                cache.keys[layer][:, :tokens] = torch.cat([b.keys[layer] for b in used], dim=1)[:, :tokens]
-                cache.values[layer][:, :tokens] = torch.cat([b.values[layer] for b in used], dim=1)[:, :tokens]
+                for b in used:  # pinned again for the copy: the finally below unpins exactly these
+                    b.refs += 1
+            try:
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][:, :tokens] = torch.cat([b.keys[layer] for b in used], dim=1)[:, :tokens]
+                    cache.values[layer][:, :tokens] = torch.cat([b.values[layer] for b in used],
+                                                                dim=1)[:, :tokens]
+            except BaseException:
+                cache.release()  # not yet one of the step's caches: nobody else would give its blocks back
+                raise
             cache.length = tokens
         finally:
             for b in used:
@@ -116,11 +127,12 @@ class PrefixStore:
         bt = self.pool.layout.block_tokens
         full = min(len(hashes), upto // bt, cache.blocks)
         names = hashes[:full]
+        chain = frozenset(names)  # never evict this chain's own blocks to store its later ones
         self._touch(names)
         for i, h in enumerate(names):
             if h in self.blocks:
                 continue
-            if self.pool.blocks_free < 1 and (not self.evict(1) or self.pool.blocks_free < 1):
+            if self.pool.blocks_free < 1 and (not self.evict(1, keep=chain) or self.pool.blocks_free < 1):
                 return
             sl = slice(i * bt, (i + 1) * bt)
             keys = torch.stack([k[:, sl] for k in cache.keys])

@@ -88,3 +88,16 @@ def test_a_prefix_whose_blocks_the_session_needs_is_given_up_not_refused():
     with pytest.raises(NotFound, match="evicted to make room"):
         store.start("sequences[0]", SessionCache(pool), hashes, tokens=8, positions=16)
     assert pool.blocks_used == 0 and pool.cached == 0
+
+
+def test_saving_a_chain_never_evicts_its_own_earlier_blocks():
+    pool = KVPool(KVLayout(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, block_tokens=BT), 5)
+    store = PrefixStore(pool)
+    hashes = chain_hashes(list(range(3 * BT)), BT)
+    source = session(pool, 3 * BT, seed=3)  # 3 blocks used, 2 free: room for the chain's first two only
+    store.save(source, hashes, upto=3 * BT)
+    assert list(store.blocks) and set(store.blocks) == set(hashes[:2]) and store.evictions == 0
+    source.release()
+    copy = SessionCache(pool)
+    store.start("sequences[0]", copy, hashes, tokens=2 * BT, positions=2 * BT + 1)  # the stored prefix is usable
+    assert copy.length == 2 * BT and all(b.refs == 0 for b in store.blocks.values())
