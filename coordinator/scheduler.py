@@ -90,6 +90,7 @@ class Stream:
     queued_at: float = field(default_factory=time.monotonic)  # when it was submitted (its queue time, metrics)
     prefix_hashes: list[bytes] | None = None  # its session's full prefill blocks' chain hashes (coordinator/prefix.py)
     prefix_tokens: int = 0  # its session, not started yet, starts with this many positions from the prefix store
+    no_prefix: bool = False  # a stage lacked the prefix it was sent: its replay computes the whole prefill
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -456,7 +457,8 @@ class Scheduler:
                 # the share of this step's interactive tokens, rounded down: half of one decode token is none
                 extra = min(extra, int(self.background_share * sum(n for s, n, _ in planned if not s.background)))
                 interactive = False  # computed once, from the interactive tokens planned
-            if stream.position == 0 and stream.prefix_hashes is None and self.prefixes is not None:
+            if stream.position == 0 and stream.prefix_hashes is None and self.prefixes is not None \
+                    and not stream.no_prefix:
                 self._reuse_prefix(stream, self.prefixes)
             n = min(len(stream.pending), self.prefill_chunk, budget, extra if stream.background else budget)
             if stream.done or n <= 0 or stream not in self.groups[i]:
@@ -507,8 +509,14 @@ class Scheduler:
                 continue  # preempted (or stopped) while the step ran: the result is stale
             if error is not None:
                 if isinstance(error, NotFound) and stream.prefix_tokens and self.prefixes is not None:
-                    # a stage no longer holds the prefix: forget it; the stream replays with the whole prefill
+                    # a stage no longer holds the prefix: forget it; the stream replays with the whole prefill.
+                    # The cluster's cache, not the request's failure: it never counts against MAX_FAILURES
                     self.prefixes.forget(self._prefix_blocks(stream, n))
+                    stream.no_prefix = True
+                    log.info("%s: %s; it replays with the whole prefill", stream.request_id, error)
+                    self._preempt(stream)
+                    self._admit()
+                    continue
                 self._sequence_failed(stream, error)
                 continue
             if self.prefixes is not None and (sent := self._prefix_blocks(stream, n)):

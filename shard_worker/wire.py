@@ -59,6 +59,12 @@ def check_hidden(hidden: RawTensor, scale: RawTensor | None, rows: int) -> None:
         if scale.dtype != "float32" or scale.shape != (rows,):
             raise InvalidArgument(f"hidden_scale is {scale.dtype} {list(scale.shape)}; int8 hidden states need "
                                   f"float32 [{rows}] (one scale per row)")
+        values = _tensor(scale)
+        bad = (~torch.isfinite(values) | (values <= 0)).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise InvalidArgument(f"hidden_scale[{i}] is {float(values[i])}: a row's scale must be finite and "
+                                  "positive")
     elif scale is not None:
         raise InvalidArgument(f"hidden_scale is set but hidden.dtype is {hidden.dtype}: only int8 takes a scale")
 

@@ -91,8 +91,8 @@ def test_int8_links_with_row_scales_stay_close(module_workers, parameters, smoll
     report = accuracy(module_workers, parameters, smollm2_texts, wire_dtype="int8")
     print("\n".join(report.lines()))
     # a scale per row is coarse for a residual stream with outlier channels: greedy paths part early on some
-    # prompts (2/8 identical when measured), yet the perplexity moves about 1 %
-    assert abs(report.perplexity_change) < 0.05, report.lines()
+    # prompts (2/8 identical when measured), yet the perplexity moves about 1 % (+1.15 % measured)
+    assert abs(report.perplexity_change) < 0.03, report.lines()
     assert report.agreeing >= 1 and report.weight_bytes_candidate == report.weight_bytes_baseline
 
 
@@ -146,6 +146,10 @@ def test_a_wire_dtype_the_stage_does_not_take_is_invalid_argument(parameters, wo
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "hidden_scale is missing" in err.message
     err = send(tensor(np.zeros((2, 64), dtype=np.int8)), tensor(np.ones(3, dtype=np.float32)))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "float32 [2]" in err.message
+    err = send(tensor(np.zeros((2, 64), dtype=np.int8)), tensor(np.array([1.0, np.nan], dtype=np.float32)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "hidden_scale[1] is nan" in err.message
+    err = send(tensor(np.zeros((2, 64), dtype=np.int8)), tensor(np.array([-1.0, 1.0], dtype=np.float32)))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "hidden_scale[0]" in err.message
     ok = send(tensor(np.zeros((2, 64), dtype=np.int8)), tensor(np.ones(2, dtype=np.float32)))
     assert ok.code == 0, ok.message
     ok = send(tensor(np.zeros((2, 64), dtype=np.float16)))  # any float wire dtype: converted on receipt
