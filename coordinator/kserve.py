@@ -22,8 +22,9 @@ Generate models (task generate), as Triton's LLM backends (vLLM, TensorRT-LLM) t
   (tritonclient's `enable_empty_final_response=True`) the last piece is followed by a response without
   outputs that carries it. The last text response also carries finish_reason ("length" or "stop"),
   prompt_tokens, completion_tokens and cached as parameters.
-Embedding models (task embed): text_input BYTES [-1] (or [-1, 1]); optional normalize BOOL [1] and pooling
-BYTES [1] ("mean" or "cls") -> embeddings FP32 [batch, hidden], and the parameter `tokens`.
+Embedding models (task embed): text_input BYTES [-1] (or [-1, 1]); optional normalize BOOL [1], pooling
+BYTES [1] ("mean" or "cls") and truncate BOOL [1] (cut texts over the model's positions instead of
+refusing them) -> embeddings FP32 [batch, hidden], and the parameter `tokens`.
 
 Inputs come as typed `contents` or as `raw_input_contents` (one entry per input, little-endian; BYTES
 elements each a 4-byte little-endian length, then the bytes: every length is checked against the bytes
@@ -127,6 +128,7 @@ EMBED_INPUTS: dict[str, Spec] = {
     "text_input": Spec(("BYTES",), (-1,), "batch"),
     "normalize": Spec(("BOOL",), (1,)),
     "pooling": Spec(("BYTES",), (1,)),
+    "truncate": Spec(("BOOL",), (1,)),
 }
 TEXT_OUTPUT, EMBEDDINGS = "text_output", "embeddings"
 POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}
@@ -333,6 +335,8 @@ def infer_request(model: str, inputs: dict[str, Tensor]) -> coordinator_pb2.Infe
     request = coordinator_pb2.InferRequest(model=model, texts=text.texts())
     if "normalize" in inputs:
         request.normalize = inputs["normalize"].values[0]
+    if "truncate" in inputs:  # a text over the model's positions: cut to them, instead of INVALID_ARGUMENT
+        request.truncate = inputs["truncate"].values[0]
     if "pooling" in inputs:
         pooling = inputs["pooling"].texts()[0]
         if pooling not in POOLING:

@@ -77,7 +77,7 @@ class TextModel(TokenModel):
         if long and not truncate:
             raise InvalidArgument(f"texts[{long[0]}] is {len(ids[long[0]])} tokens; model {self.name!r} takes at "
                                   f"most {max_tokens}: shorten it, or ask for truncation (the SDK's embed(..., "
-                                  "truncate=True); `coordinator embed --truncate`)")
+                                  "truncate=True), `coordinator embed --truncate`, KServe's input 'truncate')")
         if long:
             cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=max_tokens)["input_ids"]
             for i, row in zip(long, cut, strict=True):

@@ -166,6 +166,14 @@ def test_embeddings_equal_the_sdks(cluster, client):
     t.set_data_from_numpy(np.array([[s.encode()] for s in TEXTS[:2]], dtype=object))
     extra = [scalar("pooling", b"cls", "BYTES", object), scalar("normalize", False, "BOOL", bool)]
     assert np.array_equal(client.infer("minilm", [t, *extra]).as_numpy("embeddings"), cls)
+    # a text over the model's positions: refused unless the request asks for truncation, then as the SDK cuts it
+    long = triton.InferInput("text_input", [1], "BYTES")
+    long.set_data_from_numpy(np.array(["word " * 600], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("minilm", [long])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "input 'truncate'" in err.value.message()
+    cut = client.infer("minilm", [long, scalar("truncate", True, "BOOL", bool)]).as_numpy("embeddings")
+    assert np.array_equal(cut, sdk.embed(["word " * 600], model="minilm", truncate=True))
 
 
 def test_streamed_and_whole_generations_equal_the_sdks_greedy_text(cluster, client):
