@@ -12,6 +12,7 @@ SDPA works through keys in blocks, so its temporaries grow little with the conte
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import psutil
@@ -26,6 +27,9 @@ from shardline.errors import ResourceExhausted
 log = logging.getLogger(__name__)
 
 HEADROOM_MARGIN = 1.2  # allocator slack on top of the measured peak
+# the peak RSS is the process's: two stages measuring at once in one process (tests, benchmarks) would each
+# count the other's step, so measurements take turns
+_MEASURING = threading.Lock()
 
 
 def _reset_peak() -> bool:
@@ -80,7 +84,8 @@ def measure_headroom(stage: Stage, settings: KVSettings) -> int:
     # a step never carries more than max_step_sequences sequences, however many chunks max_step_tokens holds
     prefill = [min(chunk, total - start) for start in range(0, total, chunk)][: settings.max_step_sequences]
     decode = [1] * settings.max_step_sequences
-    return int(max(_peak_of(stage, settings, prefill), _peak_of(stage, settings, decode)) * HEADROOM_MARGIN)
+    with _MEASURING:
+        return int(max(_peak_of(stage, settings, prefill), _peak_of(stage, settings, decode)) * HEADROOM_MARGIN)
 
 
 def plan_runtime(stage: Stage, weight_bytes: int, budget_bytes: int, settings: KVSettings) -> StageRuntime:

@@ -119,7 +119,7 @@ def test_a_stage_that_lost_the_prefix_is_healed_by_the_full_prefill(cluster):
 
 def test_eviction_under_memory_pressure_keeps_outputs_identical(loop, store, parameters):
     """Workers with a small budget: long concurrent requests need the blocks the prefix store holds."""
-    coordinator, servers = start_cluster(loop, store, parameters, budget=4 * MiB, max_step_tokens=256,
+    coordinator, servers = start_cluster(loop, store, parameters, budget=7 * MiB, max_step_tokens=256,
                                          prefill_chunk_tokens=128, kv_reserve_tokens=0)
     try:
         with Client(coordinator.address, timeout=120) as client:
