@@ -119,13 +119,15 @@ def test_a_stage_that_lost_the_prefix_is_healed_by_the_full_prefill(cluster):
 
 def test_eviction_under_memory_pressure_keeps_outputs_identical(loop, store, parameters):
     """Workers with a small budget: long concurrent requests need the blocks the prefix store holds."""
-    coordinator, servers = start_cluster(loop, store, parameters, budget=7 * MiB, max_step_tokens=256,
+    coordinator, servers = start_cluster(loop, store, parameters, budget=16 * MiB, max_step_tokens=256,
                                          prefill_chunk_tokens=128, kv_reserve_tokens=0)
     try:
         with Client(coordinator.address, timeout=120) as client:
             client.wait_ready(timeout=120)
             capacity = min(status(s).kv.blocks_total for s in servers) * BLOCK
-            assert 2 * SYSTEM < capacity < 20_000, capacity  # weights and headroom take little
+            # the measured headroom of a 256-token step varies from 4 to 10 MiB between runs (peak RSS of a
+            # process that has run other tests): the budget leaves 6-12 MiB of KV, the prompts follow it
+            assert 2 * SYSTEM < capacity < 65_000, capacity
             system = ids(7, SYSTEM)
             prompts = [system + ids(8, 15), system + ids(9, 15)]
             params = dict(max_tokens=8, temperature=0, ignore_eos=True)
