@@ -29,6 +29,7 @@ KUBERNETES = DEPLOY / "kubernetes"
 CERTS_SECRET = "shardline-certs"
 NODE_FILES = {"ca.crt", "node.crt", "node.key"}
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+METRICS_PORT = 9400  # every pod's /metrics (prometheus.yml's pod discovery scrapes this port)
 
 Doc = dict[str, Any]
 
@@ -334,12 +335,19 @@ def test_coordinator_ports_are_the_cli_defaults_and_match_the_service() -> None:
     assert cluster == config.cluster_port == 50053
     assert parameters == 50052, "the parameters port must be fixed (the default 0 is a free one)"
 
+    http = _port(flags.get("--http-port"), config.http_port)
+    assert "--no-http" not in flags and http == config.http_port == 8000
+    assert _port(flags.get("--metrics-port"), -1) == METRICS_PORT
+
     ports = {name: number for number, name in _container_ports(container).items()}
-    assert ports == {"api": api, "parameters": parameters, "cluster": cluster}
+    assert ports == {"api": api, "parameters": parameters, "cluster": cluster, "http": http,
+                     "metrics": METRICS_PORT}
     service = _one("Service", "shardline-coordinator")
     by_name = {p["name"]: p for p in service["spec"]["ports"]}
-    assert set(by_name) == {"api", "parameters", "cluster"}
+    assert set(by_name) == {"api", "parameters", "cluster", "http"}, "metrics are scraped per pod, not served"
     for name, number in ports.items():
+        if name == "metrics":
+            continue
         assert by_name[name]["port"] == number, f"Service port {name} is not the coordinator's"
         assert _resolve(container, by_name[name].get("targetPort", by_name[name]["port"])) == number
 
@@ -349,7 +357,8 @@ def test_worker_port_matches_its_container_probes_service_and_policy() -> None:
     argv = _argv(container)
     flags = _flags(argv)
     port = int(flags["--port"] or 0)
-    assert set(_container_ports(container)) == {port}
+    assert _port(flags.get("--metrics-port"), -1) == METRICS_PORT
+    assert _container_ports(container) == {port: "worker", METRICS_PORT: "metrics"}
     for kind, probe in _probes(container):
         for handler in ("tcpSocket", "grpc", "httpGet"):
             if handler in probe:
@@ -486,8 +495,9 @@ def _selects(policy: Doc, labels: dict[str, str]) -> bool:
 
 
 def _allowed(port: int, labels: dict[str, str], source: dict[str, str] | None) -> bool:
-    """Whether the policies let a pod labelled `source` (None: anything outside the namespace's pods) reach
-    `port` of a pod labelled `labels`. A pod no policy selects is open."""
+    """Whether the policies let a pod labelled `source` (None: anything that is not a pod of the cluster) reach
+    `port` of a pod labelled `labels`. A pod no policy selects is open. Peers are pods of the namespace, or
+    pods of any namespace (namespaceSelector: {})."""
     policies = [p for p in _docs("NetworkPolicy") if _selects(p, labels) and "Ingress" in p["spec"]["policyTypes"]]
     if not policies:
         return True
@@ -500,7 +510,9 @@ def _allowed(port: int, labels: dict[str, str], source: dict[str, str] | None) -
             if peers is None:
                 return True
             for peer in peers:
-                assert set(peer) == {"podSelector"}, f"unexpected peer {peer}"
+                assert set(peer) in ({"podSelector"}, {"podSelector", "namespaceSelector"}), f"unexpected peer {peer}"
+                if "namespaceSelector" in peer:  # only "any namespace" is modelled here
+                    assert peer["namespaceSelector"] == {}, f"unexpected peer {peer}"
                 if source is not None and peer["podSelector"].get("matchLabels", {}).items() <= source.items():
                     return True
     return False
@@ -513,8 +525,14 @@ def test_network_policies_allow_exactly_the_links_shardline_needs() -> None:
     config = CoordinatorConfig()
     worker_port = int(_flags(_argv(_container("shardline-worker")[1]))["--port"] or 0)
 
-    for source in (coordinator, worker, other, None):
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    for source in (coordinator, worker, other, prometheus, None):
         assert _allowed(config.port, coordinator, source), "the public API is open to every client"
+        assert _allowed(config.http_port, coordinator, source), "so is the HTTP API"
+    for labels in (coordinator, worker):  # /metrics: Prometheus only
+        assert _allowed(METRICS_PORT, labels, prometheus)
+        for source in (coordinator, worker, other, None):
+            assert not _allowed(METRICS_PORT, labels, source)
     for port in (50052, config.cluster_port):
         assert _allowed(port, coordinator, worker)
         assert not _allowed(port, coordinator, other) and not _allowed(port, coordinator, None)
@@ -588,7 +606,7 @@ def test_dockerfile_exposes_every_port_and_does_not_run_as_root() -> None:
     exposed = {int(p) for line in text.splitlines() if line.startswith("EXPOSE ") for p in line.split()[1:]}
     config = CoordinatorConfig()
     worker_port = int(_flags(_argv(_container("shardline-worker")[1]))["--port"] or 0)
-    assert exposed == {config.port, 50052, config.cluster_port, worker_port}
+    assert exposed == {config.port, 50052, config.cluster_port, worker_port, config.http_port, METRICS_PORT}
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     for template, _ in _containers():
@@ -661,3 +679,20 @@ def test_the_prometheus_config_scrapes_the_ports_launch_gives() -> None:
     assert ports("shardline-worker") == [cluster._worker_metrics_port(i) for i in range(workers)]
     for program, sub in (("coordinator", "launch"), ("coordinator", "serve"), ("shard-worker", "serve")):
         assert "--metrics-port" in _options(_command(program, sub)), f"`{program} {sub}` has no --metrics-port"
+
+
+def test_the_commented_pod_discovery_scrapes_the_manifests_metrics_port() -> None:
+    """prometheus.yml's Kubernetes job (commented) keeps shardline's pods and scrapes the port the manifests
+    give every pod, which the NetworkPolicies open to Prometheus."""
+    text = (DEPLOY / "prometheus.yml").read_text()
+    start = text.index("# - job_name: shardline")
+    job = yaml.safe_load("\n".join(line.strip().removeprefix("#")[1:] for line in text[start:].splitlines()
+                                   if line.strip().startswith("#")))[0]
+    rules = job["relabel_configs"]
+    (address,) = [r for r in rules if r.get("target_label") == "__address__"]
+    assert address["replacement"] == f"$1:{METRICS_PORT}"
+    (keep,) = [r for r in rules if r.get("action") == "keep"]
+    for _, container in _containers():
+        assert METRICS_PORT in _container_ports(container), f"{container['name']} declares no metrics port"
+    for app in ("shardline-coordinator", "shardline-worker"):
+        assert re.fullmatch(keep["regex"], app)
