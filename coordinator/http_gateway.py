@@ -10,7 +10,9 @@ loopback) or alone in front of a remote one (`coordinator http --endpoint HOST:P
   writes each body chunk to the socket at once); the first message is awaited before the response starts, so a
   request refused before any token (400, 404, 429, ...) gets its proper status, and one that fails later ends
   with an error event, as OpenAI's streams do.
-- A caller's `Authorization: Bearer <key>` goes on to the coordinator with its calls, which decides (401/403).
+- A caller's `Authorization: Bearer <key>` goes on to the coordinator with its calls, which decides (401/403);
+  so do its `x-request-id` (quoted by the request log, and echoed on the response) and W3C trace context
+  (`traceparent`, `tracestate`: the coordinator's spans join the caller's trace).
 - Bounded: bodies above `max_body_bytes` are refused (413) unread, a body must arrive within `body_timeout_s`,
   every call has the deadline `timeout_s`, and uvicorn takes at most `max_connections` at once (then 503).
 """
@@ -43,9 +45,11 @@ from coordinator.openai_requests import (
     parse_json,
 )
 from coordinator.openai_responses import Answer, embeddings, model_entry, model_id, models
+from coordinator.request_log import REQUEST_ID_KEY, check_request_id
+from shardline import tracing
 from shardline.auth import MAX_CREDENTIAL_BYTES
 from shardline.client import DEFAULT_TIMEOUT_S, AsyncClient, GenerateChunk
-from shardline.errors import ShardlineError, Unauthenticated
+from shardline.errors import InvalidArgument, ShardlineError, Unauthenticated
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, is_loopback
 from shardline.server import check_exposure
 from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, ClientTLS
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_TRACE_HEADER_CHARS = 512  # W3C's traceparent is 55; tracestate at most 32 members
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # and tell proxies not to buffer either
 
 
@@ -97,10 +102,11 @@ class Routes:
         self.client, self.settings, self.on_first = client, settings, on_first
 
     def client_for(self, request: Request) -> AsyncClient:
-        """The SDK client carrying the caller's key (checked for form only: the coordinator judges it)."""
-        header = request.headers.get("authorization")
+        """The SDK client carrying the caller's key (checked for form only: the coordinator judges it), request
+        id and trace context."""
+        header, passed = request.headers.get("authorization"), forwarded(request)
         if header is None:
-            return self.client
+            return self.client.with_api_key(None, passed) if passed else self.client
         scheme, _, key = header.strip().partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
@@ -109,7 +115,7 @@ class Routes:
         if len(key) > MAX_CREDENTIAL_BYTES or not key.isascii() or any(c.isspace() for c in key):
             raise ApiError(401, "the API key is malformed (one word of ASCII characters)", "authentication_error",
                            code="invalid_api_key")
-        return self.client.with_api_key(key)
+        return self.client.with_api_key(key, passed)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object, read up to the limit and no further (413), within body_timeout_s (408)."""
@@ -233,6 +239,43 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+def forwarded(request: Request) -> tuple[tuple[str, str], ...]:
+    """The headers that go on to the coordinator as gRPC metadata: the caller's request id (400 if malformed)
+    and its trace context (dropped if malformed, as W3C trace context asks)."""
+    passed = []
+    request_id = request.headers.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        try:
+            passed.append((REQUEST_ID_KEY, check_request_id(request_id)))
+        except InvalidArgument as exc:
+            raise ApiError(400, str(exc), code="invalid_request_id") from None
+    for key in tracing.CONTEXT_KEYS:
+        value = request.headers.get(key)
+        if value and len(value) <= MAX_TRACE_HEADER_CHARS and value.isascii() and value.isprintable():
+            passed.append((key, value))
+    return tuple(passed)
+
+
+def echo_request_id(app: Any) -> Any:
+    """ASGI middleware: every response carries the caller's `x-request-id` back, errors and streams included."""
+    wanted = REQUEST_ID_KEY.encode()
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        given = [(k, v) for k, v in scope["headers"] if k == wanted][:1]
+
+        async def sending(message: Any) -> None:
+            if given and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *given]}
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return wrapped
+
+
 def _too_large(size: str, limit: int) -> ApiError:
     return ApiError(413, f"the request body is {size}; the limit is {limit} bytes (max_http_body_bytes)",
                     code="request_too_large")
@@ -271,15 +314,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(client: AsyncClient, settings: GatewaySettings, on_first: Callable[[str], None] | None = None
-              ) -> Starlette:
+              ) -> Any:
+    """The gateway's ASGI app."""
     routes = Routes(client, settings, on_first)
-    return Starlette(routes=[
+    return echo_request_id(Starlette(routes=[
         Route("/v1/models", answering(routes.list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", answering(routes.get_model), methods=["GET"]),
         Route("/v1/completions", answering(routes.completions), methods=["POST"]),
         Route("/v1/chat/completions", answering(routes.chat_completions), methods=["POST"]),
         Route("/v1/embeddings", answering(routes.embeddings), methods=["POST"]),
-    ], exception_handlers={HTTPException: _http_error})
+    ], exception_handlers={HTTPException: _http_error}))
 
 
 class Gateway:

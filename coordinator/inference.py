@@ -59,13 +59,13 @@ async def plan_generation(fleet: Fleet, req: GenerationRequest) -> tuple[Deploym
 
 
 async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
-                   background: bool = False, trace: str = "") -> AsyncIterator[Piece]:
+                   background: bool = False, trace: str = "", client_id: str = "") -> AsyncIterator[Piece]:
     """`_generate`, counted in the coordinator's metrics: every protocol and the job runner come here, so
     each request is counted once, under the deployment it names."""
     # closed here, at once, when the caller stops early (not later by the garbage collector): the scheduler's
     # stream leaves the batch as soon as its caller is gone
     model = model_label(fleet, req.model)
-    record = RequestRecord(session_id, "generate", model, background=background)
+    record = RequestRecord(session_id, "generate", model, client_id, background=background)
     if fleet.config.log_prompts:
         record.prompt = prompt_json(req.prompt if not req.messages else [list(m) for m in req.messages])
     try:
@@ -163,17 +163,17 @@ async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferP
                      truncated)
 
 
-async def infer(fleet: Fleet, request: Any) -> tuple[np.ndarray, int]:
+async def infer(fleet: Fleet, request: Any, client_id: str = "") -> tuple[np.ndarray, int]:
     """An Infer's pooled vectors and the tokens it processed, counted in the coordinator's metrics."""
-    vectors, tokens, _ = await infer_truncating(fleet, request)
+    vectors, tokens, _ = await infer_truncating(fleet, request, client_id)
     return vectors, tokens
 
 
-async def infer_truncating(fleet: Fleet, request: Any) -> tuple[np.ndarray, int, int]:
+async def infer_truncating(fleet: Fleet, request: Any, client_id: str = "") -> tuple[np.ndarray, int, int]:
     """`infer`, and how many inputs were cut to the model's positions (the request asked for truncation);
     counted in the metrics and written to the request log."""
     model = model_label(fleet, request.model)
-    record = RequestRecord(uuid.uuid4().hex, "infer", model, inputs=len(request.texts))
+    record = RequestRecord(uuid.uuid4().hex, "infer", model, client_id, inputs=len(request.texts))
     if fleet.config.log_prompts:
         record.prompt = prompt_json(list(request.texts))
     try:

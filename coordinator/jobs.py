@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from coordinator.inference import FINISH, generate, infer, request_from_proto
 from coordinator.job_store import JobRow, JobsLocked, JobStore, NewItem
+from coordinator.request_log import MAX_REQUEST_ID_CHARS
 from coordinator.result_cache import ResultCache
 from shardline.codec import fill_tensor, from_numpy
 from shardline.errors import (
@@ -291,13 +292,14 @@ class JobRunner:
         result = coordinator_pb2.JobItemResult()
         if item.WhichOneof("request") == "infer":
             async with self._infer_slot:
-                vectors, _ = await infer(self.fleet, item.infer)
+                vectors, _ = await infer(self.fleet, item.infer, _log_id(item.custom_id))
             fill_tensor(result.embeddings, from_numpy(vectors))
             return result
         req = request_from_proto(item.generate)
         texts: list[str] = []
         cache = self.cache if cache_ok else ResultCache(0)
-        async for piece in generate(self.fleet, cache, req, f"job-{uuid.uuid4().hex}", background=True):
+        async for piece in generate(self.fleet, cache, req, f"job-{uuid.uuid4().hex}", background=True,
+                                    client_id=_log_id(item.custom_id)):
             texts.append(piece.text)
             result.token_ids.extend(piece.token_ids)
             if piece.finish_reason:
@@ -307,3 +309,8 @@ class JobRunner:
                 result.cached = piece.cached
         result.text = "".join(texts)
         return result
+
+
+def _log_id(custom_id: str) -> str:
+    """A job item's custom_id as its request log line's client_id (the line quotes what is not plain)."""
+    return custom_id[:MAX_REQUEST_ID_CHARS]

@@ -78,6 +78,7 @@ import numpy as np
 import shardline
 from coordinator.generation import MAX_MODEL_NAME_CHARS, Piece, shown
 from coordinator.inference import generate, infer, request_from_proto
+from coordinator.request_log import MAX_REQUEST_ID_CHARS, request_id_of
 from coordinator.servicer import CoordinatorServicer
 from shardline import tracing
 from shardline.errors import (
@@ -392,6 +393,10 @@ class Job:
     context: Any = None              # the call's grpc context (its metadata may carry a trace context)
     method: str = "ModelInfer"
 
+    def client_id(self) -> str:
+        """The caller's id for the request log: `x-request-id` metadata, else the request's own `id`."""
+        return request_id_of(self.context) or str(self.request.id)[:MAX_REQUEST_ID_CHARS]
+
     def response(self) -> pb.ModelInferResponse:
         r = self.request
         return pb.ModelInferResponse(model_name=self.name, model_version=self.version, id=r.id)
@@ -496,7 +501,8 @@ class KServeServicer:
         self.core.active_sessions += 1
         try:
             with tracing.request_span(f"shardline.kserve.{job.method}", job.context, model=req.model) as span:
-                native = generate(self.fleet, self.core.cache, req, uuid.uuid4().hex, trace=tracing.traceparent(span))
+                native = generate(self.fleet, self.core.cache, req, uuid.uuid4().hex, trace=tracing.traceparent(span),
+                                  client_id=job.client_id())
                 async with contextlib.aclosing(cast(AsyncGenerator[Piece, None], native)) as pieces:
                     async for piece in pieces:
                         yield piece
@@ -515,7 +521,7 @@ class KServeServicer:
         return job.text("".join(texts), last, final)
 
     async def embed(self, job: Job, final: bool | None) -> pb.ModelInferResponse:
-        vectors, tokens = await infer(self.fleet, job.native)
+        vectors, tokens = await infer(self.fleet, job.native, job.client_id())
         response = job.response()
         response.outputs.add(name=EMBEDDINGS, datatype="FP32", shape=list(vectors.shape))
         response.raw_output_contents.append(np.ascontiguousarray(vectors, dtype="<f4").tobytes())

@@ -43,7 +43,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardline.codec import decode_tensor, to_numpy
+from shardline.codec import decode_tensor, dtype_from_enum, to_numpy
 from shardline.errors import DeadlineExceeded, from_rpc_error
 from shardline.jobs import FINISH, JobCalls
 from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
@@ -77,16 +77,17 @@ def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
 
 
 class _Authorized:
-    """A stub whose every call carries `authorization: Bearer <key>` (when there is a key)."""
+    """A stub whose every call carries `authorization: Bearer <key>` (when there is a key), and `metadata`."""
 
-    def __init__(self, stub: Any, api_key: str | None, target: str = "", tls: TLSOption = None) -> None:
+    def __init__(self, stub: Any, api_key: str | None, target: str = "", tls: TLSOption = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         if api_key and not tls and not is_loopback(target.rpartition(":")[0]):
             warnings.warn(f"the API key goes to {target} in plaintext: anyone on the network can read it "
                           "(give tls=)", stacklevel=3)
         if api_key is not None and (not api_key or any(c.isspace() for c in api_key) or not api_key.isascii()):
             raise ValueError("api_key must be one word of ASCII characters")
         self._stub = stub
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + metadata or None
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._stub, name)
@@ -169,6 +170,12 @@ class WorkerStatus:
     bytes_out: int = 0
     tokens_per_second: float = 0.0
     replica: str = ""         # the replica it serves (name@version/rN); "" = free, in the pool
+    device: str = ""          # "cpu" or "cuda:N" ("" = an older worker that did not say)
+    device_name: str = ""
+    device_memory_total_bytes: int = 0
+    device_memory_free_bytes: int = 0
+    dtype: str = ""           # the compute dtype it runs ("" = the LoadShard's, none loaded yet)
+    engine: str = ""          # "torch" or "deepspeed"
 
 
 @dataclass(frozen=True)
@@ -276,7 +283,9 @@ def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
     workers = [WorkerStatus(w.address, w.state, w.start_layer, w.end_layer, w.weight_bytes, w.memory_budget_bytes,
                             w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error,
                             w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second,
-                            w.replica)
+                            w.replica, w.device.device, w.device.name, w.device.memory_total_bytes,
+                            w.device.memory_free_bytes, dtype_from_enum(w.device.dtype) if w.device.dtype else "",
+                            w.device.engine)
                for w in r.workers]
     deployments = [DeploymentStatus(
         d.name, d.version, d.source, d.is_default, d.state,
@@ -455,12 +464,13 @@ class AsyncClient:
         self.timeout = timeout
         self._target, self._tls = target, tls
 
-    def with_api_key(self, api_key: str | None) -> AsyncClient:
-        """This client with another key on every call, over the same channel (no new connection): how a
-        gateway passes each caller's key on. Closing it closes the shared channel: close the original only.
-        ValueError if the key is not one word of ASCII characters."""
+    def with_api_key(self, api_key: str | None, metadata: tuple[tuple[str, str], ...] = ()) -> AsyncClient:
+        """This client with another key (and `metadata`) on every call, over the same channel (no new
+        connection): how a gateway passes each caller's key, request id and trace context on. Closing it closes
+        the shared channel: close the original only. ValueError if the key is not one word of ASCII characters."""
         view = copy.copy(self)
-        view.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, self._target, self._tls)
+        view.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, self._target, self._tls,
+                                metadata)
         return view
 
     async def __aenter__(self) -> AsyncClient:

@@ -60,7 +60,7 @@ def items(prompts, **params):
     return [generate_request(p, model="tiny-llama", **params) for p in prompts]
 
 
-def test_a_job_gives_the_interactive_results_and_reports_progress(cluster):
+def test_a_job_gives_the_interactive_results_and_reports_progress(cluster, caplog):
     coordinator = cluster()
     greedy = dict(max_tokens=16, temperature=0, ignore_eos=True)
     seeded = dict(max_tokens=16, temperature=0.9, top_k=50, ignore_eos=True)
@@ -79,6 +79,13 @@ def test_a_job_gives_the_interactive_results_and_reports_progress(cluster):
         assert [list(r.token_ids) for r in results] == interactive
         assert all(r.finish_reason == "length" and r.completion_tokens == 16 for r in results)
         assert job_id in [j.job_id for j in client.list_jobs()]
+
+    # each item's request log line quotes its custom_id
+    with Client(coordinator.address, timeout=60) as client, caplog.at_level("INFO", logger="shardline.requests"):
+        client.wait_job(client.submit_job([{"custom_id": "row 7", "prompt_token_ids": [5, 9], "max_tokens": 2,
+                                            "model": "tiny-llama"}]), timeout=60)
+    assert any(' client_id="row 7" kind=generate ' in r.getMessage() and "priority=background" in r.getMessage()
+               for r in caplog.records if r.name == "shardline.requests")
 
 
 def test_a_repeated_deterministic_request_is_answered_from_the_cache(cluster):

@@ -150,12 +150,14 @@ def test_health_and_metadata(cluster, client):
         assert err.value.message().startswith("Request for unknown model: ")
 
 
-def test_embeddings_equal_the_sdks(cluster, client):
+def test_embeddings_equal_the_sdks(cluster, client, caplog):
     _, sdk = cluster
     expected = sdk.embed(TEXTS, model="minilm")
     t = triton.InferInput("text_input", [len(TEXTS)], "BYTES")
     t.set_data_from_numpy(np.array([s.encode() for s in TEXTS], dtype=object))
-    result = client.infer("minilm", [t], model_version="1", request_id="e1")
+    with caplog.at_level("INFO", logger="shardline.requests"):
+        result = client.infer("minilm", [t], model_version="1", request_id="e1")
+    assert any(" client_id=e1 kind=infer " in r.getMessage() for r in caplog.records), "the request log quotes the id"
     vectors = result.as_numpy("embeddings")
     assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
     assert np.array_equal(vectors, expected)
@@ -176,7 +178,7 @@ def test_embeddings_equal_the_sdks(cluster, client):
     assert np.array_equal(cut, sdk.embed(["word " * 600], model="minilm", truncate=True))
 
 
-def test_streamed_and_whole_generations_equal_the_sdks_greedy_text(cluster, client):
+def test_streamed_and_whole_generations_equal_the_sdks_greedy_text(cluster, client, caplog):
     _, sdk = cluster
     expected = sdk.generate(PROMPT, model="tok", **GREEDY)
     assert expected.text and expected.completion_tokens == 12
@@ -203,7 +205,9 @@ def test_streamed_and_whole_generations_equal_the_sdks_greedy_text(cluster, clie
         assert "".join(text_of(r) for r in results) == expected.text
     finally:
         stream.close()
-    result = client.infer("tok", greedy_inputs(), request_id="w1")
+    with caplog.at_level("INFO", logger="shardline.requests"):
+        result = client.infer("tok", greedy_inputs(), request_id="w1")
+    assert any(" client_id=w1 kind=generate " in r.getMessage() for r in caplog.records)
     assert text_of(result) == expected.text and result.get_response().id == "w1"
     assert result.as_numpy("text_output").shape == (1,)
     # [1, 1], a batch of one as TensorRT-LLM clients send it, is answered in the same shape

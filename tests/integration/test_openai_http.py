@@ -293,6 +293,58 @@ def test_the_bearer_key_goes_on_to_the_coordinator(cluster, http):
     assert error_of(http.get("/no/such/path"), 404)["message"].startswith("no such endpoint")
 
 
+def test_the_callers_request_id_and_trace_context_go_on_to_the_coordinator(http, cluster, caplog):
+    """`x-request-id` is quoted by the coordinator's request log line and echoed on the response (a stream's
+    and an error's too); `traceparent` makes the coordinator's span a child of the caller's."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shardline import tracing
+
+    trace_id, parent_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use(provider)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    try:
+        with caplog.at_level("INFO", logger="shardline.requests"):
+            reply = http.post("/completions", json=body, headers={
+                "x-request-id": "order-42/a", "traceparent": f"00-{trace_id:032x}-{parent_id:016x}-01"})
+            streamed = http.post("/completions", json={**body, "stream": True},
+                                 headers={"x-request-id": "with space"})
+            missing = http.post("/completions", json={**body, "model": "no-such"}, headers={"x-request-id": "e1"})
+    finally:
+        tracing.shutdown()
+        tracing.off()
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == "order-42/a"
+    assert streamed.status_code == 200 and streamed.headers["x-request-id"] == "with space"
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == "e1"
+    assert "x-request-id" not in http.post("/completions", json=body).headers
+    lines = [r.getMessage() for r in caplog.records if r.name == "shardline.requests"]
+    assert any(" client_id=order-42/a kind=generate " in line for line in lines), lines
+    assert any(' client_id="with space" kind=generate ' in line for line in lines), lines  # quoted: one field
+    assert any(" client_id=e1 kind=generate " in line and "outcome=NOT_FOUND" in line for line in lines), lines
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "shardline.Generate"
+               and s.context.trace_id == trace_id]
+    assert span.parent.span_id == parent_id
+    too_long = http.post("/completions", json=body, headers={"x-request-id": "x" * 129})
+    assert error_of(too_long, 400)["code"] == "invalid_request_id" and "128" in error_of(too_long, 400)["message"]
+
+
+def test_grpc_callers_give_their_request_id_as_metadata(cluster, caplog):
+    stub = coordinator_pb2_grpc.CoordinatorStub(grpc.insecure_channel(cluster["coordinator"].address))
+    auth = ("authorization", f"Bearer {cluster['key']}")
+    request = coordinator_pb2.GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=2)
+    with caplog.at_level("INFO", logger="shardline.requests"):
+        list(stub.Generate(request, metadata=[auth, ("x-request-id", "grpc-7")], timeout=60))
+    assert any(" client_id=grpc-7 " in r.getMessage() for r in caplog.records if r.name == "shardline.requests")
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request, metadata=[auth, ("x-request-id", "y" * 200)], timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-request-id" in err.value.details()
+
+
 def test_the_first_event_leaves_within_20_ms_of_the_first_grpc_message(http, cluster):
     """Each stream's first gRPC message is timestamped inside the gateway (the same clock as this thread's);
     the client's receipt of the first SSE event is within 20 ms of it (the median of 5, on a shared 2-core
