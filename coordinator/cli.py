@@ -647,6 +647,21 @@ def worker_lines(workers: list[Any]) -> list[str]:
         lines.append(f"{w.address:<22} {w.busy_ms / 1000:>7.1f} s {w.idle_ms / 1000:>7.1f} s "
                      f"{100 * w.busy_ms / up if up else 0:>6.1f}% {w.queue_depth:>6} {w.bytes_in / 2**20:>6.1f} MiB "
                      f"{w.bytes_out / 2**20:>6.1f} MiB {w.tokens_per_second:>9.1f}")
+    return lines + device_lines(workers)
+
+
+def device_lines(workers: list[Any]) -> list[str]:
+    """`status`'s device table: where each worker computes, in what dtype, and its device memory (a CPU
+    worker's: the host's RAM); none when no worker said (older workers)."""
+    shown = [w for w in workers if getattr(w, "device", "")]
+    if not shown:
+        return []
+    lines = [f"\n{'worker':<22} {'device':<8} {'dtype':<9} {'engine':<9} {'free / total memory':>21}  name"]
+    for w in shown:
+        memory = (f"{w.device_memory_free_bytes / 2**30:>6.1f} / {w.device_memory_total_bytes / 2**30:>6.1f} GiB"
+                  if w.device_memory_total_bytes else "-")
+        lines.append(f"{w.address:<22} {w.device:<8} {w.dtype or '-':<9} {w.engine or 'torch':<9} {memory:>21}  "
+                     f"{w.device_name}")
     return lines
 
 

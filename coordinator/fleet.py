@@ -22,7 +22,7 @@ from coordinator.deployments import DeploymentSpec, resolve, split_name
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model_admin import ModelAdmin
 from coordinator.placement import Wanted, interleave, place
-from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
+from coordinator.registry import UNPLANNABLE, Registry, WorkerDevice, WorkerRecord
 from coordinator.replica import ChangeRefused, Replica, Shared
 from coordinator.scheduler import Scheduler, Stream
 from coordinator.store import Manifest, ModelStore
@@ -324,16 +324,17 @@ class Fleet:
         return []
 
     # -- membership ------------------------------------------------------------------------------------
-    def register(self, address: str, memory_budget_bytes: int) -> WorkerRecord:
+    def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None) -> WorkerRecord:
         old = next((w for w in self.registry.workers.values() if w.address == address), None)
         owner = self._owner(old) if old is not None else None
-        record = self.registry.register(address, memory_budget_bytes)
+        record = self.registry.register(address, memory_budget_bytes, device)
         if old is not None:  # the same address again: its process restarted
             self.metrics.reregistrations.inc()
         deployed = any(r.assignment for r in self.replicas)
         if deployed:
             record.state = "spare"  # it waits to be needed; running chains are not touched
-        self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered)"
+        where = f", {device.device} {device.dtype}".rstrip() if device is not None and device.device != "cpu" else ""
+        self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered{where})"
                  + (" as a spare" if deployed else ""))
         if owner is not None and old is not None and old in owner.assignment:
             owner.worker_lost(f"worker {address} registered again (it restarted)")

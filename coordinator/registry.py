@@ -9,6 +9,18 @@ from dataclasses import dataclass
 from coordinator.planner import StagePlan
 
 
+@dataclass(frozen=True)
+class WorkerDevice:
+    """Where a worker computes, as it registered (RegisterWorkerRequest 80-85)."""
+
+    device: str = "cpu"            # "cpu" or "cuda:N"
+    name: str = ""
+    memory_total_bytes: int = 0
+    memory_free_bytes: int = 0
+    dtype: str = ""                # its --dtype ("" = each LoadShard's)
+    engine: str = "torch"
+
+
 @dataclass
 class WorkerRecord:
     worker_id: str
@@ -19,6 +31,7 @@ class WorkerRecord:
     stage: StagePlan | None = None
     last_error: str = ""
     owner: str = ""  # the replica it belongs to ("" = free, in the pool)
+    device: WorkerDevice = WorkerDevice()
 
 
 UNPLANNABLE = ("draining", "drained")  # states a worker is never planned into
@@ -30,12 +43,13 @@ class Registry:
         self.workers: dict[str, WorkerRecord] = {}
         self._ids = itertools.count(1)
 
-    def register(self, address: str, memory_budget_bytes: int) -> WorkerRecord:
+    def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None) -> WorkerRecord:
         """A worker that registers again at the same address replaces its old record."""
         for worker_id, record in list(self.workers.items()):
             if record.address == address:
                 del self.workers[worker_id]
-        record = WorkerRecord(f"w{next(self._ids)}", address, memory_budget_bytes, time.monotonic())
+        record = WorkerRecord(f"w{next(self._ids)}", address, memory_budget_bytes, time.monotonic(),
+                              device=device or WorkerDevice())
         self.workers[record.worker_id] = record
         return record
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,13 +16,15 @@ from coordinator.generation import shown
 from coordinator.inference import FINISH, generate, infer_truncating, request_from_proto
 from coordinator.job_servicer import JobMethods
 from coordinator.jobs import JobRunner
+from coordinator.registry import WorkerDevice
+from coordinator.request_log import request_id_of
 from coordinator.result_cache import ResultCache
 from shardline import tracing
 from shardline.auth import ApiKeys
-from shardline.codec import fill_tensor, from_numpy
+from shardline.codec import dtype_from_enum, dtype_to_enum, fill_tensor, from_numpy
 from shardline.errors import InvalidArgument, NotFound, grpc_errors
 from shardline.limits import MAX_ADDRESS_CHARS, is_host_port
-from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         try:
             with tracing.request_span("shardline.Generate", context, model=req.model) as span:
                 async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
-                                            trace=tracing.traceparent(span)):
+                                            trace=tracing.traceparent(span), client_id=request_id_of(context)):
                     response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
                                                                 finish_reason=FINISH[piece.finish_reason],
                                                                 cached=piece.cached)
@@ -56,7 +59,7 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
 
     @grpc_errors
     async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
-        vectors, tokens, truncated = await infer_truncating(self.fleet, request)
+        vectors, tokens, truncated = await infer_truncating(self.fleet, request, request_id_of(context))
         response = coordinator_pb2.InferResponse(tokens=tokens, truncated=truncated)
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response
@@ -87,6 +90,7 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
                 address=record.address, state=record.state, memory_budget_bytes=record.memory_budget_bytes,
                 last_heartbeat_age_ms=int((now - record.last_heartbeat) * 1000), last_error=record.last_error,
                 replica=record.owner)
+            show_device(info, record.device, status)
             if record.stage is not None:
                 info.start_layer, info.end_layer = record.stage.start, record.stage.end
             if status is not None:
@@ -121,6 +125,45 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         return coordinator_pb2.RebalanceResponse(message=await self.fleet.rebalance())
 
 
+DEVICE_PATTERN = re.compile(r"cpu|cuda:\d{1,4}")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+MAX_DEVICE_NAME_CHARS = 256
+
+
+def worker_device(info: tensor_pb2.DeviceInfo) -> WorkerDevice:
+    """The device a worker registers with (RegisterWorkerRequest.device), checked; an older worker sends none:
+    cpu."""
+    device = info.device or "cpu"
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise InvalidArgument(f"device.device {shown(device)} is not cpu or cuda:N")
+    if len(info.name) > MAX_DEVICE_NAME_CHARS:
+        raise InvalidArgument(f"device.name is {len(info.name)} characters; at most {MAX_DEVICE_NAME_CHARS}")
+    if info.memory_total_bytes < 0 or info.memory_free_bytes < 0:
+        raise InvalidArgument("device.memory_total_bytes and device.memory_free_bytes must be >= 0")
+    dtype = dtype_from_enum(info.dtype) if info.dtype else ""  # INVALID_ARGUMENT for an unknown one
+    if dtype and dtype not in COMPUTE_DTYPES:
+        raise InvalidArgument(f"device.dtype {dtype} is not a compute dtype ({', '.join(COMPUTE_DTYPES)})")
+    if info.engine not in ("", "torch", "deepspeed"):
+        raise InvalidArgument(f"device.engine {shown(info.engine)} is not torch or deepspeed")
+    return WorkerDevice(device, info.name, info.memory_total_bytes, info.memory_free_bytes, dtype,
+                        info.engine or "torch")
+
+
+def show_device(info: coordinator_pb2.WorkerInfo, device: WorkerDevice, status: Any) -> None:
+    """WorkerInfo.device: the worker's status when it answered (its memory now, the dtype its stage runs),
+    else as it registered."""
+    if status is not None and status.device.device:
+        info.device.CopyFrom(status.device)
+        if not info.device.dtype and device.dtype:
+            info.device.dtype = dtype_to_enum(device.dtype)
+        return
+    compute = dtype_to_enum(device.dtype) if device.dtype else tensor_pb2.DTYPE_UNSPECIFIED
+    info.device.CopyFrom(tensor_pb2.DeviceInfo(device=device.device, name=device.name,
+                                               memory_total_bytes=device.memory_total_bytes,
+                                               memory_free_bytes=device.memory_free_bytes, dtype=compute,
+                                               engine=device.engine))
+
+
 class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
@@ -131,7 +174,7 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
             raise InvalidArgument(f"address {shown(request.address)} is not host:port")
         if request.memory_budget_bytes <= 0:
             raise InvalidArgument(f"memory_budget_bytes must be > 0, got {request.memory_budget_bytes}")
-        record = self.fleet.register(request.address, request.memory_budget_bytes)
+        record = self.fleet.register(request.address, request.memory_budget_bytes, worker_device(request.device))
         return coordinator_pb2.RegisterWorkerResponse(
             worker_id=record.worker_id, heartbeat_interval_ms=self.fleet.config.heartbeat_interval_ms)
 

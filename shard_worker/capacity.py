@@ -6,7 +6,8 @@ coordinator sends (`max_step_tokens` tokens cut into sequences of `prefill_chunk
 `max_step_sequences` one-token sequences, whose logits the last stage computes), and reads the new peak.
 It costs a few seconds per load (and so per failover onto a spare that must load).
 Elsewhere the RSS growth over the step is used, doubled. Not measured: attention at a long context (CPU
-SDPA works through keys in blocks, so its temporaries grow little with the context).
+SDPA works through keys in blocks, so its temporaries grow little with the context). On a CUDA stage the
+device allocator's peak over the step is used instead (the budget is then device memory).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def _peak_of(stage: Stage, settings: KVSettings, counts: list[int]) -> int:
         for t in (*cache.keys, *cache.values):
             t.zero_()
     scratch.sessions.update({s.session_id: c for s, c in zip(sequences, caches, strict=True)})
+    if stage.device.type == "cuda":  # the device's allocator counts exactly what the step takes
+        return _cuda_peak_of(scratch, step, sequences)
     before = psutil.Process().memory_info().rss
     exact = _reset_peak()
     scratch.step(step)
@@ -72,6 +75,18 @@ def _peak_of(stage: Stage, settings: KVSettings, counts: list[int]) -> int:
     after = psutil.Process().memory_info().rss
     scratch.end_sessions([s.session_id for s in sequences])
     return max(0, (peak - before) if peak is not None else 2 * (after - before))
+
+
+def _cuda_peak_of(scratch: StageRuntime, step: Step, sequences: list[Slice]) -> int:
+    device = scratch.stage.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    scratch.step(step)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    scratch.end_sessions([s.session_id for s in sequences])
+    return max(0, peak - before)
 
 
 def measure_headroom(stage: Stage, settings: KVSettings) -> int:

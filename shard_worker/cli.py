@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from shard_worker.device import DeviceSettings, check_dtype, parse_device
+from shard_worker.engine import check_engine
 from shard_worker.server import serve_forever
 from shardline import tracing
 from shardline.auth import ClusterIdentity
@@ -59,12 +61,19 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           metrics_port: int | None = typer.Option(None, min=0, max=65535, help="serve Prometheus metrics at "
                                                   "http://HOST:PORT/metrics on --host (0 = a free one, printed)",
                                                   show_default="off"),
+          device: str = typer.Option("cpu", help="where the stage runs: cpu, cuda (= cuda:0) or cuda:N"),
+          dtype: str = typer.Option("", help="compute dtype: float32, bfloat16 or float16; it wins over the "
+                                    "dtype a LoadShard asks for", show_default="the LoadShard's, else float32"),
+          engine: str = typer.Option("torch", help="stage engine: torch, or deepspeed (CUDA only; needs "
+                                     "shardline's deepspeed extra installed)"),
+          tp: int = typer.Option(1, help="tensor-parallel GPUs of one stage (--engine deepspeed; only 1 so far)"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     configure_logging(log_level)
     if memory_budget_mb is not None:  # the flag's old name
         worker_memory_mb = worker_memory_mb or memory_budget_mb
     try:
+        settings = device_settings(device, dtype, engine, tp)  # before anything starts: one line if it cannot run
         identity = ClusterIdentity.from_files(certs_dir, cluster_token_file)
         check_exposure(host, identity.tls, identity.tls, insecure, "shard worker")
         tracing.configure(otlp_endpoint, "shardline-worker")
@@ -75,12 +84,21 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms),
                              identity=identity)
         asyncio.run(serve_forever(host, port, parent_pid, coordinator, advertise, worker_memory_mb * 2**20, links,
-                                  leave_timeout_s, metrics_port))
+                                  leave_timeout_s, metrics_port, settings))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # e.g. a metrics port already taken: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def device_settings(device: str, dtype: str, engine: str, tp: int) -> DeviceSettings:
+    """--device, --dtype, --engine and --tp, checked (DeviceError, a ValueError, names what is missing)."""
+    where = parse_device(device)
+    if dtype:
+        check_dtype(where, dtype)
+    check_engine(engine, where, tp)
+    return DeviceSettings(where, dtype, engine, tp)
 
 
 def main() -> None:

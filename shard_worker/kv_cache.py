@@ -37,6 +37,7 @@ class KVLayout:
     head_dim: int
     dtype: torch.dtype
     block_tokens: int
+    device: torch.device = torch.device("cpu")
 
     @property
     def token_bytes(self) -> int:
@@ -108,7 +109,8 @@ class SessionCache:
         try:
             # layer by layer, each old buffer dropped as soon as it is copied: the transient is one layer
             for layer in range(layout.layers):
-                k, v = torch.empty(shape, dtype=layout.dtype), torch.empty(shape, dtype=layout.dtype)
+                k = torch.empty(shape, dtype=layout.dtype, device=layout.device)
+                v = torch.empty(shape, dtype=layout.dtype, device=layout.device)
                 if layer < len(self.keys):
                     k[:, : self.length] = self.keys[layer][:, : self.length]
                     v[:, : self.length] = self.values[layer][:, : self.length]
@@ -181,7 +183,8 @@ class BatchCache:
                 o = F.scaled_dot_product_attention(query[b: b + 1], keys, values, is_causal=True, scale=scaling,
                                                    enable_gqa=gqa)
             else:  # a later chunk of a prompt: query j sees positions 0 .. start + j
-                allowed = torch.arange(end)[None, :] <= (start + torch.arange(n))[:, None]
+                at = query.device
+                allowed = torch.arange(end, device=at)[None, :] <= (start + torch.arange(n, device=at))[:, None]
                 o = F.scaled_dot_product_attention(query[b: b + 1], keys, values, attn_mask=allowed, scale=scaling,
                                                    enable_gqa=gqa)
             out[b] = o[0].transpose(0, 1)

@@ -10,6 +10,7 @@ import logging
 
 import grpc
 
+from shard_worker.device import DeviceSettings, device_proto
 from shardline.errors import from_rpc_error
 from shardline.server import channel
 from shardline.stream import LinkSettings
@@ -22,8 +23,9 @@ MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
 
 class Registration:
     def __init__(self, coordinator: str, address: str, memory_budget_bytes: int,
-                 links: LinkSettings | None = None) -> None:
+                 links: LinkSettings | None = None, device: DeviceSettings | None = None) -> None:
         self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
+        self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
         self.metadata = self.links.identity.metadata
         self.worker_id = ""
@@ -58,7 +60,8 @@ class Registration:
             if self.leaving:
                 return True
             reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
-                address=self.address, memory_budget_bytes=self.memory_budget_bytes), timeout=RPC_TIMEOUT_S,
+                address=self.address, memory_budget_bytes=self.memory_budget_bytes,
+                device=device_proto(self.device, self.device.dtype)), timeout=RPC_TIMEOUT_S,
                 metadata=self.metadata)
             self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
             log.info("registered with %s as %s", self.coordinator, self.worker_id)

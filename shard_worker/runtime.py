@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from shard_worker.device import to_device
 from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.prefix_cache import PrefixStore, check_hashes
 from shard_worker.sampling import Sampling, sample
@@ -313,7 +314,8 @@ class StageRuntime:
         if not kept:
             return StepResult(errors=errors)
         sequences = [step.sequences[i] for i in kept]
-        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in kept]) if errors else None
+        rows = (torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in kept]).to(self.stage.device)
+                if errors else None)
         new = [c for seq, c in zip(sequences, caches, strict=True) if seq.session_id not in self.sessions]
         try:
             out = self._compute(step, sequences, caches, rows)
@@ -341,10 +343,10 @@ class StageRuntime:
         packing = Packing([s.start for s in sequences], [s.count for s in sequences])
         token_ids = hidden = None
         if step.token_ids is not None:
-            token_ids = torch.tensor(step.token_ids, dtype=torch.long)
+            token_ids = to_device(torch.tensor(step.token_ids, dtype=torch.long), self.stage.device)
             token_ids = token_ids[rows] if rows is not None else token_ids
         if step.hidden is not None:
-            hidden = decode_hidden(step.hidden, step.hidden_scale, self.stage.dtype)
+            hidden = decode_hidden(step.hidden, step.hidden_scale, self.stage.dtype, self.stage.device)
             hidden = hidden[rows] if rows is not None else hidden
         return self.stage.forward(caches, packing, token_ids, hidden)
 
@@ -357,7 +359,7 @@ class StageRuntime:
             return StepResult(tensor=raw_from_torch(out), errors=errors, kept=kept)
         if output == "logits":
             return StepResult(tensor=raw_from_torch(self.stage.logits(out)), errors=errors, kept=kept)
-        last_rows = torch.tensor([s.count for s in sequences]).cumsum(0) - 1
+        last_rows = (torch.tensor([s.count for s in sequences]).cumsum(0) - 1).to(out.device)
         logits = self.stage.logits(out[last_rows])
         if output == "last_logits":
             return StepResult(tensor=raw_from_torch(logits), errors=errors, kept=kept)

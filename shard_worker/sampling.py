@@ -37,7 +37,8 @@ def sample_one(logits: torch.Tensor, params: Sampling, position: int) -> int:
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    generator = torch.Generator().manual_seed((params.seed * 1_000_003 + position) % (2**63))
+    # on the logits' device: a seed gives the same tokens on the same kind of device
+    generator = torch.Generator(device=logits.device).manual_seed((params.seed * 1_000_003 + position) % (2**63))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -47,7 +48,7 @@ def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -
     rows are unaffected."""
     finite = torch.isfinite(logits).all(dim=-1).tolist()
     if all(finite) and all(p.temperature <= 0.0 for p in params):
-        return [int(t) for t in torch.argmax(logits, dim=-1)]
+        return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]  # one copy from the device
     out: list[int | ShardlineError] = []
     for row, p, pos, ok in zip(logits, params, positions, finite, strict=True):
         if not ok:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+from shard_worker.device import DeviceSettings, default_cuda_budget
 from shard_worker.registration import Registration
 from shard_worker.servicer import WorkerServicer, add_to_server
 from shardline.auth import Access, Guard, Rules, describe
@@ -27,10 +28,12 @@ WorkerServer = RunningServer[WorkerServicer]
 
 
 async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettings | None = None,
-                       memory_budget_bytes: int = 0, metrics_port: int | None = None) -> WorkerServer:
+                       memory_budget_bytes: int = 0, metrics_port: int | None = None,
+                       device: DeviceSettings | None = None) -> WorkerServer:
     """A worker serving on exactly host:port; `memory_budget_bytes` (default: 80% of the memory available)
     bounds weights + activations + KV cache; with `metrics_port` (0 = a free one), Prometheus metrics at
-    http://host:port/metrics (`servicer.metrics.server` says where), stopped with the worker."""
+    http://host:port/metrics (`servicer.metrics.server` says where), stopped with the worker; `device`: where
+    and in what dtype its stages run (shard_worker/device.py; default CPU)."""
     links = links or LinkSettings()
     server = new_server(Guard(Rules({SERVICE: Access.CLUSTER}), links.identity))
     health = add_standard_services(server, [SERVICE])
@@ -38,7 +41,7 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE], on)
 
-    servicer = WorkerServicer(serving, links, memory_budget_bytes)
+    servicer = WorkerServicer(serving, links, memory_budget_bytes, device)
     add_to_server(servicer, server)  # the generated registration, with Forward's zero-copy (de)serializers
     bound = bind(server, host, port, links.identity.server_credentials())
     await server.start()
@@ -55,11 +58,16 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
 
 async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: str = "", advertise: str = "",
                         memory_budget_bytes: int = 0, links: LinkSettings | None = None,
-                        leave_timeout_s: float = 120.0, metrics_port: int | None = None) -> None:
+                        leave_timeout_s: float = 120.0, metrics_port: int | None = None,
+                        device: DeviceSettings | None = None) -> None:
     """Serve until SIGINT/SIGTERM. A worker registered with a coordinator first leaves the cluster (its stage
     is handed over, so no request fails); a second signal stops at once."""
-    budget = memory_budget_bytes or default_memory_budget()
-    worker = await start_worker(host, port, links, budget, metrics_port)
+    device = device or DeviceSettings()
+    if memory_budget_bytes:
+        budget = memory_budget_bytes
+    else:  # a CUDA worker offers its device's memory, a CPU worker the host's
+        budget = default_cuda_budget(device.device) if device.device.type == "cuda" else default_memory_budget()
+    worker = await start_worker(host, port, links, budget, metrics_port, device)
     if worker.servicer.metrics.server is not None:  # before the line the launcher waits for, which it reads last
         print(f"{METRICS_PREFIX}{worker.servicer.metrics.server.url}", flush=True)  # noqa: T201
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line
@@ -67,7 +75,7 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
     registering: asyncio.Task[None] | None = None
     if coordinator:
         address = f"{advertise or host}:{worker.port}"
-        registration = Registration(coordinator, address, budget, links)
+        registration = Registration(coordinator, address, budget, links, device)
         registering = asyncio.create_task(registration.run())
     signals = Signals()
     if parent_pid:

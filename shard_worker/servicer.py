@@ -19,6 +19,7 @@ import psutil
 from google.protobuf import message_factory
 
 from shard_worker.capacity import plan_runtime
+from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto
 from shard_worker.loader import load_stage
 from shard_worker.metrics import WorkerMetrics
 from shard_worker.quantize import quantization_from_enum, quantization_to_enum
@@ -127,8 +128,9 @@ MAX_PEERS = 4096
 
 class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     def __init__(self, set_serving: Callable[[bool], Awaitable[None]], links: LinkSettings | None = None,
-                 memory_budget_bytes: int = 0) -> None:
+                 memory_budget_bytes: int = 0, device: DeviceSettings | None = None) -> None:
         self._set_serving = set_serving
+        self.device = device or DeviceSettings()  # --device, --dtype, --engine (shard_worker/device.py)
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
         self.compute = ComputeThread()
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
@@ -155,15 +157,20 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
                                   "(need 0 <= start_layer < end_layer)")
         if not request.parameters_address:
             raise InvalidArgument("parameters_address is empty")
-        dtype = dtype_from_enum(request.dtype) if request.dtype else "float32"
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise InvalidArgument(f"dtype {dtype} cannot be a compute dtype (float32, float16 or bfloat16)")
+        asked = dtype_from_enum(request.dtype) if request.dtype else ""
+        if asked and asked not in COMPUTE_DTYPES:
+            raise InvalidArgument(f"dtype {asked} cannot be a compute dtype (float32, float16 or bfloat16)")
+        dtype = self.device.compute_dtype(asked)  # the worker's --dtype, when it has one, wins
+        try:
+            check_dtype(self.device.device, dtype, "dtype")
+        except DeviceError as exc:
+            raise InvalidArgument(str(exc)) from None
         wire_dtype = wire_dtype_from_enum(request.wire_dtype, dtype)
         quantize = quantization_from_enum(request.quantize)
         if self._loading:
             raise FailedPrecondition("a LoadShard is already in progress on this worker")
         spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address,
-                         self.identity, quantize=quantize)
+                         self.identity, quantize=quantize, device=str(self.device.device), engine=self.device.engine)
         settings = kv_settings(request)
         self._loading = True
         if self.shard is not None:  # replaced: what it did stays counted
@@ -404,9 +411,10 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         rss = psutil.Process().memory_info().rss
         shard = self.shard
         if shard is None:
-            return worker_pb2.GetStatusResponse(state=STATES[self.state], rss_bytes=rss, last_error=self.last_error)
+            return worker_pb2.GetStatusResponse(state=STATES[self.state], rss_bytes=rss, last_error=self.last_error,
+                                                device=device_proto(self.device, self.device.dtype))
         runtime = shard.runtime
-        return worker_pb2.GetStatusResponse(
+        return worker_pb2.GetStatusResponse(device=device_proto(self.device, shard.spec.dtype),
             state=STATES[self.state], model=shard.spec.model, start_layer=shard.spec.start,
             end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(runtime.sessions),
             kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,

@@ -55,9 +55,10 @@ class Stage:
     """Layers [start, end) of one model; embeds at the first stage, norms (and owns the head) at the last."""
 
     def __init__(self, family: Family, config: Any, modules: StageModules, start: int, end: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, device: torch.device | None = None) -> None:
         self.family, self.config, self.modules = family, config, modules.eval()
         self.start, self.end, self.dtype = start, end, dtype
+        self.device = device or torch.device("cpu")
         self.is_first = start == 0
         self.is_last = end == family.num_layers(config)
         self.hidden_size = int(config.hidden_size)
@@ -72,7 +73,7 @@ class Stage:
         self.modules.to_empty(device="meta")
 
     def kv_layout(self, block_tokens: int) -> KVLayout:
-        return KVLayout(self.end - self.start, self.kv_heads, self.head_dim, self.dtype, block_tokens)
+        return KVLayout(self.end - self.start, self.kv_heads, self.head_dim, self.dtype, block_tokens, self.device)
 
     def new_session(self, pool: KVPool) -> SessionCache:
         return SessionCache(pool)
@@ -97,7 +98,7 @@ class Stage:
         out: torch.Tensor | None = None
         for count in sorted(set(counts)):
             members = [i for i, n in enumerate(counts) if n == count]
-            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
+            rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(source.device)
             part = source[rows]
             result = self._forward_uniform([sessions[i] for i in members],
                                            Packing([packing.starts[i] for i in members], [count] * len(members)),
@@ -111,8 +112,8 @@ class Stage:
 
     def _forward_uniform(self, sessions: list[SessionCache], packing: Packing, token_ids: torch.Tensor | None,
                          hidden: torch.Tensor | None) -> torch.Tensor:
-        rows = packing.rows()
-        positions = packing.positions()
+        rows = packing.rows().to(self.device)
+        positions = packing.positions().to(self.device)
         if self.is_first:
             if token_ids is None:
                 raise ValueError("the first stage needs token ids")
@@ -129,7 +130,7 @@ class Stage:
                 for layer in self.modules.layers.values():
                     x = self.family.run_layer(layer, x, positions, None, cache, rope)
         else:
-            mask = packing.padding_mask(self.dtype)
+            mask = packing.padding_mask(self.dtype).to(self.device)
             for layer in self.modules.layers.values():
                 x = self.family.run_layer(layer, x, positions, mask, None, rope)
         if self.is_last and self.modules.norm is not None:
@@ -146,15 +147,17 @@ class Stage:
 
 
 def build_stage(family: Family, config: Any, start: int, end: int, tensors: dict[str, torch.Tensor],
-                dtype: torch.dtype, quantize: str = "") -> Stage:
-    """A stage for [start, end) built on the meta device and filled with `tensors` (checkpoint names);
+                dtype: torch.dtype, quantize: str = "", device: torch.device | None = None) -> Stage:
+    """A stage for [start, end) built on the meta device and filled with `tensors` (checkpoint names), which
+    are on `device` already (shard_worker/weights.py moves each as it arrives; others are moved here);
     `quantize` "int8": the decoder layers' linear weights become int8 (shard_worker/quantize.py)."""
+    device = device or torch.device("cpu")
     modules = family.build(config, start, end)
-    family.load(config, modules, {name: t.to(dtype) for name, t in tensors.items()})
+    family.load(config, modules, {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()})
     if quantize:
         check_supported(quantize, family.name, family.quantizations)
         for layer in modules.layers.values():
             quantize_int8(layer, dtype)
-    if modules.rotary is not None:
-        modules.rotary.to(dtype=torch.float32)
-    return Stage(family, config, modules, start, end, dtype)
+    if modules.rotary is not None:  # computed on the host at build: moved, kept in float32
+        modules.rotary.to(device=device, dtype=torch.float32)
+    return Stage(family, config, modules, start, end, dtype, device)

@@ -42,6 +42,8 @@ class ShardSpec:
     parameters_address: str
     identity: ClusterIdentity = ClusterIdentity()
     quantize: str = ""  # weight-only quantization at load (shard_worker/quantize.py): "" or "int8"
+    device: str = "cpu"  # where the stage runs (shard_worker/device.py): each tensor goes there as it arrives
+    engine: str = "torch"  # "torch" or "deepspeed" (shard_worker/engine.py)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ class _Receiving:
         self.received += len(data)
         return self.received == self.entry.size_bytes
 
-    def tensor(self, dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The verified tensor in `dtype` on `device` (converted there: a GPU receives the stored bytes);
+        the host buffer goes with this object, so no shard is ever held whole on the host for a GPU."""
         digest = self.hasher.hexdigest()
         if digest != self.entry.sha256:
             raise DataLoss(f"tensor {self.entry.name!r} failed its checksum: sha256 {digest[:16]}... but the "
@@ -98,8 +102,8 @@ class _Receiving:
         stored = TORCH_DTYPES[dtype_from_safetensors(self.entry.dtype)]
         shape = tuple(self.entry.shape)
         if self.buffer is None:
-            return torch.empty(shape, dtype=dtype)
-        t = self.buffer.view(stored).view(shape)
+            return torch.empty(shape, dtype=dtype, device=device)
+        t = self.buffer.view(stored).view(shape).to(device)
         return t if stored == dtype or not t.is_floating_point() else t.to(dtype)
 
 
@@ -146,7 +150,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
             raise NotFound(f"model {spec.model!r}: the manifest lacks {missing[0]!r}")
         receiving = {n: _Receiving(entries[n]) for n in names}
         total = sum(r.entry.size_bytes for r in receiving.values())
-        dtype = TORCH_DTYPES[spec.dtype]
+        dtype, device = TORCH_DTYPES[spec.dtype], torch.device(spec.device)
         tensors: dict[str, torch.Tensor] = {}
         done_bytes = 0
         on_progress(Progress("fetching", 0, total, 0, len(names)))
@@ -163,7 +167,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                         raise DataLoss(f"parameter service sent tensor {chunk.name!r}, which was not asked for")
                     done_bytes += len(chunk.data)
                     if r.add(chunk.offset_bytes, chunk.data):
-                        tensors[chunk.name] = r.tensor(dtype)
+                        tensors[chunk.name] = r.tensor(dtype, device)
                         del receiving[chunk.name]
                         on_progress(Progress("fetching", done_bytes, total, len(tensors), len(names), chunk.name))
             except grpc.RpcError as err:

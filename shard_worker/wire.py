@@ -7,16 +7,20 @@ import warnings
 
 import torch
 
+from shard_worker.device import to_device, to_host
 from shardline.codec import RawTensor
 from shardline.errors import InvalidArgument
 from shardline.wire_dtype import WIRE_DTYPES
 
 TORCH_WIRE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 INT8_MAX = 127.0
+CPU = torch.device("cpu")
 
 
 def raw_from_torch(t: torch.Tensor) -> RawTensor:
+    """The tensor's bytes for the wire; a device tensor comes to the host first (through a pinned buffer)."""
     dtype = str(t.dtype).removeprefix("torch.")
+    t = to_host(t)
     data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return RawTensor(dtype, tuple(t.shape), data)
 
@@ -69,11 +73,13 @@ def check_hidden(hidden: RawTensor, scale: RawTensor | None, rows: int) -> None:
         raise InvalidArgument(f"hidden_scale is set but hidden.dtype is {hidden.dtype}: only int8 takes a scale")
 
 
-def decode_hidden(hidden: RawTensor, scale: RawTensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The received hidden states in the stage's compute dtype (checked by check_hidden first)."""
-    x = _tensor(hidden)
+def decode_hidden(hidden: RawTensor, scale: RawTensor | None, dtype: torch.dtype,
+                  device: torch.device = CPU) -> torch.Tensor:
+    """The received hidden states in the stage's compute dtype, on its device (checked by check_hidden
+    first): the wire bytes go to the device as they are and are converted there."""
+    x = to_device(_tensor(hidden), device)
     if hidden.dtype == "int8":
         if scale is None:
             raise InvalidArgument("hidden.dtype is int8 but hidden_scale is missing")
-        return (x.float() * _tensor(scale)[:, None]).to(dtype)
+        return (x.float() * to_device(_tensor(scale), device)[:, None]).to(dtype)
     return x if x.dtype == dtype else x.to(dtype)

@@ -407,7 +407,7 @@ class GetClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("address", "state", "start_layer", "end_layer", "weight_bytes", "memory_budget_bytes", "rss_bytes", "sessions", "kv_cache_bytes", "last_heartbeat_age_ms", "last_error", "busy_ms", "idle_ms", "queue_depth", "bytes_in", "bytes_out", "tokens_per_second", "replica")
+    __slots__ = ("address", "state", "start_layer", "end_layer", "weight_bytes", "memory_budget_bytes", "rss_bytes", "sessions", "kv_cache_bytes", "last_heartbeat_age_ms", "last_error", "busy_ms", "idle_ms", "queue_depth", "bytes_in", "bytes_out", "tokens_per_second", "replica", "device")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +426,7 @@ class WorkerInfo(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     address: str
     state: str
     start_layer: int
@@ -444,7 +445,8 @@ class WorkerInfo(_message.Message):
     bytes_out: int
     tokens_per_second: float
     replica: str
-    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., replica: _Optional[str] = ...) -> None: ...
+    device: _tensor_pb2.DeviceInfo
+    def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., replica: _Optional[str] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
     __slots__ = ("name", "state", "message", "workers", "running", "queued", "outstanding_tokens", "requests", "recoveries", "draining")
@@ -535,12 +537,14 @@ class GetClusterStatusResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., jobs_unfinished: _Optional[int] = ..., job_items_running: _Optional[int] = ..., jobs_off: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("address", "memory_budget_bytes")
+    __slots__ = ("address", "memory_budget_bytes", "device")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     address: str
     memory_budget_bytes: int
-    def __init__(self, address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    device: _tensor_pb2.DeviceInfo
+    def __init__(self, address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_ms")

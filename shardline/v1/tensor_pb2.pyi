@@ -43,3 +43,19 @@ class ErrorStatus(_message.Message):
     code: int
     message: str
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device", "name", "memory_total_bytes", "memory_free_bytes", "dtype", "engine")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    name: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+    dtype: DType
+    engine: str
+    def __init__(self, device: _Optional[str] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., engine: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,94 @@
+"""The checks of `shard-worker serve --device/--dtype/--engine/--tp` (shard_worker/device.py, engine.py): what
+they accept on this machine, and errors that name what is missing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard_worker import device
+from shard_worker.device import DeviceError, DeviceSettings, check_dtype, cpu_runs, describe, parse_device
+from shard_worker.engine import EXTRA, check_engine, deepspeed_installed
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec", ["cpu", " CPU "])
+def test_cpu_is_always_there(spec):
+    assert parse_device(spec) == CPU
+
+
+@pytest.mark.parametrize("spec", ["tpu", "cuda:", "cuda:-1", "cuda0", "cuda:1:2", "mps", ""])
+def test_a_spec_that_is_not_a_device_is_named(spec):
+    with pytest.raises(DeviceError, match=r"is not cpu, cuda or cuda:N"):
+        parse_device(spec)
+
+
+def test_a_missing_cuda_device_says_how_many_torch_sees_and_its_build():
+    count = torch.cuda.device_count()
+    with pytest.raises(DeviceError) as err:
+        parse_device(f"cuda:{count}")
+    message = str(err.value)
+    assert f"--device cuda:{count}: there is no such device" in message
+    assert f"sees {count} CUDA device" in message and f"torch {torch.__version__}" in message
+    assert ("built without CUDA" in message) == (torch.version.cuda is None)
+    assert "--device cpu" in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_cuda_without_a_device_is_refused_even_as_plain_cuda():
+    with pytest.raises(DeviceError, match=r"cuda:0: there is no such device"):
+        parse_device("cuda")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_this_cpu_torch_runs_every_compute_dtype(dtype):
+    # a probe forward in the dtype (linear, norm, SiLU, causal attention, embedding) ran: nothing is refused
+    assert cpu_runs(getattr(torch, dtype)) == ""
+    check_dtype(CPU, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64", "fp16"])
+def test_a_dtype_that_is_not_a_compute_dtype_is_refused(dtype):
+    with pytest.raises(DeviceError, match=rf"--dtype '{dtype}' is not a compute dtype \(float32, bfloat16"):
+        check_dtype(CPU, dtype)
+
+
+def test_the_workers_dtype_wins_and_unspecified_means_the_workers():
+    assert DeviceSettings(dtype="bfloat16").compute_dtype("float32") == "bfloat16"
+    assert DeviceSettings().compute_dtype("float16") == "float16"
+    assert DeviceSettings().compute_dtype("") == "float32"
+
+
+def test_the_torch_engine_runs_anywhere_without_tensor_parallelism():
+    check_engine("torch", CPU)
+    with pytest.raises(DeviceError, match=r"--tp 2: tensor parallelism needs --engine deepspeed"):
+        check_engine("torch", CPU, 2)
+    with pytest.raises(DeviceError, match=r"--tp must be at least 1"):
+        check_engine("torch", CPU, 0)
+    with pytest.raises(DeviceError, match=r"--engine 'tensorrt' is not one of torch, deepspeed"):
+        check_engine("tensorrt", CPU)
+
+
+@pytest.mark.skipif(deepspeed_installed(), reason="deepspeed is installed here")
+def test_deepspeed_without_the_extra_names_it():
+    with pytest.raises(DeviceError) as err:
+        check_engine("deepspeed", CPU)
+    assert "DeepSpeed is not installed" in str(err.value) and EXTRA in str(err.value)
+
+
+@pytest.mark.skipif(not deepspeed_installed(), reason="needs deepspeed installed")
+def test_deepspeed_on_cpu_says_it_needs_cuda():
+    with pytest.raises(DeviceError, match=r"--engine deepspeed needs a CUDA device"):
+        check_engine("deepspeed", CPU)
+
+
+def test_a_cpu_describes_itself_with_the_hosts_memory():
+    info = describe(CPU)
+    assert info.device == "cpu" and info.name
+    assert 0 < info.memory_free_bytes <= info.memory_total_bytes
+
+
+def test_on_cpu_the_wire_copies_are_the_tensor_itself():
+    t = torch.arange(6, dtype=torch.float32).view(2, 3)
+    assert device.to_host(t) is t and device.to_device(t, CPU) is t
