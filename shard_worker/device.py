@@ -132,7 +132,9 @@ def describe(device: torch.device) -> DeviceInfo:
     """The device's name and memory now (a CPU worker's: the host's RAM, total and available)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return DeviceInfo(str(device), torch.cuda.get_device_name(device), int(total), int(free))
+        # what this process's allocator holds without using it is free for this worker too
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return DeviceInfo(str(device), torch.cuda.get_device_name(device), int(total), int(free + cached))
     memory = psutil.virtual_memory()
     return DeviceInfo("cpu", _cpu_name(), int(memory.total), int(memory.available))
 

@@ -5,17 +5,16 @@ decoder layers to `deepspeed.init_inference`. DeepSpeed is an optional extra (`p
 Not yet run on a GPU (this was written on a machine without one). What it does: init_inference over the
 stage's layers with kernel injection off. DeepSpeed's injected transformer kernels keep a KV cache of their
 own and take other arguments than the Hugging Face layers, so they cannot read a stage's per-session paged
-cache (kv_cache.py); with injection off the layers keep their forward and their cache, and DeepSpeed would
-add tensor parallelism (AutoTP). A stage over several GPUs (`--tp N` > 1) needs one process per GPU
-(torch.distributed, each step's inputs sent to every rank), which is not built: --tp above 1 is refused at
-start, with a message saying so.
+cache (kv_cache.py); with injection off the layers keep their forward and their cache. At tp_size 1 that
+is DeepSpeed's dtype conversion and move to the device around the same layers: no speed-up is expected
+until tensor parallelism (AutoTP) is used, and none is measured yet. A stage over several GPUs (`--tp N`
+> 1) needs one process per GPU (torch.distributed, each step's inputs sent to every rank), which is not
+built: --tp above 1 is refused at start, with a message saying so.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 
 import torch
 
@@ -56,12 +55,6 @@ def check_engine(engine: str, device: torch.device, tp: int = 1) -> None:
                           "GPU); run one worker per GPU with --tp 1, the pipeline splits the model over them")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def apply_engine(engine: str, layers: torch.nn.ModuleDict, dtype: torch.dtype,
                  device: torch.device) -> torch.nn.ModuleDict:
     """The stage's layers as the engine runs them (checked by check_engine at start)."""
@@ -69,11 +62,8 @@ def apply_engine(engine: str, layers: torch.nn.ModuleDict, dtype: torch.dtype,
         return layers
     import deepspeed  # the optional extra: imported only for --engine deepspeed
 
-    torch.cuda.set_device(device)
-    # a single-rank process group of its own, on loopback (DeepSpeed looks for a launcher's environment)
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    torch.cuda.set_device(device)  # DeepSpeed moves the module to the current device
+    # tp_size 1: no process group is created (DeepSpeed only makes one for tp_size > 1)
     wrapped = deepspeed.init_inference(layers, dtype=dtype, tensor_parallel={"tp_size": 1},
                                        replace_with_kernel_inject=False)
     module = wrapped.module

@@ -71,6 +71,8 @@ class Stage:
         """Drop the weights (the stage is being unloaded): every parameter and buffer moves to the meta
         device, so their memory goes with the last reference to the tensors, not to the stage."""
         self.modules.to_empty(device="meta")
+        if self.device.type == "cuda":  # the freed blocks go back to the device, not to this process's cache
+            torch.cuda.empty_cache()
 
     def kv_layout(self, block_tokens: int) -> KVLayout:
         return KVLayout(self.end - self.start, self.kv_heads, self.head_dim, self.dtype, block_tokens, self.device)
