@@ -38,7 +38,7 @@ def layer_costs(manifest: Manifest) -> list[int]:
     return costs
 
 
-def _best_split(n: int, stages: int, score: Callable[[int, int, int], float]) -> tuple[float, list[tuple[int, int]]]:
+def best_split(n: int, stages: int, score: Callable[[int, int, int], float]) -> tuple[float, list[tuple[int, int]]]:
     """Contiguous ranges minimising the largest score(stage, start, end) (exact DP, O(S * L^2))."""
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(stages + 1)]
@@ -72,14 +72,14 @@ def split_layers(costs: list[int], stages: int, budgets: list[int] | None = None
         return prefix[i] - prefix[j]
 
     if budgets is None:
-        return _best_split(n, stages, lambda s, j, i: cost(j, i))[1]
+        return best_split(n, stages, lambda s, j, i: cost(j, i))[1]
     if len(budgets) != stages:
         raise ValueError("one budget per stage")
     total, offered = prefix[-1], sum(budgets)
     if total > offered:
         raise PlanDoesNotFit(f"the model needs {total / MiB:.1f} MiB of weights but the {stages} workers offer "
                              f"{offered / MiB:.1f} MiB: {(total - offered) / MiB:.1f} MiB missing")
-    overflow, ranges = _best_split(n, stages, lambda s, j, i: cost(j, i) - budgets[s])
+    overflow, ranges = best_split(n, stages, lambda s, j, i: cost(j, i) - budgets[s])
     if overflow > 0:
         worst = max(range(stages), key=lambda s: cost(*ranges[s]) - budgets[s])
         a, b = ranges[worst]
@@ -87,7 +87,7 @@ def split_layers(costs: list[int], stages: int, budgets: list[int] | None = None
             f"no contiguous split fits: at best worker {worst} needs {cost(a, b) / MiB:.1f} MiB for layers "
             f"[{a}, {b}) but offers {budgets[worst] / MiB:.1f} MiB: {overflow / MiB:.1f} MiB missing")
     inf = float("inf")
-    return _best_split(n, stages, lambda s, j, i: cost(j, i) if cost(j, i) <= budgets[s] else inf)[1]
+    return best_split(n, stages, lambda s, j, i: cost(j, i) if cost(j, i) <= budgets[s] else inf)[1]
 
 
 def plan(manifest: Manifest, stages: int, budgets: list[int] | None = None) -> list[StagePlan]:

@@ -67,6 +67,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           engine: str = typer.Option("torch", help="stage engine: torch, or deepspeed (CUDA only; needs "
                                      "shardline's deepspeed extra installed)"),
           tp: int = typer.Option(1, help="tensor-parallel GPUs of one stage (--engine deepspeed; only 1 so far)"),
+          compute_threads: int = typer.Option(0, min=0, help="torch's compute threads in this process "
+                                              "(torch.set_num_threads); 0 = torch's default", show_default="0"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     configure_logging(log_level)
@@ -80,6 +82,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+    if compute_threads:
+        import torch
+
+        torch.set_num_threads(compute_threads)
     try:
         links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms),
                              identity=identity)

@@ -18,6 +18,7 @@ import grpc
 import psutil
 from google.protobuf import message_factory
 
+from shard_worker import calibration
 from shard_worker.capacity import plan_runtime
 from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto
 from shard_worker.loader import load_stage
@@ -111,6 +112,18 @@ def kv_settings(request: worker_pb2.LoadShardRequest) -> KVSettings:
     return settings
 
 
+def calibration_spec(request: worker_pb2.CalibrateRequest, worker_dtype: str) -> calibration.CalibrationSpec:
+    """A Calibrate request's spec (the worker's --dtype, when it has one, wins, as for LoadShard)."""
+    asked = dtype_from_enum(request.dtype) if request.dtype else ""
+    if asked and asked not in COMPUTE_DTYPES:
+        raise InvalidArgument(f"dtype {asked} cannot be a compute dtype (float32, float16 or bfloat16)")
+    if request.max_ms < 0:
+        raise InvalidArgument(f"max_ms must be >= 0 (0 = the default), got {request.max_ms}")
+    return calibration.CalibrationSpec(request.family, request.config_json, worker_dtype or asked or "float32",
+                                       request.sequences, request.tokens, request.context_tokens,
+                                       request.max_ms / 1000 if request.max_ms else calibration.DEFAULT_MAX_S)
+
+
 def error_response(step_id: int, exc: BaseException) -> worker_pb2.ForwardResponse:
     code, message = status_of(exc)
     return worker_pb2.ForwardResponse(step_id=step_id,
@@ -124,6 +137,7 @@ Reply = worker_pb2.ForwardResponse | Beside[worker_pb2.ForwardResponse]
 
 MAX_STEP_TOKENS_LIMIT = 65_536
 MAX_PEERS = 4096
+MAX_CALIBRATION_PAYLOAD = 64 * 2**20
 
 
 class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
@@ -382,6 +396,29 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         log.info("unloaded %s layers [%d, %d): %d weight bytes, %d sessions ended", spec.model, spec.start,
                  spec.end, weight_bytes, ended)
         return worker_pb2.UnloadShardResponse(freed_weight_bytes=weight_bytes, sessions_ended=ended)
+
+    # -- Calibrate --------------------------------------------------------------------------------------
+    @rpc_errors
+    async def Calibrate(self, request: Any, context: Any) -> worker_pb2.CalibrateResponse:
+        if len(request.payload) > MAX_CALIBRATION_PAYLOAD:
+            raise InvalidArgument(f"payload has {len(request.payload)} bytes; at most {MAX_CALIBRATION_PAYLOAD}")
+        if not request.family:  # a link probe: the echo alone
+            return worker_pb2.CalibrateResponse(payload=request.payload)
+        spec = calibration_spec(request, self.device.dtype)
+        try:
+            check_dtype(self.device.device, spec.dtype, "dtype")
+        except DeviceError as exc:
+            raise InvalidArgument(str(exc)) from None
+        family, config = calibration.check(spec, self.memory_budget_bytes)
+        # on the compute thread (after the steps queued there), never the event loop; bounded by max_ms
+        done = await asyncio.wait_for(asyncio.wrap_future(self.compute.submit(
+            functools.partial(calibration.calibrate, spec, family, config, self.device.device))),
+            timeout=spec.max_s * 2 + 30)
+        log.info("calibrated %s at %s, %d x %d tokens: %.2f ms per layer (%d threads)", spec.family, spec.dtype,
+                 spec.sequences, spec.tokens, done.seconds_per_layer * 1000, done.threads)
+        return worker_pb2.CalibrateResponse(seconds_per_layer=done.seconds_per_layer, repeats=done.repeats,
+                                            activation_bytes_per_token=done.activation_bytes_per_token,
+                                            threads=done.threads, payload=request.payload)
 
     # -- EndSession / GetStatus ------------------------------------------------------------------------
     @rpc_errors

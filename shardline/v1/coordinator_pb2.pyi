@@ -449,7 +449,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, address: _Optional[str] = ..., state: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_heartbeat_age_ms: _Optional[int] = ..., last_error: _Optional[str] = ..., busy_ms: _Optional[int] = ..., idle_ms: _Optional[int] = ..., queue_depth: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., replica: _Optional[str] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ...) -> None: ...
 
 class ReplicaInfo(_message.Message):
-    __slots__ = ("name", "state", "message", "workers", "running", "queued", "outstanding_tokens", "requests", "recoveries", "draining")
+    __slots__ = ("name", "state", "message", "workers", "running", "queued", "outstanding_tokens", "requests", "recoveries", "draining", "plan", "plan_basis")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +460,8 @@ class ReplicaInfo(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLAN_BASIS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     message: str
@@ -470,7 +472,35 @@ class ReplicaInfo(_message.Message):
     requests: int
     recoveries: int
     draining: bool
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., recoveries: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    plan: _containers.RepeatedCompositeFieldContainer[PlanStage]
+    plan_basis: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., outstanding_tokens: _Optional[int] = ..., requests: _Optional[int] = ..., recoveries: _Optional[int] = ..., draining: _Optional[bool] = ..., plan: _Optional[_Iterable[_Union[PlanStage, _Mapping]]] = ..., plan_basis: _Optional[str] = ...) -> None: ...
+
+class PlanStage(_message.Message):
+    __slots__ = ("worker", "start_layer", "end_layer", "seconds_per_layer", "compute_s", "hop_s", "weight_bytes", "memory_budget_bytes", "rtt_s", "bandwidth_bytes_per_s", "threads")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    HOP_S_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    start_layer: int
+    end_layer: int
+    seconds_per_layer: float
+    compute_s: float
+    hop_s: float
+    weight_bytes: int
+    memory_budget_bytes: int
+    rtt_s: float
+    bandwidth_bytes_per_s: float
+    threads: int
+    def __init__(self, worker: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., seconds_per_layer: _Optional[float] = ..., compute_s: _Optional[float] = ..., hop_s: _Optional[float] = ..., weight_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., rtt_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class DeploymentInfo(_message.Message):
     __slots__ = ("name", "version", "source", "is_default", "state", "replicas", "min_replicas", "max_replicas", "target_queue", "events")

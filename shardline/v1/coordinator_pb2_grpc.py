@@ -151,6 +151,9 @@ class CoordinatorServicer:
 
     def Rebalance(self, request, context):
         """/ Re-plans onto up to the configured number of workers, folding in spares; streams migrate by replay.
+        / With calibrations (README "Planning for mixed machines") it calibrates the candidates it lacks, chooses
+        / the workers (current and spare) and ranges with the smallest predicted stage time: the explicit re-plan
+        / when a faster worker joins (the coordinator never re-plans on its own for speed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

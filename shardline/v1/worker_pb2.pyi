@@ -56,6 +56,40 @@ WORKER_STATE_LOADING: WorkerState
 WORKER_STATE_READY: WorkerState
 WORKER_STATE_FAILED: WorkerState
 
+class CalibrateRequest(_message.Message):
+    __slots__ = ("family", "config_json", "dtype", "sequences", "tokens", "context_tokens", "max_ms", "payload")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    config_json: str
+    dtype: _tensor_pb2.DType
+    sequences: int
+    tokens: int
+    context_tokens: int
+    max_ms: int
+    payload: bytes
+    def __init__(self, family: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., max_ms: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class CalibrateResponse(_message.Message):
+    __slots__ = ("seconds_per_layer", "repeats", "activation_bytes_per_token", "threads", "payload")
+    SECONDS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    seconds_per_layer: float
+    repeats: int
+    activation_bytes_per_token: int
+    threads: int
+    payload: bytes
+    def __init__(self, seconds_per_layer: _Optional[float] = ..., repeats: _Optional[int] = ..., activation_bytes_per_token: _Optional[int] = ..., threads: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
 class SetPeersRequest(_message.Message):
     __slots__ = ("addresses",)
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]

@@ -65,6 +65,11 @@ class ShardWorkerStub:
                 request_serializer=shardline_dot_v1_dot_worker__pb2.UnloadShardRequest.SerializeToString,
                 response_deserializer=shardline_dot_v1_dot_worker__pb2.UnloadShardResponse.FromString,
                 _registered_method=True)
+        self.Calibrate = channel.unary_unary(
+                '/shardline.v1.ShardWorker/Calibrate',
+                request_serializer=shardline_dot_v1_dot_worker__pb2.CalibrateRequest.SerializeToString,
+                response_deserializer=shardline_dot_v1_dot_worker__pb2.CalibrateResponse.FromString,
+                _registered_method=True)
 
 
 class ShardWorkerServicer:
@@ -119,6 +124,18 @@ class ShardWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calibrate(self, request, context):
+        """/ What this worker offers a model before any weight arrives (README "Planning for mixed machines"): the
+        / time of one layer of the model, built from its config with random weights, on a step of the given shape
+        / at the given dtype (the median of a few repeats after a warm-up, within max_ms), run on the compute
+        / thread. Echoes `payload`, so the caller can time the link (round trip, bandwidth); with an empty
+        / `family` it only echoes. INVALID_ARGUMENT names what is wrong: an unknown family, a config the family
+        / cannot read, a dtype that cannot compute, sizes out of bounds or beyond this worker's memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +168,11 @@ def add_ShardWorkerServicer_to_server(servicer, server):
                     servicer.UnloadShard,
                     request_deserializer=shardline_dot_v1_dot_worker__pb2.UnloadShardRequest.FromString,
                     response_serializer=shardline_dot_v1_dot_worker__pb2.UnloadShardResponse.SerializeToString,
+            ),
+            'Calibrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Calibrate,
+                    request_deserializer=shardline_dot_v1_dot_worker__pb2.CalibrateRequest.FromString,
+                    response_serializer=shardline_dot_v1_dot_worker__pb2.CalibrateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +338,33 @@ class ShardWorker:
             '/shardline.v1.ShardWorker/UnloadShard',
             shardline_dot_v1_dot_worker__pb2.UnloadShardRequest.SerializeToString,
             shardline_dot_v1_dot_worker__pb2.UnloadShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calibrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.ShardWorker/Calibrate',
+            shardline_dot_v1_dot_worker__pb2.CalibrateRequest.SerializeToString,
+            shardline_dot_v1_dot_worker__pb2.CalibrateResponse.FromString,
             options,
             channel_credentials,
             insecure,

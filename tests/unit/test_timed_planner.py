@@ -1,0 +1,138 @@
+"""The planner for mixed machines: given measured speeds and links, its ranges are the best contiguous split
+(checked against a brute force over every split), balanced to within a layer's time, within memory."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from coordinator.planner import PlanDoesNotFit
+from coordinator.store import Manifest, TensorInfo
+from coordinator.timed_planner import WorkerSpeed, compute_weights, explain, split_by_time
+
+MIB = 1024 * 1024
+ACT = 4 * MIB  # a step's activation bytes
+
+
+def stage_times(ranges, weights, speeds, activation=ACT):
+    last = len(ranges) - 1
+    return [speeds[k].seconds_per_layer * sum(weights[a:b]) + speeds[k].hop_s(activation if k < last else 0)
+            for k, (a, b) in enumerate(ranges)]
+
+
+def brute_force(weights, memory, speeds, budgets, activation=ACT):
+    """The smallest largest-stage time over every contiguous split that fits (None: none fits)."""
+    n, stages = len(weights), len(speeds)
+    best = None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        ranges = list(itertools.pairwise([0, *cuts, n]))
+        if any(sum(memory[a:b]) > budgets[k] for k, (a, b) in enumerate(ranges)):
+            continue
+        worst = max(stage_times(ranges, weights, speeds, activation))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+FAST, SLOW = WorkerSpeed(0.010), WorkerSpeed(0.030)
+LAN = dict(rtt_s=0.0005, bandwidth_bytes_per_s=1e9)   # 4 MiB: 4.2 ms
+WAN = dict(rtt_s=0.020, bandwidth_bytes_per_s=50e6)   # 4 MiB: 94 ms
+BIG = 10**12
+
+CASES = {
+    # name: (weights, memory, speeds, budgets)
+    "equal speeds split evenly": ([1.0] * 12, [1] * 12, [WorkerSpeed(0.01)] * 3, [BIG] * 3),
+    "a 3x faster worker takes 3x the layers": ([1.0] * 16, [1] * 16, [SLOW, FAST], [BIG] * 2),
+    "slow first, fast middle, slow last": ([1.0] * 20, [1] * 20, [SLOW, FAST, SLOW], [BIG] * 3),
+    "the head weighs on the last stage": ([1.0] * 11 + [4.0], [1] * 12, [FAST, FAST], [BIG] * 2),
+    "a slow link makes its stage lighter": ([1.0] * 24, [1] * 24,
+                                            [WorkerSpeed(0.01, **WAN), WorkerSpeed(0.01, **LAN)], [BIG] * 2),
+    "links and speeds together": ([1.0] * 18 + [2.5], [1] * 19,
+                                  [WorkerSpeed(0.02, **LAN), WorkerSpeed(0.007, **WAN), WorkerSpeed(0.012, **LAN),
+                                   WorkerSpeed(0.009, **LAN)], [BIG] * 4),
+    "memory holds the fast worker back": ([1.0] * 12, [10] * 12, [FAST, SLOW], [40, BIG]),
+    "memory and speed on four workers": ([1.0] * 14, [3] * 13 + [9], [SLOW, FAST, FAST, SLOW], [15, 21, 99, 24]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_split_is_the_best_contiguous_one(case):
+    weights, memory, speeds, budgets = CASES[case]
+    ranges = split_by_time(weights, memory, speeds, ACT, budgets)
+    n = len(weights)
+    assert len(ranges) == len(speeds) and ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a < b for a, b in ranges) and all(r[1] == s[0] for r, s in itertools.pairwise(ranges))
+    assert all(sum(memory[a:b]) <= budgets[k] for k, (a, b) in enumerate(ranges))
+    assert max(stage_times(ranges, weights, speeds)) == pytest.approx(brute_force(weights, memory, speeds, budgets))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "memory" not in c and "together" not in c])
+def test_stage_times_are_balanced_to_within_one_layer(case):
+    """Unconstrained by memory, no stage is more than one layer's time (of the slowest worker, for the
+    heaviest layer) above another. ("links and speeds together" is not: a 94 ms hop alone is longer than
+    the others' balanced stages, which then need not balance against it.)"""
+    weights, memory, speeds, budgets = CASES[case]
+    times = stage_times(split_by_time(weights, memory, speeds, ACT, budgets), weights, speeds)
+    one_layer = max(s.seconds_per_layer for s in speeds) * max(weights)
+    assert max(times) - min(times) <= one_layer + 1e-12
+
+
+def test_the_direction_follows_the_measured_speeds():
+    weights, memory, speeds, budgets = CASES["a 3x faster worker takes 3x the layers"]
+    assert split_by_time(weights, memory, speeds, ACT, budgets) == [(0, 4), (4, 16)]
+    weights, memory, speeds, budgets = CASES["a slow link makes its stage lighter"]
+    (a0, b0), (a1, b1) = split_by_time(weights, memory, speeds, ACT, budgets)
+    assert b0 - a0 < b1 - a1
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_cases_against_the_brute_force(seed):
+    import random
+
+    rng = random.Random(seed)
+    n, stages = rng.randint(2, 9), rng.randint(1, 4)
+    stages = min(stages, n)
+    weights = [rng.choice([1.0, 1.0, 1.0, 2.0, 0.5]) for _ in range(n)]
+    memory = [rng.randint(1, 9) for _ in range(n)]
+    speeds = [WorkerSpeed(rng.uniform(0.001, 0.05), rng.uniform(0, 0.01), rng.choice([1e7, 1e8, 1e9, math.inf]))
+              for _ in range(stages)]
+    budgets = [rng.randint(5, 40) for _ in range(stages)]
+    best = brute_force(weights, memory, speeds, budgets)
+    if best is None:
+        with pytest.raises(PlanDoesNotFit, match="MiB missing"):
+            split_by_time(weights, memory, speeds, ACT, budgets)
+        return
+    ranges = split_by_time(weights, memory, speeds, ACT, budgets)
+    assert all(sum(memory[a:b]) <= budgets[k] for k, (a, b) in enumerate(ranges))
+    assert max(stage_times(ranges, weights, speeds)) == pytest.approx(best)
+
+
+def test_a_plan_that_cannot_fit_names_the_missing_mib_per_worker():
+    with pytest.raises(PlanDoesNotFit, match="offer 6.0 MiB: 2.0 MiB missing"):
+        split_by_time([1.0] * 4, [2 * MIB] * 4, [FAST, SLOW], ACT, [3 * MIB, 3 * MIB])
+    with pytest.raises(PlanDoesNotFit, match=r"worker 0 needs 5.0 MiB for layers \[0, 1\).*1.0 MiB missing"):
+        split_by_time([1.0] * 3, [5 * MIB, MIB, MIB], [FAST, SLOW], ACT, [4 * MIB, 10 * MIB])
+
+
+def test_the_explanation_says_why():
+    weights, memory, speeds = [1.0] * 8, [MIB] * 8, [WorkerSpeed(0.02, **LAN), WorkerSpeed(0.01, **LAN)]
+    ranges = split_by_time(weights, memory, speeds, ACT, [BIG, BIG])
+    rows = explain(["a:1", "b:2"], ranges, memory, weights, list(speeds), ACT, [BIG, BIG])
+    assert [(r.worker, r.start, r.end) for r in rows] == [("a:1", 0, 2), ("b:2", 2, 8)]
+    assert rows[0].compute_s == pytest.approx(0.04) and rows[1].compute_s == pytest.approx(0.06)
+    assert rows[0].hop_s == pytest.approx(0.00025 + ACT / 1e9) and rows[1].hop_s == pytest.approx(0.00025)
+    assert rows[0].weight_bytes == 2 * MIB and rows[0].seconds_per_layer == 0.02
+
+
+def test_compute_weights_put_the_head_on_the_last_layer():
+    def t(name, part, layer, size):
+        return TensorInfo(name, "F32", [size], size, "", part, layer, "m.safetensors", 0)
+
+    m = Manifest("m", "llama", 2, [t("emb", "embed", -1, 800), t("l0", "layer", 0, 100), t("l1", "layer", 1, 100),
+                                   t("norm", "head", -1, 1), t("lm_head", "head", -1, 199)])
+    assert compute_weights(m) == [1.0, 3.0]
+    assert compute_weights(m, sequences=1, tokens=4) == [1.0, 1.5]  # logits for one token in four
+    tied = Manifest("m", "llama", 2, [t("emb", "embed", -1, 200), t("l0", "layer", 0, 100),
+                                      t("l1", "layer", 1, 100)], head_shares=["emb"])
+    assert compute_weights(tied) == [1.0, 3.0]
