@@ -173,6 +173,12 @@ class BatchCache:
         layer = layer_idx - self.first_layer
         batch, heads, n, dim = query.shape
         out = query.new_empty(batch, n, heads, dim)
+        with _one_thread(query.device.type == "cpu" and n == 1):
+            self._attend(layer, query, scaling, out)
+        return out
+
+    def _attend(self, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor) -> None:
+        heads, n = query.shape[1], query.shape[2]
         for b, (session, start) in enumerate(zip(self.sessions, self.starts, strict=True)):
             end = start + n
             keys, values = session.keys[layer][None, :, :end], session.values[layer][None, :, :end]
@@ -188,7 +194,22 @@ class BatchCache:
                 o = F.scaled_dot_product_attention(query[b: b + 1], keys, values, attn_mask=allowed, scale=scaling,
                                                    enable_gqa=gqa)
             out[b] = o[0].transpose(0, 1)
-        return out
+
+
+@contextlib.contextmanager
+def _one_thread(on: bool) -> Iterator[None]:
+    """A decode step's per-sequence attention on the calling thread alone: each call is a few microseconds of
+    work, and handing it to torch's other threads (one wake-up per call, 16 sequences x 30 layers a step) costs
+    more than it saves, most of all where idle threads sleep (OMP_WAIT_POLICY=PASSIVE, as workers run)."""
+    threads = torch.get_num_threads()
+    if not on or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
