@@ -45,6 +45,11 @@ def check_engine(engine: str, device: torch.device, tp: int = 1) -> None:
     if device.type != "cuda":
         raise DeviceError(f"--engine deepspeed needs a CUDA device (--device cuda:N), not {device}: DeepSpeed "
                           "inference runs on CUDA here; on CPU use --engine torch")
+    try:  # at start, not at the first load: a DeepSpeed that cannot import (its CUDA build, its ops) says so now
+        import deepspeed  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - whatever it raises, one line naming it
+        raise DeviceError(f"--engine deepspeed: DeepSpeed is installed but does not import ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); reinstall {EXTRA}") from None
     if tp > 1:
         first = device.index or 0
         count = torch.cuda.device_count()
