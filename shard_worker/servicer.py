@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from shard_worker.metrics import WorkerMetrics
 from shard_worker.quantize import quantization_from_enum, quantization_to_enum
 from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
+from shard_worker.step_flow import Pending, StepFlow
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
@@ -137,6 +139,9 @@ Reply = worker_pb2.ForwardResponse | Beside[worker_pb2.ForwardResponse]
 
 MAX_STEP_TOKENS_LIMIT = 65_536
 MAX_PEERS = 4096
+# a Forward stream's requests received and not yet answered, at most: twice a sender's default window, so a
+# well-behaved sender never waits for it, and a flooding one meets gRPC's flow control (memory stays bounded)
+FORWARD_OPEN_LIMIT = 2 * LinkSettings().window
 MAX_CALIBRATION_PAYLOAD = 64 * 2**20
 
 
@@ -160,6 +165,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self._loading = False
         self._sweeper = asyncio.create_task(self._expire_sessions())
         self.metrics = WorkerMetrics(self)  # served over HTTP when the worker is given a metrics port
+        self.forward_bound = FORWARD_OPEN_LIMIT  # requests open on one Forward stream at most (back-pressure)
 
     # -- LoadShard -------------------------------------------------------------------------------------
     @rpc_errors
@@ -262,87 +268,61 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
 
     async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[Reply]:
         """Requests arrive as `Parsed` (FORWARD_PARSER, registered by `add_to_server`); replies go out as
-        messages or `Beside`s (their tensor serialized beside them)."""
-        responses: asyncio.Queue[Reply | None] = asyncio.Queue()
-        ordered: asyncio.Queue[tuple[worker_pb2.ForwardRequest, float, int, asyncio.Future[StepResult]] | None] = (
-            asyncio.Queue())
+        messages or `Beside`s (their tensor serialized beside them), in the order the requests came, except
+        that a request refused at once, or relayed to the next stage, is answered as soon as its reply is
+        known. The plumbing (a reader, the compute thread, the bound on open requests) is StepFlow's."""
+        flow: StepFlow[Reply] = StepFlow(request_iterator, self._accept, self._answer, _failed, self.forward_bound)
+        async with contextlib.aclosing(flow.replies()) as replies:
+            async for reply in replies:
+                yield reply
 
-        async def read() -> None:
-            try:
-                async for item in request_iterator:
-                    received = time.monotonic()
-                    parsed = item if isinstance(item, Parsed) else Parsed(item)
-                    req = parsed.message
-                    try:
-                        next_layer, future = self._submit(req, parsed.data)
-                    except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
-                        responses.put_nowait(error_response(req.step_id, exc))
-                        continue
-                    ordered.put_nowait((req, received, next_layer, future))
-            finally:
-                ordered.put_nowait(None)
-
-        async def forward_on() -> None:
-            relays: set[asyncio.Task[None]] = set()
-            try:
-                while (item := await ordered.get()) is not None:
-                    req, received, next_layer, future = item
-                    try:
-                        result = await future
-                    except Exception as exc:  # noqa: BLE001
-                        responses.put_nowait(error_response(req.step_id, exc))
-                        continue
-                    if tracing.on():
-                        self._trace(req, received)
-                    if not req.route or not result.kept:  # the end of the route, or nothing left to pass on
-                        response = response_from_result(req.step_id, result, list(req.failed))
-                        self._count_out(response.nbytes)
-                        responses.put_nowait(response)
-                        continue
-                    if result.tensor is None:
-                        responses.put_nowait(error_response(req.step_id, RuntimeError("no hidden states to pass on")))
-                        continue
-                    self._count_out(len(result.tensor.data))
-                    kept = req.sequences if not result.errors else [req.sequences[i] for i in result.kept]
-                    onward = worker_pb2.ForwardRequest(sequences=kept, start_layer=next_layer, route=req.route[1:],
-                                                       output=req.output,
-                                                       failed=[*req.failed, *sequence_errors(result.errors)])
-                    if result.scale is not None:  # int8 hidden states: their per-row scale
-                        fill_tensor(onward.hidden_scale, result.scale)
-                    # what is left of the step's deadline goes on with it
-                    left = req.timeout_ms / 1000 - (time.monotonic() - received) if req.timeout_ms else None
-                    reply = self.links.get(req.route[0]).step(onward, result.tensor,
-                                                              None if left is None else max(0.001, left))
-                    relay = asyncio.create_task(self._relay(req.step_id, reply, responses))
-                    relays.add(relay)
-                    relay.add_done_callback(relays.discard)
-                if relays:
-                    await asyncio.gather(*relays)
-            finally:
-                responses.put_nowait(None)  # the call ends, however this task ends: never a hung stream
-
-        reader, sender = asyncio.create_task(read()), asyncio.create_task(forward_on())
+    def _accept(self, item: Parsed[worker_pb2.ForwardRequest] | worker_pb2.ForwardRequest) -> Pending | Reply:
+        received = time.monotonic()
+        parsed = item if isinstance(item, Parsed) else Parsed(item)
+        req = parsed.message
         try:
-            while (response := await responses.get()) is not None:
-                yield response
-        finally:
-            reader.cancel()
-            sender.cancel()
+            return self._submit(req, parsed.data, received)
+        except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
+            return error_response(req.step_id, exc)
 
-    def _submit(self, req: worker_pb2.ForwardRequest,
-                hidden_data: memoryview | None = None) -> tuple[int, asyncio.Future[StepResult]]:
-        """Queue one step on the compute thread: (the layer its output enters next, its result). The runtime
-        is held only by the queued step, never by a stream waiting for its next message, so an UnloadShard
-        frees it while streams stay open."""
+    def _submit(self, req: worker_pb2.ForwardRequest, hidden_data: memoryview | None = None,
+                received: float = 0.0) -> Pending:
+        """Queue one step on the compute thread. The runtime is held only by the queued step, never by a
+        stream waiting for its next message, so an UnloadShard frees it while streams stay open."""
         step = step_from_proto(req, hidden_data)
         runtime = self._runtime()
         self._check_route(runtime, req, step.output)
         metrics = runtime.metrics
         metrics.bytes_in += req.ByteSize() + (len(hidden_data) if hidden_data is not None else 0)
         metrics.queued += 1
-        future = asyncio.wrap_future(self.compute.submit(functools.partial(runtime.step, step)))
-        future.add_done_callback(functools.partial(_dequeued, metrics))
-        return runtime.stage.end, future
+        future = self.compute.submit(functools.partial(runtime.step, step))
+        return Pending(future, functools.partial(_dequeued, metrics, None), (req, received, runtime.stage.end))
+
+    def _answer(self, pending: Pending) -> Reply | Coroutine[Any, Any, Reply]:
+        """A finished step's reply: the result, an error, or (a route going on) the next stage's reply."""
+        req, received, next_layer = pending.data
+        try:
+            result: StepResult = pending.future.result()
+        except Exception as exc:  # noqa: BLE001
+            return error_response(req.step_id, exc)
+        if tracing.on():
+            self._trace(req, received)
+        if not req.route or not result.kept:  # the end of the route, or nothing left to pass on
+            response = response_from_result(req.step_id, result, list(req.failed))
+            self._count_out(response.nbytes)
+            return response
+        if result.tensor is None:
+            return error_response(req.step_id, RuntimeError("no hidden states to pass on"))
+        self._count_out(len(result.tensor.data))
+        kept = req.sequences if not result.errors else [req.sequences[i] for i in result.kept]
+        onward = worker_pb2.ForwardRequest(sequences=kept, start_layer=next_layer, route=req.route[1:],
+                                           output=req.output, failed=[*req.failed, *sequence_errors(result.errors)])
+        if result.scale is not None:  # int8 hidden states: their per-row scale
+            fill_tensor(onward.hidden_scale, result.scale)
+        # what is left of the step's deadline goes on with it
+        left = req.timeout_ms / 1000 - (time.monotonic() - received) if req.timeout_ms else None
+        reply = self.links.get(req.route[0]).step(onward, result.tensor, None if left is None else max(0.001, left))
+        return _relayed(req.step_id, reply)
 
     def _trace(self, req: worker_pb2.ForwardRequest, received: float) -> None:
         """A span per traced request of this step: this stage's part of it, from receipt (its wait in the
@@ -359,17 +339,6 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     def _count_out(self, n: int) -> None:
         if self.shard is not None:
             self.shard.runtime.metrics.bytes_out += n
-
-    @staticmethod
-    async def _relay(step_id: int, reply: Awaitable[worker_pb2.ForwardResponse],
-                     responses: asyncio.Queue[Reply | None]) -> None:
-        try:
-            response = await reply
-        except Exception as exc:  # noqa: BLE001
-            responses.put_nowait(error_response(step_id, exc))
-            return
-        response.step_id = step_id
-        responses.put_nowait(response)
 
     # -- UnloadShard -----------------------------------------------------------------------------------
     @rpc_errors
@@ -527,6 +496,17 @@ def _kv_proto(runtime: StageRuntime) -> worker_pb2.KVCapacity:
 
 def _dequeued(metrics: Metrics, _: object) -> None:
     metrics.queued -= 1
+
+
+async def _relayed(step_id: int, reply: Awaitable[worker_pb2.ForwardResponse]) -> worker_pb2.ForwardResponse:
+    """The next stage's reply to a relayed step, under this stream's step id."""
+    response = await reply
+    response.step_id = step_id
+    return response
+
+
+def _failed(pending: Pending, exc: Exception) -> worker_pb2.ForwardResponse:
+    return error_response(pending.data[0].step_id, exc)
 
 
 def add_to_server(servicer: WorkerServicer, server: Any) -> None:
