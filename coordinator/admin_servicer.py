@@ -7,6 +7,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from coordinator.deployments import NAME_PATTERN, DeploymentSpec, split_name
+from coordinator.timed_planner import StageExplanation
 from shardline.errors import InvalidArgument, grpc_errors
 from shardline.v1 import coordinator_pb2
 
@@ -60,12 +61,29 @@ def spec_from_proto(r: coordinator_pb2.LoadModelRequest) -> DeploymentSpec:
         raise InvalidArgument(str(exc).splitlines()[-1] if "\n" in str(exc) else str(exc)) from None
 
 
+def plan_stage(fleet: Fleet, s: StageExplanation) -> coordinator_pb2.PlanStage:
+    """A stage of a replica's plan and why; the worker's link and threads as calibrated."""
+    out = coordinator_pb2.PlanStage(worker=s.worker, start_layer=s.start, end_layer=s.end,
+                                    seconds_per_layer=s.seconds_per_layer, compute_s=s.compute_s, hop_s=s.hop_s,
+                                    weight_bytes=s.weight_bytes, memory_budget_bytes=s.budget_bytes)
+    calibrations = fleet.shared.calibrations
+    record = next((w for w in fleet.registry.workers.values() if w.address == s.worker), None)
+    if calibrations is not None and record is not None:
+        known = [c for (wid, _, _), c in calibrations.known.items() if wid == record.worker_id]
+        if known:
+            speed = known[-1].speed
+            out.rtt_s, out.threads = speed.rtt_s, known[-1].threads
+            out.bandwidth_bytes_per_s = speed.bandwidth_bytes_per_s if speed.bandwidth_bytes_per_s < 1e300 else 0
+    return out
+
+
 def deployment_info(fleet: Fleet, d: Deployment) -> coordinator_pb2.DeploymentInfo:
     spec = d.spec
     replicas = [coordinator_pb2.ReplicaInfo(
         name=r.name, state=r.state, message=r.message, workers=[w.address for w in r.assignment],
         running=r.running, queued=r.queued, outstanding_tokens=r.outstanding, requests=r.served,
-        recoveries=r.recoveries, draining=r.draining) for r in d.replicas if not r.retired]
+        recoveries=r.recoveries, draining=r.draining, plan=[plan_stage(fleet, s) for s in r.plan],
+        plan_basis=r.plan_basis) for r in d.replicas if not r.retired]
     return coordinator_pb2.DeploymentInfo(
         name=spec.name, version=spec.version, source=spec.model,
         is_default=fleet.defaults.get(spec.name) == spec.version, state=d.state, replicas=replicas,

@@ -599,14 +599,8 @@ def status(endpoint: str = endpoint_option(),
     """Workers, their layer ranges, memory, sessions and state, as a table; then each deployment (model
     version): its replicas, their chains of workers, streams and requests, and its last events."""
     from coordinator.models_cli import deployment_lines
-    from shardline.errors import ShardlineError
 
-    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
-        try:
-            s = client.cluster_status()
-        except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
-            return
+    s = _cluster_status(endpoint, timeout, api_key, certs_dir, client_name)
     print(f"model {s.model}: {s.state}{' - ' + s.message if s.message else ''}; {s.active_sessions} active sessions")
     if s.recoveries:
         print(f"recoveries: {s.recoveries}; the last took {s.last_recovery_ms / 1000:.2f} s: {s.last_recovery}")
@@ -621,6 +615,19 @@ def status(endpoint: str = endpoint_option(),
             print(line)
     for line in deployment_lines(s):
         print(line)
+
+
+def _cluster_status(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path | None,
+                    client_name: str) -> Any:
+    """The cluster's status, or the command ends with one line saying why not."""
+    from shardline.errors import ShardlineError
+
+    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
+        try:
+            return client.cluster_status()
+        except ShardlineError as exc:
+            _fail(explain(exc, endpoint))
+            raise  # pragma: no cover - _fail exits
 
 
 def worker_lines(workers: list[Any]) -> list[str]:
@@ -695,6 +702,45 @@ def rebalance(endpoint: str = endpoint_option(),
             print(client.rebalance())
         except ShardlineError as exc:
             _fail(explain(exc, endpoint))
+
+
+@app.command(epilog=examples("coordinator plan", "coordinator plan --explain --endpoint 10.0.0.5:50051"))
+def plan(explain_: bool = typer.Option(False, "--explain", help="per stage: the worker's measured time per layer, "
+                                       "its layers, the predicted compute and hop times, memory used and offered"),
+         endpoint: str = endpoint_option(),
+         timeout: float = typer.Option(10, help="deadline in seconds"),
+         api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
+         client_name: str = CLIENT_NAME) -> None:
+    """A running coordinator's plan of every replica: which worker holds which layers, on what basis (measured
+    time, or weight bytes and why); with --explain, why each range. `coordinator rebalance` re-plans."""
+    s = _cluster_status(endpoint, timeout, api_key, certs_dir, client_name)
+    replicas = [r for d in s.deployments for r in d.replicas]
+    if not replicas:
+        print(f"nothing is planned: {s.state}{' - ' + s.message if s.message else ''}")
+    for r in replicas:
+        print(f"{r.name}: {r.state}; planned by {r.plan_basis or 'nothing yet'}")
+        for line in plan_lines(r.plan, explain_):
+            print(line)
+
+
+def plan_lines(stages: Any, explained: bool) -> list[str]:
+    """`coordinator plan`'s table: each stage's worker and layers; explained, why (measured and predicted)."""
+    head = f"  {'worker':<22} {'layers':<10}"
+    if explained:
+        head += (f" {'s/layer':>9} {'threads':>7} {'compute':>9} {'hop':>9} {'stage':>9} {'RTT':>9} "
+                 f"{'bandwidth':>12} {'weights':>11} {'offered':>11}")
+    lines = [head] if stages else []
+    for p in stages:
+        line = f"  {p.worker:<22} {f'[{p.start_layer}, {p.end_layer})':<10}"
+        if explained:
+            measured = p.seconds_per_layer > 0
+            spl = f"{p.seconds_per_layer * 1000:>6.2f} ms" if measured else f"{'-':>9}"
+            bandwidth = f"{p.bandwidth_bytes_per_s / 2**20:>7.0f} MiB/s" if p.bandwidth_bytes_per_s else f"{'-':>12}"
+            line += (f" {spl} {p.threads or '-':>7} {p.compute_s * 1000:>6.2f} ms {p.hop_s * 1000:>6.2f} ms "
+                     f"{(p.compute_s + p.hop_s) * 1000:>6.2f} ms {p.rtt_s * 1000:>6.2f} ms {bandwidth} "
+                     f"{p.weight_bytes / 2**20:>7.1f} MiB {p.memory_budget_bytes / 2**20:>7.0f} MiB")
+        lines.append(line)
+    return lines
 
 
 @app.command(epilog=examples("coordinator http --endpoint 127.0.0.1:50051 --port 8000",

@@ -66,6 +66,19 @@ class CoordinatorConfig(BaseModel):
     probe_timeout_ms: int = Field(2000, ge=100, description="a worker that does not answer a probe within this "
                                   "is taken for dead during recovery")
     load_timeout_s: float = Field(600, gt=0, description="deadline of one LoadShard")
+    # planning for mixed machines (README "Planning for mixed machines"): workers are calibrated on the planned
+    # step (one layer of the model, `calibration_sequences` x `calibration_tokens` over
+    # `calibration_context_tokens` cached positions) before a replica is planned on them
+    calibrate: bool = Field(True, description="plan by measured time (compute + hop) once the chosen workers are "
+                            "calibrated; off: balance weight bytes only")
+    calibration_sequences: int = Field(16, ge=1, le=1024, description="sequences of the calibrated step")
+    calibration_tokens: int = Field(1, ge=1, le=4096, description="tokens of each sequence in the calibrated "
+                                    "step (1 = a decode step)")
+    calibration_context_tokens: int = Field(256, ge=0, le=131_072, description="positions already cached per "
+                                            "sequence in the calibrated step")
+    calibration_max_ms: int = Field(10_000, ge=100, le=60_000, description="bound on one worker's calibration")
+    calibration_tolerance: float = Field(0.1, ge=0, description="the byte-balanced split is kept where its "
+                                         "predicted step time is within this share of the best (noise)")
     rebalance_on_join: bool = Field(False, description="fold a joining spare into a chain narrower than `workers`")
     drain_seconds: float = Field(30, ge=0, description="on SIGTERM, how long streams in flight may finish")
     max_step_tokens: int = Field(2048, ge=1, le=65_536, description="token rows of one step (all its sequences); "

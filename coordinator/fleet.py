@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from coordinator.calibration import Calibrations, StepShape
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments import DeploymentSpec, resolve, split_name
 from coordinator.metrics import CoordinatorMetrics
@@ -98,6 +99,9 @@ class Fleet:
                              identity=identity or ClusterIdentity())
         self.shared = Shared(config, self.registry, parameters_address, links, say, self.notify, self._evacuate,
                              self._spawn, self._membership, self._joined, self.metrics)
+        shape = StepShape(config.calibration_sequences, config.calibration_tokens, config.calibration_context_tokens,
+                          config.calibration_max_ms)
+        self.shared.calibrations = Calibrations(store, links, shape) if config.calibrate else None
         self.deployments: dict[str, Deployment] = {}
         self.defaults: dict[str, str] = {}  # model name -> its default version
         self.primary = ""                   # the name a request without a model means: the first deployed

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.calibration import Calibrations, TimedPlans
 from coordinator.chain import ChainClient, end_sessions
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments import DeploymentSpec
@@ -28,6 +29,7 @@ from coordinator.planner import PlanDoesNotFit, StagePlan
 from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.scheduler import Scheduler, Stream
 from coordinator.store import Manifest
+from coordinator.timed_planner import StageExplanation
 from coordinator.worker_calls import chain_capacity, load_shard, probe, set_peers, unload_shard
 from shardline.codec import dtype_to_enum
 from shardline.errors import FailedPrecondition, ShardlineError, Unavailable
@@ -60,6 +62,7 @@ class Shared:
     membership: Callable[[], tuple[str, ...]]  # live and free workers: a failed replica retries when it changes
     joined: Callable[[Replica], None]          # a replica serves for the first time (it takes queued work)
     metrics: CoordinatorMetrics                # recoveries here, queue times and preemptions in the scheduler
+    calibrations: Calibrations | None = None   # measured workers: plans balance time (None: bytes only)
 
 
 class Replica:
@@ -69,6 +72,9 @@ class Replica:
         self.state, self.message = "waiting for workers", ""
         self.assignment: list[WorkerRecord] = []   # stage i is served by assignment[i]
         self.stages: list[StagePlan] = []
+        self.plan: list[StageExplanation] = []   # why each stage holds its range (coordinator plan --explain)
+        self.plan_basis = ""                     # "time (...)" or "bytes (why not time)"
+        self._basis = ""                         # the basis of the assignment being installed
         self.pipeline = Pipeline(self.heal, shared.links)
         self.scheduler: Scheduler | None = None
         self.progress: dict[str, int] = {}
@@ -397,6 +403,9 @@ class Replica:
                     worker.state, worker.last_error = "lost", "did not answer the probe"
             detected = time.perf_counter()
             dead = [w for w in self.assignment if w.worker_id not in loaded]
+            if first is not None or rebalance:  # lazily, once per (worker, model, dtype): the plan balances time
+                await self._calibrate([w for w, _ in first] if first is not None else
+                                      [w for w in mine if w.worker_id in loaded and w.worker_id not in excluded])
             try:
                 target = self._choose(dead, loaded, excluded, first=first, drain=drain, rebalance=rebalance)
             except PlanDoesNotFit as exc:
@@ -450,14 +459,16 @@ class Replica:
             placed = [w for w, _ in first if self.owns(w) and w.state not in UNPLANNABLE]
             if len(placed) == len(first) and all(w.worker_id in loaded and w.worker_id not in excluded
                                                  for w in placed):
-                return first
+                return self._fit(placed)  # placement chose the workers (by memory); the ranges follow their speeds
             # a placed worker is gone or failed to load: place again among the others and the free ones
             others = [w for w in placed if w.worker_id in loaded and w.worker_id not in excluded]
-            return choose_workers(self.manifest, stages, others + [w for w in free if w not in placed])
+            chosen = choose_workers(self.manifest, stages, others + [w for w in free if w not in placed])
+            return self._fit([w for w, _ in chosen])
         usable = [w for w in self.assignment if w not in dead and w.worker_id not in excluded]
-        if rebalance:
-            candidates = (usable + free)[:stages]
-            return list(zip(candidates, fit(self.manifest, candidates), strict=True))
+        if rebalance:  # the explicit re-plan: with calibrations, the fastest set of current and spare workers
+            candidates = usable + [w for w in free if w.worker_id in loaded]
+            plans = self._timed()
+            return self._fit(plans.choose(candidates, stages) if plans is not None else candidates[:stages])
         leaving = [w for w in self.assignment if w not in usable or w is drain]
         current = list(zip(self.assignment, self.stages, strict=True))
         if not current:
@@ -469,7 +480,28 @@ class Replica:
         staying = ([w for w in usable if w is not drain] + free)[:stages]
         if not staying:
             raise PlanDoesNotFit("no live worker is left to take the layers")
-        return list(zip(staying, fit(self.manifest, staying), strict=True))
+        return self._fit(staying)
+
+    def _timed(self) -> TimedPlans | None:
+        c = self.shared.calibrations
+        if c is None:
+            return None
+        return TimedPlans(c, self.manifest, self.spec.model, self.config.dtype, self.config.wire_dtype,
+                          self.config.calibration_tolerance)
+
+    async def _calibrate(self, workers: list[WorkerRecord]) -> None:
+        c = self.shared.calibrations
+        if c is not None:
+            await c.ensure(workers, self.spec.model, self.manifest.family, self.config.dtype)
+
+    def _fit(self, workers: list[WorkerRecord]) -> Assignment:
+        """A split over exactly these workers: by time where all are calibrated, else by bytes."""
+        plans = self._timed()
+        if plans is None:
+            stages, self._basis = fit(self.manifest, workers), "bytes (calibration is off)"
+        else:
+            stages, self._basis = plans.fit(workers)
+        return list(zip(workers, stages, strict=True))
 
     async def _load(self, target: Assignment, loaded: dict[str, LoadedShard], retired: bool,
                     excluded: set[str]) -> tuple[bool, bool]:
@@ -517,6 +549,7 @@ class Replica:
         old_workers = {w.address for w in self.assignment}
         self.assignment = [w for w, _ in target]
         self.stages = [s for _, s in target]
+        self._explain()
         for worker, stage in target:
             worker.state, worker.stage = "ready", stage
         self._release_unused()
@@ -554,6 +587,15 @@ class Replica:
         self._set_state("ready")
         if first:
             self.shared.joined(self)
+
+    def _explain(self) -> None:
+        """The installed plan's explanation (a chain kept by a heal is explained with what is measured)."""
+        plans = self._timed()
+        self.plan = plans.explain(self.assignment, self.stages) if plans is not None else []
+        self.plan_basis = self._basis or "bytes"
+        if self.plan and self.plan_basis.startswith("time"):
+            self.shared.say(f"{self.name} planned by time: " + "; ".join(
+                f"{s.worker} [{s.start}, {s.end}) {s.stage_s * 1000:.1f} ms" for s in self.plan))
 
     def _kv_request(self, wire_dtype: str = "") -> worker_pb2.LoadShardRequest:
         c = self.config

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from coordinator.planner import MiB, PlanDoesNotFit, StagePlan, best_split, layer_costs, split_layers
+from coordinator.planner import PlanDoesNotFit, StagePlan, best_split, layer_costs, split_layers
 from coordinator.store import Manifest
 
 
@@ -112,15 +112,3 @@ def plan_by_time(manifest: Manifest, names: list[str], speeds: list[WorkerSpeed]
     ranges = split_by_time(weights, memory, speeds, activation_bytes, budgets)
     return ([StagePlan(a, b, sum(memory[a:b])) for a, b in ranges],
             explain(names, ranges, memory, weights, list(speeds), activation_bytes, budgets))
-
-
-def format_explanation(stages: list[StageExplanation]) -> list[str]:
-    """`coordinator plan --explain`'s table."""
-    lines = [f"  {'worker':<22} {'layers':<10} {'s/layer':>9} {'compute':>9} {'hop':>9} {'stage':>9} "
-             f"{'weights':>11} {'offered':>11}"]
-    for s in stages:
-        spl = f"{s.seconds_per_layer * 1000:>6.2f} ms" if s.seconds_per_layer else f"{'-':>9}"
-        lines.append(f"  {s.worker:<22} {f'[{s.start}, {s.end})':<10} {spl} {s.compute_s * 1000:>6.2f} ms "
-                     f"{s.hop_s * 1000:>6.2f} ms {s.stage_s * 1000:>6.2f} ms {s.weight_bytes / MiB:>7.1f} MiB "
-                     f"{s.budget_bytes / MiB:>7.0f} MiB")
-    return lines

@@ -190,6 +190,25 @@ class ReplicaStatus:
     requests: int
     recoveries: int
     draining: bool
+    plan: tuple[PlanStage, ...] = ()  # why each stage holds its range (README "Planning for mixed machines")
+    plan_basis: str = ""              # "time (...)": balanced on calibrations; "bytes (...)": on weights, and why
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    """One stage of a replica's plan: its worker, measured speed and link, predicted times, memory."""
+
+    worker: str
+    start_layer: int
+    end_layer: int
+    seconds_per_layer: float   # 0: not calibrated
+    compute_s: float
+    hop_s: float
+    weight_bytes: int
+    memory_budget_bytes: int
+    rtt_s: float
+    bandwidth_bytes_per_s: float
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -290,7 +309,11 @@ def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
     deployments = [DeploymentStatus(
         d.name, d.version, d.source, d.is_default, d.state,
         [ReplicaStatus(x.name, x.state, x.message, tuple(x.workers), x.running, x.queued, x.outstanding_tokens,
-                       x.requests, x.recoveries, x.draining) for x in d.replicas],
+                       x.requests, x.recoveries, x.draining,
+                       tuple(PlanStage(p.worker, p.start_layer, p.end_layer, p.seconds_per_layer, p.compute_s,
+                                       p.hop_s, p.weight_bytes, p.memory_budget_bytes, p.rtt_s,
+                                       p.bandwidth_bytes_per_s, p.threads) for p in x.plan), x.plan_basis)
+         for x in d.replicas],
         d.min_replicas, d.max_replicas, d.target_queue, tuple(d.events)) for d in r.deployments]
     return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions, r.recoveries,
                          r.last_recovery_ms, r.last_recovery, deployments,

@@ -1,0 +1,191 @@
+"""Calibrations: what each worker offers each model, measured once and kept per (worker, model, dtype).
+
+A calibration asks the worker for the time of one layer of the model on the planned step (ShardWorker.Calibrate,
+built from the model's config: no weights move), then times the link to it: the round trip of an empty echo
+(the fastest of a few) and a payload of LINK_PAYLOAD_BYTES there and back (bandwidth). Calibrations run one at
+a time (workers sharing a machine would disturb each other's measurement). A failure is logged and kept, with
+its reason, so the plan falls back to balancing bytes and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.placement import fit
+from coordinator.planner import PlanDoesNotFit, StagePlan, layer_costs
+from coordinator.registry import WorkerRecord
+from coordinator.store import Manifest, ModelStore
+from coordinator.timed_planner import StageExplanation, WorkerSpeed, compute_weights, explain, plan_by_time
+from shardline.codec import dtype_to_enum
+from shardline.errors import from_rpc_error
+from shardline.server import channel
+from shardline.stream import LinkSettings
+from shardline.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+LINK_PAYLOAD_BYTES = 2 * 2**20
+RTT_PROBES = 3
+MAX_CHOICES = 2000  # sets of workers a rebalance compares at most
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The planned step a calibration times: `sequences` of `tokens` tokens over `context` cached positions."""
+
+    sequences: int = 16
+    tokens: int = 1
+    context: int = 256
+    max_ms: int = 10_000
+
+    @property
+    def step_tokens(self) -> int:
+        return self.sequences * self.tokens
+
+
+@dataclass(frozen=True)
+class Calibration:
+    speed: WorkerSpeed
+    activation_bytes_per_token: int
+    threads: int
+
+
+class Calibrations:
+    def __init__(self, store: ModelStore, links: LinkSettings, shape: StepShape) -> None:
+        self.store, self.links, self.shape = store, links, shape
+        self.known: dict[tuple[str, str, str], Calibration] = {}
+        self.failed: dict[tuple[str, str, str], str] = {}
+        self._lock = asyncio.Lock()  # one calibration at a time, cluster-wide
+
+    def get(self, worker: WorkerRecord, model: str, dtype: str) -> Calibration | None:
+        return self.known.get((worker.worker_id, model, dtype))
+
+    def why_not(self, workers: list[WorkerRecord], model: str, dtype: str) -> str:
+        """Why these workers cannot be planned by time ("" when they can)."""
+        for w in workers:
+            key = (w.worker_id, model, dtype)
+            if key in self.failed:
+                return f"calibrating worker {w.address} failed: {self.failed[key]}"
+            if key not in self.known:
+                return f"worker {w.address} is not calibrated yet"
+        return ""
+
+    async def ensure(self, workers: list[WorkerRecord], model: str, family: str, dtype: str) -> None:
+        """Calibrate those of `workers` not tried yet for (model, dtype), one at a time."""
+        for worker in workers:
+            key = (worker.worker_id, model, dtype)
+            if key in self.known or key in self.failed:
+                continue
+            async with self._lock:
+                if key in self.known or key in self.failed:
+                    continue
+                try:
+                    self.known[key] = await self._calibrate(worker.address, model, family, dtype)
+                    c = self.known[key]
+                    log.info("calibrated worker %s for %s at %s: %.2f ms per layer (%d threads), round trip "
+                             "%.2f ms, %.0f MiB/s", worker.address, model, dtype, c.speed.seconds_per_layer * 1000,
+                             c.threads, c.speed.rtt_s * 1000, c.speed.bandwidth_bytes_per_s / 2**20)
+                except Exception as exc:  # noqa: BLE001 - kept and logged: the plan falls back to bytes
+                    self.failed[key] = str(exc) or type(exc).__name__
+                    log.warning("calibrating worker %s for %s failed (its plans balance bytes): %s",
+                                worker.address, model, self.failed[key])
+
+    async def _calibrate(self, address: str, model: str, family: str, dtype: str) -> Calibration:
+        s, links = self.shape, self.links
+        config_json = await asyncio.to_thread(self.store.config_json, model)
+        request = worker_pb2.CalibrateRequest(family=family, config_json=config_json,
+                                              dtype=dtype_to_enum(dtype),  # type: ignore[arg-type]
+                                              sequences=s.sequences, tokens=s.tokens, context_tokens=s.context,
+                                              max_ms=s.max_ms)
+        async with channel(address, links.keepalive, links.identity) as ch:
+            stub = worker_pb2_grpc.ShardWorkerStub(ch)
+
+            async def call(req: worker_pb2.CalibrateRequest,
+                           timeout: float) -> tuple[float, worker_pb2.CalibrateResponse]:
+                began = time.perf_counter()
+                try:
+                    reply = await stub.Calibrate(req, timeout=timeout, metadata=links.identity.metadata)
+                except grpc.RpcError as err:
+                    raise from_rpc_error(err) from err
+                return time.perf_counter() - began, reply
+
+            _, measured = await call(request, s.max_ms / 1000 * 2 + 30)
+            rtt = min([(await call(worker_pb2.CalibrateRequest(), 10))[0] for _ in range(RTT_PROBES)])
+            payload = b"\0" * LINK_PAYLOAD_BYTES
+            took = min([(await call(worker_pb2.CalibrateRequest(payload=payload), 30))[0] for _ in range(2)])
+        bandwidth = 2 * LINK_PAYLOAD_BYTES / (took - rtt) if took > rtt else math.inf
+        return Calibration(WorkerSpeed(measured.seconds_per_layer, rtt, bandwidth),
+                           measured.activation_bytes_per_token, measured.threads)
+
+
+WIRE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+class TimedPlans:
+    """Plans by time where every worker of a chain is calibrated for the model, by bytes otherwise (saying
+    why). `dtype`: the compute dtype calibrated at; `wire`: the dtype hidden states travel in."""
+
+    def __init__(self, calibrations: Calibrations, manifest: Manifest, model: str, dtype: str, wire: str,
+                 tolerance: float = 0.1) -> None:
+        self.calibrations, self.manifest, self.model, self.dtype = calibrations, manifest, model, dtype
+        self.tolerance = tolerance
+        self.wire_factor = WIRE_BYTES.get(wire or dtype, 4) / WIRE_BYTES[dtype]
+
+    def _known(self, workers: list[WorkerRecord]) -> list[Calibration | None]:
+        return [self.calibrations.get(w, self.model, self.dtype) for w in workers]
+
+    def activation_bytes(self, known: list[Calibration | None]) -> float:
+        per_token = max((c.activation_bytes_per_token for c in known if c is not None), default=0)
+        return per_token * self.wire_factor * self.calibrations.shape.step_tokens
+
+    def _by_time(self, workers: list[WorkerRecord]) -> tuple[list[StagePlan], list[StageExplanation]]:
+        known = [c for c in self._known(workers) if c is not None]
+        shape = self.calibrations.shape
+        return plan_by_time(self.manifest, [w.address for w in workers], [c.speed for c in known],
+                            [w.memory_budget_bytes for w in workers], self.activation_bytes(list(known)),
+                            shape.sequences, shape.tokens)
+
+    def fit(self, workers: list[WorkerRecord]) -> tuple[list[StagePlan], str]:
+        """A split over exactly these workers (in order) and its basis, or PlanDoesNotFit. The byte-balanced
+        split is kept where its predicted time is within `tolerance` of the best (measurements are noisy:
+        workers of equal speed keep equal ranges)."""
+        by_bytes = fit(self.manifest, workers)
+        why = self.calibrations.why_not(workers, self.model, self.dtype)
+        if why:
+            return by_bytes, f"bytes ({why})"
+        timed, explained = self._by_time(workers)
+        best = max(s.stage_s for s in explained)
+        kept = max(s.stage_s for s in self.explain(workers, by_bytes))
+        if kept <= best * (1 + self.tolerance):
+            return by_bytes, (f"time (calibrated; the byte-balanced split predicts {kept * 1000:.1f} ms a step, "
+                              f"within {self.tolerance:.0%} of the best {best * 1000:.1f} ms: kept)")
+        return timed, f"time (calibrated: {best * 1000:.1f} ms a step at the slowest stage, compute + hop out)"
+
+    def choose(self, candidates: list[WorkerRecord], stages: int) -> list[WorkerRecord]:
+        """Of the candidates (in order, the chain's own first), the `stages` whose plan predicts the smallest
+        largest stage time (the earliest such set on a tie); the first `stages` without calibrations."""
+        if len(candidates) <= stages or self.calibrations.why_not(candidates, self.model, self.dtype):
+            return candidates[:stages]
+        best, chosen = math.inf, candidates[:stages]
+        for workers in itertools.islice(itertools.combinations(candidates, stages), MAX_CHOICES):
+            try:
+                worst = max(s.stage_s for s in self._by_time(list(workers))[1])
+            except PlanDoesNotFit:
+                continue
+            if worst < best:
+                best, chosen = worst, list(workers)
+        return chosen
+
+    def explain(self, workers: list[WorkerRecord], stages: list[StagePlan]) -> list[StageExplanation]:
+        known = self._known(workers)
+        shape = self.calibrations.shape
+        return explain(list(w.address for w in workers), [(s.start, s.end) for s in stages],
+                       layer_costs(self.manifest), compute_weights(self.manifest, shape.sequences, shape.tokens),
+                       [c.speed if c is not None else None for c in known], self.activation_bytes(known),
+                       [w.memory_budget_bytes for w in workers])

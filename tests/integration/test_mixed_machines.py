@@ -1,0 +1,68 @@
+"""Planning for mixed machines on a real cluster: two CPU worker processes, started with 1 and 2 compute
+threads, register with a coordinator; it calibrates them (one at a time) and gives more layers to the faster
+one. `coordinator plan --explain` (a real CLI process) says why; the model then generates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.launcher import spawn_worker, stop_processes
+from coordinator.server import start_coordinator
+from shardline.client import Client
+
+MODEL = "calib-llama512"
+
+
+@pytest.fixture(scope="module")
+def calib_store(store):
+    from coordinator.importer import import_random, random_config
+
+    if not store.has(MODEL):  # heavy enough per layer that 2 threads beat 1 clearly: 256 tokens a step
+        import_random(store, MODEL, random_config("llama", hidden=512, layers=10, heads=8, kv_heads=2, vocab=256,
+                                                  intermediate=1536), seed=3)
+    return store
+
+
+def test_the_faster_worker_gets_more_layers(loop, calib_store, parameters):
+    config = CoordinatorConfig(store=calib_store.root, model=MODEL, workers=2, port=0, http=False,
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000,
+                               calibration_sequences=1, calibration_tokens=512, calibration_context_tokens=0)
+    coordinator = loop.run(start_coordinator(config))
+    processes = []
+    try:
+        for threads in (1, 2):  # the slow one registers first: the chain keeps registration order
+            processes.append(loop.run(spawn_worker("127.0.0.1", coordinator.address,
+                                                   extra=("--compute-threads", str(threads)))))
+            while len(coordinator.fleet.registry.workers) < len(processes):
+                time.sleep(0.05)
+        slow, fast = (p.address for p in processes)
+        deadline = time.monotonic() + 60
+        while not coordinator.fleet.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert coordinator.fleet.ready, coordinator.fleet.message
+        replica = coordinator.fleet.first
+        assert replica.plan_basis.startswith("time"), replica.plan_basis
+        layers = {w.address: s.end - s.start for w, s in zip(replica.assignment, replica.stages, strict=True)}
+        explained = {s.worker: s for s in replica.plan}
+        assert explained[fast].seconds_per_layer < explained[slow].seconds_per_layer, explained
+        print({a: (layers[a], f"{s.seconds_per_layer * 1000:.2f} ms/layer") for a, s in explained.items()})
+        assert layers[fast] > layers[slow], (layers, explained)
+
+        cli = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--explain", "--endpoint",
+                              coordinator.address], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert cli.returncode == 0, cli.stderr
+        assert "planned by time" in cli.stdout and "s/layer" in cli.stdout
+        assert f"[0, {layers[slow]})" in cli.stdout and f"[{layers[slow]}, 10)" in cli.stdout
+
+        with Client(coordinator.address, timeout=60) as client:
+            assert len(client.generate([1, 2, 3], max_tokens=4).token_ids) == 4
+    finally:
+        loop.run(stop_processes(processes))
+        loop.run(coordinator.stop())
