@@ -132,9 +132,9 @@ class TimedPlans:
     why). `dtype`: the compute dtype calibrated at; `wire`: the dtype hidden states travel in."""
 
     def __init__(self, calibrations: Calibrations, manifest: Manifest, model: str, dtype: str, wire: str,
-                 tolerance: float = 0.1) -> None:
+                 tolerance: float = 0.1, min_gain_s: float = 0.002) -> None:
         self.calibrations, self.manifest, self.model, self.dtype = calibrations, manifest, model, dtype
-        self.tolerance = tolerance
+        self.tolerance, self.min_gain_s = tolerance, min_gain_s
         self.wire_factor = WIRE_BYTES.get(wire or dtype, 4) / WIRE_BYTES[dtype]
 
     def _known(self, workers: list[WorkerRecord]) -> list[Calibration | None]:
@@ -153,8 +153,8 @@ class TimedPlans:
 
     def fit(self, workers: list[WorkerRecord]) -> tuple[list[StagePlan], str]:
         """A split over exactly these workers (in order) and its basis, or PlanDoesNotFit. The byte-balanced
-        split is kept where its predicted time is within `tolerance` of the best (measurements are noisy:
-        workers of equal speed keep equal ranges)."""
+        split is kept where its predicted time is within `tolerance` (a share) or `min_gain_s` of the best
+        (measurements are noisy: workers of equal speed, and small models, keep equal ranges)."""
         by_bytes = fit(self.manifest, workers)
         why = self.calibrations.why_not(workers, self.model, self.dtype)
         if why:
@@ -162,9 +162,10 @@ class TimedPlans:
         timed, explained = self._by_time(workers)
         best = max(s.stage_s for s in explained)
         kept = max(s.stage_s for s in self.explain(workers, by_bytes))
-        if kept <= best * (1 + self.tolerance):
+        if kept - best <= max(best * self.tolerance, self.min_gain_s):
             return by_bytes, (f"time (calibrated; the byte-balanced split predicts {kept * 1000:.1f} ms a step, "
-                              f"within {self.tolerance:.0%} of the best {best * 1000:.1f} ms: kept)")
+                              f"within {self.tolerance:.0%} or {self.min_gain_s * 1000:.0f} ms of the best "
+                              f"{best * 1000:.1f} ms: kept)")
         return timed, f"time (calibrated: {best * 1000:.1f} ms a step at the slowest stage, compute + hop out)"
 
     def choose(self, candidates: list[WorkerRecord], stages: int) -> list[WorkerRecord]:

@@ -275,6 +275,9 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
            wire_dtype: str = typer.Option("", help=WIRE_DTYPE_HELP, show_default="float32"),
            quantize: str = typer.Option("", help=QUANTIZE_HELP, show_default="none"),
+           worker_compute_threads: int = typer.Option(0, min=0, help="torch's compute threads of each worker "
+                                                      "process (shard-worker serve --compute-threads); 0 = torch's "
+                                                      "default", show_default="0"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
@@ -299,7 +302,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
         return
     _check_ports(config)
     asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure,
-                        "DEBUG" if log_level.upper() == "DEBUG" else "WARNING"))
+                        "DEBUG" if log_level.upper() == "DEBUG" else "WARNING",
+                        ("--compute-threads", str(worker_compute_threads)) if worker_compute_threads else ()))
 
 
 def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object]]:
@@ -332,7 +336,8 @@ async def _drain(drain: Any, grace_s: float, signals: Any) -> None:
 
 
 async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool,
-                  secure: bool = False, worker_log_level: str = "WARNING") -> None:
+                  secure: bool = False, worker_log_level: str = "WARNING",
+                  worker_extra: tuple[str, ...] = ()) -> None:
     from coordinator.launcher import LaunchSecurity, LocalCluster, preflight_plan
     from coordinator.planner import PlanDoesNotFit
     from shardline.server import Signals
@@ -354,7 +359,8 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     config = security.config
     for line in security.lines:
         print(line, flush=True)
-    cluster = LocalCluster(config, worker_memory_mb, spares, security.worker_args, worker_log_level=worker_log_level)
+    cluster = LocalCluster(config, worker_memory_mb, spares, (*security.worker_args, *worker_extra),
+                           worker_log_level=worker_log_level)
     failed = ""
     gateway = None
     try:
@@ -694,7 +700,8 @@ def rebalance(endpoint: str = endpoint_option(),
               timeout: float = typer.Option(600, help="deadline in seconds"),
               api_key: str | None = API_KEY_OPTION, certs_dir: Path | None = CLIENT_CERTS_DIR,
               client_name: str = CLIENT_NAME) -> None:
-    """Re-plan onto up to the configured number of workers, folding in spares; streams migrate by replay."""
+    """Re-plan onto up to the configured number of workers, folding in spares; streams migrate by replay. With
+    calibrations: the fastest set of current and spare workers (the explicit re-plan when one joins)."""
     from shardline.errors import ShardlineError
 
     with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:

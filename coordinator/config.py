@@ -79,6 +79,7 @@ class CoordinatorConfig(BaseModel):
     calibration_max_ms: int = Field(10_000, ge=100, le=60_000, description="bound on one worker's calibration")
     calibration_tolerance: float = Field(0.1, ge=0, description="the byte-balanced split is kept where its "
                                          "predicted step time is within this share of the best (noise)")
+    calibration_min_gain_ms: float = Field(2.0, ge=0, description="... or within this many milliseconds of it")
     rebalance_on_join: bool = Field(False, description="fold a joining spare into a chain narrower than `workers`")
     drain_seconds: float = Field(30, ge=0, description="on SIGTERM, how long streams in flight may finish")
     max_step_tokens: int = Field(2048, ge=1, le=65_536, description="token rows of one step (all its sequences); "

@@ -487,7 +487,7 @@ class Replica:
         if c is None:
             return None
         return TimedPlans(c, self.manifest, self.spec.model, self.config.dtype, self.config.wire_dtype,
-                          self.config.calibration_tolerance)
+                          self.config.calibration_tolerance, self.config.calibration_min_gain_ms / 1000)
 
     async def _calibrate(self, workers: list[WorkerRecord]) -> None:
         c = self.shared.calibrations

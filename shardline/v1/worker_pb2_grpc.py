@@ -127,7 +127,7 @@ class ShardWorkerServicer:
     def Calibrate(self, request, context):
         """/ What this worker offers a model before any weight arrives (README "Planning for mixed machines"): the
         / time of one layer of the model, built from its config with random weights, on a step of the given shape
-        / at the given dtype (the median of a few repeats after a warm-up, within max_ms), run on the compute
+        / at the given dtype (the fastest of a few repeats after a warm-up, within max_ms), run on the compute
         / thread. Echoes `payload`, so the caller can time the link (round trip, bandwidth); with an empty
         / `family` it only echoes. INVALID_ARGUMENT names what is wrong: an unknown family, a config the family
         / cannot read, a dtype that cannot compute, sizes out of bounds or beyond this worker's memory.

@@ -58,11 +58,48 @@ def test_the_faster_worker_gets_more_layers(loop, calib_store, parameters):
                               coordinator.address], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "PYTHONPATH": os.getcwd()})
         assert cli.returncode == 0, cli.stderr
+        print(cli.stdout)
         assert "planned by time" in cli.stdout and "s/layer" in cli.stdout
         assert f"[0, {layers[slow]})" in cli.stdout and f"[{layers[slow]}, 10)" in cli.stdout
 
         with Client(coordinator.address, timeout=60) as client:
             assert len(client.generate([1, 2, 3], max_tokens=4).token_ids) == 4
+    finally:
+        loop.run(stop_processes(processes))
+        loop.run(coordinator.stop())
+
+
+@pytest.mark.slow
+def test_a_faster_worker_that_joins_is_used_on_rebalance_only(loop, calib_store, parameters):
+    """A 2-thread spare joins a chain of a 1-thread and a 2-thread worker: nothing moves until `Rebalance`,
+    which calibrates it and replaces the slow worker (the fastest pair in registration order)."""
+    config = CoordinatorConfig(store=calib_store.root, model=MODEL, workers=2, port=0, http=False,
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000,
+                               calibration_sequences=1, calibration_tokens=512, calibration_context_tokens=0)
+    coordinator = loop.run(start_coordinator(config))
+    processes = []
+    try:
+        for threads in (1, 2):
+            processes.append(loop.run(spawn_worker("127.0.0.1", coordinator.address,
+                                                   extra=("--compute-threads", str(threads)))))
+            while len(coordinator.fleet.registry.workers) < len(processes):
+                time.sleep(0.05)
+        deadline = time.monotonic() + 60
+        while not coordinator.fleet.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        replica = coordinator.fleet.first
+        before = [w.address for w in replica.assignment]
+        processes.append(loop.run(spawn_worker("127.0.0.1", coordinator.address,
+                                               extra=("--compute-threads", "2"))))
+        while len(coordinator.fleet.registry.workers) < 3:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert [w.address for w in replica.assignment] == before  # no re-plan on its own
+        with Client(coordinator.address, timeout=120) as client:
+            said = client.rebalance()
+        slow, fast, new = (p.address for p in processes)
+        assert [w.address for w in replica.assignment] == [fast, new], (said, replica.plan)
+        assert replica.plan_basis.startswith("time")
     finally:
         loop.run(stop_processes(processes))
         loop.run(coordinator.stop())

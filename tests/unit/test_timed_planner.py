@@ -136,3 +136,47 @@ def test_compute_weights_put_the_head_on_the_last_layer():
     tied = Manifest("m", "llama", 2, [t("emb", "embed", -1, 200), t("l0", "layer", 0, 100),
                                       t("l1", "layer", 1, 100)], head_shares=["emb"])
     assert compute_weights(tied) == [1.0, 3.0]
+
+
+def _manifest(layers=8, layer_bytes=MIB):
+    tensors = [TensorInfo(f"l{i}", "F32", [1], layer_bytes, "", "layer", i, "m.safetensors", 0) for i in range(layers)]
+    return Manifest("m", "llama", layers, tensors)
+
+
+@pytest.mark.parametrize("slow_s, fast_s, expected, basis", [
+    (0.0105, 0.0100, [(0, 4), (4, 8)], "kept"),          # 5% apart: noise, the byte split stays
+    (0.0300, 0.0100, [(0, 2), (2, 8)], "slowest stage"),  # 3x apart: planned by time
+])
+def test_timed_plans_keep_the_byte_split_within_the_noise(tmp_path, slow_s, fast_s, expected, basis):
+    from coordinator.calibration import Calibration, Calibrations, StepShape, TimedPlans
+    from coordinator.registry import WorkerRecord
+    from coordinator.store import ModelStore
+    from shardline.stream import LinkSettings
+
+    calibrations = Calibrations(ModelStore(tmp_path), LinkSettings(), StepShape(sequences=1, tokens=1))
+    workers = [WorkerRecord(f"w{i}", f"h:{i}", 100 * MIB, 0.0) for i in (1, 2)]
+    plans = TimedPlans(calibrations, _manifest(), "m", "float32", "")
+    stages, why = plans.fit(workers)
+    assert [(s.start, s.end) for s in stages] == [(0, 4), (4, 8)] and "not calibrated yet" in why
+    for w, spl in zip(workers, (slow_s, fast_s), strict=True):
+        calibrations.known[(w.worker_id, "m", "float32")] = Calibration(WorkerSpeed(spl), 1024, 1)
+    stages, why = plans.fit(workers)
+    assert [(s.start, s.end) for s in stages] == expected and basis in why and why.startswith("time")
+    calibrations.failed[(workers[0].worker_id, "m", "float32")] = "deadline exceeded"
+    del calibrations.known[(workers[0].worker_id, "m", "float32")]
+    assert "calibrating worker h:1 failed: deadline exceeded" in plans.fit(workers)[1]
+
+
+def test_rebalance_chooses_the_fastest_workers(tmp_path):
+    from coordinator.calibration import Calibration, Calibrations, StepShape, TimedPlans
+    from coordinator.registry import WorkerRecord
+    from coordinator.store import ModelStore
+    from shardline.stream import LinkSettings
+
+    calibrations = Calibrations(ModelStore(tmp_path), LinkSettings(), StepShape(sequences=1, tokens=1))
+    workers = [WorkerRecord(f"w{i}", f"h:{i}", 100 * MIB, 0.0) for i in (1, 2, 3)]
+    for w, spl in zip(workers, (0.03, 0.01, 0.01), strict=True):
+        calibrations.known[(w.worker_id, "m", "float32")] = Calibration(WorkerSpeed(spl), 1024, 1)
+    plans = TimedPlans(calibrations, _manifest(), "m", "float32", "")
+    assert plans.choose(workers, 2) == workers[1:]
+    assert plans.choose(workers[:2], 2) == workers[:2]
