@@ -275,6 +275,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            log_prompts: bool = typer.Option(False, help=LOG_PROMPTS_HELP),
            wire_dtype: str = typer.Option("", help=WIRE_DTYPE_HELP, show_default="float32"),
            quantize: str = typer.Option("", help=QUANTIZE_HELP, show_default="none"),
+           calibrate: bool = typer.Option(False, help="calibrate the workers and plan layer ranges by measured "
+                                          "time, not bytes (README \"Planning for mixed machines\")"),
            worker_compute_threads: int = typer.Option(0, min=0, help="torch's compute threads of each worker "
                                                       "process (shard-worker serve --compute-threads); 0 = torch's "
                                                       "default", show_default="0"),
@@ -296,7 +298,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
                          rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
                          cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure,
                          result_cache_mb=result_cache_mb, http=http, http_port=http_port, log_prompts=log_prompts,
-                         prefix_cache=prefix_cache, wire_dtype=wire_dtype, quantize=quantize)
+                         prefix_cache=prefix_cache, wire_dtype=wire_dtype, quantize=quantize, calibrate=calibrate)
     except ValueError as exc:
         _fail(str(exc))
         return

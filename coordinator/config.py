@@ -69,8 +69,8 @@ class CoordinatorConfig(BaseModel):
     # planning for mixed machines (README "Planning for mixed machines"): workers are calibrated on the planned
     # step (one layer of the model, `calibration_sequences` x `calibration_tokens` over
     # `calibration_context_tokens` cached positions) before a replica is planned on them
-    calibrate: bool = Field(True, description="plan by measured time (compute + hop) once the chosen workers are "
-                            "calibrated; off: balance weight bytes only")
+    calibrate: bool = Field(False, description="plan by measured time (compute + hop) once the chosen workers are "
+                            "calibrated; off: balance weight bytes only (README \"Planning for mixed machines\")")
     calibration_sequences: int = Field(16, ge=1, le=1024, description="sequences of the calibrated step")
     calibration_tokens: int = Field(1, ge=1, le=4096, description="tokens of each sequence in the calibrated "
                                     "step (1 = a decode step)")
