@@ -24,7 +24,7 @@ def test_calibrate_times_one_layer_and_echoes(workers, store, model):
     (worker,) = workers(1)
     reply = worker_stub(worker.address).Calibrate(request(store, model, payload=b"x" * 100_000), timeout=60)
     assert 0 < reply.seconds_per_layer < 1.0
-    assert 1 <= reply.repeats <= 7 and reply.threads >= 1
+    assert 1 <= reply.repeats <= 11 and reply.threads >= 1
     assert reply.activation_bytes_per_token == 64 * 4  # hidden 64, float32
     assert reply.payload == b"x" * 100_000
     assert worker.servicer.shard is None  # nothing loaded: the calibration's layer is gone
