@@ -1,5 +1,6 @@
 """CUDA stages (shard_worker/device.py): SmolLM2 over a CPU worker and a GPU worker, and over two GPU workers,
-gives transformers' greedy tokens on the same device and dtype; --engine deepspeed gives the torch engine's.
+gives transformers' greedy tokens on the same device and dtype; a random Llama of 9 GB in bfloat16 splits over
+three GPU workers whose budgets cannot hold it in two; --engine deepspeed gives the torch engine's tokens.
 Skipped without a CUDA device (tests/conftest.py); not yet run on one."""
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ HALVES = [(0, 15), (15, 30)]
 def started(loop):
     servers = []
 
-    def start(settings: DeviceSettings):
-        server = loop.run(start_worker(device=settings))
+    def start(settings: DeviceSettings, memory_budget_bytes: int = 0):
+        server = loop.run(start_worker(memory_budget_bytes=memory_budget_bytes, device=settings))
         servers.append(server)
         return server
 
@@ -89,3 +90,43 @@ def test_the_deepspeed_engine_gives_the_torch_engines_tokens(smollm2_store, para
     expected = run_chain(torch_engine, parameters, tokenizer, "torch")
     deepspeed = [started(DeviceSettings(CUDA, "float16", engine="deepspeed")) for _ in range(2)]
     assert run_chain(deepspeed, parameters, tokenizer, "deepspeed") == expected
+
+
+BIG = "random-llama-9gb"
+
+
+def test_a_random_llama_of_9_gb_in_bfloat16_splits_over_three_gpu_workers(store, parameters, started):
+    """The planner cannot fit it in two workers' budgets (it says how many MiB are missing) and fits it in
+    three; the three stages on the GPU give transformers' last-position logits (bfloat16: within 5% of their
+    largest magnitude; a random model's logits are too flat to compare greedy tokens) and generate."""
+    from coordinator.importer import import_random, random_config
+    from coordinator.planner import PlanDoesNotFit, plan
+
+    if not store.has(BIG):  # 24 layers of 4096 wide: 4.5 billion parameters, 9 GB in bfloat16
+        import_random(store, BIG, random_config("llama", hidden=4096, layers=24, heads=32, kv_heads=8,
+                                                intermediate=11008, vocab=32000, positions=4096),
+                      seed=3, dtype=torch.bfloat16)
+    manifest = store.manifest(BIG)
+    assert manifest.total_size_bytes >= 8 * 2**30
+    budget = int(manifest.total_size_bytes * 0.45)  # weights of a third, and room for KV and activations
+    with pytest.raises(PlanDoesNotFit, match="MiB missing"):
+        plan(manifest, 2, [budget] * 2)
+    stages = plan(manifest, 3, [budget] * 3)
+    servers = [started(DeviceSettings(CUDA, "bfloat16"), budget) for _ in stages]
+    for server, stage in zip(servers, stages, strict=True):
+        load(server.address, BIG, stage.start, stage.end, parameters.address)
+        status = worker_stub(server.address).GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+        assert status.weight_bytes <= budget and status.device.device == "cuda:0"
+    prompt = [1, 450, 7483, 310, 3444, 338]
+    chain = Chain([s.address for s in servers])
+    ours = torch.from_numpy(chain.logits("big-logits", 0, prompt))[-1].float()
+    assert len(chain.greedy("big-greedy", prompt, STEPS)) == STEPS
+    for server in servers:
+        stage = server.servicer.shard.runtime.stage
+        assert {p.device.type for p in stage.modules.parameters()} == {"cuda"}  # weights straight on the GPU
+    model = AutoModelForCausalLM.from_pretrained(store.path(BIG), dtype=torch.bfloat16).to(CUDA).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt], device=CUDA)).logits[0, -1].float().cpu()
+    del model
+    torch.cuda.empty_cache()
+    assert (ours - expected).abs().max() <= 0.05 * expected.abs().max()
