@@ -32,7 +32,7 @@ from shardline.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 LINK_PAYLOAD_BYTES = 2 * 2**20
 RTT_PROBES = 3
-MAX_CHOICES = 2000  # sets of workers a rebalance compares at most
+MAX_CHOICES = 32  # sets of workers a rebalance plans at most (about 10 ms each for 80 layers on 4 stages)
 
 
 @dataclass(frozen=True)
@@ -168,20 +168,48 @@ class TimedPlans:
                               f"{best * 1000:.1f} ms: kept)")
         return timed, f"time (calibrated: {best * 1000:.1f} ms a step at the slowest stage, compute + hop out)"
 
-    def choose(self, candidates: list[WorkerRecord], stages: int) -> list[WorkerRecord]:
+    def _worst(self, workers: list[WorkerRecord]) -> float:
+        try:
+            return max(s.stage_s for s in self._by_time(workers)[1])
+        except PlanDoesNotFit:
+            return math.inf
+
+    def choose(self, candidates: list[WorkerRecord], stages: int) -> tuple[list[WorkerRecord], str]:
         """Of the candidates (in order, the chain's own first), the `stages` whose plan predicts the smallest
-        largest stage time (the earliest such set on a tie); the first `stages` without calibrations."""
-        if len(candidates) <= stages or self.calibrations.why_not(candidates, self.model, self.dtype):
-            return candidates[:stages]
-        best, chosen = math.inf, candidates[:stages]
-        for workers in itertools.islice(itertools.combinations(candidates, stages), MAX_CHOICES):
-            try:
-                worst = max(s.stage_s for s in self._by_time(list(workers))[1])
-            except PlanDoesNotFit:
+        largest stage time, and a note on spares left out ("" when none). The first `stages` (the current
+        set) are kept unless another set gains more than `fit`'s noise tolerance; spares that are not
+        calibrated are left out (the note says why), and only the fastest spares are compared, so that at
+        most MAX_CHOICES sets are planned (each a full planner run: callers run this off the event loop)."""
+        current, spares = candidates[:stages], candidates[stages:]
+        if not spares or self.calibrations.why_not(current, self.model, self.dtype):
+            return current, ""
+        notes, timed = [], []
+        for w in spares:
+            why = self.calibrations.why_not([w], self.model, self.dtype)
+            if why:
+                notes.append(why)
+            else:
+                timed.append(w)
+        note = ("spares left out: " + "; ".join(notes)) if notes else ""
+        speed = {w.worker_id: self._known([w])[0] for w in timed}
+        timed.sort(key=lambda w: speed[w.worker_id].speed.seconds_per_layer)  # type: ignore[union-attr]
+        k = 0
+        while k < len(timed) and math.comb(stages + k + 1, stages) <= MAX_CHOICES:
+            k += 1
+        order = {w.worker_id: i for i, w in enumerate(candidates)}
+        pool = sorted(current + timed[:k], key=lambda w: order[w.worker_id])
+        kept = self._worst(current)
+        best, chosen = kept, current
+        for workers in itertools.combinations(pool, stages):
+            if list(workers) == current:
                 continue
+            worst = self._worst(list(workers))
             if worst < best:
                 best, chosen = worst, list(workers)
-        return chosen
+        if chosen is not current and not math.isinf(kept) and \
+                kept - best <= max(best * self.tolerance, self.min_gain_s):
+            return current, note  # within the noise: moving layers and replaying every stream gains nothing
+        return chosen, note
 
     def explain(self, workers: list[WorkerRecord], stages: list[StagePlan]) -> list[StageExplanation]:
         known = self._known(workers)

@@ -406,8 +406,14 @@ class Replica:
             if first is not None or rebalance:  # lazily, once per (worker, model, dtype): the plan balances time
                 await self._calibrate([w for w, _ in first] if first is not None else
                                       [w for w in mine if w.worker_id in loaded and w.worker_id not in excluded])
+            chosen = None
+            if rebalance and first is None and (plans := self._timed()) is not None:
+                # up to MAX_CHOICES full planner runs (~10 ms each for big models): off the event loop
+                chosen = await asyncio.to_thread(plans.choose, self._candidates(dead, loaded, excluded, drain),
+                                                 self.spec.workers)
             try:
-                target = self._choose(dead, loaded, excluded, first=first, drain=drain, rebalance=rebalance)
+                target = self._choose(dead, loaded, excluded, first=first, drain=drain, rebalance=rebalance,
+                                      chosen=chosen)
             except PlanDoesNotFit as exc:
                 # workers whose load failed are left out: their failure is the reason, not the arithmetic
                 why = f"loading failed on {len(excluded)} workers ({self.message}); without them: {exc}" \
@@ -451,8 +457,16 @@ class Replica:
         elif first is None:
             self.shared.say(f"{reason}: done in {took:.2f} s; {self.describe()}")
 
+    def _candidates(self, dead: list[WorkerRecord], loaded: dict[str, LoadedShard], excluded: set[str],
+                    drain: WorkerRecord | None) -> list[WorkerRecord]:
+        """A rebalance's candidates: the chain's usable workers first, then the free ones that answered."""
+        usable = [w for w in self.assignment if w not in dead and w.worker_id not in excluded]
+        free = [w for w in self.free_workers(excluded) if w is not drain]
+        return usable + [w for w in free if w.worker_id in loaded]
+
     def _choose(self, dead: list[WorkerRecord], loaded: dict[str, LoadedShard], excluded: set[str], *,
-                first: Assignment | None, drain: WorkerRecord | None, rebalance: bool) -> Assignment:
+                first: Assignment | None, drain: WorkerRecord | None, rebalance: bool,
+                chosen: tuple[list[WorkerRecord], str] | None = None) -> Assignment:
         free = [w for w in self.free_workers(excluded) if w is not drain]
         stages = self.spec.workers
         if first is not None:
@@ -462,13 +476,16 @@ class Replica:
                 return self._fit(placed)  # placement chose the workers (by memory); the ranges follow their speeds
             # a placed worker is gone or failed to load: place again among the others and the free ones
             others = [w for w in placed if w.worker_id in loaded and w.worker_id not in excluded]
-            chosen = choose_workers(self.manifest, stages, others + [w for w in free if w not in placed])
-            return self._fit([w for w, _ in chosen])
+            placing = choose_workers(self.manifest, stages, others + [w for w in free if w not in placed])
+            return self._fit([w for w, _ in placing])
         usable = [w for w in self.assignment if w not in dead and w.worker_id not in excluded]
         if rebalance:  # the explicit re-plan: with calibrations, the fastest set of current and spare workers
-            candidates = usable + [w for w in free if w.worker_id in loaded]
-            plans = self._timed()
-            return self._fit(plans.choose(candidates, stages) if plans is not None else candidates[:stages])
+            workers, note = chosen if chosen is not None else \
+                (self._candidates(dead, loaded, excluded, drain)[:stages], "")
+            assignment = self._fit(workers)
+            if note:
+                self._basis += f"; {note}"
+            return assignment
         leaving = [w for w in self.assignment if w not in usable or w is drain]
         current = list(zip(self.assignment, self.stages, strict=True))
         if not current:
