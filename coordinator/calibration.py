@@ -218,3 +218,11 @@ class TimedPlans:
                        layer_costs(self.manifest), compute_weights(self.manifest, shape.sequences, shape.tokens),
                        [c.speed if c is not None else None for c in known], self.activation_bytes(known),
                        [w.memory_budget_bytes for w in workers])
+
+
+def explain_unmeasured(manifest: Manifest, workers: list[WorkerRecord],
+                       stages: list[StagePlan]) -> list[StageExplanation]:
+    """The explanation of a plan made without calibrations (calibration is off): each stage's worker, range,
+    bytes and budget; speeds unknown (0: `coordinator plan --explain` shows "-")."""
+    return explain([w.address for w in workers], [(s.start, s.end) for s in stages], layer_costs(manifest),
+                   compute_weights(manifest), [None] * len(workers), 0.0, [w.memory_budget_bytes for w in workers])

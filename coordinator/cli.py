@@ -745,8 +745,11 @@ def plan_lines(stages: Any, explained: bool) -> list[str]:
             measured = p.seconds_per_layer > 0
             spl = f"{p.seconds_per_layer * 1000:>6.2f} ms" if measured else f"{'-':>9}"
             bandwidth = f"{p.bandwidth_bytes_per_s / 2**20:>7.0f} MiB/s" if p.bandwidth_bytes_per_s else f"{'-':>12}"
-            line += (f" {spl} {p.threads or '-':>7} {p.compute_s * 1000:>6.2f} ms {p.hop_s * 1000:>6.2f} ms "
-                     f"{(p.compute_s + p.hop_s) * 1000:>6.2f} ms {p.rtt_s * 1000:>6.2f} ms {bandwidth} "
+            def ms(seconds: float, measured: bool = measured) -> str:
+                return f"{seconds * 1000:>6.2f} ms" if measured else f"{'-':>9}"
+
+            line += (f" {spl} {p.threads or '-':>7} {ms(p.compute_s)} {ms(p.hop_s)} "
+                     f"{ms(p.compute_s + p.hop_s)} {ms(p.rtt_s)} {bandwidth} "
                      f"{p.weight_bytes / 2**20:>7.1f} MiB {p.memory_budget_bytes / 2**20:>7.0f} MiB")
         lines.append(line)
     return lines

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.calibration import Calibrations, TimedPlans
+from coordinator.calibration import Calibrations, TimedPlans, explain_unmeasured
 from coordinator.chain import ChainClient, end_sessions
 from coordinator.config import CoordinatorConfig
 from coordinator.deployments import DeploymentSpec
@@ -608,7 +608,8 @@ class Replica:
     def _explain(self) -> None:
         """The installed plan's explanation (a chain kept by a heal is explained with what is measured)."""
         plans = self._timed()
-        self.plan = plans.explain(self.assignment, self.stages) if plans is not None else []
+        self.plan = plans.explain(self.assignment, self.stages) if plans is not None else \
+            explain_unmeasured(self.manifest, self.assignment, self.stages)
         self.plan_basis = self._basis or "bytes"
         if self.plan and self.plan_basis.startswith("time"):
             self.shared.say(f"{self.name} planned by time: " + "; ".join(

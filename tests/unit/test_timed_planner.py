@@ -222,3 +222,22 @@ def test_rebalance_says_which_spares_failed_calibration(tmp_path):
     chosen, note = plans.choose(workers, 2)
     assert chosen == [workers[1], workers[3]]  # the calibrated spare is still compared
     assert "calibrating worker h:2 failed: deadline exceeded" in note
+
+
+def test_a_plan_by_bytes_is_explained(tmp_path):
+    from coordinator.calibration import explain_unmeasured
+    from coordinator.cli import plan_lines
+    from coordinator.placement import fit
+    from coordinator.registry import WorkerRecord
+    from shardline.client import PlanStage
+
+    # calibration off (the default): `coordinator plan --explain` still shows ranges, workers and bytes
+    workers = [WorkerRecord(f"w{i}", f"h:{i}", 100 * MIB, 0.0) for i in (1, 2)]
+    manifest = _manifest()
+    rows = explain_unmeasured(manifest, workers, fit(manifest, workers))
+    assert [(r.worker, r.start, r.end, r.weight_bytes) for r in rows] == [("h:1", 0, 4, 4 * MIB),
+                                                                          ("h:2", 4, 8, 4 * MIB)]
+    stages = [PlanStage(r.worker, r.start, r.end, 0.0, 0.0, 0.0, r.weight_bytes, r.budget_bytes, 0.0, 0.0, 0)
+              for r in rows]
+    lines = plan_lines(stages, True)
+    assert "[0, 4)" in lines[1] and "4.0 MiB" in lines[1] and "0.00 ms" not in lines[1] and " - " in lines[1]
