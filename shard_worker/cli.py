@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from shard_worker.device import DeviceSettings, check_dtype, parse_device
+from shard_worker.device import DeviceSettings, check_dtype, parse_device, set_compute_threads
 from shard_worker.engine import check_engine
 from shard_worker.server import serve_forever
 from shardline import tracing
@@ -83,9 +83,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     if compute_threads:
+        set_compute_threads(compute_threads)  # the intended count, which every worker thread is given
+    if settings.device.type == "cuda":  # this thread's current device: not a context on cuda:0 as well
         import torch
 
-        torch.set_num_threads(compute_threads)
+        torch.cuda.set_device(settings.device)
     try:
         links = LinkSettings(step_timeout_ms=step_timeout_ms, keepalive=Keepalive(time_ms=keepalive_ms),
                              identity=identity)

@@ -24,6 +24,34 @@ TORCH_COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 CUDA_BUDGET_SHARE = 0.9  # of the device's free memory at start: the default budget of a CUDA worker
 
 
+# the worker's intended torch thread count: torch's default when this module is first imported (on the main
+# thread, before any compute), or --compute-threads (set_compute_threads). Kept here, not read back from torch:
+# torch's global count is what a new thread picks up at its first parallel operation, and a thread that starts
+# while another is inside kv_cache._one_thread (count 1) would otherwise stay on one thread for good
+_COMPUTE_THREADS = [torch.get_num_threads()]
+
+
+def compute_threads() -> int:
+    """The worker's intended torch thread count (see _COMPUTE_THREADS)."""
+    return _COMPUTE_THREADS[0]
+
+
+def set_compute_threads(threads: int) -> None:
+    """--compute-threads: the intended count, applied to torch now (the calling thread and the global)."""
+    _COMPUTE_THREADS[0] = threads
+    torch.set_num_threads(threads)
+
+
+def init_thread(device: torch.device) -> None:
+    """The initializer of a worker's compute and loader threads: the intended thread count on this thread,
+    whatever torch's global count is at this moment, and (CUDA) the worker's device as this thread's current
+    one, so that pinned buffers and the current stream are not on cuda:0."""
+    torch.get_num_threads()  # torch's lazy per-thread set-up, which reads the global count, happens first...
+    torch.set_num_threads(compute_threads())  # ...then this thread's own count is set to the intended one
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class DeviceError(ValueError):
     """A device, dtype or engine this worker cannot run: the message says what is missing and how to get it."""
 
@@ -100,13 +128,19 @@ def cpu_runs(dtype: torch.dtype) -> str:
     return _CPU_RUNS[dtype]
 
 
+def bf16_native(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability runs bfloat16 natively (Ampere, 8.0, and later); earlier ones
+    only emulate it (torch.cuda.is_bf16_supported() says True on a V100 or T4), slowly."""
+    return capability >= (8, 0)
+
+
 def check_dtype(device: torch.device, dtype: str, what: str = "--dtype") -> None:
     """Refuse a compute dtype the device cannot run (`what`: how the error names the setting)."""
     if dtype not in COMPUTE_DTYPES:
         raise DeviceError(f"{what} {dtype!r} is not a compute dtype ({', '.join(COMPUTE_DTYPES)})")
     if device.type == "cuda":
-        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-            major, minor = torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability(device) if dtype == "bfloat16" else (0, 0)
+        if dtype == "bfloat16" and not bf16_native((major, minor)):
             raise DeviceError(f"{what} bfloat16: {torch.cuda.get_device_name(device)} ({device}, compute "
                               f"capability {major}.{minor}) does not support bfloat16; use --dtype float16")
         return

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from shard_worker.device import compute_threads
 from shardline.errors import ResourceExhausted
 
 ATTENTION = "shardline"
@@ -201,7 +202,7 @@ def _one_thread(on: bool) -> Iterator[None]:
     """A decode step's per-sequence attention on the calling thread alone: each call is a few microseconds of
     work, and handing it to torch's other threads (one wake-up per call, 16 sequences x 30 layers a step) costs
     more than it saves, most of all where idle threads sleep (OMP_WAIT_POLICY=PASSIVE, as workers run)."""
-    threads = torch.get_num_threads()
+    threads = compute_threads()  # the worker's intended count, not torch's global one (another thread's window)
     if not on or threads == 1:
         yield
         return

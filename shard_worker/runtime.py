@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from shard_worker.device import to_device
+from shard_worker.device import init_thread, to_device
 from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.prefix_cache import PrefixStore, check_hashes
 from shard_worker.sampling import Sampling, sample
@@ -382,8 +382,10 @@ T = TypeVar("T")
 class ComputeThread:
     """The worker's single compute thread: steps run one at a time, in the order they were submitted."""
 
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        # the intended torch thread count and (CUDA) the worker's device on the thread (device.init_thread)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute",
+                                                           initializer=init_thread, initargs=(device,))
 
     def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         return self._pool.submit(fn)

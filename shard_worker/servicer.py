@@ -21,7 +21,7 @@ from google.protobuf import message_factory
 
 from shard_worker import calibration
 from shard_worker.capacity import plan_runtime
-from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto
+from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto, init_thread
 from shard_worker.loader import load_stage
 from shard_worker.metrics import WorkerMetrics
 from shard_worker.quantize import quantization_from_enum, quantization_to_enum
@@ -151,8 +151,9 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self._set_serving = set_serving
         self.device = device or DeviceSettings()  # --device, --dtype, --engine (shard_worker/device.py)
         self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
-        self.compute = ComputeThread()
-        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        self.compute = ComputeThread(self.device.device)
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader",
+                                                             initializer=init_thread, initargs=(self.device.device,))
         self.links = StageStreams(links)
         self.identity = (links or LinkSettings()).identity
         # the workers of the current plan (SetPeers): a route may name only these. None = never told: a

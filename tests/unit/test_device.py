@@ -92,3 +92,43 @@ def test_a_cpu_describes_itself_with_the_hosts_memory():
 def test_on_cpu_the_wire_copies_are_the_tensor_itself():
     t = torch.arange(6, dtype=torch.float32).view(2, 3)
     assert device.to_host(t) is t and device.to_device(t, CPU) is t
+
+
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                                    ((8, 6), True), ((9, 0), True), ((6, 1), False)])
+def test_bfloat16_on_a_gpu_needs_compute_capability_8_0(capability, native):
+    # not torch.cuda.is_bf16_supported(): it asks the current device (cuda:0), and counts emulation (V100, T4)
+    assert device.bf16_native(capability) is native
+
+
+def test_a_thread_started_inside_another_threads_one_thread_window_gets_the_intended_count(monkeypatch):
+    import concurrent.futures
+    import threading
+
+    from shard_worker.kv_cache import _one_thread
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(device, "_COMPUTE_THREADS", [2])
+    inside, leave = threading.Event(), threading.Event()
+
+    def attention() -> None:  # a decode step's window on a worker's compute thread
+        with _one_thread(True):
+            inside.set()
+            leave.wait(10)
+
+    try:
+        holder = threading.Thread(target=attention)
+        holder.start()
+        assert inside.wait(10)
+        assert torch.get_num_threads() == before  # the main thread's own count is untouched
+        # another worker's compute thread, started now, as runtime.ComputeThread starts it
+        with concurrent.futures.ThreadPoolExecutor(1, initializer=device.init_thread, initargs=(CPU,)) as pool:
+            started_inside = pool.submit(torch.get_num_threads).result()
+            leave.set()
+            holder.join(10)
+            assert pool.submit(torch.get_num_threads).result() == 2
+        assert started_inside == 2
+        assert torch.get_num_threads() == 2  # the window restored the intended count, not the one it saw
+    finally:
+        leave.set()
+        torch.set_num_threads(before)
