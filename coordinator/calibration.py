@@ -32,6 +32,7 @@ from shardline.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 LINK_PAYLOAD_BYTES = 2 * 2**20
 RTT_PROBES = 3
+RETRY_FAILED_S = 60.0  # a failed calibration is tried again after this long (and on every explicit rebalance)
 MAX_CHOICES = 32  # sets of workers a rebalance plans at most (about 10 ms each for 80 layers on 4 stages)
 
 
@@ -61,6 +62,8 @@ class Calibrations:
         self.store, self.links, self.shape = store, links, shape
         self.known: dict[tuple[str, str, str], Calibration] = {}
         self.failed: dict[tuple[str, str, str], str] = {}
+        self.failed_at: dict[tuple[str, str, str], float] = {}  # time.monotonic() of each failure
+        self.serving: dict[tuple[str, str, str], str] = {}  # not calibrated: it held a shard when asked
         self._lock = asyncio.Lock()  # one calibration at a time, cluster-wide
 
     def get(self, worker: WorkerRecord, model: str, dtype: str) -> Calibration | None:
@@ -70,29 +73,49 @@ class Calibrations:
         """Why these workers cannot be planned by time ("" when they can)."""
         for w in workers:
             key = (w.worker_id, model, dtype)
+            if key in self.known:
+                continue
             if key in self.failed:
                 return f"calibrating worker {w.address} failed: {self.failed[key]}"
+            if key in self.serving:
+                return (f"worker {w.address} is not calibrated: it serves {self.serving[key]} (only workers "
+                        f"holding no shard are calibrated: timing stalls a worker's steps)")
             if key not in self.known:
                 return f"worker {w.address} is not calibrated yet"
         return ""
 
-    async def ensure(self, workers: list[WorkerRecord], model: str, family: str, dtype: str) -> None:
-        """Calibrate those of `workers` not tried yet for (model, dtype), one at a time."""
+    def note_serving(self, worker: WorkerRecord, model: str, dtype: str, shard: str) -> None:
+        """`worker` holds `shard` and is left uncalibrated for (model, dtype): its plans balance bytes, saying so."""
+        key = (worker.worker_id, model, dtype)
+        if key not in self.known:
+            self.serving[key] = shard
+
+    def _settled(self, key: tuple[str, str, str], retry: bool) -> bool:
+        if key in self.known:
+            return True
+        return key in self.failed and not retry and time.monotonic() - self.failed_at.get(key, 0.0) < RETRY_FAILED_S
+
+    async def ensure(self, workers: list[WorkerRecord], model: str, family: str, dtype: str,
+                     retry: bool = False) -> None:
+        """Calibrate those of `workers` not calibrated yet for (model, dtype), one at a time: a failure is
+        tried again after RETRY_FAILED_S, or at once with `retry` (an explicit rebalance)."""
         for worker in workers:
             key = (worker.worker_id, model, dtype)
-            if key in self.known or key in self.failed:
+            if self._settled(key, retry):
                 continue
             async with self._lock:
-                if key in self.known or key in self.failed:
+                if self._settled(key, retry):
                     continue
+                self.serving.pop(key, None)
                 try:
                     self.known[key] = await self._calibrate(worker.address, model, family, dtype)
+                    self.failed.pop(key, None)
                     c = self.known[key]
                     log.info("calibrated worker %s for %s at %s: %.2f ms per layer (%d threads), round trip "
                              "%.2f ms, %.0f MiB/s", worker.address, model, dtype, c.speed.seconds_per_layer * 1000,
                              c.threads, c.speed.rtt_s * 1000, c.speed.bandwidth_bytes_per_s / 2**20)
                 except Exception as exc:  # noqa: BLE001 - kept and logged: the plan falls back to bytes
-                    self.failed[key] = str(exc) or type(exc).__name__
+                    self.failed[key], self.failed_at[key] = str(exc) or type(exc).__name__, time.monotonic()
                     log.warning("calibrating worker %s for %s failed (its plans balance bytes): %s",
                                 worker.address, model, self.failed[key])
 

@@ -405,7 +405,8 @@ class Replica:
             dead = [w for w in self.assignment if w.worker_id not in loaded]
             if first is not None or rebalance:  # lazily, once per (worker, model, dtype): the plan balances time
                 await self._calibrate([w for w, _ in first] if first is not None else
-                                      [w for w in mine if w.worker_id in loaded and w.worker_id not in excluded])
+                                      [w for w in mine if w.worker_id in loaded and w.worker_id not in excluded],
+                                      loaded, retry=rebalance)
             chosen = None
             if rebalance and first is None and (plans := self._timed()) is not None:
                 # up to MAX_CHOICES full planner runs (~10 ms each for big models): off the event loop
@@ -506,10 +507,21 @@ class Replica:
         return TimedPlans(c, self.manifest, self.spec.model, self.config.dtype, self.config.wire_dtype,
                           self.config.calibration_tolerance, self.config.calibration_min_gain_ms / 1000)
 
-    async def _calibrate(self, workers: list[WorkerRecord]) -> None:
+    async def _calibrate(self, workers: list[WorkerRecord], loaded: dict[str, LoadedShard], retry: bool) -> None:
+        """Calibrate those of `workers` that hold no shard (timing runs on a worker's compute thread: a serving
+        worker's steps would wait); one that serves is planned by bytes, its basis saying why."""
         c = self.shared.calibrations
-        if c is not None:
-            await c.ensure(workers, self.spec.model, self.manifest.family, self.config.dtype)
+        if c is None:
+            return
+        model, dtype = self.spec.model, self.config.dtype
+        free = []
+        for w in workers:
+            shard = loaded.get(w.worker_id)
+            if shard is not None and shard.model:
+                c.note_serving(w, model, dtype, f"{shard.model} layers [{shard.start}, {shard.end})")
+            else:
+                free.append(w)
+        await c.ensure(free, model, self.manifest.family, dtype, retry=retry)
 
     def _fit(self, workers: list[WorkerRecord]) -> Assignment:
         """A split over exactly these workers: by time where all are calibrated, else by bytes."""

@@ -72,10 +72,14 @@ def check(spec: CalibrationSpec, memory_budget_bytes: int) -> tuple[Family, Any]
         raise InvalidArgument(f"context_tokens must be 0 .. {MAX_CONTEXT}, got {spec.context}")
     if not 0 < spec.max_s <= MOST_S:
         raise InvalidArgument(f"max_ms must be 1 .. {int(MOST_S * 1000)} (0 = {int(DEFAULT_MAX_S * 1000)})")
-    need = _layer_bytes(family, config, spec.dtype) + _kv_bytes(family, config, spec)
+    weights, kv = _layer_bytes(family, config, spec.dtype), _kv_bytes(family, config, spec)
+    activations = _activation_bytes(config, spec)
+    need = weights + kv + activations
     if need > memory_budget_bytes:
-        raise InvalidArgument(f"one layer of this config with its step needs {need / 2**20:.0f} MiB; this worker "
-                              f"offers {memory_budget_bytes / 2**20:.0f} MiB")
+        raise InvalidArgument(f"one layer of this config with its step needs {need / 2**20:.0f} MiB (weights "
+                              f"{weights / 2**20:.0f} MiB, KV {kv / 2**20:.0f} MiB, activations "
+                              f"{activations / 2**20:.0f} MiB); this worker offers "
+                              f"{memory_budget_bytes / 2**20:.0f} MiB")
     return family, config
 
 
@@ -96,6 +100,18 @@ def _kv_bytes(family: Family, config: Any, spec: CalibrationSpec) -> int:
     heads, head_dim = family.kv_shape(config)
     size = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     return 2 * spec.sequences * (spec.context + spec.tokens) * heads * head_dim * size
+
+
+def _activation_bytes(config: Any, spec: CalibrationSpec) -> int:
+    """The step's working memory: rows x (intermediate + hidden) in the dtype, and the attention scores
+    (sequences x heads x tokens x (context + tokens), float32)."""
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
+    size = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    rows = spec.sequences * spec.tokens
+    scores = spec.sequences * heads * spec.tokens * (spec.context + spec.tokens) * 4
+    return rows * (intermediate + hidden) * size + scores
 
 
 def _random_stage(family: Family, config: Any, dtype: torch.dtype, device: torch.device) -> Stage:

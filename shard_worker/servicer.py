@@ -374,6 +374,10 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             raise InvalidArgument(f"payload has {len(request.payload)} bytes; at most {MAX_CALIBRATION_PAYLOAD}")
         if not request.family:  # a link probe: the echo alone
             return worker_pb2.CalibrateResponse(payload=request.payload)
+        if self.shard is not None:  # its steps would wait behind the timing, and its memory is in use
+            s = self.shard.spec
+            raise FailedPrecondition(f"this worker serves {s.model} layers [{s.start}, {s.end}): only a worker "
+                                     f"holding no shard calibrates (timing would stall its steps)")
         spec = calibration_spec(request, self.device.dtype)
         try:
             check_dtype(self.device.device, spec.dtype, "dtype")

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from shardline.v1 import tensor_pb2, worker_pb2
-from tests.helpers import worker_stub
+from tests.helpers import load, worker_stub
 
 
 def request(store, model="tiny-llama", **fields):
@@ -50,7 +50,7 @@ BAD = [
     (dict(max_ms=600_000), "max_ms must be 1 .. 60000"),
     (dict(config_json='{"hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 2, '
                       '"num_attention_heads": 64, "vocab_size": 128}'),
-     "one layer of this config with its step needs .* MiB; this worker offers .* MiB"),
+     "one layer of this config with its step needs .* MiB \\(weights .* MiB\\); this worker offers .* MiB"),
 ]
 
 
@@ -61,3 +61,25 @@ def test_bad_calibrations_are_invalid_arguments_naming_what_is_wrong(workers, st
         worker_stub(worker.address).Calibrate(request(store, **fields), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert re.search(message, info.value.details()), info.value.details()
+
+
+def test_a_worker_serving_a_shard_refuses_to_calibrate(workers, store, parameters):
+    # timing on its compute thread would stall its live steps, and its memory holds the shard and KV pool
+    (worker,) = workers(1)
+    load(worker.address, "tiny-llama", 0, 3, parameters.address)
+    with pytest.raises(grpc.RpcError) as info:
+        worker_stub(worker.address).Calibrate(request(store), timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "serves tiny-llama layers [0, 3)" in info.value.details()
+    echo = worker_stub(worker.address).Calibrate(worker_pb2.CalibrateRequest(payload=b"ab"), timeout=10)
+    assert echo.payload == b"ab"  # the link probes still answer
+
+
+def test_the_memory_check_counts_the_step_activations(workers, store):
+    # a small layer, but 1024 sequences of 64 tokens over a long context: the attention scores alone are GiBs
+    (worker,) = workers(1)
+    with pytest.raises(grpc.RpcError) as info:
+        worker_stub(worker.address).Calibrate(request(store, sequences=1024, tokens=64, context_tokens=100_000),
+                                              timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(r"activations \d+ MiB\); this worker offers", info.value.details()), info.value.details()

@@ -241,3 +241,31 @@ def test_a_plan_by_bytes_is_explained(tmp_path):
               for r in rows]
     lines = plan_lines(stages, True)
     assert "[0, 4)" in lines[1] and "4.0 MiB" in lines[1] and "0.00 ms" not in lines[1] and " - " in lines[1]
+
+
+def test_failed_calibrations_expire_and_serving_workers_are_named(tmp_path, monkeypatch):
+    import asyncio
+
+    from coordinator import calibration as cal
+
+    calibrations, workers, plans = _calibrated(tmp_path, [None])
+    tried = []
+
+    async def failing(address, model, family, dtype):
+        tried.append(address)
+        raise RuntimeError("deadline exceeded")
+
+    monkeypatch.setattr(calibrations, "_calibrate", failing)
+    now = [1000.0]
+    monkeypatch.setattr(cal.time, "monotonic", lambda: now[0])
+    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32"))
+    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32"))
+    assert tried == ["h:0"]  # kept a while
+    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32", retry=True))
+    assert tried == ["h:0"] * 2  # an explicit rebalance tries again
+    now[0] += cal.RETRY_FAILED_S + 1
+    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32"))
+    assert tried == ["h:0"] * 3  # and so does time
+    calibrations, workers, plans = _calibrated(tmp_path, [None])
+    calibrations.note_serving(workers[0], "m", "float32", "m layers [0, 4)")
+    assert "it serves m layers [0, 4)" in plans.fit(workers)[1]
