@@ -4,8 +4,10 @@ and the explanation of each range.
 
 A stage's predicted time for one planned step is `seconds_per_layer * (its layers' compute weights) + hop`,
 where a worker's seconds per layer is measured on it (a calibration of one layer of the model at the planned
-dtype and step shape), and its hop is the link's one-way latency (half the measured round trip) plus the step's
-activation bytes over its measured bandwidth (the last stage sends only token ids back: latency alone). Every
+dtype and step shape), and its hop goes from its worker to the next stage's: the one-way latency (half the
+larger of the two workers' measured round trips) plus the step's activation bytes over the smaller of their
+measured bandwidths (each link is measured from the coordinator: the path between two workers is bounded by
+both). The last stage sends only token ids back to the coordinator: its own link's latency alone. Every
 decoder layer of a family weighs 1; the head (norm + LM head matmul, run for each sequence's last token) adds
 its parameters' share of a layer's on the last layer; the embedding is a row lookup (no matmul) and adds
 nothing. Workers are kept in the order given (the registration order): the planner chooses ranges, not an
@@ -31,6 +33,15 @@ class WorkerSpeed:
 
     def hop_s(self, nbytes: float) -> float:
         return self.rtt_s / 2 + (nbytes / self.bandwidth_bytes_per_s if nbytes else 0.0)
+
+
+def hop_s(speeds: list[WorkerSpeed], k: int, nbytes: float) -> float:
+    """The hop out of stage k: to stage k + 1 (the slower of the two workers' links carries `nbytes`), or, from
+    the last stage, back to the coordinator (latency alone)."""
+    if k == len(speeds) - 1:
+        return speeds[k].hop_s(0.0)
+    a, b = speeds[k], speeds[k + 1]
+    return WorkerSpeed(0.0, max(a.rtt_s, b.rtt_s), min(a.bandwidth_bytes_per_s, b.bandwidth_bytes_per_s)).hop_s(nbytes)
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ def split_by_time(weights: list[float], memory: list[int], speeds: list[WorkerSp
     for w, m in zip(weights, memory, strict=True):
         wsum.append(wsum[-1] + w)
         msum.append(msum[-1] + m)
-    hops = [s.hop_s(activation_bytes if i < stages - 1 else 0.0) for i, s in enumerate(speeds)]
+    hops = [hop_s(speeds, i, activation_bytes) for i in range(stages)]
 
     def stage_time(s: int, j: int, i: int) -> float:
         if msum[i] - msum[j] > budgets[s]:
@@ -99,7 +110,13 @@ def explain(names: list[str], ranges: list[tuple[int, int]], memory: list[int], 
     last = len(ranges) - 1
     for k, ((a, b), name, speed, budget) in enumerate(zip(ranges, names, speeds, budgets, strict=True)):
         spl = speed.seconds_per_layer if speed is not None else 0.0
-        hop = speed.hop_s(activation_bytes if k < last else 0.0) if speed is not None else 0.0
+        following = speeds[k + 1] if k < last else None
+        if speed is None:
+            hop = 0.0
+        elif following is not None:
+            hop = hop_s([speed, following], 0, activation_bytes)
+        else:  # the last stage (latency alone), or the next worker unmeasured (this worker's link alone)
+            hop = speed.hop_s(activation_bytes if k < last else 0.0)
         out.append(StageExplanation(name, a, b, spl, spl * sum(weights[a:b]), hop, sum(memory[a:b]), budget))
     return out
 

@@ -10,15 +10,14 @@ import pytest
 
 from coordinator.planner import PlanDoesNotFit
 from coordinator.store import Manifest, TensorInfo
-from coordinator.timed_planner import WorkerSpeed, compute_weights, explain, split_by_time
+from coordinator.timed_planner import WorkerSpeed, compute_weights, explain, hop_s, split_by_time
 
 MIB = 1024 * 1024
 ACT = 4 * MIB  # a step's activation bytes
 
 
 def stage_times(ranges, weights, speeds, activation=ACT):
-    last = len(ranges) - 1
-    return [speeds[k].seconds_per_layer * sum(weights[a:b]) + speeds[k].hop_s(activation if k < last else 0)
+    return [speeds[k].seconds_per_layer * sum(weights[a:b]) + hop_s(speeds, k, activation)
             for k, (a, b) in enumerate(ranges)]
 
 
@@ -269,3 +268,13 @@ def test_failed_calibrations_expire_and_serving_workers_are_named(tmp_path, monk
     calibrations, workers, plans = _calibrated(tmp_path, [None])
     calibrations.note_serving(workers[0], "m", "float32", "m layers [0, 4)")
     assert "it serves m layers [0, 4)" in plans.fit(workers)[1]
+
+
+def test_the_hop_is_bounded_by_both_workers_links():
+    # bytes out of stage 0 go worker 0 -> worker 1: the slower link (and the longer round trip) of the two
+    speeds = [WorkerSpeed(0.01, **LAN), WorkerSpeed(0.01, **WAN), WorkerSpeed(0.01, **LAN)]
+    assert hop_s(speeds, 0, ACT) == pytest.approx(0.010 + ACT / 50e6)  # not worker 0's own fast link
+    assert hop_s(speeds, 1, ACT) == pytest.approx(0.010 + ACT / 50e6)
+    assert hop_s(speeds, 2, ACT) == pytest.approx(0.00025)  # the last stage: token ids back, latency alone
+    rows = explain(["a", "b", "c"], [(0, 1), (1, 2), (2, 3)], [1] * 3, [1.0] * 3, list(speeds), ACT, [BIG] * 3)
+    assert [r.hop_s for r in rows] == pytest.approx([hop_s(speeds, k, ACT) for k in range(3)])
