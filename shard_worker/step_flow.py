@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
@@ -37,7 +39,8 @@ class StepFlow(Generic[R]):
     """`accept(request)` queues a request's step (a `Pending`) or answers it at once (a reply, e.g. an error);
     `answer(pending)` turns a finished step into its reply (or a coroutine returning it); `fail(pending, exc)`
     is the reply when answering raised. Iterate `replies()` in the handler: it ends once the requests have
-    ended and every one of them is answered."""
+    ended and every one of them is answered, or raises the error that ended the request stream (or that left
+    a step with no reply at all: see `_failure`)."""
 
     def __init__(self, requests: AsyncIterable[Any], accept: Callable[[Any], Pending | R],
                  answer: Callable[[Pending], R | Coroutine[Any, Any, R]], fail: Callable[[Pending, Exception], R],
@@ -56,11 +59,14 @@ class StepFlow(Generic[R]):
         self._closed = False
         self._wake: asyncio.Future[None] | None = None   # the handler waits for a reply
         self._room: asyncio.Future[None] | None = None   # the reader waits for room under the bound
+        self._error: Exception | None = None             # the stream ends with it (replies() raises it)
 
     async def replies(self) -> AsyncGenerator[R, None]:
         reader = self._loop.create_task(self._read())
         try:
             while True:
+                if self._error is not None:
+                    raise self._error
                 if self._ready:
                     yield self._ready.popleft()
                     self.open -= 1  # written: gRPC took it (its flow control holds the yield until then)
@@ -100,6 +106,8 @@ class StepFlow(Generic[R]):
                     step.future.add_done_callback(functools.partial(self._done_on_thread, step))
                 else:
                     self._push(step)
+        except Exception as exc:  # noqa: BLE001 - the request stream failed: the handler ends with its error
+            self._end(exc)
         finally:
             self._reading = False
             self._notify()
@@ -116,10 +124,13 @@ class StepFlow(Generic[R]):
         steps = self._steps
         while steps and steps[0].future.done():  # answered in the order received
             pending = steps.popleft()
+            answer: R | Coroutine[Any, Any, R] | None
             try:
                 answer = self._answer(pending)
             except Exception as exc:  # noqa: BLE001 - a reply all the same: the stream and the peer go on
-                answer = self._fail(pending, exc)
+                answer = self._failure(pending, exc)
+            if answer is None:
+                return  # no reply could be made: the stream ends (_failure)
             if isinstance(answer, Coroutine):
                 relay = self._loop.create_task(self._relay(pending, answer))
                 self._relays.add(relay)
@@ -127,15 +138,38 @@ class StepFlow(Generic[R]):
                 self._push(answer)
 
     async def _relay(self, pending: Pending, answer: Coroutine[Any, Any, R]) -> None:
+        reply: R | None
         try:
             reply = await answer
         except Exception as exc:  # noqa: BLE001
-            reply = self._fail(pending, exc)
+            reply = self._failure(pending, exc)
         finally:
             task = asyncio.current_task()
             if task is not None:
                 self._relays.discard(task)
-        self._push(reply)
+            self._notify()  # the handler may be waiting on this relay alone
+        if reply is not None:
+            self._push(reply)
+
+    def _failure(self, pending: Pending, exc: Exception) -> R | None:
+        """`fail`'s reply for a step whose answer raised. Should `fail` raise too: an internal error's reply for
+        the step (logged); should that raise as well, None, and the stream ends with that error: never a step
+        left with no reply, which would hold its place under the bound, or the handler, for good."""
+        try:
+            return self._fail(pending, exc)
+        except Exception:  # noqa: BLE001
+            log.exception("the error reply of a step raised; the step is answered with an internal error")
+        try:
+            return self._fail(pending, RuntimeError(f"no reply for the step's {type(exc).__name__}"))
+        except Exception as again:  # noqa: BLE001
+            log.exception("no reply for a step could be made; the stream ends")
+            self._end(again)
+            return None
+
+    def _end(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._notify()
 
     def _push(self, reply: R) -> None:
         if self._closed:

@@ -4,15 +4,18 @@ past it), and the steps queued for a stream that went away never run."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
 
 from shard_worker.runtime import Metrics
 from shard_worker.server import WorkerServer
+from shard_worker.step_flow import Pending, StepFlow
 from shardline.v1 import worker_pb2
 from tests.helpers import error_of, load, seq, worker_stub
 
@@ -103,3 +106,67 @@ def test_steps_queued_for_a_cancelled_stream_never_run(worker, gate):
     assert metrics(worker).steps == 0 and not worker.servicer.shard.runtime.sessions
     (reply,) = list(worker_stub(worker.address).Forward(iter([step(9, "after")]), timeout=60))
     assert reply.step_id == 9 and len(reply.token_ids) == 1 and not error_of(reply).message
+
+
+# -- StepFlow itself, when answering a step fails in ways the servicer's callbacks should never produce -----
+def flow_replies(answer: Callable[[Pending], object], fail: Callable[[Pending, Exception], object],
+                 requests: Callable[[], AsyncIterator[int]] | None = None) -> list[object]:
+    """The replies of a StepFlow over steps 1, 2, 3 (done at once); raises what ends the stream; never waits
+    more than 5 s (a step left with no reply would hold the handler for good)."""
+    async def steps() -> AsyncIterator[int]:
+        for i in (1, 2, 3):
+            yield i
+
+    def accept(i: int) -> Pending:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        future.set_result(i)
+        return Pending(future, lambda: None, i)
+
+    async def run() -> list[object]:
+        flow = StepFlow((requests or steps)(), accept, answer, fail, bound=2)  # type: ignore[arg-type]
+        return [reply async for reply in flow.replies()]
+
+    return asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def test_a_step_whose_error_reply_raises_is_answered_with_an_internal_error(caplog):
+    def answer(p: Pending) -> object:
+        if p.data == 2:
+            raise ValueError("answer")
+        return ("ok", p.data)
+
+    def fail(p: Pending, exc: Exception) -> object:
+        if isinstance(exc, ValueError):
+            raise TypeError("fail")
+        return ("error", p.data, type(exc).__name__)
+
+    assert flow_replies(answer, fail) == [("ok", 1), ("error", 2, "RuntimeError"), ("ok", 3)]
+    assert "the error reply of a step raised" in caplog.text
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+def test_a_step_with_no_reply_at_all_ends_the_stream_with_the_error_not_a_wait(relayed):
+    def answer(p: Pending) -> object:
+        if p.data != 3:
+            return ("ok", p.data)
+        if not relayed:
+            raise ValueError("answer")
+
+        async def relay() -> object:  # the last step, relayed to a next stage that fails
+            raise ValueError("relay")
+        return relay()
+
+    def fail(p: Pending, exc: Exception) -> object:
+        raise TypeError("fail")
+
+    with pytest.raises(TypeError, match="fail"):
+        flow_replies(answer, fail)
+
+
+def test_a_failing_request_stream_ends_the_replies_with_its_error():
+    async def broken() -> AsyncIterator[int]:
+        yield 1
+        raise OSError("the request stream broke")
+
+    with pytest.raises(OSError, match="the request stream broke"):
+        flow_replies(lambda p: ("ok", p.data), lambda p, exc: ("error", p.data), broken)
