@@ -95,6 +95,8 @@ def test_the_deepspeed_engine_gives_the_torch_engines_tokens(smollm2_store, para
 BIG = "random-llama-9gb"
 
 
+@pytest.mark.slow  # writes and loads 9 GB: minutes, not the default 300 s
+@pytest.mark.timeout(1800)
 def test_a_random_llama_of_9_gb_in_bfloat16_splits_over_three_gpu_workers(store, parameters, started):
     """The planner cannot fit it in two workers' budgets (it says how many MiB are missing) and fits it in
     three; the three stages on the GPU give transformers' last-position logits (bfloat16: within 5% of their
