@@ -38,26 +38,43 @@ def start(loop, calib_store, parameters):
     return loop.run(start_coordinator(config)), []
 
 
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def worth_moving(slow_s, fast_s, layers=10, tolerance=0.1, min_gain_s=0.002):
+    """Whether the measured speeds call for an uneven split: the best whole-layer split gains more than the
+    planner's noise tolerance over the even one (hops and the tiny head left out: both are small here)."""
+    even = layers // 2 * max(slow_s, fast_s)
+    best = min(max(k * slow_s, (layers - k) * fast_s) for k in range(1, layers))
+    return even - best > max(best * tolerance, min_gain_s)
+
+
 def test_the_faster_worker_gets_more_layers(loop, calib_store, parameters):
     coordinator, processes = start(loop, calib_store, parameters)
     try:
         for threads in (1, 2):  # the slow one registers first: the chain keeps registration order
             processes.append(loop.run(spawn_worker("127.0.0.1", coordinator.address,
                                                    extra=("--compute-threads", str(threads)))))
-            while len(coordinator.fleet.registry.workers) < len(processes):
-                time.sleep(0.05)
+            wait_until(lambda: len(coordinator.fleet.registry.workers) >= len(processes), 60, "registration")
         slow, fast = (p.address for p in processes)
-        deadline = time.monotonic() + 60
-        while not coordinator.fleet.ready and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert coordinator.fleet.ready, coordinator.fleet.message
+        wait_until(lambda: coordinator.fleet.ready, 60, f"ready replica ({coordinator.fleet.message})")
         replica = coordinator.fleet.first
         assert replica.plan_basis.startswith("time"), replica.plan_basis
         layers = {w.address: s.end - s.start for w, s in zip(replica.assignment, replica.stages, strict=True)}
         explained = {s.worker: s for s in replica.plan}
-        assert explained[fast].seconds_per_layer < explained[slow].seconds_per_layer, explained
+        slow_s, fast_s = explained[slow].seconds_per_layer, explained[fast].seconds_per_layer
         print({a: (layers[a], f"{s.seconds_per_layer * 1000:.2f} ms/layer") for a, s in explained.items()})
-        assert layers[fast] > layers[slow], (layers, explained)
+        # the hardware fact: 2 compute threads beat 1 on a 512-token step (measured 1.4-1.75x on 2 cores)
+        assert fast_s < slow_s, explained
+        # the plan follows what was measured (whatever other load did to it): never fewer layers on the faster
+        # worker, and more wherever the measured ratio makes an uneven split worth more than the tolerance
+        assert layers[fast] >= layers[slow], (layers, explained)
+        if worth_moving(slow_s, fast_s):
+            assert layers[fast] > layers[slow], (layers, explained, replica.plan_basis)
 
         cli = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--explain", "--endpoint",
                               coordinator.address], capture_output=True, text=True, timeout=60,
@@ -83,17 +100,13 @@ def test_a_faster_worker_that_joins_is_used_on_rebalance_only(loop, calib_store,
         for threads in (1, 2):
             processes.append(loop.run(spawn_worker("127.0.0.1", coordinator.address,
                                                    extra=("--compute-threads", str(threads)))))
-            while len(coordinator.fleet.registry.workers) < len(processes):
-                time.sleep(0.05)
-        deadline = time.monotonic() + 60
-        while not coordinator.fleet.ready and time.monotonic() < deadline:
-            time.sleep(0.1)
+            wait_until(lambda: len(coordinator.fleet.registry.workers) >= len(processes), 60, "registration")
+        wait_until(lambda: coordinator.fleet.ready, 60, f"ready replica ({coordinator.fleet.message})")
         replica = coordinator.fleet.first
         before = [w.address for w in replica.assignment]
         processes.append(loop.run(spawn_worker("127.0.0.1", coordinator.address,
                                                extra=("--compute-threads", "2"))))
-        while len(coordinator.fleet.registry.workers) < 3:
-            time.sleep(0.05)
+        wait_until(lambda: len(coordinator.fleet.registry.workers) >= 3, 60, "registration")
         time.sleep(1.0)
         assert [w.address for w in replica.assignment] == before  # no re-plan on its own
         with Client(coordinator.address, timeout=120) as client:
