@@ -80,8 +80,7 @@ class Calibrations:
             if key in self.serving:
                 return (f"worker {w.address} is not calibrated: it serves {self.serving[key]} (only workers "
                         f"holding no shard are calibrated: timing stalls a worker's steps)")
-            if key not in self.known:
-                return f"worker {w.address} is not calibrated yet"
+            return f"worker {w.address} is not calibrated yet"
         return ""
 
     def note_serving(self, worker: WorkerRecord, model: str, dtype: str, shard: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from shard_worker.families import FAMILIES, Family
 from shard_worker.kv_cache import KVPool
 from shard_worker.stage import Packing, Stage, build_stage
+from shardline.codec import itemsize
 from shardline.errors import InvalidArgument
 
 MAX_SEQUENCES = 1024
@@ -90,7 +91,7 @@ def _middle(family: Family, config: Any) -> int:
 
 def _layer_bytes(family: Family, config: Any, dtype: str) -> int:
     i = _middle(family, config)
-    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    size = itemsize(dtype)
     return int(sum(p.numel() for p in family.build(config, i, i + 1).state_dict().values())) * size
 
 
@@ -98,7 +99,7 @@ def _kv_bytes(family: Family, config: Any, spec: CalibrationSpec) -> int:
     if not family.causal:
         return 0
     heads, head_dim = family.kv_shape(config)
-    size = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    size = itemsize(spec.dtype)
     return 2 * spec.sequences * (spec.context + spec.tokens) * heads * head_dim * size
 
 
@@ -108,7 +109,7 @@ def _activation_bytes(config: Any, spec: CalibrationSpec) -> int:
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
-    size = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    size = itemsize(spec.dtype)
     rows = spec.sequences * spec.tokens
     scores = spec.sequences * heads * spec.tokens * (spec.context + spec.tokens) * 4
     return rows * (intermediate + hidden) * size + scores
@@ -164,5 +165,5 @@ def calibrate(spec: CalibrationSpec, family: Family, config: Any,
         s.release()
     if not times:  # the warm-up alone took the whole bound: it is the measurement
         times.append(time.perf_counter() - began)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return Calibrated(min(times), len(times), stage.hidden_size * size, torch.get_num_threads())

@@ -379,15 +379,20 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             raise FailedPrecondition(f"this worker serves {s.model} layers [{s.start}, {s.end}): only a worker "
                                      f"holding no shard calibrates (timing would stall its steps)")
         spec = calibration_spec(request, self.device.dtype)
-        try:
-            check_dtype(self.device.device, spec.dtype, "dtype")
-        except DeviceError as exc:
-            raise InvalidArgument(str(exc)) from None
-        family, config = calibration.check(spec, self.memory_budget_bytes)
-        # on the compute thread (after the steps queued there), never the event loop; bounded by max_ms
-        done = await asyncio.wait_for(asyncio.wrap_future(self.compute.submit(
-            functools.partial(calibration.calibrate, spec, family, config, self.device.device))),
-            timeout=spec.max_s * 2 + 30)
+        device, budget = self.device.device, self.memory_budget_bytes
+
+        def checked_and_timed() -> calibration.Calibrated:
+            try:
+                check_dtype(device, spec.dtype, "dtype")
+            except DeviceError as exc:
+                raise InvalidArgument(str(exc)) from None
+            family, config = calibration.check(spec, budget)  # parses the config and builds it on meta
+            return calibration.calibrate(spec, family, config, device)
+
+        # on the compute thread (its checks too: a dtype probe, a config of up to 1M characters), never the
+        # event loop; bounded by max_ms
+        done = await asyncio.wait_for(asyncio.wrap_future(self.compute.submit(checked_and_timed)),
+                                      timeout=spec.max_s * 2 + 30)
         log.info("calibrated %s at %s, %d x %d tokens: %.2f ms per layer (%d threads)", spec.family, spec.dtype,
                  spec.sequences, spec.tokens, done.seconds_per_layer * 1000, done.threads)
         return worker_pb2.CalibrateResponse(seconds_per_layer=done.seconds_per_layer, repeats=done.repeats,
