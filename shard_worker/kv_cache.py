@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 from shard_worker.device import compute_threads
+from shard_worker.transformers_adapter import register_attention
 from shardline.errors import ResourceExhausted
 
 ATTENTION = "shardline"
@@ -162,8 +162,10 @@ class BatchCache:
     def active() -> BatchCache | None:
         return getattr(BatchCache._active, "cache", None)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `cache-update` contract point (shard_worker/transformers_adapter.py): extra arguments, which
+        vary by transformers release (`cache_kwargs`, `kwargs=`), carry nothing this cache needs."""
         layer = layer_idx - self.first_layer
         for b, (session, start) in enumerate(zip(self.sessions, self.starts, strict=True)):
             session.write(layer, start, key[b], value[b])
@@ -223,4 +225,4 @@ def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     return cache.attend(int(module.layer_idx), query, scaling), None  # type: ignore[arg-type]
 
 
-AttentionInterface.register(ATTENTION, attend)
+register_attention(ATTENTION, attend)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from shard_worker.transformers_adapter import Conv1D
 from shardline.errors import InvalidArgument
 from shardline.v1 import worker_pb2
 

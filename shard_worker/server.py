@@ -10,6 +10,7 @@ import os
 from shard_worker.device import DeviceSettings, default_cuda_budget
 from shard_worker.registration import Registration
 from shard_worker.servicer import WorkerServicer, add_to_server
+from shard_worker.transformers_adapter import check_version
 from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
 from shardline.limits import default_memory_budget
@@ -35,6 +36,7 @@ async def start_worker(host: str = "127.0.0.1", port: int = 0, links: LinkSettin
     http://host:port/metrics (`servicer.metrics.server` says where), stopped with the worker; `device`: where
     and in what dtype its stages run (shard_worker/device.py; default CPU)."""
     links = links or LinkSettings()
+    check_version()  # one WARNING when transformers is outside the tested range
     server = new_server(Guard(Rules({SERVICE: Access.CLUSTER}), links.identity))
     health = add_standard_services(server, [SERVICE])
 

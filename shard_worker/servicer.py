@@ -22,6 +22,7 @@ from google.protobuf import message_factory
 from shard_worker import calibration
 from shard_worker.capacity import plan_runtime
 from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto, init_thread
+from shard_worker.library_failure import describe_library_failure
 from shard_worker.loader import load_stage
 from shard_worker.metrics import WorkerMetrics
 from shard_worker.quantize import quantization_from_enum, quantization_to_enum
@@ -31,7 +32,7 @@ from shard_worker.step_flow import Pending, StepFlow
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
-from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
+from shardline.errors import FailedPrecondition, Internal, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.limits import default_memory_budget, is_host_port
 from shardline.stream import LinkSettings, StageStreams
@@ -207,8 +208,17 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         budget = self.memory_budget_bytes
 
         def load() -> tuple[StageRuntime, int]:
-            stage, weight_bytes = load_stage(spec, report)
-            runtime = plan_runtime(stage, weight_bytes, budget, settings)
+            try:
+                stage, weight_bytes = load_stage(spec, report)
+                runtime = plan_runtime(stage, weight_bytes, budget, settings)
+            except Exception as exc:
+                inside = None if isinstance(exc, ShardlineError) else describe_library_failure(exc)
+                if inside is None:
+                    raise
+                log.error("LoadShard %s [%d, %d) failed inside a library", spec.model, spec.start, spec.end,
+                          exc_info=exc)
+                raise Internal(f"loading {spec.model} layers [{spec.start}, {spec.end}) failed inside {inside}") \
+                    from exc
             runtime.wire_dtype = wire_dtype
             return runtime, weight_bytes
 

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertLayer
 
 import shardline.families
 from shard_worker.families.base import Family, StageModules
+from shard_worker.transformers_adapter import BertConfig, BertLayer, call_layer, use_attention
 
 
 class Bert(Family):
@@ -23,7 +22,7 @@ class Bert(Family):
         return BertConfig
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
-        config._attn_implementation = "sdpa"
+        use_attention(config, "sdpa")
         mods = StageModules()
         with torch.device("meta"):
             if start == 0:
@@ -34,7 +33,7 @@ class Bert(Family):
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
-        return layer(hidden, attention_mask=mask)
+        return call_layer(layer, hidden, attention_mask=mask)
 
 
 class _BertEmbedding(nn.Module):

@@ -6,12 +6,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GPT2Config
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 import shardline.families
 from shard_worker.families.base import Family, StageModules
 from shard_worker.kv_cache import ATTENTION
+from shard_worker.transformers_adapter import GPT2Block, GPT2Config, call_layer, use_attention
 
 
 class GPT2(Family):
@@ -24,7 +23,7 @@ class GPT2(Family):
         return GPT2Config
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
-        config._attn_implementation = ATTENTION  # each session's KV read in place
+        use_attention(config, ATTENTION)  # each session's KV read in place
         mods = StageModules()
         with torch.device("meta"):
             if start == 0:
@@ -38,7 +37,7 @@ class GPT2(Family):
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
-        return layer(hidden, past_key_values=cache, attention_mask=mask)
+        return call_layer(layer, hidden, cache, attention_mask=mask)
 
 
 class _GPT2Embedding(nn.Module):

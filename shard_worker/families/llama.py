@@ -6,11 +6,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from shard_worker.families.base import Family, StageModules
 from shard_worker.kv_cache import ATTENTION
+from shard_worker.transformers_adapter import (
+    LlamaConfig,
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    call_layer,
+    use_attention,
+)
 from shardline.families import LLAMA
 
 
@@ -23,7 +29,7 @@ class Llama(Family):
         return LlamaConfig
 
     def build(self, config: Any, start: int, end: int) -> StageModules:
-        config._attn_implementation = ATTENTION  # each session's KV read in place
+        use_attention(config, ATTENTION)  # each session's KV read in place
         mods = StageModules()
         with torch.device("meta"):
             if start == 0:
@@ -50,5 +56,5 @@ class Llama(Family):
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
-        return layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     position_embeddings=rope)
+        return call_layer(layer, hidden, cache, attention_mask=mask, position_ids=positions,
+                          position_embeddings=rope)

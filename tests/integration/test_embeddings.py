@@ -52,6 +52,7 @@ def reference(path, sentences):
     return torch.nn.functional.normalize(pooled, dim=1).numpy()
 
 
+@pytest.mark.smoke
 def test_split_embeddings_match_the_whole_model(encoder_cluster, minilm_store):
     client, _ = encoder_cluster
     status = client.cluster_status()

@@ -178,6 +178,7 @@ def test_embeddings_equal_the_sdks(cluster, client, caplog):
     assert np.array_equal(cut, sdk.embed(["word " * 600], model="minilm", truncate=True))
 
 
+@pytest.mark.smoke
 def test_streamed_and_whole_generations_equal_the_sdks_greedy_text(cluster, client, caplog):
     _, sdk = cluster
     expected = sdk.generate(PROMPT, model="tok", **GREEDY)

@@ -106,6 +106,7 @@ def test_models_lists_every_deployment_and_finds_one(oai):
         oai.models.retrieve("no-such-model")
 
 
+@pytest.mark.smoke
 def test_greedy_completion_equals_the_sdks_for_the_same_request(oai, cluster):
     reply = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={
         "ignore_eos": True})

@@ -1,20 +1,26 @@
-"""The built-in SmolLM2-135M-Instruct split over three real workers equals the whole model in transformers."""
+"""The built-in SmolLM2-135M-Instruct split over two and three real workers equals the whole model in
+transformers."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import Chain, load
 
 
-def test_smollm2_three_workers_match_transformers(smollm2_store, parameters, workers):
+@pytest.mark.parametrize("ranges", [
+    pytest.param([(0, 15), (15, 30)], id="two-workers", marks=pytest.mark.smoke),
+    pytest.param([(0, 10), (10, 20), (20, 30)], id="three-workers"),
+])
+def test_smollm2_split_over_workers_matches_transformers(smollm2_store, parameters, workers, ranges):
     path = smollm2_store.path("smollm2")
     manifest = smollm2_store.manifest("smollm2")
     assert manifest.num_layers == 30
-    servers = workers(3)
-    for server, (a, b) in zip(servers, [(0, 10), (10, 20), (20, 30)], strict=True):
+    servers = workers(len(ranges))
+    for server, (a, b) in zip(servers, ranges, strict=True):
         load(server.address, "smollm2", a, b, parameters.address)
     chain = Chain([s.address for s in servers])
 
