@@ -159,7 +159,7 @@ async def burst(store_dir: Path, budget_mb: int, requests: int) -> None:
         async with AsyncClient(endpoint, timeout=1800) as client:
             await asyncio.gather(*(one(client, p, m) for p, m in plans))
         wall = time.perf_counter() - began
-        scheduler = cluster.coordinator.fleet.first.scheduler if cluster.coordinator else None
+        scheduler = cluster.coordinator.fleet.first.scheduler.policy if cluster.coordinator else None
         latencies.sort()
         p50 = latencies[len(latencies) // 2] if latencies else 0
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0

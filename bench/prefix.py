@@ -63,7 +63,7 @@ def computed(addresses: list[str]) -> list[tuple[int, int]]:
 
 
 async def measure(endpoint: str, cluster: LocalCluster, prompt: list[int], cache: bool) -> tuple[float, str]:
-    scheduler = cluster.coordinator.fleet.first.scheduler  # type: ignore[union-attr]
+    scheduler = cluster.coordinator.fleet.first.scheduler.policy  # type: ignore[union-attr]
     index = scheduler.prefixes
     if not cache:
         scheduler.prefix_cache, scheduler.prefixes = False, None

@@ -25,7 +25,8 @@ from coordinator.model_admin import ModelAdmin
 from coordinator.placement import Wanted, interleave, place
 from coordinator.registry import UNPLANNABLE, Registry, WorkerDevice, WorkerRecord
 from coordinator.replica import ChangeRefused, Replica, Shared
-from coordinator.scheduler import Scheduler, Stream
+from coordinator.serving.driver import Scheduler
+from coordinator.serving.streams import Stream
 from coordinator.store import Manifest, ModelStore
 from coordinator.textmodel import TextModel, TokenModel
 from coordinator.worker_calls import status
@@ -323,7 +324,7 @@ class Fleet:
         target = min(siblings, key=lambda r: r.outstanding)
         if target.scheduler is None:  # pragma: no cover - filtered above
             return streams
-        target.scheduler.adopt(streams)
+        target.scheduler.policy.adopt(streams)
         self.say(f"{len(streams)} streams of {leaving.name} moved to {target.name}; they replay there")
         return []
 
@@ -404,9 +405,9 @@ class Fleet:
         for sibling in deployment.ready_replicas:
             if sibling is replica or sibling.scheduler is None:
                 continue
-            moved = sibling.scheduler.take_waiting(len(sibling.scheduler.waiting) // 2)
+            moved = sibling.scheduler.policy.take_waiting(len(sibling.scheduler.policy.waiting) // 2)
             if moved:
-                replica.scheduler.adopt(moved, front=False)
+                replica.scheduler.policy.adopt(moved, front=False)
                 self.say(f"{len(moved)} queued streams of {sibling.name} moved to {replica.name}")
 
     async def _watch(self) -> None:

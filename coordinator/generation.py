@@ -13,10 +13,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from coordinator.config import CoordinatorConfig
-from coordinator.scheduler import Scheduler
+from coordinator.serving.driver import Scheduler
+from coordinator.serving.streams import Sampling
 from coordinator.textmodel import TextStream, TokenModel
 from shardline.errors import InvalidArgument
-from shardline.v1 import worker_pb2
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 # top_p may be as small as float32's smallest normal number: a tiny top_p keeps only the likeliest token
@@ -47,7 +47,7 @@ class Plan:
 
     prompt_ids: list[int]
     max_tokens: int
-    sampling: worker_pb2.SamplingParams
+    sampling: Sampling
     stop: tuple[str, ...]
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -165,7 +165,7 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
     if req.min_tokens > max_tokens:
         raise InvalidArgument(f"min_tokens ({req.min_tokens}) is above the {max_tokens} tokens the model's context "
                               f"of {text.context_tokens} leaves after the prompt ({len(ids)} tokens)")
-    sampling = worker_pb2.SamplingParams(
+    sampling = Sampling(
         temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed if req.seed is not None else random.getrandbits(63))
@@ -180,7 +180,7 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     End-of-sequence ids (none with `ignore_eos`) and stop sequences count only once `min_tokens` tokens
     were produced; before that, an end-of-sequence id is just a token."""
     stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
-    stream = scheduler.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
+    stream = scheduler.policy.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
                               min_tokens=plan.min_tokens, background=background, trace=trace)
     texts = TextStream(text, plan.stop)
     produced = 0

@@ -339,9 +339,9 @@ class StateCollector(Collector):
 
 
 def replica_state(model: str, replica: Any) -> ReplicaState:
-    s = replica.scheduler
-    if s is None:
+    if replica.scheduler is None:
         return ReplicaState(model, replica.name, replica.ready, 0, 0, 0)
+    s = replica.scheduler.policy
     state = ReplicaState(model, replica.name, replica.ready, s.active, len(s.waiting), len(s.background))
     kv = s.kv
     if kv is None:

@@ -27,7 +27,8 @@ from coordinator.pipeline import Pipeline
 from coordinator.placement import choose_workers, fit
 from coordinator.planner import PlanDoesNotFit, StagePlan
 from coordinator.registry import UNPLANNABLE, Registry, WorkerRecord
-from coordinator.scheduler import Scheduler, Stream
+from coordinator.serving.driver import Scheduler
+from coordinator.serving.streams import Stream
 from coordinator.store import Manifest
 from coordinator.timed_planner import StageExplanation
 from coordinator.worker_calls import chain_capacity, load_shard, probe, set_peers, unload_shard
@@ -113,23 +114,23 @@ class Replica:
     def outstanding(self) -> int:
         """The work this replica owes: tokens still to produce or to prefill, over its running and queued
         streams (the balancer sends a request to the replica that owes least)."""
-        s = self.scheduler
-        if s is None:
+        if self.scheduler is None:
             return 0
-        return sum(len(x.pending) + max(0, x.max_tokens - x.produced) for x in s.streams() if not x.done)
+        return sum(len(x.pending) + max(0, x.max_tokens - x.produced) for x in self.scheduler.policy.streams()
+                   if not x.done)
 
     @property
     def queued(self) -> int:
-        return len(self.scheduler.waiting) if self.scheduler is not None else 0
+        return len(self.scheduler.policy.waiting) if self.scheduler is not None else 0
 
     @property
     def running(self) -> int:
-        return self.scheduler.active if self.scheduler is not None else 0
+        return self.scheduler.policy.active if self.scheduler is not None else 0
 
     @property
     def interactive(self) -> int:
         """Interactive streams running (not jobs' items: they are stored, and run again after a restart)."""
-        return self.scheduler.interactive_active if self.scheduler is not None else 0
+        return self.scheduler.policy.interactive_active if self.scheduler is not None else 0
 
     @property
     def config(self) -> CoordinatorConfig:
@@ -298,7 +299,7 @@ class Replica:
         self.draining = self._retiring = True
         self.shared.changed()
         deadline = time.monotonic() + grace_s
-        while self.infers or self.scheduler is not None and self.scheduler.busy:
+        while self.infers or self.scheduler is not None and self.scheduler.policy.busy:
             if time.monotonic() >= deadline or self._broken:  # a broken chain finishes nothing: move on
                 break
             await asyncio.sleep(0.05)
@@ -309,7 +310,7 @@ class Replica:
         async with self._lock:
             left = 0
             if self.scheduler is not None:
-                streams = self.scheduler.evacuate(failure=False)
+                streams = self.scheduler.policy.evacuate(failure=False)
                 left = len(streams)
                 for stream in self.shared.evacuate(self, streams):  # planned: not counted as failures
                     stream.stop(Unavailable(f"{self.spec.key} was unloaded before this request finished"))
@@ -593,7 +594,7 @@ class Replica:
                                        reserve_tokens=c.kv_reserve_tokens, background_share=c.job_step_share,
                                        metrics=self.shared.metrics.streams(self.spec.name),
                                        prefix_cache=c.prefix_cache)
-        stale = self.scheduler.rewind(counted)
+        stale = self.scheduler.policy.rewind(counted)
         if old_chain is not None:
             await old_chain.close()
         # the old sessions are freed before the new chain's capacity is read: the replay starts on empty
@@ -610,7 +611,7 @@ class Replica:
         untold, capacity = await asyncio.gather(set_peers(chain, timeout, links), chain_capacity(chain, timeout, links))
         if untold:
             await set_peers(untold, timeout, links, peers=chain)
-        self.scheduler.set_capacity(capacity)
+        self.scheduler.policy.set_capacity(capacity)
         self._failed_with = ()
         self.pipeline.resume()
         self._set_state("ready")
@@ -647,6 +648,6 @@ class Replica:
         self._failed_with = self.shared.membership()
         self.shared.say(f"error: {self.name}: {why}")
         if self.scheduler is not None:
-            for stream in self.shared.evacuate(self, self.scheduler.evacuate(failure=True)):
+            for stream in self.shared.evacuate(self, self.scheduler.policy.evacuate(failure=True)):
                 stream.stop(error)
         self._set_state("failed", why)

@@ -11,7 +11,7 @@ import grpc
 from coordinator.membership import LoadedShard
 from coordinator.planner import StagePlan
 from coordinator.registry import WorkerRecord
-from coordinator.scheduler import KVBudget
+from coordinator.serving.streams import KVBudget
 from shardline.errors import from_rpc_error
 from shardline.server import channel
 from shardline.stream import LinkSettings

@@ -58,7 +58,7 @@ def test_cancelling_a_stream_frees_its_kv_cache_on_every_stage(smollm2_cluster):
 
 def test_requests_beyond_the_admission_queue_are_refused_while_admitted_ones_complete(smollm2_cluster):
     coordinator, _ = smollm2_cluster
-    scheduler = coordinator.fleet.first.scheduler
+    scheduler = coordinator.fleet.first.scheduler.policy
     limits = scheduler.max_active, scheduler.max_queued
     scheduler.max_active, scheduler.max_queued = 2, 1  # configuration, as `max_active_streams` would set it
     try:

@@ -124,7 +124,7 @@ def test_a_job_yields_to_interactive_requests(cluster):
     newest item, which resumes later by replay) and the job's results are unchanged by that."""
     coordinator = cluster(max_active_streams=4, job_concurrency=8)
     long = dict(max_tokens=120, temperature=0, ignore_eos=True)
-    scheduler = coordinator.fleet.deployments["tiny-llama@1"].replicas[0].scheduler
+    scheduler = coordinator.fleet.deployments["tiny-llama@1"].replicas[0].scheduler.policy
     with Client(coordinator.address, timeout=120) as client:
         job_id = client.submit_job(items(PROMPTS[:12], **long))
         deadline = time.monotonic() + 30

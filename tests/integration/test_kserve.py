@@ -252,7 +252,7 @@ def test_requests_on_one_stream_run_together_and_a_cancelled_stream_frees_them(c
 
 def test_a_cluster_at_capacity_is_unavailable_as_tritons_full_queue(cluster, client):
     coordinator, sdk = cluster
-    scheduler = next(r.scheduler for r in coordinator.fleet.replicas if r.name.startswith("tok"))
+    scheduler = next(r.scheduler.policy for r in coordinator.fleet.replicas if r.name.startswith("tok"))
     limits = scheduler.max_active, scheduler.max_queued
     scheduler.max_active, scheduler.max_queued = 1, 0  # configuration, as max_active_streams would set it
     stream = Stream(client)

@@ -133,14 +133,15 @@ def test_many_long_requests_fit_a_small_budget_by_queueing_and_preemption(small_
         stop.set()
         watcher.join(10)
     print(f"{REQUESTS} requests of {length} tokens, {fit} fit at once: {time.monotonic() - began:.1f} s, "
-          f"{coordinator.fleet.first.scheduler.preempted} preemptions; capacity (tokens, headroom MiB, weights MiB): "
+          f"{coordinator.fleet.first.scheduler.policy.preempted} preemptions; "
+          "capacity (tokens, headroom MiB, weights MiB): "
           f"{[(s.kv.capacity_tokens, s.kv.headroom_bytes >> 20, s.weight_bytes >> 20) for s in statuses]}")
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors[:3]
     for i, result in enumerate(results):
         assert result.token_ids == alone[i % DISTINCT].token_ids, f"request {i} differs from its prompt alone"
     assert not over, over[:3]
-    scheduler = coordinator.fleet.first.scheduler
+    scheduler = coordinator.fleet.first.scheduler.policy
     assert scheduler.preempted > 0, "the burst never ran the cache full: the test proves nothing"
     assert max(peak.values()) > 0
     assert all(p.process.returncode is None for p in processes), "a worker died"
@@ -168,7 +169,7 @@ def test_a_request_that_can_never_fit_is_refused_naming_both_numbers(small_clust
 def test_beyond_the_queue_is_resource_exhausted_and_everything_is_freed_after(small_cluster, smollm2_store):
     coordinator, addresses, *_ = small_cluster
     text = prompts(smollm2_store.path(small_cluster[3]), 1, 200)[0]
-    scheduler = coordinator.fleet.first.scheduler
+    scheduler = coordinator.fleet.first.scheduler.policy
 
     async def burst() -> list:
         async with AsyncClient(coordinator.address, timeout=600) as client:

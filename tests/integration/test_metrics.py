@@ -141,7 +141,7 @@ def test_the_state_gauges_describe_the_cluster(cluster):
     coordinator, _ = cluster
     url, _ = urls(cluster)
     replica = coordinator.fleet.first
-    kv = replica.scheduler.kv
+    kv = replica.scheduler.policy.kv
     wait_for(lambda: kv.held + kv.releasing == 0)  # the streams of the other tests are gone
     samples = scrape(url)
     r = dict(model=MODEL, replica=replica.name)

@@ -246,7 +246,7 @@ def test_a_body_over_the_limit_is_413_unread_and_the_gateway_goes_on(http, oai):
 
 def test_at_capacity_is_429_and_a_stream_abandoned_midway_frees_its_place(oai, cluster):
     coordinator = cluster["coordinator"]
-    scheduler = next(r.scheduler for r in coordinator.fleet.replicas if r.name.startswith(MODEL))
+    scheduler = next(r.scheduler.policy for r in coordinator.fleet.replicas if r.name.startswith(MODEL))
     limits = scheduler.max_active, scheduler.max_queued
     scheduler.max_active, scheduler.max_queued = 1, 0  # configuration, as max_active_streams would set it
     try:
@@ -271,7 +271,7 @@ def test_a_caller_that_gives_up_on_a_whole_completion_leaves_the_batch(cluster):
     """Not streamed: the handler is waiting for the whole text when the client goes away; the gateway notices
     the disconnect and cancels the generation (2000 tokens would take the tiny model ~14 s)."""
     coordinator = cluster["coordinator"]
-    scheduler = next(r.scheduler for r in coordinator.fleet.replicas if r.name.startswith(MODEL))
+    scheduler = next(r.scheduler.policy for r in coordinator.fleet.replicas if r.name.startswith(MODEL))
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{cluster['url']}/completions", json=body, timeout=httpx.Timeout(30, read=1.0),

@@ -67,7 +67,7 @@ def cluster(loop, store, parameters):
 
 def without_cache(coordinator, client, prompts: list[list[int]], **params) -> list[list[int]]:
     """The tokens each prompt gets with the prefix cache off (what `prefix_cache = false` runs)."""
-    scheduler = coordinator.fleet.first.scheduler
+    scheduler = coordinator.fleet.first.scheduler.policy
     scheduler.prefix_cache, index, scheduler.prefixes = False, scheduler.prefixes, None
     try:
         return [list(client.generate(p, **params).token_ids) for p in prompts]
@@ -110,7 +110,7 @@ def test_a_stage_that_lost_the_prefix_is_healed_by_the_full_prefill(cluster):
     before = counters(servers)
     assert list(client.generate(prompts[1], **params).token_ids) == reference[1]
     after = counters(servers)
-    index = coordinator.fleet.first.scheduler.prefixes
+    index = coordinator.fleet.first.scheduler.policy.prefixes
     assert index.misses == 1
     # the first stage computed the question, then (replayed) the whole prompt; the middle one the whole prompt
     assert after[0][0] - before[0][0] == 9 + SYSTEM + 9 and after[1][0] - before[1][0] == SYSTEM + 9
@@ -203,7 +203,7 @@ def test_smollm2_chat_with_a_long_system_prompt_gives_the_same_tokens_from_the_c
     with Client(coordinator.address, timeout=300) as client:
         client.wait_ready(timeout=120)
         for params in (dict(max_tokens=16, temperature=0), dict(max_tokens=16, temperature=0.8, seed=5)):
-            scheduler = coordinator.fleet.first.scheduler
+            scheduler = coordinator.fleet.first.scheduler.policy
             scheduler.prefix_cache, index, scheduler.prefixes = False, scheduler.prefixes, None
             try:
                 reference = [list(client.chat(c, **params).token_ids) for c in chats]

@@ -128,7 +128,7 @@ def test_a_link_stalled_past_the_step_deadline_completes_every_stream_identicall
 def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undisturbed):
     cluster = proxied.coordinator.fleet.first
     before = (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment],
-              cluster.scheduler.replayed)
+              cluster.scheduler.policy.replayed)
     joined = []
 
     async def join():
@@ -136,13 +136,13 @@ def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undi
         proxied.servers.append(server)
         joined.append(server.address)
         await asyncio.to_thread(register, proxied.coordinator, server.address)
-        joined.append(cluster.scheduler.active)
+        joined.append(cluster.scheduler.policy.active)
 
     tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, join, **PARAMS))
     assert joined[1] > 0  # it joined while streams were running
     assert tokens == undisturbed
     assert (cluster.pipeline.epoch, recoveries(proxied), [w.address for w in cluster.assignment],
-            cluster.scheduler.replayed) == before
+            cluster.scheduler.policy.replayed) == before
     (spare,) = [w for w in proxied.coordinator.fleet.registry.workers.values() if w.address == joined[0]]
     assert spare.state == "spare"
 
@@ -151,7 +151,7 @@ def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed)
     cluster = proxied.coordinator.fleet.first
     draining = cluster.assignment[2].address
     spare = next(w.address for w in proxied.coordinator.fleet.registry.live() if w.state == "spare")
-    replayed = cluster.scheduler.replayed
+    replayed = cluster.scheduler.policy.replayed
     messages = []
 
     async def drain():
@@ -160,7 +160,7 @@ def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed)
 
     tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, drain, **PARAMS))
     assert tokens == undisturbed
-    assert cluster.scheduler.replayed > replayed  # the hand-over happened while streams ran: they moved
+    assert cluster.scheduler.policy.replayed > replayed  # the hand-over happened while streams ran: they moved
     assert recoveries(proxied) == 0 or "stalled" in cluster.last_recovery  # a drain is not a failure
     assert [w.address for w in cluster.assignment][2] == spare, messages
     assert "drained" in messages[0]

@@ -1,0 +1,123 @@
+"""The scheduler's driver: one supervised loop per micro-batch group runs the policy (policy.py) against the
+replica's chain. It converts to protos only here, at the chain: a plan's slices become `SequenceSlice`s and
+the chain's answer a `StepOutcome`. It performs the policy's effects: waking a group's loop, and ending
+sessions on every stage (whose blocks the policy counts free once every stage answered)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from coordinator.chain import end_sessions
+from coordinator.pipeline import RECOVERABLE, Pipeline
+from coordinator.serving.policy import SchedulingPolicy, StreamEvents
+from coordinator.serving.streams import Release, Sampling, StepOutcome, StepPlan
+from shardline.errors import Internal, ShardlineError, Unavailable, code_from_number, error_for_code
+from shardline.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+def sampling_proto(sampling: Sampling) -> worker_pb2.SamplingParams:
+    return worker_pb2.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                     top_p=sampling.top_p, seed=sampling.seed)
+
+
+def step_request(plan: StepPlan) -> tuple[list[worker_pb2.SequenceSlice], list[int]]:
+    """A plan as the chain takes it: one slice per sequence, and every slice's ids packed in order."""
+    sequences = [worker_pb2.SequenceSlice(session_id=p.session_id, start_position=p.position, num_tokens=p.tokens,
+                                          sampling=sampling_proto(p.stream.sampling), traceparent=p.stream.trace,
+                                          prefix_blocks=list(p.prefix_blocks), prefix_tokens=p.prefix_tokens)
+                 for p in plan.slices]
+    return sequences, [t for p in plan.slices for t in p.ids]
+
+
+def step_outcome(response: worker_pb2.ForwardResponse) -> StepOutcome:
+    errors = {e.session_id: error_for_code(code_from_number(e.error.code), e.error.message)
+              for e in response.sequence_errors}
+    return StepOutcome(tuple(response.token_ids), errors)
+
+
+class Scheduler:
+    """A replica's scheduler: `policy` decides (and holds every stream), this runs it."""
+
+    def __init__(self, pipeline: Pipeline, groups: int, max_active: int = 64, max_queued: int = 256,
+                 prefill_chunk: int = 256, max_step_tokens: int = 2048, reserve_tokens: int = 16,
+                 background_share: float = 0.5, metrics: StreamEvents | None = None,
+                 prefix_cache: bool = False) -> None:
+        self.pipeline = pipeline
+        self.policy = SchedulingPolicy(groups, max_active, max_queued, prefill_chunk, max_step_tokens,
+                                       reserve_tokens, background_share, metrics, prefix_cache, effects=self)
+        self._wake = [asyncio.Event() for _ in self.policy.groups]
+        self._kv_freed = asyncio.Event()
+        self._ending: set[asyncio.Task[None]] = set()
+        self._tasks = [asyncio.create_task(self._run(i)) for i in range(len(self.policy.groups))]
+
+    # -- the policy's effects ---------------------------------------------------------------------------
+    def wake(self, group: int) -> None:
+        self._wake[group].set()
+
+    def end_sessions(self, release: Release) -> None:
+        addresses = self.pipeline.addresses  # the chain that holds them, as it is now
+
+        async def end() -> None:
+            try:
+                await end_sessions(addresses, list(release.sessions), self.pipeline.links)
+            finally:
+                self.policy.released(release)
+                self._kv_freed.set()
+
+        ending = asyncio.create_task(end())
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+
+    # -- the loops --------------------------------------------------------------------------------------
+    async def _run(self, i: int) -> None:
+        """Group i's loop, supervised: an unexpected error fails that cycle's streams only."""
+        while True:
+            try:
+                await self._cycle(i)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged with its traceback; the loop goes on
+                log.exception("micro-batch group %d failed; its streams end with INTERNAL", i)
+                self.policy.fail_group(i, Internal("internal error; the server log has the details"))
+                await asyncio.sleep(0.05)
+
+    async def _cycle(self, i: int) -> None:
+        if not self.policy.prepare(i):
+            self._wake[i].clear()
+            await self._wake[i].wait()
+            return
+        try:
+            chain = await self.pipeline.wait_open()  # closed while the cluster heals: streams wait, not fail
+        except ShardlineError as exc:  # the cluster cannot serve: say why, to every stream of the group
+            self.policy.fail_group(i, exc)
+            return
+        epoch = self.pipeline.epoch
+        plan = self.policy.schedule(i)
+        if not plan.slices:
+            self._kv_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kv_freed.wait(), 0.05)
+            return
+        sequences, ids = step_request(plan)
+        try:
+            response = await chain.step(sequences, ids, partial=True)
+        except Exception as exc:  # noqa: BLE001
+            if epoch != self.pipeline.epoch:
+                return  # the chain was retired under this step: its streams are rewound at the next install
+            if isinstance(exc, RECOVERABLE):
+                await self.pipeline.heal(epoch, exc)  # the streams are rewound by then; the next cycle replays
+                return
+            self.policy.step_failed(plan, exc)
+            return
+        if epoch != self.pipeline.epoch:
+            return  # the chain changed under this step: its streams were rewound, the result is stale
+        self.policy.update(plan, step_outcome(response))
+
+    async def close(self, reason: str = "the coordinator is stopping") -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.policy.fail_all(Unavailable(reason))

@@ -1,0 +1,143 @@
+"""The scheduler's value types: a request's stream, the chain's KV budget, and what one step plans and
+brings back. Domain values only: no protobuf message and no awaits (the driver converts at the chain)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+
+from shardline.errors import ShardlineError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A request's sampling values (temperature 0 = greedy; seeded by (seed, position) on the last stage)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(eq=False)
+class Stream:
+    """One request's sequence as the scheduler runs it. `tokens` receives each sampled id, then None
+    when the scheduler stops it (end of sequence or max_tokens), or an exception."""
+
+    request_id: str
+    ids: list[int]      # every id of the sequence so far: the prompt, then each sampled token
+    sampling: Sampling
+    max_tokens: int
+    stop_ids: frozenset[int]
+    pending: list[int] = field(default_factory=list)  # ids still to feed: the prompt, then the last sample
+    position: int = 0
+    produced: int = 0
+    replays: int = 0    # chains this stream moved to (each a new session id)
+    failures: int = 0   # of which after a failure
+    min_tokens: int = 0  # stop ids are ordinary tokens until this many were produced
+    done: bool = False
+    tokens: asyncio.Queue[int | BaseException | None] = field(default_factory=asyncio.Queue)
+    blocks: int = 0     # KV blocks held for this stream on every stage (as the scheduler accounts them)
+    admitted: int = -1  # admission order: the most recent is preempted first
+    preemptions: int = 0
+    wants: int = 0      # blocks it waits for (being released by a preempted stream); admission leaves them
+    waiting_in: collections.deque[Stream] | None = None  # the queue it waits in, left at once when it stops
+    background: bool = False  # a job's item: admitted after every interactive stream, preempted first
+    trace: str = ""     # the request span's W3C traceparent, passed to every stage with each step (tracing on)
+    queued_at: float = field(default_factory=time.monotonic)  # when it was submitted (its queue time, metrics)
+    prefix_hashes: list[bytes] | None = None  # its session's full prefill blocks' chain hashes (coordinator/prefix.py)
+    prefix_tokens: int = 0  # its session, not started yet, starts with this many positions from the prefix store
+    no_prefix: bool = False  # a stage lacked the prefix it was sent: its replay computes the whole prefill
+
+    def __post_init__(self) -> None:
+        self.pending = list(self.ids)
+
+    @property
+    def session_id(self) -> str:
+        """The id of this stream's caches on the workers; a replay starts a new one."""
+        return f"{self.request_id}.r{self.replays}" if self.replays else self.request_id
+
+    def rewind(self, failure: bool) -> None:
+        """Start over on a new chain: feed every id again, under a new session id."""
+        self.replays += 1
+        self.failures += failure
+        self.position = 0
+        self.pending = list(self.ids)
+        self.prefix_hashes, self.prefix_tokens = None, 0
+
+    def stop(self, item: BaseException | None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.tokens.put_nowait(item)
+            if self.waiting_in is not None:
+                self.waiting_in.remove(self)
+                self.waiting_in = None
+
+
+@dataclass
+class KVBudget:
+    """The chain's KV memory as the scheduler accounts it: the smallest stage's blocks (every stage holds
+    the same positions of a sequence). `releasing` blocks belong to sessions being ended: they are free
+    once every stage has answered the EndSession."""
+
+    block_tokens: int
+    blocks_total: int
+    held: int = 0
+    releasing: int = 0
+    stage_blocks: tuple[int, ...] = ()  # each stage's own capacity (blocks_total is the smallest; metrics)
+
+    @property
+    def free(self) -> int:
+        return self.blocks_total - self.held - self.releasing
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks_total * self.block_tokens
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One stream's part of a step: `tokens` ids fed at `position` of its session."""
+
+    stream: Stream
+    session_id: str
+    position: int
+    ids: tuple[int, ...]
+    prefix_blocks: tuple[bytes, ...] = ()  # block hashes named to the stages (coordinator/prefix.py)
+    prefix_tokens: int = 0                 # the session starts with this many positions from the prefix store
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What group `group` sends through the chain in one step (empty: nothing can run now)."""
+
+    group: int
+    slices: tuple[Slice, ...]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What the chain answered for a step: one sampled id per slice that did not fail, in the plan's order,
+    and the failures by session id."""
+
+    tokens: tuple[int, ...]
+    errors: dict[str, ShardlineError] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Caches to end on every stage; `blocks` of `kv` are free once every stage answered."""
+
+    sessions: tuple[str, ...]
+    blocks: int
+    kv: KVBudget | None
+
