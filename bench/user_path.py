@@ -10,9 +10,11 @@ among them (default: one variant, "launch", with none); all variants are started
 same interleaved rounds. For each run it also reads every stage's busy and bubble seconds (the workers'
 /metrics, so launch gets `--metrics-port 0`) and the CPU seconds of the launch process, of its workers and of
 this process. A variant with IN_PROCESS=1 among its words is the cluster as bench/generate.py runs it
-(`LocalCluster` in this process; WORKERS=N). `--in-process-baseline`: transformers also on a thread of this
-process, as bench/generate.py measures it. `--profile DIR`: after the rounds, py-spy records every process of
-the first variant during three more 16-stream runs (speedscope files in DIR).
+(`LocalCluster` in this process; WORKERS=N). VENV=DIR among its words launches that virtual environment's
+`coordinator` (another checkout's `make setup`: two commits measured in the same rounds).
+`--in-process-baseline`: transformers also on a thread of this process, as bench/generate.py measures it.
+`--profile DIR`: after the rounds, py-spy records every process of the first variant during three more
+16-stream runs (speedscope files in DIR).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class Launched:
 
     def start(self, store: Path) -> None:
         port = free_port()
-        command = [str(Path(sys.executable).parent / "coordinator"), "launch", "--store", str(store), "--port",
+        # VENV=DIR among a variant's words: that install's coordinator (another commit, for an A/B in one run)
+        venv_bin = Path(self.env["VENV"]) / "bin" if "VENV" in self.env else Path(sys.executable).parent
+        command = [str(venv_bin / "coordinator"), "launch", "--store", str(store), "--port",
                    str(port), "--http-port", "0", "--metrics-port", "0", *self.args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         cwd=ROOT, start_new_session=True, env={**os.environ, **self.env})
