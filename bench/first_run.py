@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,11 +26,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def launch_until_ready(checkout: Path, store: Path) -> tuple[float, str]:
     """Seconds from `coordinator launch` to its "ready in" line, and that line; the cluster is stopped after."""
     env = {**os.environ, "SHARDLINE_STORE": str(store)}
     began = time.perf_counter()
-    process = subprocess.Popen([str(checkout / ".venv" / "bin" / "coordinator"), "launch", "--port", "0",
+    process = subprocess.Popen([str(checkout / ".venv" / "bin" / "coordinator"), "launch", "--port", str(free_port()),
                                 "--http-port", "0"], cwd=checkout, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert process.stdout is not None
