@@ -13,7 +13,20 @@ from typing import Any
 
 import typer
 
+from coordinator.cli_common import (
+    API_KEY_OPTION,
+    CLIENT_CERTS_DIR,
+    CLIENT_NAME,
+    STORE_DEFAULT,
+    STORE_HELP,
+    _client,
+    _fail,
+    _store,
+    explain,
+)
 from coordinator.config import CoordinatorConfig
+from coordinator.jobs_cli import jobs
+from coordinator.models_cli import models
 from coordinator.security_cli import api_keys, certs, health
 from coordinator.store import ModelStore, default_store
 from shardline.cli_options import (
@@ -25,9 +38,6 @@ from shardline.cli_options import (
     typer_app,
     version_option,
 )
-
-if __name__ == "__main__":  # `python -m coordinator.cli`: one module, which coordinator.models_cli imports
-    sys.modules.setdefault("coordinator.cli", sys.modules[__name__])
 
 app = typer_app("shardline coordinator: import models, launch a local cluster or serve one, and use it (generate, "
                 "embed, status, models, jobs).")
@@ -46,8 +56,6 @@ RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy,
                      "answered from memory and marked cached")
 PREFIX_CACHE_HELP = ("prompts that share a prefix (a system prompt, a chat history) reuse its KV blocks on every "
                      "stage instead of computing them again")
-STORE_HELP = "model store directory"
-STORE_DEFAULT = "$SHARDLINE_STORE, else the per-user cache"
 METRICS_HELP = "serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port; printed)"
 # security options, shared by the server commands (README "Security")
 CERTS_HELP = "TLS on every link with this certificates directory (ca.crt, node.crt, node.key: `coordinator certs`)"
@@ -60,19 +68,6 @@ CLIENT_CERTS_HELP = "with --certs-dir: 'required' makes public API clients prese
 CLUSTER_PORT_HELP = "with --certs-dir: the port workers register on (mutual TLS only)"
 HTTP_PORT_HELP = "the OpenAI-compatible HTTP API's port, on --host (0 = a free one; or $SHARDLINE_HTTP_PORT)"
 HTTP_HELP = "serve the OpenAI-compatible HTTP API beside the gRPC port (--no-http: gRPC only)"
-API_KEY_OPTION: Any = typer.Option(None, "--api-key", envvar="SHARDLINE_API_KEY", help="the API key (or "
-                                   "$SHARDLINE_API_KEY)", show_envvar=False)
-CLIENT_CERTS_DIR: Any = typer.Option(None, "--certs-dir", help="TLS: trust this directory's ca.crt")
-CLIENT_NAME: Any = typer.Option("", "--client-name", help="with --certs-dir: present client.NAME.crt/.key")
-
-
-def _store(store: Path | None) -> ModelStore:
-    return ModelStore(store or default_store())
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(1)
 
 
 SOURCES = "'smollm2' or 'minilm' (built in), a .gguf file, a Hugging Face directory, or --random FAMILY"
@@ -842,39 +837,7 @@ async def _start_http(config: CoordinatorConfig, port: int) -> Any:
         _fail(f"{exc} (or turn HTTP off with --no-http)")
 
 
-def explain(exc: Any, endpoint: str) -> str:
-    """One line for a failed call, saying what to do when the cause is the usual one."""
-    message = str(exc.message)
-    if exc.code.name == "UNAVAILABLE" and ("failed to connect" in message or "Connection refused" in message):
-        return (f"no shardline cluster answers at {endpoint}: start one (`coordinator launch`), or give its "
-                "address with --endpoint HOST:PORT")
-    if exc.code.name == "UNAVAILABLE" and ("resolv" in message or "DNS" in message):
-        return f"cannot resolve {endpoint}: give --endpoint HOST:PORT"
-    if exc.code.name in ("UNAVAILABLE", "CANCELLED") and ("Cancelling all calls" in message or
-                                                         "Socket closed" in message or "GOAWAY" in message):
-        return f"the cluster at {endpoint} stopped while answering: retry once it is back"
-    return f"{exc.code.name}: {message}"
-
-
-def _client(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path | None, client_name: str) -> Any:
-    """The SDK's client for a CLI command; files that cannot be used end the command with their name."""
-    from shardline.client import Client
-    from shardline.limits import is_host_port
-    from shardline.tls import TLSFilesError
-
-    if not is_host_port(endpoint):
-        _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
-    try:
-        return Client(endpoint, timeout=timeout, api_key=api_key, tls=certs_dir, client_name=client_name)
-    except (TLSFilesError, ValueError) as exc:
-        _fail(str(exc))
-
-
-from coordinator.models_cli import models  # noqa: E402 - it imports this module's helpers, defined above
-
 app.add_typer(models, name="models")
-from coordinator.jobs_cli import jobs  # noqa: E402 - as models
-
 app.add_typer(jobs, name="jobs")
 
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import typer
 
-from coordinator.cli import API_KEY_OPTION, CLIENT_CERTS_DIR, CLIENT_NAME, _fail
-from coordinator.models_cli import _connected
+from coordinator.cli_common import API_KEY_OPTION, CLIENT_CERTS_DIR, CLIENT_NAME, _connected, _fail
 from shardline.cli_options import endpoint_option, examples, typer_app
 
 jobs = typer_app("Asynchronous jobs: a file of requests run in the background; results fetched later.")

@@ -3,23 +3,20 @@ list, load, unload, scale, promote (the admin API's model management, through th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from coordinator.cli import (
+from coordinator.cli_common import (
     API_KEY_OPTION,
     CLIENT_CERTS_DIR,
     CLIENT_NAME,
     STORE_DEFAULT,
     STORE_HELP,
-    _client,
+    _connected,
     _fail,
     _store,
-    explain,
 )
 from shardline.cli_options import endpoint_option, examples, typer_app
 
@@ -65,21 +62,6 @@ def store_table(store: Any) -> list[str]:
         lines.append("* LOADED is more than SIZE: the tied embedding is loaded twice, by the first stage (input "
                      "embedding) and by the last (output head), as plans count it")
     return lines
-
-
-@contextmanager
-def _connected(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path | None,
-               client_name: str) -> Iterator[Any]:
-    """The SDK's client; an error of the call ends the command with one line (exit 1), never a traceback."""
-    from shardline.errors import ShardlineError
-
-    with _client(endpoint, timeout, api_key, certs_dir, client_name) as client:
-        try:
-            yield client
-        except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
-        except ValueError as exc:  # a field protobuf refuses (out of its range)
-            _fail(str(exc))
 
 
 @models.command("list", epilog=examples("coordinator models list", "coordinator models list --endpoint 10.0.0.5:50051"))

@@ -22,17 +22,41 @@ EndSession) counts until its TTL expires it. Encoders keep no sessions: their bu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shard_worker.runtime import Metrics
+from shard_worker.runtime import Metrics, StageRuntime
+from shard_worker.weights import ShardSpec
 from shardline.metrics import PREFIX, MetricsServer
 
-if TYPE_CHECKING:
-    from shard_worker.servicer import WorkerServicer, _Shard
+
+class HeldShard(Protocol):
+    """What the worker holds, as metrics read it (shard_worker/servicer.py's _Shard)."""
+
+    @property
+    def spec(self) -> ShardSpec: ...
+
+    @property
+    def runtime(self) -> StageRuntime: ...
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+
+class Observed(Protocol):
+    """The worker as metrics read it at scrape time (the servicer; metrics never import it)."""
+
+    @property
+    def shard(self) -> HeldShard | None: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def memory_budget_bytes(self) -> int: ...
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 10.0, 30.0)
@@ -43,7 +67,7 @@ SUMMED = ("busy_s", "bubble_s", "steps", "tokens", "bytes_in", "bytes_out", "ses
 class WorkerMetrics:
     """Every metric of one worker, in a registry of its own (never the process-global one)."""
 
-    def __init__(self, servicer: WorkerServicer) -> None:
+    def __init__(self, servicer: Observed) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.step_seconds = Histogram(f"{PREFIX}stage_step_duration_seconds", "Compute time of one step on this "
@@ -62,7 +86,7 @@ class WorkerMetrics:
 class StageCollector(Collector):
     """The worker's stage, read at scrape time (on the HTTP server's thread: plain reads, no lock)."""
 
-    def __init__(self, servicer: WorkerServicer, retired: list[Metrics]) -> None:
+    def __init__(self, servicer: Observed, retired: list[Metrics]) -> None:
         self.servicer, self.retired = servicer, retired
 
     def collect(self) -> Iterator[Metric]:
@@ -95,7 +119,7 @@ def counters(total: dict[str, float]) -> Iterator[Metric]:
                   "prefix_evictions")
 
 
-def gauges(servicer: WorkerServicer, shard: _Shard | None) -> Iterator[Metric]:
+def gauges(servicer: Observed, shard: HeldShard | None) -> Iterator[Metric]:
     info = GaugeMetricFamily(f"{PREFIX}stage_info", "1, labelled with what this worker holds now (model and "
                              "layers [start_layer, end_layer)) and its state", labels=["model", "start_layer",
                                                                                          "end_layer", "state"])
