@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from coordinator.serving.policy import SchedulingPolicy
 from coordinator.serving.streams import KVBudget, Release, Sampling, StepOutcome, StepPlan, Stream
-from shardline.errors import InvalidArgument, NotFound, ResourceExhausted, ShardlineError
+from shardline.errors import InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable
 
 VOCAB = 1000
 EOS = 999  # never produced by token(): streams end by max_tokens unless a test says otherwise
@@ -27,6 +27,10 @@ EOS = 999  # never produced by token(): streams end by max_tokens unless a test 
 def token(request_id: str, position: int) -> int:
     digest = hashlib.blake2b(f"{request_id}:{position}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") % (VOCAB - 1)
+
+
+def prompt_ids(n: int) -> list[int]:
+    return [1 + (i % 97) for i in range(n)]
 
 
 def expected(stream: Stream, prompt_tokens: int) -> list[int]:
@@ -59,15 +63,24 @@ class Harness:
         self.streams: list[Stream] = []
 
     def submit(self, rid: str, prompt: int, max_tokens: int, background: bool = False, **kw: object) -> Stream:
-        ids = [1 + (i % 97) for i in range(prompt)]
+        ids = prompt_ids(prompt)
+        self.prompts[rid] = prompt
         stream = self.policy.submit(rid, ids, Sampling(seed=1), max_tokens, frozenset({EOS}),
                                     background=background, **kw)  # type: ignore[arg-type]
-        self.prompts[rid] = prompt
         self.streams.append(stream)
         return stream
 
+    def sequence(self, rid: str, end: int) -> list[int]:
+        """What request `rid`'s ids must be at positions [0, end): its prompt, then the undisturbed tokens."""
+        prompt = self.prompts[rid]
+        return [*prompt_ids(prompt), *(token(rid, prompt + k) for k in range(max(0, end - prompt)))][:end]
+
     def answer(self, plan: StepPlan, fail: dict[str, ShardlineError] | None = None) -> StepOutcome:
         fail = fail or {}
+        for p in plan.slices:  # the chain is fed exactly the sequence an undisturbed run has at those positions
+            rid = p.stream.request_id
+            assert list(p.ids) == self.sequence(rid, p.position + p.tokens)[p.position:], \
+                f"{rid} fed {list(p.ids)} at {p.position}, not its sequence"
         tokens = tuple(token(p.stream.request_id, p.position + p.tokens) for p in plan.slices
                        if p.session_id not in fail)
         return StepOutcome(tokens, fail)
@@ -137,8 +150,9 @@ def test_admission_reserves_the_prompt_plus_the_reservation_and_streams_grow_blo
         h.step()
         assert s.blocks == -(-s.position // 4) or s.blocks == -(-(s.position + 1) // 4)
         assert h.policy.kv.held == s.blocks
+    held = s.blocks
     h.policy.prepare(0)
-    assert h.policy.kv.held == 0 and h.policy.kv.releasing == s.blocks or s.blocks == 0
+    assert held > 0 and h.policy.kv.held == 0 and h.policy.kv.releasing == held
 
 
 # -- preemption ----------------------------------------------------------------------------------------
@@ -187,6 +201,16 @@ def test_a_waiting_interactive_stream_takes_a_running_background_streams_slot():
     h.run()
     assert received(fg) == (expected(fg, 4)[:3], None, True)
     assert received(bg) == (expected(bg, 4)[:6], None, True)
+
+
+def test_an_interactive_stream_with_no_kv_budget_known_preempts_a_background_one_for_its_slot():
+    h = Harness(groups=1, blocks=None, max_active=1)
+    bg = h.submit("bg", 4, 6, background=True)
+    h.step()
+    fg = h.submit("fg", 4, 3)  # the slot is taken and no capacity is known yet
+    assert bg.preemptions == 1 and fg in h.policy.groups[0]
+    h.run()
+    assert received(fg) == (expected(fg, 4)[:3], None, True)
 
 
 # -- the background share --------------------------------------------------------------------------------
@@ -321,12 +345,29 @@ def test_a_cancelled_stream_leaves_its_group_between_steps_and_frees_its_blocks(
     assert h.policy.kv.releasing == 0 and h.policy.kv.held == t.blocks
 
 
+def test_an_end_answered_after_the_chain_changed_frees_the_old_budget_not_the_new():
+    h = Harness(groups=1, blocks=16, block_tokens=4)
+    s = h.submit("a", 8, 50)
+    h.step()
+    s.stop()
+    h.policy.prepare(0)  # its end is sent to the old chain's stages...
+    (pending,) = h.effects.releases
+    old_budget = h.policy.kv
+    h.policy.rewind(failure=True)
+    h.policy.set_capacity(KVBudget(4, 16))  # ...which is replaced before they answer
+    t = h.submit("b", 8, 4)
+    h.policy.released(h.effects.releases.pop(0))
+    assert pending.kv is old_budget and old_budget.releasing == 0
+    assert h.policy.kv.releasing == 0 and h.policy.kv.held == t.blocks
+
+
 def test_evacuated_streams_replay_on_another_policy_with_the_same_tokens():
     h, sibling = Harness(groups=1), Harness(groups=1)
     streams = [h.submit(f"s{i}", 5, 6) for i in range(3)]
     h.step(), h.step()
     moved = h.policy.evacuate(failure=True)
     assert sorted(s.request_id for s in moved) == ["s0", "s1", "s2"] and not h.policy.busy
+    sibling.prompts = h.prompts  # the same requests
     sibling.policy.adopt(moved)
     sibling.run()
     for s in streams:
@@ -345,7 +386,7 @@ OPS = st.lists(st.one_of(
 ), min_size=1, max_size=150)
 
 
-def check_invariants(h: Harness, preemptions_before: dict[int, int], background_held: bool) -> None:
+def check_invariants(h: Harness, preemptions_before: dict[int, int]) -> None:
     policy, kv = h.policy, h.policy.kv
     running = [s for g in policy.groups for s in g]
     placed = [*policy.waiting, *policy.background, *running]
@@ -357,10 +398,12 @@ def check_invariants(h: Harness, preemptions_before: dict[int, int], background_
     if kv is not None:
         assert kv.held == sum(s.blocks for s in running), "blocks held are not the running streams' blocks"
         assert 0 <= kv.releasing and kv.held + kv.releasing <= kv.blocks_total, "more blocks than the chain has"
+    interactive_preempted = [s.request_id for s in h.streams
+                             if not s.background and s.preemptions > preemptions_before.get(id(s), 0)]
+    if interactive_preempted:  # background streams go first: none may still hold blocks
+        holding = [s.request_id for s in running if s.background and s.blocks]
+        assert not holding, f"interactive {interactive_preempted} preempted while background {holding} hold blocks"
     for s in h.streams:
-        if not s.background and s.preemptions > preemptions_before.get(id(s), 0):
-            assert not background_held, f"interactive {s.request_id} was preempted while a background stream " \
-                                        "held blocks"
         tokens, error, _ = received_peek(s)
         prompt = h.prompts[s.request_id]
         assert tokens == expected(s, prompt)[:len(tokens)], f"{s.request_id}: tokens differ from an undisturbed run"
@@ -381,9 +424,9 @@ def test_random_arrivals_cancellations_failures_and_kv_limits_keep_every_invaria
     h = Harness(groups=groups, blocks=blocks, block_tokens=4, max_active=max_active, max_queued=6,
                 prefill_chunk=8, max_step_tokens=24, reserve_tokens=2, background_share=share)
     submitted = 0
+    cancelled: set[str] = set()
     for op in ops:
         before = {id(s): s.preemptions for s in h.streams}
-        background_held = any(s.background and s.blocks for g in h.policy.groups for s in g)
         kind = op[0]
         if kind == "submit":
             _, prompt, max_tokens, background = op
@@ -393,7 +436,9 @@ def test_random_arrivals_cancellations_failures_and_kv_limits_keep_every_invaria
                 pass
             submitted += 1
         elif kind == "cancel" and h.streams:
-            h.streams[op[1] % len(h.streams)].stop()
+            victim = h.streams[op[1] % len(h.streams)]
+            cancelled.add(victim.request_id)
+            victim.stop()
         elif kind == "step":
             _, g, pick, failure = op
             plan = h.plan(g % groups)
@@ -411,20 +456,24 @@ def test_random_arrivals_cancellations_failures_and_kv_limits_keep_every_invaria
         elif kind == "chain_failure":
             h.policy.rewind(failure=True)
             h.policy.set_capacity(KVBudget(4, max(op[1], 8)))  # the new chain may be smaller
-            h.effects.releases.clear()  # the old chain's releases belong to a budget that is gone
+            # the old chain's releases stay pending: answered later, they free blocks of the budget they
+            # were held in, never of the new one (the invariants above check the new budget's account)
             h.policy.admit()
-        check_invariants(h, before, background_held)
+        check_invariants(h, before)
     for _ in range(5000):  # then every stream runs to its end, invariants checked after every step
         if not h.policy.busy and not h.effects.releases:
             break
         for g in range(groups):
             before = {id(s): s.preemptions for s in h.streams}
-            background_held = any(s.background and s.blocks for group in h.policy.groups for s in group)
             h.step(g)
-            check_invariants(h, before, background_held)
+            check_invariants(h, before)
         h.release_all()
     for s in h.streams:
         tokens, error, ended = received(s)
         assert ended, f"{s.request_id} neither finished nor failed"
-        if error is None and s.produced == s.max_tokens:
-            assert tokens == expected(s, h.prompts[s.request_id])[:s.max_tokens]
+        if s.request_id in cancelled:
+            continue
+        if error is None:  # not cancelled, not failed: it ran to max_tokens with the undisturbed tokens
+            assert tokens == expected(s, h.prompts[s.request_id])[:s.max_tokens], s.request_id
+        else:  # failed: with a request's own error, or having failed over and over
+            assert isinstance(error, (InvalidArgument, NotFound, ResourceExhausted, Unavailable)), repr(error)
