@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.parameters.server import start_parameter_server  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
+from coordinator.store.parameters.server import start_parameter_server  # noqa: E402
 from shard_worker.accuracy import TEXT, load_chain  # noqa: E402
 from shard_worker.server import start_worker  # noqa: E402
 from tests.faults import FaultProxy  # noqa: E402

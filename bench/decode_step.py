@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.store import ModelStore, default_store  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore, default_store  # noqa: E402
 from shard_worker.families import FAMILIES  # noqa: E402
 from shard_worker.kv_cache import KVPool  # noqa: E402
 from shard_worker.runtime import ComputeThread, Slice, StageRuntime, Step  # noqa: E402

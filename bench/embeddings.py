@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from bench.common import Baseline, free_port, result, table  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.importer import builtin_encoder_dir, import_hf_dir  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import builtin_encoder_dir, import_hf_dir  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 
 WORDS = ("model shard worker stream layer cache token batch pipeline gradient network machine server request "

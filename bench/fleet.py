@@ -53,11 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import peak_rss  # noqa: E402
 from bench.generate import free_port  # noqa: E402
 from bench.kv import PeakRss  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.deployments import DeploymentSpec  # noqa: E402
-from coordinator.importer import import_random, random_config  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.fleet.deployments import DeploymentSpec  # noqa: E402
+from coordinator.store.importer import import_random, random_config  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient, Client  # noqa: E402
 from shardline.errors import ShardlineError  # noqa: E402
 

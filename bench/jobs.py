@@ -34,12 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generate import free_port  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.generation import Plan  # noqa: E402
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.result_cache import CachedResult, ResultCache, cache_key  # noqa: E402
-from coordinator.store import ModelStore, default_store  # noqa: E402
+from coordinator.serving.generation import Plan  # noqa: E402
+from coordinator.serving.result_cache import CachedResult, ResultCache, cache_key  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore, default_store  # noqa: E402
 from shardline.client import AsyncClient, Client, generate_request  # noqa: E402
 from shardline.v1 import worker_pb2  # noqa: E402
 

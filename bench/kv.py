@@ -31,10 +31,10 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from bench.generate import NEW, free_port, hf_generate  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 from shardline.errors import ResourceExhausted  # noqa: E402
 from shardline.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402

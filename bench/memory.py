@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import peak_rss, start_process, stop  # noqa: E402
-from coordinator.importer import import_random, random_config  # noqa: E402
-from coordinator.planner import plan  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.fleet.planner import plan  # noqa: E402
+from coordinator.store.importer import import_random, random_config  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 
 MB = 1024 * 1024
 MODEL = "mem-llama-1.7g"
@@ -54,7 +54,7 @@ def measure(store_dir: Path, workers: int = 4) -> list[Row]:
     env = {"SHARDLINE_STORE": str(store_dir)}
     processes = []
     try:
-        params, params_address = start_process(["coordinator.cli", "parameters", "--port", "0"],
+        params, params_address = start_process(["coordinator.cli.main", "parameters", "--port", "0"],
                                                "parameter service listening on ", env)
         processes.append(params)
         started = [start_process(["shard_worker.cli", "serve", "--port", "0", "--log-level", "WARNING"],

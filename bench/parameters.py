@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from bench.common import start_process, stop  # noqa: E402
-from coordinator.importer import import_random, random_config  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import import_random, random_config  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shard_worker.weights import ShardSpec, fetch_shard  # noqa: E402
 from shardline.server import CHANNEL_OPTIONS, bind, new_server  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(store_dir: Path) -> None:
                                                   vocab=32000), seed=0)
     manifest = store.manifest(MODEL)
     total = manifest.total_size_bytes
-    params, params_address = start_process(["coordinator.cli", "parameters", "--port", "0"],
+    params, params_address = start_process(["coordinator.cli.main", "parameters", "--port", "0"],
                                            "parameter service listening on ", {"SHARDLINE_STORE": str(store_dir)})
     raw, raw_address = start_process(["bench.parameters", "--serve-raw", str(total)], "raw listening on ")
     try:

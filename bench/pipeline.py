@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["OMP_NUM_THREADS"] = "1"  # the workers' compute threads (spawned workers take this environment)
 
 from bench.common import Baseline, cpu_seconds, free_port, pin, result, scrape, table  # noqa: E402
-from coordinator.chain import ChainClient, end_sessions  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore, default_store  # noqa: E402
+from coordinator.serving.chain import ChainClient, end_sessions  # noqa: E402
+from coordinator.store.models import ModelStore, default_store  # noqa: E402
 from shardline.v1 import worker_pb2  # noqa: E402
 
 BUSY, BUBBLE = "shardline:stage_busy_seconds", "shardline:stage_bubble_seconds"

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from bench.common import free_port, result  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore, default_store  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore, default_store  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 from shardline.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 

@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 
 NEW = 48

@@ -27,8 +27,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient, Client  # noqa: E402
 from shardline.errors import ShardlineError  # noqa: E402
 

@@ -32,11 +32,11 @@ import numpy as np  # noqa: E402
 
 from bench.generate import PROMPTS, free_port  # noqa: E402
 from bench.hop import EdgeOnlyWorker, timed  # noqa: E402
-from coordinator.certs import create_ca, create_node  # noqa: E402
+from coordinator.cli.certs import create_ca, create_node  # noqa: E402
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.importer import builtin_gguf, import_gguf  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore  # noqa: E402
+from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
+from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.auth import Access, ClusterIdentity, Guard, Rules, new_token  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 from shardline.codec import from_numpy  # noqa: E402

@@ -47,9 +47,9 @@ from bench.common import (  # noqa: E402
     scrape,
     table,
 )
+from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.launcher import LocalCluster  # noqa: E402
-from coordinator.store import ModelStore, default_store  # noqa: E402
+from coordinator.store.models import ModelStore, default_store  # noqa: E402
 from shardline.client import AsyncClient, Client  # noqa: E402
 
 NEW = 64

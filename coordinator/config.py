@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
-from coordinator.deployments import DeploymentSpec, check_unique
-from coordinator.store import default_store
+from coordinator.fleet.deployments import DeploymentSpec, check_unique
+from coordinator.store.models import default_store
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES
 from shardline.wire_dtype import WIRE_DTYPES
 

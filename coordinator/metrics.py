@@ -1,7 +1,7 @@
 """The coordinator's Prometheus metrics (README "Metrics"; the endpoint itself is shardline/metrics.py).
 
 What is counted where, so that every request is counted once whatever protocol brought it:
-- requests, at the shared core: coordinator/inference.py runs every generation and Infer through `Requests`
+- requests, at the shared core: coordinator/serving/inference.py runs every generation and Infer through `Requests`
   (native gRPC, KServe, the HTTP gateway, and job items alike): outcome by model, time to first token, time
   per output token, end-to-end latency, tokens.
 - events, where they happen: the scheduler reports each stream's queue time (at its first admission) and each
@@ -35,10 +35,10 @@ from shardline.errors import ShardlineError
 from shardline.metrics import PREFIX
 
 if TYPE_CHECKING:
-    from coordinator.fleet import Fleet
-    from coordinator.generation import Piece
-    from coordinator.jobs import JobRunner
-    from coordinator.result_cache import ResultCache
+    from coordinator.fleet.fleet import Fleet
+    from coordinator.jobs.runner import JobRunner
+    from coordinator.serving.generation import Piece
+    from coordinator.serving.result_cache import ResultCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

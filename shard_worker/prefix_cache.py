@@ -1,7 +1,7 @@
 """A stage's prefix store: the keys and values of prompt prefixes, kept after their sessions so that a new
 session starting with the same tokens copies them instead of computing them again (README "Prefix cache").
 
-Blocks are keyed by the chain hash the coordinator sends (coordinator/prefix.py: block i's hash covers every
+Blocks are keyed by the chain hash the coordinator sends (coordinator/serving/prefix.py: block i's hash covers every
 token of blocks 0..i, so equal hashes mean equal prefixes). Each block holds `block_tokens` positions of every
 layer of this stage and counts as one block of the stage's KV pool, but only inside its free blocks: a
 session that needs room evicts prefix blocks, least recently used first (children before their parents, so a

@@ -37,8 +37,8 @@ def loop() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def store(tmp_path_factory: pytest.TempPathFactory):
     """A store with small random models; the built-in SmolLM2 is added by `smollm2_store` when asked for."""
-    from coordinator.importer import import_random, random_config
-    from coordinator.store import ModelStore
+    from coordinator.store.importer import import_random, random_config
+    from coordinator.store.models import ModelStore
 
     store = ModelStore(tmp_path_factory.mktemp("store"))
     import_random(store, "tiny-llama", random_config("llama", hidden=64, layers=6, heads=4, kv_heads=2,
@@ -50,7 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def smollm2_store(store):
-    from coordinator.importer import builtin_gguf, import_gguf
+    from coordinator.store.importer import builtin_gguf, import_gguf
 
     if not store.has("smollm2"):
         import_gguf(store, builtin_gguf(), "smollm2")
@@ -59,7 +59,7 @@ def smollm2_store(store):
 
 @pytest.fixture(scope="session")
 def minilm_store(store):
-    from coordinator.importer import builtin_encoder_dir, import_hf_dir
+    from coordinator.store.importer import builtin_encoder_dir, import_hf_dir
 
     if not store.has("minilm"):
         import_hf_dir(store, builtin_encoder_dir(), "minilm")

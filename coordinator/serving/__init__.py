@@ -1,2 +1,2 @@
-"""Serving: the scheduler's pure policy (policy.py) over its value types (streams.py), and the thin async
-driver that runs it against a chain of workers (driver.py)."""
+"""Serving requests: the scheduler (a pure policy and its driver), generation and inference, the chain and its
+gate, the prefix index, the result cache, stop sequences, the tokenizer side and the request log."""

@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 import logging
 
-from coordinator.chain import end_sessions
-from coordinator.pipeline import RECOVERABLE, Pipeline
+from coordinator.serving.chain import end_sessions
+from coordinator.serving.pipeline import RECOVERABLE, Pipeline
 from coordinator.serving.policy import SchedulingPolicy, StreamEvents
 from coordinator.serving.streams import Release, Sampling, StepOutcome, StepPlan
 from shardline.errors import Internal, ShardlineError, Unavailable, code_from_number, error_for_code

@@ -26,7 +26,7 @@ most recently admitted stream is preempted: its caches are freed on every stage,
 head of the queue to resume later by re-prefill (the same replay as failover, so its output is identical).
 A request that could never fit alone is refused up front.
 
-Two priorities: interactive streams (every RPC) and background streams (job items, coordinator/jobs.py). A
+Two priorities: interactive streams (every RPC) and background streams (job items, coordinator/jobs/runner.py). A
 background stream is admitted only when no interactive one waits, and it is the first to go: an interactive
 stream that finds no room (every slot taken, or KV short) preempts the most recently admitted background
 stream, which resumes later by replay. Background streams never preempt interactive ones. While interactive
@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from coordinator.prefix import PrefixIndex, chain_hashes, reusable_tokens
+from coordinator.serving.prefix import PrefixIndex, chain_hashes, reusable_tokens
 from coordinator.serving.streams import KVBudget, Release, Sampling, Slice, StepOutcome, StepPlan, Stream
 from shardline.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable
 

@@ -47,7 +47,7 @@ class Stream:
     background: bool = False  # a job's item: admitted after every interactive stream, preempted first
     trace: str = ""     # the request span's W3C traceparent, passed to every stage with each step (tracing on)
     queued_at: float = field(default_factory=time.monotonic)  # when it was submitted (its queue time, metrics)
-    prefix_hashes: list[bytes] | None = None  # its session's full prefill blocks' chain hashes (coordinator/prefix.py)
+    prefix_hashes: list[bytes] | None = None  # its session's full prefill blocks' chain hashes (serving/prefix.py)
     prefix_tokens: int = 0  # its session, not started yet, starts with this many positions from the prefix store
     no_prefix: bool = False  # a stage lacked the prefix it was sent: its replay computes the whole prefill
 
@@ -108,7 +108,7 @@ class Slice:
     session_id: str
     position: int
     ids: tuple[int, ...]
-    prefix_blocks: tuple[bytes, ...] = ()  # block hashes named to the stages (coordinator/prefix.py)
+    prefix_blocks: tuple[bytes, ...] = ()  # block hashes named to the stages (coordinator/serving/prefix.py)
     prefix_tokens: int = 0                 # the session starts with this many positions from the prefix store
 
     @property

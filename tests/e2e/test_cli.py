@@ -110,8 +110,8 @@ def test_a_client_command_without_a_cluster_says_so_in_one_line(tmp_path):
 
 @pytest.mark.chaos  # stops a cluster on purpose: in the default suite after passing 20 runs in a row
 def test_a_cluster_that_stops_mid_request_is_one_line(tmp_path, smollm2_store):
-    from coordinator.importer import import_random, random_config
-    from coordinator.store import ModelStore
+    from coordinator.store.importer import import_random, random_config
+    from coordinator.store.models import ModelStore
     from tests.e2e.test_join_and_generate import free_port
 
     store = ModelStore(tmp_path / "store")

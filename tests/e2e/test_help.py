@@ -18,7 +18,7 @@ RANGE = re.compile(r"^-?[\d.]+<=x<=-?[\d.]+$|^x[<>]=?-?[\d.]+$")  # click's [x>=
 
 def commands() -> list[tuple[str, list[str], typer.Typer, object]]:
     """(program, path, app, click command) for every command of both programs, groups included."""
-    from coordinator.cli import app as coordinator
+    from coordinator.cli.main import app as coordinator
     from shard_worker.cli import app as worker
 
     found = []

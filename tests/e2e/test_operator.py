@@ -47,8 +47,8 @@ def _pump(stream, into: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, minilm_store):
-    from coordinator.importer import import_random, random_config
-    from coordinator.store import ModelStore
+    from coordinator.store.importer import import_random, random_config
+    from coordinator.store.models import ModelStore
 
     store = tmp_path_factory.mktemp("operator") / "store"
     imported = cli("import", "minilm", store=store)  # no --name: the built-in's own
@@ -189,7 +189,7 @@ def test_a_plan_that_cannot_fit_fails_before_any_worker_is_spawned_once(tmp_path
 def test_status_says_lost_and_shows_no_empty_tables():
     from types import SimpleNamespace
 
-    from coordinator.cli import worker_lines
+    from coordinator.cli.main import worker_lines
 
     lost = SimpleNamespace(address="127.0.0.1:4000", state="lost", start_layer=0, end_layer=2, weight_bytes=0,
                            rss_bytes=0, memory_budget_bytes=2**30, sessions=0, kv_cache_bytes=0,

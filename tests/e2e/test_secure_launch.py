@@ -176,7 +176,7 @@ def test_greedy_text_over_tls_with_the_key_is_the_plain_launchs(secure, referenc
 
 
 def test_secure_cluster_refuses_no_key_a_wrong_key_plaintext_and_an_untrusted_ca(secure, tmp_path):
-    from coordinator.certs import create_ca
+    from coordinator.cli.certs import create_ca
 
     def attempt(**security: object) -> None:
         with Client(secure.endpoint, timeout=20, **security) as client:
@@ -206,7 +206,7 @@ def run_node(script: Path, endpoint: str, **env: str) -> subprocess.CompletedPro
 
 
 def test_node_client_over_tls_with_the_key_prints_the_sdks_text(secure, reference, node_client, tmp_path):
-    from coordinator.certs import create_ca
+    from coordinator.cli.certs import create_ca
 
     ca = str(secure.private / "ca.crt")
     result = run_node(node_client, secure.endpoint, SHARDLINE_CA=ca, SHARDLINE_API_KEY=secure.key)

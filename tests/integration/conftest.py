@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.parameters.server import ParameterServer, start_parameter_server
-from coordinator.store import ModelStore
+from coordinator.store.models import ModelStore
+from coordinator.store.parameters.server import ParameterServer, start_parameter_server
 from shard_worker.server import WorkerServer, start_worker
 from tests.helpers import LoopThread
 
@@ -45,8 +45,8 @@ def smollm2_cluster(loop, smollm2_store, parameters):
     """A coordinator serving SmolLM2 over 3 real workers that registered through the WorkerRegistry RPC."""
     import grpc
 
+    from coordinator.api.server import start_coordinator
     from coordinator.config import CoordinatorConfig
-    from coordinator.server import start_coordinator
     from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     config = CoordinatorConfig(store=smollm2_store.root, model="smollm2", workers=3, port=0,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shardline.client import Client
 from shardline.errors import InvalidArgument, Unavailable
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shard_worker.accuracy import TEXT, ChainDriver, compare, load_chain, shipped_prompts
 from shardline.client import Client
 from shardline.codec import encode_tensor, from_numpy

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coordinator.cli import device_lines
+from coordinator.api.server import start_coordinator
+from coordinator.cli.main import device_lines
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shard_worker.device import DeviceSettings
 from shard_worker.registration import Registration
 from shard_worker.server import start_worker

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from coordinator.api.server import start_coordinator
+from coordinator.cli.launcher import spawn_worker, stop_processes
 from coordinator.config import CoordinatorConfig
-from coordinator.launcher import spawn_worker, stop_processes
-from coordinator.server import start_coordinator
 from shardline.client import Client
 from tests.chaos import PROMPTS, streams, wait_until_no_sessions
 

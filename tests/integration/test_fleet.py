@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shard_worker.server import start_worker
 from shardline.client import AsyncClient, Client
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -47,7 +47,7 @@ def pool(loop):
 
 @pytest.fixture(scope="module")
 def versioned_store(store):
-    from coordinator.importer import import_random, random_config
+    from coordinator.store.importer import import_random, random_config
 
     if not store.has("tiny-llama-v2"):  # a different random Llama: version 2 of tiny-llama
         import_random(store, "tiny-llama-v2", random_config("llama", hidden=64, layers=6, heads=4, kv_heads=2,

@@ -20,8 +20,8 @@ from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shardline.server import CHANNEL_OPTIONS
 from shardline.v1 import coordinator_pb2, parameters_pb2, worker_pb2
 

@@ -101,8 +101,8 @@ def test_a_random_llama_of_9_gb_in_bfloat16_splits_over_three_gpu_workers(store,
     """The planner cannot fit it in two workers' budgets (it says how many MiB are missing) and fits it in
     three; the three stages on the GPU give transformers' last-position logits (bfloat16: within 5% of their
     largest magnitude; a random model's logits are too flat to compare greedy tokens) and generate."""
-    from coordinator.importer import import_random, random_config
-    from coordinator.planner import PlanDoesNotFit, plan
+    from coordinator.fleet.planner import PlanDoesNotFit, plan
+    from coordinator.store.importer import import_random, random_config
 
     if not store.has(BIG):  # 24 layers of 4096 wide: 4.5 billion parameters, 9 GB in bfloat16
         import_random(store, BIG, random_config("llama", hidden=4096, layers=24, heads=32, kv_heads=8,

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shard_worker.server import start_worker
 from shardline.client import Client
 from tests.integration.test_resilience import register

@@ -12,8 +12,8 @@ import time
 import grpc
 import pytest
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shardline.client import AsyncClient, Client, generate_request
 from shardline.errors import InvalidArgument, NotFound
 from shardline.jobs import items_from_jsonl

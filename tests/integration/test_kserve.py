@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shardline.auth import hash_key, new_api_key
 from shardline.client import Client
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -32,7 +32,7 @@ GREEDY = dict(max_tokens=12, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def kserve_store(smollm2_store, minilm_store):
     """A small random Llama that speaks through SmolLM2's tokenizer (fast, with text), and MiniLM."""
-    from coordinator.importer import import_random, random_config
+    from coordinator.store.importer import import_random, random_config
 
     if not smollm2_store.has("tok"):
         import_random(smollm2_store, "tok", random_config("llama", hidden=64, layers=4, heads=4, kv_heads=2,

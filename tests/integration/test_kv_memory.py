@@ -10,9 +10,9 @@ import time
 import grpc
 import pytest
 
+from coordinator.api.server import start_coordinator
+from coordinator.cli.launcher import spawn_worker, stop_processes
 from coordinator.config import CoordinatorConfig
-from coordinator.launcher import spawn_worker, stop_processes
-from coordinator.server import start_coordinator
 from shardline.client import AsyncClient, Client
 from shardline.errors import InvalidArgument, ResourceExhausted
 from shardline.v1 import worker_pb2
@@ -29,7 +29,7 @@ def kv_llama(store) -> str:
     model at a fraction of the compute (the SmolLM2 run of the same test is marked slow)."""
     import shutil
 
-    from coordinator.importer import import_random, random_config
+    from coordinator.store.importer import import_random, random_config
 
     if not store.has("kv-llama"):
         import_random(store, "kv-llama", random_config("llama", hidden=256, layers=6, heads=8, kv_heads=8,

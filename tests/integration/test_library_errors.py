@@ -9,9 +9,9 @@ import grpc
 import pytest
 import transformers
 
-from coordinator.importer import import_random, random_config
-from coordinator.parameters.server import start_parameter_server
-from coordinator.store import ModelStore
+from coordinator.store.importer import import_random, random_config
+from coordinator.store.models import ModelStore
+from coordinator.store.parameters.server import start_parameter_server
 from tests.helpers import load
 
 

@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shard_worker.server import start_worker
 from shardline.client import AsyncClient, Client
 from shardline.errors import ShardlineError

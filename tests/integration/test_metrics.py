@@ -24,8 +24,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
 from shard_worker.server import start_worker
 from shardline.client import Client, generate_request
 from shardline.errors import InvalidArgument, NotFound

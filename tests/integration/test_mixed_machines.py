@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from coordinator.api.server import start_coordinator
+from coordinator.cli.launcher import spawn_worker, stop_processes
 from coordinator.config import CoordinatorConfig
-from coordinator.launcher import spawn_worker, stop_processes
-from coordinator.server import start_coordinator
 from shardline.client import Client
 
 MODEL = "calib-llama512"
@@ -21,7 +21,7 @@ MODEL = "calib-llama512"
 
 @pytest.fixture(scope="module")
 def calib_store(store):
-    from coordinator.importer import import_random, random_config
+    from coordinator.store.importer import import_random, random_config
 
     if not store.has(MODEL):  # heavy enough per layer that 2 threads beat 1 clearly: 256 tokens a step
         import_random(store, MODEL, random_config("llama", hidden=512, layers=10, heads=8, kv_heads=2, vocab=256,

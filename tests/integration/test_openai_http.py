@@ -20,9 +20,9 @@ import numpy as np
 import openai
 import pytest
 
+from coordinator.api.http_gateway import GatewaySettings, settings_beside, start_gateway
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.http_gateway import GatewaySettings, settings_beside, start_gateway
-from coordinator.server import start_coordinator
 from shard_worker.server import start_worker
 from shardline.auth import hash_key, new_api_key
 from shardline.client import Client
@@ -39,7 +39,7 @@ def models(store, minilm_store, tmp_path_factory):
     GGUF without importing its weights) and MiniLM for embeddings."""
     from transformers import AutoTokenizer
 
-    from coordinator.importer import builtin_gguf, import_random, random_config
+    from coordinator.store.importer import builtin_gguf, import_random, random_config
 
     if not store.has(MODEL):
         gguf = builtin_gguf()
@@ -404,7 +404,7 @@ def test_under_tls_it_serves_https_with_the_node_certificate_and_reaches_the_coo
         loop, models, tmp_path):
     """With the cluster's certificates the gateway beside the coordinator serves HTTPS (node certificate) and
     calls the coordinator over TLS, where client certificates are required: it presents the node's."""
-    from coordinator.certs import create_ca, create_node
+    from coordinator.cli.certs import create_ca, create_node
 
     create_ca(tmp_path)
     create_node(tmp_path, ["localhost", "127.0.0.1"])

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.parameters.server import start_parameter_server
-from coordinator.store import ModelStore
+from coordinator.store.models import ModelStore
+from coordinator.store.parameters.server import start_parameter_server
 from shardline.server import CHANNEL_OPTIONS
 from shardline.v1 import parameters_pb2, parameters_pb2_grpc, worker_pb2
 from tests.helpers import load, seq, worker_stub

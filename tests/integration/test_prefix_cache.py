@@ -10,9 +10,9 @@ import random
 import grpc
 import pytest
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.prefix import chain_hashes
-from coordinator.server import start_coordinator
+from coordinator.serving.prefix import chain_hashes
 from shard_worker.server import start_worker
 from shardline.client import AsyncClient, Client
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2

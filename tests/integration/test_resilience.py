@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from coordinator.api.server import Coordinator, start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator, start_coordinator
 from shard_worker.server import WorkerServer, start_worker
 from shardline.client import Client
 from shardline.server import Keepalive

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from google.protobuf import message_factory
 
-from coordinator.certs import create_ca, create_client, create_node
+from coordinator.api.server import start_coordinator
+from coordinator.cli.certs import create_ca, create_client, create_node
 from coordinator.config import CoordinatorConfig
-from coordinator.parameters.server import start_parameter_server
-from coordinator.server import start_coordinator
+from coordinator.store.parameters.server import start_parameter_server
 from shard_worker.server import start_worker
 from shardline.auth import TOKEN_HEADER, ClusterIdentity, hash_key, new_api_key
 from shardline.client import Client

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.server import start_coordinator
-from coordinator.textmodel import TextModel
+from coordinator.serving.textmodel import TextModel
 from shardline.client import Client
 from shardline.errors import FailedPrecondition, InvalidArgument
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc

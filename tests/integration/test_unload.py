@@ -12,10 +12,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.importer import import_random, random_config
-from coordinator.parameters.server import start_parameter_server
-from coordinator.store import ModelStore
-from coordinator.worker_calls import unload_shard
+from coordinator.fleet.worker_calls import unload_shard
+from coordinator.store.importer import import_random, random_config
+from coordinator.store.models import ModelStore
+from coordinator.store.parameters.server import start_parameter_server
 from shard_worker.server import start_worker
 from shardline.errors import FailedPrecondition
 from shardline.stream import LinkSettings

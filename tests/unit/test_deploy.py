@@ -92,7 +92,7 @@ def _container(workload: str) -> tuple[Doc, Doc]:
 @cache
 def _commands() -> dict[tuple[str, str], Any]:
     """(program, subcommand) -> the click command the console script runs (typer's own click: duck-typed)."""
-    from coordinator.cli import app as coordinator_app
+    from coordinator.cli.main import app as coordinator_app
     from shard_worker.cli import app as worker_app
 
     found: dict[tuple[str, str], Any] = {}
@@ -661,7 +661,7 @@ def test_the_grafana_dashboard_is_well_formed_and_covers_every_topic() -> None:
 def test_the_prometheus_config_scrapes_the_ports_launch_gives() -> None:
     """deploy/prometheus.yml lists the coordinator and workers of the `coordinator launch --metrics-port P
     --workers N` line it documents, on the ports launch gives them (P, then P+1 .. P+N)."""
-    from coordinator.launcher import LocalCluster
+    from coordinator.cli.launcher import LocalCluster
 
     text = (DEPLOY / "prometheus.yml").read_text()
     config = yaml.safe_load(text)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.autoscaler import Pressure, decide
 from coordinator.config import CoordinatorConfig
-from coordinator.deployments import DeploymentSpec, check_replicas, defaults_of, resolve
-from coordinator.placement import Wanted, choose_workers, interleave, place
-from coordinator.planner import MiB, PlanDoesNotFit
-from coordinator.registry import WorkerRecord
-from coordinator.store import Manifest, TensorInfo
+from coordinator.fleet.autoscaler import Pressure, decide
+from coordinator.fleet.deployments import DeploymentSpec, check_replicas, defaults_of, resolve
+from coordinator.fleet.placement import Wanted, choose_workers, interleave, place
+from coordinator.fleet.planner import MiB, PlanDoesNotFit
+from coordinator.fleet.registry import WorkerRecord
+from coordinator.store.models import Manifest, TensorInfo
 from shardline.errors import InvalidArgument, NotFound
 
 

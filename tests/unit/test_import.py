@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from coordinator.importer import ImportFailed, import_gguf, import_hf_dir, import_random, random_config
-from coordinator.store import ModelStore
+from coordinator.store.importer import ImportFailed, import_gguf, import_hf_dir, import_random, random_config
+from coordinator.store.models import ModelStore
 
 
 @pytest.fixture()
@@ -95,7 +95,7 @@ def test_bad_gguf_is_refused(store, tmp_path):
 
 
 def test_failure_midway_leaves_no_partial_model(store, monkeypatch):
-    import coordinator.importer as importer
+    import coordinator.store.importer as importer
 
     monkeypatch.setattr(importer, "SHARD_BYTES", 1)  # one file per tensor: the failure comes after writes
     calls = {"n": 0}

@@ -1,13 +1,13 @@
 """Job files into JobItems (shardline/jobs.py), the result cache's key and bound, and the job store's
-transitions (coordinator/job_store.py), without a cluster."""
+transitions (coordinator/jobs/store.py), without a cluster."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.generation import Plan
-from coordinator.job_store import JobsLocked, JobStore, NewItem
-from coordinator.result_cache import CachedResult, ResultCache, cache_key, entry_bytes
+from coordinator.jobs.store import JobsLocked, JobStore, NewItem
+from coordinator.serving.generation import Plan
+from coordinator.serving.result_cache import CachedResult, ResultCache, cache_key, entry_bytes
 from shardline.errors import InvalidArgument
 from shardline.jobs import item_from_dict, items_from_jsonl
 from shardline.v1 import coordinator_pb2, worker_pb2

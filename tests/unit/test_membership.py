@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from coordinator.membership import LoadedShard, choose_replacements
-from coordinator.planner import StagePlan
-from coordinator.registry import WorkerRecord
+from coordinator.fleet.membership import LoadedShard, choose_replacements
+from coordinator.fleet.planner import StagePlan
+from coordinator.fleet.registry import WorkerRecord
 
 MiB = 2**20
 

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from coordinator.planner import PlanDoesNotFit, split_layers
+from coordinator.fleet.planner import PlanDoesNotFit, split_layers
 
 
 def brute_force(costs, stages):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.prefix import PrefixIndex, chain_hashes, reusable_tokens
+from coordinator.serving.prefix import PrefixIndex, chain_hashes, reusable_tokens
 from shard_worker.kv_cache import KVLayout, KVPool, SessionCache
 from shard_worker.prefix_cache import PrefixStore
 from shardline.errors import InvalidArgument, NotFound, ResourceExhausted

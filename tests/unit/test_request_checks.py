@@ -8,7 +8,7 @@ import time
 import pytest
 
 from coordinator.config import CoordinatorConfig
-from coordinator.generation import GenerationRequest, check_parameters
+from coordinator.serving.generation import GenerationRequest, check_parameters
 from shardline.errors import InvalidArgument
 
 
@@ -80,7 +80,7 @@ def test_top_k_below_zero_is_refused(config):
 
 
 def test_an_infer_whose_embeddings_exceed_a_response_is_refused():
-    from coordinator.embedding import check_response_size
+    from coordinator.serving.embedding import check_response_size
 
     check_response_size(1024, 16384)  # the default max_infer_batch, 16384 floats each: fits exactly
     with pytest.raises(InvalidArgument, match="a response holds at most 67108864 bytes"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import time
 
-from coordinator.stops import StopMatcher
-from coordinator.textmodel import TextStream
+from coordinator.serving.stops import StopMatcher
+from coordinator.serving.textmodel import TextStream
 
 
 def feed(stops, pieces, match=True):

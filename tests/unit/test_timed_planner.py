@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from coordinator.planner import PlanDoesNotFit
-from coordinator.store import Manifest, TensorInfo
-from coordinator.timed_planner import WorkerSpeed, compute_weights, explain, hop_s, split_by_time
+from coordinator.fleet.planner import PlanDoesNotFit
+from coordinator.fleet.timed_planner import WorkerSpeed, compute_weights, explain, hop_s, split_by_time
+from coordinator.store.models import Manifest, TensorInfo
 
 MIB = 1024 * 1024
 ACT = 4 * MIB  # a step's activation bytes
@@ -147,9 +147,9 @@ def _manifest(layers=8, layer_bytes=MIB):
     (0.0300, 0.0100, [(0, 2), (2, 8)], "slowest stage"),  # 3x apart: planned by time
 ])
 def test_timed_plans_keep_the_byte_split_within_the_noise(tmp_path, slow_s, fast_s, expected, basis):
-    from coordinator.calibration import Calibration, Calibrations, StepShape, TimedPlans
-    from coordinator.registry import WorkerRecord
-    from coordinator.store import ModelStore
+    from coordinator.fleet.calibration import Calibration, Calibrations, StepShape, TimedPlans
+    from coordinator.fleet.registry import WorkerRecord
+    from coordinator.store.models import ModelStore
     from shardline.stream import LinkSettings
 
     calibrations = Calibrations(ModelStore(tmp_path), LinkSettings(), StepShape(sequences=1, tokens=1))
@@ -167,9 +167,9 @@ def test_timed_plans_keep_the_byte_split_within_the_noise(tmp_path, slow_s, fast
 
 
 def test_rebalance_chooses_the_fastest_workers(tmp_path):
-    from coordinator.calibration import Calibration, Calibrations, StepShape, TimedPlans
-    from coordinator.registry import WorkerRecord
-    from coordinator.store import ModelStore
+    from coordinator.fleet.calibration import Calibration, Calibrations, StepShape, TimedPlans
+    from coordinator.fleet.registry import WorkerRecord
+    from coordinator.store.models import ModelStore
     from shardline.stream import LinkSettings
 
     calibrations = Calibrations(ModelStore(tmp_path), LinkSettings(), StepShape(sequences=1, tokens=1))
@@ -182,9 +182,9 @@ def test_rebalance_chooses_the_fastest_workers(tmp_path):
 
 
 def _calibrated(tmp_path, speeds, layers=8):
-    from coordinator.calibration import Calibration, Calibrations, StepShape, TimedPlans
-    from coordinator.registry import WorkerRecord
-    from coordinator.store import ModelStore
+    from coordinator.fleet.calibration import Calibration, Calibrations, StepShape, TimedPlans
+    from coordinator.fleet.registry import WorkerRecord
+    from coordinator.store.models import ModelStore
     from shardline.stream import LinkSettings
 
     calibrations = Calibrations(ModelStore(tmp_path), LinkSettings(), StepShape(sequences=1, tokens=1))
@@ -224,10 +224,10 @@ def test_rebalance_says_which_spares_failed_calibration(tmp_path):
 
 
 def test_a_plan_by_bytes_is_explained(tmp_path):
-    from coordinator.calibration import explain_unmeasured
-    from coordinator.cli import plan_lines
-    from coordinator.placement import fit
-    from coordinator.registry import WorkerRecord
+    from coordinator.cli.main import plan_lines
+    from coordinator.fleet.calibration import explain_unmeasured
+    from coordinator.fleet.placement import fit
+    from coordinator.fleet.registry import WorkerRecord
     from shardline.client import PlanStage
 
     # calibration off (the default): `coordinator plan --explain` still shows ranges, workers and bytes
@@ -245,26 +245,27 @@ def test_a_plan_by_bytes_is_explained(tmp_path):
 def test_failed_calibrations_expire_and_serving_workers_are_named(tmp_path, monkeypatch):
     import asyncio
 
-    from coordinator import calibration as cal
+    from coordinator.fleet import calibration as cal
 
+    # a real failure: the store holds no model "m", so every attempt fails reading its config (no worker
+    # is dialled); the clock is the only thing replaced, and each attempt stamps the time it failed at
     calibrations, workers, plans = _calibrated(tmp_path, [None])
-    tried = []
-
-    async def failing(address, model, family, dtype):
-        tried.append(address)
-        raise RuntimeError("deadline exceeded")
-
-    monkeypatch.setattr(calibrations, "_calibrate", failing)
+    key = ("w0", "m", "float32")
     now = [1000.0]
     monkeypatch.setattr(cal.time, "monotonic", lambda: now[0])
-    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32"))
-    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32"))
-    assert tried == ["h:0"]  # kept a while
-    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32", retry=True))
-    assert tried == ["h:0"] * 2  # an explicit rebalance tries again
+
+    def attempt(retry: bool = False) -> float:
+        asyncio.run(calibrations.ensure(workers, "m", "llama", "float32", retry=retry))
+        return calibrations.failed_at[key]
+
+    assert attempt() == 1000.0 and "m" in calibrations.failed[key]
+    now[0] += 1
+    assert attempt() == 1000.0  # kept a while: not tried again
+    now[0] += 1
+    assert attempt(retry=True) == 1002.0  # an explicit rebalance tries again
     now[0] += cal.RETRY_FAILED_S + 1
-    asyncio.run(calibrations.ensure(workers, "m", "llama", "float32"))
-    assert tried == ["h:0"] * 3  # and so does time
+    assert attempt() == now[0]  # and so does time
+    assert "calibrating worker h:0 failed" in plans.fit(workers)[1]
     calibrations, workers, plans = _calibrated(tmp_path, [None])
     calibrations.note_serving(workers[0], "m", "float32", "m layers [0, 4)")
     assert "it serves m layers [0, 4)" in plans.fit(workers)[1]

@@ -1,0 +1,295 @@
+"""OpenAI request bodies read into SDK calls.
+
+What is checked here is only what JSON itself leaves open: each field's type (a 400 naming the field), the
+shapes OpenAI allows (a prompt as text or token ids, a stop as one string or several), and the fields this
+server cannot honour (n > 1, logprobs, tools, penalties: refused by name rather than silently ignored, since
+they change the output). The values themselves (ranges, limits, the model) are the coordinator's to check,
+on the same path as a gRPC request, so the two APIs cannot disagree. Fields that change nothing a caller
+gets back (`user`, `metadata`, ...) are accepted and ignored; a field this server does not know is refused,
+as OpenAI refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.api.openai_errors import invalid
+
+INT32 = 2**31
+UINT64 = 2**64
+# accepted and ignored: they change nothing in the answer
+HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
+                      "safety_identifier", "prompt_cache_key"})
+JSON_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+              dict: "an object", type(None): "null"}
+ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object (NaN and Infinity are not JSON: refused, as any other malformed body)."""
+    def not_json(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
+    try:
+        data = json.loads(body, parse_constant=not_json)
+    except UnicodeDecodeError:
+        raise invalid("the request body is not UTF-8 JSON") from None
+    except (ValueError, RecursionError) as exc:
+        raise invalid(f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise invalid(f"the request body must be a JSON object, got {type_name(data)}")
+    return data
+
+
+def type_name(value: Any) -> str:
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Body:
+    """A request's JSON object, read field by field: each read checks the field's JSON type and names the
+    field when it is wrong; `finish` refuses the fields no read asked for."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.seen: set[str] = set(HARMLESS)
+
+    def raw(self, name: str) -> Any:
+        """The field's value, None when absent or null."""
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def _typed(self, name: str, ok: Callable[[Any], bool], expected: str) -> Any:
+        value = self.raw(name)
+        if value is not None and not ok(value):
+            raise invalid(f"{name} must be {expected}, got {type_name(value)}", name)
+        return value
+
+    def string(self, name: str) -> str | None:
+        return self._typed(name, lambda v: isinstance(v, str), "a string")  # type: ignore[no-any-return]
+
+    def boolean(self, name: str) -> bool | None:
+        return self._typed(name, lambda v: isinstance(v, bool), "a boolean")  # type: ignore[no-any-return]
+
+    def number(self, name: str) -> float | None:
+        value = self._typed(name, lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number")
+        return None if value is None else float(value)
+
+    def integer(self, name: str, low: int = -INT32, high: int = INT32 - 1) -> int | None:
+        """An integer field; `low`..`high` is what the gRPC field can carry (the coordinator checks the
+        range that makes sense)."""
+        value = self._typed(name, _is_int, "an integer")
+        if value is not None and not low <= value <= high:
+            raise invalid(f"{name} must be an integer between {low} and {high}, got {value}", name)
+        return value  # type: ignore[no-any-return]
+
+    def unsupported(self, name: str, neutral: Callable[[Any], bool], what: str) -> None:
+        """A field this server cannot honour: accepted only with its neutral value (which changes nothing)."""
+        value = self.raw(name)
+        if value is not None and not neutral(value):
+            raise invalid(f"{name} is not supported by this server ({what})", name)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise invalid(f"Unrecognized request argument supplied: {unknown[0]} (this server takes OpenAI's "
+                          "fields, and top_k, min_tokens and ignore_eos)", unknown[0])
+
+
+@dataclass(frozen=True)
+class GenerationCall:
+    """A completion or chat completion as the SDK's generate/chat call, and how to answer it."""
+
+    model: str
+    params: dict[str, Any]                       # the SDK's generate_request keywords
+    prompt: str | list[int] = ""                 # /v1/completions
+    messages: list[tuple[str, str]] = field(default_factory=list)  # /v1/chat/completions
+    stream: bool = False
+    include_usage: bool = False                  # stream_options.include_usage
+    names: Mapping[str, str] = field(default_factory=dict)  # gRPC field -> the caller's, for errors' `param`
+
+
+@dataclass(frozen=True)
+class EmbeddingCall:
+    model: str
+    texts: list[str]
+    base64: bool = False                         # encoding_format "base64": little-endian float32 bytes
+    dimensions: int | None = None
+
+
+def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bool]:
+    """The sampling and length fields both endpoints share, as SDK keywords; and stream, include_usage."""
+    seed = body.integer("seed", -(2**63), UINT64 - 1)
+    params: dict[str, Any] = {
+        "model": body.string("model") or "",
+        "max_tokens": body.integer(max_tokens_field),
+        "temperature": body.number("temperature"),
+        "top_p": body.number("top_p"),
+        "seed": None if seed is None else seed % UINT64,  # a negative int64 seed: the same 64 bits, unsigned
+        "stop": _stop(body.raw("stop")),
+        "top_k": body.integer("top_k") or 0,
+        "min_tokens": body.integer("min_tokens"),
+        "ignore_eos": bool(body.boolean("ignore_eos")),
+    }
+    body.unsupported("n", lambda v: v == 1, "one choice per request: n must be 1")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        body.unsupported(penalty, lambda v: v == 0, "no penalties: leave it 0")
+    body.unsupported("logit_bias", lambda v: v == {}, "no logit bias")
+    stream = bool(body.boolean("stream"))
+    options = body.raw("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise invalid("stream_options is only allowed with stream: true", "stream_options")
+        if not isinstance(options, dict):
+            raise invalid(f"stream_options must be an object, got {type_name(options)}", "stream_options")
+        for key, value in options.items():
+            if key not in ("include_usage", "include_obfuscation"):
+                raise invalid(f"stream_options.{key} is not a known stream option", "stream_options")
+            if value is not None and not isinstance(value, bool):
+                raise invalid(f"stream_options.{key} must be a boolean, got {type_name(value)}", "stream_options")
+        include_usage = bool(options.get("include_usage"))
+    return params, stream, include_usage
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return list(value)
+    raise invalid(f"stop must be a string or an array of strings, got {type_name(value)}", "stop")
+
+
+def _names(**renamed: str) -> dict[str, str]:
+    """The gRPC API's field names (which the coordinator's messages start with) -> the caller's."""
+    same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens")
+    return {**{n: n for n in same}, **renamed}
+
+
+def completion_call(data: dict[str, Any]) -> GenerationCall:
+    body = Body(data)
+    params, stream, include_usage = _common(body, "max_tokens")
+    if "prompt" not in data:
+        raise invalid("prompt is required", "prompt")
+    prompt = _prompt(body.raw("prompt"))
+    body.unsupported("logprobs", lambda v: False, "no log probabilities")
+    body.unsupported("echo", lambda v: v is False, "the prompt is not echoed: echo must be false")
+    body.unsupported("best_of", lambda v: v == 1, "one candidate per request: best_of must be 1")
+    body.unsupported("suffix", lambda v: v == "", "no insertion: suffix must be empty")
+    body.finish()
+    return GenerationCall(params["model"], params, prompt=prompt, stream=stream, include_usage=include_usage,
+                          names=_names(prompt="prompt", prompt_token_ids="prompt"))
+
+
+def _prompt(value: Any) -> str | list[int]:
+    """A string, an array of one string, token ids, or an array of one array of token ids."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value) or all(isinstance(p, list) for p in value):
+            if len(value) > 1:
+                raise invalid(f"prompt holds {len(value)} prompts; this server takes one prompt per request",
+                              "prompt")
+            return _prompt(value[0]) if isinstance(value[0], str) else _token_ids(value[0])
+        return _token_ids(value)
+    raise invalid("prompt must be a string, an array of one string, or token ids (an array of integers)", "prompt")
+
+
+def _token_ids(value: list[Any]) -> list[int]:
+    for i, t in enumerate(value):
+        if not _is_int(t) or not -INT32 <= t < INT32:
+            raise invalid(f"prompt[{i}] must be a token id (an integer of 32 bits), got {type_name(t)}", "prompt")
+    if not value:
+        raise invalid("prompt is empty", "prompt")
+    return value
+
+
+def chat_call(data: dict[str, Any]) -> GenerationCall:
+    body = Body(data)
+    if body.raw("max_tokens") is not None and body.raw("max_completion_tokens") is not None:
+        raise invalid("give max_completion_tokens or max_tokens, not both", "max_tokens")
+    limit = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    params, stream, include_usage = _common(body, limit)
+    if "messages" not in data:
+        raise invalid("messages is required", "messages")
+    messages = _messages(body.raw("messages"))
+    body.unsupported("logprobs", lambda v: v is False, "no log probabilities: logprobs must be false")
+    body.unsupported("top_logprobs", lambda v: v == 0, "no log probabilities")
+    body.unsupported("response_format", lambda v: v == {"type": "text"}, "text answers only")
+    for tools in ("tools", "functions"):
+        body.unsupported(tools, lambda v: v == [], "no tool calls")
+    for choice in ("tool_choice", "function_call"):
+        body.unsupported(choice, lambda v: v in ("none", "auto"), "no tool calls")
+    body.unsupported("modalities", lambda v: v == ["text"], "text only")
+    for name in ("audio", "reasoning_effort", "verbosity", "web_search_options"):
+        body.unsupported(name, lambda v: False, "this server runs the model as it is")
+    body.finish()
+    return GenerationCall(params["model"], params, messages=messages, stream=stream, include_usage=include_usage,
+                          names=_names(prompt="messages", messages="messages", max_tokens=limit))
+
+
+def _messages(value: Any) -> list[tuple[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise invalid("messages must be a non-empty array of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"{where} must be an object with role and content, got {type_name(message)}", "messages")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise invalid(f"{where}.role must be a string, got {type_name(role)}", "messages")
+        for key, item in message.items():
+            if key not in ("role", "content", "name") and item is not None:
+                raise invalid(f"{where}.{key} is not supported by this server (text chat only: no tool calls)",
+                              "messages")
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise invalid(f"{where}.name must be a string, got {type_name(message['name'])}", "messages")
+        out.append((ROLES.get(role, role), _content(message.get("content"), f"{where}.content")))
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's text: a string, or text parts (joined by newlines)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise invalid(f"{where} must be a string or an array of text parts, got {type_name(value)}", "messages")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type_name(part)
+            raise invalid(f"{where}[{j}] has type {kind!r}; this server takes text parts only", "messages")
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"{where}[{j}].text must be a string", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def embedding_call(data: dict[str, Any]) -> EmbeddingCall:
+    body = Body(data)
+    model = body.string("model") or ""
+    if "input" not in data:
+        raise invalid("input is required", "input")
+    value = body.raw("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise invalid("input must be a string or a non-empty array of strings (token ids are not taken here)",
+                      "input")
+    encoding = body.string("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise invalid(f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+    dimensions = body.integer("dimensions", 1)
+    body.finish()
+    return EmbeddingCall(model, texts, encoding == "base64", dimensions)
+
+
+EMBEDDING_NAMES = {"model": "model", "texts": "input", "input_ids": "input"}

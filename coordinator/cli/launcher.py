@@ -1,0 +1,318 @@
+"""A whole cluster on this machine: the coordinator (with the parameter service in-process) and shard
+workers as child processes on free ports, which register with the coordinator exactly as workers on other
+hosts do. The launcher supervises its workers: one that dies is reported to the coordinator at once (which
+heals the chain) and restarted with backoff, rejoining as a spare; a crash loop stops with a clear message.
+Stops every child on Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.api.server import Coordinator, start_coordinator
+from coordinator.config import CoordinatorConfig
+from coordinator.fleet.planner import PlanDoesNotFit, StagePlan
+from coordinator.fleet.registry import WorkerRecord
+from shardline.server import Signals
+
+log = logging.getLogger(__name__)
+PREFIX = "shard worker listening on "
+METRICS_PREFIX = "shard worker metrics at "  # printed before PREFIX by a worker given --metrics-port
+
+
+@dataclass
+class WorkerProcess:
+    process: asyncio.subprocess.Process
+    address: str
+    metrics_url: str = ""                # where its /metrics is ("" = no metrics endpoint)
+    metrics_port: int | None = None      # the port it was asked for (0 = any free one)
+
+
+async def spawn_worker(host: str, coordinator: str = "", memory_budget_mb: int = 0,
+                       log_level: str = "WARNING", extra: tuple[str, ...] = (),
+                       metrics_port: int | None = None) -> WorkerProcess:
+    args = ["--host", host, "--port", "0", "--log-level", log_level, "--parent-pid", str(os.getpid()), *extra]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    if coordinator:
+        args += ["--coordinator", coordinator]
+    if memory_budget_mb:
+        args += ["--worker-memory-mb", str(memory_budget_mb)]
+    # several workers share this machine's cores: OpenMP threads that spin while waiting would steal them
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # a session of its own: Ctrl-C on the launcher reaches the launcher only, which drains, then stops it
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "shard_worker.cli", "serve", *args,
+                                                   stdout=asyncio.subprocess.PIPE, env=env, start_new_session=True)
+    if process.stdout is None:
+        raise RuntimeError("no stdout from the worker process")
+    said: list[str] = []
+    metrics_url = ""
+    while line := (await asyncio.wait_for(process.stdout.readline(), timeout=120)).decode():
+        if line.startswith(PREFIX):
+            return WorkerProcess(process, line.strip().removeprefix(PREFIX), metrics_url, metrics_port)
+        if line.startswith(METRICS_PREFIX):
+            metrics_url = line.strip().removeprefix(METRICS_PREFIX)
+        said.append(line.strip())
+    code = await process.wait()
+    raise RuntimeError(f"shard worker exited with code {code} before listening (it said: {said[-3:]})")
+
+
+async def stop_processes(processes: list[WorkerProcess], timeout: float = 8.0) -> None:
+    for p in processes:
+        with contextlib.suppress(ProcessLookupError):
+            p.process.terminate()
+    for p in processes:
+        try:
+            await asyncio.wait_for(p.process.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                p.process.kill()
+            await p.process.wait()
+
+
+CRASH_LOOP_RESTARTS = 5      # more restarts than this within CRASH_LOOP_WINDOW_S: stop restarting
+CRASH_LOOP_WINDOW_S = 60.0
+
+
+@dataclass
+class LaunchSecurity:
+    """What `launch` secures its processes with: the config's own certificates or token, else a throwaway
+    CA and certificates (`secure`), else a random cluster token; files of its own live in `private` (0700),
+    removed at stop."""
+
+    config: CoordinatorConfig
+    worker_args: tuple[str, ...] = ()
+    private: Path | None = None
+    lines: tuple[str, ...] = ()
+
+    @classmethod
+    def prepare(cls, config: CoordinatorConfig, secure: bool) -> LaunchSecurity:
+        insecure = ("--insecure",) if config.insecure else ()
+        if config.certs_dir is not None:
+            return cls(config, ("--certs-dir", str(config.certs_dir), *insecure))
+        if config.cluster_token_file is not None and not secure:
+            return cls(config, ("--cluster-token-file", str(config.cluster_token_file), *insecure))
+        private = Path(tempfile.mkdtemp(prefix="shardline-launch-"))  # 0700
+        try:
+            return cls._private(config, secure, private, insecure)
+        except BaseException:
+            shutil.rmtree(private, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _private(cls, config: CoordinatorConfig, secure: bool, private: Path,
+                 insecure: tuple[str, ...]) -> LaunchSecurity:
+        from coordinator.cli.certs import create_ca, create_node
+        from shardline.auth import hash_key, new_api_key, new_token
+        from shardline.tls import write_private
+
+        if not secure:
+            token = private / "cluster.token"
+            write_private(token, new_token().encode())
+            return cls(config.model_copy(update={"cluster_token_file": token}),
+                       ("--cluster-token-file", str(token), *insecure), private)
+        hosts = sorted({config.host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"}
+                       | ({socket.gethostname()} if config.host in ("0.0.0.0", "::") else set()))
+        create_ca(private, days=30)
+        create_node(private, hosts)  # until the CA expires
+        update: dict[str, object] = {"certs_dir": private}
+        lines = [f"mutual TLS on every link: throwaway CA and certificates in {private} (clients trust "
+                 f"{private / 'ca.crt'})"]
+        if config.api_keys is None:
+            key = new_api_key()
+            write_private(private / "admin.key", key.encode())
+            write_private(private / "api-keys.json", json.dumps({"keys": [
+                {"name": "launch-admin", "role": "admin", "sha256": hash_key(key)}]}).encode())
+            update["api_keys"] = private / "api-keys.json"
+            lines.append(f"API key (role admin) in {private / 'admin.key'}: send it as 'authorization: Bearer <key>'")
+        return cls(config.model_copy(update=update), ("--certs-dir", str(private), *insecure), private,
+                   tuple(lines))
+
+    def cleanup(self) -> None:
+        if self.private is not None:
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+@dataclass
+class LocalCluster:
+    config: CoordinatorConfig
+    worker_memory_mb: int = 0
+    spares: int = 0
+    worker_args: tuple[str, ...] = ()  # how workers prove they belong (LaunchSecurity.worker_args)
+    worker_log_level: str = "WARNING"
+    coordinator: Coordinator | None = None
+    processes: list[WorkerProcess] = field(default_factory=list)
+    restarts: int = 0
+    gave_up: str = ""
+    _supervisor: asyncio.Task[None] | None = None
+
+    def _spawn(self, metrics_port: int | None = None) -> Awaitable[WorkerProcess]:
+        c = self.config
+        extra = ("--keepalive-ms", str(c.keepalive_time_ms), "--step-timeout-ms", str(c.step_timeout_ms),
+                 *self.worker_args)
+        # with TLS, workers register on the coordinator's cluster port (mutual TLS); else on its one port
+        registry = c.cluster_port if c.certs_dir is not None else c.port
+        return spawn_worker(c.host, f"{c.host}:{registry}", self.worker_memory_mb, self.worker_log_level, extra=extra,
+                            metrics_port=metrics_port)
+
+    def _worker_metrics_port(self, index: int) -> int | None:
+        """With the coordinator's metrics on port P, worker `index` gets P + 1 + index (fixed ports, for a
+        static scrape config; a restarted worker takes the port of the one it replaces); with P = 0, a free
+        port each; without metrics, none."""
+        p = self.config.metrics_port
+        return None if p is None else p + 1 + index if p else 0
+
+    def metrics_lines(self) -> list[str]:
+        """Where every /metrics of this cluster is, for the operator."""
+        coordinator = self.coordinator.metrics_server if self.coordinator is not None else None
+        if coordinator is None:
+            return []
+        lines = [f"metrics: coordinator {coordinator.url}"]
+        lines += [f"metrics: worker {p.address} {p.metrics_url}" for p in self.processes if p.metrics_url]
+        return lines
+
+    async def start(self, say: Callable[[str], None] = log.info) -> float:
+        """Start everything and wait until every shard is loaded and verified; returns the seconds it took.
+        Raises RuntimeError with the coordinator's reason when deployment fails (a plan that does not fit)."""
+        began = time.perf_counter()
+        if self.config.port == 0 or (self.config.certs_dir is not None and self.config.cluster_port == 0):
+            raise ValueError("launch needs a fixed coordinator port (and, with TLS, cluster port) for its workers "
+                             "to register with")
+        # the coordinator and the workers start side by side; workers retry until the coordinator listens
+        needed = sum(d.replicas * d.workers for d in self.config.initial_deployments())
+        if self.config.metrics_port and self.config.metrics_port + needed + self.spares > 65535:
+            raise ValueError(f"--metrics-port {self.config.metrics_port}: its {needed + self.spares} workers take the "
+                             "ports after it, beyond 65535; choose a lower one (or 0: free ports)")
+        spawning = [self._spawn(self._worker_metrics_port(i)) for i in range(needed + self.spares)]
+        coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,
+                                                       return_exceptions=True)
+        self.processes = [p for p in processes if isinstance(p, WorkerProcess)]
+        if isinstance(coordinator, BaseException):
+            raise coordinator
+        if not isinstance(coordinator, Coordinator):
+            raise TypeError("start_coordinator returned no coordinator")
+        self.coordinator = coordinator
+        failed = [p for p in processes if isinstance(p, BaseException)]
+        if failed:
+            raise failed[0]
+        fleet = coordinator.fleet
+        shown, loading_bytes = -1, 0
+        deadline = time.monotonic() + self.config.load_timeout_s + 120  # registration, then the loads
+        while fleet.state != "failed" and not fleet.settled:  # every replica placed and loaded, or failed
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {self.config.load_timeout_s + 120:.0f} s: {fleet.state} "
+                                   f"({fleet.message})")
+            waiting = asyncio.ensure_future(fleet.changed.wait())
+            await asyncio.wait([waiting], timeout=0.5)
+            waiting.cancel()
+            done, total = fleet.progress
+            if fleet.state == "deploying" and total:
+                loading_bytes = max(loading_bytes, total)
+                percent = min(99, int(100 * done / total))  # 100% once every stage is loaded and verified
+                if percent // 25 != shown // 25:
+                    shown = percent
+                    say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
+            if any(p.process.returncode is not None for p in self.processes):
+                raise RuntimeError("a shard worker exited during start-up")
+        if fleet.state == "failed":
+            raise RuntimeError(fleet.message)
+        loaded = loading_bytes or sum(s.weight_bytes for r in fleet.replicas for s in r.stages)
+        say(f"  loading weights: 100% of {loaded / 2**20:.0f} MiB")
+        self._supervisor = asyncio.create_task(self._supervise(say))
+        return time.perf_counter() - began
+
+    async def _supervise(self, say: Callable[[str], None]) -> None:
+        """Restart worker processes that die, with backoff; give up on a crash loop."""
+        recent: collections.deque[float] = collections.deque()
+        while not self.gave_up:
+            await asyncio.sleep(0.2)
+            try:
+                await self._restart_dead(recent, say)
+            except Exception:  # noqa: BLE001 - the supervisor itself must not die silently
+                log.exception("worker supervision failed once; it goes on")
+
+    async def _restart_dead(self, recent: collections.deque[float], say: Callable[[str], None]) -> None:
+        """Report each worker process that exited, and start another in its place (it joins as a spare)."""
+        for dead in [p for p in self.processes if p.process.returncode is not None]:
+            self.processes.remove(dead)
+            why = f"its process exited with code {dead.process.returncode}"
+            if self.coordinator is not None:
+                self.coordinator.fleet.report_dead(dead.address, why)
+            now = time.monotonic()
+            recent.append(now)
+            while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
+                recent.popleft()
+            if len(recent) > CRASH_LOOP_RESTARTS:
+                self.gave_up = (f"worker processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, "
+                                f"the last one: {why}); not restarting them any more: see the workers' log")
+                say(f"error: {self.gave_up}")
+                return
+            say(f"worker {dead.address}: {why}; restarting it")
+            await asyncio.sleep(min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0)
+            try:
+                self.processes.append(await self._spawn(dead.metrics_port))
+                self.restarts += 1
+                if self.coordinator is not None:
+                    self.coordinator.fleet.metrics.restarts.inc()
+            except (RuntimeError, OSError, TimeoutError) as exc:
+                say(f"error: restarting a worker failed: {exc}")
+
+    async def drain(self, grace_s: float) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()  # workers that exit now are not restarted
+        if self.coordinator is not None:
+            await self.coordinator.fleet.drain(grace_s)
+
+    async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+        await stop_processes(self.processes)
+
+
+def preflight_plan(config: CoordinatorConfig, worker_memory_mb: int) -> list[str]:
+    """Before anything is spawned: the plan of every replica `launch` will start, on workers offering
+    `worker_memory_mb` (0: what a worker offers by default, 80% of the memory available now), as lines;
+    PlanDoesNotFit (with what is missing) when it cannot fit. The workers' own budgets decide at
+    deployment; this catches a plan that cannot fit at once, instead of after every worker registered."""
+    from coordinator.fleet.placement import Wanted, interleave, place
+    from coordinator.store.models import ModelStore
+    from shardline.limits import default_memory_budget
+
+    store = ModelStore(config.store)
+    budget = worker_memory_mb * 2**20 or default_memory_budget()
+    specs = config.initial_deployments()
+    wanted = interleave([[Wanted(s.key, store.manifest(s.model), s.workers)] * s.replicas for s in specs])
+    pool = [WorkerRecord(f"w{i + 1}", f"worker {i + 1}", budget, 0.0)
+            for i in range(sum(w.stages for w in wanted))]
+    placement = place(wanted, pool)
+    if placement.unplaced:
+        raise PlanDoesNotFit("; ".join(placement.unplaced.values()))
+    return [format_plan(want.key, [w for w, _ in chain], [p for _, p in chain]) for want, chain in placement.placed]
+
+
+def format_plan(model: str, workers: list[WorkerRecord], stages: list[StagePlan]) -> str:
+    lines = [f"plan for {model}:",
+             f"  {'worker':<22} {'layers':<10} {'weights':>11} {'offered':>11}"]
+    for worker, s in zip(workers, stages, strict=True):
+        extra = ("  +embedding" if s.start == 0 else "") + ("  +head" if s is stages[-1] else "")
+        lines.append(f"  {worker.address:<22} {f'[{s.start}, {s.end})':<10} {s.weight_bytes / 2**20:>7.1f} MiB "
+                     f"{worker.memory_budget_bytes / 2**20:>7.0f} MiB{extra}")
+    return "\n".join(lines)
+
+
+async def wait_for_signal() -> None:
+    await Signals().first.wait()

@@ -1,0 +1,1 @@
+"""Asynchronous jobs: the runner (items as background streams) and their SQLite store."""

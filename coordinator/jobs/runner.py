@@ -1,0 +1,316 @@
+"""Asynchronous jobs: batches of generate or infer requests, stored (coordinator/jobs/store.py) and run in the
+background, after interactive requests.
+
+The runner is one supervised task. It takes unfinished jobs oldest first and starts their pending items while
+it has free slots (`job_concurrency`); each item runs as a background stream (the scheduler admits it only
+when no interactive stream waits, and preempts it first), and its result is committed before the item counts
+as done. A coordinator that restarts finds its unfinished jobs in the database and goes on with the items
+that have no result; an item that ran when the coordinator died runs again, from the start, with the same
+seed (a sampled item without one got one at submission), so its result is the one an uninterrupted run gives.
+
+An item fails alone, with its error, when the error is the request's (it was checked at submission, so this
+is rare: its model version was unloaded since, say); a cluster that cannot serve now (not ready, recovering,
+at capacity) is waited for, with back-off. Finished jobs' results expire `job_result_ttl_s` after they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from coordinator.jobs.store import JobRow, JobsLocked, JobStore, NewItem
+from coordinator.serving.inference import FINISH, generate, infer, request_from_proto
+from coordinator.serving.request_log import MAX_REQUEST_ID_CHARS
+from coordinator.serving.result_cache import ResultCache
+from shardline.codec import fill_tensor, from_numpy
+from shardline.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+    ShardlineError,
+    Unavailable,
+)
+from shardline.v1 import coordinator_pb2
+
+if TYPE_CHECKING:
+    from coordinator.fleet.fleet import Fleet
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+WAITS = (Unavailable, ResourceExhausted, DeadlineExceeded)  # the cluster's state now: wait, then try again
+BATCH = 256          # pending items read from the database at a time
+EXPIRY_EVERY_S = 60  # how often finished jobs' results are checked for expiry
+MAX_BACKOFF_S = 5.0
+MAX_ITEM_WAIT_S = 3600.0  # an item the cluster cannot serve for this long fails with the last reason
+
+
+@dataclass
+class Running:
+    """A job this runner has started: its item tasks in flight."""
+
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    started_all: bool = False
+    cancelled: bool = False
+    waiting: str = ""  # why items wait (the cluster's state), shown as the job's message
+
+
+def failed(exc: ShardlineError, why: str = "") -> coordinator_pb2.JobItemResult:
+    return coordinator_pb2.JobItemResult(error_code=exc.code.value[0], error=exc.message + why)
+
+
+class JobRunner:
+    def __init__(self, fleet: Fleet, cache: ResultCache, directory: Path) -> None:
+        config = fleet.config
+        self.fleet, self.cache, self.directory = fleet, cache, directory
+        self.concurrency, self.ttl_s = config.job_concurrency, config.job_result_ttl_s
+        self.store: JobStore | None = None
+        self.off = "the job runner has not started"  # why jobs are off, while they are
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._infer_slot = asyncio.Semaphore(1)  # embedding items run one at a time (Infer has no lower priority)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._running: dict[str, Running] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- life -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            self.store = await self._db(JobStore, self.directory)
+        except (JobsLocked, OSError) as exc:
+            self.off = f"jobs are off on this coordinator: {exc}"
+            log.warning("%s", self.off)
+            return
+        self.off = ""
+        unfinished = await self._db(self.store.unfinished)
+        if unfinished:
+            log.info("jobs: %d unfinished job(s) in %s go on", len(unfinished), self.store.path)
+        self._task = asyncio.create_task(self._supervise(), name="job runner")
+
+    async def stop(self) -> None:
+        """Stop every item in flight (they stay pending on disk: the next start runs them)."""
+        self._stopping = True
+        tasks = [t for r in self._running.values() for t in r.tasks]
+        if self._task is not None:
+            tasks.append(self._task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.store is not None:
+            await self._db(self.store.close)
+            self.store = None
+        self._thread.shutdown(wait=False)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def opened(self) -> JobStore:
+        if self.store is None:
+            raise FailedPrecondition(self.off or "jobs are off on this coordinator")
+        return self.store
+
+    # -- the API's side ---------------------------------------------------------------------------------
+    async def submit(self, owner: str, label: str, items: list[NewItem], models: list[str]) -> str:
+        store = self.opened()
+        limit = self.fleet.config.max_unfinished_jobs
+        job_id = f"job-{uuid.uuid4().hex[:16]}"
+        if not await self._db(store.create, job_id, owner, label, items, models, time.time(), limit):
+            raise ResourceExhausted(f"{limit} jobs are unfinished (max_unfinished_jobs); wait for one to finish "
+                                    "or cancel one")
+        self._wake.set()
+        return job_id
+
+    async def job(self, job_id: str) -> JobRow:
+        """The job, or NotFound."""
+        row = await self._db(self.opened().job, job_id)
+        if row is None:
+            raise NotFound(f"no job {job_id[:64]!r} on this coordinator (ListJobs shows yours)")
+        return row
+
+    def check_kept(self, row: JobRow) -> None:
+        """NotFound saying when, once the job's results expired."""
+        if row.state == "expired" or (row.expires and row.expires <= time.time()):
+            job_id = row.job_id
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.expires))
+            raise NotFound(f"job {job_id} expired at {when}: its results were kept {self.ttl_s:g} s after it "
+                           "finished (job_result_ttl_s)")
+
+    def message(self, row: JobRow) -> str:
+        running = self._running.get(row.job_id)
+        return running.waiting if running is not None and running.waiting else row.message
+
+    async def counts(self) -> tuple[int, int]:
+        """Jobs unfinished, and their items in flight now (0, 0 while jobs are off)."""
+        if self.store is None:
+            return 0, 0
+        unfinished = await self._db(self.store.unfinished_count)
+        return unfinished, sum(len(r.tasks) for r in self._running.values())
+
+    async def jobs(self, owner: str | None, limit: int) -> list[JobRow]:
+        return await self._db(self.opened().jobs, owner, limit)
+
+    async def items(self, job_id: str, offset: int, limit: int) -> list[Any]:
+        return await self._db(self.opened().items, job_id, offset, limit)
+
+    async def cancel(self, job_id: str) -> None:
+        """Stop the job: items in flight end now (their streams leave the batch and their KV caches are
+        freed on every stage), pending items are cancelled."""
+        store = self.opened()
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancelled = True
+            tasks = list(running.tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._db(store.finish, job_id, "cancelled", time.time(), self.ttl_s, "cancelled by the caller")
+        if running is not None and not running.started_all:
+            return  # its start loop sees the flag and ends
+        self._running.pop(job_id, None)
+
+    # -- the runner -------------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - logged with its traceback; the runner goes on
+                log.exception("the job runner failed; it starts again in 1 s")
+                await asyncio.sleep(1)
+
+    async def _run(self) -> None:
+        store = self.opened()
+        next_expiry = 0.0
+        while True:
+            if time.monotonic() >= next_expiry:
+                if n := await self._db(store.expire, time.time()):
+                    log.info("jobs: the results of %d job(s) expired", n)
+                next_expiry = time.monotonic() + EXPIRY_EVERY_S
+            self._wake.clear()
+            started = False
+            for job_id in await self._db(store.unfinished):
+                if job_id not in self._running:
+                    await self._start(store, job_id)
+                    started = True
+            if not started:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), EXPIRY_EVERY_S)
+                except TimeoutError:
+                    pass
+
+    async def _start(self, store: JobStore, job_id: str) -> None:
+        """Start the job's pending items as slots free up (returns once every one has started)."""
+        running = self._running[job_id] = Running()
+        try:
+            await self._db(store.set_state, job_id, "running")
+            after = -1
+            while not running.cancelled:
+                batch = await self._db(store.pending, job_id, after, BATCH)
+                if not batch:
+                    break
+                for index, blob, seeded_here in batch:
+                    await self._slots.acquire()
+                    if running.cancelled:
+                        self._slots.release()
+                        break
+                    task = asyncio.create_task(self._item(job_id, running, index, blob, seeded_here),
+                                               name=f"{job_id}[{index}]")
+                    running.tasks.add(task)
+                    task.add_done_callback(functools.partial(self._item_done, job_id, running))
+                after = batch[-1][0]
+        except BaseException:
+            running.cancelled = True  # its items in flight end; the job is started again from the database
+            for task in running.tasks:
+                task.cancel()
+            self._running.pop(job_id, None)
+            raise
+        running.started_all = True
+        if not running.tasks:
+            await self._complete(job_id, running)
+
+    def _item_done(self, job_id: str, running: Running, task: asyncio.Task[None]) -> None:
+        self._slots.release()
+        running.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # its result could not be stored
+            log.error("job %s: %s failed (it runs again)", job_id, task.get_name(), exc_info=exc)
+        if running.started_all and not running.tasks and not running.cancelled and not self._stopping:
+            done = asyncio.create_task(self._complete(job_id, running))
+            running.tasks.add(done)  # held (and cancelled at stop) like the items
+            done.add_done_callback(running.tasks.discard)
+
+    async def _complete(self, job_id: str, running: Running) -> None:
+        try:
+            store = self.opened()
+            if not running.cancelled and not await self._db(store.pending, job_id, -1, 1):
+                row = await self._db(store.job, job_id)
+                failed = row.counts.get("failed", 0) if row is not None else 0
+                await self._db(store.finish, job_id, "completed", time.time(), self.ttl_s,
+                               f"{failed} item(s) failed" if failed else "")
+                log.info("job %s completed", job_id)
+        finally:
+            self._running.pop(job_id, None)
+            self._wake.set()  # anything left pending (an item whose result could not be stored) runs again
+
+    async def _item(self, job_id: str, running: Running, index: int, blob: bytes, seeded_here: bool) -> None:
+        item = coordinator_pb2.JobItem.FromString(blob)
+        delay, give_up = 0.5, time.monotonic() + MAX_ITEM_WAIT_S
+        while True:
+            try:
+                result = await self._execute(item, cache_ok=not seeded_here)
+                state = "done"
+                running.waiting = ""
+                break
+            except WAITS as exc:  # the cluster cannot serve now: wait (with back-off), up to MAX_ITEM_WAIT_S
+                running.waiting = f"waiting: {exc.message}"
+                if time.monotonic() + delay > give_up:
+                    result, state = failed(exc, f" (for {MAX_ITEM_WAIT_S:.0f} s)"), "failed"
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+            except ShardlineError as exc:  # the item's own fault: it fails alone
+                result, state = failed(exc), "failed"
+                break
+            except Exception:  # noqa: BLE001 - a bug: logged with its traceback, the item fails alone
+                log.exception("job %s: item %d failed", job_id, index)
+                result, state = failed(Internal("internal error; the coordinator's log has the details")), "failed"
+                break
+        result.index, result.custom_id, result.state = index, item.custom_id, state
+        await self._db(self.opened().finish_item, job_id, index, state, result.SerializeToString(), result.cached)
+
+    async def _execute(self, item: coordinator_pb2.JobItem, cache_ok: bool) -> coordinator_pb2.JobItemResult:
+        result = coordinator_pb2.JobItemResult()
+        if item.WhichOneof("request") == "infer":
+            async with self._infer_slot:
+                vectors, _ = await infer(self.fleet, item.infer, _log_id(item.custom_id))
+            fill_tensor(result.embeddings, from_numpy(vectors))
+            return result
+        req = request_from_proto(item.generate)
+        texts: list[str] = []
+        cache = self.cache if cache_ok else ResultCache(0)
+        async for piece in generate(self.fleet, cache, req, f"job-{uuid.uuid4().hex}", background=True,
+                                    client_id=_log_id(item.custom_id)):
+            texts.append(piece.text)
+            result.token_ids.extend(piece.token_ids)
+            if piece.finish_reason:
+                result.finish_reason = FINISH[piece.finish_reason]
+                result.usage.prompt_tokens = piece.prompt_tokens
+                result.usage.completion_tokens = piece.completion_tokens
+                result.cached = piece.cached
+        result.text = "".join(texts)
+        return result
+
+
+def _log_id(custom_id: str) -> str:
+    """A job item's custom_id as its request log line's client_id (the line quotes what is not plain)."""
+    return custom_id[:MAX_REQUEST_ID_CHARS]

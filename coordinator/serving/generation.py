@@ -1,0 +1,206 @@
+"""A generation request, validated into domain values, and the loop that runs it through the chain.
+
+Validation comes in two parts: `check_parameters` (counts, bytes and numbers: no tokenizer, cheap enough for
+the event loop, and run before anything else) and `prepare` (tokenizing and what needs the token count: off
+the event loop). Every error names the field and the limit, and the config field that sets it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from coordinator.config import CoordinatorConfig
+from coordinator.serving.driver import Scheduler
+from coordinator.serving.streams import Sampling
+from coordinator.serving.textmodel import TextStream, TokenModel
+from shardline.errors import InvalidArgument
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+# top_p may be as small as float32's smallest normal number: a tiny top_p keeps only the likeliest token
+# (greedy-like); a subnormal one is refused
+MIN_TOP_P = 1.1754944e-38
+MAX_MODEL_NAME_CHARS = 128  # as the store's names (coordinator/store/models.py)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str = ""
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int = 0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    prompt_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the loop needs: the prompt's ids and the resolved parameters."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass
+class Piece:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "", "length" or "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False  # answered from the result cache
+
+
+def utf8_bytes(text: str) -> int:
+    """The UTF-8 size of `text` (a character is 1 to 4 bytes; ASCII is counted without encoding)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def shown(text: str, at_most: int = 40) -> str:
+    """`text` for an error message: quoted, and cut short when long (messages never echo a whole input)."""
+    return repr(text) if len(text) <= at_most else f"{text[:at_most]!r}... ({len(text)} characters)"
+
+
+def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
+    """Everything that can be checked without the tokenizer, counts and sizes first; errors name the field
+    and the limit."""
+    if len(req.model) > MAX_MODEL_NAME_CHARS:
+        raise InvalidArgument(f"model is {len(req.model)} characters; a model name has at most "
+                              f"{MAX_MODEL_NAME_CHARS}")
+    given = [name for name, value in (("prompt", req.prompt), ("messages", req.messages),
+                                      ("prompt_token_ids", req.prompt_ids)) if value]
+    if not given:
+        raise InvalidArgument("prompt is empty (send a prompt, chat messages or prompt_token_ids)")
+    if len(given) > 1:
+        raise InvalidArgument(f"send one of prompt, messages and prompt_token_ids, not {' and '.join(given)}")
+    if len(req.prompt_ids) > config.max_prompt_tokens:
+        raise InvalidArgument(f"prompt_token_ids holds {len(req.prompt_ids)} tokens; the limit is "
+                              f"{config.max_prompt_tokens} (max_prompt_tokens)")
+    if len(req.messages) > config.max_chat_messages:
+        raise InvalidArgument(f"messages holds {len(req.messages)} messages; the limit is "
+                              f"{config.max_chat_messages} (max_chat_messages)")
+    if len(req.stop) > config.max_stop_sequences:
+        raise InvalidArgument(f"stop holds {len(req.stop)} sequences; the limit is {config.max_stop_sequences} "
+                              "(max_stop_sequences)")
+    size = utf8_bytes(req.prompt) + sum(utf8_bytes(content) for _, content in req.messages)
+    if size > config.max_prompt_bytes:
+        name = "prompt" if req.prompt else "messages (their contents together)"
+        raise InvalidArgument(f"{name} is {size} bytes; the limit is {config.max_prompt_bytes} (max_prompt_bytes)")
+    for i, s in enumerate(req.stop):
+        if not s:
+            raise InvalidArgument(f"stop[{i}] is empty")
+        if (n := utf8_bytes(s)) > config.max_stop_bytes:
+            raise InvalidArgument(f"stop[{i}] is {n} bytes; the limit is {config.max_stop_bytes} (max_stop_bytes)")
+    for i, (role, _) in enumerate(req.messages):
+        if role not in ("system", "user", "assistant"):
+            raise InvalidArgument(f"messages[{i}].role {shown(role)} must be system, user or assistant")
+    limit = config.max_tokens_limit
+    if req.max_tokens is not None and not 1 <= req.max_tokens <= limit:
+        raise InvalidArgument(f"max_tokens must be between 1 and {limit} (max_tokens_limit), got {req.max_tokens}")
+    if not 0 <= req.min_tokens <= (req.max_tokens if req.max_tokens is not None else limit):
+        bound = "max_tokens" if req.max_tokens is not None else f"{limit} (max_tokens_limit)"
+        raise InvalidArgument(f"min_tokens must be between 0 and {bound}, got {req.min_tokens}")
+    check_sampling(req.temperature, req.top_p, req.top_k)
+
+
+def check_sampling(temperature: float | None, top_p: float | None, top_k: int) -> None:
+    """Sampling values a worker can use as they are: finite, in range, never subnormal."""
+    if temperature is not None and not (
+            temperature == 0 or (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
+        raise InvalidArgument(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                              f"{MAX_TEMPERATURE:g}, got {temperature!r}")
+    if top_p is not None and not (math.isfinite(top_p) and MIN_TOP_P <= top_p <= 1):
+        raise InvalidArgument(f"top_p must be in (0, 1] (and not subnormal), got {top_p!r}")
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+
+
+def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig) -> Plan:
+    """Tokenize and resolve defaults (runs off the event loop: tokenizing is compute that grows with the
+    prompt)."""
+    check_parameters(req, config)
+    if text.vocab_size and req.top_k > text.vocab_size:
+        raise InvalidArgument(f"top_k must be between 0 and {text.vocab_size} (the model's vocabulary), "
+                              f"got {req.top_k}")
+    if req.prompt_ids:
+        ids = list(req.prompt_ids)
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < (text.vocab_size or 2**31)), None)
+        if bad is not None:
+            raise InvalidArgument(f"prompt_token_ids[{bad}] is {ids[bad]}, outside the model's vocabulary "
+                                  f"[0, {text.vocab_size})")
+    else:
+        ids = text.encode_chat(list(req.messages)) if req.messages else text.encode(req.prompt)
+    if req.stop and text.tokenizer is None:
+        raise InvalidArgument("stop sequences need the model's tokenizer, and this model has none")
+    if not ids:
+        raise InvalidArgument("prompt encodes to no tokens")
+    if len(ids) > config.max_prompt_tokens:
+        raise InvalidArgument(f"prompt is {len(ids)} tokens; the limit is {config.max_prompt_tokens} "
+                              "(max_prompt_tokens)")
+    max_tokens_limit = config.max_tokens_limit
+    if req.max_tokens is not None:
+        max_tokens = req.max_tokens
+    else:  # the default, or min_tokens if that is more
+        max_tokens = max(min(config.default_max_tokens, max_tokens_limit), req.min_tokens)
+    if text.context_tokens and len(ids) + max_tokens > text.context_tokens:
+        if req.max_tokens is not None:
+            raise InvalidArgument(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                  f"context of {text.context_tokens} tokens")
+        max_tokens = text.context_tokens - len(ids)
+        if max_tokens < 1:
+            raise InvalidArgument(f"prompt ({len(ids)} tokens) leaves no room in the model's context of "
+                                  f"{text.context_tokens} tokens")
+    if req.min_tokens > max_tokens:
+        raise InvalidArgument(f"min_tokens ({req.min_tokens}) is above the {max_tokens} tokens the model's context "
+                              f"of {text.context_tokens} leaves after the prompt ({len(ids)} tokens)")
+    sampling = Sampling(
+        temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed if req.seed is not None else random.getrandbits(63))
+    return Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos)
+
+
+async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
+              background: bool = False, trace: str = "") -> AsyncGenerator[Piece, None]:
+    """The request's tokens as the scheduler produces them, turned into pieces of text as they become
+    final; the stream leaves the running batch when this generator ends, however it ends.
+
+    End-of-sequence ids (none with `ignore_eos`) and stop sequences count only once `min_tokens` tokens
+    were produced; before that, an end-of-sequence id is just a token."""
+    stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
+    stream = scheduler.policy.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
+                              min_tokens=plan.min_tokens, background=background, trace=trace)
+    texts = TextStream(text, plan.stop)
+    produced = 0
+    prompt_tokens = len(plan.prompt_ids)
+    try:
+        while True:
+            token = await stream.tokens.get()
+            if isinstance(token, BaseException):
+                raise token
+            if token is None or (token in stop_ids and produced >= plan.min_tokens):
+                yield Piece(texts.flush(), [], "stop", prompt_tokens=prompt_tokens, completion_tokens=produced)
+                return
+            produced += 1
+            piece = texts.push(token, match=produced > plan.min_tokens)
+            if texts.stopped:
+                yield Piece(piece, [token], "stop", prompt_tokens=prompt_tokens, completion_tokens=produced)
+                return
+            if produced == plan.max_tokens:
+                yield Piece(piece + texts.flush(), [token], "length", prompt_tokens, produced)
+                return
+            yield Piece(piece, [token])
+    finally:
+        stream.stop()

@@ -1,0 +1,130 @@
+"""The model's text side on the coordinator: tokenizer, chat template, context length, stop tokens, and
+incremental detokenization with stop sequences."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from coordinator.serving.stops import StopMatcher
+from shardline.errors import FailedPrecondition, InvalidArgument
+
+MAX_PENDING_TOKENS = 4
+
+
+class TokenModel:
+    """A model's token side, from its config alone: context, vocabulary, end-of-sequence ids. A model
+    without a tokenizer in the store is served through it: prompts as token ids, token ids back, no text."""
+
+    tokenizer: Any = None
+
+    def __init__(self, path: Path, name: str = "") -> None:
+        self.name = name or path.name
+        config = json.loads((path / "config.json").read_text())
+        self.context_tokens = int(config.get("max_position_embeddings") or config.get("n_positions") or 0)
+        self.vocab_size = int(config.get("vocab_size") or 0)
+        self.hidden_size = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
+        eos = config.get("eos_token_id")
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer is not None:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self.stop_ids = frozenset(int(i) for i in eos_ids if i is not None)
+
+    def _no_text(self) -> FailedPrecondition:
+        return FailedPrecondition(f"model {self.name!r} has no tokenizer in the store: send prompt_token_ids, or "
+                                  "import it with a tokenizer (`coordinator import --random ... --tokenizer "
+                                  "smollm2`)")
+
+    def encode(self, prompt: str) -> list[int]:
+        raise self._no_text()
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        raise self._no_text()
+
+    def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:
+        raise self._no_text()
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+class TextModel(TokenModel):
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        if not (path / "tokenizer_config.json").is_file():
+            raise FailedPrecondition(f"model at {path} has no tokenizer: it cannot serve text")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        super().__init__(path)
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise InvalidArgument("messages: this model has no chat template; send a prompt instead")
+        ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                 add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:
+        """Token ids of each text, and how many texts were cut: a text over `max_tokens` (the model's
+        positions) is cut to them with `truncate` (its special tokens kept, as sentence-transformers does),
+        else refused, naming the text and its tokens."""
+        ids = [list(i) for i in self.tokenizer(texts, verbose=False)["input_ids"]]
+        long = [i for i, row in enumerate(ids) if len(row) > max_tokens]
+        if long and not truncate:
+            raise InvalidArgument(f"texts[{long[0]}] is {len(ids[long[0]])} tokens; model {self.name!r} takes at "
+                                  f"most {max_tokens}: shorten it, or ask for truncation (the SDK's embed(..., "
+                                  "truncate=True), `coordinator embed --truncate`, KServe's input 'truncate')")
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=max_tokens)["input_ids"]
+            for i, row in zip(long, cut, strict=True):
+                ids[i] = list(row)
+        return ids, len(long)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+class TextStream:
+    """Turns generated token ids into text pieces as they come, holding back what could still turn out to
+    be part of a stop sequence or of an incomplete UTF-8 character.
+
+    Incremental: each token decodes only a short window of ids (those since the last text given out, and the
+    one before them, so that tokenizers which drop a leading space at the start of a decode drop it from the
+    context, not from the new text), and stop sequences are matched in a window of their own length
+    (coordinator/serving/stops.py). The work per token does not grow with the completion."""
+
+    def __init__(self, model: TokenModel, stop: tuple[str, ...] = ()) -> None:
+        self.model = model
+        self.ids: list[int] = []  # the window: ids[:read] decode to text already given to the stop matcher
+        self.read = 0
+        self.matcher = StopMatcher(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def push(self, token_id: int, match: bool = True) -> str:
+        """The new text this token makes final ('' if none yet); sets `stopped` on a stop sequence. With
+        match=False (before min_tokens) its text cannot begin or complete a stop sequence."""
+        self.ids.append(token_id)
+        return self.matcher.push(self._detokenize(final=False), match)
+
+    def flush(self) -> str:
+        """At the end: what was held back and is not a stop sequence."""
+        return self.matcher.push(self._detokenize(final=True), match=False) if not self.stopped else ""
+
+    def _detokenize(self, final: bool) -> str:
+        context = self.model.decode(self.ids[: self.read]) if self.read else ""
+        text = self.model.decode(self.ids)
+        # an incomplete UTF-8 character decodes to U+FFFD: wait for the bytes that complete it, but only as
+        # long as they could (a character is at most 4 bytes, so at most 4 tokens)
+        if not final and (len(text) <= len(context) or text.endswith("\ufffd")) \
+                and len(self.ids) - self.read < MAX_PENDING_TOKENS:
+            return ""
+        del self.ids[: self.read]  # what is before the new context is never decoded again
+        self.read = len(self.ids)
+        return text[len(context):]
