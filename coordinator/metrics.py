@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator.fleet.states import WorkerState
 from shardline.errors import ShardlineError
 from shardline.metrics import PREFIX
 
@@ -53,7 +54,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                  600.0, 1800.0, 3600.0)
 RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-WORKER_STATES = ("registered", "spare", "loading", "ready", "failed", "lost", "draining", "drained")
+WORKER_STATES = tuple(s.value for s in WorkerState)
 SNAPSHOT_TIMEOUT_S = 5.0
 
 

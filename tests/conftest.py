@@ -81,3 +81,28 @@ def node_client() -> Path:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True,
                        timeout=300)
     return NODE_DIR / "generate.js"
+
+
+class _IllegalMoves:
+    """Collects the ERROR lines coordinator/fleet/states.py writes for a move its tables do not allow."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.lines: list[str] = []
+        handler = logging.Handler(logging.ERROR)
+        handler.emit = lambda record: self.lines.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("coordinator.fleet.states").addHandler(handler)
+
+
+_ILLEGAL = _IllegalMoves()
+
+
+@pytest.fixture(autouse=True)
+def no_illegal_state_moves() -> Iterator[None]:
+    """Every test fails on a worker or replica state move that fleet/states.py does not allow (in this
+    process; the coordinator logs them as ERROR in production and carries on)."""
+    before = len(_ILLEGAL.lines)
+    yield
+    moves = _ILLEGAL.lines[before:]
+    assert not moves, f"state moves outside coordinator/fleet/states.py's tables: {moves}"

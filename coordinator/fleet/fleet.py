@@ -24,6 +24,7 @@ from coordinator.fleet.model_admin import ModelAdmin
 from coordinator.fleet.placement import Wanted, interleave, place
 from coordinator.fleet.registry import UNPLANNABLE, Registry, WorkerDevice, WorkerRecord
 from coordinator.fleet.replica import ChangeRefused, Replica, Shared
+from coordinator.fleet.states import SERVES, ReplicaState, WorkerState
 from coordinator.fleet.worker_calls import status
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.serving.driver import Scheduler
@@ -37,7 +38,6 @@ from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
-SERVES = ("ready", "recovering")  # replica states that take requests (recovering: they wait at its gate)
 
 
 @dataclass
@@ -215,7 +215,8 @@ class Fleet:
     @property
     def settled(self) -> bool:
         """Ready, and no replica still waits for workers, deploys or recovers (what a launch waits for)."""
-        return self.ready and all(r.state in ("ready", "failed") for r in self.replicas if not r.draining)
+        return self.ready and all(r.state in (ReplicaState.READY, ReplicaState.FAILED)
+                                  for r in self.replicas if not r.draining)
 
     @property
     def serves_every_name(self) -> bool:
@@ -245,7 +246,7 @@ class Fleet:
     @property
     def progress(self) -> tuple[int, int]:
         """Bytes loaded, and to load, over the replicas loading now."""
-        loading = [r for r in self.replicas if r.state in ("deploying", "recovering")]
+        loading = [r for r in self.replicas if r.state in (ReplicaState.DEPLOYING, ReplicaState.RECOVERING)]
         return sum(sum(r.progress.values()) for r in loading), sum(r.loading_bytes for r in loading)
 
     def notify(self) -> None:
@@ -337,7 +338,7 @@ class Fleet:
             self.metrics.reregistrations.inc()
         deployed = any(r.assignment for r in self.replicas)
         if deployed:
-            record.state = "spare"  # it waits to be needed; running chains are not touched
+            record.state = WorkerState.SPARE  # it waits to be needed; running chains are not touched
         where = f", {device.device} {device.dtype}".rstrip() if device is not None and device.device != "cpu" else ""
         self.say(f"worker {address} registered ({memory_budget_bytes / 2**20:.0f} MiB offered{where})"
                  + (" as a spare" if deployed else ""))
@@ -352,8 +353,8 @@ class Fleet:
     def report_dead(self, address: str, why: str) -> None:
         """Someone who knows (the launcher that saw the process exit) says a worker is gone: heal now."""
         for worker in list(self.registry.workers.values()):
-            if worker.address == address and worker.state != "lost":
-                worker.state, worker.last_error = "lost", why
+            if worker.address == address and worker.state != WorkerState.LOST:
+                worker.state, worker.last_error = WorkerState.LOST, why
                 owner = self._owner(worker)
                 if owner is not None and worker in owner.assignment:
                     owner.worker_lost(f"worker {address}: {why}")
@@ -370,7 +371,7 @@ class Fleet:
         if self.draining:
             return
         pending = [[r for r in d.live if not r.assignment and not r.busy and
-                    (r.state != "failed" or r.may_retry(self._membership()))]
+                    (r.state != ReplicaState.FAILED or r.may_retry(self._membership()))]
                    for d in self.deployments.values()]
         wanted = [Wanted(r.name, r.manifest, r.spec.workers) for r in interleave(pending)]
         if wanted:
@@ -436,7 +437,7 @@ class Fleet:
         record = self.worker(address)
         owner = self._owner(record)
         if owner is None:
-            record.state, record.stage, record.owner = "drained", None, ""
+            record.state, record.stage, record.owner = WorkerState.DRAINED, None, ""
             return f"worker {address} held no stage; it takes no new one"
         return await owner.drain_worker(record)  # also one claimed by a change in progress: it queues behind
 
@@ -447,7 +448,7 @@ class Fleet:
         return "; ".join([await r.rebalance() for r in serving])
 
     async def worker_status(self, record: WorkerRecord) -> worker_pb2.GetStatusResponse | None:
-        if record.state == "lost":
+        if record.state == WorkerState.LOST:
             return None
         return await status(record.address, 2.0, self.shared.links)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeVar
 from coordinator.fleet.deployments import DeploymentSpec, check_replicas, split_name
 from coordinator.fleet.placement import Wanted, place
 from coordinator.fleet.registry import UNPLANNABLE
+from coordinator.fleet.states import ReplicaState
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
@@ -108,10 +109,11 @@ class ModelAdmin:
         within `timeout_s`."""
         fleet = self.fleet
         deadline = time.monotonic() + timeout_s
-        while not deployment.ready_replicas or any(r.state in ("deploying", "recovering") for r in deployment.live):
+        while not deployment.ready_replicas or any(r.state in (ReplicaState.DEPLOYING, ReplicaState.RECOVERING)
+                                                   for r in deployment.live):
             if deployment.unloading or fleet.deployments.get(deployment.key) is not deployment:
                 raise FailedPrecondition(f"{deployment.key} was unloaded while it loaded")
-            if any(r.state == "failed" for r in deployment.live) and not deployment.ready_replicas:
+            if any(r.state == ReplicaState.FAILED for r in deployment.live) and not deployment.ready_replicas:
                 raise FailedPrecondition(f"{deployment.key} could not be deployed: {deployment.message}")
             left = deadline - time.monotonic()
             if left <= 0:

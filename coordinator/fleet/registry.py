@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from coordinator.fleet.planner import StagePlan
+from coordinator.fleet.states import UNPLANNABLE, WORKER_TRANSITIONS, WorkerState, moved
 
 
 @dataclass(frozen=True)
@@ -27,14 +29,21 @@ class WorkerRecord:
     address: str
     memory_budget_bytes: int
     last_heartbeat: float
-    state: str = "registered"  # registered | spare | loading | ready | failed | lost | draining | drained
+    state: WorkerState = WorkerState.REGISTERED  # moves along fleet/states.py's WORKER_TRANSITIONS
     stage: StagePlan | None = None
     last_error: str = ""
     owner: str = ""  # the replica it belongs to ("" = free, in the pool)
     device: WorkerDevice = WorkerDevice()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state" and "state" in self.__dict__:  # a move, not the first assignment
+            moved(f"worker {self.worker_id} ({self.address})", WORKER_TRANSITIONS, self.__dict__["state"],
+                  WorkerState(value))
+            value = WorkerState(value)
+        super().__setattr__(name, value)
 
-UNPLANNABLE = ("draining", "drained")  # states a worker is never planned into
+
+__all__ = ["UNPLANNABLE", "Registry", "WorkerDevice", "WorkerRecord"]
 
 
 class Registry:
@@ -58,17 +67,18 @@ class Registry:
         if record is None:
             return False
         record.last_heartbeat = time.monotonic()
-        if record.state == "lost":
-            record.state = "registered"
+        if record.state == WorkerState.LOST:
+            record.state = WorkerState.REGISTERED
         return True
 
     def mark_lost(self) -> list[WorkerRecord]:
         """Workers not heard from within the timeout become lost; returns the newly lost ones."""
         now = time.monotonic()
         lost = [r for r in self.workers.values()
-                if r.state not in ("lost", *UNPLANNABLE) and now - r.last_heartbeat > self.timeout_s]
+                if r.state != WorkerState.LOST and r.state not in UNPLANNABLE
+                and now - r.last_heartbeat > self.timeout_s]
         for record in lost:
-            record.state = "lost"
+            record.state = WorkerState.LOST
         return lost
 
     def remove(self, worker_id: str) -> WorkerRecord | None:
@@ -76,4 +86,4 @@ class Registry:
 
     def live(self) -> list[WorkerRecord]:
         """Live workers in registration order (the order stages are assigned in)."""
-        return [r for r in self.workers.values() if r.state != "lost"]
+        return [r for r in self.workers.values() if r.state != WorkerState.LOST]

@@ -24,6 +24,8 @@ from coordinator.fleet.membership import Assignment, LoadedShard, choose_replace
 from coordinator.fleet.placement import choose_workers, fit
 from coordinator.fleet.planner import PlanDoesNotFit, StagePlan
 from coordinator.fleet.registry import UNPLANNABLE, Registry, WorkerRecord
+from coordinator.fleet.states import REPLICA_TRANSITIONS, ReplicaState, WorkerState
+from coordinator.fleet.states import moved as check_move
 from coordinator.fleet.timed_planner import StageExplanation
 from coordinator.fleet.worker_calls import chain_capacity, load_shard, probe, set_peers, unload_shard
 from coordinator.metrics import CoordinatorMetrics
@@ -70,7 +72,7 @@ class Replica:
     def __init__(self, spec: DeploymentSpec, index: int, manifest: Manifest, shared: Shared) -> None:
         self.spec, self.index, self.manifest, self.shared = spec, index, manifest, shared
         self.name = f"{spec.key}/r{index}"
-        self.state, self.message = "waiting for workers", ""
+        self.state, self.message = ReplicaState.WAITING, ""
         self.assignment: list[WorkerRecord] = []   # stage i is served by assignment[i]
         self.stages: list[StagePlan] = []
         self.plan: list[StageExplanation] = []   # why each stage holds its range (coordinator plan --explain)
@@ -102,7 +104,7 @@ class Replica:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == ReplicaState.READY
 
     @property
     def busy(self) -> bool:
@@ -136,7 +138,8 @@ class Replica:
     def config(self) -> CoordinatorConfig:
         return self.shared.config
 
-    def _set_state(self, state: str, message: str = "") -> None:
+    def _set_state(self, state: ReplicaState, message: str = "") -> None:
+        check_move(f"replica {self.name}", REPLICA_TRANSITIONS, self.state, state)
         self.state, self.message = state, message
         self.shared.changed()
 
@@ -153,13 +156,13 @@ class Replica:
         """Placement found workers, but not the memory: the replica fails with the missing MiB (it is placed
         again when the membership changes)."""
         self._failed_with = membership
-        if (self.state, self.message) != ("failed", why):
+        if (self.state, self.message) != (ReplicaState.FAILED, why):
             self.shared.say(f"error: {self.name}: {why}")
-            self._set_state("failed", why)
+            self._set_state(ReplicaState.FAILED, why)
 
     def wait_for_workers(self, why: str) -> None:
-        if (self.state, self.message) != ("waiting for workers", why):
-            self._set_state("waiting for workers", why)
+        if (self.state, self.message) != (ReplicaState.WAITING, why):
+            self._set_state(ReplicaState.WAITING, why)
 
     def owns(self, worker: WorkerRecord) -> bool:
         return worker.owner == self.name
@@ -177,8 +180,8 @@ class Replica:
         for worker in self.shared.registry.workers.values():
             if self.owns(worker) and worker not in self.assignment:
                 worker.owner, worker.stage = "", None
-                if worker.state not in (*UNPLANNABLE, "lost"):
-                    worker.state = "spare"
+                if worker.state != WorkerState.LOST and worker.state not in UNPLANNABLE:
+                    worker.state = WorkerState.SPARE
 
     async def stop(self) -> None:
         if self._healing is not None:
@@ -194,7 +197,7 @@ class Replica:
         self._claim([w for w, _ in chain])
         for worker, stage in chain:
             worker.stage = stage
-        self._set_state("deploying", f"placed on {len(chain)} workers")
+        self._set_state(ReplicaState.DEPLOYING, f"placed on {len(chain)} workers")
         return self._queue("deploy", f"deploying {self.name}", first=chain)
 
     def worker_lost(self, why: str) -> None:
@@ -205,7 +208,7 @@ class Replica:
         if self.busy or self.draining or self.retired or not self.assignment:
             return  # a replica without a chain is placed by the fleet
         live = self.shared.registry.live()
-        if self.state == "failed":
+        if self.state == ReplicaState.FAILED:
             if self.may_retry(self.shared.membership()):
                 self._trigger_heal("the pool changed after a failed recovery")
             return
@@ -245,16 +248,16 @@ class Replica:
 
     async def drain_worker(self, record: WorkerRecord) -> str:
         """Hand a worker's stage over (to a free worker, or by re-planning); it then holds no stage."""
-        previous, record.state = record.state, "draining"
+        previous, record.state = record.state, WorkerState.DRAINING
         # a task of its own, settled however it ends: a caller that goes away changes nothing
         task = self._queue(f"draining worker {record.address}", drain=record)
 
         def settle(done: asyncio.Task[None]) -> None:
             if done.cancelled() or done.exception() is not None or record in self.assignment:
-                if record.state == "draining":
+                if record.state == WorkerState.DRAINING:
                     record.state = previous
             else:
-                record.state, record.stage, record.owner = "drained", None, ""
+                record.state, record.stage, record.owner = WorkerState.DRAINED, None, ""
 
         task.add_done_callback(settle)
         try:
@@ -322,7 +325,8 @@ class Replica:
             self.retired = True
             if self.scheduler is not None:
                 await self.scheduler.close(f"{self.spec.key} was unloaded")
-            self._set_state("retired", f"unloaded; {self.freed_bytes / 2**20:.1f} MiB freed on {len(workers)} workers")
+            self._set_state(ReplicaState.RETIRED,
+                            f"unloaded; {self.freed_bytes / 2**20:.1f} MiB freed on {len(workers)} workers")
         moved = f", {left} streams moved on by replay" if left else ""
         return f"{self.name} retired{moved}: {self.message}"
 
@@ -365,14 +369,14 @@ class Replica:
                 raise
             finally:
                 for worker in self.shared.registry.live():  # loaded for a chain that was not installed
-                    if worker.state == "loading" and self.owns(worker) and worker not in self.assignment:
-                        worker.state = "spare"
+                    if worker.state == WorkerState.LOADING and self.owns(worker) and worker not in self.assignment:
+                        worker.state = WorkerState.SPARE
                 self._release_unused()
-                if self.state == "failed":  # the pool as it is now that this replica let go of its claims,
+                if self.state == ReplicaState.FAILED:  # the pool as it is now that this replica let go of its claims,
                     self._failed_with = self.shared.membership()  # and a pause before the next try
                     self._retry_after = time.monotonic() + self._backoff_s
                     self._backoff_s = min(60.0, self._backoff_s * 2)
-                elif self.state == "ready":
+                elif self.state == ReplicaState.READY:
                     self._backoff_s = 1.0
 
     async def _retire_chain(self) -> None:
@@ -388,8 +392,8 @@ class Replica:
         retired = heal or first is not None
         if retired:
             await self._retire_chain()
-            self._set_state("recovering" if heal else "deploying",
-                                  reason if heal else f"planning {self.spec.key} onto {self.spec.workers} workers")
+            self._set_state(ReplicaState.RECOVERING if heal else ReplicaState.DEPLOYING,
+                            reason if heal else f"planning {self.spec.key} onto {self.spec.workers} workers")
             if heal:
                 self.shared.say(f"{self.name} recovering: {reason}")
         excluded: set[str] = set()  # workers whose load failed during this change
@@ -401,7 +405,7 @@ class Replica:
             loaded = await probe(mine, self.config.probe_timeout_ms / 1000, self.shared.links)
             for worker in mine:
                 if worker.worker_id not in loaded and worker.state not in UNPLANNABLE:
-                    worker.state, worker.last_error = "lost", "did not answer the probe"
+                    worker.state, worker.last_error = WorkerState.LOST, "did not answer the probe"
             detected = time.perf_counter()
             dead = [w for w in self.assignment if w.worker_id not in loaded]
             if first is not None or rebalance:  # lazily, once per (worker, model, dtype): the plan balances time
@@ -550,9 +554,9 @@ class Replica:
             if batch is in_chain and not retired:
                 await self._retire_chain()
                 retired = True
-                self._set_state("recovering", "moving the chain's layers: requests wait for it")
+                self._set_state(ReplicaState.RECOVERING, "moving the chain's layers: requests wait for it")
             for worker, stage in batch:
-                worker.state, worker.stage, worker.last_error = "loading", stage, ""
+                worker.state, worker.stage, worker.last_error = WorkerState.LOADING, stage, ""
             c = self.config
             links = link_dtypes(len(target), c.wire_dtype or c.dtype, c.link_wire_dtypes)  # stage i -> i + 1
             link_of = {s.start: i for i, (_, s) in enumerate(target)}
@@ -564,7 +568,7 @@ class Replica:
             failed = []
             for (worker, _), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
-                    worker.state, worker.last_error = "failed", str(result)
+                    worker.state, worker.last_error = WorkerState.FAILED, str(result)
                     excluded.add(worker.worker_id)
                     failed.append(f"{worker.address}: {result}")
             if failed:
@@ -581,7 +585,7 @@ class Replica:
         self.stages = [s for _, s in target]
         self._explain()
         for worker, stage in target:
-            worker.state, worker.stage = "ready", stage
+            worker.state, worker.stage = WorkerState.READY, stage
         self._release_unused()
         links = self.shared.links
         old_chain = self.pipeline.install(ChainClient([w.address for w in self.assignment], links))
@@ -614,7 +618,7 @@ class Replica:
         self.scheduler.policy.set_capacity(capacity)
         self._failed_with = ()
         self.pipeline.resume()
-        self._set_state("ready")
+        self._set_state(ReplicaState.READY)
         if first:
             self.shared.joined(self)
 
@@ -650,4 +654,4 @@ class Replica:
         if self.scheduler is not None:
             for stream in self.shared.evacuate(self, self.scheduler.policy.evacuate(failure=True)):
                 stream.stop(error)
-        self._set_state("failed", why)
+        self._set_state(ReplicaState.FAILED, why)
