@@ -90,9 +90,14 @@ class _IllegalMoves:
         import logging
 
         self.lines: list[str] = []
+        self.checked = 0
         handler = logging.Handler(logging.ERROR)
         handler.emit = lambda record: self.lines.append(record.getMessage())  # type: ignore[method-assign]
         logging.getLogger("coordinator.fleet.states").addHandler(handler)
+
+    def unchecked(self) -> list[str]:
+        new, self.checked = self.lines[self.checked:], len(self.lines)
+        return new
 
 
 _ILLEGAL = _IllegalMoves()
@@ -100,9 +105,9 @@ _ILLEGAL = _IllegalMoves()
 
 @pytest.fixture(autouse=True)
 def no_illegal_state_moves() -> Iterator[None]:
-    """Every test fails on a worker or replica state move that fleet/states.py does not allow (in this
-    process; the coordinator logs them as ERROR in production and carries on)."""
-    before = len(_ILLEGAL.lines)
+    """Every test fails on a worker or replica state move that fleet/states.py does not allow, made in this
+    process since the last test ended (its own, or its fixtures' set-up; the coordinator logs such moves as
+    ERROR in production and carries on)."""
     yield
-    moves = _ILLEGAL.lines[before:]
+    moves = _ILLEGAL.unchecked()
     assert not moves, f"state moves outside coordinator/fleet/states.py's tables: {moves}"

@@ -1,5 +1,5 @@
 """What the `coordinator` CLI's commands share: the client options, the store option, and how a failed call
-ends a command (one line on stderr, exit 1, never a traceback). cli.py, models_cli.py and jobs_cli.py import
+ends a command (one line on stderr, exit 1, never a traceback). main.py, models.py and jobs.py import
 this module, never each other's."""
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ class Fleet:
                 else:
                     by_name[want.key].wait_for_workers(f"{left} of {want.stages} workers registered and free")
         for replica in self.replicas:
-            if replica.assignment or replica.state == "failed":
+            if replica.assignment or replica.state == ReplicaState.FAILED:
                 replica.membership_changed()
 
     def _membership(self) -> tuple[str, ...]:

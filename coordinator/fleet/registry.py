@@ -36,10 +36,10 @@ class WorkerRecord:
     device: WorkerDevice = WorkerDevice()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "state" and "state" in self.__dict__:  # a move, not the first assignment
-            moved(f"worker {self.worker_id} ({self.address})", WORKER_TRANSITIONS, self.__dict__["state"],
-                  WorkerState(value))
-            value = WorkerState(value)
+        if name == "state":
+            value = WorkerState(value)  # a name that is no state is a programming error: ValueError
+            if "state" in self.__dict__:  # a move, not the first assignment
+                moved(f"worker {self.worker_id} ({self.address})", WORKER_TRANSITIONS, self.__dict__["state"], value)
         super().__setattr__(name, value)
 
 

@@ -568,7 +568,9 @@ class Replica:
             failed = []
             for (worker, _), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
-                    worker.state, worker.last_error = WorkerState.FAILED, str(result)
+                    if worker.state != WorkerState.LOST:  # marked lost meanwhile: it stays out of the pool
+                        worker.state = WorkerState.FAILED
+                    worker.last_error = str(result)
                     excluded.add(worker.worker_id)
                     failed.append(f"{worker.address}: {result}")
             if failed:
