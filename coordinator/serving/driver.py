@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 from coordinator.serving.chain import end_sessions
@@ -19,6 +20,7 @@ from shardline.v1 import worker_pb2
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=4096)  # built once per request's values, not once per slice per step
 def sampling_proto(sampling: Sampling) -> worker_pb2.SamplingParams:
     return worker_pb2.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
                                      top_p=sampling.top_p, seed=sampling.seed)

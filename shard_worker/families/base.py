@@ -76,13 +76,13 @@ class Family(ABC):
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                   mask: torch.Tensor | None, cache: Any, rope: Any) -> torch.Tensor:
-        out = self.call_layer(layer, hidden, positions, mask, cache, rope)
-        return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+        return self.call_layer(layer, hidden, positions, mask, cache, rope)  # type: ignore[no-any-return]
 
     @abstractmethod
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
                    mask: torch.Tensor | None, cache: Any, rope: Any) -> Any:
-        """Call one Hugging Face layer with the arguments its family takes; it may return a tuple."""
+        """Call one Hugging Face layer with the arguments its family takes, through the adapter's
+        `call_layer` (which returns the hidden states, a tuple's first element where the layer returns one)."""
 
     def rope(self, modules: StageModules, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
         """Per-forward positional tensors shared by every layer (rotary cos/sin); None if unused."""
