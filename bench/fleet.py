@@ -54,8 +54,10 @@ from bench.common import peak_rss  # noqa: E402
 from bench.generate import free_port  # noqa: E402
 from bench.kv import PeakRss  # noqa: E402
 from coordinator.cli.launcher import LocalCluster  # noqa: E402
-from coordinator.config import CoordinatorConfig  # noqa: E402
-from coordinator.fleet.deployments import DeploymentSpec  # noqa: E402
+from coordinator.config import (
+    CoordinatorConfig,  # noqa: E402
+    DeploymentSpec,  # noqa: E402
+)
 from coordinator.store.importer import import_random, random_config  # noqa: E402
 from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient, Client  # noqa: E402

@@ -2,9 +2,9 @@
 
 shardline path: the real `StageStream` a worker uses to reach the next stage sends ForwardRequests carrying a
 hidden-state tensor to a real shard worker (`start_worker`: its server, interceptors, Forward handler and
-(de)serializers, `_submit`, route checks and compute thread), whose stage does no layer compute: its runtime
-turns the received bytes into a torch tensor (what a stage does before its layers) and answers with one
-token id, as the route's end does, or, in the round-trip case, with the hidden states themselves.
+(de)serializers, the relay's `submit`, route checks and compute thread), whose stage does no layer compute:
+its runtime turns the received bytes into a torch tensor (what a stage does before its layers) and answers
+with one token id, as the route's end does, or, in the round-trip case, with the hidden states themselves.
 Baseline: a raw grpc.aio bidi stream of bytes messages of the same size on the same server, answered with 8
 bytes (or echoed whole in the round-trip case).
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shard_worker import servicer as worker_servicer  # noqa: E402
+from shard_worker.lifecycle import Shard  # noqa: E402
 from shard_worker.runtime import KVSettings, Metrics, Step, StepResult, torch_from_raw  # noqa: E402
 from shard_worker.server import start_worker  # noqa: E402
 from shard_worker.weights import ShardSpec  # noqa: E402
@@ -73,8 +73,8 @@ async def echo(request_iterator: Any, context: Any) -> AsyncIterator[bytes]:
 async def start_servers() -> Any:
     worker = await start_worker()
     runtime: Any = HopRuntime()
-    worker.servicer.shard = worker_servicer._Shard(ShardSpec("hop", 1, 2, "float32", ""), runtime, 0)
-    worker.servicer.state = "ready"
+    worker.servicer.lifecycle.shard = Shard(ShardSpec("hop", 1, 2, "float32", ""), runtime, 0)
+    worker.servicer.lifecycle.state = "ready"
     worker.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         "bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(echo)})])
     return worker

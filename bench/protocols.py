@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generate import free_port  # noqa: E402
-from coordinator.api.http_gateway import start_beside  # noqa: E402
+from coordinator.api.http_launch import start_beside  # noqa: E402
 from coordinator.cli.launcher import LocalCluster  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402

@@ -1,15 +1,14 @@
 """The coordinator's Prometheus metrics (README "Metrics"; the endpoint itself is shardline/metrics.py).
 
 What is counted where, so that every request is counted once whatever protocol brought it:
-- requests, at the shared core: coordinator/serving/inference.py runs every generation and Infer through `Requests`
+- requests, at the shared core: coordinator/fleet/requests.py runs every generation and Infer through `Requests`
   (native gRPC, KServe, the HTTP gateway, and job items alike): outcome by model, time to first token, time
   per output token, end-to-end latency, tokens.
 - events, where they happen: the scheduler reports each stream's queue time (at its first admission) and each
   preemption (`StreamMetrics`), a replica each recovery and the workers it brought in, the fleet each
   re-registration, the launcher each worker process it restarted.
 - state (queues, running streams, KV blocks per stage, replicas, workers, the result cache, jobs) is read at
-  scrape time by `StateCollector`, from a snapshot taken on the event loop: the hot path pays nothing for it,
-  and a scrape (on the HTTP server's thread) never reads the fleet while the loop changes it.
+  scrape time by coordinator/api/state_metrics.py, from a snapshot taken on the event loop.
 
 Labels are bounded: `model` is a deployment's name (a request that names no deployment counts under
 "(unknown)", never under the string it sent), `replica` a replica's name, `stage` a stage's index, `code` a
@@ -20,30 +19,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from coordinator.fleet.states import WorkerState
 from shardline.errors import ShardlineError
 from shardline.metrics import PREFIX
 
-if TYPE_CHECKING:
-    from coordinator.fleet.fleet import Fleet
-    from coordinator.jobs.runner import JobRunner
-    from coordinator.serving.generation import Piece
-    from coordinator.serving.result_cache import ResultCache
-
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+class Piece(Protocol):
+    """What the metrics read of a generation's piece (coordinator/serving/generation.py Piece)."""
+
+    @property
+    def token_ids(self) -> list[int]: ...
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def cached(self) -> bool: ...
+
+
+P = TypeVar("P", bound=Piece)
 UNKNOWN_MODEL = "(unknown)"  # deployment names start with a letter or digit: this one is never a deployment's
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0)
@@ -54,15 +56,14 @@ E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                  600.0, 1800.0, 3600.0)
 RECOVERY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-WORKER_STATES = tuple(s.value for s in WorkerState)
-SNAPSHOT_TIMEOUT_S = 5.0
 
 
-def model_label(fleet: Fleet, requested: str) -> str:
-    """The `model` label of a request: the name of the deployment it names (or the default one), else
-    UNKNOWN_MODEL. Never the raw string: a label per typo would grow without bound."""
-    name = (requested or fleet.primary).partition("@")[0]
-    return name if any(d.spec.name == name for d in fleet.deployments.values()) else UNKNOWN_MODEL
+def model_label(requested: str, primary: str, names: Iterable[str]) -> str:
+    """The `model` label of a request: the name of the deployment it names (or the default one, `primary`),
+    if `names` (the deployments' names) has it, else UNKNOWN_MODEL. Never the raw string: a label per typo would
+    grow without bound."""
+    name = (requested or primary).partition("@")[0]
+    return name if name in names else UNKNOWN_MODEL
 
 
 def status_name(exc: BaseException) -> str:
@@ -132,7 +133,7 @@ class Requests:
                 self.tpot.labels(model), self.e2e.labels(model))
         return series
 
-    async def generation(self, model: str, pieces: AsyncGenerator[Piece, None]) -> AsyncGenerator[Piece, None]:
+    async def generation(self, model: str, pieces: AsyncGenerator[P, None]) -> AsyncGenerator[P, None]:
         """`pieces` passed on, counted: a token counter increment per piece, the first token's latency, and
         the outcome once it is known (before the last piece is passed on, so a caller that stops reading
         then is not taken for one that went away)."""
@@ -231,7 +232,6 @@ class CoordinatorMetrics:
         self.restarts = Counter(f"{PREFIX}worker_restarts", "Worker processes `coordinator launch` restarted "
                                 "after they died (0 elsewhere)", registry=registry)
         self._streams: dict[str, StreamMetrics] = {}
-        self._state: StateCollector | None = None
 
     def streams(self, model: str) -> StreamMetrics:
         """The scheduler-side metrics of `model` (a deployment's name)."""
@@ -245,148 +245,3 @@ class CoordinatorMetrics:
         self.recovery_seconds.labels(model).observe(seconds)
         if replaced:
             self.replacements.labels(model).inc(replaced)
-
-    def watch(self, fleet: Fleet, cache: ResultCache, jobs: JobRunner) -> None:
-        """Read the fleet's state at every scrape (called once, on the event loop the fleet runs on)."""
-        if self._state is None:
-            self._state = StateCollector(fleet, cache, jobs, asyncio.get_running_loop())
-            self.registry.register(self._state)
-
-
-@dataclass(frozen=True)
-class ReplicaState:
-    model: str
-    replica: str
-    ready: bool
-    running: int
-    waiting: int
-    background: int
-    kv_known: bool = False
-    kv_used: int = 0                    # blocks held on every stage, and those being freed
-    kv_total: int = 0                   # the chain's: its smallest stage's
-    stage_blocks: tuple[int, ...] = ()  # each stage's capacity
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    replicas: tuple[ReplicaState, ...]
-    workers: dict[str, int]
-    cache_hits: int
-    cache_misses: int
-    cache_bytes: int
-    jobs_unfinished: int
-    job_items_running: int
-
-
-class StateCollector(Collector):
-    """The fleet's state, read at scrape time from a snapshot taken on the event loop."""
-
-    def __init__(self, fleet: Fleet, cache: ResultCache, jobs: JobRunner, loop: asyncio.AbstractEventLoop) -> None:
-        self.fleet, self.cache, self.jobs, self.loop = fleet, cache, jobs, loop
-        self._jobs = (0, 0)  # the latest job counts (they come from the jobs database, read off the loop)
-        self._lock = threading.Lock()  # scrapes that overlap share one snapshot: a flood is one hop at a time
-        self._last: tuple[float, Snapshot] | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        snapshot = self._take()
-        if snapshot is not None:
-            yield from families(snapshot)
-
-    def _take(self) -> Snapshot | None:
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is self.loop:  # scraped from the loop itself: no hop (it would wait for itself); last job counts
-            return self.snapshot()
-        arrived = time.monotonic()
-        with self._lock:
-            if self._last is not None and self._last[0] >= arrived:  # taken while this scrape waited: fresh
-                return self._last[1]
-            began = time.monotonic()
-            snapshot = self._hop()
-            if snapshot is not None:
-                self._last = (began, snapshot)
-            return snapshot
-
-    def _hop(self) -> Snapshot | None:
-        fresh = self._fresh()
-        try:
-            future = asyncio.run_coroutine_threadsafe(fresh, self.loop)
-        except RuntimeError:  # the loop is closed (the coordinator stopped): the coroutine never started
-            fresh.close()
-            return None
-        try:
-            return future.result(SNAPSHOT_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - a scrape still shows the request metrics
-            future.cancel()
-            log.warning("metrics: no snapshot of the coordinator's state (%s); this scrape leaves it out",
-                        type(exc).__name__)
-            return None
-
-    async def _fresh(self) -> Snapshot:
-        self._jobs = await self.jobs.counts()
-        return self.snapshot()
-
-    def snapshot(self) -> Snapshot:
-        """Plain values (call on the event loop)."""
-        fleet, cache = self.fleet, self.cache
-        workers = dict.fromkeys(WORKER_STATES, 0)
-        for worker in fleet.registry.workers.values():
-            workers[worker.state] = workers.get(worker.state, 0) + 1
-        replicas = tuple(replica_state(d.spec.name, r) for d in fleet.deployments.values() for r in d.replicas
-                         if not r.retired)
-        return Snapshot(replicas, workers, cache.hits, cache.misses, cache.bytes, *self._jobs)
-
-
-def replica_state(model: str, replica: Any) -> ReplicaState:
-    if replica.scheduler is None:
-        return ReplicaState(model, replica.name, replica.ready, 0, 0, 0)
-    s = replica.scheduler.policy
-    state = ReplicaState(model, replica.name, replica.ready, s.active, len(s.waiting), len(s.background))
-    kv = s.kv
-    if kv is None:
-        return state
-    stages = kv.stage_blocks or (kv.blocks_total,) * len(replica.assignment)
-    return ReplicaState(state.model, state.replica, state.ready, state.running, state.waiting, state.background,
-                        True, kv.held + kv.releasing, kv.blocks_total, tuple(stages))
-
-
-def families(s: Snapshot) -> Iterator[Metric]:
-    """The scrape-time metric families of a snapshot."""
-    by_replica = ["model", "replica"]
-    by_stage = ["model", "replica", "stage"]
-    running = GaugeMetricFamily(f"{PREFIX}num_requests_running", "Streams in each replica's running batch",
-                                labels=by_replica)
-    waiting = GaugeMetricFamily(f"{PREFIX}num_requests_waiting", "Streams queued for admission in each replica, "
-                                "by priority (background: job items)", labels=[*by_replica, "priority"])
-    ready = GaugeMetricFamily(f"{PREFIX}replica_ready", "1 while the replica serves requests", labels=by_replica)
-    usage = GaugeMetricFamily(f"{PREFIX}kv_cache_usage_perc", "KV blocks in use over the chain's capacity (its "
-                              "smallest stage's), from 0 to 1", labels=by_replica)
-    used = GaugeMetricFamily(f"{PREFIX}kv_cache_used_blocks", "KV blocks in use on each stage as the scheduler "
-                             "accounts them (every stage holds the same positions), with those being freed",
-                             labels=by_stage)
-    capacity = GaugeMetricFamily(f"{PREFIX}kv_cache_capacity_blocks", "KV blocks each stage can hold, as it "
-                                 "reported after loading", labels=by_stage)
-    for r in s.replicas:
-        running.add_metric([r.model, r.replica], r.running)
-        waiting.add_metric([r.model, r.replica, "interactive"], r.waiting)
-        waiting.add_metric([r.model, r.replica, "background"], r.background)
-        ready.add_metric([r.model, r.replica], 1.0 if r.ready else 0.0)
-        if r.kv_known:
-            usage.add_metric([r.model, r.replica], r.kv_used / r.kv_total if r.kv_total else 0.0)
-            for stage, blocks in enumerate(r.stage_blocks):
-                used.add_metric([r.model, r.replica, str(stage)], r.kv_used)
-                capacity.add_metric([r.model, r.replica, str(stage)], blocks)
-    yield from (running, waiting, ready, usage, used, capacity)
-    workers = GaugeMetricFamily(f"{PREFIX}workers", "Registered workers by state", labels=["state"])
-    for state, n in s.workers.items():
-        workers.add_metric([state], n)
-    yield workers
-    yield CounterMetricFamily(f"{PREFIX}result_cache_hits", "Requests answered from the result cache",
-                              value=s.cache_hits)
-    yield CounterMetricFamily(f"{PREFIX}result_cache_misses", "Deterministic requests the result cache did not "
-                              "hold (with the cache on)", value=s.cache_misses)
-    yield GaugeMetricFamily(f"{PREFIX}result_cache_bytes", "Memory the result cache holds", value=s.cache_bytes)
-    yield GaugeMetricFamily(f"{PREFIX}jobs_unfinished", "Jobs queued or running", value=s.jobs_unfinished)
-    yield GaugeMetricFamily(f"{PREFIX}job_items_running", "Job items in flight", value=s.job_items_running)

@@ -3,7 +3,7 @@ from the model's config with random weights (through the same build as a real st
 the planned shape: `sequences` sequences of `tokens` tokens each, over `context` positions already cached.
 The result is the fastest of a few repeats after a warm-up, within a time bound (other work on the machine
 only ever adds time: the fastest run is the best estimate of this worker's own speed; a median followed
-another process's bursts); it runs on the compute thread (the servicer submits it there)."""
+another process's bursts); it runs on the compute thread (the shard lifecycle submits it there)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from shardline.metrics import PREFIX, MetricsServer
 
 
 class HeldShard(Protocol):
-    """What the worker holds, as metrics read it (shard_worker/servicer.py's _Shard)."""
+    """What the worker holds, as metrics read it (shard_worker/lifecycle.py's Shard)."""
 
     @property
     def spec(self) -> ShardSpec: ...
@@ -47,7 +47,7 @@ class HeldShard(Protocol):
 
 
 class Observed(Protocol):
-    """The worker as metrics read it at scrape time (the servicer; metrics never import it)."""
+    """The worker as metrics read it at scrape time (its ShardLifecycle; metrics never import it)."""
 
     @property
     def shard(self) -> HeldShard | None: ...
@@ -67,7 +67,7 @@ SUMMED = ("busy_s", "bubble_s", "steps", "tokens", "bytes_in", "bytes_out", "ses
 class WorkerMetrics:
     """Every metric of one worker, in a registry of its own (never the process-global one)."""
 
-    def __init__(self, servicer: Observed) -> None:
+    def __init__(self, worker: Observed) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         self.step_seconds = Histogram(f"{PREFIX}stage_step_duration_seconds", "Compute time of one step on this "
@@ -75,27 +75,27 @@ class WorkerMetrics:
                                       buckets=STEP_BUCKETS, registry=self.registry)
         self.retired: list[Metrics] = []  # the runtimes of shards this worker held before (see the module doc)
         self.server: MetricsServer | None = None
-        self.registry.register(StageCollector(servicer, self.retired))
+        self.registry.register(StageCollector(worker, self.retired))
 
     def retire(self, metrics: Metrics) -> None:
         """A runtime is being dropped (unload, or a new load): keep counting what it did. Call before the
-        servicer lets go of it, so that a scrape in between sees it once (the collector drops duplicates)."""
+        worker lets go of it, so that a scrape in between sees it once (the collector drops duplicates)."""
         self.retired.append(metrics)
 
 
 class StageCollector(Collector):
     """The worker's stage, read at scrape time (on the HTTP server's thread: plain reads, no lock)."""
 
-    def __init__(self, servicer: Observed, retired: list[Metrics]) -> None:
-        self.servicer, self.retired = servicer, retired
+    def __init__(self, worker: Observed, retired: list[Metrics]) -> None:
+        self.worker, self.retired = worker, retired
 
     def collect(self) -> Iterator[Metric]:
-        shard = self.servicer.shard  # first, then the retired list: a runtime moving between them is seen
+        shard = self.worker.shard  # first, then the retired list: a runtime moving between them is seen
         current = shard.runtime.metrics if shard is not None else None
         every = {id(m): m for m in [*self.retired, *([current] if current is not None else [])]}
         total = {name: sum(getattr(m, name) for m in every.values()) for name in SUMMED}
         yield from counters(total)
-        yield from gauges(self.servicer, shard)
+        yield from gauges(self.worker, shard)
 
 
 def counters(total: dict[str, float]) -> Iterator[Metric]:
@@ -119,14 +119,14 @@ def counters(total: dict[str, float]) -> Iterator[Metric]:
                   "prefix_evictions")
 
 
-def gauges(servicer: Observed, shard: HeldShard | None) -> Iterator[Metric]:
+def gauges(worker: Observed, shard: HeldShard | None) -> Iterator[Metric]:
     info = GaugeMetricFamily(f"{PREFIX}stage_info", "1, labelled with what this worker holds now (model and "
                              "layers [start_layer, end_layer)) and its state", labels=["model", "start_layer",
                                                                                          "end_layer", "state"])
     if shard is not None:
-        info.add_metric([shard.spec.model, str(shard.spec.start), str(shard.spec.end), servicer.state], 1)
+        info.add_metric([shard.spec.model, str(shard.spec.start), str(shard.spec.end), worker.state], 1)
     else:
-        info.add_metric(["", "", "", servicer.state], 1)
+        info.add_metric(["", "", "", worker.state], 1)
     yield info
 
     def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -146,4 +146,4 @@ def gauges(servicer: Observed, shard: HeldShard | None) -> Iterator[Metric]:
     yield gauge("stage_kv_cache_capacity_blocks", "KV blocks this stage can hold", total)
     yield gauge("stage_weight_bytes", "Bytes of the weights this stage holds", shard.weight_bytes if shard else 0)
     yield gauge("stage_memory_budget_bytes", "Memory this worker offers (weights + activations + KV cache)",
-                servicer.memory_budget_bytes)
+                worker.memory_budget_bytes)

@@ -1,18 +1,13 @@
-"""ShardWorker servicer: protobuf <-> domain types at the edge, nothing else. Compute runs on the compute
-thread, weight loading on a loader thread; the event loop only moves bytes."""
+"""ShardWorker servicer: protobuf <-> domain types at the edge, nothing else: requests become calls on the
+shard's lifecycle (shard_worker/lifecycle.py) and relay (shard_worker/relay.py), their results replies, and
+errors gRPC statuses. Compute runs on the compute thread, weight loading on a loader thread; the event loop
+only moves bytes."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import ctypes
-import functools
-import gc
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,27 +15,23 @@ import psutil
 from google.protobuf import message_factory
 
 from shard_worker import calibration
-from shard_worker.capacity import plan_runtime
-from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto, init_thread
-from shard_worker.library_failure import describe_library_failure
-from shard_worker.loader import load_stage
-from shard_worker.metrics import WorkerMetrics
+from shard_worker.device import COMPUTE_DTYPES, DeviceError, DeviceSettings, check_dtype, device_proto
+from shard_worker.lifecycle import Shard, ShardLifecycle
 from shard_worker.quantize import quantization_from_enum, quantization_to_enum
-from shard_worker.runtime import ComputeThread, KVSettings, Metrics, Slice, StageRuntime, Step, StepResult
+from shard_worker.relay import Relay
+from shard_worker.runtime import KVSettings, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
 from shard_worker.step_flow import Pending, StepFlow
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
-from shardline.errors import FailedPrecondition, Internal, InvalidArgument, ShardlineError, status_of
+from shardline.errors import InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
-from shardline.limits import default_memory_budget, is_host_port
-from shardline.stream import LinkSettings, StageStreams
+from shardline.limits import is_host_port
+from shardline.stream import LinkSettings
 from shardline.tensor_wire import Beside, Parsed, TensorParser, serialize
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from shardline.wire_dtype import wire_dtype_from_enum
-
-log = logging.getLogger(__name__)
 
 OUTPUTS = {worker_pb2.OUTPUT_KIND_UNSPECIFIED: "tokens", worker_pb2.OUTPUT_KIND_TOKENS: "tokens",
            worker_pb2.OUTPUT_KIND_LOGITS: "logits", worker_pb2.OUTPUT_KIND_LAST_LOGITS: "last_logits",
@@ -49,13 +40,6 @@ PHASES = {"manifest": worker_pb2.LOAD_PHASE_MANIFEST, "fetching": worker_pb2.LOA
           "building": worker_pb2.LOAD_PHASE_BUILDING, "ready": worker_pb2.LOAD_PHASE_READY}
 STATES = {"empty": worker_pb2.WORKER_STATE_EMPTY, "loading": worker_pb2.WORKER_STATE_LOADING,
           "ready": worker_pb2.WORKER_STATE_READY, "failed": worker_pb2.WORKER_STATE_FAILED}
-
-
-@dataclass
-class _Shard:
-    spec: ShardSpec
-    runtime: StageRuntime
-    weight_bytes: int
 
 
 def step_from_proto(req: worker_pb2.ForwardRequest, hidden_data: memoryview | None = None) -> Step:
@@ -87,6 +71,17 @@ def response_from_result(step_id: int, result: StepResult,
     response = worker_pb2.ForwardResponse(step_id=step_id, token_ids=result.token_ids or [],
                                           sequence_errors=[*failed, *sequence_errors(result.errors)])
     return Beside(response, RESPONSE_TENSOR, result.tensor)
+
+
+def onward_request(req: worker_pb2.ForwardRequest, result: StepResult,
+                   next_layer: int) -> worker_pb2.ForwardRequest:
+    """The step as the route's next stage gets it: the sequences that went through, the failures so far."""
+    kept = req.sequences if not result.errors else [req.sequences[i] for i in result.kept]
+    onward = worker_pb2.ForwardRequest(sequences=kept, start_layer=next_layer, route=req.route[1:],
+                                       output=req.output, failed=[*req.failed, *sequence_errors(result.errors)])
+    if result.scale is not None:  # int8 hidden states: their per-row scale
+        fill_tensor(onward.hidden_scale, result.scale)
+    return onward
 
 
 def kv_settings(request: worker_pb2.LoadShardRequest) -> KVSettings:
@@ -149,29 +144,28 @@ MAX_CALIBRATION_PAYLOAD = 64 * 2**20
 class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     def __init__(self, set_serving: Callable[[bool], Awaitable[None]], links: LinkSettings | None = None,
                  memory_budget_bytes: int = 0, device: DeviceSettings | None = None) -> None:
-        self._set_serving = set_serving
-        self.device = device or DeviceSettings()  # --device, --dtype, --engine (shard_worker/device.py)
-        self.memory_budget_bytes = memory_budget_bytes or default_memory_budget()
-        self.compute = ComputeThread(self.device.device)
-        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader",
-                                                             initializer=init_thread, initargs=(self.device.device,))
-        self.links = StageStreams(links)
-        self.identity = (links or LinkSettings()).identity
-        # the workers of the current plan (SetPeers): a route may name only these. None = never told: a
-        # worker of a cluster with an identity then refuses every route; one without (loopback development)
-        # accepts any
-        self.peers: frozenset[str] | None = None
-        self.state = "empty"
-        self.shard: _Shard | None = None
-        self.last_error = ""
-        self._loading = False
-        self._sweeper = asyncio.create_task(self._expire_sessions())
-        self.metrics = WorkerMetrics(self)  # served over HTTP when the worker is given a metrics port
+        links = links or LinkSettings()
+        self.lifecycle = ShardLifecycle(set_serving, device, memory_budget_bytes)
+        self.relay = Relay(self.lifecycle, links)
+        self.identity = links.identity
         self.forward_bound = FORWARD_OPEN_LIMIT  # requests open on one Forward stream at most (back-pressure)
+        # the worker's parts as the server, tests and benchmarks reach them
+        self.compute, self.metrics, self.links = self.lifecycle.compute, self.lifecycle.metrics, self.relay.links
+
+    @property
+    def shard(self) -> Shard | None:
+        return self.lifecycle.shard
 
     # -- LoadShard -------------------------------------------------------------------------------------
     @rpc_errors
     async def LoadShard(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.LoadShardProgress]:
+        spec, settings, wire_dtype = self._load_order(request)
+        async with contextlib.aclosing(self.lifecycle.load(spec, settings, wire_dtype)) as progress:
+            async for p in progress:
+                yield _progress_proto(p)
+
+    def _load_order(self, request: worker_pb2.LoadShardRequest) -> tuple[ShardSpec, KVSettings, str]:
+        """What a LoadShard asks for: the shard, its KV settings and its wire dtype; errors name the field."""
         if not request.model:
             raise InvalidArgument("model is empty")
         if not 0 <= request.start_layer < request.end_layer:
@@ -182,101 +176,19 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         asked = dtype_from_enum(request.dtype) if request.dtype else ""
         if asked and asked not in COMPUTE_DTYPES:
             raise InvalidArgument(f"dtype {asked} cannot be a compute dtype (float32, float16 or bfloat16)")
-        dtype = self.device.compute_dtype(asked)  # the worker's --dtype, when it has one, wins
+        device = self.lifecycle.device
+        dtype = device.compute_dtype(asked)  # the worker's --dtype, when it has one, wins
         try:
-            check_dtype(self.device.device, dtype, "dtype")
+            check_dtype(device.device, dtype, "dtype")
         except DeviceError as exc:
             raise InvalidArgument(str(exc)) from None
         wire_dtype = wire_dtype_from_enum(request.wire_dtype, dtype)
-        quantize = quantization_from_enum(request.quantize)
-        if self._loading:
-            raise FailedPrecondition("a LoadShard is already in progress on this worker")
         spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address,
-                         self.identity, quantize=quantize, device=str(self.device.device), engine=self.device.engine)
-        settings = kv_settings(request)
-        self._loading = True
-        if self.shard is not None:  # replaced: what it did stays counted
-            self.metrics.retire(self.shard.runtime.metrics)
-        self.state, self.shard, self.last_error = "loading", None, ""
-        await self._set_serving(False)
-        loop = asyncio.get_running_loop()
-        progress: asyncio.Queue[Progress] = asyncio.Queue()
-
-        def report(p: Progress) -> None:
-            loop.call_soon_threadsafe(progress.put_nowait, p)
-
-        budget = self.memory_budget_bytes
-
-        def load() -> tuple[StageRuntime, int]:
-            try:
-                stage, weight_bytes = load_stage(spec, report)
-                runtime = plan_runtime(stage, weight_bytes, budget, settings)
-            except Exception as exc:
-                inside = None if isinstance(exc, ShardlineError) else describe_library_failure(exc)
-                if inside is None:
-                    raise
-                log.error("LoadShard %s [%d, %d) failed inside a library", spec.model, spec.start, spec.end,
-                          exc_info=exc)
-                raise Internal(f"loading {spec.model} layers [{spec.start}, {spec.end}) failed inside {inside}") \
-                    from exc
-            runtime.wire_dtype = wire_dtype
-            return runtime, weight_bytes
-
-        # a loader thread of its own: a load waits on the parameter service, which may share this process's
-        # default executor (in tests, a local cluster) and must never starve behind the loads it serves
-        task: asyncio.Future[tuple[StageRuntime, int]] = loop.run_in_executor(self._loader, load)
-        try:
-            while not task.done() or not progress.empty():
-                getter = asyncio.ensure_future(progress.get())
-                pending: list[asyncio.Future[Any]] = [getter, task]
-                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield _progress_proto(getter.result())
-                else:
-                    getter.cancel()
-            runtime, weight_bytes = task.result()
-            runtime.on_step = self.metrics.step_seconds.observe
-            self.shard = _Shard(spec, runtime, weight_bytes)
-            self.state = "ready"
-            await self._set_serving(True)
-            log.info("loaded %s layers [%d, %d): %d bytes", spec.model, spec.start, spec.end, weight_bytes)
-            yield worker_pb2.LoadShardProgress(phase=worker_pb2.LOAD_PHASE_READY, bytes_done=weight_bytes,
-                                               bytes_total=weight_bytes)
-        except BaseException as exc:
-            self.state, self.shard = "failed", None
-            self.last_error = status_of(exc)[1] if isinstance(exc, Exception) else "load cancelled"
-            log.error("LoadShard %s [%d, %d) failed: %s", spec.model, spec.start, spec.end, self.last_error)
-            raise
-        finally:
-            if task.done():
-                self._loading = False
-            else:  # the caller went away mid-load: the loader thread runs on, and no other load may start
-                task.add_done_callback(lambda _: setattr(self, "_loading", False))
+                         self.identity, quantize=quantization_from_enum(request.quantize), device=str(device.device),
+                         engine=device.engine)
+        return spec, kv_settings(request), wire_dtype
 
     # -- Forward ---------------------------------------------------------------------------------------
-    def _runtime(self) -> StageRuntime:
-        if self.shard is None:
-            raise FailedPrecondition(f"no shard is loaded on this worker (state: {self.state})")
-        return self.shard.runtime
-
-    def _check_route(self, runtime: StageRuntime, req: worker_pb2.ForwardRequest, output: str) -> None:
-        stage = runtime.stage
-        if req.start_layer != stage.start:
-            raise InvalidArgument(f"start_layer {req.start_layer} does not match this worker, whose first layer "
-                                  f"is {stage.start}")
-        if req.route and stage.is_last:
-            raise InvalidArgument(f"route continues to {req.route[0]} past the last stage")
-        if not req.route and not stage.is_last and output != "hidden":
-            raise InvalidArgument(f"route is empty but layers [{stage.end}, ...) remain: output {output!r} "
-                                  "needs the route to reach the last stage")
-        if req.route and (self.peers is not None or self.identity.configured):
-            outside = [a for a in req.route if a not in (self.peers or ())]
-            if outside:
-                # FAILED_PRECONDITION: only the cluster can call Forward, so this stage's view of the plan is
-                # stale (a SetPeers it missed); the coordinator heals that like a stage that lost its state
-                raise FailedPrecondition(f"route names {outside[0]}, which is not a worker of the current plan "
-                                         f"({len(self.peers or ())} workers named by the coordinator)")
-
     async def Forward(self, request_iterator: Any, context: Any) -> AsyncIterator[Reply]:
         """Requests arrive as `Parsed` (FORWARD_PARSER, registered by `add_to_server`); replies go out as
         messages or `Beside`s (their tensor serialized beside them), in the order the requests came, except
@@ -290,24 +202,14 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     def _accept(self, item: Parsed[worker_pb2.ForwardRequest] | worker_pb2.ForwardRequest) -> Pending | Reply:
         received = time.monotonic()
         parsed = item if isinstance(item, Parsed) else Parsed(item)
-        req = parsed.message
+        req, hidden_data = parsed.message, parsed.data
         try:
-            return self._submit(req, parsed.data, received)
+            step = step_from_proto(req, hidden_data)
+            size = req.ByteSize() + (len(hidden_data) if hidden_data is not None else 0)
+            queued = self.relay.submit(step, req.start_layer, req.route, size)
         except Exception as exc:  # noqa: BLE001 - answered on the stream, which goes on
             return error_response(req.step_id, exc)
-
-    def _submit(self, req: worker_pb2.ForwardRequest, hidden_data: memoryview | None = None,
-                received: float = 0.0) -> Pending:
-        """Queue one step on the compute thread. The runtime is held only by the queued step, never by a
-        stream waiting for its next message, so an UnloadShard frees it while streams stay open."""
-        step = step_from_proto(req, hidden_data)
-        runtime = self._runtime()
-        self._check_route(runtime, req, step.output)
-        metrics = runtime.metrics
-        metrics.bytes_in += req.ByteSize() + (len(hidden_data) if hidden_data is not None else 0)
-        metrics.queued += 1
-        future = self.compute.submit(functools.partial(runtime.step, step))
-        return Pending(future, functools.partial(_dequeued, metrics, None), (req, received, runtime.stage.end))
+        return Pending(queued.result, queued.settle, (req, received, queued.next_layer))
 
     def _answer(self, pending: Pending) -> Reply | Coroutine[Any, Any, Reply]:
         """A finished step's reply: the result, an error, or (a route going on) the next stage's reply."""
@@ -320,62 +222,35 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             self._trace(req, received)
         if not req.route or not result.kept:  # the end of the route, or nothing left to pass on
             response = response_from_result(req.step_id, result, list(req.failed))
-            self._count_out(response.nbytes)
+            self.relay.count_out(response.nbytes)
             return response
         if result.tensor is None:
             return error_response(req.step_id, RuntimeError("no hidden states to pass on"))
-        self._count_out(len(result.tensor.data))
-        kept = req.sequences if not result.errors else [req.sequences[i] for i in result.kept]
-        onward = worker_pb2.ForwardRequest(sequences=kept, start_layer=next_layer, route=req.route[1:],
-                                           output=req.output, failed=[*req.failed, *sequence_errors(result.errors)])
-        if result.scale is not None:  # int8 hidden states: their per-row scale
-            fill_tensor(onward.hidden_scale, result.scale)
-        # what is left of the step's deadline goes on with it
-        left = req.timeout_ms / 1000 - (time.monotonic() - received) if req.timeout_ms else None
-        reply = self.links.get(req.route[0]).step(onward, result.tensor, None if left is None else max(0.001, left))
+        reply = self.relay.pass_on(req.route[0], onward_request(req, result, next_layer), result.tensor,
+                                   req.timeout_ms, received)
         return _relayed(req.step_id, reply)
 
     def _trace(self, req: worker_pb2.ForwardRequest, received: float) -> None:
         """A span per traced request of this step: this stage's part of it, from receipt (its wait in the
         compute queue included) to its result."""
-        if self.shard is None:
+        shard = self.lifecycle.shard
+        if shard is None:
             return
-        stage = self.shard.runtime.stage
+        stage = shard.runtime.stage
         now = time.time_ns()
         tracing.step_spans(f"stage [{stage.start}, {stage.end})", (s.traceparent for s in req.sequences),
                            now - int((time.monotonic() - received) * 1e9), now, step_id=req.step_id,
                            step_tokens=sum(s.num_tokens for s in req.sequences), sequences=len(req.sequences),
                            layers=f"[{stage.start}, {stage.end})")
 
-    def _count_out(self, n: int) -> None:
-        if self.shard is not None:
-            self.shard.runtime.metrics.bytes_out += n
-
     # -- UnloadShard -----------------------------------------------------------------------------------
     @rpc_errors
     async def UnloadShard(self, request: Any, context: Any) -> worker_pb2.UnloadShardResponse:
-        if self._loading:
-            raise FailedPrecondition("a LoadShard is in progress on this worker: unload once it has ended")
-        shard = self.shard
-        if shard is None:  # nothing held: unloading twice is harmless
+        unloaded = await self.lifecycle.unload(request.model, self.relay.forget_peers)
+        if unloaded is None:
             return worker_pb2.UnloadShardResponse()
-        spec, runtime, weight_bytes = shard.spec, shard.runtime, shard.weight_bytes
-        if request.model and request.model != spec.model:
-            raise FailedPrecondition(f"this worker holds model {spec.model!r} (layers [{spec.start}, {spec.end})), "
-                                     f"not {request.model[:128]!r}: nothing was unloaded")
-        # from here on no new step reaches the old runtime (Forward finds no shard) and no route is accepted
-        # until the coordinator names the peers again
-        del shard
-        self.metrics.retire(runtime.metrics)  # what it did stays counted
-        self.shard, self.state, self.peers, self.last_error = None, "empty", None, ""
-        await self._set_serving(False)
-        # on the compute thread, after the steps already queued there (they finish on the old runtime)
-        ended = await asyncio.wrap_future(self.compute.submit(runtime.close))
-        del runtime
-        await asyncio.to_thread(release_memory)
-        log.info("unloaded %s layers [%d, %d): %d weight bytes, %d sessions ended", spec.model, spec.start,
-                 spec.end, weight_bytes, ended)
-        return worker_pb2.UnloadShardResponse(freed_weight_bytes=weight_bytes, sessions_ended=ended)
+        freed, ended = unloaded
+        return worker_pb2.UnloadShardResponse(freed_weight_bytes=freed, sessions_ended=ended)
 
     # -- Calibrate --------------------------------------------------------------------------------------
     @rpc_errors
@@ -384,41 +259,17 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             raise InvalidArgument(f"payload has {len(request.payload)} bytes; at most {MAX_CALIBRATION_PAYLOAD}")
         if not request.family:  # a link probe: the echo alone
             return worker_pb2.CalibrateResponse(payload=request.payload)
-        if self.shard is not None:  # its steps would wait behind the timing, and its memory is in use
-            s = self.shard.spec
-            raise FailedPrecondition(f"this worker serves {s.model} layers [{s.start}, {s.end}): only a worker "
-                                     f"holding no shard calibrates (timing would stall its steps)")
-        spec = calibration_spec(request, self.device.dtype)
-        device, budget = self.device.device, self.memory_budget_bytes
-
-        def checked_and_timed() -> calibration.Calibrated:
-            try:
-                check_dtype(device, spec.dtype, "dtype")
-            except DeviceError as exc:
-                raise InvalidArgument(str(exc)) from None
-            family, config = calibration.check(spec, budget)  # parses the config and builds it on meta
-            return calibration.calibrate(spec, family, config, device)
-
-        # on the compute thread (its checks too: a dtype probe, a config of up to 1M characters), never the
-        # event loop; bounded by max_ms
-        done = await asyncio.wait_for(asyncio.wrap_future(self.compute.submit(checked_and_timed)),
-                                      timeout=spec.max_s * 2 + 30)
-        log.info("calibrated %s at %s, %d x %d tokens: %.2f ms per layer (%d threads)", spec.family, spec.dtype,
-                 spec.sequences, spec.tokens, done.seconds_per_layer * 1000, done.threads)
+        done = await self.lifecycle.calibrate(calibration_spec(request, self.lifecycle.device.dtype))
         return worker_pb2.CalibrateResponse(seconds_per_layer=done.seconds_per_layer, repeats=done.repeats,
                                             activation_bytes_per_token=done.activation_bytes_per_token,
                                             threads=done.threads, payload=request.payload)
 
-    # -- EndSession / GetStatus ------------------------------------------------------------------------
+    # -- EndSession / SetPeers / GetStatus -------------------------------------------------------------
     @rpc_errors
     async def EndSession(self, request: Any, context: Any) -> worker_pb2.EndSessionResponse:
         if any(not sid for sid in request.session_ids):
             raise InvalidArgument("session_ids holds an empty id")
-        if self.shard is None:
-            return worker_pb2.EndSessionResponse(ended=0)
-        runtime, ids = self.shard.runtime, list(request.session_ids)
-        ended = await asyncio.wrap_future(self.compute.submit(lambda: runtime.end_sessions(ids)))
-        return worker_pb2.EndSessionResponse(ended=ended)
+        return worker_pb2.EndSessionResponse(ended=await self.lifecycle.end_sessions(list(request.session_ids)))
 
     @rpc_errors
     async def SetPeers(self, request: Any, context: Any) -> worker_pb2.SetPeersResponse:
@@ -428,64 +279,28 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         for a in addresses:
             if not is_host_port(a):
                 raise InvalidArgument(f"peer {a[:64]!r} is not HOST:PORT")
-        self.peers = frozenset(addresses)
-        log.info("the plan's workers: %s", ", ".join(sorted(self.peers)) or "none")
+        self.relay.set_peers(frozenset(addresses))
         return worker_pb2.SetPeersResponse()
 
     @rpc_errors
     async def GetStatus(self, request: Any, context: Any) -> worker_pb2.GetStatusResponse:
         rss = psutil.Process().memory_info().rss
-        shard = self.shard
+        held = self.lifecycle
+        shard = held.shard
         if shard is None:
-            return worker_pb2.GetStatusResponse(state=STATES[self.state], rss_bytes=rss, last_error=self.last_error,
-                                                device=device_proto(self.device, self.device.dtype))
+            return worker_pb2.GetStatusResponse(state=STATES[held.state], rss_bytes=rss, last_error=held.last_error,
+                                                device=device_proto(held.device, held.device.dtype))
         runtime = shard.runtime
-        return worker_pb2.GetStatusResponse(device=device_proto(self.device, shard.spec.dtype),
-            state=STATES[self.state], model=shard.spec.model, start_layer=shard.spec.start,
+        return worker_pb2.GetStatusResponse(device=device_proto(held.device, shard.spec.dtype),
+            state=STATES[held.state], model=shard.spec.model, start_layer=shard.spec.start,
             end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(runtime.sessions),
             kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,
             has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime),
             wire_dtype=dtype_to_enum(runtime.wire_dtype), quantize=quantization_to_enum(shard.spec.quantize))
 
-    async def _expire_sessions(self) -> None:
-        """Supervised: sessions abandoned without EndSession are freed once their TTL has passed."""
-        while True:
-            # no reference to the shard across the sleep: an UnloadShard meanwhile frees it at once
-            await asyncio.sleep(self._sweep_interval())
-            await self._sweep()
-
-    def _sweep_interval(self) -> float:
-        shard = self.shard
-        return max(0.05, min(5.0, shard.runtime.settings.session_ttl_s / 4) if shard is not None else 5.0)
-
-    async def _sweep(self) -> None:
-        shard = self.shard
-        if shard is None:
-            return
-        try:
-            freed = await asyncio.wrap_future(self.compute.submit(shard.runtime.expire))
-            if freed:
-                log.info("freed %d sessions idle for more than %.0f s", freed, shard.runtime.settings.session_ttl_s)
-        except Exception:  # noqa: BLE001 - logged; the sweep goes on
-            log.exception("expiring idle sessions failed once")
-
     async def close(self) -> None:
-        if self.metrics.server is not None:
-            await self.metrics.server.close()
-        self._sweeper.cancel()
-        await self.links.close()
-        self.compute.shutdown()
-        self._loader.shutdown(wait=False, cancel_futures=True)
-
-
-def release_memory() -> None:
-    """Collect what an unload left unreachable and hand the freed heap back to the OS, so the process's RSS
-    drops (glibc keeps freed pages of its arenas otherwise; elsewhere only the collection runs)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+        await self.relay.close()
+        await self.lifecycle.close()
 
 
 def _progress_proto(p: Progress) -> worker_pb2.LoadShardProgress:
@@ -512,10 +327,6 @@ def _kv_proto(runtime: StageRuntime) -> worker_pb2.KVCapacity:
         capacity_bytes=pool.blocks_total * layout.block_bytes, headroom_bytes=runtime.headroom_bytes,
         memory_budget_bytes=runtime.budget_bytes, sessions_expired=runtime.metrics.sessions_expired,
         max_step_tokens=runtime.settings.max_step_tokens)
-
-
-def _dequeued(metrics: Metrics, _: object) -> None:
-    metrics.queued -= 1
 
 
 async def _relayed(step_id: int, reply: Awaitable[worker_pb2.ForwardResponse]) -> worker_pb2.ForwardResponse:

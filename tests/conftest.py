@@ -84,7 +84,7 @@ def node_client() -> Path:
 
 
 class _IllegalMoves:
-    """Collects the ERROR lines coordinator/fleet/states.py writes for a move its tables do not allow."""
+    """Collects the ERROR lines coordinator/transitions.py writes for a move a state table does not allow."""
 
     def __init__(self) -> None:
         import logging
@@ -93,7 +93,7 @@ class _IllegalMoves:
         self.checked = 0
         handler = logging.Handler(logging.ERROR)
         handler.emit = lambda record: self.lines.append(record.getMessage())  # type: ignore[method-assign]
-        logging.getLogger("coordinator.fleet.states").addHandler(handler)
+        logging.getLogger("coordinator.transitions").addHandler(handler)
 
     def unchecked(self) -> list[str]:
         new, self.checked = self.lines[self.checked:], len(self.lines)
@@ -105,9 +105,9 @@ _ILLEGAL = _IllegalMoves()
 
 @pytest.fixture(autouse=True)
 def no_illegal_state_moves() -> Iterator[None]:
-    """Every test fails on a worker or replica state move that fleet/states.py does not allow, made in this
+    """Every test fails on a worker, replica or stream state move that its table does not allow, made in this
     process since the last test ended (its own, or its fixtures' set-up; the coordinator logs such moves as
     ERROR in production and carries on)."""
     yield
     moves = _ILLEGAL.unchecked()
-    assert not moves, f"state moves outside coordinator/fleet/states.py's tables: {moves}"
+    assert not moves, f"state moves outside their tables: {moves}"

@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from coordinator.fleet.deployments import NAME_PATTERN, DeploymentSpec, split_name
+from coordinator.config import NAME_PATTERN, DeploymentSpec, split_name
 from coordinator.fleet.timed_planner import StageExplanation
 from shardline.errors import InvalidArgument, grpc_errors
 from shardline.v1 import coordinator_pb2
 
 if TYPE_CHECKING:
-    from coordinator.fleet.fleet import Deployment, Fleet
+    from coordinator.fleet.deployments import Deployment
+    from coordinator.fleet.fleet import Fleet
 
 MAX_GRACE_MS = 3_600_000
 

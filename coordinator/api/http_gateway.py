@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from coordinator.api.http_server import Https, ServedApp, serve_app
+from coordinator.api.http_keys import Judge, bearer_key, keys_first
 from coordinator.api.openai_errors import ApiError, from_shardline, internal
 from coordinator.api.openai_requests import (
     EMBEDDING_NAMES,
@@ -47,15 +47,13 @@ from coordinator.api.openai_requests import (
 from coordinator.api.openai_responses import Answer, embeddings, model_entry, model_id, models
 from coordinator.serving.request_log import REQUEST_ID_KEY, check_request_id
 from shardline import tracing
-from shardline.auth import MAX_CREDENTIAL_BYTES
 from shardline.client import DEFAULT_TIMEOUT_S, AsyncClient, GenerateChunk
-from shardline.errors import InvalidArgument, ShardlineError, Unauthenticated
-from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, is_loopback
-from shardline.server import check_exposure
-from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, ClientTLS
+from shardline.errors import InvalidArgument, ShardlineError
+from shardline.limits import DEFAULT_MAX_REQUEST_BYTES
+from shardline.tls import ClientTLS
 
 if TYPE_CHECKING:
-    from coordinator.config import CoordinatorConfig
+    pass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,6 +77,8 @@ class GatewaySettings:
     body_timeout_s: float = 30.0                  # a request body arrives within this
     max_connections: int = 1000                   # more at once are answered 503 by uvicorn
     grace_s: float = 1.0                          # at stop, responses in flight get this long
+    api_keys: Path | None = None                  # judge callers' keys by this file before reading a body ...
+    judge_remotely: bool = False                  # ... or by asking the coordinator (http_keys.py)
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -102,19 +102,11 @@ class Routes:
         self.client, self.settings, self.on_first = client, settings, on_first
 
     def client_for(self, request: Request) -> AsyncClient:
-        """The SDK client carrying the caller's key (checked for form only: the coordinator judges it), request
+        """The SDK client carrying the caller's key (checked for form here; the coordinator judges it), request
         id and trace context."""
-        header, passed = request.headers.get("authorization"), forwarded(request)
-        if header is None:
+        key, passed = bearer_key(request.headers.raw), forwarded(request)
+        if key is None:
             return self.client.with_api_key(None, passed) if passed else self.client
-        scheme, _, key = header.strip().partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "the Authorization header must be 'Bearer <key>'", "authentication_error",
-                           code="invalid_api_key")
-        if len(key) > MAX_CREDENTIAL_BYTES or not key.isascii() or any(c.isspace() for c in key):
-            raise ApiError(401, "the API key is malformed (one word of ASCII characters)", "authentication_error",
-                           code="invalid_api_key")
         return self.client.with_api_key(key, passed)
 
     async def read_json(self, request: Request) -> dict[str, Any]:
@@ -313,131 +305,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json(ApiError(status, message).body(), status)
 
 
-def build_app(client: AsyncClient, settings: GatewaySettings, on_first: Callable[[str], None] | None = None
-              ) -> Any:
-    """The gateway's ASGI app."""
+def build_app(client: AsyncClient, settings: GatewaySettings, on_first: Callable[[str], None] | None = None,
+              judge: Judge | None = None) -> Any:
+    """The gateway's ASGI app; with a `judge`, a caller's key is judged before anything else (http_keys.py)."""
     routes = Routes(client, settings, on_first)
-    return echo_request_id(Starlette(routes=[
+    app = Starlette(routes=[
         Route("/v1/models", answering(routes.list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", answering(routes.get_model), methods=["GET"]),
         Route("/v1/completions", answering(routes.completions), methods=["POST"]),
         Route("/v1/chat/completions", answering(routes.chat_completions), methods=["POST"]),
         Route("/v1/embeddings", answering(routes.embeddings), methods=["POST"]),
-    ], exception_handlers={HTTPException: _http_error}))
-
-
-class Gateway:
-    """A running gateway: the app served (ServedApp: uvicorn, supervised) and its SDK client."""
-
-    def __init__(self, settings: GatewaySettings, client: AsyncClient, served: ServedApp) -> None:
-        self.settings, self.client, self.served = settings, client, served
-
-    @property
-    def host(self) -> str:
-        return self.served.host
-
-    @property
-    def port(self) -> int:
-        return self.served.port
-
-    @property
-    def url(self) -> str:
-        return f"{self.served.scheme}://{self.served.address}/v1"
-
-    async def stop(self) -> None:
-        """Stop taking requests, give those in flight `grace_s`, free the port, close the channel."""
-        try:
-            await self.served.stop()
-        finally:
-            await self.client.close()
-
-
-async def start_gateway(settings: GatewaySettings, on_first: Callable[[str], None] | None = None) -> Gateway:
-    """Listen on settings.host:port and serve; the coordinator need not answer yet (calls until it does get
-    503)."""
-    if (settings.https_cert is None) != (settings.https_key is None):
-        raise ValueError("HTTPS needs a certificate and its key, or neither")
-    client = AsyncClient(settings.target, timeout=settings.timeout_s, tls=settings.tls)
-    https = Https(settings.https_cert, settings.https_key, settings.https_client_ca) \
-        if settings.https_cert is not None and settings.https_key is not None else None
-    try:
-        served = serve_app(build_app(client, settings, on_first), settings.host, settings.port, https,
-                           settings.max_connections, settings.grace_s)
-    except BaseException:
-        await client.close()
-        raise
-    gateway = Gateway(settings, client, served)
-    log.info("HTTP gateway listening on %s, a client of the coordinator at %s", gateway.url, settings.target)
-    return gateway
-
-
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1", "": "127.0.0.1"}
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def settings_beside(config: CoordinatorConfig, port: int) -> GatewaySettings:
-    """The gateway started with a coordinator (its gRPC port `port`): on the coordinator's host, under the same
-    exposure rule; it dials the coordinator on that host (a wildcard bind: on `advertise`, else loopback).
-    With the cluster's certificates it serves HTTPS with the node certificate, and reaches the coordinator
-    with it too (so that `client_certs = "required"` admits it); client certificates required on the gRPC
-    port are required on HTTPS as well."""
-    tls = config.certs_dir is not None
-    authenticated = config.api_keys is not None or config.client_certs == "required"
-    check_exposure(config.host, tls, authenticated, config.insecure, "HTTP gateway")
-    dial = (config.advertise or WILDCARDS[config.host]) if config.host in WILDCARDS else config.host
-    settings = GatewaySettings(host_port(dial, port), config.host, config.http_port,
-                               max_body_bytes=config.max_http_body_bytes)
-    if config.certs_dir is None:
-        return settings
-    d = config.certs_dir
-    return GatewaySettings(settings.target, config.host, config.http_port, ClientTLS(d / CA_CERT, d / NODE_CERT,
-                           d / NODE_KEY), d / NODE_CERT, d / NODE_KEY,
-                           d / CA_CERT if config.client_certs == "required" else None, config.max_http_body_bytes)
-
-
-async def start_beside(config: CoordinatorConfig, port: int) -> Gateway | None:
-    """The gateway of `coordinator serve` / `launch` (None with http off); OSError or ValueError if it cannot
-    start (the port taken, the exposure rule)."""
-    if not config.http:
-        return None
-    return await start_gateway(settings_beside(config, port))
-
-
-async def exposure_checked(settings: GatewaySettings, insecure: bool) -> None:
-    """The exposure rule for a gateway alone: on an address other machines reach, it needs HTTPS and a
-    coordinator that authenticates callers (asked: is ListModels without a key refused?), unless `insecure`
-    (then it warns). Whatever it listens on, it passes callers' API keys on, so it reaches a coordinator on
-    another machine only over TLS (--certs-dir), unless `insecure`. ValueError saying what is missing."""
-    target_host = settings.target.rpartition(":")[0].strip("[]")
-    if settings.tls is None and not is_loopback(target_host):
-        if not insecure:
-            raise ValueError(f"refusing to pass API keys to the coordinator at {settings.target} in plaintext: "
-                             "give --certs-dir (TLS to the coordinator), or pass --insecure to accept the risk")
-        log.warning("INSECURE: callers' API keys go to the coordinator at %s without TLS", settings.target)
-    if is_loopback(settings.host):
-        return
-    https = settings.https_cert is not None
-    authenticated = https and await _coordinator_wants_keys(settings)
-    if https and authenticated:
-        return
-    missing = " and ".join(m for m, ok in (("HTTPS (--tls-cert, --tls-key)", https),
-                                          ("a coordinator that requires API keys", authenticated)) if not ok)
-    if not insecure:
-        raise ValueError(f"refusing to serve the HTTP API on {settings.host}, which other machines can reach, "
-                         f"without {missing}; pass --insecure to accept the risk")
-    log.warning("INSECURE: the HTTP API serves on %s without %s; anyone who can reach it can use it",
-                settings.host, missing)
-
-
-async def _coordinator_wants_keys(settings: GatewaySettings) -> bool:
-    async with AsyncClient(settings.target, timeout=10, tls=settings.tls) as client:
-        try:
-            await client.list_models()
-        except Unauthenticated as exc:
-            return "TLS handshake failed" not in exc.message
-        except ShardlineError:
-            return False
-    return False
+    ], exception_handlers={HTTPException: _http_error})
+    return echo_request_id(keys_first(app, judge) if judge is not None else app)

@@ -1,6 +1,7 @@
-"""An ASGI app served by uvicorn inside this process's event loop (the HTTP gateway beside the coordinator, or
-alone): on a socket bound to exactly the host it is told, under a supervisor that serves it again if uvicorn
-ends on its own, stopped by its owner (never by uvicorn's own signal handling), freeing its port."""
+"""An ASGI app served by uvicorn in an event loop (the HTTP gateway: on a thread and loop of its own beside the
+coordinator, `LoopThread`, or alone): on a socket bound to exactly the host it is told, under a supervisor that
+serves it again if uvicorn ends on its own, stopped by its owner (never by uvicorn's own signal handling),
+freeing its port."""
 
 from __future__ import annotations
 
@@ -9,15 +10,53 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 
 log = logging.getLogger(__name__)
 RESTARTS = 5  # uvicorn ending on its own this many times: the supervisor gives up (and says so)
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running on a daemon thread of its own. `run` runs a coroutine there and waits for it,
+    with a deadline, from another loop; `close` stops the loop (what still runs on it is cancelled) and
+    joins the thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+
+    async def run(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(work, self.loop)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        await asyncio.to_thread(self.thread.join, timeout_s)
+        if self.thread.is_alive():
+            log.warning("the %s thread did not end within %g s", self.thread.name, timeout_s)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
+from coordinator.fleet.requests import plan_generation, plan_infer
 from coordinator.jobs.store import JobRow, NewItem
-from coordinator.serving.inference import plan_generation, plan_infer, request_from_proto
+from coordinator.wire import embed_request, generation_request
 from shardline.auth import bearer
 from shardline.errors import InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable, grpc_errors
 from shardline.v1 import coordinator_pb2
@@ -54,14 +55,14 @@ async def checked_item(fleet: Fleet, default_model: str, item: Any, where: str) 
         if kind == "generate":
             g = stored.generate
             g.model = g.model or default_model
-            deployment, plan = await plan_generation(fleet, request_from_proto(g))
+            deployment, plan = await plan_generation(fleet, generation_request(g))
             if plan.sampling.temperature != 0 and not g.HasField("seed"):
                 g.seed, seeded_here = random.getrandbits(63), True
             g.model = deployment.key
         else:
             r = stored.infer
             r.model = r.model or default_model
-            deployment = (await plan_infer(fleet, r, serving=False)).deployment
+            deployment = (await plan_infer(fleet, embed_request(r), serving=False)).deployment
             r.model = deployment.key
     except (Unavailable, ResourceExhausted) as exc:  # the cluster's state now: the job may be sent again
         raise type(exc)(f"{where}: {exc.message}") from None

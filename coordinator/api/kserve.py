@@ -2,7 +2,7 @@
 `inference.GRPCInferenceService` (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer, and Triton's ModelStreamInfer), so that `tritonclient.grpc` and other KServe v2 clients work
 unchanged. A thin edge, like coordinator/api/servicer.py: it turns tensors into the native GenerateRequest or
-InferRequest and runs them through the same core (coordinator/serving/inference.py: `generate` and `infer`), so every
+InferRequest and runs them through the same core (coordinator/fleet/requests.py: `generate` and `infer`), so every
 check and limit of the native API applies, with the same messages.
 
 Models are named as in shardline: `name` (its default version) or `name@version`; a request's model_version,
@@ -64,11 +64,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -76,13 +74,26 @@ import grpc
 import numpy as np
 
 import shardline
+from coordinator.api.kserve_inputs import (
+    EMBED_INPUTS,
+    EMBEDDINGS,
+    GENERATE_INPUTS,
+    TEXT_OUTPUT,
+    bool_parameter,
+    check_outputs,
+    generate_request,
+    infer_request,
+    read_inputs,
+    requested_model,
+)
 from coordinator.api.servicer import CoordinatorServicer
-from coordinator.serving.generation import MAX_MODEL_NAME_CHARS, Piece, shown
-from coordinator.serving.inference import generate, infer, request_from_proto
+from coordinator.fleet.requests import generate, infer
+from coordinator.serving.embedding import EmbedRequest
+from coordinator.serving.generation import GenerationRequest, Piece
 from coordinator.serving.request_log import MAX_REQUEST_ID_CHARS, request_id_of
+from coordinator.store.models import ModelTask
 from shardline import tracing
 from shardline.errors import (
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
     ShardlineError,
@@ -91,273 +102,13 @@ from shardline.errors import (
     status_of,
 )
 from shardline.kserve import grpc_predict_v2_pb2 as pb
-from shardline.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"  # the specification's name: the methods' paths use it
 EXTENSIONS = ["parameters"]  # request and response parameters; no shared memory, no model repository
-MAX_SAMPLING_JSON_BYTES = 64 * 1024
 STREAM_BUFFER = 64  # responses of one ModelStreamInfer waiting for the client to read them
 UNKNOWN_MODEL = "Request for unknown model: "
-
-
-@dataclass(frozen=True)
-class Spec:
-    """An input: its datatypes (the first is the one metadata shows), its shape in metadata, and
-    the shapes taken: `one` ([1] or [1, 1]), `list` ([n] or [1, n]) or `batch` ([n] or [n, 1])."""
-
-    datatypes: tuple[str, ...]
-    shape: tuple[int, ...]
-    form: str = "one"
-
-
-GENERATE_INPUTS: dict[str, Spec] = {
-    "text_input": Spec(("BYTES",), (1,)),
-    "max_tokens": Spec(("INT32",), (1,)),
-    "min_tokens": Spec(("INT32",), (1,)),
-    "temperature": Spec(("FP32",), (1,)),
-    "top_p": Spec(("FP32",), (1,)),
-    "top_k": Spec(("INT32",), (1,)),
-    "seed": Spec(("UINT64", "INT64"), (1,)),
-    "stop": Spec(("BYTES",), (-1,), "list"),
-    "ignore_eos": Spec(("BOOL",), (1,)),
-    "stream": Spec(("BOOL",), (1,)),
-    "sampling_parameters": Spec(("BYTES",), (1,)),
-}
-EMBED_INPUTS: dict[str, Spec] = {
-    "text_input": Spec(("BYTES",), (-1,), "batch"),
-    "normalize": Spec(("BOOL",), (1,)),
-    "pooling": Spec(("BYTES",), (1,)),
-    "truncate": Spec(("BOOL",), (1,)),
-}
-TEXT_OUTPUT, EMBEDDINGS = "text_output", "embeddings"
-POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}
-
-# how the values of each datatype travel: their contents field, and a raw item (BYTES: length-prefixed)
-CONTENTS = {"BYTES": "bytes_contents", "BOOL": "bool_contents", "INT32": "int_contents",
-            "INT64": "int64_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents"}
-RAW: dict[str, np.dtype[Any]] = {"BOOL": np.dtype("u1"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
-                                 "UINT64": np.dtype("<u8"), "FP32": np.dtype("<f4")}
-
-# sampling fields: the input or JSON key, and the GenerateRequest field's kind (for messages and JSON types)
-SAMPLING = {"max_tokens": "int32", "min_tokens": "int32", "temperature": "float", "top_p": "float",
-            "top_k": "int32", "seed": "uint64", "stop": "strings", "ignore_eos": "bool"}
-
-
-# ---- tensors in ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    values: list[Any]
-
-    def texts(self) -> list[str]:
-        out = []
-        for i, value in enumerate(self.values):
-            try:
-                out.append(value.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise InvalidArgument(f"input {self.name!r}: element {i} is not valid UTF-8") from None
-        return out
-
-
-def shape_text(shape: Any) -> str:
-    dims = [str(d) for d in list(shape)[:4]]
-    return "[" + ", ".join(dims) + (", ..." if len(shape) > 4 else "") + "]"
-
-
-def element_count(name: str, shape: tuple[int, ...], spec: Spec, model: str) -> int:
-    """The elements an input's shape holds, if it is one the input takes."""
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"input {name!r} has shape {shape_text(shape)}: a dimension is negative")
-    taken = {"one": ("[1] (or [1, 1], a batch of one)", len(shape) in (1, 2) and all(d == 1 for d in shape)),
-             "list": ("[-1] (or [1, -1])", len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)),
-             "batch": ("[-1] (or [-1, 1])", len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))}
-    expected, ok = taken[spec.form]
-    if not ok:
-        raise InvalidArgument(f"input {name!r} has shape {shape_text(shape)}; model {model!r} takes it with "
-                              f"shape {expected}")
-    return math.prod(shape)
-
-
-def raw_values(name: str, datatype: str, data: bytes, count: int) -> list[Any]:
-    """Values from raw contents, checked against the count the shape gives; never read past the end."""
-    if datatype == "BYTES":
-        values: list[Any] = []
-        view, pos, end = memoryview(data), 0, len(data)
-        while pos < end:
-            if len(values) == count:
-                raise InvalidArgument(f"input {name!r}: raw contents hold more than the {count} elements its shape "
-                                      "says")
-            if end - pos < 4:
-                raise InvalidArgument(f"input {name!r}: raw contents end inside the 4-byte length of element "
-                                      f"{len(values)}")
-            size = int.from_bytes(view[pos:pos + 4], "little")
-            pos += 4
-            if size > end - pos:
-                raise InvalidArgument(f"input {name!r}: element {len(values)} declares {size} bytes and "
-                                      f"{end - pos} remain")
-            values.append(bytes(view[pos:pos + size]))
-            pos += size
-        if len(values) != count:
-            raise InvalidArgument(f"input {name!r}: raw contents hold {len(values)} elements; its shape says "
-                                  f"{count}")
-        return values
-    dtype = RAW[datatype]
-    if len(data) != count * dtype.itemsize:
-        raise InvalidArgument(f"input {name!r}: raw contents are {len(data)} bytes; {count} {datatype} "
-                              f"elements are {count * dtype.itemsize}")
-    array = np.frombuffer(data, dtype)
-    return [bool(v) for v in array] if datatype == "BOOL" else array.tolist()
-
-
-def read_inputs(request: Any, specs: Mapping[str, Spec], model: str) -> dict[str, Tensor]:
-    """The request's inputs, each checked against the model's: name, datatype, shape, contents."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"raw_input_contents holds {len(raw)} entries for {len(request.inputs)} inputs: "
-                              "send one per input, in the order of inputs")
-    out: dict[str, Tensor] = {}
-    for i, t in enumerate(request.inputs):
-        name = t.name
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidArgument(f"unexpected input {shown(name)} for model {model!r}; its inputs: "
-                                  f"{', '.join(specs)}")
-        if name in out:
-            raise InvalidArgument(f"input {name!r} is given twice")
-        if "shared_memory_region" in t.parameters:
-            raise InvalidArgument(f"input {name!r} is in a shared-memory region; this server takes inputs in "
-                                  "the request only")
-        if t.datatype not in spec.datatypes:
-            raise InvalidArgument(f"input {name!r} has datatype {shown(t.datatype)}; model {model!r} expects "
-                                  f"{' or '.join(spec.datatypes)}")
-        shape = tuple(t.shape)
-        count = element_count(name, shape, spec, model)
-        if raw:
-            if t.HasField("contents") and t.contents.ByteSize():
-                raise InvalidArgument(f"input {name!r} has contents, and the request has raw_input_contents: "
-                                      "send every input one way")
-            values = raw_values(name, t.datatype, raw[i], count)
-        else:
-            field = CONTENTS[t.datatype]
-            values = list(getattr(t.contents, field))
-            if len(values) != count:
-                raise InvalidArgument(f"input {name!r} holds {len(values)} values in contents.{field}; its shape "
-                                      f"{shape_text(shape)} says {count}")
-        out[name] = Tensor(name, t.datatype, shape, values)
-    return out
-
-
-def check_outputs(request: Any, names: tuple[str, ...], model: str) -> None:
-    for output in request.outputs:
-        if output.name not in names:
-            raise InvalidArgument(f"unexpected output {shown(output.name)} for model {model!r}; its outputs: "
-                                  f"{', '.join(names)}")
-
-
-def bool_parameter(parameters: Any, key: str) -> bool:
-    if key not in parameters:
-        return False
-    value = parameters[key]
-    if value.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidArgument(f"parameter {key!r} must be a bool")
-    return bool(value.bool_param)
-
-
-# ---- requests for the core ----------------------------------------------------------------------------
-
-def sampling_json(tensor: Tensor) -> dict[str, Any]:
-    """sampling_parameters: a JSON object of the sampling fields, each of its JSON type (null = unset)."""
-    text = tensor.values[0]
-    if len(text) > MAX_SAMPLING_JSON_BYTES:
-        raise InvalidArgument(f"sampling_parameters is {len(text)} bytes; the limit is {MAX_SAMPLING_JSON_BYTES}")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidArgument(f"sampling_parameters is not JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict):
-        raise InvalidArgument("sampling_parameters must be a JSON object")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        kind = SAMPLING.get(key)
-        if kind is None:
-            raise InvalidArgument(f"sampling_parameters: unknown key {shown(key)}; known: {', '.join(SAMPLING)}")
-        if value is None:
-            continue
-        if kind == "strings" and isinstance(value, str):
-            value = [value]
-        ok = {"int32": isinstance(value, int) and not isinstance(value, bool),
-              "uint64": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, int | float) and not isinstance(value, bool),
-              "bool": isinstance(value, bool),
-              "strings": isinstance(value, list) and all(isinstance(s, str) for s in value)}[kind]
-        if not ok:
-            expected = {"int32": "an integer", "uint64": "an integer", "float": "a number", "bool": "true or false",
-                        "strings": "a string or a list of strings"}[kind]
-            raise InvalidArgument(f"sampling_parameters.{key} must be {expected}, got {shown(json.dumps(value))}")
-        out[key] = value
-    return out
-
-
-def generate_request(model: str, inputs: dict[str, Tensor]) -> coordinator_pb2.GenerateRequest:
-    """The native request for a generation; its values are checked by the core, as the native API's."""
-    text = inputs.get("text_input")
-    if text is None:
-        raise InvalidArgument(f"input 'text_input' is missing: model {model!r} needs the prompt (BYTES, shape [1])")
-    request = coordinator_pb2.GenerateRequest(model=model, prompt=text.texts()[0])
-    fields: dict[str, Any] = {k: inputs[k].values[0] for k in SAMPLING if k in inputs and k != "stop"}
-    if "stop" in inputs:
-        fields["stop"] = inputs["stop"].texts()
-    if "sampling_parameters" in inputs:
-        for key, value in sampling_json(inputs["sampling_parameters"]).items():
-            if key in fields:
-                raise InvalidArgument(f"{key} is given both as an input and in sampling_parameters")
-            fields[key] = value
-    for key, value in fields.items():
-        try:
-            if key == "stop":
-                request.stop.extend(value)
-            else:
-                setattr(request, key, value)
-        except (TypeError, ValueError, OverflowError):
-            raise InvalidArgument(f"{key} {shown(str(value))} does not fit its field ({SAMPLING[key]})") from None
-    return request
-
-
-def infer_request(model: str, inputs: dict[str, Tensor]) -> coordinator_pb2.InferRequest:
-    text = inputs.get("text_input")
-    if text is None:
-        raise InvalidArgument(f"input 'text_input' is missing: model {model!r} needs the texts to embed (BYTES, "
-                              "shape [-1])")
-    request = coordinator_pb2.InferRequest(model=model, texts=text.texts())
-    if "normalize" in inputs:
-        request.normalize = inputs["normalize"].values[0]
-    if "truncate" in inputs:  # a text over the model's positions: cut to them, instead of INVALID_ARGUMENT
-        request.truncate = inputs["truncate"].values[0]
-    if "pooling" in inputs:
-        pooling = inputs["pooling"].texts()[0]
-        if pooling not in POOLING:
-            raise InvalidArgument(f"input 'pooling' is {shown(pooling)}; it is one of {', '.join(POOLING)}")
-        request.pooling = POOLING[pooling]
-    return request
-
-
-def requested_model(name: str, version: str) -> str:
-    """`name` or `name@version`, as shardline names models."""
-    for field, value in (("model_name", name), ("model_version", version)):
-        if len(value) > MAX_MODEL_NAME_CHARS:
-            raise InvalidArgument(f"{field} is {len(value)} characters; a model name has at most "
-                                  f"{MAX_MODEL_NAME_CHARS}")
-    if not version:
-        return name
-    if "@" in name:
-        raise InvalidArgument(f"model_name {name!r} names a version and model_version {version!r} another: give "
-                              "the version one way")
-    return f"{name}@{version}"
 
 
 @contextlib.contextmanager
@@ -385,13 +136,16 @@ class Job:
     request: Any                     # the ModelInferRequest
     name: str                        # the model's name, as responses give it
     version: str                     # the version it runs on
-    task: str                        # generate or embed
-    native: Any                      # coordinator_pb2.GenerateRequest or InferRequest
+    native: GenerationRequest | EmbedRequest  # the core's request
     shape: tuple[int, ...] = (1,)    # text_output's shape: text_input's rank
     stream: bool = False
     empty_final: bool = False
     context: Any = None              # the call's grpc context (its metadata may carry a trace context)
     method: str = "ModelInfer"
+
+    @property
+    def embeds(self) -> bool:
+        return isinstance(self.native, EmbedRequest)
 
     def client_id(self) -> str:
         """The caller's id for the request log: `x-request-id` metadata, else the request's own `id`."""
@@ -465,7 +219,7 @@ class KServeServicer:
         response = pb.ModelMetadataResponse(name=request.name or name, platform="shardline",
                                             versions=self.fleet.versions().get(name, [deployment.spec.version]))
         Meta = pb.ModelMetadataResponse.TensorMetadata
-        if deployment.task == "embed":
+        if deployment.task == ModelTask.EMBED:
             specs, outputs = EMBED_INPUTS, [Meta(name=EMBEDDINGS, datatype="FP32",
                                                  shape=[-1, deployment.text.hidden_size])]
         else:
@@ -482,9 +236,9 @@ class KServeServicer:
         label, name, version = model or deployment.key, request.model_name or deployment.spec.name, \
             deployment.spec.version
         empty_final = bool_parameter(request.parameters, "triton_enable_empty_final_response")
-        if deployment.task == "embed":
+        if deployment.task == ModelTask.EMBED:
             check_outputs(request, (EMBEDDINGS,), label)
-            return Job(request, name, version, "embed", infer_request(model, read_inputs(request, EMBED_INPUTS, label)),
+            return Job(request, name, version, infer_request(model, read_inputs(request, EMBED_INPUTS, label)),
                        empty_final=empty_final, context=context, method=method)
         check_outputs(request, (TEXT_OUTPUT,), label)
         inputs = read_inputs(request, GENERATE_INPUTS, label)
@@ -492,12 +246,12 @@ class KServeServicer:
                                                                        inputs["stream"].values[0])
         text = inputs.get("text_input")
         shape = text.shape if text is not None else (1,)
-        return Job(request, name, version, "generate", generate_request(model, inputs), shape, stream, empty_final,
+        return Job(request, name, version, generate_request(model, inputs), shape, stream, empty_final,
                    context, method)
 
     async def pieces(self, job: Job) -> AsyncGenerator[Piece, None]:
         """The generation's pieces from the core, as the native Generate runs it (traced as it is)."""
-        req = request_from_proto(job.native)
+        req = cast(GenerationRequest, job.native)
         self.core.active_sessions += 1
         try:
             with tracing.request_span(f"shardline.kserve.{job.method}", job.context, model=req.model) as span:
@@ -521,7 +275,7 @@ class KServeServicer:
         return job.text("".join(texts), last, final)
 
     async def embed(self, job: Job, final: bool | None) -> pb.ModelInferResponse:
-        vectors, tokens = await infer(self.fleet, job.native, job.client_id())
+        vectors, tokens = await infer(self.fleet, cast(EmbedRequest, job.native), job.client_id())
         response = job.response()
         response.outputs.add(name=EMBEDDINGS, datatype="FP32", shape=list(vectors.shape))
         response.raw_output_contents.append(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
@@ -534,14 +288,14 @@ class KServeServicer:
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         with triton_errors():
             job = self.job(request, context, "ModelInfer")
-            return await (self.embed(job, None) if job.task == "embed" else self.whole(job, None))
+            return await (self.embed(job, None) if job.embeds else self.whole(job, None))
 
     async def answer(self, request: Any, context: Any) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """One stream request's responses (Triton's decoupled convention)."""
         with triton_errors():
             job = self.job(request, context, "ModelStreamInfer")
-            if job.task == "embed" or not job.stream:
-                response = await (self.embed(job, not job.empty_final) if job.task == "embed"
+            if job.embeds or not job.stream:
+                response = await (self.embed(job, not job.empty_final) if job.embeds
                                   else self.whole(job, not job.empty_final))
                 yield response
             else:

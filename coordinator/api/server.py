@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from coordinator.api import kserve
 from coordinator.api.servicer import CoordinatorServicer, RegistryServicer
+from coordinator.api.state_metrics import watch
 from coordinator.config import CoordinatorConfig
 from coordinator.fleet.fleet import Fleet
 from coordinator.jobs.runner import JobRunner
@@ -111,7 +112,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     cache = ResultCache(int(config.result_cache_mb * 2**20))
     jobs = JobRunner(fleet, cache, config.jobs_dir or config.store)
     await jobs.start()
-    fleet.metrics.watch(fleet, cache, jobs)
+    watch(fleet.metrics, fleet, cache, jobs)
     servicer = CoordinatorServicer(fleet, cache, jobs, api_keys)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
     kserve.add_to_server(kserve.KServeServicer(servicer), server)  # KServe v2 clients (tritonclient)

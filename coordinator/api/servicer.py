@@ -14,15 +14,16 @@ from coordinator.api.admin_servicer import AdminMethods, deployment_info
 from coordinator.api.job_servicer import JobMethods
 from coordinator.fleet.fleet import Fleet
 from coordinator.fleet.registry import WorkerDevice
+from coordinator.fleet.requests import generate, infer_truncating, refused_infer
 from coordinator.jobs.runner import JobRunner
 from coordinator.serving.generation import shown
-from coordinator.serving.inference import FINISH, generate, infer_truncating, request_from_proto
 from coordinator.serving.request_log import request_id_of
 from coordinator.serving.result_cache import ResultCache
+from coordinator.wire import FINISH, embed_request, generation_request
 from shardline import tracing
 from shardline.auth import ApiKeys
 from shardline.codec import dtype_from_enum, dtype_to_enum, fill_tensor, from_numpy
-from shardline.errors import InvalidArgument, NotFound, grpc_errors
+from shardline.errors import InvalidArgument, NotFound, ShardlineError, grpc_errors
 from shardline.limits import MAX_ADDRESS_CHARS, is_host_port
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 
@@ -36,7 +37,7 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
 
     @grpc_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        req = request_from_proto(request)
+        req = generation_request(request)
         self.active_sessions += 1
         try:
             with tracing.request_span("shardline.Generate", context, model=req.model) as span:
@@ -59,7 +60,13 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
 
     @grpc_errors
     async def Infer(self, request: Any, context: Any) -> coordinator_pb2.InferResponse:
-        vectors, tokens, truncated = await infer_truncating(self.fleet, request, request_id_of(context))
+        client_id = request_id_of(context)
+        try:
+            req = embed_request(request)
+        except ShardlineError as exc:
+            refused_infer(self.fleet, request.model, client_id, exc)
+            raise
+        vectors, tokens, truncated = await infer_truncating(self.fleet, req, client_id)
         response = coordinator_pb2.InferResponse(tokens=tokens, truncated=truncated)
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response

@@ -1,6 +1,6 @@
 """What the `coordinator` CLI's commands share: the client options, the store option, and how a failed call
-ends a command (one line on stderr, exit 1, never a traceback). main.py, models.py and jobs.py import
-this module, never each other's."""
+ends a command (one line on stderr, exit 1, never a traceback). The command modules import this module
+(and startup.py, tables.py), never each other's; main.py, the command table, imports them."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _store(store: Path | None) -> ModelStore:
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)  # noqa: T201 - the CLI's one line
+    print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(1)
 
 

@@ -162,33 +162,3 @@ def promote(model: str = typer.Argument(..., help="NAME@VERSION"),
     with _connected(endpoint, timeout, api_key, certs_dir, client_name) as client:
         previous = client.promote_model(model, timeout=timeout)
     typer.echo(f"{model} is the default (was version {previous})" if previous else f"{model} is the default")
-
-
-def deployment_lines(status: Any, events: int = 5) -> list[str]:
-    """`coordinator status`'s deployments section: each deployment (the default marked), its autoscaling
-    bounds, its replicas (state, chain of workers, running/queued streams, requests served) and its last
-    `events` scaling and loading events."""
-    lines: list[str] = []
-    for d in status.deployments:
-        head = f"{d.name}@{d.version}{' (default)' if d.is_default else ''}: {d.state}"
-        if d.source and d.source != d.name:
-            head += f"; from {d.source}"
-        if d.max_replicas:
-            head += f"; autoscaling {d.min_replicas}..{d.max_replicas} replicas, target queue {d.target_queue:g}"
-        lines += ["", head]
-        if d.replicas:
-            width = max(22, *(len(r.name) for r in d.replicas))
-            lines.append(f"  {'replica':<{width}} {'state':<12} {'running':>7} {'queued':>6} {'requests':>8}  workers")
-            for r in d.replicas:
-                state = r.state + (" (draining)" if r.draining else "")
-                chain = " -> ".join(r.workers) or "-"
-                extra = (f"  {r.recoveries} recoveries" if r.recoveries else "") + (f"  {r.message}" if r.message
-                                                                                     else "")
-                lines.append(f"  {r.name:<{width}} {state:<12} {r.running:>7} {r.queued:>6} {r.requests:>8}  "
-                             f"{chain}{extra}")
-        else:
-            lines.append("  no replicas")
-        if d.events:
-            lines.append("  events:")
-            lines += [f"    {event}" for event in d.events[-events:]]
-    return lines

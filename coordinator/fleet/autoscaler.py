@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from coordinator.fleet.deployments import DeploymentSpec
-
-if TYPE_CHECKING:
-    from coordinator.fleet.fleet import Deployment, Fleet
+from coordinator.config import DeploymentSpec
+from coordinator.fleet.deployments import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,22 @@ def decide(spec: DeploymentSpec, live: int, serving: int, queued: int, running: 
     return None
 
 
-async def autoscale(fleet: Fleet, interval_s: float = 0.25) -> None:
+class Scaler(Protocol):
+    async def scale(self, requested: str, replicas: int, reason: str = "", *, autoscaler: bool = False) -> str: ...
+
+
+class Scaled(Protocol):
+    """What the autoscaler sees of the fleet (coordinator/fleet/fleet.py Fleet), and the one call it makes."""
+
+    @property
+    def deployments(self) -> Mapping[str, Deployment]: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def admin(self) -> Scaler: ...
+
+
+async def autoscale(fleet: Scaled, interval_s: float = 0.25) -> None:
     """Supervised: one look per interval at every autoscaled deployment; a failed look is logged."""
     pressures: dict[str, Pressure] = {}
     scaling: dict[str, asyncio.Task[None]] = {}
@@ -93,7 +107,7 @@ def _look(deployment: Deployment, pressure: Pressure) -> tuple[int, str] | None:
 BACKOFF_S = 10.0
 
 
-async def _scale(fleet: Fleet, deployment: Deployment, pressure: Pressure, replicas: int, reason: str) -> None:
+async def _scale(fleet: Scaled, deployment: Deployment, pressure: Pressure, replicas: int, reason: str) -> None:
     """One decision carried out; a failure is noted and backs off, and nothing escapes the task."""
     log.info("autoscaler: %s -> %d replicas: %s", deployment.key, replicas, reason)
     try:

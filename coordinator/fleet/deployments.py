@@ -1,85 +1,72 @@
-"""Deployments: what the coordinator serves. A deployment is one version of a model (a model in the store)
-with a number of pipeline replicas, each a chain of `workers` stages; several versions of one name may be
-deployed, and one of them is the name's default. Requests name `name` (the default version) or
-`name@version`."""
+"""A deployment as it runs: one version of a model (its spec: coordinator/config.py DeploymentSpec), its tokenizer and
+its pipeline replicas (coordinator/fleet/replica.py), with a state derived from theirs."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+import collections
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from coordinator.config import DeploymentSpec, split_name
+from coordinator.fleet.states import BEST_REPLICA_FIRST, DeploymentState
+from coordinator.serving.textmodel import TokenModel
+from coordinator.store.models import Manifest, ModelTask
 from shardline.errors import InvalidArgument, NotFound
 
-DEFAULT_VERSION = "1"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+if TYPE_CHECKING:
+    from coordinator.fleet.replica import Replica
 
 
-class DeploymentSpec(BaseModel):
-    """One entry of `[[deployments]]` in the coordinator's TOML config."""
-
-    model_config = {"extra": "forbid"}
-
-    name: str = Field(pattern=NAME_PATTERN, description="the name requests use")
-    version: str = Field(DEFAULT_VERSION, pattern=NAME_PATTERN)
-    source: str = Field("", description="the model in the store (default: the name)")
-    replicas: int = Field(1, ge=0, description="pipeline replicas, each a chain of `workers` stages")
-    workers: int = Field(0, ge=0, description="stages of one replica (0 = the config's `workers`)")
-    default: bool = Field(False, description="the version `name` means (default: the first listed)")
-    # autoscaling, off unless max_replicas is set
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(0, ge=0, description="> 0 turns autoscaling on, between min and max replicas")
-    target_queue: float = Field(4.0, gt=0, description="autoscaling: streams waiting per replica that, held "
-                                "for `scale_up_after_s`, add a replica")
-    scale_up_after_s: float = Field(5.0, ge=0)
-    scale_down_after_s: float = Field(30.0, ge=0, description="a replica idle this long is removed (above "
-                                      "min_replicas), drained first")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> DeploymentSpec:
-        if self.max_replicas and self.min_replicas < 1:
-            raise ValueError(f"deployment {self.key}: autoscaling needs min_replicas >= 1 (a deployment at 0 "
-                             "replicas gets no requests to scale up on)")
-        if self.max_replicas and not self.min_replicas <= self.replicas <= self.max_replicas:
-            raise ValueError(f"deployment {self.key}: replicas {self.replicas} is outside min_replicas "
-                             f"{self.min_replicas} .. max_replicas {self.max_replicas}")
-        return self
+@dataclass
+class Deployment:
+    spec: DeploymentSpec
+    manifest: Manifest
+    text: TokenModel
+    replicas: list[Replica] = field(default_factory=list)
+    unloading: bool = False
+    events: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+    loaded_in_s: float = 0.0  # from load request to the first replica ready (run-time loads)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # this load of it (result cache entries' owner)
 
     @property
     def key(self) -> str:
-        return f"{self.name}@{self.version}"
+        return self.spec.key
 
     @property
-    def model(self) -> str:
-        """The model's name in the store."""
-        return self.source or self.name
+    def task(self) -> ModelTask:
+        return self.manifest.task
 
     @property
-    def autoscaled(self) -> bool:
-        return self.max_replicas > 0
+    def live(self) -> list[Replica]:
+        """Replicas that are, or will be, part of it (not draining away, not retired)."""
+        return [r for r in self.replicas if not r.retired and not r.draining]
 
+    @property
+    def ready_replicas(self) -> list[Replica]:
+        return [r for r in self.live if r.ready]
 
-def split_name(requested: str) -> tuple[str, str]:
-    """`name` or `name@version` -> (name, version or "")."""
-    name, _, version = requested.partition("@")
-    return name, version
+    @property
+    def state(self) -> DeploymentState:
+        """Derived from its replicas' states (never set): the best of them, in DeploymentState's order."""
+        states = {r.state for r in self.live}
+        if self.unloading:
+            return DeploymentState.UNLOADING
+        if not states:
+            gone = not self.replicas or all(r.retired for r in self.replicas)
+            return DeploymentState.SCALED_TO_ZERO if gone else DeploymentState.DRAINING
+        for replica_state, state in BEST_REPLICA_FIRST:
+            if replica_state in states:
+                return state
+        return DeploymentState.WAITING
 
+    @property
+    def message(self) -> str:
+        return "; ".join(f"{r.name}: {r.message}" for r in self.live if r.message and not r.ready)
 
-def check_unique(specs: list[DeploymentSpec]) -> None:
-    keys = [s.key for s in specs]
-    doubles = sorted({k for k in keys if keys.count(k) > 1})
-    if doubles:
-        raise ValueError(f"deployments listed twice: {', '.join(doubles)}")
-    for name in {s.name for s in specs}:
-        defaults = [s.key for s in specs if s.name == name and s.default]
-        if len(defaults) > 1:
-            raise ValueError(f"model {name!r} has more than one default version: {', '.join(defaults)}")
-
-
-def defaults_of(specs: list[DeploymentSpec]) -> dict[str, str]:
-    """name -> its default version: the one marked default, else the first listed."""
-    out = {s.name: s.version for s in specs if s.default}
-    for spec in specs:
-        out.setdefault(spec.name, spec.version)
-    return out
+    def note(self, event: str) -> None:
+        self.events.append(f"{time.strftime('%H:%M:%S')} {event}")
 
 
 def resolve(requested: str, versions: dict[str, list[str]], defaults: dict[str, str], fallback: str) -> str:

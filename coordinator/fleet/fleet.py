@@ -10,27 +10,26 @@ sibling, which re-prefills them from the coordinator's token ids). Autoscaling i
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, DeploymentSpec, split_name
+from coordinator.fleet.autoscaler import autoscale
 from coordinator.fleet.calibration import Calibrations, StepShape
-from coordinator.fleet.deployments import DeploymentSpec, resolve, split_name
+from coordinator.fleet.deployments import Deployment, resolve
 from coordinator.fleet.model_admin import ModelAdmin
 from coordinator.fleet.placement import Wanted, interleave, place
+from coordinator.fleet.rechain import ChangeRefused
 from coordinator.fleet.registry import UNPLANNABLE, Registry, WorkerDevice, WorkerRecord
-from coordinator.fleet.replica import ChangeRefused, Replica, Shared
+from coordinator.fleet.replica import Replica, Shared
 from coordinator.fleet.states import SERVES, ReplicaState, WorkerState
 from coordinator.fleet.worker_calls import status
-from coordinator.metrics import CoordinatorMetrics
+from coordinator.metrics import CoordinatorMetrics, model_label
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import Stream
 from coordinator.serving.textmodel import TextModel, TokenModel
-from coordinator.store.models import Manifest, ModelStore
+from coordinator.store.models import ModelStore
 from shardline.auth import ClusterIdentity
 from shardline.errors import FailedPrecondition, NotFound, Unavailable
 from shardline.server import Keepalive
@@ -38,54 +37,6 @@ from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Deployment:
-    spec: DeploymentSpec
-    manifest: Manifest
-    text: TokenModel
-    replicas: list[Replica] = field(default_factory=list)
-    unloading: bool = False
-    events: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
-    loaded_in_s: float = 0.0  # from load request to the first replica ready (run-time loads)
-    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # this load of it (result cache entries' owner)
-
-    @property
-    def key(self) -> str:
-        return self.spec.key
-
-    @property
-    def task(self) -> str:
-        return "embed" if self.manifest.family == "bert" else "generate"
-
-    @property
-    def live(self) -> list[Replica]:
-        """Replicas that are, or will be, part of it (not draining away, not retired)."""
-        return [r for r in self.replicas if not r.retired and not r.draining]
-
-    @property
-    def ready_replicas(self) -> list[Replica]:
-        return [r for r in self.live if r.ready]
-
-    @property
-    def state(self) -> str:
-        states = [r.state for r in self.live]
-        if self.unloading:
-            return "unloading"
-        if not states:
-            return "scaled to zero" if not self.replicas or all(r.retired for r in self.replicas) else "draining"
-        for s in ("ready", "recovering", "deploying", "failed"):
-            if s in states:
-                return s
-        return "waiting for workers"
-
-    @property
-    def message(self) -> str:
-        return "; ".join(f"{r.name}: {r.message}" for r in self.live if r.message and not r.ready)
-
-    def note(self, event: str) -> None:
-        self.events.append(f"{time.strftime('%H:%M:%S')} {event}")
 
 
 class Fleet:
@@ -122,7 +73,6 @@ class Fleet:
         self.place_pending()  # says how many workers each deployment waits for
         self._background = [asyncio.create_task(self._watch(), name="membership watch"),
                             asyncio.create_task(self._push_health(), name="health")]
-        from coordinator.fleet.autoscaler import autoscale  # noqa: PLC0415 - it imports this module
         self._background.append(asyncio.create_task(autoscale(self), name="autoscaler"))
 
     async def stop(self) -> None:
@@ -278,6 +228,10 @@ class Fleet:
             if not d.unloading and d.spec.name in self.defaults:
                 out.setdefault(d.spec.name, []).append(d.spec.version)
         return out
+
+    def label(self, requested: str) -> str:
+        """The `model` label of a request that names `requested` in the metrics and the request log."""
+        return model_label(requested, self.primary, {d.spec.name for d in self.deployments.values()})
 
     def find(self, requested: str) -> Deployment:
         """The deployment a request names (`name` = its default version, `name@version`), or NotFound
@@ -435,6 +389,9 @@ class Fleet:
 
     async def drain_worker(self, address: str) -> str:
         record = self.worker(address)
+        if record.state == WorkerState.LOST:
+            raise FailedPrecondition(f"worker {address} is lost (no heartbeat): its stage is being healed, not "
+                                     "drained; it is dropped from the pool when it leaves")
         owner = self._owner(record)
         if owner is None:
             record.state, record.stage, record.owner = WorkerState.DRAINED, None, ""

@@ -9,25 +9,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from coordinator.fleet.deployments import DeploymentSpec, check_replicas, split_name
+from coordinator.config import CoordinatorConfig, DeploymentSpec, split_name
+from coordinator.fleet.deployments import Deployment, check_replicas
 from coordinator.fleet.placement import Wanted, place
-from coordinator.fleet.registry import UNPLANNABLE
+from coordinator.fleet.registry import UNPLANNABLE, Registry
 from coordinator.fleet.states import ReplicaState
+from coordinator.store.models import ModelStore
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 if TYPE_CHECKING:
-    from coordinator.fleet.fleet import Deployment, Fleet
     from coordinator.fleet.replica import Replica
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class Administered(Protocol):
+    """What model management uses of the fleet (coordinator/fleet/fleet.py Fleet): its bookkeeping, and the
+    calls that place, add and remove deployments and replicas."""
+
+    config: CoordinatorConfig
+    store: ModelStore
+    registry: Registry
+    deployments: dict[str, Deployment]
+    defaults: dict[str, str]
+    changed: asyncio.Event
+    say: Callable[[str], None]
+
+    def find(self, requested: str) -> Deployment: ...
+    async def deployment_of(self, spec: DeploymentSpec) -> Deployment: ...
+    def add(self, deployment: Deployment, default: bool = True) -> None: ...
+    def remove(self, deployment: Deployment) -> None: ...
+    def new_replica(self, deployment: Deployment) -> Replica: ...
+    def place_pending(self) -> None: ...
+    def notify(self) -> None: ...
+
+
 class ModelAdmin:
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Administered) -> None:
         self.fleet = fleet
         self._lock = asyncio.Lock()  # the bookkeeping of one change at a time (short: never across a load)
         self._tasks: set[asyncio.Task[object]] = set()

@@ -1,11 +1,9 @@
-"""One pipeline replica of a deployment: the chain of workers it runs on, and every change to that chain.
+"""One pipeline replica of a deployment: its state, the workers it owns, and the changes asked of its chain.
 
-Every change is one routine, `_change`, run one at a time per replica: the first deployment (onto the
-workers placement gave it), healing after a dead worker or a broken link, draining a worker, rebalancing
-onto spares. It picks an assignment (stage -> worker) among its own workers and the pool's free ones, loads
-what is missing (free workers first, while the old chain still serves when it can), then installs the new
-chain and rewinds every running stream, which replays from the coordinator's token ids. A worker belongs to
-at most one replica (`WorkerRecord.owner`); claiming one is synchronous, so two replicas never take the same.
+Every change is one routine (`_change`, the change itself in coordinator/fleet/rechain.py), run one at a time
+per replica: the first deployment (onto the workers placement gave it), healing after a dead worker or a
+broken link, draining a worker, rebalancing onto spares. A worker belongs to at most one replica
+(`WorkerRecord.owner`); claiming one is synchronous, so two replicas never take the same.
 """
 
 from __future__ import annotations
@@ -17,35 +15,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.config import CoordinatorConfig
-from coordinator.fleet.calibration import Calibrations, TimedPlans, explain_unmeasured
-from coordinator.fleet.deployments import DeploymentSpec
-from coordinator.fleet.membership import Assignment, LoadedShard, choose_replacements, describe
-from coordinator.fleet.placement import choose_workers, fit
-from coordinator.fleet.planner import PlanDoesNotFit, StagePlan
+from coordinator.config import CoordinatorConfig, DeploymentSpec
+from coordinator.fleet.calibration import Calibrations
+from coordinator.fleet.membership import Assignment, describe
+from coordinator.fleet.planner import StagePlan
+from coordinator.fleet.rechain import ChangeRefused, change_chain
 from coordinator.fleet.registry import UNPLANNABLE, Registry, WorkerRecord
 from coordinator.fleet.states import REPLICA_TRANSITIONS, ReplicaState, WorkerState
 from coordinator.fleet.states import moved as check_move
 from coordinator.fleet.timed_planner import StageExplanation
-from coordinator.fleet.worker_calls import chain_capacity, load_shard, probe, set_peers, unload_shard
+from coordinator.fleet.worker_calls import unload_shard
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.serving.chain import ChainClient, end_sessions
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.pipeline import Pipeline
 from coordinator.serving.streams import Stream
 from coordinator.store.models import Manifest
-from shardline.codec import dtype_to_enum
 from shardline.errors import FailedPrecondition, ShardlineError, Unavailable
 from shardline.stream import LinkSettings
-from shardline.v1 import worker_pb2
-from shardline.wire_dtype import link_dtypes, quantization_enum, wire_dtype_to_enum
 
 log = logging.getLogger(__name__)
-LOAD_ATTEMPTS = 3
-
-
-class ChangeRefused(Exception):
-    """A change (drain, rebalance) that cannot be made; the running chain was not touched."""
 
 
 @dataclass
@@ -360,7 +348,7 @@ class Replica:
                 if epoch is not None and epoch < self.pipeline.epoch:
                     return  # another change retired that chain while this one waited for its turn
             try:
-                await self._change_locked(reason, first=first, heal=heal, drain=drain, rebalance=rebalance)
+                await change_chain(self, reason, first=first, heal=heal, drain=drain, rebalance=rebalance)
             except (asyncio.CancelledError, ChangeRefused):
                 raise
             except Exception:
@@ -379,271 +367,6 @@ class Replica:
                 elif self.state == ReplicaState.READY:
                     self._backoff_s = 1.0
 
-    async def _retire_chain(self) -> None:
-        """Close the gate and the chain: steps in flight fail at once (their streams are rewound at install)."""
-        self.pipeline.suspend()
-        old = self.pipeline.retire()
-        if old is not None:
-            await old.close()
-
-    async def _change_locked(self, reason: str, *, first: Assignment | None, heal: bool,
-                             drain: WorkerRecord | None, rebalance: bool) -> None:
-        began = time.perf_counter()
-        retired = heal or first is not None
-        if retired:
-            await self._retire_chain()
-            self._set_state(ReplicaState.RECOVERING if heal else ReplicaState.DEPLOYING,
-                            reason if heal else f"planning {self.spec.key} onto {self.spec.workers} workers")
-            if heal:
-                self.shared.say(f"{self.name} recovering: {reason}")
-        excluded: set[str] = set()  # workers whose load failed during this change
-        registry = self.shared.registry
-        detected = planned = began
-        target: Assignment = []
-        for attempt in range(1, LOAD_ATTEMPTS + 1):
-            mine = [w for w in registry.live() if self.owns(w) or not w.owner]
-            loaded = await probe(mine, self.config.probe_timeout_ms / 1000, self.shared.links)
-            for worker in mine:
-                if worker.worker_id not in loaded and worker.state not in UNPLANNABLE:
-                    worker.state, worker.last_error = WorkerState.LOST, "did not answer the probe"
-            detected = time.perf_counter()
-            dead = [w for w in self.assignment if w.worker_id not in loaded]
-            if first is not None or rebalance:  # lazily, once per (worker, model, dtype): the plan balances time
-                await self._calibrate([w for w, _ in first] if first is not None else
-                                      [w for w in mine if w.worker_id in loaded and w.worker_id not in excluded],
-                                      loaded, retry=rebalance)
-            chosen = None
-            if rebalance and first is None and (plans := self._timed()) is not None:
-                # up to MAX_CHOICES full planner runs (~10 ms each for big models): off the event loop
-                chosen = await asyncio.to_thread(plans.choose, self._candidates(dead, loaded, excluded, drain),
-                                                 self.spec.workers)
-            try:
-                target = self._choose(dead, loaded, excluded, first=first, drain=drain, rebalance=rebalance,
-                                      chosen=chosen)
-            except PlanDoesNotFit as exc:
-                # workers whose load failed are left out: their failure is the reason, not the arithmetic
-                why = f"loading failed on {len(excluded)} workers ({self.message}); without them: {exc}" \
-                    if excluded else str(exc)
-                if not retired:
-                    raise ChangeRefused(why) from None  # the running chain serves on, untouched
-                self._cannot_serve(f"the live workers cannot hold {self.spec.key}: {why}")
-                return
-            self._claim([w for w, _ in target])
-            planned = time.perf_counter()
-            if not retired and target == list(zip(self.assignment, self.stages, strict=True)):
-                self.shared.say(f"{reason}: nothing to change; {self.describe()}")
-                return
-            ok, retired = await self._load(target, loaded, retired, excluded)
-            replaced = [w for w, _ in target if registry.workers.get(w.worker_id) is not w
-                        or not self.owns(w) or w.state in UNPLANNABLE]
-            if ok and replaced:  # one restarted and registered again while this change ran: probe again
-                ok, self.message = False, f"worker {replaced[0].address} registered again during the change"
-            if ok:
-                break
-            if attempt == LOAD_ATTEMPTS:
-                if not retired:
-                    raise ChangeRefused(f"loading failed {LOAD_ATTEMPTS} times: {self.message}")
-                self._cannot_serve(f"loading failed {LOAD_ATTEMPTS} times: {self.message}")
-                return
-            await asyncio.sleep(0.5 * 2 ** attempt)
-        loaded_at = time.perf_counter()
-        joined = len({w.worker_id for w, _ in target} - {w.worker_id for w in self.assignment})
-        await self._install(target, counted=heal)
-        took = time.perf_counter() - began
-        if heal:
-            self.recoveries += 1
-            self.shared.metrics.recovered(self.spec.name, self.name, took, joined)
-            self.last_recovery_ms = int(took * 1000)
-            self.last_recovery_phases = dict(began=began, detected=detected, planned=planned, loaded=loaded_at,
-                                             serving=began + took)
-            self.last_recovery = (f"{reason}: recovered in {took:.2f} s (detect {detected - began:.2f} s, "
-                                  f"plan {planned - detected:.2f} s, load {loaded_at - planned:.2f} s); "
-                                  f"{self.describe()}")
-            self.shared.say(self.last_recovery)
-        elif first is None:
-            self.shared.say(f"{reason}: done in {took:.2f} s; {self.describe()}")
-
-    def _candidates(self, dead: list[WorkerRecord], loaded: dict[str, LoadedShard], excluded: set[str],
-                    drain: WorkerRecord | None) -> list[WorkerRecord]:
-        """A rebalance's candidates: the chain's usable workers first, then the free ones that answered."""
-        usable = [w for w in self.assignment if w not in dead and w.worker_id not in excluded]
-        free = [w for w in self.free_workers(excluded) if w is not drain]
-        return usable + [w for w in free if w.worker_id in loaded]
-
-    def _choose(self, dead: list[WorkerRecord], loaded: dict[str, LoadedShard], excluded: set[str], *,
-                first: Assignment | None, drain: WorkerRecord | None, rebalance: bool,
-                chosen: tuple[list[WorkerRecord], str] | None = None) -> Assignment:
-        free = [w for w in self.free_workers(excluded) if w is not drain]
-        stages = self.spec.workers
-        if first is not None:
-            placed = [w for w, _ in first if self.owns(w) and w.state not in UNPLANNABLE]
-            if len(placed) == len(first) and all(w.worker_id in loaded and w.worker_id not in excluded
-                                                 for w in placed):
-                return self._fit(placed)  # placement chose the workers (by memory); the ranges follow their speeds
-            # a placed worker is gone or failed to load: place again among the others and the free ones
-            others = [w for w in placed if w.worker_id in loaded and w.worker_id not in excluded]
-            placing = choose_workers(self.manifest, stages, others + [w for w in free if w not in placed])
-            return self._fit([w for w, _ in placing])
-        usable = [w for w in self.assignment if w not in dead and w.worker_id not in excluded]
-        if rebalance:  # the explicit re-plan: with calibrations, the fastest set of current and spare workers
-            workers, note = chosen if chosen is not None else \
-                (self._candidates(dead, loaded, excluded, drain)[:stages], "")
-            assignment = self._fit(workers)
-            if note:
-                self._basis += f"; {note}"
-            return assignment
-        leaving = [w for w in self.assignment if w not in usable or w is drain]
-        current = list(zip(self.assignment, self.stages, strict=True))
-        if not current:
-            raise PlanDoesNotFit("this replica has no chain to heal (the fleet places it again)")
-        replaced = choose_replacements(current, leaving, free, loaded, self.spec.model)
-        if replaced is not None:
-            return replaced
-        # not enough free workers: re-plan onto the workers that stay (and whatever free ones there are)
-        staying = ([w for w in usable if w is not drain] + free)[:stages]
-        if not staying:
-            raise PlanDoesNotFit("no live worker is left to take the layers")
-        return self._fit(staying)
-
-    def _timed(self) -> TimedPlans | None:
-        c = self.shared.calibrations
-        if c is None:
-            return None
-        return TimedPlans(c, self.manifest, self.spec.model, self.config.dtype, self.config.wire_dtype,
-                          self.config.calibration_tolerance, self.config.calibration_min_gain_ms / 1000)
-
-    async def _calibrate(self, workers: list[WorkerRecord], loaded: dict[str, LoadedShard], retry: bool) -> None:
-        """Calibrate those of `workers` that hold no shard (timing runs on a worker's compute thread: a serving
-        worker's steps would wait); one that serves is planned by bytes, its basis saying why."""
-        c = self.shared.calibrations
-        if c is None:
-            return
-        model, dtype = self.spec.model, self.config.dtype
-        free = []
-        for w in workers:
-            shard = loaded.get(w.worker_id)
-            if shard is not None and shard.model:
-                c.note_serving(w, model, dtype, f"{shard.model} layers [{shard.start}, {shard.end})")
-            else:
-                free.append(w)
-        await c.ensure(free, model, self.manifest.family, dtype, retry=retry)
-
-    def _fit(self, workers: list[WorkerRecord]) -> Assignment:
-        """A split over exactly these workers: by time where all are calibrated, else by bytes."""
-        plans = self._timed()
-        if plans is None:
-            stages, self._basis = fit(self.manifest, workers), "bytes (calibration is off)"
-        else:
-            stages, self._basis = plans.fit(workers)
-        return list(zip(workers, stages, strict=True))
-
-    async def _load(self, target: Assignment, loaded: dict[str, LoadedShard], retired: bool,
-                    excluded: set[str]) -> tuple[bool, bool]:
-        """Load every stage whose worker does not hold it already: first the workers outside the chain, while
-        it still serves; then the chain's own, once it is retired (no step may reach a worker mid-load).
-        Returns (ok, retired); on failure the reason is in .message and the workers are in `excluded`."""
-        model = self.spec.model
-        todo = [(w, s) for w, s in target if loaded.get(w.worker_id) != LoadedShard(model, s.start, s.end)]
-        outside = [(w, s) for w, s in todo if w not in self.assignment]
-        in_chain = [(w, s) for w, s in todo if w in self.assignment]
-        self.loading_bytes = sum(s.weight_bytes for _, s in todo)
-        self.progress = {}
-        for batch in (outside, in_chain):
-            if not batch:
-                continue
-            if batch is in_chain and not retired:
-                await self._retire_chain()
-                retired = True
-                self._set_state(ReplicaState.RECOVERING, "moving the chain's layers: requests wait for it")
-            for worker, stage in batch:
-                worker.state, worker.stage, worker.last_error = WorkerState.LOADING, stage, ""
-            c = self.config
-            links = link_dtypes(len(target), c.wire_dtype or c.dtype, c.link_wire_dtypes)  # stage i -> i + 1
-            link_of = {s.start: i for i, (_, s) in enumerate(target)}
-            results = await asyncio.gather(*(
-                load_shard(w, model, s, self.shared.parameters_address, dtype_to_enum(c.dtype), c.load_timeout_s,
-                           self.shared.links, self.progress, self._kv_request(links[link_of[s.start]]))
-                for w, s in batch),
-                return_exceptions=True)
-            failed = []
-            for (worker, _), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    if worker.state != WorkerState.LOST:  # marked lost meanwhile: it stays out of the pool
-                        worker.state = WorkerState.FAILED
-                    worker.last_error = str(result)
-                    excluded.add(worker.worker_id)
-                    failed.append(f"{worker.address}: {result}")
-            if failed:
-                self.message = "; ".join(failed)
-                self.shared.say(f"error: loading {self.spec.key} failed: {self.message}")
-                return False, retired
-        return True, retired
-
-    async def _install(self, target: Assignment, counted: bool) -> None:
-        """The new chain: install it, rewind every stream (replay), free the old sessions, open the gate."""
-        self.pipeline.suspend()
-        old_workers = {w.address for w in self.assignment}
-        self.assignment = [w for w, _ in target]
-        self.stages = [s for _, s in target]
-        self._explain()
-        for worker, stage in target:
-            worker.state, worker.stage = WorkerState.READY, stage
-        self._release_unused()
-        links = self.shared.links
-        old_chain = self.pipeline.install(ChainClient([w.address for w in self.assignment], links))
-        first = self.scheduler is None
-        if self.scheduler is None:
-            c = self.config
-            self.scheduler = Scheduler(self.pipeline, groups=c.micro_batch_groups or len(self.assignment),
-                                       max_active=c.max_active_streams, max_queued=c.max_queued_streams,
-                                       prefill_chunk=c.prefill_chunk_tokens, max_step_tokens=c.max_step_tokens,
-                                       reserve_tokens=c.kv_reserve_tokens, background_share=c.job_step_share,
-                                       metrics=self.shared.metrics.streams(self.spec.name),
-                                       prefix_cache=c.prefix_cache)
-        stale = self.scheduler.policy.rewind(counted)
-        if old_chain is not None:
-            await old_chain.close()
-        # the old sessions are freed before the new chain's capacity is read: the replay starts on empty
-        # caches, and the budget the scheduler starts from is the one the workers have (bounded)
-        everyone = sorted(old_workers | {w.address for w in self.assignment})
-        ending = asyncio.ensure_future(end_sessions(everyone, stale, links))
-        await asyncio.wait({ending}, timeout=2.0)  # a worker that does not answer holds nothing we can free
-        if not ending.done():
-            self.shared.spawn(asyncio.wait_for(ending, None), "freeing replayed sessions")
-        chain = [w.address for w in self.assignment]
-        timeout = self.config.probe_timeout_ms / 1000
-        # every stage learns the plan's workers (its routes may name only these) before a step is sent; a
-        # stage that missed it refuses routes with FAILED_PRECONDITION, which heals like a lost stage
-        untold, capacity = await asyncio.gather(set_peers(chain, timeout, links), chain_capacity(chain, timeout, links))
-        if untold:
-            await set_peers(untold, timeout, links, peers=chain)
-        self.scheduler.policy.set_capacity(capacity)
-        self._failed_with = ()
-        self.pipeline.resume()
-        self._set_state(ReplicaState.READY)
-        if first:
-            self.shared.joined(self)
-
-    def _explain(self) -> None:
-        """The installed plan's explanation (a chain kept by a heal is explained with what is measured)."""
-        plans = self._timed()
-        self.plan = plans.explain(self.assignment, self.stages) if plans is not None else \
-            explain_unmeasured(self.manifest, self.assignment, self.stages)
-        self.plan_basis = self._basis or "bytes"
-        if self.plan and self.plan_basis.startswith("time"):
-            self.shared.say(f"{self.name} planned by time: " + "; ".join(
-                f"{s.worker} [{s.start}, {s.end}) {s.stage_s * 1000:.1f} ms" for s in self.plan))
-
-    def _kv_request(self, wire_dtype: str = "") -> worker_pb2.LoadShardRequest:
-        c = self.config
-        return worker_pb2.LoadShardRequest(wire_dtype=wire_dtype_to_enum(wire_dtype or c.dtype),
-                                           quantize=quantization_enum(c.quantize),
-                                           max_step_tokens=c.max_step_tokens,
-                                           max_step_sequences=min(c.max_active_streams, c.max_step_tokens),
-                                           prefill_chunk_tokens=c.prefill_chunk_tokens,
-                                           kv_block_tokens=c.kv_block_tokens,
-                                           session_ttl_ms=int(c.session_ttl_s * 1000))
-
     def _cannot_serve(self, why: str) -> None:
         """Healing is impossible for now: the streams move to a sibling replica by replay, or fail with the
         reason; a worker that joins later triggers another attempt. The gate stays closed (state "failed")."""
@@ -657,3 +380,11 @@ class Replica:
             for stream in self.shared.evacuate(self, self.scheduler.policy.evacuate(failure=True)):
                 stream.stop(error)
         self._set_state(ReplicaState.FAILED, why)
+
+    def _open_gate(self, first: bool) -> None:
+        """A new chain is installed: it serves; the first time, it takes queued work from its siblings."""
+        self._failed_with = ()
+        self.pipeline.resume()
+        self._set_state(ReplicaState.READY)
+        if first:
+            self.shared.joined(self)

@@ -1,23 +1,19 @@
 """The fleet's states, as enums with their allowed transitions in one place per machine.
 
 A worker record (fleet/registry.py) and a replica (fleet/replica.py) move only along these tables, which hold
-every move the fleet makes today. The values
-are the strings the status API, the metrics and the CLI have always shown (StrEnum: a state compares equal to
-its string). A move the table does not allow is a bug of the coordinator's: it is logged as an ERROR naming
-both states (the suite fails on such a line, tests/conftest.py) and the state is set anyway, so that a
-missed case in a table never stops a cluster that would otherwise serve.
+every move the fleet makes today (a stream's table is coordinator/serving/streams.py's). The values are the
+strings the status API, the metrics and the CLI have always shown (StrEnum: a state compares equal to its
+string). A move a table does not allow is checked by coordinator/transitions.py: logged as an ERROR, never
+raised.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
 from enum import StrEnum
-from typing import TypeVar
 
-log = logging.getLogger(__name__)
+from coordinator.transitions import ILLEGAL, allowed, moved
 
-ILLEGAL = "illegal state transition"  # the log line's words, which the test suite watches for
+__all__ = ["ILLEGAL", "allowed", "moved"]  # and every name defined below
 
 
 class WorkerState(StrEnum):
@@ -41,10 +37,9 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     _W.LOADING: frozenset({_W.READY, _W.FAILED, _W.SPARE, _W.LOST, _W.DRAINING, _W.DRAINED}),
     _W.READY: frozenset({_W.LOADING, _W.FAILED, _W.SPARE, _W.LOST, _W.DRAINING, _W.DRAINED}),
     _W.FAILED: frozenset({_W.LOADING, _W.SPARE, _W.LOST, _W.DRAINING, _W.DRAINED}),
-    # heard from again; drained while silent. LOADING, READY and DRAINING are races the replica does not close
-    # yet (a worker marked lost while its replica loads, installs or drains it): allowed, so that they are
-    # not errors, and listed in the issue notes to close
-    _W.LOST: frozenset({_W.REGISTERED, _W.DRAINED, _W.LOADING, _W.READY, _W.DRAINING}),
+    # heard from again; drained while silent. A worker marked lost while its replica changes is never loaded,
+    # installed or drained (fleet/rechain.py, fleet.py drain_worker): it goes back through registered
+    _W.LOST: frozenset({_W.REGISTERED, _W.DRAINED}),
     _W.DRAINING: frozenset({*_PLACEABLE_FROM, _W.DRAINED, _W.LOST}),  # a failed drain restores what it was
     _W.DRAINED: frozenset({_W.LOST}),  # its process went away
 }
@@ -75,15 +70,20 @@ REPLICA_TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
 SERVES = frozenset({_R.READY, _R.RECOVERING})  # replica states that take requests (recovering: at its gate)
 
 
-S = TypeVar("S", bound=StrEnum)
+class DeploymentState(StrEnum):
+    """A deployment's state is derived from its replicas' (deployments.py Deployment.state), never set: it has
+    no transitions of its own."""
+
+    READY = "ready"
+    RECOVERING = "recovering"
+    DEPLOYING = "deploying"
+    FAILED = "failed"
+    WAITING = "waiting for workers"
+    UNLOADING = "unloading"
+    DRAINING = "draining"              # every live replica is draining away
+    SCALED_TO_ZERO = "scaled to zero"  # no replica left, by a scale to 0
 
 
-def allowed(table: Mapping[S, frozenset[S]], old: S, new: S) -> bool:
-    """Staying in a state is always allowed (a new message, the same state)."""
-    return old == new or new in table[old]
-
-
-def moved(what: str, table: Mapping[S, frozenset[S]], old: S, new: S) -> None:
-    """Check one move; an illegal one is logged (see the module's docstring), never raised."""
-    if not allowed(table, old, new):
-        log.error("%s: %s %s -> %s (not in coordinator/fleet/states.py)", ILLEGAL, what, old, new)
+# a deployment is in the state of its best live replica, in this order (none of these: WAITING)
+BEST_REPLICA_FIRST = ((_R.READY, DeploymentState.READY), (_R.RECOVERING, DeploymentState.RECOVERING),
+                      (_R.DEPLOYING, DeploymentState.DEPLOYING), (_R.FAILED, DeploymentState.FAILED))

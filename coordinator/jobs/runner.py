@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from coordinator.fleet.requests import generate, infer
 from coordinator.jobs.store import JobRow, JobsLocked, JobStore, NewItem
-from coordinator.serving.inference import FINISH, generate, infer, request_from_proto
 from coordinator.serving.request_log import MAX_REQUEST_ID_CHARS
 from coordinator.serving.result_cache import ResultCache
+from coordinator.wire import FINISH, embed_request, generation_request
 from shardline.codec import fill_tensor, from_numpy
 from shardline.errors import (
     DeadlineExceeded,
@@ -292,10 +293,10 @@ class JobRunner:
         result = coordinator_pb2.JobItemResult()
         if item.WhichOneof("request") == "infer":
             async with self._infer_slot:
-                vectors, _ = await infer(self.fleet, item.infer, _log_id(item.custom_id))
+                vectors, _ = await infer(self.fleet, embed_request(item.infer), _log_id(item.custom_id))
             fill_tensor(result.embeddings, from_numpy(vectors))
             return result
-        req = request_from_proto(item.generate)
+        req = generation_request(item.generate)
         texts: list[str] = []
         cache = self.cache if cache_ok else ResultCache(0)
         async for piece in generate(self.fleet, cache, req, f"job-{uuid.uuid4().hex}", background=True,

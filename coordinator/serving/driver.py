@@ -12,8 +12,8 @@ import logging
 
 from coordinator.serving.chain import end_sessions
 from coordinator.serving.pipeline import RECOVERABLE, Pipeline
-from coordinator.serving.policy import SchedulingPolicy, StreamEvents
-from coordinator.serving.streams import Release, Sampling, StepOutcome, StepPlan
+from coordinator.serving.policy import SchedulingPolicy
+from coordinator.serving.streams import Release, Sampling, StepOutcome, StepPlan, StreamEvents
 from shardline.errors import Internal, ShardlineError, Unavailable, code_from_number, error_for_code
 from shardline.v1 import worker_pb2
 

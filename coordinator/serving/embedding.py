@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -17,6 +19,30 @@ from shardline.codec import RawTensor, decode_tensor, to_numpy
 from shardline.errors import InvalidArgument
 from shardline.limits import MAX_RESPONSE_BYTES
 from shardline.v1 import worker_pb2
+
+
+class Pooling(StrEnum):
+    MEAN = "mean"  # over each input's tokens (sentence-transformers' default)
+    CLS = "cls"    # the first token's hidden state
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """An Infer as the core takes it: texts to tokenize, or token ids (with an optional mask), never both."""
+
+    model: str = ""
+    texts: tuple[str, ...] = ()
+    input_ids: RawTensor | None = None
+    attention_mask: RawTensor | None = None
+    pooling: Pooling = Pooling.MEAN
+    normalize: bool = True
+    truncate: bool = False  # a text over the model's positions is cut to them instead of refused
+
+    @property
+    def batch(self) -> int:
+        if self.texts:
+            return len(self.texts)
+        return self.input_ids.shape[0] if self.input_ids is not None and self.input_ids.shape else 0
 
 
 def check_batch(size: int, limit: int) -> None:

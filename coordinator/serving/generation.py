@@ -11,6 +11,7 @@ import math
 import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from coordinator.config import CoordinatorConfig
 from coordinator.serving.driver import Scheduler
@@ -23,6 +24,14 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 # (greedy-like); a subnormal one is refused
 MIN_TOP_P = 1.1754944e-38
 MAX_MODEL_NAME_CHARS = 128  # as the store's names (coordinator/store/models.py)
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended ("" on every piece but the last)."""
+
+    NONE = ""
+    STOP = "stop"      # the end-of-sequence token or a stop sequence
+    LENGTH = "length"  # max_tokens reached
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class Plan:
 class Piece:
     text: str
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = ""  # "", "length" or "stop"
+    finish_reason: FinishReason = FinishReason.NONE
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False  # answered from the result cache
@@ -191,16 +200,16 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
             if isinstance(token, BaseException):
                 raise token
             if token is None or (token in stop_ids and produced >= plan.min_tokens):
-                yield Piece(texts.flush(), [], "stop", prompt_tokens=prompt_tokens, completion_tokens=produced)
+                yield Piece(texts.flush(), [], FinishReason.STOP, prompt_tokens, produced)
                 return
             produced += 1
             piece = texts.push(token, match=produced > plan.min_tokens)
             if texts.stopped:
-                yield Piece(piece, [token], "stop", prompt_tokens=prompt_tokens, completion_tokens=produced)
+                yield Piece(piece, [token], FinishReason.STOP, prompt_tokens, produced)
                 return
             if produced == plan.max_tokens:
-                yield Piece(piece + texts.flush(), [token], "length", prompt_tokens, produced)
+                yield Piece(piece + texts.flush(), [token], FinishReason.LENGTH, prompt_tokens, produced)
                 return
             yield Piece(piece, [token])
     finally:
-        stream.stop()
+        stream.cancel()  # a no-op once it ended

@@ -45,45 +45,26 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from coordinator.serving.prefix import PrefixIndex, chain_hashes, reusable_tokens
-from coordinator.serving.streams import KVBudget, Release, Sampling, Slice, StepOutcome, StepPlan, Stream
+from coordinator.serving.prefix import PrefixIndex, blocks_to_name, start_past_prefix
+from coordinator.serving.streams import (
+    Effects,
+    KVBudget,
+    NoEffects,
+    Release,
+    Sampling,
+    Slice,
+    StepOutcome,
+    StepPlan,
+    Stream,
+    StreamEvents,
+    StreamState,
+)
 from shardline.errors import Internal, InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable
 
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather than loop forever
-
-
-class Effects(Protocol):
-    """What the policy asks of its driver; both calls return at once (the driver does the I/O later)."""
-
-    def wake(self, group: int) -> None:
-        """Group `group` has streams to step."""
-
-    def end_sessions(self, release: Release) -> None:
-        """End these sessions on every stage; call `policy.released(release)` once every stage answered."""
-
-
-class StreamEvents(Protocol):
-    """Where the policy reports what metrics count (coordinator/metrics.py StreamMetrics)."""
-
-    def admitted(self, waited_s: float, background: bool) -> None:
-        """A stream's first admission, after `waited_s` in the queue."""
-
-    def preempted(self) -> None:
-        """A stream was preempted to make room."""
-
-
-class NoEffects:
-    """A policy without a driver (unit tests record instead)."""
-
-    def wake(self, group: int) -> None:
-        pass
-
-    def end_sessions(self, release: Release) -> None:
-        pass
 
 
 class SchedulingPolicy:
@@ -169,6 +150,7 @@ class SchedulingPolicy:
         else:
             queue.append(stream)
         stream.waiting_in = queue
+        stream.move(StreamState.QUEUED)
 
     # -- admission and KV -------------------------------------------------------------------------------
     def _admission_blocks(self, tokens: int, left: int) -> int:
@@ -209,6 +191,7 @@ class SchedulingPolicy:
                 self.kv.held += blocks
             queue.popleft()
             stream.waiting_in = None
+            stream.move(StreamState.RUNNING)
             if stream.admitted < 0 and self.metrics is not None:  # its first admission: how long it queued
                 self.metrics.admitted(self.clock() - stream.queued_at, stream.background)
             stream.blocks, stream.admitted = blocks, next(self._admissions)
@@ -326,12 +309,14 @@ class SchedulingPolicy:
         for stream in running:
             stream.blocks = stream.wants = 0
             stream.rewind(failure)
+            stream.move(StreamState.MOVING)
             self.replayed += 1
         waiting = [*self.waiting, *self.background]
         self.waiting.clear()
         self.background.clear()
         for stream in waiting:
             stream.waiting_in = None
+            stream.move(StreamState.MOVING)
         return running + waiting
 
     def adopt(self, streams: list[Stream], front: bool = True) -> None:
@@ -347,6 +332,7 @@ class SchedulingPolicy:
         while self.waiting and len(taken) < n:
             stream = self.waiting.pop()
             stream.waiting_in = None
+            stream.move(StreamState.MOVING)
             taken.append(stream)
         return taken[::-1]
 
@@ -390,7 +376,7 @@ class SchedulingPolicy:
                 interactive = False  # computed once, from the interactive tokens planned
             if stream.position == 0 and stream.prefix_hashes is None and self.prefixes is not None \
                     and not stream.no_prefix:
-                self._reuse_prefix(stream, self.prefixes)
+                start_past_prefix(stream, self.prefixes)
             n = min(len(stream.pending), self.prefill_chunk, budget, extra if stream.background else budget)
             if stream.done or n <= 0 or stream not in self.groups[group]:
                 continue
@@ -404,7 +390,7 @@ class SchedulingPolicy:
                 break
         # a stream planned early may have been preempted to make room for a later one
         return StepPlan(group, tuple(
-            Slice(s, sid, s.position, tuple(s.pending[:n]), tuple(self._prefix_blocks(s, n)), s.prefix_tokens)
+            Slice(s, sid, s.position, tuple(s.pending[:n]), tuple(blocks_to_name(s, n, self.prefixes)), s.prefix_tokens)
             for s, n, sid in planned if s.session_id == sid))
 
     def step_failed(self, plan: StepPlan, error: BaseException) -> None:
@@ -464,27 +450,5 @@ class SchedulingPolicy:
         self._preempt(stream, for_room=False)
         self.admit()
 
-    # -- prefixes ---------------------------------------------------------------------------------------
-    def _reuse_prefix(self, stream: Stream, prefixes: PrefixIndex) -> None:
-        """A new session: hash its full blocks, and start it past the longest prefix the stages keep."""
-        stream.prefix_hashes = chain_hashes(stream.pending, prefixes.block_tokens)
-        skip = reusable_tokens(len(stream.pending), prefixes.match(stream.prefix_hashes), prefixes.block_tokens)
-        if skip:
-            prefixes.hits += 1
-            stream.prefix_tokens = stream.position = skip
-            del stream.pending[:skip]
 
-    def _prefix_blocks(self, stream: Stream, n: int) -> list[bytes]:
-        """The block hashes a slice names to the stages: when its session completes blocks by the slice's end
-        (to keep), or starts from the prefix store (its first slice; `prefix_tokens` says how far)."""
-        hashes, prefixes = stream.prefix_hashes, self.prefixes
-        if not hashes or prefixes is None:
-            return []
-        bt = prefixes.block_tokens
-        full = min(len(hashes), max((stream.position + n) // bt, -(-stream.prefix_tokens // bt)))
-        if not stream.prefix_tokens and full <= stream.position // bt:
-            return []
-        return hashes[:full]
-
-
-__all__ = ["MAX_FAILURES", "Effects", "NoEffects", "SchedulingPolicy", "StreamEvents"]
+__all__ = ["MAX_FAILURES", "SchedulingPolicy"]

@@ -16,6 +16,10 @@ from __future__ import annotations
 import collections
 import hashlib
 from array import array
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from coordinator.serving.streams import Stream
 
 DIGEST_BYTES = 16
 
@@ -69,3 +73,26 @@ class PrefixIndex:
         self.misses += 1
         for h in hashes:
             self._held.pop(h, None)
+
+
+def start_past_prefix(stream: Stream, prefixes: PrefixIndex) -> None:
+    """A new session: hash its full blocks, and start it past the longest prefix the stages keep."""
+    stream.prefix_hashes = chain_hashes(stream.pending, prefixes.block_tokens)
+    skip = reusable_tokens(len(stream.pending), prefixes.match(stream.prefix_hashes), prefixes.block_tokens)
+    if skip:
+        prefixes.hits += 1
+        stream.prefix_tokens = stream.position = skip
+        del stream.pending[:skip]
+
+
+def blocks_to_name(stream: Stream, n: int, prefixes: PrefixIndex | None) -> list[bytes]:
+    """The block hashes a slice names to the stages: when its session completes blocks by the slice's end
+    (to keep), or starts from the prefix store (its first slice; `prefix_tokens` says how far)."""
+    hashes = stream.prefix_hashes
+    if not hashes or prefixes is None:
+        return []
+    bt = prefixes.block_tokens
+    full = min(len(hashes), max((stream.position + n) // bt, -(-stream.prefix_tokens // bt)))
+    if not stream.prefix_tokens and full <= stream.position // bt:
+        return []
+    return hashes[:full]

@@ -1,5 +1,5 @@
 """The request log: one INFO line per Generate and per Infer, on the logger `shardline.requests`, written where
-every protocol's request ends (coordinator/serving/inference.py: native gRPC, KServe, the HTTP gateway and job items
+every protocol's request ends (coordinator/fleet/requests.py: native gRPC, KServe, the HTTP gateway and job items
 alike), refused and cancelled requests included.
 
 The line is key=value fields: id, client_id (the caller's own id for the request, only when given: gRPC

@@ -17,7 +17,7 @@ import array
 import collections
 from dataclasses import dataclass
 
-from coordinator.serving.generation import Plan
+from coordinator.serving.generation import FinishReason, Plan
 
 ENTRY_OVERHEAD_BYTES = 600  # the tuple, bytes, str and dict slot of one entry (measured: BENCHMARKS.md)
 
@@ -26,7 +26,7 @@ ENTRY_OVERHEAD_BYTES = 600  # the tuple, bytes, str and dict slot of one entry (
 class CachedResult:
     text: str
     token_ids: bytes      # int64 ids, packed
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
 
@@ -35,7 +35,7 @@ class CachedResult:
         return array.array("q", self.token_ids).tolist()
 
     @classmethod
-    def of(cls, text: str, ids: list[int], finish_reason: str, prompt_tokens: int) -> CachedResult:
+    def of(cls, text: str, ids: list[int], finish_reason: FinishReason, prompt_tokens: int) -> CachedResult:
         return cls(text, array.array("q", ids).tobytes(), finish_reason, prompt_tokens, len(ids))
 
 

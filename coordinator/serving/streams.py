@@ -1,5 +1,6 @@
-"""The scheduler's value types: a request's stream, the chain's KV budget, and what one step plans and
-brings back. Domain values only: no protobuf message and no awaits (the driver converts at the chain)."""
+"""The scheduler's value types: a request's stream (and its states), the chain's KV budget, what one step plans
+and brings back, and what the policy asks of its driver and its metrics. Domain values only: no protobuf
+message and no awaits (the driver converts at the chain)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,32 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
 
+from coordinator.transitions import moved
 from shardline.errors import ShardlineError
+
+
+class StreamState(StrEnum):
+    QUEUED = "queued"        # waits for admission (new, preempted, or adopted from a sibling replica)
+    RUNNING = "running"      # in a micro-batch group (rewound in place when its chain changes)
+    MOVING = "moving"        # taken out of its replica's scheduler for a sibling's (evacuated, rebalanced)
+    FINISHED = "finished"    # its last token: end of sequence, a stop id, max_tokens
+    FAILED = "failed"        # ended with an error
+    CANCELLED = "cancelled"  # its caller went away
+
+
+_S = StreamState
+ENDED = frozenset({_S.FINISHED, _S.FAILED, _S.CANCELLED})
+STREAM_TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
+    _S.QUEUED: frozenset({_S.RUNNING, _S.MOVING, _S.FAILED, _S.CANCELLED}),  # failed: it can never fit now
+    _S.RUNNING: frozenset({_S.QUEUED, _S.MOVING, *ENDED}),  # queued: preempted, or replays a lost cache
+    _S.MOVING: frozenset({_S.QUEUED, _S.FAILED, _S.CANCELLED}),  # failed: no sibling could take it
+    _S.FINISHED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.CANCELLED: frozenset(),
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,7 @@ class Stream:
     prefix_hashes: list[bytes] | None = None  # its session's full prefill blocks' chain hashes (serving/prefix.py)
     prefix_tokens: int = 0  # its session, not started yet, starts with this many positions from the prefix store
     no_prefix: bool = False  # a stage lacked the prefix it was sent: its replay computes the whole prefill
+    state: StreamState = StreamState.QUEUED  # moved only along STREAM_TRANSITIONS (`move`)
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -67,9 +93,22 @@ class Stream:
         self.pending = list(self.ids)
         self.prefix_hashes, self.prefix_tokens = None, 0
 
+    def move(self, state: StreamState) -> None:
+        moved(f"stream {self.request_id}", STREAM_TRANSITIONS, self.state, state)
+        self.state = state
+
     def stop(self, item: BaseException | None = None) -> None:
+        """It ends: finished (None), or failed with `item`; its caller hears at once."""
+        self._end(item, StreamState.FINISHED if item is None else StreamState.FAILED)
+
+    def cancel(self) -> None:
+        """Its caller went away (a no-op once it ended)."""
+        self._end(None, StreamState.CANCELLED)
+
+    def _end(self, item: BaseException | None, state: StreamState) -> None:
         if not self.done:
             self.done = True
+            self.move(state)
             self.tokens.put_nowait(item)
             if self.waiting_in is not None:
                 self.waiting_in.remove(self)
@@ -141,3 +180,32 @@ class Release:
     blocks: int
     kv: KVBudget | None
 
+
+class Effects(Protocol):
+    """What the policy asks of its driver; both calls return at once (the driver does the I/O later)."""
+
+    def wake(self, group: int) -> None:
+        """Group `group` has streams to step."""
+
+    def end_sessions(self, release: Release) -> None:
+        """End these sessions on every stage; call `policy.released(release)` once every stage answered."""
+
+
+class StreamEvents(Protocol):
+    """Where the policy reports what metrics count (coordinator/metrics.py StreamMetrics)."""
+
+    def admitted(self, waited_s: float, background: bool) -> None:
+        """A stream's first admission, after `waited_s` in the queue."""
+
+    def preempted(self) -> None:
+        """A stream was preempted to make room."""
+
+
+class NoEffects:
+    """A policy without a driver (unit tests record instead)."""
+
+    def wake(self, group: int) -> None:
+        pass
+
+    def end_sessions(self, release: Release) -> None:
+        pass

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,16 @@ def check_model_name(name: str) -> str:
     return name
 
 
+class ModelTask(StrEnum):
+    """What a model does: encoders (the bert family) embed text, every other family generates it."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
+
+
+ENCODER_FAMILIES = frozenset({"bert"})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -56,6 +67,10 @@ class Manifest:
     tensors: list[TensorInfo]
     head_shares: list[str] = field(default_factory=list)  # embedding tensors the head also loads (tied)
     format: int = FORMAT_VERSION
+
+    @property
+    def task(self) -> ModelTask:
+        return ModelTask.EMBED if self.family in ENCODER_FAMILIES else ModelTask.GENERATE
 
     @property
     def total_size_bytes(self) -> int:

@@ -189,7 +189,7 @@ def test_a_plan_that_cannot_fit_fails_before_any_worker_is_spawned_once(tmp_path
 def test_status_says_lost_and_shows_no_empty_tables():
     from types import SimpleNamespace
 
-    from coordinator.cli.main import worker_lines
+    from coordinator.cli.tables import worker_lines
 
     lost = SimpleNamespace(address="127.0.0.1:4000", state="lost", start_layer=0, end_layer=2, weight_bytes=0,
                            rss_bytes=0, memory_budget_bytes=2**30, sessions=0, kv_cache_bytes=0,

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.api.server import start_coordinator
-from coordinator.cli.main import device_lines
+from coordinator.cli.tables import device_lines
 from coordinator.config import CoordinatorConfig
 from shard_worker.device import DeviceSettings
 from shard_worker.registration import Registration

@@ -297,3 +297,6 @@ def test_a_dead_worker_of_one_replica_fails_nothing(fleet, oracle, loop, pool):
                                  model="tiny-llama@1", after_tokens=3, **LONG))
     assert tokens == [oracle("tiny-llama", p) for p in PROMPTS * 2]
     assert victim not in [w.address for w in replica.assignment]
+    assert fleet.fleet.worker(victim).state == "lost"
+    with Client(fleet.address) as client, pytest.raises(FailedPrecondition, match="is lost"):
+        client.drain_worker(victim)  # a lost worker is healed around, never drained (lost -> draining)

@@ -73,8 +73,6 @@ def test_the_faster_worker_gets_more_layers(loop, calib_store, parameters):
         # the plan follows what was measured (whatever other load did to it): never fewer layers on the faster
         # worker, and more wherever the measured ratio makes an uneven split worth more than the tolerance
         assert layers[fast] >= layers[slow], (layers, explained)
-        if worth_moving(slow_s, fast_s):
-            assert layers[fast] > layers[slow], (layers, explained, replica.plan_basis)
 
         cli = subprocess.run([sys.executable, "-m", "coordinator.cli", "plan", "--explain", "--endpoint",
                               coordinator.address], capture_output=True, text=True, timeout=60,
@@ -86,6 +84,10 @@ def test_the_faster_worker_gets_more_layers(loop, calib_store, parameters):
 
         with Client(coordinator.address, timeout=60) as client:
             assert len(client.generate([1, 2, 3], max_tokens=4).token_ids) == 4
+        if not worth_moving(slow_s, fast_s):  # said in the summary, not passed in silence
+            pytest.skip(f"other load left the workers too close ({slow_s * 1000:.2f} vs {fast_s * 1000:.2f} "
+                        "ms/layer) for an uneven split to be worth it: the claim cannot be shown on this run")
+        assert layers[fast] > layers[slow], (layers, explained, replica.plan_basis)
     finally:
         loop.run(stop_processes(processes))
         loop.run(coordinator.stop())

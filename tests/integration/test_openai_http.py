@@ -5,10 +5,12 @@ gRPC message on at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +22,8 @@ import numpy as np
 import openai
 import pytest
 
-from coordinator.api.http_gateway import GatewaySettings, settings_beside, start_gateway
+from coordinator.api.http_gateway import GatewaySettings
+from coordinator.api.http_launch import settings_beside, start_gateway
 from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
 from shard_worker.server import start_worker
@@ -286,12 +289,67 @@ def test_the_bearer_key_goes_on_to_the_coordinator(cluster, http):
     wrong = openai.OpenAI(base_url=cluster["url"], api_key="sl_not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
         wrong.models.list()
-    assert err.value.status_code == 401 and "not known" in err.value.message
+    assert err.value.status_code == 401 and "not valid here" in err.value.message
     bare = httpx.post(f"{cluster['url']}/completions", json={"model": MODEL, "prompt": PROMPT}, timeout=30)
-    assert "needs a key" in error_of(bare, 401)["message"]
+    assert "requires an API key" in error_of(bare, 401)["message"]
     basic = httpx.get(f"{cluster['url']}/models", headers={"authorization": "Basic abc"}, timeout=30)
     assert error_of(basic, 401)["code"] == "invalid_api_key"
     assert error_of(http.get("/no/such/path"), 404)["message"].startswith("no such endpoint")
+
+
+def raw_post(url: str, headers: str, length: int = 4_000_000) -> tuple[bytes, float]:
+    """Send a POST's headers alone (their Content-Length promises a body never sent); what comes back within
+    3 s, and how long it took."""
+    host, _, port = url.split("//")[1].split("/")[0].rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=3) as sock:
+        began = time.perf_counter()
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     f"content-length: {length}\r\n{headers}\r\n".encode())
+        answer = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer, time.perf_counter() - began
+
+
+def test_a_caller_without_a_valid_key_is_refused_before_a_byte_of_its_body_is_read(cluster):
+    """The key is judged from the headers: a keyless or unknown-key caller hears 401 at once and the connection
+    closes, though its promised 4 MB body never came (and is over the limit: the key comes first); a keyed
+    caller's request (of an allowed size) waits for its body."""
+    for headers in ("", "authorization: Bearer sl_not-a-key\r\n"):
+        answer, took = raw_post(cluster["url"], headers)
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert b"connection: close" in answer.lower() and took < 2.0, (answer[:300], took)
+        assert b"sl_not-a-key" not in answer  # the key is never echoed
+    answer, took = raw_post(cluster["url"], f"authorization: Bearer {cluster['key']}\r\n", BODY_LIMIT // 2)
+    assert answer == b"" and took >= 2.9, (answer[:200], took)  # admitted: the gateway waits for the body
+
+
+def seconds_until(condition, timeout: float = 10.0) -> float:
+    began = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - began < timeout, "not within the timeout"
+        time.sleep(0.05)
+    return time.perf_counter() - began
+
+
+def test_a_revoked_key_is_refused_by_the_gateway_within_a_second_or_two(cluster):
+    def status_of(headers: dict[str, str]) -> int:
+        return httpx.get(f"{cluster['url']}/models", headers=headers, timeout=10).status_code
+
+    keys_file = cluster["coordinator"].fleet.config.api_keys
+    before = keys_file.read_text()
+    second = new_api_key()
+    entries = json.loads(before)
+    entries["keys"].append({"name": "second", "role": "client", "sha256": hash_key(second)})
+    try:
+        keys_file.write_text(json.dumps(entries))
+        headers = {"authorization": f"Bearer {second}"}
+        assert seconds_until(lambda: status_of(headers) == 200) < 2.5  # the file is read again within a second
+        keys_file.write_text(before)
+        assert seconds_until(lambda: status_of(headers) == 401) < 2.5
+    finally:
+        keys_file.write_text(before)
 
 
 def test_the_callers_request_id_and_trace_context_go_on_to_the_coordinator(http, cluster, caplog):

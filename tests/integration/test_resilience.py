@@ -6,6 +6,7 @@ stage, and the coordinator's probes) crosses the proxy. The tests share one clus
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -147,7 +148,7 @@ def test_a_worker_joining_during_generation_disturbs_nothing(loop, proxied, undi
     assert spare.state == "spare"
 
 
-def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed):
+def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed, caplog):
     cluster = proxied.coordinator.fleet.first
     draining = cluster.assignment[2].address
     spare = next(w.address for w in proxied.coordinator.fleet.registry.live() if w.state == "spare")
@@ -158,10 +159,14 @@ def test_draining_a_worker_during_generation_fails_nothing(proxied, undisturbed)
         with Client(proxied.coordinator.address) as client:
             messages.append(await asyncio.to_thread(client.drain_worker, draining))
 
-    tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, drain, **PARAMS))
+    with caplog.at_level(logging.INFO, logger="coordinator.api.server"):
+        tokens = asyncio.run(streams(proxied.coordinator.address, PROMPTS, drain, **PARAMS))
     assert tokens == undisturbed
     assert cluster.scheduler.policy.replayed > replayed  # the hand-over happened while streams ran: they moved
-    assert recoveries(proxied) == 0 or "stalled" in cluster.last_recovery  # a drain is not a failure
+    # a drain is not a failure: no recovery, unless a step outlived the test's 3 s deadline while the spare
+    # loaded beside the chain on a loaded machine (a stall: the chain stays whole); any other reason fails
+    reasons = [r.getMessage() for r in caplog.records if " recovering: " in r.getMessage()]
+    assert all("no answer within" in r for r in reasons), reasons
     assert [w.address for w in cluster.assignment][2] == spare, messages
     assert "drained" in messages[0]
     (record,) = [w for w in proxied.coordinator.fleet.registry.workers.values() if w.address == draining]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, DeploymentSpec, defaults_of
 from coordinator.fleet.autoscaler import Pressure, decide
-from coordinator.fleet.deployments import DeploymentSpec, check_replicas, defaults_of, resolve
+from coordinator.fleet.deployments import check_replicas, resolve
 from coordinator.fleet.placement import Wanted, choose_workers, interleave, place
 from coordinator.fleet.planner import MiB, PlanDoesNotFit
 from coordinator.fleet.registry import WorkerRecord

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.serving.policy import SchedulingPolicy
-from coordinator.serving.streams import KVBudget, Release, Sampling, StepOutcome, StepPlan, Stream
+from coordinator.serving.streams import ENDED, KVBudget, Release, Sampling, StepOutcome, StepPlan, Stream, StreamState
 from shardline.errors import InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable
 
 VOCAB = 1000
@@ -336,7 +336,7 @@ def test_a_cancelled_stream_leaves_its_group_between_steps_and_frees_its_blocks(
     s, t = h.submit("a", 8, 50), h.submit("b", 8, 50)
     h.step()
     held = s.blocks
-    s.stop()
+    s.cancel()
     h.policy.prepare(0)
     assert s not in h.policy.groups[0]
     assert h.effects.releases[-1].sessions == ("a",) and h.effects.releases[-1].blocks == held
@@ -349,7 +349,7 @@ def test_an_end_answered_after_the_chain_changed_frees_the_old_budget_not_the_ne
     h = Harness(groups=1, blocks=16, block_tokens=4)
     s = h.submit("a", 8, 50)
     h.step()
-    s.stop()
+    s.cancel()
     h.policy.prepare(0)  # its end is sent to the old chain's stages...
     (pending,) = h.effects.releases
     old_budget = h.policy.kv
@@ -395,6 +395,11 @@ def check_invariants(h: Harness, preemptions_before: dict[int, int]) -> None:
         if not s.done:
             assert s in placed, f"{s.request_id} is lost"
     assert all(not s.done for s in policy.waiting) and all(not s.done for s in policy.background)
+    # each stream's state says where it is (and the autouse fixture fails any move outside STREAM_TRANSITIONS)
+    for s in h.streams:
+        where = (StreamState.QUEUED if s in policy.waiting or s in policy.background
+                 else StreamState.RUNNING if any(s is r for r in running) and not s.done else None)
+        assert (s.state in ENDED) == s.done and (s.done or s.state == where), (s.request_id, s.state, where)
     if kv is not None:
         assert kv.held == sum(s.blocks for s in running), "blocks held are not the running streams' blocks"
         assert 0 <= kv.releasing and kv.held + kv.releasing <= kv.blocks_total, "more blocks than the chain has"
@@ -438,7 +443,7 @@ def test_random_arrivals_cancellations_failures_and_kv_limits_keep_every_invaria
         elif kind == "cancel" and h.streams:
             victim = h.streams[op[1] % len(h.streams)]
             cancelled.add(victim.request_id)
-            victim.stop()
+            victim.cancel()
         elif kind == "step":
             _, g, pick, failure = op
             plan = h.plan(g % groups)

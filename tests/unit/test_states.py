@@ -51,6 +51,9 @@ def test_every_worker_state_is_reachable_from_registration_and_drained_is_the_en
 @pytest.mark.parametrize("old, new", [
     (WorkerState.LOST, WorkerState.SPARE),         # a silent worker never goes back to the pool unheard
     (WorkerState.LOST, WorkerState.FAILED),        # nor is its loss overwritten by a load that failed
+    (WorkerState.LOST, WorkerState.LOADING),       # nor loaded, installed or drained by a change that began
+    (WorkerState.LOST, WorkerState.READY),         # before it went silent
+    (WorkerState.LOST, WorkerState.DRAINING),
     (WorkerState.DRAINED, WorkerState.SPARE),      # a drained worker leaves; it never rejoins the pool as is
     (WorkerState.DRAINED, WorkerState.READY),
     (WorkerState.FAILED, WorkerState.READY),       # a failed load is never taken for a loaded stage

@@ -224,7 +224,7 @@ def test_rebalance_says_which_spares_failed_calibration(tmp_path):
 
 
 def test_a_plan_by_bytes_is_explained(tmp_path):
-    from coordinator.cli.main import plan_lines
+    from coordinator.cli.tables import plan_lines
     from coordinator.fleet.calibration import explain_unmeasured
     from coordinator.fleet.placement import fit
     from coordinator.fleet.registry import WorkerRecord

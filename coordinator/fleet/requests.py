@@ -9,12 +9,20 @@ import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.metrics import model_label
-from coordinator.serving.embedding import check_batch, check_response_size, check_tokens, embed, inputs_from_tensors
+from coordinator.metrics import status_name
+from coordinator.serving.embedding import (
+    EmbedRequest,
+    Pooling,
+    check_batch,
+    check_response_size,
+    check_tokens,
+    embed,
+    inputs_from_tensors,
+)
 from coordinator.serving.generation import (
     MAX_MODEL_NAME_CHARS,
     GenerationRequest,
@@ -26,34 +34,18 @@ from coordinator.serving.generation import (
 )
 from coordinator.serving.request_log import RequestRecord, prompt_json
 from coordinator.serving.result_cache import CachedResult, Key, ResultCache, cache_key
-from shardline.codec import decode_tensor
+from coordinator.store.models import ModelTask
 from shardline.errors import FailedPrecondition, InvalidArgument
-from shardline.v1 import coordinator_pb2
 
 if TYPE_CHECKING:
-    from coordinator.fleet.fleet import Deployment, Fleet
-
-FINISH = {"": coordinator_pb2.FINISH_REASON_UNSPECIFIED, "length": coordinator_pb2.FINISH_REASON_LENGTH,
-          "stop": coordinator_pb2.FINISH_REASON_STOP}
-POOLING = {coordinator_pb2.POOLING_UNSPECIFIED: "mean", coordinator_pb2.POOLING_MEAN: "mean",
-           coordinator_pb2.POOLING_CLS: "cls"}
-
-
-def request_from_proto(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
-    return GenerationRequest(
-        model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
-        max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
-        temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
-        prompt_ids=tuple(r.prompt_token_ids),
-        top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
-        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
-
+    from coordinator.fleet.deployments import Deployment
+    from coordinator.fleet.fleet import Fleet
 
 def generating(fleet: Fleet, req: GenerationRequest) -> Deployment:
     """The deployment a generation names, after the checks that need no tokenizer."""
     check_parameters(req, fleet.config)  # a malformed or oversized request fails first, whatever the state
     deployment = fleet.find(req.model)
-    if deployment.task == "embed":
+    if deployment.task == ModelTask.EMBED:
         raise FailedPrecondition(f"model {deployment.key!r} is an encoder: it embeds text and does not generate; "
                                  "use `coordinator embed` or the SDK's embed()")
     return deployment
@@ -72,7 +64,7 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
     each request is counted once, under the deployment it names."""
     # closed here, at once, when the caller stops early (not later by the garbage collector): the scheduler's
     # stream leaves the batch as soon as its caller is gone
-    model = model_label(fleet, req.model)
+    model = fleet.label(req.model)
     record = RequestRecord(session_id, "generate", model, client_id, background=background)
     if fleet.config.log_prompts:
         record.prompt = prompt_json(req.prompt if not req.messages else [list(m) for m in req.messages])
@@ -127,31 +119,23 @@ async def remembered(pieces: AsyncIterator[Piece], cache: ResultCache,
 class InferPlan:
     deployment: Deployment
     inputs: list[list[int]]
-    pooling: str
+    pooling: Pooling
     normalize: bool
     truncated: int = 0  # inputs cut to the model's positions (the request asked for truncation)
 
 
-async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferPlan:
+async def plan_infer(fleet: Fleet, request: EmbedRequest, serving: bool = True) -> InferPlan:
     """Every check of an Infer (bounds first, then the model, then the tokens), and its inputs; with
     `serving`, a model not ready says so before the texts are even read (a job's item is checked when the
     job is submitted, ready or not)."""
     config = fleet.config
-    has_ids = request.HasField("input_ids")
     if len(request.model) > MAX_MODEL_NAME_CHARS:
         raise InvalidArgument(f"model is {len(request.model)} characters; a model name has at most "
                               f"{MAX_MODEL_NAME_CHARS}")
-    if request.texts and has_ids:
-        raise InvalidArgument("send either texts or input_ids, not both")
-    batch = len(request.texts) or (request.input_ids.shape[0] if has_ids and request.input_ids.shape else 0)
+    batch = request.batch
     check_batch(batch, config.max_infer_batch)
-    input_ids = decode_tensor(request.input_ids, "input_ids") if has_ids else None
-    mask = decode_tensor(request.attention_mask, "attention_mask") if request.HasField("attention_mask") else None
-    pooling = POOLING.get(request.pooling)
-    if pooling is None:
-        raise InvalidArgument(f"pooling {request.pooling} is not a known Pooling")
     deployment = fleet.find(request.model)
-    if deployment.task != "embed":
+    if deployment.task != ModelTask.EMBED:
         raise FailedPrecondition(f"model {deployment.key!r} generates text and does not embed: use `coordinator "
                                  "generate` or the SDK's generate(); embeddings come from an encoder (e.g. minilm)")
     if serving:
@@ -159,28 +143,39 @@ async def plan_infer(fleet: Fleet, request: Any, serving: bool = True) -> InferP
     text = deployment.text
     check_response_size(batch, text.hidden_size)
     positions = text.context_tokens or 512
-    if input_ids is not None:
+    if request.input_ids is not None:
         vocab = int(text.tokenizer.vocab_size) if text.tokenizer is not None else text.vocab_size
-        inputs = await asyncio.to_thread(inputs_from_tensors, input_ids, mask, vocab, positions)
+        inputs = await asyncio.to_thread(inputs_from_tensors, request.input_ids, request.attention_mask, vocab,
+                                         positions)
         truncated = 0
     else:
         inputs, truncated = await asyncio.to_thread(text.encode_batch, list(request.texts), positions,
                                                     request.truncate)
     check_tokens(inputs, config.max_infer_tokens)
-    return InferPlan(deployment, inputs, pooling, request.normalize if request.HasField("normalize") else True,
+    return InferPlan(deployment, inputs, request.pooling, request.normalize,
                      truncated)
 
 
-async def infer(fleet: Fleet, request: Any, client_id: str = "") -> tuple[np.ndarray, int]:
+async def infer(fleet: Fleet, request: EmbedRequest, client_id: str = "") -> tuple[np.ndarray, int]:
     """An Infer's pooled vectors and the tokens it processed, counted in the coordinator's metrics."""
     vectors, tokens, _ = await infer_truncating(fleet, request, client_id)
     return vectors, tokens
 
 
-async def infer_truncating(fleet: Fleet, request: Any, client_id: str = "") -> tuple[np.ndarray, int, int]:
+def refused_infer(fleet: Fleet, requested_model: str, client_id: str, exc: BaseException) -> None:
+    """An Infer the edge refused before the core saw it (a malformed message, coordinator/wire.py): counted
+    and logged as every other refused request."""
+    model = fleet.label(requested_model)
+    fleet.metrics.requests.errors.labels(model, status_name(exc)).inc()
+    record = RequestRecord(uuid.uuid4().hex, "infer", model, client_id)
+    record.failed(exc)
+    record.write()
+
+
+async def infer_truncating(fleet: Fleet, request: EmbedRequest, client_id: str = "") -> tuple[np.ndarray, int, int]:
     """`infer`, and how many inputs were cut to the model's positions (the request asked for truncation);
     counted in the metrics and written to the request log."""
-    model = model_label(fleet, request.model)
+    model = fleet.label(request.model)
     record = RequestRecord(uuid.uuid4().hex, "infer", model, client_id, inputs=len(request.texts))
     if fleet.config.log_prompts:
         record.prompt = prompt_json(list(request.texts))
@@ -194,7 +189,7 @@ async def infer_truncating(fleet: Fleet, request: Any, client_id: str = "") -> t
     return vectors, tokens, truncated
 
 
-async def _infer(fleet: Fleet, request: Any, record: RequestRecord) -> tuple[tuple[np.ndarray, int], int]:
+async def _infer(fleet: Fleet, request: EmbedRequest, record: RequestRecord) -> tuple[tuple[np.ndarray, int], int]:
     plan = await plan_infer(fleet, request)
     record.inputs, record.truncated = len(plan.inputs), plan.truncated
     record.prompt_tokens = sum(len(i) for i in plan.inputs)

@@ -1,0 +1,184 @@
+"""`coordinator launch`: a whole cluster on this machine (launcher.py's local cluster) from its flags: the
+models and their replicas, the plan checked and printed before any worker starts, then serving until Ctrl-C /
+SIGTERM, which drains the streams in flight and stops every child."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import typer
+
+from coordinator.cli import startup
+from coordinator.cli.common import STORE_DEFAULT, STORE_HELP, _fail
+from coordinator.config import CoordinatorConfig
+from coordinator.store.models import ModelStore
+from shardline.cli_options import configure_logging, log_level_option, memory_option
+
+
+def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the store, or a store directory; "
+                                          "repeat it to serve several models on one pool"),
+           replicas: list[str] = typer.Option([], help="pipeline replicas: N for every model, or NAME=N "
+                                              "(repeatable)", show_default="1"),
+           workers: int = typer.Option(3, min=1, help="shard workers (stages) of one replica"),
+           host: str = typer.Option("127.0.0.1", help="address every server listens on"),
+           port: int = typer.Option(50051, min=1, max=65535, help="the coordinator's port"),
+           store: Path | None = typer.Option(None, help=STORE_HELP, show_default=STORE_DEFAULT),
+           worker_memory_mb: int = memory_option(),
+           micro_batch_groups: int = typer.Option(1, min=0, help="micro-batch groups in flight (0 = one per "
+                                                  "stage). Here every worker shares this machine's cores, so "
+                                                  "one big batch beats several small ones (BENCHMARKS.md)"),
+           spares: int = typer.Option(0, min=0, help="extra workers kept loaded-on-demand as spares: one takes "
+                                      "over a dead worker's layers"),
+           drain_seconds: float = typer.Option(30, min=0, help="on SIGTERM, how long the streams in flight may "
+                                               "finish (a second SIGTERM stops at once)"),
+           rebalance_on_join: bool = typer.Option(True, help="fold a worker that (re)joins into a chain left "
+                                                  "narrower by a failure"),
+           secure: bool = typer.Option(False, help="mutual TLS on every link with a throwaway CA and "
+                                       "certificates, and an admin API key (their paths are printed)"),
+           certs_dir: Path | None = typer.Option(None, help=startup.CERTS_HELP),
+           client_certs: str = typer.Option("optional", help=startup.CLIENT_CERTS_HELP),
+           cluster_port: int = typer.Option(50053, min=1, max=65535, help=startup.CLUSTER_PORT_HELP),
+           api_keys_file: Path | None = typer.Option(None, "--api-keys", help=startup.API_KEYS_HELP),
+           insecure: bool = typer.Option(False, help=startup.INSECURE_HELP),
+           result_cache_mb: float = typer.Option(0, min=0, help=startup.RESULT_CACHE_HELP, show_default="0: off"),
+           prefix_cache: bool = typer.Option(True, help=startup.PREFIX_CACHE_HELP),
+           metrics_port: int | None = typer.Option(None, min=0, max=65535, help=startup.METRICS_HELP + "; each worker "
+                                                   "gets the next port (0: a free one each)", show_default="off"),
+           http_port: int = typer.Option(8000, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT", show_envvar=False,
+                                         help=startup.HTTP_PORT_HELP),
+           http: bool = typer.Option(True, help=startup.HTTP_HELP),
+           log_level: str = log_level_option(),
+           log_prompts: bool = typer.Option(False, help=startup.LOG_PROMPTS_HELP),
+           wire_dtype: str = typer.Option("", help=startup.WIRE_DTYPE_HELP, show_default="float32"),
+           quantize: str = typer.Option("", help=startup.QUANTIZE_HELP, show_default="none"),
+           calibrate: bool = typer.Option(False, help="calibrate the workers and plan layer ranges by measured "
+                                          "time, not bytes (README \"Planning for mixed machines\")"),
+           worker_compute_threads: int = typer.Option(0, min=0, help="torch's compute threads of each worker "
+                                                      "process (shard-worker serve --compute-threads); 0 = torch's "
+                                                      "default", show_default="0"),
+           exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
+    """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
+    processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
+    which drains the streams in flight and stops every child. Its processes prove they belong with a random
+    cluster token (or, with --secure / --certs-dir, certificates): no other process can drive its workers.
+    The plan (which layers each worker holds) is checked and printed before any worker starts."""
+    configure_logging(log_level)
+    names = []
+    for m in model:
+        store, name = startup.resolve_model(m, store)
+        names.append(name)
+    try:
+        deployments = _deployments(names, replicas)
+        config = startup.coordinator_config(
+            store, model=names[0], workers=workers, host=host, port=port, deployments=deployments,
+            micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
+            rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
+            cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb,
+            http=http, http_port=http_port, log_prompts=log_prompts, prefix_cache=prefix_cache,
+            wire_dtype=wire_dtype, quantize=quantize, calibrate=calibrate)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    startup.check_ports(config)
+    asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure,
+                        "DEBUG" if log_level.upper() == "DEBUG" else "WARNING",
+                        ("--compute-threads", str(worker_compute_threads)) if worker_compute_threads else ()))
+
+
+def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object]]:
+    """--model and --replicas as deployments (none for one model with one replica: the plain config)."""
+    counts: dict[str, int] = {}
+    for item in replicas:
+        name, _, n = item.rpartition("=")
+        if not n.isdigit():
+            raise ValueError(f"--replicas {item!r}: give N or NAME=N")
+        if name and name not in names:
+            raise ValueError(f"--replicas {item!r}: {name!r} is not one of the --model names ({', '.join(names)})")
+        for target in [name] if name else names:
+            counts[target] = int(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model lists a model twice: {', '.join(names)}")
+    if len(names) == 1 and counts.get(names[0], 1) == 1:
+        return []
+    return [dict(name=n, replicas=counts.get(n, 1)) for n in names]
+
+
+async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool,
+                  secure: bool = False, worker_log_level: str = "WARNING",
+                  worker_extra: tuple[str, ...] = ()) -> None:
+    from coordinator.cli.launcher import LaunchSecurity, LocalCluster, preflight_plan
+    from coordinator.fleet.planner import PlanDoesNotFit
+    from shardline.server import Signals
+
+    signals = Signals()
+    for spec in config.initial_deployments():
+        await startup.ensure_model(ModelStore(config.store), spec.model)
+    try:  # before anything is spawned: a plan that cannot fit is one line, at once
+        for line in preflight_plan(config, worker_memory_mb):
+            print(line, flush=True)
+    except PlanDoesNotFit as exc:
+        _fail(f"{exc}; give fewer --workers, more --worker-memory-mb, or a smaller model")
+        return
+    try:
+        security = LaunchSecurity.prepare(config, secure)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    config = security.config
+    for line in security.lines:
+        print(line, flush=True)
+    cluster = LocalCluster(config, worker_memory_mb, spares, (*security.worker_args, *worker_extra),
+                           worker_log_level=worker_log_level)
+    failed = ""
+    gateway = None
+    try:
+        gateway = await startup.start_http(config, config.port)  # answers 503 until the cluster serves
+        starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
+        stopping = asyncio.ensure_future(signals.first.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            print("stopped before ready", flush=True)
+            return
+        stopping.cancel()
+        try:
+            seconds = starting.result()
+        except (RuntimeError, ValueError, OSError) as exc:
+            failed = str(exc)
+            return
+        fleet = cluster.coordinator.fleet if cluster.coordinator else None
+        keys = [d.key for d in fleet.deployments.values()] if fleet is not None else [config.model]
+        print(f"ready in {seconds:.1f} s: {len(cluster.processes)} workers serving {', '.join(keys)} on "
+              f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
+        for line in cluster.metrics_lines():
+            print(line, flush=True)
+        if gateway is not None:
+            print(f"OpenAI-compatible HTTP API on {gateway.url} (try: curl {gateway.url}/models)", flush=True)
+        if not exit_when_ready:
+            endpoint = f"{config.host}:{config.port}"
+            flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
+            key = ""  # the key from its file, in the environment: never on a command line (ps shows those)
+            if secure and security.private is not None and config.api_keys == security.private / "api-keys.json":
+                key = f"SHARDLINE_API_KEY=$(cat {security.private / 'admin.key'}) "
+            if fleet is not None and fleet.find("").task == "embed":
+                print(f'try: python -c "from shardline.client import Client; '
+                      f"print(Client('{endpoint}').embed(['hello world']))\"")
+            else:
+                print(f'try: {key}coordinator generate "The capital of France is" --endpoint {endpoint}{flags}')
+            print("serving; Ctrl-C to stop", flush=True)
+            await signals.first.wait()
+            await startup.drain_unless_stopped(cluster.drain, config.drain_seconds, signals)
+    finally:
+        print("stopping", flush=True)
+        try:
+            if gateway is not None:  # first: no HTTP request starts on a coordinator that is going away
+                with contextlib.suppress(Exception):
+                    await gateway.stop()
+            with contextlib.suppress(Exception):
+                await cluster.stop()
+        finally:
+            security.cleanup()  # the throwaway CA and keys never outlive the cluster
+        if failed:
+            _fail(failed)

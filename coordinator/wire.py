@@ -1,0 +1,49 @@
+"""The one table between the native protos and the core's domain values: requests are converted here once, at
+the edge (the servicers, and the job runner reading its stored items), and answers go back through the same
+tables; the core never holds a protobuf message.
+
+  proto                                   domain
+  --------------------------------------  ------------------------------------------------
+  GenerateRequest                         serving/generation.py GenerationRequest
+  InferRequest                            serving/embedding.py EmbedRequest
+  FinishReason FINISH_REASON_*            serving/generation.py FinishReason
+  Pooling POOLING_*                       serving/embedding.py Pooling (UNSPECIFIED = MEAN)
+"""
+
+from __future__ import annotations
+
+from coordinator.serving.embedding import EmbedRequest, Pooling
+from coordinator.serving.generation import FinishReason, GenerationRequest
+from shardline.codec import decode_tensor
+from shardline.errors import InvalidArgument
+from shardline.v1 import coordinator_pb2
+
+FINISH = {FinishReason.NONE: coordinator_pb2.FINISH_REASON_UNSPECIFIED,
+          FinishReason.LENGTH: coordinator_pb2.FINISH_REASON_LENGTH,
+          FinishReason.STOP: coordinator_pb2.FINISH_REASON_STOP}
+POOLING = {coordinator_pb2.POOLING_UNSPECIFIED: Pooling.MEAN, coordinator_pb2.POOLING_MEAN: Pooling.MEAN,
+           coordinator_pb2.POOLING_CLS: Pooling.CLS}
+
+
+def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
+        max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
+        temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
+        prompt_ids=tuple(r.prompt_token_ids),
+        top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
+        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
+
+
+def embed_request(r: coordinator_pb2.InferRequest) -> EmbedRequest:
+    """The core's request; a malformed tensor or an unknown pooling is refused here, naming the field."""
+    has_ids = r.HasField("input_ids")
+    if r.texts and has_ids:
+        raise InvalidArgument("send either texts or input_ids, not both")
+    pooling = POOLING.get(r.pooling)
+    if pooling is None:
+        raise InvalidArgument(f"pooling {r.pooling} is not a known Pooling")
+    return EmbedRequest(
+        model=r.model, texts=tuple(r.texts), input_ids=decode_tensor(r.input_ids, "input_ids") if has_ids else None,
+        attention_mask=decode_tensor(r.attention_mask, "attention_mask") if r.HasField("attention_mask") else None,
+        pooling=pooling, normalize=r.normalize if r.HasField("normalize") else True, truncate=r.truncate)
