@@ -4,7 +4,11 @@ while a keyed caller times a 16-token greedy completion (through the same gatewa
 keyed completion's median time before the flood and during it (same process, same prompt, same tokens), and
 after it: how the flood was answered, and whether any worker was marked lost or any recovery ran.
 
-    python bench/edge_flood.py [--seconds 25] [--senders 8] [--coordinator PATH] [--secure]
+    python bench/edge_flood.py [--seconds 25] [--senders 8] [--rate POSTS_PER_S] [--coordinator PATH] [--secure]
+
+The senders run in this process, on the same 2 cores as the cluster: unbounded, a gateway that refuses fast
+lets them send (and burn) more. `--rate` offers the same load to both gateways compared; the CPU seconds the
+launch process (coordinator and gateway) spent per post is the cost of a refused request.
 
 `--coordinator PATH`: another install's `coordinator` (another commit's `make setup`), to measure the old
 gateway the same way. `--secure`: mutual TLS everywhere and HTTPS on the gateway (launch --secure).
@@ -33,7 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, free_port, result  # noqa: E402
+from bench.common import ROOT, cpu_seconds, free_port, result  # noqa: E402
 from shardline.auth import hash_key, new_api_key  # noqa: E402
 
 BODY_BYTES = 4 * 2**20
@@ -60,7 +64,7 @@ def flood_once(host: str, port: int, payload: bytes, tls: ssl.SSLContext | None)
                 sock.sendall(payload[start:start + 65536])
             answer = sock.recv(64)
             return answer.split(b" ")[1].decode() if answer.startswith(b"HTTP/1.1 ") else "closed"
-    except (ConnectionResetError, BrokenPipeError):
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
         return "closed while sending"
     except (TimeoutError, OSError) as exc:
         return type(exc).__name__
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--coordinator", default=str(Path(sys.executable).parent / "coordinator"))
     parser.add_argument("--secure", action="store_true")
+    parser.add_argument("--rate", type=float, default=0.0, help="keyless posts per second, all senders together "
+                        "(0: as fast as they are answered)")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="edge-flood-"))
@@ -126,13 +132,19 @@ def main() -> None:
         lock = threading.Lock()
         stop_at = time.monotonic() + args.seconds
 
+        interval = args.senders / args.rate if args.rate else 0.0
+
         def sender() -> None:
+            due = time.monotonic()
             while time.monotonic() < stop_at:
                 outcome = flood_once(host, int(port), payload, tls)
                 with lock:
                     outcomes[outcome] += 1
+                due += interval
+                time.sleep(max(0.0, due - time.monotonic()))
 
         senders = [threading.Thread(target=sender, daemon=True) for _ in range(args.senders)]
+        cpu_before = cpu_seconds(process.pid)
         for s in senders:
             s.start()
         time.sleep(1.0)
@@ -141,6 +153,7 @@ def main() -> None:
             flooded.append(timed())
         for s in senders:
             s.join(30)
+        cpu_flood = cpu_seconds(process.pid) - cpu_before
         status = httpx.get(f"{url}/models", headers={"authorization": f"Bearer {key}"}, verify=verify, timeout=30)
         status.raise_for_status()
         from shardline.client import Client
@@ -153,8 +166,10 @@ def main() -> None:
         ratio = statistics.median(flooded) / statistics.median(idle)
         print(f"keyed 16-token completion: idle median {statistics.median(idle) * 1000:.0f} ms (n={len(idle)}), "
               f"during the flood {statistics.median(flooded) * 1000:.0f} ms (n={len(flooded)}): {ratio:.2f}x")
-        print(f"flood: {sum(outcomes.values())} keyless 4 MB posts by {args.senders} senders in "
-              f"{args.seconds:g} s: {dict(outcomes)}")
+        posts = sum(outcomes.values())
+        print(f"flood: {posts} keyless 4 MB posts by {args.senders} senders in {args.seconds:g} s: {dict(outcomes)}; "
+              f"the launch process spent {cpu_flood:.1f} CPU s, {cpu_flood / max(posts, 1) * 1000:.2f} ms a post "
+              "(with the keyed completions)")
         print(f"workers lost: {lost or 'none'}; recoveries: {cluster.recoveries}")
         result("edge_flood", f"{args.senders} keyless 4 MB senders{' (HTTPS)' if tls else ''}",
                f"{statistics.median(idle) * 1000:.0f} ms idle", f"{statistics.median(flooded) * 1000:.0f} ms flooded",

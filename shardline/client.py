@@ -25,312 +25,81 @@ waits for it within that deadline.
 Message sizes: the client's channels accept responses up to MAX_RESPONSE_BYTES (64 MiB, the most the
 coordinator sends: an Infer of 1024 embeddings of up to 16384 floats). Requests larger than the
 coordinator's `max_request_bytes` (4 MiB by default) are refused with ResourceExhausted.
+
+`AsyncClient` has every call of `Client` (the same names, arguments, values and errors), awaited;
+generate(stream=True) gives an async iterator. Both are thin methods over one table of calls
+(shardline.client_calls): how each call's arguments become its request, and its reply the value.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import functools
 import time
-import warnings
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardline.codec import decode_tensor, dtype_from_enum, to_numpy
-from shardline.errors import DeadlineExceeded, from_rpc_error
-from shardline.jobs import FINISH, JobCalls
-from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
-from shardline.tls import ClientTLS
-from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+from shardline import client_calls as calls
+from shardline.client_calls import (
+    POOLING,
+    SERVICE,
+    Message,
+    Probe,
+    Sleep,
+    Step,
+    Steps,
+    Stream,
+    generate_request,
+    infer_request,
+)
+from shardline.client_channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, Connection, TLSOption
+from shardline.client_types import (
+    ClusterStatus,
+    DeploymentStatus,
+    Embeddings,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    PlanStage,
+    ReplicaStatus,
+    WorkerStatus,
+)
+from shardline.errors import from_rpc_error
+from shardline.jobs import JobItemResult, JobStatus
+from shardline.v1 import coordinator_pb2
 
-SERVICE = "shardline.v1.Coordinator"
-DEFAULT_TIMEOUT_S = 300.0
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
-Message = Mapping[str, str] | tuple[str, str]
-TLSOption = bool | str | Path | ClientTLS | None
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
+           "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Message", "ModelInfo", "PlanStage",
+           "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
 
-
-def _tls(tls: TLSOption, client_name: str) -> ClientTLS | None:
-    if tls is None or tls is False:
-        return None
-    if tls is True:
-        return ClientTLS()
-    if isinstance(tls, ClientTLS):
-        return tls
-    return ClientTLS.from_certs_dir(tls, client_name)
-
-
-def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
-    """A channel to the coordinator's public port, plaintext or TLS."""
-    settings = _tls(tls, client_name)
-    if settings is None:
-        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(target, options=CHANNEL_OPTIONS)
-    options = [*CHANNEL_OPTIONS, *settings.options()]
-    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, settings.credentials(), options=options)
-
-
-class _Authorized:
-    """A stub whose every call carries `authorization: Bearer <key>` (when there is a key), and `metadata`."""
-
-    def __init__(self, stub: Any, api_key: str | None, target: str = "", tls: TLSOption = None,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        if api_key and not tls and not is_loopback(target.rpartition(":")[0]):
-            warnings.warn(f"the API key goes to {target} in plaintext: anyone on the network can read it "
-                          "(give tls=)", stacklevel=3)
-        if api_key is not None and (not api_key or any(c.isspace() for c in api_key) or not api_key.isascii()):
-            raise ValueError("api_key must be one word of ASCII characters")
-        self._stub = stub
-        self._metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + metadata or None
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._stub, name)
-        return method if self._metadata is None else functools.partial(method, metadata=self._metadata)
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class GenerateChunk:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # None until the last chunk: "length" or "stop"
-    prompt_tokens: int = 0            # usage, on the last chunk only (a stream's total, as GenerateResult's)
-    completion_tokens: int = 0
+def _chunks(responses: Iterator[coordinator_pb2.GenerateResponse], result: GenerateResult) -> Iterator[GenerateChunk]:
+    try:
+        for response in responses:
+            yield result.add(response)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from err
 
 
-@dataclass
-class GenerateResult:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: bool = False  # answered from the coordinator's result cache
-
-    def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
-        finish = FINISH.get(response.finish_reason)
-        usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish else (0, 0)
-        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage)
-        self.cached = self.cached or response.cached
-        self.text += chunk.text
-        self.token_ids += chunk.token_ids
-        if finish:
-            self.finish_reason = finish
-            self.prompt_tokens, self.completion_tokens = usage
-        return chunk
+async def _async_chunks(call: Any, result: GenerateResult) -> AsyncIterator[GenerateChunk]:
+    try:
+        async for response in call:
+            yield result.add(response)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from err
+    finally:  # closed early (aclose, a cancelled task): the coordinator frees the stream now, not at GC
+        call.cancel()
 
 
-@dataclass(frozen=True)
-class Embeddings:
-    vectors: np.ndarray  # [len(texts), hidden] float32
-    tokens: int          # tokens the encoder processed, all inputs together
-    truncated: int = 0   # inputs cut to the model's positions (only with truncate=True)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    family: str
-    num_layers: int
-    size_bytes: int
-    context_tokens: int
-    ready: bool
-    task: str = ""            # "generate" or "embed"
-    has_tokenizer: bool = True
-    version: str = ""
-    is_default: bool = True   # the version the name alone means
-    versions: tuple[str, ...] = ()
-    replicas: int = 0
-    replicas_ready: int = 0
-    state: str = ""
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    address: str
-    state: str
-    start_layer: int
-    end_layer: int
-    weight_bytes: int
-    memory_budget_bytes: int
-    rss_bytes: int
-    sessions: int
-    kv_cache_bytes: int
-    last_heartbeat_age_ms: int
-    last_error: str
-    busy_ms: int = 0
-    idle_ms: int = 0
-    queue_depth: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    tokens_per_second: float = 0.0
-    replica: str = ""         # the replica it serves (name@version/rN); "" = free, in the pool
-    device: str = ""          # "cpu" or "cuda:N" ("" = an older worker that did not say)
-    device_name: str = ""
-    device_memory_total_bytes: int = 0
-    device_memory_free_bytes: int = 0
-    dtype: str = ""           # the compute dtype it runs ("" = the LoadShard's, none loaded yet)
-    engine: str = ""          # "torch" or "deepspeed"
-
-
-@dataclass(frozen=True)
-class ReplicaStatus:
-    name: str
-    state: str
-    message: str
-    workers: tuple[str, ...]
-    running: int
-    queued: int
-    outstanding_tokens: int
-    requests: int
-    recoveries: int
-    draining: bool
-    plan: tuple[PlanStage, ...] = ()  # why each stage holds its range (README "Planning for mixed machines")
-    plan_basis: str = ""              # "time (...)": balanced on calibrations; "bytes (...)": on weights, and why
-
-
-@dataclass(frozen=True)
-class PlanStage:
-    """One stage of a replica's plan: its worker, measured speed and link, predicted times, memory."""
-
-    worker: str
-    start_layer: int
-    end_layer: int
-    seconds_per_layer: float   # 0: not calibrated
-    compute_s: float
-    hop_s: float
-    weight_bytes: int
-    memory_budget_bytes: int
-    rtt_s: float
-    bandwidth_bytes_per_s: float
-    threads: int
-
-
-@dataclass(frozen=True)
-class DeploymentStatus:
-    name: str
-    version: str
-    source: str
-    is_default: bool
-    state: str
-    replicas: list[ReplicaStatus]
-    min_replicas: int
-    max_replicas: int
-    target_queue: float
-    events: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ClusterStatus:
-    model: str
-    ready: bool
-    state: str
-    message: str
-    workers: list[WorkerStatus]
-    active_sessions: int
-    recoveries: int = 0
-    last_recovery_ms: int = 0
-    last_recovery: str = ""
-    deployments: list[DeploymentStatus] = field(default_factory=list)
-    cache: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # result cache: entries, bytes, max bytes, hits, misses
-    jobs_unfinished: int = 0
-    job_items_running: int = 0
-    jobs_off: str = ""  # why jobs are off on this coordinator
-
-    def __str__(self) -> str:  # print(status): one line (repr() keeps every field)
-        ready = sum(w.state == "ready" for w in self.workers)
-        return (f"{self.model}: {self.state}{' - ' + self.message if self.message else ''}; {ready}/"
-                f"{len(self.workers)} workers ready, {self.active_sessions} active sessions")
-
-
-def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
-                     max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
-                     top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
-                     min_tokens: int | None = None, ignore_eos: bool = False) -> coordinator_pb2.GenerateRequest:
-    """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
-    without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
-    and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
-    token (run to max_tokens)."""
-    chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
-            else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
-    text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
-    request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
-                                              top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
-    if min_tokens is not None:
-        request.min_tokens = min_tokens
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if temperature is not None:
-        request.temperature = temperature
-    if top_p is not None:
-        request.top_p = top_p
-    if seed is not None:
-        request.seed = seed
-    return request
-
-
-POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}
-
-
-def infer_request(texts: Sequence[str], pooling: str = "mean", normalize: bool = True,
-                  model: str = "", truncate: bool = False) -> coordinator_pb2.InferRequest:
-    """The request for embed/embeddings. A text longer than the model's positions is refused
-    (INVALID_ARGUMENT, naming it and its tokens) unless `truncate`: then it is cut, and counted in the
-    response's `truncated`."""
-    if pooling not in POOLING:
-        raise ValueError(f"pooling must be one of {sorted(POOLING)}")
-    return coordinator_pb2.InferRequest(texts=list(texts), pooling=POOLING[pooling], normalize=normalize,
-                                        model=model, truncate=truncate)
-
-
-def _vectors(response: coordinator_pb2.InferResponse) -> np.ndarray:
-    return to_numpy(decode_tensor(response.embeddings, "embeddings")).copy()
-
-
-def _models(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
-    return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready, m.task,
-                      m.has_tokenizer, m.version, m.is_default, tuple(m.versions), m.replicas, m.replicas_ready,
-                      m.state) for m in response.models]
-
-
-def _status(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
-    workers = [WorkerStatus(w.address, w.state, w.start_layer, w.end_layer, w.weight_bytes, w.memory_budget_bytes,
-                            w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error,
-                            w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second,
-                            w.replica, w.device.device, w.device.name, w.device.memory_total_bytes,
-                            w.device.memory_free_bytes, dtype_from_enum(w.device.dtype) if w.device.dtype else "",
-                            w.device.engine)
-               for w in r.workers]
-    deployments = [DeploymentStatus(
-        d.name, d.version, d.source, d.is_default, d.state,
-        [ReplicaStatus(x.name, x.state, x.message, tuple(x.workers), x.running, x.queued, x.outstanding_tokens,
-                       x.requests, x.recoveries, x.draining,
-                       tuple(PlanStage(p.worker, p.start_layer, p.end_layer, p.seconds_per_layer, p.compute_s,
-                                       p.hop_s, p.weight_bytes, p.memory_budget_bytes, p.rtt_s,
-                                       p.bandwidth_bytes_per_s, p.threads) for p in x.plan), x.plan_basis)
-         for x in d.replicas],
-        d.min_replicas, d.max_replicas, d.target_queue, tuple(d.events)) for d in r.deployments]
-    return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions, r.recoveries,
-                         r.last_recovery_ms, r.last_recovery, deployments,
-                         (r.cache_entries, r.cache_bytes, r.cache_max_bytes, r.cache_hits, r.cache_misses),
-                         r.jobs_unfinished, r.job_items_running, r.jobs_off)
-
-
-class Client(JobCalls):
+class Client(Connection):
     """A blocking client. `timeout` (seconds) is the default deadline of every call; `api_key`, `tls` and
     `client_name` as the module's docstring says."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
-                 api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
-        self.channel = _open(target, tls, client_name, aio=False)
-        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
+    aio = False
 
     def __enter__(self) -> Client:
         return self
@@ -341,89 +110,82 @@ class Client(JobCalls):
     def close(self) -> None:
         self.channel.close()
 
+    def _run(self, steps: Steps[T]) -> T:
+        """A call of the table, driven: each step done, its outcome sent back; the call's value returned."""
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(self._do(step))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+
+    def _do(self, step: Step) -> Any:
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+            return None
+        if isinstance(step, Probe):
+            try:
+                return step.serving(self.health.Check(step.request, timeout=step.timeout))
+            except grpc.RpcError:
+                return False
+        try:
+            return self._call(step)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def _stream(self, call: Stream, stream: bool) -> Any:
+        result = GenerateResult()
+        chunks = _chunks(self._generate(call), result)
+        if stream:
+            return chunks
+        for _ in chunks:
+            pass
+        return result
+
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
         """Text for a prompt (a string, or token ids): a GenerateResult, or with stream=True an iterator of
         GenerateChunk. `params`:
         model, max_tokens, temperature, top_k, top_p, seed, stop, min_tokens, ignore_eos (generate_request)."""
-        return self._run(generate_request(prompt, **params), stream, timeout)
+        return self._stream(calls.generate(prompt, timeout=timeout, **params), stream)
 
     def chat(self, messages: Sequence[Message], *, stream: bool = False, timeout: float | None = None,
              **params: Any) -> Any:
         """Like generate, for chat messages ({"role": ..., "content": ...}); the model's template applies."""
-        return self._run(generate_request("", messages, **params), stream, timeout)
-
-    def _run(self, request: coordinator_pb2.GenerateRequest, stream: bool, timeout: float | None) -> Any:
-        responses = self.stub.Generate(request, timeout=timeout or self.timeout)
-        if stream:
-            return self._chunks(responses)
-        result = GenerateResult()
-        try:
-            for response in responses:
-                result.add(response)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return result
-
-    @staticmethod
-    def _chunks(responses: Iterator[coordinator_pb2.GenerateResponse]) -> Iterator[GenerateChunk]:
-        result = GenerateResult()
-        try:
-            for response in responses:
-                yield result.add(response)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._stream(calls.chat(messages, timeout=timeout, **params), stream)
 
     def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
               timeout: float | None = None, truncate: bool = False) -> np.ndarray:
         """One vector per text ([len(texts), hidden] float32) from an encoder model (Infer); `model` names
         it (name or name@version) when the cluster serves several. A text longer than the model's positions
         is refused (InvalidArgument), unless `truncate` (then it is cut: `embeddings()` says how many were)."""
-        return self.embeddings(texts, pooling=pooling, normalize=normalize, model=model, timeout=timeout,
-                               truncate=truncate).vectors
+        return self._run(calls.embed(texts, pooling=pooling, normalize=normalize, model=model, timeout=timeout,
+                                     truncate=truncate))
 
     def embeddings(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
                    timeout: float | None = None, truncate: bool = False) -> Embeddings:
         """As embed, with the tokens the encoder processed (usage) and how many texts were truncated."""
-        try:
-            response = self.stub.Infer(infer_request(texts, pooling, normalize, model, truncate),
-                                       timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return Embeddings(_vectors(response), response.tokens, response.truncated)
+        return self._run(calls.embeddings(texts, pooling=pooling, normalize=normalize, model=model,
+                                          timeout=timeout, truncate=truncate))
 
     def list_models(self) -> list[ModelInfo]:
-        try:
-            return _models(self.stub.ListModels(coordinator_pb2.ListModelsRequest(), timeout=self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._run(calls.list_models())
 
     def cluster_status(self) -> ClusterStatus:
-        try:
-            return _status(self.stub.GetClusterStatus(coordinator_pb2.GetClusterStatusRequest(), timeout=self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._run(calls.cluster_status())
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the coordinator reports SERVING (every shard loaded and verified)."""
+        return self._run(calls.wait_ready(timeout))
 
     def drain_worker(self, address: str) -> str:
         """Admin: move a worker's layers elsewhere without failing a request; returns what was done."""
-        try:
-            reply = self.stub.DrainWorker(coordinator_pb2.DrainWorkerRequest(address=address), timeout=self.timeout)
-            return str(reply.message)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._run(calls.drain_worker(address))
 
     def rebalance(self) -> str:
         """Admin: re-plan onto up to the configured number of workers, folding in spares."""
-        try:
-            return str(self.stub.Rebalance(coordinator_pb2.RebalanceRequest(), timeout=self.timeout).message)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-
-    def _admin(self, method: str, request: Any, timeout: float | None) -> Any:
-        try:
-            return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return self._run(calls.rebalance())
 
     def load_model(self, name: str, *, version: str = "", source: str = "", replicas: int = 1, workers: int = 0,
                    promote: bool = False, min_replicas: int = 0, max_replicas: int = 0, target_queue: float = 0,
@@ -431,70 +193,61 @@ class Client(JobCalls):
         """Admin: deploy `source` (a model in the store; default `name`) as name@version on free workers while
         everything else serves; returns once a replica serves. `promote`: then make it the name's default.
         `max_replicas` > 0 turns autoscaling on."""
-        request = coordinator_pb2.LoadModelRequest(
-            name=name, version=version, source=source, replicas=replicas, workers=workers, promote=promote,
+        return self._run(calls.load_model(
+            name, version=version, source=source, replicas=replicas, workers=workers, promote=promote,
             min_replicas=min_replicas, max_replicas=max_replicas, target_queue=target_queue,
-            scale_up_after_ms=int(scale_up_after_s * 1000), scale_down_after_ms=int(scale_down_after_s * 1000))
-        return str(self._admin("LoadModel", request, timeout).message)
+            scale_up_after_s=scale_up_after_s, scale_down_after_s=scale_down_after_s, timeout=timeout))
 
     def unload_model(self, model: str, *, grace_s: float | None = None,
                      timeout: float | None = None) -> tuple[str, int]:
         """Admin: drain `model` (name@version) for up to `grace_s` (None: the coordinator's default), then
         free its workers; returns (what happened, weight bytes freed)."""
-        request = coordinator_pb2.UnloadModelRequest(model=model)
-        if grace_s is not None:
-            request.grace_ms = int(grace_s * 1000)
-        reply = self._admin("UnloadModel", request, timeout)
-        return str(reply.message), int(reply.freed_weight_bytes)
+        return self._run(calls.unload_model(model, grace_s=grace_s, timeout=timeout))
 
     def scale_model(self, model: str, replicas: int, *, grace_s: float | None = None,
                     timeout: float | None = None) -> str:
         """Admin: give `model` (name or name@version) this many replicas. Removed ones are drained: their
         streams have `grace_s` (None: the coordinator's default) to finish, then move to another by replay."""
-        request = coordinator_pb2.ScaleModelRequest(model=model, replicas=replicas)
-        if grace_s is not None:
-            request.grace_ms = int(grace_s * 1000)
-        return str(self._admin("ScaleModel", request, timeout).message)
+        return self._run(calls.scale_model(model, replicas, grace_s=grace_s, timeout=timeout))
 
     def promote_model(self, model: str, *, timeout: float | None = None) -> str:
         """Admin: make name@version its name's default, atomically; returns the previous default version."""
-        return str(self._admin("PromoteModel", coordinator_pb2.PromoteModelRequest(model=model),
-                               timeout).previous_version)
+        return self._run(calls.promote_model(model, timeout=timeout))
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until the coordinator reports SERVING (every shard loaded and verified)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                status = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"the cluster was not ready within {timeout:.0f} s")
-            time.sleep(0.25)
+    def submit_job(self, items: Iterable[Any], *, model: str = "", label: str = "",
+                   timeout: float | None = None) -> str:
+        """Store a job and return its id at once. `items`: dicts as a job file's lines (see shardline.jobs),
+        GenerateRequest / InferRequest (generate_request(), infer_request()) or JobItem; `model` is for the
+        items that name none. One bad item refuses the whole job (InvalidArgument naming it)."""
+        return self._run(calls.submit_job(items, model=model, label=label, timeout=timeout))
+
+    def submit_job_file(self, path: str, *, model: str = "", label: str = "", timeout: float | None = None) -> str:
+        """A job from a JSON Lines file (see shardline.jobs)."""
+        return self._run(calls.submit_job_file(path, model=model, label=label, timeout=timeout))
+
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        return self._run(calls.get_job(job_id, timeout=timeout))
+
+    def job_results(self, job_id: str, *, timeout: float | None = None) -> list[JobItemResult]:
+        """Every item's result, in order (fetched a page at a time)."""
+        return self._run(calls.job_results(job_id, timeout=timeout))
+
+    def list_jobs(self, *, limit: int = 100, timeout: float | None = None) -> list[JobStatus]:
+        return self._run(calls.list_jobs(limit=limit, timeout=timeout))
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        return self._run(calls.cancel_job(job_id, timeout=timeout))
+
+    def wait_job(self, job_id: str, timeout: float = 3600.0, poll_s: float = 0.5) -> JobStatus:
+        """Block until the job has finished (completed or cancelled); DeadlineExceeded after `timeout`."""
+        return self._run(calls.wait_job(job_id, timeout, poll_s))
 
 
-class AsyncClient:
-    """The asyncio client: the same calls, awaited; generate(stream=True) gives an async iterator."""
+class AsyncClient(Connection):
+    """The asyncio client: every call of Client (the same names, arguments, values and errors), awaited;
+    generate(stream=True) and chat(stream=True) give an async iterator."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
-                 api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
-        self.channel = _open(target, tls, client_name, aio=True)
-        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
-        self._target, self._tls = target, tls
-
-    def with_api_key(self, api_key: str | None, metadata: tuple[tuple[str, str], ...] = ()) -> AsyncClient:
-        """This client with another key (and `metadata`) on every call, over the same channel (no new
-        connection): how a gateway passes each caller's key, request id and trace context on. Closing it closes
-        the shared channel: close the original only. ValueError if the key is not one word of ASCII characters."""
-        view = copy.copy(self)
-        view.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, self._target, self._tls,
-                                metadata)
-        return view
+    aio = True
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -505,75 +258,112 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close(None)
 
+    async def _run(self, steps: Steps[T]) -> T:
+        """A call of the table, driven: each step awaited, its outcome sent back; the call's value returned."""
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._do(step))
+        except StopIteration as done:
+            value: T = done.value
+            return value
+
+    async def _do(self, step: Step) -> Any:
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        if isinstance(step, Probe):
+            try:
+                return step.serving(await self.health.Check(step.request, timeout=step.timeout))
+            except grpc.RpcError:
+                return False
+        try:
+            return await self._call(step)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def _stream(self, call: Stream, stream: bool) -> Any:
+        result = GenerateResult()
+        chunks = _async_chunks(self._generate(call), result)
+        if stream:
+            return chunks
+        async for _ in chunks:
+            pass
+        return result
+
     async def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:
         """As Client.generate (the same `params`), awaited; stream=True gives an async iterator."""
-        return await self._run(generate_request(prompt, **params), stream, timeout)
+        return await self._stream(calls.generate(prompt, timeout=timeout, **params), stream)
 
     async def chat(self, messages: Sequence[Message], *, stream: bool = False, timeout: float | None = None,
                    **params: Any) -> Any:
-        return await self._run(generate_request("", messages, **params), stream, timeout)
-
-    async def _run(self, request: coordinator_pb2.GenerateRequest, stream: bool, timeout: float | None) -> Any:
-        call = self.stub.Generate(request, timeout=timeout or self.timeout)
-        if stream:
-            return self._chunks(call)
-        result = GenerateResult()
-        try:
-            async for response in call:
-                result.add(response)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return result
-
-    @staticmethod
-    async def _chunks(call: Any) -> AsyncIterator[GenerateChunk]:
-        result = GenerateResult()
-        try:
-            async for response in call:
-                yield result.add(response)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        finally:  # closed early (aclose, a cancelled task): the coordinator frees the stream now, not at GC
-            call.cancel()
+        return await self._stream(calls.chat(messages, timeout=timeout, **params), stream)
 
     async def embed(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
                     timeout: float | None = None, truncate: bool = False) -> np.ndarray:
-        return (await self.embeddings(texts, pooling=pooling, normalize=normalize, model=model,
-                                      timeout=timeout, truncate=truncate)).vectors
+        return await self._run(calls.embed(texts, pooling=pooling, normalize=normalize, model=model,
+                                           timeout=timeout, truncate=truncate))
 
     async def embeddings(self, texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True,
                          model: str = "", timeout: float | None = None, truncate: bool = False) -> Embeddings:
-        """As embed, with the tokens the encoder processed (usage) and how many texts were truncated."""
-        try:
-            response = await self.stub.Infer(infer_request(texts, pooling, normalize, model, truncate),
-                                             timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
-        return Embeddings(_vectors(response), response.tokens, response.truncated)
+        return await self._run(calls.embeddings(texts, pooling=pooling, normalize=normalize, model=model,
+                                                timeout=timeout, truncate=truncate))
 
     async def list_models(self) -> list[ModelInfo]:
-        try:
-            return _models(await self.stub.ListModels(coordinator_pb2.ListModelsRequest(), timeout=self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return await self._run(calls.list_models())
 
     async def cluster_status(self) -> ClusterStatus:
-        try:
-            return _status(await self.stub.GetClusterStatus(coordinator_pb2.GetClusterStatusRequest(),
-                                                            timeout=self.timeout))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        return await self._run(calls.cluster_status())
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                status = await self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"the cluster was not ready within {timeout:.0f} s")
-            await asyncio.sleep(0.25)
+        return await self._run(calls.wait_ready(timeout))
+
+    async def drain_worker(self, address: str) -> str:
+        return await self._run(calls.drain_worker(address))
+
+    async def rebalance(self) -> str:
+        return await self._run(calls.rebalance())
+
+    async def load_model(self, name: str, *, version: str = "", source: str = "", replicas: int = 1,
+                         workers: int = 0, promote: bool = False, min_replicas: int = 0, max_replicas: int = 0,
+                         target_queue: float = 0, scale_up_after_s: float = 0, scale_down_after_s: float = 0,
+                         timeout: float | None = None) -> str:
+        return await self._run(calls.load_model(
+            name, version=version, source=source, replicas=replicas, workers=workers, promote=promote,
+            min_replicas=min_replicas, max_replicas=max_replicas, target_queue=target_queue,
+            scale_up_after_s=scale_up_after_s, scale_down_after_s=scale_down_after_s, timeout=timeout))
+
+    async def unload_model(self, model: str, *, grace_s: float | None = None,
+                           timeout: float | None = None) -> tuple[str, int]:
+        return await self._run(calls.unload_model(model, grace_s=grace_s, timeout=timeout))
+
+    async def scale_model(self, model: str, replicas: int, *, grace_s: float | None = None,
+                          timeout: float | None = None) -> str:
+        return await self._run(calls.scale_model(model, replicas, grace_s=grace_s, timeout=timeout))
+
+    async def promote_model(self, model: str, *, timeout: float | None = None) -> str:
+        return await self._run(calls.promote_model(model, timeout=timeout))
+
+    async def submit_job(self, items: Iterable[Any], *, model: str = "", label: str = "",
+                         timeout: float | None = None) -> str:
+        return await self._run(calls.submit_job(items, model=model, label=label, timeout=timeout))
+
+    async def submit_job_file(self, path: str, *, model: str = "", label: str = "",
+                              timeout: float | None = None) -> str:
+        return await self._run(calls.submit_job_file(path, model=model, label=label, timeout=timeout))
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        return await self._run(calls.get_job(job_id, timeout=timeout))
+
+    async def job_results(self, job_id: str, *, timeout: float | None = None) -> list[JobItemResult]:
+        return await self._run(calls.job_results(job_id, timeout=timeout))
+
+    async def list_jobs(self, *, limit: int = 100, timeout: float | None = None) -> list[JobStatus]:
+        return await self._run(calls.list_jobs(limit=limit, timeout=timeout))
+
+    async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
+        return await self._run(calls.cancel_job(job_id, timeout=timeout))
+
+    async def wait_job(self, job_id: str, timeout: float = 3600.0, poll_s: float = 0.5) -> JobStatus:
+        return await self._run(calls.wait_job(job_id, timeout, poll_s))

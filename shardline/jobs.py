@@ -1,5 +1,5 @@
-"""Jobs from the client's side: job files (JSON Lines) into JobItems, the job calls of the blocking Client
-(`JobCalls`), and their value types.
+"""Jobs from the client's side: job files (JSON Lines) into JobItems, and the values the job calls return
+(the calls themselves, of Client and AsyncClient alike, are in shardline.client_calls).
 
 A job file has one request per line, as a JSON object:
 - generate: the GenerateRequest's fields (`prompt`, `messages` or `prompt_token_ids`; `max_tokens`,
@@ -14,8 +14,7 @@ stop and model (input for embeddings). Blank lines are skipped; errors name the 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from shardline.codec import decode_tensor, to_numpy
-from shardline.errors import DeadlineExceeded, InvalidArgument
+from shardline.errors import InvalidArgument
 from shardline.v1 import coordinator_pb2
 
 FINISHED = ("completed", "cancelled", "expired")
@@ -148,58 +147,3 @@ def as_item(item: Any) -> coordinator_pb2.JobItem:
     if isinstance(item, coordinator_pb2.InferRequest):
         return coordinator_pb2.JobItem(infer=item)
     return item_from_dict(item)
-
-
-class JobCalls:
-    """The job calls of the blocking Client (it provides `_admin`, a unary call with errors mapped)."""
-
-    def _admin(self, method: str, request: Any, timeout: float | None) -> Any:  # pragma: no cover - Client's
-        raise NotImplementedError
-
-    def submit_job(self, items: Iterable[Any], *, model: str = "", label: str = "",
-                   timeout: float | None = None) -> str:
-        """Store a job and return its id at once. `items`: dicts as a job file's lines (see this module),
-        GenerateRequest / InferRequest (generate_request(), infer_request()) or JobItem; `model` is for the
-        items that name none. One bad item refuses the whole job (InvalidArgument naming it)."""
-        request = coordinator_pb2.SubmitJobRequest(model=model, label=label, items=[as_item(i) for i in items])
-        return str(self._admin("SubmitJob", request, timeout).job_id)
-
-    def submit_job_file(self, path: str, *, model: str = "", label: str = "", timeout: float | None = None) -> str:
-        """A job from a JSON Lines file (see this module)."""
-        with open(path, encoding="utf-8") as f:
-            items = items_from_jsonl(f.read())
-        return self.submit_job(items, model=model, label=label or path, timeout=timeout)
-
-    def get_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
-        return JobStatus.of(self._admin("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id), timeout).job)
-
-    def job_results(self, job_id: str, *, timeout: float | None = None) -> list[JobItemResult]:
-        """Every item's result, in order (fetched a page at a time)."""
-        results: list[JobItemResult] = []
-        offset = 0
-        while True:
-            page = self._admin("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id, results=True, offset=offset),
-                               timeout)
-            results += [JobItemResult.of(r) for r in page.results]
-            if not page.next_offset:
-                return results
-            offset = page.next_offset
-
-    def list_jobs(self, *, limit: int = 100, timeout: float | None = None) -> list[JobStatus]:
-        reply = self._admin("ListJobs", coordinator_pb2.ListJobsRequest(limit=limit), timeout)
-        return [JobStatus.of(j) for j in reply.jobs]
-
-    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> JobStatus:
-        return JobStatus.of(self._admin("CancelJob", coordinator_pb2.CancelJobRequest(job_id=job_id), timeout).job)
-
-    def wait_job(self, job_id: str, timeout: float = 3600.0, poll_s: float = 0.5) -> JobStatus:
-        """Block until the job has finished (completed or cancelled); DeadlineExceeded after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.get_job(job_id)
-            if status.finished:
-                return status
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"job {job_id} did not finish within {timeout:.0f} s ({status.done} of "
-                                       f"{status.total} done)")
-            time.sleep(poll_s)

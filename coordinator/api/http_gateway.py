@@ -26,7 +26,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,9 +51,6 @@ from shardline.client import DEFAULT_TIMEOUT_S, AsyncClient, GenerateChunk
 from shardline.errors import InvalidArgument, ShardlineError
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES
 from shardline.tls import ClientTLS
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

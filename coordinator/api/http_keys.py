@@ -5,9 +5,11 @@ large bodies, let alone the coordinator behind it.
 
 The judge is the API keys file itself where the gateway can read it (beside the coordinator, or
 `coordinator http --api-keys FILE`), re-read when it changes as the coordinator's guard does. A gateway in front
-of a remote coordinator without the file asks the coordinator once per key (ListModels with it) and remembers
-the answer for a second, so a revoked key is refused within a second. The coordinator still authorizes every
-call; this is only the door.
+of a remote coordinator without the file asks the coordinator (a ListModels with the key, or with none) and
+remembers each answer for a second: a flood of one key, or of none, costs the coordinator one call a second, a
+revoked key is refused within a second, and a coordinator that takes any caller lets keyless callers through.
+The coordinator still authorizes every call; this is only the door. Refusals are logged, at most once every
+LOG_EVERY_S seconds with how many there were.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,35 +27,40 @@ from coordinator.api.openai_errors import ApiError
 from shardline.auth import MAX_CREDENTIAL_BYTES, ApiKeys
 from shardline.errors import ShardlineError, Unauthenticated
 
+log = logging.getLogger(__name__)
+
 REMEMBER_S = 1.0           # a remote judgement holds this long (revocation reaches the gateway within it)
 REMEMBERED_KEYS = 4096     # judgements kept at most (the oldest go first)
+LOG_EVERY_S = 10.0
 NO_KEY = "this server requires an API key: send the header 'Authorization: Bearer <key>'"
 UNKNOWN_KEY = "the API key is not valid here (ask the cluster's operator for one)"
 MALFORMED = "the Authorization header must be 'Bearer <key>', the key one word of ASCII characters"
 
 
 class Judge(Protocol):
-    async def admits(self, key: str) -> bool: ...
+    async def admits(self, key: str | None) -> bool:
+        """Whether a caller with this key (None: without one) may send its request."""
 
 
 @dataclass
 class FileJudge:
-    """The keys file, as the coordinator's guard reads it."""
+    """The keys file, as the coordinator's guard reads it (a keys file means every caller needs a key)."""
 
     keys: ApiKeys
 
-    async def admits(self, key: str) -> bool:
-        return self.keys.role_of(key) is not None
+    async def admits(self, key: str | None) -> bool:
+        return key is not None and self.keys.role_of(key) is not None
 
 
 class CoordinatorJudge:
-    """The coordinator asked (a ListModels with the key), each answer remembered for REMEMBER_S."""
+    """The coordinator asked (a ListModels with the key, or with none), each answer remembered for REMEMBER_S."""
 
-    def __init__(self, ask: Callable[[str], Awaitable[None]], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ask: Callable[[str | None], Awaitable[None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ask, self.clock = ask, clock
-        self.known: collections.OrderedDict[str, tuple[float, bool]] = collections.OrderedDict()
+        self.known: collections.OrderedDict[str | None, tuple[float, bool]] = collections.OrderedDict()
 
-    async def admits(self, key: str) -> bool:
+    async def admits(self, key: str | None) -> bool:
         now = self.clock()
         held = self.known.get(key)
         if held is not None and now - held[0] < REMEMBER_S:
@@ -60,7 +68,9 @@ class CoordinatorJudge:
         try:
             await self.ask(key)
             admitted = True
-        except Unauthenticated:
+        except Unauthenticated as exc:
+            if "TLS handshake failed" in exc.message:  # the gateway's own link, not the key: the call will say
+                return True
             admitted = False
         except (ShardlineError, TimeoutError):  # the coordinator is down or slow: the call itself will say so
             return True
@@ -84,8 +94,25 @@ def bearer_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     return key
 
 
+class Refusals:
+    """How many callers were refused, logged at most once every LOG_EVERY_S (a flood is one line, not a
+    line a request); never the key."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock, self.count, self.logged = clock, 0, -LOG_EVERY_S
+
+    def refused(self, error: ApiError, client: Any) -> None:
+        self.count += 1
+        now = self.clock()
+        if now - self.logged >= LOG_EVERY_S:
+            log.warning("HTTP gateway: refused %d caller(s) without a valid API key in the last %.0f s (latest "
+                        "from %s: %s)", self.count, min(now - self.logged, LOG_EVERY_S * 99), client, error.code)
+            self.count, self.logged = 0, now
+
+
 def keys_first(app: Any, judge: Judge) -> Any:
     """ASGI middleware: every HTTP request's key judged before the app (and its body) is touched."""
+    refusals = Refusals()
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -93,11 +120,11 @@ def keys_first(app: Any, judge: Judge) -> Any:
             return
         try:
             key = bearer_key(scope["headers"])
-            if key is None:
-                raise ApiError(401, NO_KEY, "authentication_error", code="missing_api_key")
             if not await judge.admits(key):
-                raise ApiError(401, UNKNOWN_KEY, "authentication_error", code="invalid_api_key")
+                raise ApiError(401, NO_KEY if key is None else UNKNOWN_KEY, "authentication_error",
+                               code="missing_api_key" if key is None else "invalid_api_key")
         except ApiError as refused:
+            refusals.refused(refused, (scope.get("client") or ("?",))[0])
             await _refuse(send, refused)
             return
         await app(scope, receive, send)

@@ -61,9 +61,9 @@ async def start_gateway(settings: GatewaySettings, on_first: Callable[[str], Non
     judge: Judge | None = FileJudge(ApiKeys(settings.api_keys)) if settings.api_keys is not None else None
     client = AsyncClient(settings.target, timeout=settings.timeout_s, tls=settings.tls)
     if judge is None and settings.judge_remotely:
-        async def ask(key: str) -> None:
+        async def ask(key: str | None) -> None:
             async with asyncio.timeout(ASK_TIMEOUT_S):
-                await client.with_api_key(key).list_models()
+                await (client.with_api_key(key) if key is not None else client).list_models()
         judge = CoordinatorJudge(ask)
     https = Https(settings.https_cert, settings.https_key, settings.https_client_ca) \
         if settings.https_cert is not None and settings.https_key is not None else None

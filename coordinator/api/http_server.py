@@ -37,10 +37,12 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_forever()
-        finally:
-            for task in asyncio.all_tasks(self.loop):
+        finally:  # what still runs is cancelled and given the chance to end (its finally blocks run)
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
                 task.cancel()
-            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 
     async def run(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:

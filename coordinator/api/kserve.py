@@ -1,9 +1,10 @@
 """The KServe v2 / Open Inference Protocol gRPC API on the coordinator's public port: the service
 `inference.GRPCInferenceService` (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer, and Triton's ModelStreamInfer), so that `tritonclient.grpc` and other KServe v2 clients work
-unchanged. A thin edge, like coordinator/api/servicer.py: it turns tensors into the native GenerateRequest or
-InferRequest and runs them through the same core (coordinator/fleet/requests.py: `generate` and `infer`), so every
-check and limit of the native API applies, with the same messages.
+unchanged. A thin edge, like coordinator/api/servicer.py: it turns tensors into the core's own requests
+(coordinator/api/kserve_inputs.py: the GenerationRequest and EmbedRequest the native API's protos become) and runs
+them through the same core (coordinator/fleet/requests.py: `generate` and `infer`), so every check and limit of the
+native API applies, with the same messages.
 
 Models are named as in shardline: `name` (its default version) or `name@version`; a request's model_version,
 when given, is the version (`name` + model_version = `name@version`). An empty name is the cluster's model.

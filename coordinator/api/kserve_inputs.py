@@ -232,9 +232,15 @@ def fitted(key: str, value: Any) -> Any:
         if not low <= value <= high:
             raise InvalidArgument(f"{key} {shown(str(value))} does not fit its field ({kind})")
         return int(value)
-    if kind == "float":
-        with np.errstate(over="ignore"):
-            return float(np.float32(value))
+    try:
+        if kind == "float":
+            with np.errstate(over="ignore"):
+                return float(np.float32(value))
+        if kind == "strings":  # JSON may carry a lone surrogate, which no protobuf string (nor UTF-8) holds
+            for text in value:
+                text.encode("utf-8")
+    except (OverflowError, UnicodeEncodeError):
+        raise InvalidArgument(f"{key} {shown(str(value))} does not fit its field ({kind})") from None
     return value
 
 

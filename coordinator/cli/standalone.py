@@ -143,9 +143,11 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
             await signals.first.wait()
             await startup.drain_unless_stopped(coordinator.fleet.drain, config.drain_seconds, signals)
         finally:
-            if gateway is not None:  # first: no HTTP request starts on a coordinator that is going away
-                await gateway.stop()
-            await coordinator.stop()
+            try:
+                if gateway is not None:  # first: no HTTP request starts on a coordinator that is going away
+                    await gateway.stop()
+            finally:
+                await coordinator.stop()
 
     asyncio.run(run())
 
@@ -171,7 +173,7 @@ def http(endpoint: str = endpoint_option(),
     from dataclasses import replace
 
     from coordinator.api.http_gateway import GatewaySettings
-    from coordinator.api.http_launch import coordinator_wants_keys, exposure_checked, start_gateway
+    from coordinator.api.http_launch import exposure_checked, start_gateway
     from shardline.limits import is_host_port
     from shardline.server import Signals
     from shardline.tls import ClientTLS, TLSFilesError
@@ -181,6 +183,8 @@ def http(endpoint: str = endpoint_option(),
         _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
     if (tls_cert is None) != (tls_key is None):
         _fail("give --tls-cert and --tls-key together (HTTPS), or neither")
+    if api_keys_file is not None and not api_keys_file.is_file():
+        _fail(f"--api-keys {api_keys_file}: no such file (`coordinator api-keys create` makes one)")
     tls = ClientTLS.from_certs_dir(certs_dir, client_name) if certs_dir is not None else None
     settings = GatewaySettings(endpoint, host, port, tls, tls_cert, tls_key, max_body_bytes=max_body_bytes,
                                timeout_s=timeout, api_keys=api_keys_file)
@@ -189,9 +193,8 @@ def http(endpoint: str = endpoint_option(),
         signals = Signals()
         try:
             await exposure_checked(settings, insecure)
-            judged = settings if api_keys_file is not None else \
-                replace(settings, judge_remotely=await coordinator_wants_keys(settings))
-            gateway = await start_gateway(judged)
+            # without the keys file, the coordinator itself judges each key (and whether it needs one)
+            gateway = await start_gateway(replace(settings, judge_remotely=api_keys_file is None))
         except OSError as exc:
             _fail(f"{exc}; choose another port with --port")
             return

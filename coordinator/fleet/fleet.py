@@ -389,9 +389,9 @@ class Fleet:
 
     async def drain_worker(self, address: str) -> str:
         record = self.worker(address)
-        if record.state == WorkerState.LOST:
-            raise FailedPrecondition(f"worker {address} is lost (no heartbeat): its stage is being healed, not "
-                                     "drained; it is dropped from the pool when it leaves")
+        if record.state == WorkerState.LOST:  # nothing to hand over: its replica heals around it (lost -> drained)
+            record.state = WorkerState.DRAINED
+            return f"worker {address} was lost (no heartbeat): its stage is healed elsewhere; it takes no new one"
         owner = self._owner(record)
         if owner is None:
             record.state, record.stage, record.owner = WorkerState.DRAINED, None, ""

@@ -193,6 +193,7 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
                               min_tokens=plan.min_tokens, background=background, trace=trace)
     texts = TextStream(text, plan.stop)
     produced = 0
+    finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)
     prompt_tokens = len(plan.prompt_ids)
     try:
         while True:
@@ -200,16 +201,22 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
             if isinstance(token, BaseException):
                 raise token
             if token is None or (token in stop_ids and produced >= plan.min_tokens):
+                finished = True
                 yield Piece(texts.flush(), [], FinishReason.STOP, prompt_tokens, produced)
                 return
             produced += 1
             piece = texts.push(token, match=produced > plan.min_tokens)
             if texts.stopped:
+                finished = True
                 yield Piece(piece, [token], FinishReason.STOP, prompt_tokens, produced)
                 return
             if produced == plan.max_tokens:
+                finished = True
                 yield Piece(piece + texts.flush(), [token], FinishReason.LENGTH, prompt_tokens, produced)
                 return
             yield Piece(piece, [token])
     finally:
-        stream.cancel()  # a no-op once it ended
+        if finished:
+            stream.stop()  # ended here (a stop sequence): finished, not cancelled; a no-op once it ended
+        else:
+            stream.cancel()  # its caller went away (a no-op once it ended)

@@ -348,6 +348,8 @@ def test_a_revoked_key_is_refused_by_the_gateway_within_a_second_or_two(cluster)
         assert seconds_until(lambda: status_of(headers) == 200) < 2.5  # the file is read again within a second
         keys_file.write_text(before)
         assert seconds_until(lambda: status_of(headers) == 401) < 2.5
+        refused = httpx.get(f"{cluster['url']}/models", headers=headers, timeout=10)
+        assert "not valid here" in error_of(refused, 401)["message"]  # the gateway's door, not the coordinator's
     finally:
         keys_file.write_text(before)
 

@@ -1,0 +1,266 @@
+"""The SDK's table of calls: each call of `Client` and `AsyncClient` described once, for both.
+
+A call is a generator function. It builds its request proto from its arguments (and refuses bad ones, before
+anything is sent), yields the steps it needs, and turns the replies into its return value:
+
+    def promote_model(model: str, *, timeout: float | None = None) -> Steps[str]:
+        reply = yield Unary("PromoteModel", coordinator_pb2.PromoteModelRequest(model=model), timeout)
+        return str(reply.previous_version)
+
+It does no I/O itself. A client drives it (`Client._run`, `AsyncClient._run`): it does each step, blocking or
+awaited, sends the outcome back in and returns what the call returns. The clients own the error mapping: a
+Unary step's grpc.RpcError is raised as its shardline.errors exception (from_rpc_error). So a call, its
+validation, paging and polling included, exists once, and the two clients cannot drift apart; both are thin
+methods over this table (tests/unit/test_client_table.py holds them to the same names and signatures).
+
+Generate is server-streaming, and its responses are read as they arrive: `generate` and `chat` describe the
+request (a `Stream`); each client reads it with its own kind of iterator, through GenerateResult.add.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+from google.protobuf.message import Message as Proto
+from grpc_health.v1 import health_pb2
+
+from shardline.client_types import ClusterStatus, Embeddings, ModelInfo, models_of, status_of, vectors_of
+from shardline.errors import DeadlineExceeded
+from shardline.jobs import JobItemResult, JobStatus, as_item, items_from_jsonl
+from shardline.v1 import coordinator_pb2
+
+SERVICE = "shardline.v1.Coordinator"
+Message = Mapping[str, str] | tuple[str, str]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Unary:
+    """One unary RPC of the Coordinator service; the call receives its reply. `timeout`: None is the client's."""
+
+    rpc: str
+    request: Proto
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One health check of the Coordinator service; the call receives True when it is SERVING. An error (a
+    coordinator not up yet) is False, never raised."""
+
+    request: ClassVar[health_pb2.HealthCheckRequest] = health_pb2.HealthCheckRequest(service=SERVICE)
+    timeout: float = 5.0
+
+    @staticmethod
+    def serving(reply: health_pb2.HealthCheckResponse) -> bool:
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+Step = Unary | Probe | Sleep
+Steps = Generator[Step, Any, T]  # a call: yields steps, receives their outcomes, returns its value
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A Generate stream: its responses, read as they arrive, are GenerateChunks (GenerateResult.add); without
+    stream=True the call returns their sum, a GenerateResult."""
+
+    request: coordinator_pb2.GenerateRequest
+    timeout: float | None = None
+
+
+def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
+                     max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
+                     top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
+                     min_tokens: int | None = None, ignore_eos: bool = False) -> coordinator_pb2.GenerateRequest:
+    """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
+    without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
+    and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
+    token (run to max_tokens)."""
+    chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
+            else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
+    text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
+    request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
+                                              top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
+    if min_tokens is not None:
+        request.min_tokens = min_tokens
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if temperature is not None:
+        request.temperature = temperature
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}
+
+
+def infer_request(texts: Sequence[str], pooling: str = "mean", normalize: bool = True,
+                  model: str = "", truncate: bool = False) -> coordinator_pb2.InferRequest:
+    """The request for embed/embeddings. A text longer than the model's positions is refused
+    (INVALID_ARGUMENT, naming it and its tokens) unless `truncate`: then it is cut, and counted in the
+    response's `truncated`."""
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {sorted(POOLING)}")
+    return coordinator_pb2.InferRequest(texts=list(texts), pooling=POOLING[pooling], normalize=normalize,
+                                        model=model, truncate=truncate)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+# serving
+
+def generate(prompt: str | Sequence[int], *, timeout: float | None = None, **params: Any) -> Stream:
+    return Stream(generate_request(prompt, **params), timeout)
+
+
+def chat(messages: Sequence[Message], *, timeout: float | None = None, **params: Any) -> Stream:
+    return Stream(generate_request("", messages, **params), timeout)
+
+
+def embeddings(texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
+               timeout: float | None = None, truncate: bool = False) -> Steps[Embeddings]:
+    reply = yield Unary("Infer", infer_request(texts, pooling, normalize, model, truncate), timeout)
+    return Embeddings(vectors_of(reply), reply.tokens, reply.truncated)
+
+
+def embed(texts: Sequence[str], *, pooling: str = "mean", normalize: bool = True, model: str = "",
+          timeout: float | None = None, truncate: bool = False) -> Steps[np.ndarray]:
+    found = yield from embeddings(texts, pooling=pooling, normalize=normalize, model=model, timeout=timeout,
+                                  truncate=truncate)
+    return found.vectors
+
+
+def list_models() -> Steps[list[ModelInfo]]:
+    reply = yield Unary("ListModels", coordinator_pb2.ListModelsRequest())
+    return models_of(reply)
+
+
+def cluster_status() -> Steps[ClusterStatus]:
+    reply = yield Unary("GetClusterStatus", coordinator_pb2.GetClusterStatusRequest())
+    return status_of(reply)
+
+
+def wait_ready(timeout: float = 60.0) -> Steps[None]:
+    deadline = time.monotonic() + timeout
+    while True:
+        serving = yield Probe()
+        if serving:
+            return
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"the cluster was not ready within {timeout:.0f} s")
+        yield Sleep(0.25)
+
+
+# admin: the cluster's workers and its models
+
+def drain_worker(address: str) -> Steps[str]:
+    reply = yield Unary("DrainWorker", coordinator_pb2.DrainWorkerRequest(address=address))
+    return str(reply.message)
+
+
+def rebalance() -> Steps[str]:
+    reply = yield Unary("Rebalance", coordinator_pb2.RebalanceRequest())
+    return str(reply.message)
+
+
+def load_model(name: str, *, version: str = "", source: str = "", replicas: int = 1, workers: int = 0,
+               promote: bool = False, min_replicas: int = 0, max_replicas: int = 0, target_queue: float = 0,
+               scale_up_after_s: float = 0, scale_down_after_s: float = 0,
+               timeout: float | None = None) -> Steps[str]:
+    request = coordinator_pb2.LoadModelRequest(
+        name=name, version=version, source=source, replicas=replicas, workers=workers, promote=promote,
+        min_replicas=min_replicas, max_replicas=max_replicas, target_queue=target_queue,
+        scale_up_after_ms=_ms(scale_up_after_s), scale_down_after_ms=_ms(scale_down_after_s))
+    reply = yield Unary("LoadModel", request, timeout)
+    return str(reply.message)
+
+
+def unload_model(model: str, *, grace_s: float | None = None, timeout: float | None = None) -> Steps[tuple[str, int]]:
+    request = coordinator_pb2.UnloadModelRequest(model=model)
+    if grace_s is not None:
+        request.grace_ms = _ms(grace_s)
+    reply = yield Unary("UnloadModel", request, timeout)
+    return str(reply.message), int(reply.freed_weight_bytes)
+
+
+def scale_model(model: str, replicas: int, *, grace_s: float | None = None,
+                timeout: float | None = None) -> Steps[str]:
+    request = coordinator_pb2.ScaleModelRequest(model=model, replicas=replicas)
+    if grace_s is not None:
+        request.grace_ms = _ms(grace_s)
+    reply = yield Unary("ScaleModel", request, timeout)
+    return str(reply.message)
+
+
+def promote_model(model: str, *, timeout: float | None = None) -> Steps[str]:
+    reply = yield Unary("PromoteModel", coordinator_pb2.PromoteModelRequest(model=model), timeout)
+    return str(reply.previous_version)
+
+
+# jobs (shardline.jobs: job files, items, JobStatus and JobItemResult)
+
+def submit_job(items: Iterable[Any], *, model: str = "", label: str = "", timeout: float | None = None) -> Steps[str]:
+    request = coordinator_pb2.SubmitJobRequest(model=model, label=label, items=[as_item(i) for i in items])
+    reply = yield Unary("SubmitJob", request, timeout)
+    return str(reply.job_id)
+
+
+def submit_job_file(path: str, *, model: str = "", label: str = "", timeout: float | None = None) -> Steps[str]:
+    with open(path, encoding="utf-8") as f:
+        items = items_from_jsonl(f.read())
+    job_id = yield from submit_job(items, model=model, label=label or path, timeout=timeout)
+    return job_id
+
+
+def get_job(job_id: str, *, timeout: float | None = None) -> Steps[JobStatus]:
+    reply = yield Unary("GetJob", coordinator_pb2.GetJobRequest(job_id=job_id), timeout)
+    return JobStatus.of(reply.job)
+
+
+def job_results(job_id: str, *, timeout: float | None = None) -> Steps[list[JobItemResult]]:
+    results: list[JobItemResult] = []
+    offset = 0
+    while True:
+        request = coordinator_pb2.GetJobRequest(job_id=job_id, results=True, offset=offset)
+        page = yield Unary("GetJob", request, timeout)
+        results += [JobItemResult.of(r) for r in page.results]
+        if not page.next_offset:
+            return results
+        offset = page.next_offset
+
+
+def list_jobs(*, limit: int = 100, timeout: float | None = None) -> Steps[list[JobStatus]]:
+    reply = yield Unary("ListJobs", coordinator_pb2.ListJobsRequest(limit=limit), timeout)
+    return [JobStatus.of(j) for j in reply.jobs]
+
+
+def cancel_job(job_id: str, *, timeout: float | None = None) -> Steps[JobStatus]:
+    reply = yield Unary("CancelJob", coordinator_pb2.CancelJobRequest(job_id=job_id), timeout)
+    return JobStatus.of(reply.job)
+
+
+def wait_job(job_id: str, timeout: float = 3600.0, poll_s: float = 0.5) -> Steps[JobStatus]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = yield from get_job(job_id)
+        if status.finished:
+            return status
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"job {job_id} did not finish within {timeout:.0f} s ({status.done} of "
+                                   f"{status.total} done)")
+        yield Sleep(poll_s)

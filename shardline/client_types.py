@@ -1,0 +1,199 @@
+"""The values the SDK's calls return (GenerateResult, Embeddings, ModelInfo, ClusterStatus, ...) and how each is
+read from its reply proto. `shardline.client` exports them all; import them from there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shardline.codec import decode_tensor, dtype_from_enum, to_numpy
+from shardline.jobs import FINISH
+from shardline.v1 import coordinator_pb2
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # None until the last chunk: "length" or "stop"
+    prompt_tokens: int = 0            # usage, on the last chunk only (a stream's total, as GenerateResult's)
+    completion_tokens: int = 0
+
+
+@dataclass
+class GenerateResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False  # answered from the coordinator's result cache
+
+    def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
+        finish = FINISH.get(response.finish_reason)
+        usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish else (0, 0)
+        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage)
+        self.cached = self.cached or response.cached
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        if finish:
+            self.finish_reason = finish
+            self.prompt_tokens, self.completion_tokens = usage
+        return chunk
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # [len(texts), hidden] float32
+    tokens: int          # tokens the encoder processed, all inputs together
+    truncated: int = 0   # inputs cut to the model's positions (only with truncate=True)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    num_layers: int
+    size_bytes: int
+    context_tokens: int
+    ready: bool
+    task: str = ""            # "generate" or "embed"
+    has_tokenizer: bool = True
+    version: str = ""
+    is_default: bool = True   # the version the name alone means
+    versions: tuple[str, ...] = ()
+    replicas: int = 0
+    replicas_ready: int = 0
+    state: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    address: str
+    state: str
+    start_layer: int
+    end_layer: int
+    weight_bytes: int
+    memory_budget_bytes: int
+    rss_bytes: int
+    sessions: int
+    kv_cache_bytes: int
+    last_heartbeat_age_ms: int
+    last_error: str
+    busy_ms: int = 0
+    idle_ms: int = 0
+    queue_depth: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    tokens_per_second: float = 0.0
+    replica: str = ""         # the replica it serves (name@version/rN); "" = free, in the pool
+    device: str = ""          # "cpu" or "cuda:N" ("" = an older worker that did not say)
+    device_name: str = ""
+    device_memory_total_bytes: int = 0
+    device_memory_free_bytes: int = 0
+    dtype: str = ""           # the compute dtype it runs ("" = the LoadShard's, none loaded yet)
+    engine: str = ""          # "torch" or "deepspeed"
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    name: str
+    state: str
+    message: str
+    workers: tuple[str, ...]
+    running: int
+    queued: int
+    outstanding_tokens: int
+    requests: int
+    recoveries: int
+    draining: bool
+    plan: tuple[PlanStage, ...] = ()  # why each stage holds its range (README "Planning for mixed machines")
+    plan_basis: str = ""              # "time (...)": balanced on calibrations; "bytes (...)": on weights, and why
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    """One stage of a replica's plan: its worker, measured speed and link, predicted times, memory."""
+
+    worker: str
+    start_layer: int
+    end_layer: int
+    seconds_per_layer: float   # 0: not calibrated
+    compute_s: float
+    hop_s: float
+    weight_bytes: int
+    memory_budget_bytes: int
+    rtt_s: float
+    bandwidth_bytes_per_s: float
+    threads: int
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    name: str
+    version: str
+    source: str
+    is_default: bool
+    state: str
+    replicas: list[ReplicaStatus]
+    min_replicas: int
+    max_replicas: int
+    target_queue: float
+    events: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    model: str
+    ready: bool
+    state: str
+    message: str
+    workers: list[WorkerStatus]
+    active_sessions: int
+    recoveries: int = 0
+    last_recovery_ms: int = 0
+    last_recovery: str = ""
+    deployments: list[DeploymentStatus] = field(default_factory=list)
+    cache: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # result cache: entries, bytes, max bytes, hits, misses
+    jobs_unfinished: int = 0
+    job_items_running: int = 0
+    jobs_off: str = ""  # why jobs are off on this coordinator
+
+    def __str__(self) -> str:  # print(status): one line (repr() keeps every field)
+        ready = sum(w.state == "ready" for w in self.workers)
+        return (f"{self.model}: {self.state}{' - ' + self.message if self.message else ''}; {ready}/"
+                f"{len(self.workers)} workers ready, {self.active_sessions} active sessions")
+
+
+def vectors_of(response: coordinator_pb2.InferResponse) -> np.ndarray:
+    return to_numpy(decode_tensor(response.embeddings, "embeddings")).copy()
+
+
+def models_of(response: coordinator_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.name, m.family, m.num_layers, m.size_bytes, m.context_tokens, m.ready, m.task,
+                      m.has_tokenizer, m.version, m.is_default, tuple(m.versions), m.replicas, m.replicas_ready,
+                      m.state) for m in response.models]
+
+
+def status_of(r: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
+    workers = [WorkerStatus(w.address, w.state, w.start_layer, w.end_layer, w.weight_bytes, w.memory_budget_bytes,
+                            w.rss_bytes, w.sessions, w.kv_cache_bytes, w.last_heartbeat_age_ms, w.last_error,
+                            w.busy_ms, w.idle_ms, w.queue_depth, w.bytes_in, w.bytes_out, w.tokens_per_second,
+                            w.replica, w.device.device, w.device.name, w.device.memory_total_bytes,
+                            w.device.memory_free_bytes, dtype_from_enum(w.device.dtype) if w.device.dtype else "",
+                            w.device.engine)
+               for w in r.workers]
+    deployments = [DeploymentStatus(
+        d.name, d.version, d.source, d.is_default, d.state,
+        [ReplicaStatus(x.name, x.state, x.message, tuple(x.workers), x.running, x.queued, x.outstanding_tokens,
+                       x.requests, x.recoveries, x.draining,
+                       tuple(PlanStage(p.worker, p.start_layer, p.end_layer, p.seconds_per_layer, p.compute_s,
+                                       p.hop_s, p.weight_bytes, p.memory_budget_bytes, p.rtt_s,
+                                       p.bandwidth_bytes_per_s, p.threads) for p in x.plan), x.plan_basis)
+         for x in d.replicas],
+        d.min_replicas, d.max_replicas, d.target_queue, tuple(d.events)) for d in r.deployments]
+    return ClusterStatus(r.model, r.ready, r.state, r.message, workers, r.active_sessions, r.recoveries,
+                         r.last_recovery_ms, r.last_recovery, deployments,
+                         (r.cache_entries, r.cache_bytes, r.cache_max_bytes, r.cache_hits, r.cache_misses),
+                         r.jobs_unfinished, r.job_items_running, r.jobs_off)

@@ -1,0 +1,78 @@
+"""The edge's own checks, without a server: KServe values fitted to the native fields, and the HTTP gateway's
+judge of API keys (its memory of each answer, keyless callers, a coordinator out of reach)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from coordinator.api.http_keys import REMEMBER_S, CoordinatorJudge, bearer_key
+from coordinator.api.kserve_inputs import Tensor, generate_request
+from coordinator.api.openai_errors import ApiError
+from shardline.errors import InvalidArgument, Unauthenticated, Unavailable
+
+
+def inputs(**values: object) -> dict[str, Tensor]:
+    """A prompt, and `values` as the JSON of sampling_parameters (where any JSON value may come)."""
+    sampling = json.dumps(values).encode()
+    return {"text_input": Tensor("text_input", "BYTES", (1,), [b"hello"]),
+            "sampling_parameters": Tensor("sampling_parameters", "BYTES", (1,), [sampling])}
+
+
+def test_kserve_values_are_held_as_the_native_fields_would_hold_them():
+    req = generate_request("m", inputs(temperature=0.7, max_tokens=5, seed=2**64 - 1, stop=["x"], ignore_eos=True))
+    assert req.temperature == pytest.approx(0.7, abs=1e-7) and req.temperature != 0.7  # float32, as the proto's
+    assert (req.max_tokens, req.seed, req.stop, req.ignore_eos, req.top_k, req.min_tokens) == \
+        (5, 2**64 - 1, ("x",), True, 0, 0)
+    assert generate_request("m", inputs(temperature=1e39)).temperature == float("inf")  # the core refuses it
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 2**31), ("top_k", -2**31 - 1), ("seed", -1), ("seed", 2**64),
+    ("temperature", 10**400), ("stop", ["\ud800"]),
+])
+def test_a_kserve_value_that_no_native_field_holds_is_invalid_argument(field, value):
+    with pytest.raises(InvalidArgument, match=f"{field} .* does not fit its field"):
+        generate_request("m", inputs(**{field: value}))
+
+
+def test_the_judge_remembers_each_answer_for_a_second_and_asks_again_after():
+    asked: list[str | None] = []
+    now = [0.0]
+
+    async def ask(key: str | None) -> None:
+        asked.append(key)
+        if key != "good":
+            raise Unauthenticated("no")
+
+    judge = CoordinatorJudge(ask, clock=lambda: now[0])
+
+    async def run() -> list[bool]:
+        out = [await judge.admits(k) for k in ("good", "bad", None, "good", "bad", None)]
+        now[0] += REMEMBER_S
+        out.append(await judge.admits("good"))
+        return out
+
+    assert asyncio.run(run()) == [True, False, False, True, False, False, True]
+    assert asked == ["good", "bad", None, "good"]  # a flood of one key (or of none) is one call a second
+
+
+def test_the_judge_lets_the_call_speak_when_the_coordinator_cannot_answer_for_the_key():
+    async def down(key: str | None) -> None:
+        raise Unavailable("coordinator down")
+
+    async def tls(key: str | None) -> None:
+        raise Unauthenticated("TLS handshake failed with the coordinator")
+
+    assert asyncio.run(CoordinatorJudge(down).admits("k")) is True
+    assert asyncio.run(CoordinatorJudge(tls).admits("k")) is True
+
+
+@pytest.mark.parametrize("header", [b"Basic abc", b"Bearer", b"Bearer two words", b"Bearer " + b"k" * 5000])
+def test_a_malformed_authorization_header_is_401_without_the_key(header):
+    with pytest.raises(ApiError) as err:
+        bearer_key([(b"authorization", header)])
+    assert err.value.status == 401 and "words" not in err.value.message
+    assert bearer_key([]) is None and bearer_key([(b"authorization", b"bearer sl_x")]) == "sl_x"
