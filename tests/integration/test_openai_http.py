@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from coordinator.api.http_gateway import GatewaySettings
-from coordinator.api.http_launch import settings_beside, start_gateway
+from coordinator.api.http_launch import settings_beside, start_beside, start_gateway
 from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
 from shard_worker.server import start_worker
@@ -352,6 +352,26 @@ def test_a_revoked_key_is_refused_by_the_gateway_within_a_second_or_two(cluster)
         assert "not valid here" in error_of(refused, 401)["message"]  # the gateway's door, not the coordinator's
     finally:
         keys_file.write_text(before)
+
+
+def test_beside_the_coordinator_the_gateway_runs_on_a_thread_and_loop_of_its_own(loop, cluster):
+    """As `serve` and `launch` start it (start_beside): not on the coordinator's event loop; it serves, and its
+    stop ends its thread and frees its port."""
+    config = cluster["coordinator"].fleet.config
+    gateway = loop.run(start_beside(config, cluster["coordinator"].server.port))
+    assert gateway is not None
+    try:
+        assert gateway.thread.thread.is_alive() and gateway.thread.loop is not loop.loop
+        listed = httpx.get(f"{gateway.url}/models", headers={"authorization": f"Bearer {cluster['key']}"}, timeout=30)
+        assert listed.status_code == 200 and MODEL in listed.text
+        assert raw_post(gateway.url, "")[0].startswith(b"HTTP/1.1 401")  # judged there before the body too
+    finally:
+        loop.run(gateway.stop())
+    assert not gateway.thread.thread.is_alive()
+    with socket.socket() as probe:  # free again, for a server as ours binds (TIME_WAIT is no obstacle)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((gateway.host, gateway.port))
+        probe.listen()
 
 
 def test_the_callers_request_id_and_trace_context_go_on_to_the_coordinator(http, cluster, caplog):
