@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import grpc
 
@@ -28,7 +29,9 @@ class Registration:
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
         self.metadata = self.links.identity.metadata
+        self.identity = uuid.uuid4().hex  # this worker process, never reused (a restart is another identity)
         self.worker_id = ""
+        self.epoch = ""  # the coordinator's life it registered in
         self.leaving = False  # once leaving, a coordinator that forgets this worker is not asked again
         self.interval = 0.2   # between heartbeats: the coordinator's, once registered
 
@@ -61,18 +64,22 @@ class Registration:
                 return True
             reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
                 address=self.address, memory_budget_bytes=self.memory_budget_bytes,
-                device=device_proto(self.device, self.device.dtype)), timeout=RPC_TIMEOUT_S,
-                metadata=self.metadata)
+                device=device_proto(self.device, self.device.dtype), identity=self.identity),
+                timeout=RPC_TIMEOUT_S, metadata=self.metadata)
             self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
+            self.epoch = reply.coordinator_epoch
             log.info("registered with %s as %s", self.coordinator, self.worker_id)
             return False
-        beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(worker_id=self.worker_id),
-                                    timeout=RPC_TIMEOUT_S, metadata=self.metadata)
+        beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
+            worker_id=self.worker_id, identity=self.identity, coordinator_epoch=self.epoch),
+            timeout=RPC_TIMEOUT_S, metadata=self.metadata)
         if not beat.known:
             if self.leaving:
                 return True  # it let this worker go
-            log.warning("coordinator %s forgot this worker; registering again", self.coordinator)
-            self.worker_id = ""
+            restarted = beat.coordinator_epoch and beat.coordinator_epoch != self.epoch
+            log.warning("coordinator %s %s; registering again", self.coordinator,
+                        "restarted" if restarted else "does not know this worker")
+            self.worker_id = self.epoch = ""
         return False
 
     def _log_failure(self, err: grpc.RpcError, failures: int) -> None:
@@ -89,8 +96,9 @@ class Registration:
         async with channel(self.coordinator, self.links.keepalive, self.links.identity) as ch:
             try:
                 reply = await coordinator_pb2_grpc.WorkerRegistryStub(ch).LeaveCluster(
-                    coordinator_pb2.LeaveClusterRequest(worker_id=self.worker_id), timeout=timeout_s,
-                    metadata=self.metadata)
+                    coordinator_pb2.LeaveClusterRequest(worker_id=self.worker_id, identity=self.identity,
+                                                        coordinator_epoch=self.epoch),
+                    timeout=timeout_s, metadata=self.metadata)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from err
         return str(reply.message)

@@ -28,6 +28,7 @@ from shardline.limits import MAX_ADDRESS_CHARS, is_host_port
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
+MAX_IDENTITY_CHARS = 128  # a worker's identity (shard_worker/registration.py makes 32 hex digits)
 
 
 class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.CoordinatorServicer):
@@ -181,19 +182,27 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
             raise InvalidArgument(f"address {shown(request.address)} is not host:port")
         if request.memory_budget_bytes <= 0:
             raise InvalidArgument(f"memory_budget_bytes must be > 0, got {request.memory_budget_bytes}")
-        record = self.fleet.register(request.address, request.memory_budget_bytes, worker_device(request.device))
+        if len(request.identity) > MAX_IDENTITY_CHARS or not request.identity.isprintable():
+            raise InvalidArgument(f"identity must be at most {MAX_IDENTITY_CHARS} printable characters "
+                                  f"(got {len(request.identity)})")
+        record = self.fleet.register(request.address, request.memory_budget_bytes, worker_device(request.device),
+                                     request.identity)
         return coordinator_pb2.RegisterWorkerResponse(
-            worker_id=record.worker_id, heartbeat_interval_ms=self.fleet.config.heartbeat_interval_ms)
+            worker_id=record.worker_id, heartbeat_interval_ms=self.fleet.config.heartbeat_interval_ms,
+            coordinator_epoch=self.fleet.registry.epoch)
 
     @grpc_errors
     async def Heartbeat(self, request: Any, context: Any) -> coordinator_pb2.HeartbeatResponse:
-        return coordinator_pb2.HeartbeatResponse(known=self.fleet.heartbeat(request.worker_id))
+        known = self.fleet.heartbeat(request.worker_id, request.identity, request.coordinator_epoch)
+        return coordinator_pb2.HeartbeatResponse(known=known, coordinator_epoch=self.fleet.registry.epoch)
 
     @grpc_errors
     async def LeaveCluster(self, request: Any, context: Any) -> coordinator_pb2.LeaveClusterResponse:
-        record = self.fleet.registry.workers.get(request.worker_id)
+        record = self.fleet.registry.known(request.worker_id, request.identity, request.coordinator_epoch)
         if record is None:
-            raise NotFound(f"worker id {shown(request.worker_id)} is not registered here")
+            raise NotFound(f"worker id {shown(request.worker_id)} is not registered here as this worker (the "
+                           "coordinator restarted, or the id is another's): nothing to hand over; register again "
+                           "to rejoin")
         message = await self.fleet.drain_worker(record.address)
         self.fleet.registry.remove(record.worker_id)
         return coordinator_pb2.LeaveClusterResponse(message=message)

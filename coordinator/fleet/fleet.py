@@ -284,10 +284,11 @@ class Fleet:
         return []
 
     # -- membership ------------------------------------------------------------------------------------
-    def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None) -> WorkerRecord:
+    def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
+                 identity: str = "") -> WorkerRecord:
         old = next((w for w in self.registry.workers.values() if w.address == address), None)
         owner = self._owner(old) if old is not None else None
-        record = self.registry.register(address, memory_budget_bytes, device)
+        record = self.registry.register(address, memory_budget_bytes, device, identity)
         if old is not None:  # the same address again: its process restarted
             self.metrics.reregistrations.inc()
         deployed = any(r.assignment for r in self.replicas)
@@ -313,8 +314,8 @@ class Fleet:
                 if owner is not None and worker in owner.assignment:
                     owner.worker_lost(f"worker {address}: {why}")
 
-    def heartbeat(self, worker_id: str) -> bool:
-        known = self.registry.heartbeat(worker_id)
+    def heartbeat(self, worker_id: str, identity: str = "", epoch: str = "") -> bool:
+        known = self.registry.heartbeat(worker_id, identity, epoch)
         if known:
             self.place_pending()  # a worker that came back may complete a set
         return known

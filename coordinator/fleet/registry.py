@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class WorkerRecord:
     last_error: str = ""
     owner: str = ""  # the replica it belongs to ("" = free, in the pool)
     device: WorkerDevice = WorkerDevice()
+    identity: str = ""  # the worker process's own identity ("" = an older worker, known by its id alone)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "state":
@@ -47,23 +49,40 @@ __all__ = ["UNPLANNABLE", "Registry", "WorkerDevice", "WorkerRecord"]
 
 
 class Registry:
+    """Worker ids are unique within one life of the coordinator (`epoch`, new at every start); a worker names
+    its id, its own identity and the epoch it registered in, and is known only if all three match: after a
+    restart, a worker of the old life is told to register again, never taken for the one that got its old id."""
+
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.workers: dict[str, WorkerRecord] = {}
         self._ids = itertools.count(1)
+        self.epoch = uuid.uuid4().hex
 
-    def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None) -> WorkerRecord:
-        """A worker that registers again at the same address replaces its old record."""
+    def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
+                 identity: str = "") -> WorkerRecord:
+        """A worker that registers again at the same address (or with the same identity) replaces its old
+        record."""
         for worker_id, record in list(self.workers.items()):
-            if record.address == address:
+            if record.address == address or (identity and record.identity == identity):
                 del self.workers[worker_id]
         record = WorkerRecord(f"w{next(self._ids)}", address, memory_budget_bytes, time.monotonic(),
-                              device=device or WorkerDevice())
+                              device=device or WorkerDevice(), identity=identity)
         self.workers[record.worker_id] = record
         return record
 
-    def heartbeat(self, worker_id: str) -> bool:
+    def known(self, worker_id: str, identity: str = "", epoch: str = "") -> WorkerRecord | None:
+        """The record of a worker that names itself so; None if it is not this one's, or of another epoch
+        (an older worker names no identity and no epoch: its id alone)."""
         record = self.workers.get(worker_id)
+        if record is None or record.identity != identity or (epoch and epoch != self.epoch):
+            return None
+        if identity and not epoch:  # a worker with an identity always names its epoch
+            return None
+        return record
+
+    def heartbeat(self, worker_id: str, identity: str = "", epoch: str = "") -> bool:
+        record = self.known(worker_id, identity, epoch)
         if record is None:
             return False
         record.last_heartbeat = time.monotonic()

@@ -291,10 +291,14 @@ class InferResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tokens: _Optional[int] = ..., truncated: _Optional[int] = ...) -> None: ...
 
 class LeaveClusterRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "identity", "coordinator_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    identity: str
+    coordinator_epoch: str
+    def __init__(self, worker_id: _Optional[str] = ..., identity: _Optional[str] = ..., coordinator_epoch: _Optional[str] = ...) -> None: ...
 
 class LeaveClusterResponse(_message.Message):
     __slots__ = ("message",)
@@ -567,31 +571,41 @@ class GetClusterStatusResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., ready: _Optional[bool] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., active_sessions: _Optional[int] = ..., recoveries: _Optional[int] = ..., last_recovery_ms: _Optional[int] = ..., last_recovery: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[DeploymentInfo, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_max_bytes: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., jobs_unfinished: _Optional[int] = ..., job_items_running: _Optional[int] = ..., jobs_off: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("address", "memory_budget_bytes", "device")
+    __slots__ = ("address", "memory_budget_bytes", "device", "identity")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     address: str
     memory_budget_bytes: int
     device: _tensor_pb2.DeviceInfo
-    def __init__(self, address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ...) -> None: ...
+    identity: str
+    def __init__(self, address: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ..., identity: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("worker_id", "heartbeat_interval_ms")
+    __slots__ = ("worker_id", "heartbeat_interval_ms", "coordinator_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     heartbeat_interval_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+    coordinator_epoch: str
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., coordinator_epoch: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "identity", "coordinator_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    identity: str
+    coordinator_epoch: str
+    def __init__(self, worker_id: _Optional[str] = ..., identity: _Optional[str] = ..., coordinator_epoch: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "coordinator_epoch")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_EPOCH_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    coordinator_epoch: str
+    def __init__(self, known: _Optional[bool] = ..., coordinator_epoch: _Optional[str] = ...) -> None: ...
