@@ -170,6 +170,9 @@ class CoordinatorConfig(BaseModel):
     # jobs and the result cache (README "Jobs and the result cache")
     jobs_dir: Path | None = Field(None, description="where the jobs database lives (jobs.sqlite3); default: the "
                                   "store directory. One coordinator per directory")
+    durable_fleet: bool = Field(True, description="commit every run-time change (load, unload, scale, promote) "
+                                "to fleet-<digest of the configured deployments>.sqlite in jobs_dir (or the store) "
+                                "before acknowledging it, and replay them at start")
     job_concurrency: int = Field(64, ge=1, description="job items in flight at once (they run as background "
                                  "streams, after interactive ones)")
     job_step_share: float = Field(0.5, ge=0, description="while interactive streams run, a step carries at most "

@@ -18,6 +18,7 @@ from coordinator.config import CoordinatorConfig, DeploymentSpec, split_name
 from coordinator.fleet.autoscaler import autoscale
 from coordinator.fleet.calibration import Calibrations, StepShape
 from coordinator.fleet.deployments import Deployment, resolve
+from coordinator.fleet.durable import FleetState, Forgetful, SqliteFleetState
 from coordinator.fleet.model_admin import ModelAdmin
 from coordinator.fleet.placement import Wanted, interleave, place
 from coordinator.fleet.rechain import ChangeRefused
@@ -64,12 +65,28 @@ class Fleet:
         self._health_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        self.durable: FleetState = SqliteFleetState.beside(config.jobs_dir or config.store,
+                                                           config.initial_deployments()) \
+            if config.durable_fleet else Forgetful()  # run-time changes, committed before acknowledged
         self.admin = ModelAdmin(self)       # load, unload, scale and promote at run time
 
     # -- start and stop --------------------------------------------------------------------------------
     async def start(self) -> None:
-        for spec in self.config.initial_deployments():
-            self.add(await self.deployment_of(spec))
+        configured = self.config.initial_deployments()
+        changes = self.durable.changes()
+        for spec in changes.applied(configured):
+            try:
+                self.add(await self.deployment_of(spec))
+            except NotFound as exc:
+                if spec in configured:
+                    raise
+                self.say(f"not restoring {spec.key}, loaded at run time before the restart: {exc}")
+        for name, version in changes.defaults.items():
+            if f"{name}@{version}" in self.deployments:
+                self.defaults[name] = version
+        if changes.deployments or changes.defaults:
+            self.say(f"restored the run-time changes: serving {', '.join(self.deployments) or 'nothing'} "
+                     f"(defaults: {', '.join(f'{n}@{v}' for n, v in self.defaults.items())})")
         self.place_pending()  # says how many workers each deployment waits for
         self._background = [asyncio.create_task(self._watch(), name="membership watch"),
                             asyncio.create_task(self._push_health(), name="health")]
@@ -82,6 +99,7 @@ class Fleet:
         for deployment in list(self.deployments.values()):
             for replica in list(deployment.replicas):
                 await replica.stop()
+        self.durable.close()
 
     async def deployment_of(self, spec: DeploymentSpec) -> Deployment:
         manifest = self.store.manifest(spec.model)  # NotFound lists the store's models

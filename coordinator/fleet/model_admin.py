@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from coordinator.config import CoordinatorConfig, DeploymentSpec, split_name
 from coordinator.fleet.deployments import Deployment, check_replicas
+from coordinator.fleet.durable import FleetState
 from coordinator.fleet.placement import Wanted, place
 from coordinator.fleet.registry import UNPLANNABLE, Registry
 from coordinator.fleet.states import ReplicaState
@@ -38,6 +39,7 @@ class Administered(Protocol):
     defaults: dict[str, str]
     changed: asyncio.Event
     say: Callable[[str], None]
+    durable: FleetState
 
     def find(self, requested: str) -> Deployment: ...
     async def deployment_of(self, spec: DeploymentSpec) -> Deployment: ...
@@ -122,6 +124,7 @@ class ModelAdmin:
                 await self._unload(deployment, 0)
             raise
         deployment.loaded_in_s = time.perf_counter() - began
+        fleet.durable.deployed(spec)  # committed before it is acknowledged
         if promote or spec.name not in fleet.defaults:
             self._promote(deployment)
         return deployment
@@ -156,6 +159,7 @@ class ModelAdmin:
                                      "become the default")
         fleet, name = self.fleet, deployment.spec.name
         previous = fleet.defaults.get(name, "")
+        fleet.durable.promoted(name, deployment.spec.version)
         fleet.defaults[name] = deployment.spec.version
         was = f"version {previous}" if previous else "none"
         deployment.note(f"promoted to default of {name} (was {was})")
@@ -174,6 +178,7 @@ class ModelAdmin:
                                          f"version first ({', '.join(d.key for d in others)})")
             if deployment.unloading:
                 raise FailedPrecondition(f"{deployment.key} is being unloaded already")
+            self.fleet.durable.unloaded(deployment.key)
             deployment.unloading = True  # from here on no request is routed to it
         return await self._detached(self._unload(deployment, grace_s))
 
@@ -206,6 +211,7 @@ class ModelAdmin:
                                       f"{spec.max_replicas} replicas; {replicas} is outside")
             if replicas == len(live):
                 return f"{spec.key} already has {replicas} replicas"
+            self.fleet.durable.deployed(spec.model_copy(update={"replicas": replicas}))
             deployment.note(f"scaled {len(live)} -> {replicas} replicas ({reason})")
             self.fleet.say(f"{spec.key}: scaling {len(live)} -> {replicas} replicas ({reason})")
             if replicas > len(live):

@@ -1,0 +1,135 @@
+"""The fleet's run-time changes, committed before they are acknowledged, so that a coordinator that restarts
+serves what it served (issue 27.2): every load, unload, scale and promote is written here first, and at start
+the fleet replays them on top of the deployments its configuration lists.
+
+The changes belong to one configuration: the file is named by a digest of the configured deployments, so a
+coordinator started with the same configuration resumes them, and one started with another (an operator's new
+intent) starts from that configuration alone (the old file stays, unread, and the start says so).
+
+`SqliteFleetState` is the embedded default (SQLite beside the model store, `synchronous=FULL`: a change
+acknowledged is on disk); `FleetState` is the interface a shared engine (etcd, issue 29) implements too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from coordinator.config import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (key TEXT PRIMARY KEY, spec TEXT);  -- spec NULL: unloaded
+CREATE TABLE IF NOT EXISTS defaults (name TEXT PRIMARY KEY, version TEXT NOT NULL);
+"""
+
+
+@dataclass
+class Changes:
+    """What run time changed: deployments loaded or scaled (their spec) or unloaded (None), and defaults."""
+
+    deployments: dict[str, DeploymentSpec | None] = field(default_factory=dict)
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    def applied(self, configured: list[DeploymentSpec]) -> list[DeploymentSpec]:
+        """The configured deployments with the changes made since: in the configuration's order, then the
+        loaded ones in the order they were loaded."""
+        specs = {s.key: s for s in configured}
+        for key, spec in self.deployments.items():
+            if spec is None:
+                specs.pop(key, None)
+            else:
+                specs[key] = spec
+        return list(specs.values())
+
+
+class FleetState(Protocol):
+    def changes(self) -> Changes: ...
+    def deployed(self, spec: DeploymentSpec) -> None: ...
+    def unloaded(self, key: str) -> None: ...
+    def promoted(self, name: str, version: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def configuration_digest(configured: list[DeploymentSpec]) -> str:
+    text = json.dumps([s.model_dump(mode="json") for s in configured], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SqliteFleetState:
+    """One SQLite file; every write commits before it returns (callers write on the event loop: a change is
+    rare, and its order is the order they were made)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged change survives a power loss
+        self._db.executescript(SCHEMA)
+
+    @classmethod
+    def beside(cls, directory: Path, configured: list[DeploymentSpec]) -> SqliteFleetState:
+        """The state of this configuration, in `directory`; says when another configuration's state is there."""
+        name = f"fleet-{configuration_digest(configured)}.sqlite"
+        others = sorted(p.name for p in directory.glob("fleet-*.sqlite") if p.name != name) \
+            if directory.is_dir() else []
+        if others:
+            log.info("the run-time changes of other configurations stay unread in %s (%s)", directory,
+                     ", ".join(others))
+        return cls(directory / name)
+
+    def changes(self) -> Changes:
+        with self._lock:
+            rows = self._db.execute("SELECT key, spec FROM deployments ORDER BY rowid").fetchall()
+            defaults = dict(self._db.execute("SELECT name, version FROM defaults").fetchall())
+        return Changes({k: DeploymentSpec.model_validate_json(s) if s is not None else None for k, s in rows},
+                       defaults)
+
+    def _write(self, sql: str, values: tuple[str | None, ...]) -> None:
+        with self._lock:
+            self._db.execute(sql, values)
+
+    def deployed(self, spec: DeploymentSpec) -> None:
+        """A deployment loaded, or scaled (`spec.replicas`), at run time."""
+        self._write("INSERT INTO deployments (key, spec) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET spec = excluded.spec", (spec.key, spec.model_dump_json()))
+
+    def unloaded(self, key: str) -> None:
+        self._write("INSERT INTO deployments (key, spec) VALUES (?, NULL) "
+                    "ON CONFLICT (key) DO UPDATE SET spec = NULL", (key,))
+
+    def promoted(self, name: str, version: str) -> None:
+        self._write("INSERT INTO defaults (name, version) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET version = excluded.version", (name, version))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Forgetful:
+    """No durable state (a coordinator configured without one): changes last as long as the process."""
+
+    def changes(self) -> Changes:
+        return Changes()
+
+    def deployed(self, spec: DeploymentSpec) -> None:
+        pass
+
+    def unloaded(self, key: str) -> None:
+        pass
+
+    def promoted(self, name: str, version: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
