@@ -163,6 +163,10 @@ class CoordinatorConfig(BaseModel):
                                  "this many positions")
     prefix_cache: bool = Field(True, description="prompts that share a prefix reuse its KV blocks on every stage "
                                "instead of computing them again (README \"Prefix cache\"); kept in free KV blocks")
+    cache_scope: str = Field("key", pattern="^(key|shared)$", description="key: the result cache and the prefix "
+                             "cache are kept apart per API key (a caller cannot learn from `cached` or from time "
+                             "to first token what another key sent); shared: one for every caller "
+                             "(a single-tenant cluster)")
     kv_reserve_tokens: int = Field(16, ge=0, description="a stream is admitted when every stage has room for its "
                                    "prompt plus this many positions")
     session_ttl_s: float = Field(600, gt=0, description="a session with no step for this long is freed on every "

@@ -76,7 +76,7 @@ class JobMethods:
     jobs: JobRunner
     api_keys: ApiKeys | None
 
-    def _caller(self, context: Any) -> tuple[str, bool]:
+    def caller(self, context: Any) -> tuple[str, bool]:
         """The API key's name (empty without keys) and whether it is an admin (everyone is, without keys)."""
         if self.api_keys is None:
             return "", True
@@ -90,7 +90,7 @@ class JobMethods:
         if len(job_id) > MAX_JOB_ID_CHARS:
             raise InvalidArgument(f"job_id is {len(job_id)} characters; job ids have at most {MAX_JOB_ID_CHARS}")
         row = await self.jobs.job(job_id)
-        owner, admin = self._caller(context)
+        owner, admin = self.caller(context)
         if not admin and row.owner != owner:  # another key's job: as if there were none
             raise NotFound(f"no job {job_id!r} on this coordinator (ListJobs shows yours)")
         self.jobs.check_kept(row)
@@ -114,7 +114,7 @@ class JobMethods:
             new, model = await checked_item(self.fleet, request.model, item, where)
             items.append(new)
             models[model] = None
-        owner, _ = self._caller(context)
+        owner, _ = self.caller(context)
         job_id = await self.jobs.submit(owner, request.label, items, list(models))
         return coordinator_pb2.SubmitJobResponse(job_id=job_id, items=len(items))
 
@@ -145,7 +145,7 @@ class JobMethods:
     async def ListJobs(self, request: Any, context: Any) -> coordinator_pb2.ListJobsResponse:
         if not 0 <= request.limit <= MAX_PAGE:
             raise InvalidArgument(f"limit must be between 0 and {MAX_PAGE}, got {request.limit}")
-        owner, admin = self._caller(context)
+        owner, admin = self.caller(context)
         rows = await self.jobs.jobs(None if admin else owner, request.limit or 100)
         return coordinator_pb2.ListJobsResponse(jobs=[job_info(r, self.jobs.message(r)) for r in rows])
 

@@ -257,7 +257,7 @@ class KServeServicer:
         try:
             with tracing.request_span(f"shardline.kserve.{job.method}", job.context, model=req.model) as span:
                 native = generate(self.fleet, self.core.cache, req, uuid.uuid4().hex, trace=tracing.traceparent(span),
-                                  client_id=job.client_id())
+                                  client_id=job.client_id(), tenant=self.core.caller(job.context)[0])
                 async with contextlib.aclosing(cast(AsyncGenerator[Piece, None], native)) as pieces:
                     async for piece in pieces:
                         yield piece

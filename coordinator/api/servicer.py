@@ -43,7 +43,8 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         try:
             with tracing.request_span("shardline.Generate", context, model=req.model) as span:
                 async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
-                                            trace=tracing.traceparent(span), client_id=request_id_of(context)):
+                                            trace=tracing.traceparent(span), client_id=request_id_of(context),
+                                            tenant=self.caller(context)[0]):
                     response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
                                                                 finish_reason=FINISH[piece.finish_reason],
                                                                 cached=piece.cached)

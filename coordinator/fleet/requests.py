@@ -59,9 +59,12 @@ async def plan_generation(fleet: Fleet, req: GenerationRequest) -> tuple[Deploym
 
 
 async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
-                   background: bool = False, trace: str = "", client_id: str = "") -> AsyncIterator[Piece]:
+                   background: bool = False, trace: str = "", client_id: str = "",
+                   tenant: str = "") -> AsyncIterator[Piece]:
     """`_generate`, counted in the coordinator's metrics: every protocol and the job runner come here, so
-    each request is counted once, under the deployment it names."""
+    each request is counted once, under the deployment it names. `tenant`: the caller's API key name, whose
+    own result and prefix caches it uses (with cache_scope "key"; one shared cache with "shared")."""
+    tenant = tenant if fleet.config.cache_scope == "key" else ""
     # closed here, at once, when the caller stops early (not later by the garbage collector): the scheduler's
     # stream leaves the batch as soon as its caller is gone
     model = fleet.label(req.model)
@@ -69,7 +72,8 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
     if fleet.config.log_prompts:
         record.prompt = prompt_json(req.prompt if not req.messages else [list(m) for m in req.messages])
     try:
-        async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace)) as pieces, \
+        async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace,
+                                                 tenant)) as pieces, \
                 contextlib.aclosing(fleet.metrics.requests.generation(model, pieces)) as counted:
             async for piece in counted:
                 record.piece(piece)
@@ -82,7 +86,7 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
 
 
 async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
-                    background: bool = False, trace: str = "") -> AsyncGenerator[Piece, None]:
+                    background: bool = False, trace: str = "", tenant: str = "") -> AsyncGenerator[Piece, None]:
     """The pieces of a generation: from the cache (one piece, marked cached) when a deterministic request
     was answered before on the same deployment, else as the scheduler of the replica that owes least
     produces them (a background stream for a job's item). `trace` is the request span's traceparent (tracing
@@ -90,13 +94,14 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     deployment = generating(fleet, req)
     fleet.serving(deployment)  # not ready: say so before the prompt is even read
     plan = await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
-    key = cache_key(deployment.uid, plan, req.seed)
+    key = cache_key(deployment.uid, plan, req.seed, tenant)
     hit = cache.get(key)
     if hit is not None:
         yield Piece(hit.text, hit.ids, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, cached=True)
         return
     _, scheduler = fleet.route(deployment)
-    async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace)) as produced, \
+    async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace,
+                                       tenant)) as produced, \
             contextlib.aclosing(remembered(produced, cache, key)) as pieces:
         async for piece in pieces:
             yield piece

@@ -63,6 +63,7 @@ class Running:
     started_all: bool = False
     cancelled: bool = False
     waiting: str = ""  # why items wait (the cluster's state), shown as the job's message
+    owner: str = ""    # the API key name that submitted it: its items use that key's caches
 
 
 def failed(exc: ShardlineError, why: str = "") -> coordinator_pb2.JobItemResult:
@@ -214,6 +215,8 @@ class JobRunner:
         """Start the job's pending items as slots free up (returns once every one has started)."""
         running = self._running[job_id] = Running()
         try:
+            row = await self._db(store.job, job_id)
+            running.owner = row.owner if row is not None else ""
             await self._db(store.set_state, job_id, "running")
             after = -1
             while not running.cancelled:
@@ -268,7 +271,7 @@ class JobRunner:
         delay, give_up = 0.5, time.monotonic() + MAX_ITEM_WAIT_S
         while True:
             try:
-                result = await self._execute(item, cache_ok=not seeded_here)
+                result = await self._execute(item, cache_ok=not seeded_here, tenant=running.owner)
                 state = "done"
                 running.waiting = ""
                 break
@@ -289,7 +292,8 @@ class JobRunner:
         result.index, result.custom_id, result.state = index, item.custom_id, state
         await self._db(self.opened().finish_item, job_id, index, state, result.SerializeToString(), result.cached)
 
-    async def _execute(self, item: coordinator_pb2.JobItem, cache_ok: bool) -> coordinator_pb2.JobItemResult:
+    async def _execute(self, item: coordinator_pb2.JobItem, cache_ok: bool,
+                       tenant: str = "") -> coordinator_pb2.JobItemResult:
         result = coordinator_pb2.JobItemResult()
         if item.WhichOneof("request") == "infer":
             async with self._infer_slot:
@@ -299,7 +303,7 @@ class JobRunner:
         req = generation_request(item.generate)
         texts: list[str] = []
         cache = self.cache if cache_ok else ResultCache(0)
-        async for piece in generate(self.fleet, cache, req, f"job-{uuid.uuid4().hex}", background=True,
+        async for piece in generate(self.fleet, cache, req, f"job-{uuid.uuid4().hex}", background=True, tenant=tenant,
                                     client_id=_log_id(item.custom_id)):
             texts.append(piece.text)
             result.token_ids.extend(piece.token_ids)

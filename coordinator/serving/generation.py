@@ -182,7 +182,7 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
 
 
 async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
-              background: bool = False, trace: str = "") -> AsyncGenerator[Piece, None]:
+              background: bool = False, trace: str = "", tenant: str = "") -> AsyncGenerator[Piece, None]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 
@@ -190,7 +190,8 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     were produced; before that, an end-of-sequence id is just a token."""
     stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
     stream = scheduler.policy.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
-                              min_tokens=plan.min_tokens, background=background, trace=trace)
+                                     min_tokens=plan.min_tokens, background=background, trace=trace,
+                                     tenant=tenant)
     texts = TextStream(text, plan.stop)
     produced = 0
     finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)

@@ -127,7 +127,8 @@ class SchedulingPolicy:
                 "or lower max_tokens")
 
     def submit(self, session_id: str, prompt: list[int], sampling: Sampling, max_tokens: int,
-               stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False, trace: str = "") -> Stream:
+               stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False, trace: str = "",
+               tenant: str = "") -> Stream:
         """Queue a stream; interactive streams beyond `max_queued` waiting are refused (background ones are
         bounded by their submitter)."""
         self.check_fits(len(prompt), max_tokens)
@@ -138,7 +139,7 @@ class SchedulingPolicy:
             raise ResourceExhausted(f"the cluster is at capacity ({running}, {len(self.waiting)} waiting); "
                                     "try again later")
         stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
-                        background=background, trace=trace, queued_at=self.clock())
+                        background=background, trace=trace, queued_at=self.clock(), tenant=tenant)
         self._enqueue(stream)
         self.admit()
         return stream

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 DIGEST_BYTES = 16
 
 
-def chain_hashes(ids: list[int], block_tokens: int) -> list[bytes]:
-    """The chain hash of every full block of `ids`, from block 0."""
+def chain_hashes(ids: list[int], block_tokens: int, tenant: str = "") -> list[bytes]:
+    """The chain hash of every full block of `ids`, from block 0; a tenant's chains start from its own salt, so
+    no two tenants' blocks ever share a hash (and a stage never serves one tenant's prefix to another)."""
     out: list[bytes] = []
-    previous = b""
+    previous = hashlib.blake2b(tenant.encode(), digest_size=DIGEST_BYTES).digest() if tenant else b""
     for end in range(block_tokens, len(ids) + 1, block_tokens):
         block = array("q", ids[end - block_tokens: end]).tobytes()
         previous = hashlib.blake2b(previous + block, digest_size=DIGEST_BYTES).digest()
@@ -77,7 +78,7 @@ class PrefixIndex:
 
 def start_past_prefix(stream: Stream, prefixes: PrefixIndex) -> None:
     """A new session: hash its full blocks, and start it past the longest prefix the stages keep."""
-    stream.prefix_hashes = chain_hashes(stream.pending, prefixes.block_tokens)
+    stream.prefix_hashes = chain_hashes(stream.pending, prefixes.block_tokens, stream.tenant)
     skip = reusable_tokens(len(stream.pending), prefixes.match(stream.prefix_hashes), prefixes.block_tokens)
     if skip:
         prefixes.hits += 1

@@ -41,8 +41,10 @@ class CachedResult:
 
 @dataclass(frozen=True)
 class Key:
-    """Everything that decides a deterministic request's output."""
+    """Everything that decides a deterministic request's output, and whose answer it is (`tenant`: the API
+    key's name with per-key caches, "" when shared)."""
 
+    tenant: str
     deployment_uid: str
     prompt_ids: bytes  # int64, packed
     max_tokens: int
@@ -55,13 +57,13 @@ class Key:
     ignore_eos: bool
 
 
-def cache_key(deployment_uid: str, plan: Plan, seed: int | None) -> Key | None:
+def cache_key(deployment_uid: str, plan: Plan, seed: int | None, tenant: str = "") -> Key | None:
     """The key of a deterministic request, or None when its output is random (sampled without a seed of the
     caller's)."""
     s = plan.sampling
     if s.temperature != 0 and seed is None:
         return None
-    return Key(deployment_uid, array.array("q", plan.prompt_ids).tobytes(), plan.max_tokens, s.temperature,
+    return Key(tenant, deployment_uid, array.array("q", plan.prompt_ids).tobytes(), plan.max_tokens, s.temperature,
                s.top_k, s.top_p, seed, plan.stop, plan.min_tokens, plan.ignore_eos)
 
 

@@ -76,6 +76,7 @@ class Stream:
     prefix_tokens: int = 0  # its session, not started yet, starts with this many positions from the prefix store
     no_prefix: bool = False  # a stage lacked the prefix it was sent: its replay computes the whole prefill
     state: StreamState = StreamState.QUEUED  # moved only along STREAM_TRANSITIONS (`move`)
+    tenant: str = ""    # whose prompt: its prefix blocks are this tenant's alone (serving/prefix.py)
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)

@@ -259,6 +259,21 @@ def test_a_prompt_sharing_a_finished_streams_blocks_starts_past_them_and_gets_th
     assert received(first)[2] and received(again) == (expected(again, 13)[:2], None, True)
 
 
+@pytest.mark.parametrize("second_tenant, reused", [("key-a", 12), ("key-b", 0)])
+def test_a_prefix_is_reused_by_its_own_tenant_only(second_tenant, reused):
+    """Per-key caches: another key's identical prompt starts from scratch (its time to first token tells it
+    nothing of what key-a sent); the same key's starts past the kept blocks."""
+    h = Harness(groups=1, blocks=64, block_tokens=4, prefix_cache=True, prefill_chunk=64)
+    h.submit("first", 13, 2, tenant="key-a")
+    h.run()
+    again = h.submit("again", 13, 2, tenant=second_tenant)
+    plan = h.plan()
+    assert plan.slices[0].prefix_tokens == reused and plan.slices[0].position == reused
+    h.policy.update(plan, h.answer(plan))
+    h.run()
+    assert received(again) == (expected(again, 13)[:2], None, True)
+
+
 def test_a_prefix_a_stage_no_longer_holds_is_forgotten_and_the_stream_replays_whole():
     h = Harness(groups=1, blocks=64, block_tokens=4, prefix_cache=True, prefill_chunk=64)
     h.submit("first", 13, 2)
