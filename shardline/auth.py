@@ -193,6 +193,15 @@ def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
             raise ValueError(f"API keys file {source}: key {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"API keys file {source}: key {name!r}: sha256 must be 64 hex digits")
+        if not name:
+            raise ValueError(f"API keys file {source}: entry {i} has an empty name")
+        same = next((k for k in out.values() if k.name == name), None)
+        if same is not None:  # jobs and caches belong to a name: two keys of one name would share them
+            raise ValueError(f"API keys file {source}: entry {i} reuses the name {name!r}; every key needs a name "
+                             "of its own")
+        if digest in out:
+            raise ValueError(f"API keys file {source}: entry {i} ({name!r}) has the same key as "
+                             f"{out[digest].name!r}")
         out[digest] = KeyEntry(name, role, digest)
     return out
 

@@ -13,7 +13,15 @@ from coordinator.fleet.requests import plan_generation, plan_infer
 from coordinator.jobs.store import JobRow, NewItem
 from coordinator.wire import embed_request, generation_request
 from shardline.auth import bearer
-from shardline.errors import InvalidArgument, NotFound, ResourceExhausted, ShardlineError, Unavailable, grpc_errors
+from shardline.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShardlineError,
+    Unauthenticated,
+    Unavailable,
+    grpc_errors,
+)
 from shardline.v1 import coordinator_pb2
 
 if TYPE_CHECKING:
@@ -83,6 +91,17 @@ class JobMethods:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         entry = self.api_keys.role_of(bearer(metadata))
         return (entry.name, entry.role == "admin") if entry is not None else ("", False)
+
+    def still_admitted(self, context: Any) -> None:
+        """A long call's key judged again (the keys file is read again within a second of a change): a key
+        revoked while its stream is open is refused at the stream's next request."""
+        if self.api_keys is None:
+            return
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        key = bearer(metadata)
+        if key and self.api_keys.role_of(key) is None:
+            raise Unauthenticated("the API key this stream was opened with is no longer valid (revoked): its "
+                                  "requests are refused; open a stream with a valid key")
 
     async def _own(self, job_id: str, context: Any) -> JobRow:
         if not job_id:

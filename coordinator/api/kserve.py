@@ -317,6 +317,7 @@ class KServeServicer:
 
         async def one(request: Any) -> None:
             try:
+                self.core.still_admitted(context)  # each request of a long stream: a revoked key stops here
                 async with contextlib.aclosing(self.answer(request, context)) as responses:
                     async for response in responses:
                         await out.put(pb.ModelStreamInferResponse(infer_response=response))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import grpc
@@ -50,6 +51,28 @@ def test_fetch_unknown_tensor_and_resume_offset(parameters):
     tail = list(stub.FetchTensors(parameters_pb2.FetchTensorsRequest(
         model="tiny-llama", tensors=[parameters_pb2.TensorRequest(name=name, offset_bytes=30000)])))
     assert len(whole) == 32768 and tail[0].offset_bytes == 30000 and b"".join(c.data for c in tail) == whole[30000:]
+
+
+def test_a_manifest_naming_a_file_outside_its_model_is_refused(loop, store, tmp_path):
+    """A store copied from elsewhere cannot make the parameter service read the host's files."""
+    outside = ModelStore(tmp_path / "store")
+    shutil.copytree(store.path("tiny-llama"), outside.path("tiny-llama"))
+    (tmp_path / "secret.bin").write_bytes(b"s" * 4096)
+    manifest = outside.manifest("tiny-llama")
+    victim = manifest.tensors[0]
+    escaped = dataclasses.replace(manifest, tensors=[dataclasses.replace(victim, file="../../secret.bin",
+                                                                         offset_bytes=0), *manifest.tensors[1:]])
+    (outside.path("tiny-llama") / "manifest.json").write_text(escaped.to_json())
+    server = loop.run(start_parameter_server(outside))
+    try:
+        stub = parameters_pb2_grpc.ParametersStub(grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.FetchTensors(parameters_pb2.FetchTensorsRequest(
+                model="tiny-llama", tensors=[parameters_pb2.TensorRequest(name=victim.name)]), timeout=30))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "outside the model's directory" in err.value.details() and "../../secret.bin" in err.value.details()
+    finally:
+        loop.run(server.stop(0))
 
 
 def test_flipped_byte_fails_load_naming_tensor(loop, store, workers, tmp_path):

@@ -43,3 +43,56 @@ def test_a_key_never_hears_cached_for_another_keys_prompt(loop, store, parameter
             assert b.generate(PROMPT, **GREEDY).cached  # and B's own, once B sent it
     finally:
         loop.run(coordinator.stop())
+
+
+def test_a_revoked_keys_open_kserve_stream_is_refused_at_its_next_request(loop, store, parameters, workers,
+                                                                          tmp_path):
+    import queue
+    import time
+
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    key = new_api_key()
+    keys_file = tmp_path / "keys.json"
+    entries = {"keys": [{"name": "app", "role": "client", "sha256": hash_key(key)}]}
+    keys_file.write_text(json.dumps(entries))
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=2, port=0, http=False,
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000,
+                               api_keys=keys_file, jobs_dir=tmp_path)
+    coordinator = loop.run(start_coordinator(config))
+    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
+    for w in workers(2):
+        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
+    outgoing: queue.Queue = queue.Queue()
+
+    def request(i: int) -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name="tiny-llama", id=str(i))
+        r.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hello")
+        r.inputs.add(name="max_tokens", datatype="INT32", shape=[1]).contents.int_contents.append(2)
+        return r
+
+    def requests():
+        while (item := outgoing.get()) is not None:
+            yield item
+
+    try:
+        with Client(coordinator.address, api_key=key, timeout=120) as client:
+            client.wait_ready(timeout=120)
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(coordinator.address))
+        responses = stub.ModelStreamInfer(requests(), metadata=[("authorization", f"Bearer {key}")], timeout=60)
+        outgoing.put(request(1))
+        first = next(responses)  # admitted (tiny-llama has no tokenizer: the model's own answer, not the key's)
+        assert first.infer_response.id == "1" and "tokenizer" in first.error_message
+        keys_file.write_text(json.dumps({"keys": []}))  # revoked, while the stream stays open
+        revoked = time.monotonic()
+        while True:
+            outgoing.put(request(2))
+            answer = next(responses)
+            if "no longer valid" in answer.error_message:
+                break
+            assert time.monotonic() - revoked < 1.5, "the revoked key was still served"
+        assert time.monotonic() - revoked < 1.5
+        outgoing.put(None)
+    finally:
+        loop.run(coordinator.stop())

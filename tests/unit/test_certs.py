@@ -95,6 +95,11 @@ def test_api_keys_are_printed_once_stored_hashed_and_revocable(tmp_path):
     ("{", "not JSON"), ('{"keys": 3}', '{"keys": [...]}'), ('{"keys": [{"name": "a"}]}', "needs name, role"),
     ('{"keys": [{"name": "a", "role": "god", "sha256": "' + "0" * 64 + '"}]}', "roles are"),
     ('{"keys": [{"name": "a", "role": "client", "sha256": "xyz"}]}', "64 hex"),
+    ('{"keys": [{"name": "a", "role": "client", "sha256": "' + "0" * 64 + '"}, {"name": "a", "role": "admin", '
+     '"sha256": "' + "1" * 64 + '"}]}', "entry 1 reuses the name 'a'"),
+    ('{"keys": [{"name": "a", "role": "client", "sha256": "' + "0" * 64 + '"}, {"name": "b", "role": "client", '
+     '"sha256": "' + "0" * 64 + '"}]}', "same key as 'a'"),
+    ('{"keys": [{"name": "", "role": "client", "sha256": "' + "0" * 64 + '"}]}', "empty name"),
 ])
 def test_a_keys_file_that_cannot_be_used_is_refused_naming_the_problem(text, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")):

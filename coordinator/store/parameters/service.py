@@ -15,7 +15,7 @@ from typing import Any
 
 from coordinator.store.models import Manifest, ModelStore, TensorInfo
 from shardline.chunks import encode_chunk
-from shardline.errors import InvalidArgument, NotFound, grpc_errors
+from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_errors
 from shardline.v1 import parameters_pb2, parameters_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class ParametersServicer(parameters_pb2_grpc.ParametersServicer):
                                       f"{ref.name!r} of {info.size_bytes} bytes")
             wanted.append((info, ref.offset_bytes))
         root = self.store.path(manifest.name)
+        for info, _ in wanted:  # a manifest copied from elsewhere must never name a file outside its model
+            if not (root / info.file).resolve().is_relative_to(root.resolve()):
+                raise FailedPrecondition(f"model {manifest.name!r}: tensor {info.name!r} names the file "
+                                         f"{info.file!r}, outside the model's directory: the manifest is refused")
         fds: dict[str, int] = {}
         try:
             for info, offset in wanted:
