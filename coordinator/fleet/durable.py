@@ -12,6 +12,7 @@ acknowledged is on disk); `FleetState` is the interface a shared engine (etcd, i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -59,7 +60,9 @@ class FleetState(Protocol):
 
 
 def configuration_digest(configured: list[DeploymentSpec]) -> str:
-    text = json.dumps([s.model_dump(mode="json") for s in configured], sort_keys=True)
+    """Of the deployments as configured (values left at their defaults out: a release that adds a field with
+    a default keeps the digest)."""
+    text = json.dumps([s.model_dump(mode="json", exclude_defaults=True) for s in configured], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -68,9 +71,17 @@ class SqliteFleetState:
     rare, and its order is the order they were made)."""
 
     def __init__(self, path: Path) -> None:
+        """OSError if another coordinator holds this state (one coordinator per state file); sqlite3.Error if
+        the file is not a database."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._held = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held for the coordinator's life
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._held.close()
+            raise OSError(f"another coordinator holds {path}") from None
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=1.0)
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged change survives a power loss
@@ -114,6 +125,19 @@ class SqliteFleetState:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._held.close()  # and the lock with it
+
+
+def opened(directory: Path, configured: list[DeploymentSpec]) -> FleetState:
+    """The durable state of this configuration, or, when it cannot be had (another coordinator holds it, the
+    file is damaged, the directory is read-only), none: logged as an ERROR naming the file, and the
+    coordinator serves its configuration, forgetting run-time changes, rather than not at all."""
+    try:
+        return SqliteFleetState.beside(directory, configured)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("run-time changes will not survive a restart: the fleet state in %s cannot be used (%s)",
+                  directory, exc)
+        return Forgetful()
 
 
 class Forgetful:

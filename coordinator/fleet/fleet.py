@@ -18,7 +18,7 @@ from coordinator.config import CoordinatorConfig, DeploymentSpec, split_name
 from coordinator.fleet.autoscaler import autoscale
 from coordinator.fleet.calibration import Calibrations, StepShape
 from coordinator.fleet.deployments import Deployment, resolve
-from coordinator.fleet.durable import FleetState, Forgetful, SqliteFleetState
+from coordinator.fleet.durable import FleetState, Forgetful, opened
 from coordinator.fleet.model_admin import ModelAdmin
 from coordinator.fleet.placement import Wanted, interleave, place
 from coordinator.fleet.rechain import ChangeRefused
@@ -65,8 +65,7 @@ class Fleet:
         self._health_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self.durable: FleetState = SqliteFleetState.beside(config.jobs_dir or config.store,
-                                                           config.initial_deployments()) \
+        self.durable: FleetState = opened(config.jobs_dir or config.store, config.initial_deployments()) \
             if config.durable_fleet else Forgetful()  # run-time changes, committed before acknowledged
         self.admin = ModelAdmin(self)       # load, unload, scale and promote at run time
 
@@ -78,7 +77,7 @@ class Fleet:
             try:
                 self.add(await self.deployment_of(spec))
             except NotFound as exc:
-                if spec in configured:
+                if spec.key in {s.key for s in configured}:
                     raise
                 self.say(f"not restoring {spec.key}, loaded at run time before the restart: {exc}")
         for name, version in changes.defaults.items():
@@ -304,6 +303,9 @@ class Fleet:
     # -- membership ------------------------------------------------------------------------------------
     def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
                  identity: str = "") -> WorkerRecord:
+        same = self.registry.same_worker(address, identity)
+        if same is not None:  # its registration's reply was lost: the same process, not a restart
+            return self.registry.register(address, memory_budget_bytes, device, identity)
         old = next((w for w in self.registry.workers.values() if w.address == address), None)
         owner = self._owner(old) if old is not None else None
         record = self.registry.register(address, memory_budget_bytes, device, identity)

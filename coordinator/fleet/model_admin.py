@@ -119,12 +119,17 @@ class ModelAdmin:
             await self._until_ready(deployment, timeout_s - (time.perf_counter() - began))
             if deployment.unloading:
                 raise FailedPrecondition(f"{deployment.key} was unloaded while it loaded")
+            # committed before it is acknowledged, with the replicas it has now (a scale during the load counts)
+            fleet.durable.deployed(spec.model_copy(update={"replicas": len(deployment.live)}))
         except BaseException:
+            try:  # never acknowledged: a scale recorded during the load goes too
+                fleet.durable.unloaded(spec.key)
+            except Exception:  # noqa: BLE001 - the load's own error is the answer
+                log.exception("%s: its failed load could not be recorded", spec.key)
             if not deployment.unloading:
                 await self._unload(deployment, 0)
             raise
         deployment.loaded_in_s = time.perf_counter() - began
-        fleet.durable.deployed(spec)  # committed before it is acknowledged
         if promote or spec.name not in fleet.defaults:
             self._promote(deployment)
         return deployment
@@ -211,18 +216,19 @@ class ModelAdmin:
                                       f"{spec.max_replicas} replicas; {replicas} is outside")
             if replicas == len(live):
                 return f"{spec.key} already has {replicas} replicas"
-            self.fleet.durable.deployed(spec.model_copy(update={"replicas": replicas}))
             deployment.note(f"scaled {len(live)} -> {replicas} replicas ({reason})")
             self.fleet.say(f"{spec.key}: scaling {len(live)} -> {replicas} replicas ({reason})")
             if replicas > len(live):
                 more = replicas - len(live)
                 self._check_fits([Wanted(spec.key, deployment.manifest, spec.workers)] * more, spec.key)
+                self.fleet.durable.deployed(spec.model_copy(update={"replicas": replicas}))  # once it can be
                 for _ in range(more):
                     self.fleet.new_replica(deployment)
                 self.fleet.place_pending()
                 return f"{spec.key}: {more} replicas added, placing and loading"
             # the newest, least ready replicas leave first, drained: their streams finish or move by replay
             leaving = sorted(live, key=lambda r: (r.ready, -r.index))[: len(live) - replicas]
+            self.fleet.durable.deployed(spec.model_copy(update={"replicas": replicas}))
             for replica in leaving:
                 replica.draining = True
         grace = self.fleet.config.unload_grace_s if grace_s is None else grace_s

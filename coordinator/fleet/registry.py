@@ -62,7 +62,11 @@ class Registry:
     def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
                  identity: str = "") -> WorkerRecord:
         """A worker that registers again at the same address (or with the same identity) replaces its old
-        record."""
+        record; the same worker process at the same address (its reply was lost) keeps its record."""
+        same = self.same_worker(address, identity)
+        if same is not None:
+            same.last_heartbeat = time.monotonic()
+            return same
         for worker_id, record in list(self.workers.items()):
             if record.address == address or (identity and record.identity == identity):
                 del self.workers[worker_id]
@@ -70,6 +74,11 @@ class Registry:
                               device=device or WorkerDevice(), identity=identity)
         self.workers[record.worker_id] = record
         return record
+
+    def same_worker(self, address: str, identity: str) -> WorkerRecord | None:
+        """This worker process's live record at this address, if it has one (registering again)."""
+        return next((r for r in self.workers.values() if identity and r.identity == identity
+                     and r.address == address and r.state != WorkerState.LOST), None)
 
     def known(self, worker_id: str, identity: str = "", epoch: str = "") -> WorkerRecord | None:
         """The record of a worker that names itself so; None if it is not this one's, or of another epoch

@@ -5,14 +5,18 @@ another configuration begins from that configuration. Real coordinators on port 
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
+from coordinator.fleet.durable import configuration_digest
 from shardline.client import Client
+from shardline.errors import FailedPrecondition
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
 def served(coordinator) -> tuple[dict[str, int], dict[str, str]]:
+    """What the coordinator deploys: each deployment's replicas (placed, or waiting for workers) and defaults."""
     fleet = coordinator.fleet
     return {k: len(d.live) for k, d in fleet.deployments.items()}, dict(fleet.defaults)
 
@@ -36,6 +40,8 @@ def test_a_restarted_coordinator_serves_the_versions_defaults_and_replicas_chang
             assert client.promote_model("tiny-llama@2") == "1"
             client.unload_model("tiny-gpt2@1", grace_s=0)
             assert "1 replicas added" in client.scale_model("tiny-llama@1", 2)
+            with pytest.raises(FailedPrecondition):  # no free worker for it: refused, and not recorded
+                client.scale_model("tiny-llama@2", 2)
         before = served(first)
         assert before == ({"tiny-llama@1": 2, "tiny-llama@2": 1}, {"tiny-llama": "2"})
     finally:
@@ -53,6 +59,15 @@ def test_a_restarted_coordinator_serves_the_versions_defaults_and_replicas_chang
         assert served(other) == ({"tiny-llama@1": 1, "tiny-gpt2@1": 1}, {"tiny-llama": "1", "tiny-gpt2": "1"})
     finally:
         loop.run(other.stop())
+
+    damaged_config = config(deployments=[dict(name="damaged", source="tiny-llama")])
+    digest = configuration_digest(damaged_config.initial_deployments())
+    (tmp_path / f"fleet-{digest}.sqlite").write_bytes(b"not a database" * 100)
+    damaged = loop.run(start_coordinator(damaged_config))
+    try:
+        assert set(served(damaged)[0]) == {"damaged@1"}  # serves its configuration; the ERROR names the file
+    finally:
+        loop.run(damaged.stop())
 
     forgetful = loop.run(start_coordinator(config(durable_fleet=False)))
     try:

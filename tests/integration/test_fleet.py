@@ -56,10 +56,12 @@ def versioned_store(store):
 
 
 @pytest.fixture(scope="module")
-def fleet(loop, versioned_store, parameters, pool):
-    """tiny-llama with 2 replicas of 2 stages and tiny-gpt2 with 1, on a pool of 8 workers (2 spare)."""
+def fleet(loop, versioned_store, parameters, pool, tmp_path_factory):
+    """tiny-llama with 2 replicas of 2 stages and tiny-gpt2 with 1, on a pool of 8 workers (2 spare); its run-time
+    changes kept apart from the shared store's."""
     config = CoordinatorConfig(
         store=versioned_store.root, workers=2, port=0, parameters_address=parameters.address,
+        jobs_dir=tmp_path_factory.mktemp("fleet-state"),
         heartbeat_timeout_ms=3_600_000, probe_timeout_ms=1000, max_active_streams=4, unload_grace_s=30,
         deployments=[dict(name="tiny-llama", replicas=2), dict(name="tiny-gpt2", replicas=1)])
     coordinator = loop.run(start_coordinator(config))

@@ -72,6 +72,10 @@ def test_a_heartbeat_or_leave_naming_another_workers_id_is_refused_and_changes_n
                     worker_id=reply.worker_id, identity=identity, coordinator_epoch=its_epoch), timeout=10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND and "register" in err.value.details()
         assert [r.identity for r in coordinator.fleet.registry.workers.values()] == ["worker-a"]  # still there
+        again = registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(  # its first reply was lost
+            address="127.0.0.1:7003", memory_budget_bytes=BUDGET, identity="worker-a"), timeout=10)
+        assert again.worker_id == reply.worker_id  # the same process: its record, not a restart
+        assert coordinator.fleet.metrics.reregistrations._value.get() == 0
         with pytest.raises(grpc.RpcError) as err:
             registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
                 address="127.0.0.1:7004", memory_budget_bytes=BUDGET, identity="x" * 200), timeout=10)
