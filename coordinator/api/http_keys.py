@@ -88,7 +88,9 @@ def bearer_key(headers: list[tuple[bytes, bytes]]) -> str | None:
         return None
     scheme, _, key = values[0].decode("latin-1").strip().partition(" ")
     key = key.strip()
-    if scheme.lower() != "bearer" or not key or len(key) > MAX_CREDENTIAL_BYTES or not key.isascii() \
+    if scheme.lower() == "bearer" and not key:  # `Bearer $KEY` with KEY unset: no key (fine where none is needed)
+        return None
+    if scheme.lower() != "bearer" or len(key) > MAX_CREDENTIAL_BYTES or not key.isascii() \
             or any(c.isspace() for c in key):
         raise ApiError(401, MALFORMED, "authentication_error", code="invalid_api_key")
     return key

@@ -108,13 +108,18 @@ def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object
 async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool,
                   secure: bool = False, worker_log_level: str = "WARNING",
                   worker_extra: tuple[str, ...] = ()) -> None:
-    from coordinator.cli.launcher import LaunchSecurity, LocalCluster, preflight_plan
+    from coordinator.cli.launcher import LaunchSecurity, LocalCluster, preflight_plan, shared_memory_mb
     from coordinator.fleet.planner import PlanDoesNotFit
     from shardline.server import Signals
 
     signals = Signals()
     for spec in config.initial_deployments():
         await startup.ensure_model(ModelStore(config.store), spec.model)
+    if not worker_memory_mb:  # the workers share this machine: together they offer what it has, not each
+        started = sum(s.workers * s.replicas for s in config.initial_deployments()) + spares
+        worker_memory_mb = shared_memory_mb(started)
+        print(f"each of the {started} workers offers {worker_memory_mb} MiB (80% of the memory available, "
+              "divided among them; --worker-memory-mb to choose)", flush=True)
     try:  # before anything is spawned: a plan that cannot fit is one line, at once
         for line in preflight_plan(config, worker_memory_mb):
             print(line, flush=True)

@@ -283,6 +283,16 @@ class LocalCluster:
         await stop_processes(self.processes)
 
 
+def shared_memory_mb(workers: int, available_bytes: int | None = None) -> int:
+    """What each of the `workers` workers `launch` starts on this machine offers by default: 80% of the memory
+    available now (shardline/limits.py), divided among them, so that together they never offer more than the
+    machine has."""
+    from shardline.limits import default_memory_budget
+
+    total = default_memory_budget() if available_bytes is None else int(available_bytes * 0.8)
+    return max(1, total // max(1, workers) // 2**20)
+
+
 def preflight_plan(config: CoordinatorConfig, worker_memory_mb: int) -> list[str]:
     """Before anything is spawned: the plan of every replica `launch` will start, on workers offering
     `worker_memory_mb` (0: what a worker offers by default, 80% of the memory available now), as lines;

@@ -70,9 +70,18 @@ def test_the_judge_lets_the_call_speak_when_the_coordinator_cannot_answer_for_th
     assert asyncio.run(CoordinatorJudge(tls).admits("k")) is True
 
 
-@pytest.mark.parametrize("header", [b"Basic abc", b"Bearer", b"Bearer two words", b"Bearer " + b"k" * 5000])
+@pytest.mark.parametrize("header", [b"Basic abc", b"Token x", b"Bearer two words", b"Bearer " + b"k" * 5000])
 def test_a_malformed_authorization_header_is_401_without_the_key(header):
     with pytest.raises(ApiError) as err:
         bearer_key([(b"authorization", header)])
     assert err.value.status == 401 and "words" not in err.value.message
     assert bearer_key([]) is None and bearer_key([(b"authorization", b"bearer sl_x")]) == "sl_x"
+    # the README's curl with SHARDLINE_API_KEY unset sends `Bearer `: no key, which a keyless cluster takes
+    assert bearer_key([(b"authorization", b"Bearer ")]) is None and bearer_key([(b"authorization", b"Bearer")]) is None
+
+
+def test_local_workers_share_the_machines_memory():
+    from coordinator.cli.launcher import shared_memory_mb
+
+    assert shared_memory_mb(3, available_bytes=30 * 2**30) == int(30 * 2**30 * 0.8) // 3 // 2**20
+    assert shared_memory_mb(4, available_bytes=30 * 2**30) * 4 <= 0.8 * 30 * 1024
