@@ -13,6 +13,7 @@ stop and model (input for embeddings). Blank lines are skipped; errors name the 
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ def item_from_dict(obj: Any, line: int = 0) -> coordinator_pb2.JobItem:
             if isinstance(fields.get("stop"), str):
                 fields["stop"] = [fields["stop"]]
     item = coordinator_pb2.JobItem(custom_id=str(custom_id), source_line=line)
+    _check_keys(fields, coordinator_pb2.InferRequest if "texts" in fields else coordinator_pb2.GenerateRequest,
+                where)
     try:
         if "texts" in fields:
             pooling = str(fields.pop("pooling", "mean")).upper()
@@ -59,6 +62,19 @@ def item_from_dict(obj: Any, line: int = 0) -> coordinator_pb2.JobItem:
     except json_format.ParseError as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
     return item
+
+
+def _check_keys(fields: Mapping[str, Any], message: Any, where: str) -> None:
+    """An unknown key names itself, the closest one a line may have, and all of them (as the file spells
+    them: snake_case), before protobuf's own message (camelCase, without custom_id) could."""
+    known = [f.name for f in message.DESCRIPTOR.fields if f.name not in ("source_line",)]
+    taken = {*known, *(f.json_name for f in message.DESCRIPTOR.fields), "pooling"}
+    for key in fields:
+        if key not in taken:
+            close = difflib.get_close_matches(str(key), [*known, "custom_id"], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InvalidArgument(f"{where}: unknown key {str(key)[:64]!r}{hint} (a line takes custom_id and "
+                                  f"{', '.join(known)})")
 
 
 def items_from_jsonl(text: str) -> list[coordinator_pb2.JobItem]:

@@ -66,6 +66,9 @@ def test_a_job_survives_a_coordinator_sigkill_with_the_same_results(store, tmp_p
         bad.write_text(json.dumps(line(0)) + "\n" + json.dumps({**line(1), "max_tokens": 0}) + "\n")
         refused = cli("jobs", "submit", str(bad), "--endpoint", endpoint)
         assert refused.returncode == 1 and "line 2 (item 1): max_tokens must be between 1 and" in refused.stderr
+        bad.write_text(json.dumps(line(0)) + "\n" + json.dumps({**line(1), "temprature": 0}) + "\n")
+        typo = cli("jobs", "submit", str(bad), "--endpoint", endpoint)  # as a user meets it: the line, the key, the fix
+        assert typo.returncode == 1 and "line 2: unknown key 'temprature'; did you mean 'temperature'?" in typo.stderr
         jobs_file = tmp_path / "job.jsonl"
         jobs_file.write_text("".join(json.dumps(line(i)) + "\n" for i in range(N)))
         submitted = cli("jobs", "submit", str(jobs_file), "--endpoint", endpoint)

@@ -179,8 +179,10 @@ def test_bad_jobs_are_refused_whole_with_the_line(cluster, tmp_path):
             client.submit_job(items_from_jsonl("\n".join(lines)), model="tiny-llama")
         with pytest.raises(InvalidArgument, match="line 2: not JSON"):
             items_from_jsonl('{"prompt": "a"}\n{"prompt": ')
-        with pytest.raises(InvalidArgument, match="line 1: .*no field named \"colour\""):
+        with pytest.raises(InvalidArgument, match="line 1: unknown key 'colour' \\(a line takes custom_id and model"):
             items_from_jsonl('{"prompt": "a", "colour": 1}')
+        with pytest.raises(InvalidArgument, match="line 2: unknown key 'max_token'; did you mean 'max_tokens'\\?"):
+            items_from_jsonl('{"prompt": "a"}\n{"prompt": "a", "max_token": 3}')
         with pytest.raises(InvalidArgument, match="line 1 \\(item 0\\): .*nope"):
             client.submit_job(items_from_jsonl('{"prompt_token_ids": [1], "model": "nope"}'))
         with pytest.raises(InvalidArgument, match="item 0: prompt is empty"):
