@@ -105,13 +105,15 @@ class JobMethods:
 
     async def _own(self, job_id: str, context: Any) -> JobRow:
         if not job_id:
-            raise InvalidArgument("job_id is empty (SubmitJob returned it; ListJobs shows yours)")
+            raise InvalidArgument("job_id is empty (submitting returned it; `coordinator jobs status`, or ListJobs, "
+                                  "shows yours)")
         if len(job_id) > MAX_JOB_ID_CHARS:
             raise InvalidArgument(f"job_id is {len(job_id)} characters; job ids have at most {MAX_JOB_ID_CHARS}")
         row = await self.jobs.job(job_id)
         owner, admin = self.caller(context)
         if not admin and row.owner != owner:  # another key's job: as if there were none
-            raise NotFound(f"no job {job_id!r} on this coordinator (ListJobs shows yours)")
+            raise NotFound(f"no job {job_id!r} on this coordinator (`coordinator jobs status`, or ListJobs, shows "
+                           "yours)")
         self.jobs.check_kept(row)
         return row
 

@@ -113,6 +113,8 @@ def create_key(name: str = typer.Argument(..., help="who the key is for (shown i
 @api_keys.command("list", epilog=examples("coordinator api-keys list --file keys.json"))
 def list_keys(file: Path = KEYS_FILE) -> None:
     """The keys' names and roles (the keys themselves are not stored)."""
+    if not file.exists():
+        _fail(f"no API keys file at {file} (`coordinator api-keys create NAME --file {file}` makes one)")
     for e in _read_keys(file):
         print(f"{e['name']:<24} {e['role']}")
 

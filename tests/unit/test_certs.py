@@ -86,6 +86,8 @@ def test_api_keys_are_printed_once_stored_hashed_and_revocable(tmp_path):
     duplicate = cli("api-keys", "create", "app", "--file", str(f))
     assert duplicate.returncode == 1 and "exists" in duplicate.stderr
     assert cli("api-keys", "list", "--file", str(f)).stdout.split() == ["app", "client", "ops", "admin"]
+    missing = cli("api-keys", "list", "--file", str(f.with_name("missing.json")))
+    assert missing.returncode == 1 and "no API keys file at" in missing.stderr and "api-keys create" in missing.stderr
     assert cli("api-keys", "revoke", "app", "--file", str(f)).returncode == 0
     assert [e["name"] for e in json.loads(f.read_text())["keys"]] == ["ops"]
     assert cli("api-keys", "create", "x", "--file", str(f), "--role", "root").returncode == 1
