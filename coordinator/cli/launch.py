@@ -39,7 +39,8 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
                                        "certificates, and an admin API key (their paths are printed)"),
            certs_dir: Path | None = typer.Option(None, help=startup.CERTS_HELP),
            client_certs: str = typer.Option("optional", help=startup.CLIENT_CERTS_HELP),
-           cluster_port: int = typer.Option(50053, min=1, max=65535, help=startup.CLUSTER_PORT_HELP),
+           cluster_port: int = typer.Option(0, min=0, max=65535, help=startup.CLUSTER_PORT_HELP +
+                                            " (0 = a free one, chosen at start)"),
            api_keys_file: Path | None = typer.Option(None, "--api-keys", help=startup.API_KEYS_HELP),
            insecure: bool = typer.Option(False, help=startup.INSECURE_HELP),
            result_cache_mb: float = typer.Option(0, min=0, help=startup.RESULT_CACHE_HELP, show_default="0: off"),
@@ -71,11 +72,14 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
         names.append(name)
     try:
         deployments = _deployments(names, replicas)
+        if not cluster_port and (secure or certs_dir is not None):  # the workers' registration port: a free one
+            cluster_port = startup.free_port(host)
         config = startup.coordinator_config(
             store, model=names[0], workers=workers, host=host, port=port, deployments=deployments,
             micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
             rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
-            cluster_port=cluster_port, api_keys=api_keys_file, insecure=insecure, result_cache_mb=result_cache_mb,
+            cluster_port=cluster_port or 50053, api_keys=api_keys_file, insecure=insecure,
+            result_cache_mb=result_cache_mb,
             http=http, http_port=http_port, log_prompts=log_prompts, prefix_cache=prefix_cache,
             wire_dtype=wire_dtype, quantize=quantize, calibrate=calibrate)
     except ValueError as exc:
@@ -134,6 +138,9 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     config = security.config
     for line in security.lines:
         print(line, flush=True)
+    if config.certs_dir is not None:
+        print(f"workers register on port {config.cluster_port} (mutual TLS; --cluster-port to choose it)",
+              flush=True)
     cluster = LocalCluster(config, worker_memory_mb, spares, (*security.worker_args, *worker_extra),
                            worker_log_level=worker_log_level)
     failed = ""

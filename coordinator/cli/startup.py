@@ -82,6 +82,15 @@ async def drain_unless_stopped(drain: Any, grace_s: float, signals: Any) -> None
         task.cancel()
 
 
+def free_port(host: str) -> int:
+    """A port free on `host` now: for a port `launch` owns that its workers must know before it listens."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host.strip("[]"), 0))
+        return int(s.getsockname()[1])
+
+
 def check_ports(config: CoordinatorConfig) -> None:
     """Before anything starts: the ports this coordinator will listen on are free (one line if not)."""
     import socket

@@ -55,12 +55,14 @@ class Launch:
     reader: threading.Thread | None = None
 
     @classmethod
-    def start(cls, store: Path, *flags: str) -> Launch:
-        port, cluster_port = free_ports(2)
+    def start(cls, store: Path, *flags: str, cluster_port: bool = True) -> Launch:
+        """`cluster_port`: give it one (else launch chooses a free one itself, as a user's does)."""
+        port, registry = free_ports(2)
         env = {**os.environ, "SHARDLINE_STORE": str(store)}
         process = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "launch", "--model", "smollm2", "--workers", "2",
-             "--port", str(port), "--cluster-port", str(cluster_port), "--drain-seconds", "5", *flags],
+             "--port", str(port), *(["--cluster-port", str(registry)] if cluster_port else []),
+             "--drain-seconds", "5", *flags],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         launch = cls(process, f"127.0.0.1:{port}")
         launch.reader = threading.Thread(target=launch._read, daemon=True)
@@ -144,7 +146,7 @@ class Secure:
 @pytest.fixture(scope="module")
 def secure(smollm2_store, reference) -> Iterator[Secure]:
     """`launch --secure`, started once the plain launch (`reference`) has stopped."""
-    launch = Launch.start(smollm2_store.root, "--secure")
+    launch = Launch.start(smollm2_store.root, "--secure", cluster_port=False)
     try:
         launch.wait_serving()
         tls = re.search(r"^mutual TLS on every link: throwaway CA and certificates in (\S+) \(clients trust "
@@ -166,6 +168,9 @@ def test_secure_launch_keeps_its_ca_and_key_private_and_never_prints_the_key(sec
     assert (secure.private / "ca.crt").is_file() and (secure.private / "node.crt").is_file()
     assert len(secure.key) >= 20 and secure.key not in secure.launch.text
     assert "ready in" in secure.launch.text
+    # no fixed port taken unasked: launch chose a free one for its workers' registration, and said which
+    registers = re.search(r"^workers register on port (\d+) \(mutual TLS", secure.launch.text, re.M)
+    assert registers and int(registers[1]) != 50053, secure.launch.text
 
 
 def test_greedy_text_over_tls_with_the_key_is_the_plain_launchs(secure, reference):
