@@ -13,7 +13,7 @@ import typer
 from coordinator.cli import startup
 from coordinator.cli.common import STORE_DEFAULT, STORE_HELP, _fail
 from coordinator.config import CoordinatorConfig
-from coordinator.store.models import ModelStore
+from coordinator.store.models import ModelStore, default_store
 from shardline.cli_options import configure_logging, log_level_option, memory_option
 
 
@@ -47,8 +47,12 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            prefix_cache: bool = typer.Option(True, help=startup.PREFIX_CACHE_HELP),
            metrics_port: int | None = typer.Option(None, min=0, max=65535, help=startup.METRICS_HELP + "; each worker "
                                                    "gets the next port (0: a free one each)", show_default="off"),
-           http_port: int = typer.Option(8000, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT", show_envvar=False,
-                                         help=startup.HTTP_PORT_HELP),
+           http_port: int | None = typer.Option(None, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT",
+                                                show_envvar=False, help=startup.HTTP_PORT_HELP +
+                                                " [default: 8000, or a free one when 8000 is taken]"),
+           jobs_dir: Path | None = typer.Option(None, "--jobs-dir", help="where this cluster's jobs and run-time "
+                                                "changes live [default: the store; a second cluster on the "
+                                                "store: a folder of its own in it]"),
            http: bool = typer.Option(True, help=startup.HTTP_HELP),
            log_level: str = log_level_option(),
            log_prompts: bool = typer.Option(False, help=startup.LOG_PROMPTS_HELP),
@@ -74,13 +78,21 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
         deployments = _deployments(names, replicas)
         if not cluster_port and (secure or certs_dir is not None):  # the workers' registration port: a free one
             cluster_port = startup.free_port(host)
+        if http_port is None:  # a second cluster on this machine: the HTTP API moves, not the cluster
+            http_port = 8000 if startup.port_free(host, 8000) else startup.free_port(host)
+            if http_port != 8000:
+                print(f"port 8000 is taken (another cluster?): the HTTP API takes port {http_port}", flush=True)
+        if jobs_dir is None and startup.jobs_held(store or default_store()):
+            jobs_dir = (store or default_store()) / f"launch-{port}"
+            print(f"another coordinator runs this store's jobs: this cluster keeps its jobs and run-time changes in "
+                  f"{jobs_dir}", flush=True)
         config = startup.coordinator_config(
             store, model=names[0], workers=workers, host=host, port=port, deployments=deployments,
             micro_batch_groups=micro_batch_groups, drain_seconds=drain_seconds, metrics_port=metrics_port,
             rebalance_on_join=rebalance_on_join, certs_dir=certs_dir, client_certs=client_certs,
             cluster_port=cluster_port or 50053, api_keys=api_keys_file, insecure=insecure,
             result_cache_mb=result_cache_mb,
-            http=http, http_port=http_port, log_prompts=log_prompts, prefix_cache=prefix_cache,
+            http=http, http_port=http_port, log_prompts=log_prompts, prefix_cache=prefix_cache, jobs_dir=jobs_dir,
             wire_dtype=wire_dtype, quantize=quantize, calibrate=calibrate)
     except ValueError as exc:
         _fail(str(exc))

@@ -91,6 +91,34 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+def jobs_held(directory: Path) -> bool:
+    """Whether another coordinator runs the jobs of `directory` now (it holds their lock)."""
+    import fcntl
+
+    lock = directory / "jobs.lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 def check_ports(config: CoordinatorConfig) -> None:
     """Before anything starts: the ports this coordinator will listen on are free (one line if not)."""
     import socket

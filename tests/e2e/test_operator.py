@@ -86,6 +86,22 @@ def test_launch_shows_the_plan_before_loading_and_progress_to_100(launched):
     assert "loading weights: 100%" in text and text.index("loading weights: 100%") < text.index("ready in")
 
 
+def test_a_second_cluster_on_the_same_store_takes_its_own_http_port_and_jobs_folder(launched):
+    """The README's second cluster, as a user starts it beside the first: it neither fails on port 8000 nor
+    runs with jobs off; it says where it went."""
+    port = free_port()
+    second = subprocess.run([sys.executable, "-m", "coordinator.cli", "launch", "--model", "tok", "--workers", "1",
+                             "--port", str(port), "--exit-when-ready"], capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "SHARDLINE_STORE": str(launched.store)})
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"this cluster keeps its jobs and run-time changes in {launched.store / f'launch-{port}'}" in second.stdout
+    assert "jobs are off" not in second.stdout + second.stderr
+    first_http, second_http = (text.split("HTTP API on http://127.0.0.1:")[1].split("/")[0]
+                               for text in ("".join(launched.out), second.stdout))
+    assert first_http != second_http, second.stdout  # side by side, not on each other's port
+    assert (first_http == "8000") == ("port 8000 is taken (another cluster?)" in second.stdout), second.stdout
+
+
 def test_one_request_log_line_per_request_without_the_prompt(launched):
     before = len(launched.requests())
     done = cli("generate", f"{SECRET} once upon a time", "--model", "tok", "--max-tokens", "4", "--ignore-eos",
