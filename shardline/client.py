@@ -66,7 +66,7 @@ from shardline.client_types import (
     ReplicaStatus,
     WorkerStatus,
 )
-from shardline.errors import from_rpc_error
+from shardline.errors import DeadlineExceeded, from_rpc_error
 from shardline.jobs import JobItemResult, JobStatus
 from shardline.v1 import coordinator_pb2
 
@@ -176,8 +176,13 @@ class Client(Connection):
         return self._run(calls.cluster_status())
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until the coordinator reports SERVING (every shard loaded and verified)."""
-        return self._run(calls.wait_ready(timeout))
+        """Block until the coordinator reports SERVING (every shard loaded and verified); DeadlineExceeded
+        saying why when the cause is a usual one (nothing listens, TLS on one side only, another CA)."""
+        try:
+            return self._run(calls.wait_ready(timeout))
+        except DeadlineExceeded as exc:
+            reason = self._unreachable()
+            raise DeadlineExceeded(f"{exc.message}: {reason}" if reason else exc.message) from None
 
     def drain_worker(self, address: str) -> str:
         """Admin: move a worker's layers elsewhere without failing a request; returns what was done."""
@@ -317,7 +322,11 @@ class AsyncClient(Connection):
         return await self._run(calls.cluster_status())
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        return await self._run(calls.wait_ready(timeout))
+        try:
+            return await self._run(calls.wait_ready(timeout))
+        except DeadlineExceeded as exc:
+            reason = await asyncio.to_thread(self._unreachable)
+            raise DeadlineExceeded(f"{exc.message}: {reason}" if reason else exc.message) from None
 
     async def drain_worker(self, address: str) -> str:
         return await self._run(calls.drain_worker(address))

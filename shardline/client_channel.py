@@ -74,6 +74,13 @@ class Connection:
         self.timeout = timeout
         self._target, self._tls = target, tls
 
+    def _unreachable(self) -> str:
+        """Why the cluster does not answer, when it is one of the usual reasons (shardline/diagnose.py)."""
+        from shardline.diagnose import unreachable
+
+        settings = _tls(self._tls, "")
+        return unreachable(self._target, settings.ca_file if settings else None, settings is not None)
+
     def with_api_key(self, api_key: str | None, metadata: tuple[tuple[str, str], ...] = ()) -> Self:
         """This client with another key (and `metadata`) on every call, over the same channel (no new
         connection): how a gateway passes each caller's key, request id and trace context on. Closing it closes

@@ -45,7 +45,7 @@ def _cluster_status(endpoint: str, timeout: float, api_key: str | None, certs_di
         try:
             return client.cluster_status()
         except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
+            _fail(explain(exc, endpoint, certs_dir))
             raise  # pragma: no cover - _fail exits
 
 
@@ -62,7 +62,7 @@ def drain_worker(address: str = typer.Argument(..., help="HOST:PORT the worker r
         try:
             print(client.drain_worker(address))
         except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
+            _fail(explain(exc, endpoint, certs_dir))
 
 
 def rebalance(endpoint: str = endpoint_option(),
@@ -77,7 +77,7 @@ def rebalance(endpoint: str = endpoint_option(),
         try:
             print(client.rebalance())
         except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
+            _fail(explain(exc, endpoint, certs_dir))
 
 
 def plan(explain_: bool = typer.Option(False, "--explain", help="per stage: the worker's measured time per layer, "

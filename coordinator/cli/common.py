@@ -31,9 +31,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def explain(exc: Any, endpoint: str) -> str:
-    """One line for a failed call, saying what to do when the cause is the usual one."""
+CONNECT_WORDS = ("failed to connect", "Connection refused", "Socket closed", "andshake", "ssl", "SSL")
+
+
+def explain(exc: Any, endpoint: str, certs_dir: Path | None = None) -> str:
+    """One line for a failed call, saying what to do when the cause is the usual one: nothing listens, TLS on
+    one side only, a certificate of another CA (shardline/diagnose.py tells them apart), ..."""
     message = str(exc.message)
+    if exc.code.name in ("UNAVAILABLE", "CANCELLED", "UNAUTHENTICATED") and any(w in message for w in CONNECT_WORDS):
+        from shardline.diagnose import unreachable
+        from shardline.tls import CA_CERT
+
+        reason = unreachable(endpoint, certs_dir / CA_CERT if certs_dir is not None else None,
+                             certs_dir is not None)
+        if reason:
+            return reason
     if exc.code.name == "UNAVAILABLE" and ("failed to connect" in message or "Connection refused" in message):
         return (f"no shardline cluster answers at {endpoint}: start one (`coordinator launch`), or give its "
                 "address with --endpoint HOST:PORT")
@@ -69,6 +81,6 @@ def _connected(endpoint: str, timeout: float, api_key: str | None, certs_dir: Pa
         try:
             yield client
         except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
+            _fail(explain(exc, endpoint, certs_dir))
         except ValueError as exc:  # a field protobuf refuses (out of its range)
             _fail(str(exc))

@@ -44,7 +44,7 @@ def generate(prompt: str = typer.Argument(..., help="the prompt"),
                 sys.stdout.flush()
             sys.stdout.write("\n")
         except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
+            _fail(explain(exc, endpoint, certs_dir))
 
 
 def embed(texts: list[str] = typer.Argument(None, help="the texts (or --file)", show_default=False),
@@ -76,7 +76,7 @@ def embed(texts: list[str] = typer.Argument(None, help="the texts (or --file)", 
             found = client.embeddings(given, pooling=pooling, normalize=normalize, model=model, timeout=timeout,
                                       truncate=truncate)
         except ShardlineError as exc:
-            _fail(explain(exc, endpoint))
+            _fail(explain(exc, endpoint, certs_dir))
             return
         except ValueError as exc:
             _fail(str(exc))

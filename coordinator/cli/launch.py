@@ -48,11 +48,11 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            metrics_port: int | None = typer.Option(None, min=0, max=65535, help=startup.METRICS_HELP + "; each worker "
                                                    "gets the next port (0: a free one each)", show_default="off"),
            http_port: int | None = typer.Option(None, min=0, max=65535, envvar="SHARDLINE_HTTP_PORT",
-                                                show_envvar=False, help=startup.HTTP_PORT_HELP +
-                                                " [default: 8000, or a free one when 8000 is taken]"),
+                                                show_envvar=False, help=startup.HTTP_PORT_HELP,
+                                                show_default="8000, or a free one when 8000 is taken"),
            jobs_dir: Path | None = typer.Option(None, "--jobs-dir", help="where this cluster's jobs and run-time "
-                                                "changes live [default: the store; a second cluster on the "
-                                                "store: a folder of its own in it]"),
+                                                "changes live", show_default="the store, or a folder of its own "
+                                                "in it beside another cluster"),
            http: bool = typer.Option(True, help=startup.HTTP_HELP),
            log_level: str = log_level_option(),
            log_prompts: bool = typer.Option(False, help=startup.LOG_PROMPTS_HELP),

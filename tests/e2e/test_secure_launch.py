@@ -173,6 +173,27 @@ def test_secure_launch_keeps_its_ca_and_key_private_and_never_prints_the_key(sec
     assert registers and int(registers[1]) != 50053, secure.launch.text
 
 
+def test_tls_mistakes_are_told_apart_from_a_closed_port_in_one_line(secure, tmp_path):
+    """Issue 34.1, as a user meets it: the CLI without --certs-dir, with another cluster's CA, against a closed
+    port, and the SDK's wait_ready without tls: each says its own cause, at once, in one line."""
+    from tests.e2e.test_cli import cli
+    from tests.e2e.test_join_and_generate import free_port
+
+    plain = cli("status", "--endpoint", secure.endpoint, store=tmp_path, timeout=60)
+    assert plain.returncode == 1 and plain.stderr.count("\n") == 1, plain.stderr
+    assert "speaks TLS and this call does not" in plain.stderr and "--certs-dir" in plain.stderr, plain.stderr
+    other = tmp_path / "other-ca"
+    assert cli("certs", "create-ca", "--certs-dir", str(other), store=tmp_path).returncode == 0
+    foreign = cli("status", "--endpoint", secure.endpoint, "--certs-dir", str(other), store=tmp_path, timeout=60)
+    assert foreign.returncode == 1 and "did not sign" in foreign.stderr, foreign.stderr
+    closed = cli("status", "--endpoint", f"127.0.0.1:{free_port()}", store=tmp_path, timeout=60)
+    assert closed.returncode == 1 and "nothing listens there" in closed.stderr, closed.stderr
+    began = time.monotonic()
+    with Client(secure.endpoint, timeout=10) as client, pytest.raises(Exception) as err:
+        client.wait_ready(timeout=2)
+    assert "speaks TLS" in str(err.value) and time.monotonic() - began < 10, err.value
+
+
 def test_greedy_text_over_tls_with_the_key_is_the_plain_launchs(secure, reference):
     result = generate(secure.endpoint, tls=secure.private, api_key=secure.key)
     assert result.completion_tokens == reference.completion_tokens == TOKENS
@@ -259,3 +280,4 @@ def test_sigterm_stops_the_secure_launch_and_removes_its_private_directory(secur
     assert not any(child.is_running() for child in children)
     assert not secure.private.exists(), sorted(p.name for p in secure.private.iterdir())
     assert "stopping" in secure.launch.text
+
