@@ -228,8 +228,6 @@ class SchedulingPolicy:
         extra = kv.blocks_for(positions) - stream.blocks
         if extra <= 0:
             return True
-        if stream.background and self.waiting:  # interactive streams wait for room: a job's item grows later
-            return False
         while kv.free + kv.releasing < extra:
             # background streams go first; a background stream never preempts an interactive one
             running = [s for g in self.groups for s in g if not s.done and s.blocks
