@@ -91,16 +91,21 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def port_free(host: str, port: int) -> bool:
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why `port` on `host` cannot be listened on now (None: it can), binding as servers do."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
         try:
             s.bind((host.strip("[]"), port))
-        except OSError:
-            return False
-    return True
+        except OSError as exc:
+            return exc
+    return None
+
+
+def port_free(host: str, port: int) -> bool:
+    return bind_error(host, port) is None
 
 
 def jobs_held(directory: Path) -> bool:
@@ -121,25 +126,17 @@ def jobs_held(directory: Path) -> bool:
 
 def check_ports(config: CoordinatorConfig) -> None:
     """Before anything starts: the ports this coordinator will listen on are free (one line if not)."""
-    import socket
-
     ports = [("--port", config.port)] + ([("--cluster-port", config.cluster_port)] if config.certs_dir else []) \
         + ([("--http-port", config.http_port)] if config.http else []) \
         + ([("--parameters-port", config.parameters_port)] if not config.parameters_address else [])
     if config.metrics_port is not None:
         ports.append(("--metrics-port", config.metrics_port))
     for flag, port in ports:
-        if port == 0:
-            continue
-        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no obstacle
-            try:
-                s.bind((config.host, port))
-            except OSError as exc:
-                why = "is in use (another cluster?)" if exc.errno == errno.EADDRINUSE else \
-                    f"cannot be used ({exc.strerror})"
-                _fail(f"cannot listen on {config.host}:{port}: the port {why}; choose another with {flag}")
+        exc = bind_error(config.host, port) if port else None
+        if exc is not None:
+            why = "is in use (another cluster?)" if exc.errno == errno.EADDRINUSE else \
+                f"cannot be used ({exc.strerror})"
+            _fail(f"cannot listen on {config.host}:{port}: the port {why}; choose another with {flag}")
 
 
 async def start_http(config: CoordinatorConfig, port: int) -> Any:
