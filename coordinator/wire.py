@@ -5,6 +5,7 @@ tables; the core never holds a protobuf message.
   proto                                   domain
   --------------------------------------  ------------------------------------------------
   GenerateRequest                         serving/generation.py GenerationRequest
+  GenerateResponse                        serving/generation.py Piece
   InferRequest                            serving/embedding.py EmbedRequest
   FinishReason FINISH_REASON_*            serving/generation.py FinishReason
   Pooling POOLING_*                       serving/embedding.py Pooling (UNSPECIFIED = MEAN)
@@ -13,7 +14,7 @@ tables; the core never holds a protobuf message.
 from __future__ import annotations
 
 from coordinator.serving.embedding import EmbedRequest, Pooling
-from coordinator.serving.generation import FinishReason, GenerationRequest
+from coordinator.serving.generation import FinishReason, GenerationRequest, Piece
 from shardline.codec import decode_tensor
 from shardline.errors import InvalidArgument
 from shardline.v1 import coordinator_pb2
@@ -32,7 +33,22 @@ def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
         prompt_ids=tuple(r.prompt_token_ids),
         top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
-        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos)
+        stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos,
+        resume_ids=tuple(r.resume_token_ids))
+
+
+def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
+    """One message of a Generate stream; the last carries the finish reason and the usage, the first the
+    version serving it and its seed (what a resume sends back)."""
+    response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
+                                                finish_reason=FINISH[piece.finish_reason], cached=piece.cached,
+                                                model=piece.model)
+    if piece.seed is not None:
+        response.seed = piece.seed
+    if piece.finish_reason:
+        response.usage.prompt_tokens = piece.prompt_tokens
+        response.usage.completion_tokens = piece.completion_tokens
+    return response
 
 
 def embed_request(r: coordinator_pb2.InferRequest) -> EmbedRequest:

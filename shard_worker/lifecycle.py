@@ -50,6 +50,7 @@ class ShardLifecycle:
         self.shard: Shard | None = None
         self.last_error = ""
         self._loading = False
+        self.loads = 0  # loads that fetched weights (GetStatusResponse.loads)
         self._sweeper = asyncio.create_task(self._expire_sessions())
         self.metrics = WorkerMetrics(self)  # served over HTTP when the worker is given a metrics port
 
@@ -59,6 +60,7 @@ class ShardLifecycle:
         if self._loading:
             raise FailedPrecondition("a LoadShard is already in progress on this worker")
         self._loading = True
+        self.loads += 1
         if self.shard is not None:  # replaced: what it did stays counted
             self.metrics.retire(self.shard.runtime.metrics)
         self.state, self.shard, self.last_error = "loading", None, ""

@@ -289,14 +289,15 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         shard = held.shard
         if shard is None:
             return worker_pb2.GetStatusResponse(state=STATES[held.state], rss_bytes=rss, last_error=held.last_error,
-                                                device=device_proto(held.device, held.device.dtype))
+                                                device=device_proto(held.device, held.device.dtype), loads=held.loads)
         runtime = shard.runtime
         return worker_pb2.GetStatusResponse(device=device_proto(held.device, shard.spec.dtype),
             state=STATES[held.state], model=shard.spec.model, start_layer=shard.spec.start,
             end_layer=shard.spec.end, weight_bytes=shard.weight_bytes, sessions=len(runtime.sessions),
             kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,
             has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime),
-            wire_dtype=dtype_to_enum(runtime.wire_dtype), quantize=quantization_to_enum(shard.spec.quantize))
+            wire_dtype=dtype_to_enum(runtime.wire_dtype), quantize=quantization_to_enum(shard.spec.quantize),
+            loads=held.loads)
 
     async def close(self) -> None:
         await self.relay.close()

@@ -66,33 +66,14 @@ from shardline.client_types import (
     ReplicaStatus,
     WorkerStatus,
 )
-from shardline.errors import DeadlineExceeded, from_rpc_error
+from shardline.errors import DeadlineExceeded, answered, from_rpc_error
 from shardline.jobs import JobItemResult, JobStatus
-from shardline.v1 import coordinator_pb2
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
            "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Message", "ModelInfo", "PlanStage",
            "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
 
 T = TypeVar("T")
-
-
-def _chunks(responses: Iterator[coordinator_pb2.GenerateResponse], result: GenerateResult) -> Iterator[GenerateChunk]:
-    try:
-        for response in responses:
-            yield result.add(response)
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from err
-
-
-async def _async_chunks(call: Any, result: GenerateResult) -> AsyncIterator[GenerateChunk]:
-    try:
-        async for response in call:
-            yield result.add(response)
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from err
-    finally:  # closed early (aclose, a cancelled task): the coordinator frees the stream now, not at GC
-        call.cancel()
 
 
 class Client(Connection):
@@ -126,22 +107,44 @@ class Client(Connection):
             return None
         if isinstance(step, Probe):
             try:
-                return step.serving(self.health.Check(step.request, timeout=step.timeout))
+                health = self.health.Check(step.request, timeout=step.timeout)
             except grpc.RpcError:
                 return False
+            self.reached = True
+            return step.serving(health)
         try:
-            return self._call(step)
+            reply = self._call(step)
         except grpc.RpcError as err:
+            self.reached = self.reached or answered(err)
             raise from_rpc_error(err) from err
+        self.reached = True
+        return reply
 
     def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
-        chunks = _chunks(self._generate(call), result)
+        chunks = self._chunks(call, result)
         if stream:
             return chunks
         for _ in chunks:
             pass
         return result
+
+    def _chunks(self, call: Stream, result: GenerateResult) -> Iterator[GenerateChunk]:
+        """The stream's chunks as they arrive; a stream that breaks resumes (calls.Resuming)."""
+        resuming = calls.Resuming(call, result, call.timeout or self.timeout, self.reached)
+        while True:
+            responses = self._generate(resuming.request(), resuming.remaining(), bool(resuming.broke))
+            try:
+                for response in responses:
+                    self.reached = True
+                    resuming.resumed()
+                    yield result.add(response)
+                return
+            except grpc.RpcError as err:
+                pause = resuming.after(err)
+            finally:  # closed early: the coordinator frees the stream now, not at GC
+                responses.cancel()
+            time.sleep(pause)
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
@@ -279,22 +282,44 @@ class AsyncClient(Connection):
             return None
         if isinstance(step, Probe):
             try:
-                return step.serving(await self.health.Check(step.request, timeout=step.timeout))
+                health = await self.health.Check(step.request, timeout=step.timeout)
             except grpc.RpcError:
                 return False
+            self.reached = True
+            return step.serving(health)
         try:
-            return await self._call(step)
+            reply = await self._call(step)
         except grpc.RpcError as err:
+            self.reached = self.reached or answered(err)
             raise from_rpc_error(err) from err
+        self.reached = True
+        return reply
 
     async def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
-        chunks = _async_chunks(self._generate(call), result)
+        chunks = self._chunks(call, result)
         if stream:
             return chunks
         async for _ in chunks:
             pass
         return result
+
+    async def _chunks(self, call: Stream, result: GenerateResult) -> AsyncIterator[GenerateChunk]:
+        """As Client._chunks, awaited; closed early (aclose, a cancelled task), the call is cancelled at once."""
+        resuming = calls.Resuming(call, result, call.timeout or self.timeout, self.reached)
+        while True:
+            responses = self._generate(resuming.request(), resuming.remaining(), bool(resuming.broke))
+            try:
+                async for response in responses:
+                    self.reached = True
+                    resuming.resumed()
+                    yield result.add(response)
+                return
+            except grpc.RpcError as err:
+                pause = resuming.after(err)
+            finally:
+                responses.cancel()
+            await asyncio.sleep(pause)
 
     async def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:

@@ -24,12 +24,21 @@ from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import grpc
 import numpy as np
 from google.protobuf.message import Message as Proto
 from grpc_health.v1 import health_pb2
 
-from shardline.client_types import ClusterStatus, Embeddings, ModelInfo, models_of, status_of, vectors_of
-from shardline.errors import DeadlineExceeded
+from shardline.client_types import (
+    ClusterStatus,
+    Embeddings,
+    GenerateResult,
+    ModelInfo,
+    models_of,
+    status_of,
+    vectors_of,
+)
+from shardline.errors import DeadlineExceeded, Unavailable, answered, from_rpc_error
 from shardline.jobs import JobItemResult, JobStatus, as_item, items_from_jsonl
 from shardline.v1 import coordinator_pb2
 
@@ -76,6 +85,72 @@ class Stream:
 
     request: coordinator_pb2.GenerateRequest
     timeout: float | None = None
+
+
+class Resuming:
+    """How a Generate stream survives its coordinator going away (a restart, a dropped connection): within the
+    call's deadline, the request is sent again with the token ids already received (resume_token_ids), the
+    version that served it and its seed, and the stream goes on where it broke: the caller sees no gap, no
+    repeat and no error. Greedy and seeded sampling continue with the tokens an undisturbed run gives.
+
+    A stream resumes when its connection breaks (UNAVAILABLE that no shardline server sent: shardline.errors.
+    answered) once it had begun (a message received), or when this client has reached the coordinator before
+    (a stream still queued there when it died). A client that never reached the coordinator fails at once,
+    saying why, and so does an UNAVAILABLE the coordinator answers itself (a cluster that cannot serve, a
+    drain), unless the stream is resuming: then the coordinator's UNAVAILABLE (not ready again yet) is waited
+    through, with a pause that doubles up to 1 s. Past the deadline: Unavailable, saying why.
+    Each client drives it with its own kind of I/O (Client._chunks, AsyncClient._chunks)."""
+
+    def __init__(self, call: Stream, result: GenerateResult, timeout: float, reached: bool) -> None:
+        self.call, self.result, self.timeout = call, result, timeout
+        self.deadline = time.monotonic() + timeout
+        self.reached = reached
+        self.broke = ""     # why the stream broke (empty while it has not)
+        self.pause = 0.05
+
+    def request(self) -> coordinator_pb2.GenerateRequest:
+        """What to send now: the request, or once it broke, the request resumed after what was received."""
+        if not self.broke:
+            return self.call.request
+        again = coordinator_pb2.GenerateRequest()
+        again.CopyFrom(self.call.request)
+        again.resume_token_ids[:] = self.result.token_ids
+        if self.result.model:
+            again.model = self.result.model
+        if self.result.seed is not None:
+            again.seed = self.result.seed
+        return again
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def after(self, err: grpc.RpcError) -> float:
+        """The stream ended with `err`: the seconds to wait before resuming, or the error to raise."""
+        code, details = err.code(), err.details() or ""
+        if self.broke and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise self.gone(details)
+        began = bool(self.result.token_ids or self.result.model)
+        # a break is the connection's doing (not the coordinator's answer), to a coordinator reached before;
+        # once broken, the coordinator's own UNAVAILABLE (not ready again yet) is waited through too
+        broke = not answered(err) and (began or self.reached)
+        if code != grpc.StatusCode.UNAVAILABLE or self.result.finish_reason or not (broke or self.broke):
+            raise from_rpc_error(err)
+        if not self.broke:
+            self.result.resumed += 1
+        self.broke = details
+        pause, self.pause = self.pause, min(self.pause * 2, 1.0)
+        if self.deadline - time.monotonic() <= pause:
+            raise self.gone(details)
+        return pause
+
+    def resumed(self) -> None:
+        """A message arrived: the stream goes on (a later break is a new one)."""
+        if self.broke:
+            self.broke, self.pause = "", 0.05
+
+    def gone(self, details: str) -> Unavailable:
+        return Unavailable(f"the stream broke after {len(self.result.token_ids)} tokens and could not resume "
+                           f"within its {self.timeout:.0f} s deadline: {details or 'no answer'}")
 
 
 def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",

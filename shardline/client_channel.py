@@ -13,10 +13,10 @@ from typing import Any, ClassVar, Self
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from shardline.client_calls import Stream, Unary
+from shardline.client_calls import Unary
 from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
 from shardline.tls import ClientTLS
-from shardline.v1 import coordinator_pb2_grpc
+from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 300.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
@@ -72,6 +72,7 @@ class Connection:
         self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+        self.reached = False  # a call was answered: a stream that breaks later resumes (client_calls.Resuming)
         self._target, self._tls = target, tls
 
     def _unreachable(self) -> str:
@@ -94,6 +95,7 @@ class Connection:
         """The step's RPC, started (a reply, or an awaitable one on an asyncio channel)."""
         return getattr(self.stub, step.rpc)(step.request, timeout=step.timeout or self.timeout)
 
-    def _generate(self, call: Stream) -> Any:
-        """The Generate stream, started: its responses, iterable (blocking) or async-iterable (asyncio)."""
-        return self.stub.Generate(call.request, timeout=call.timeout or self.timeout)
+    def _generate(self, request: coordinator_pb2.GenerateRequest, timeout: float, resuming: bool) -> Any:
+        """A Generate stream, started: its responses, iterable (blocking) or async-iterable (asyncio). A resume
+        waits for the coordinator to be back (within its deadline) instead of failing at once."""
+        return self.stub.Generate(request, timeout=timeout, wait_for_ready=resuming or None)

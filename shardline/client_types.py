@@ -29,8 +29,14 @@ class GenerateResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False  # answered from the coordinator's result cache
+    model: str = ""       # the version that served it, "name@version"
+    seed: int | None = None  # the seed a sampled stream sampled with
+    resumed: int = 0      # times the stream broke and went on (its coordinator restarted, say)
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
+        if response.model and not self.model:  # the first message's; a resumed stream's names the same
+            self.model = response.model
+            self.seed = response.seed if response.HasField("seed") else None
         finish = FINISH.get(response.finish_reason)
         usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish else (0, 0)
         chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage)

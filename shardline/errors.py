@@ -127,6 +127,19 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# every status a shardline server sends itself carries this trailing metadata: a client tells the server's
+# answers (a model loading, a cluster draining) from a connection that broke (shardline.client_calls.Resuming)
+ANSWERED = ("shardline-answered", "1")
+
+
+def answered(err: grpc.RpcError) -> bool:
+    """Whether a shardline server sent this status (else the transport made it: a connection lost or refused)."""
+    try:
+        metadata: Any = err.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - an error object without a call behind it
+        return False
+    return any(tuple(item) == ANSWERED for item in metadata)
+
 
 def grpc_errors(handler: F) -> F:
     """Wrap an async unary or server-streaming grpc.aio handler: errors become statuses via the table."""
@@ -141,7 +154,7 @@ def grpc_errors(handler: F) -> F:
                     yield item
             except Exception as exc:  # noqa: BLE001 - the table decides what the caller sees
                 code, message = status_of(exc)
-                await context.abort(code, message)
+                await context.abort(code, message, trailing_metadata=(ANSWERED,))
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -151,13 +164,14 @@ def grpc_errors(handler: F) -> F:
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001
             code, message = status_of(exc)
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=(ANSWERED,))
 
     return unary_wrapper  # type: ignore[return-value]
 
 
 __all__ = [
     "Cancelled", "DataLoss", "DeadlineExceeded", "FailedPrecondition", "Internal", "InvalidArgument",
-    "NotFound", "ResourceExhausted", "ShardlineError", "Unavailable", "code_from_number", "error_for_code",
+    "ANSWERED", "NotFound", "ResourceExhausted", "ShardlineError", "Unavailable", "answered", "code_from_number",
+    "error_for_code",
     "from_rpc_error", "grpc_errors", "status_of",
 ]

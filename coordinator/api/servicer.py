@@ -19,7 +19,7 @@ from coordinator.jobs.runner import JobRunner
 from coordinator.serving.generation import shown
 from coordinator.serving.request_log import request_id_of
 from coordinator.serving.result_cache import ResultCache
-from coordinator.wire import FINISH, embed_request, generation_request
+from coordinator.wire import embed_request, generate_response, generation_request
 from shardline import tracing
 from shardline.auth import ApiKeys
 from shardline.codec import dtype_from_enum, dtype_to_enum, fill_tensor, from_numpy
@@ -45,12 +45,8 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
                 async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
                                             trace=tracing.traceparent(span), client_id=request_id_of(context),
                                             tenant=self.caller(context)[0]):
-                    response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
-                                                                finish_reason=FINISH[piece.finish_reason],
-                                                                cached=piece.cached)
+                    response = generate_response(piece)
                     if piece.finish_reason:
-                        response.usage.prompt_tokens = piece.prompt_tokens
-                        response.usage.completion_tokens = piece.completion_tokens
                         if span is not None:
                             span.set_attributes({"prompt_tokens": piece.prompt_tokens, "cached": piece.cached,
                                                  "completion_tokens": piece.completion_tokens})

@@ -35,7 +35,7 @@ from coordinator.serving.generation import (
 from coordinator.serving.request_log import RequestRecord, prompt_json
 from coordinator.serving.result_cache import CachedResult, Key, ResultCache, cache_key
 from coordinator.store.models import ModelTask
-from shardline.errors import FailedPrecondition, InvalidArgument
+from shardline.errors import FailedPrecondition, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from coordinator.fleet.deployments import Deployment
@@ -44,7 +44,13 @@ if TYPE_CHECKING:
 def generating(fleet: Fleet, req: GenerationRequest) -> Deployment:
     """The deployment a generation names, after the checks that need no tokenizer."""
     check_parameters(req, fleet.config)  # a malformed or oversized request fails first, whatever the state
-    deployment = fleet.find(req.model)
+    try:
+        deployment = fleet.find(req.model)
+    except NotFound as exc:
+        if not req.resume_ids:
+            raise
+        raise InvalidArgument(f"model {req.model[:MAX_MODEL_NAME_CHARS]!r} is not served here, and resume_token_ids "
+                              f"continue that version's output ({exc.message})") from None
     if deployment.task == ModelTask.EMBED:
         raise FailedPrecondition(f"model {deployment.key!r} is an encoder: it embeds text and does not generate; "
                                  "use `coordinator embed` or the SDK's embed()")
@@ -94,16 +100,22 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     deployment = generating(fleet, req)
     fleet.serving(deployment)  # not ready: say so before the prompt is even read
     plan = await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
-    key = cache_key(deployment.uid, plan, req.seed, tenant)
+    # a resumed stream's result is only its tail: neither answered from the cache nor put in it
+    key = None if plan.resumed else cache_key(deployment.uid, plan, req.seed, tenant)
     hit = cache.get(key)
+    seed = plan.sampling.seed if plan.sampling.temperature else None
     if hit is not None:
-        yield Piece(hit.text, hit.ids, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, cached=True)
+        yield Piece(hit.text, hit.ids, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, cached=True,
+                    model=deployment.key, seed=seed)
         return
     _, scheduler = fleet.route(deployment)
+    first = True
     async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace,
                                        tenant)) as produced, \
             contextlib.aclosing(remembered(produced, cache, key)) as pieces:
         async for piece in pieces:
+            if first:  # what a resume names: this version and this seed
+                piece.model, piece.seed, first = deployment.key, seed, False
             yield piece
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from coordinator.config import CoordinatorConfig
@@ -48,11 +48,14 @@ class GenerationRequest:
     min_tokens: int = 0
     ignore_eos: bool = False
     prompt_ids: tuple[int, ...] = ()
+    resume_ids: tuple[int, ...] = ()  # a broken stream's tokens already received: it goes on after them
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the loop needs: the prompt's ids and the resolved parameters."""
+    """What the loop needs: the prompt's ids and the resolved parameters. A resumed request's `resumed` ids
+    were produced before (they count towards max_tokens and min_tokens), and `texts` has read them: the text
+    it releases next is what the broken stream would have released."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -60,6 +63,8 @@ class Plan:
     stop: tuple[str, ...]
     min_tokens: int = 0
     ignore_eos: bool = False
+    resumed: tuple[int, ...] = ()
+    texts: TextStream | None = None
 
 
 @dataclass
@@ -70,6 +75,8 @@ class Piece:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False  # answered from the result cache
+    model: str = ""       # the first piece only: the version serving it, "name@version" (a resume names it)
+    seed: int | None = None  # the first piece only, sampled streams: the seed (a resume sends it)
 
 
 def utf8_bytes(text: str) -> int:
@@ -116,6 +123,9 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
         if role not in ("system", "user", "assistant"):
             raise InvalidArgument(f"messages[{i}].role {shown(role)} must be system, user or assistant")
     limit = config.max_tokens_limit
+    if len(req.resume_ids) >= limit:  # the count bound; `resumed` checks them against max_tokens
+        raise InvalidArgument(f"resume_token_ids holds {len(req.resume_ids)} tokens; a stream produces at most "
+                              f"{limit} (max_tokens_limit), so that stream had finished")
     if req.max_tokens is not None and not 1 <= req.max_tokens <= limit:
         raise InvalidArgument(f"max_tokens must be between 1 and {limit} (max_tokens_limit), got {req.max_tokens}")
     if not 0 <= req.min_tokens <= (req.max_tokens if req.max_tokens is not None else limit):
@@ -178,7 +188,30 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
         temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed if req.seed is not None else random.getrandbits(63))
-    return Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos)
+    plan = Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos)
+    return resumed(plan, req.resume_ids, text) if req.resume_ids else plan
+
+
+def resumed(plan: Plan, ids: tuple[int, ...], text: TokenModel) -> Plan:
+    """`plan` going on after `ids`, a broken stream's tokens: checked to be this model's, and not to have
+    ended that stream; its text read as the stream read it, so the text given out next is the same."""
+    if len(ids) >= plan.max_tokens:
+        raise InvalidArgument(f"resume_token_ids holds {len(ids)} tokens, as many as max_tokens ({plan.max_tokens}) "
+                              "allows: that stream had finished")
+    vocab = text.vocab_size or 2**31
+    stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
+    texts = TextStream(text, plan.stop)
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise InvalidArgument(f"resume_token_ids[{i}] is {token}, outside the model's vocabulary [0, {vocab}): "
+                                  "are they this model's?")
+        if token in stop_ids and i >= plan.min_tokens:
+            raise InvalidArgument(f"resume_token_ids[{i}] is the end-of-sequence token {token}: that stream had "
+                                  "finished")
+        texts.push(token, match=i + 1 > plan.min_tokens)
+        if texts.stopped:
+            raise InvalidArgument(f"resume_token_ids[{i}] completes a stop sequence: that stream had finished")
+    return replace(plan, resumed=tuple(ids), texts=texts)
 
 
 async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
@@ -189,11 +222,12 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     End-of-sequence ids (none with `ignore_eos`) and stop sequences count only once `min_tokens` tokens
     were produced; before that, an end-of-sequence id is just a token."""
     stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
-    stream = scheduler.policy.submit(session_id, plan.prompt_ids, plan.sampling, plan.max_tokens, stop_ids,
-                                     min_tokens=plan.min_tokens, background=background, trace=trace,
-                                     tenant=tenant)
-    texts = TextStream(text, plan.stop)
-    produced = 0
+    produced = len(plan.resumed)  # a resumed stream goes on after the tokens its caller holds
+    stream = scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
+                                     plan.max_tokens - produced, stop_ids,
+                                     min_tokens=max(plan.min_tokens - produced, 0), background=background,
+                                     trace=trace, tenant=tenant)
+    texts = plan.texts or TextStream(text, plan.stop)
     finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)
     prompt_tokens = len(plan.prompt_ids)
     try:

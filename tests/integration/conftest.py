@@ -21,8 +21,7 @@ def parameters(loop: LoopThread, store: ModelStore) -> Iterator[ParameterServer]
     loop.run(server.stop(0))
 
 
-@pytest.fixture()
-def workers(loop: LoopThread) -> Iterator[Callable[[int], list[WorkerServer]]]:
+def _workers(loop: LoopThread) -> Iterator[Callable[[int], list[WorkerServer]]]:
     started: list[WorkerServer] = []
 
     def start(n: int) -> list[WorkerServer]:
@@ -33,6 +32,40 @@ def workers(loop: LoopThread) -> Iterator[Callable[[int], list[WorkerServer]]]:
     yield start
     for worker in started:
         loop.run(worker.stop(0))
+
+
+@pytest.fixture()
+def workers(loop: LoopThread) -> Iterator[Callable[[int], list[WorkerServer]]]:
+    """Start n workers on port 0; they stop when the test ends."""
+    yield from _workers(loop)
+
+
+@pytest.fixture(scope="module")
+def pool(loop: LoopThread) -> Iterator[Callable[[int], list[WorkerServer]]]:
+    """`workers`, module-scoped: for a cluster that outlives one test."""
+    yield from _workers(loop)
+
+
+@pytest.fixture(scope="module")
+def tokenless_cluster(loop, store, parameters, pool):
+    """tiny-llama (random, no tokenizer in the store) over two workers that registered; the coordinator."""
+    import grpc
+
+    from coordinator.api.server import start_coordinator
+    from coordinator.config import CoordinatorConfig
+    from shardline.client import Client
+    from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=2, port=0,
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000)
+    coordinator = loop.run(start_coordinator(config))
+    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
+    for w in pool(2):
+        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
+    with Client(coordinator.address, timeout=60) as client:
+        client.wait_ready(timeout=120)
+    yield coordinator
+    loop.run(coordinator.stop())
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,35 @@ def test_stop_sequence_and_chat(client):
     assert "Paris" in chat.text and chat.prompt_tokens > 10
 
 
+def test_a_resumed_stream_gives_the_text_the_undisturbed_one_gives(client):
+    """Resuming after every point of a stream whose text is held back (a stop sequence's prefix, a word cut
+    in tokens): the text that follows is exactly what the undisturbed stream gave after that point, and a
+    stop sequence that straddles the break still ends it."""
+    from shardline.v1 import coordinator_pb2
+
+    stub = client.stub
+    prompt = "The capital of France is"
+    greedy = client.generate(prompt, max_tokens=16, temperature=0)
+    stop = greedy.text[len(greedy.text) // 2: len(greedy.text) // 2 + 5]
+    for params in (dict(max_tokens=16, temperature=0.0), dict(max_tokens=16, temperature=0.0, stop=[stop]),
+                   dict(max_tokens=16, temperature=0.9, seed=5, min_tokens=3, stop=[" the"])):
+        request = coordinator_pb2.GenerateRequest(prompt=prompt, **params)
+        whole = list(stub.Generate(request, timeout=60))
+        tokens = [t for m in whole for t in m.token_ids]
+        for k in range(1, len(tokens)):
+            received = [m for m in whole if m.token_ids][:k]  # one token per message
+            again = coordinator_pb2.GenerateRequest()
+            again.CopyFrom(request)
+            again.resume_token_ids[:] = tokens[:k]
+            again.model = whole[0].model
+            rest = list(stub.Generate(again, timeout=60))
+            assert "".join(m.text for m in received + rest) == "".join(m.text for m in whole), (params, k)
+            assert [t for m in rest for t in m.token_ids] == tokens[k:] and rest[-1].finish_reason == \
+                whole[-1].finish_reason, (params, k)
+        if params.get("stop") == [stop]:
+            assert whole[-1].finish_reason == coordinator_pb2.FINISH_REASON_STOP
+
+
 @pytest.mark.parametrize("params, field", [
     (dict(prompt=""), "prompt"),
     (dict(max_tokens=0), "max_tokens"),

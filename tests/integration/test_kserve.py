@@ -57,22 +57,6 @@ def cluster(loop, kserve_store, parameters, pool):
     loop.run(coordinator.stop())
 
 
-@pytest.fixture(scope="module")
-def pool(loop):  # module-scoped: the cluster outlives one test
-    from shard_worker.server import start_worker
-
-    started = []
-
-    def start(n):
-        new = [loop.run(start_worker()) for _ in range(n)]
-        started.extend(new)
-        return new
-
-    yield start
-    for w in started:
-        loop.run(w.stop(0))
-
-
 @pytest.fixture()
 def client(cluster):
     with triton.InferenceServerClient(cluster[0].address) as c:

@@ -13,45 +13,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from coordinator.api.server import start_coordinator
-from coordinator.config import CoordinatorConfig
 from coordinator.serving.textmodel import TextModel
 from shardline.client import Client
 from shardline.errors import FailedPrecondition, InvalidArgument
-from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+from shardline.v1 import coordinator_pb2
 
 PROMPTS = [[5, 17, 99, 3], [42], [7, 7, 7, 7, 7, 7, 7, 120]]
 
 
 @pytest.fixture(scope="module")
-def tokenless(loop, store, parameters, workers):
-    """tiny-llama (random, no tokenizer in the store) over two workers."""
-    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=2, port=0,
-                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000)
-    coordinator = loop.run(start_coordinator(config))
-    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
-    for w in workers(2):
-        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
-    with Client(coordinator.address, timeout=60) as client:
-        client.wait_ready(timeout=120)
+def tokenless(tokenless_cluster):
+    """tiny-llama (random, no tokenizer in the store) over two workers: a client."""
+    with Client(tokenless_cluster.address, timeout=60) as client:
         yield client
-    loop.run(coordinator.stop())
-
-
-@pytest.fixture(scope="module")
-def workers(loop):  # module-scoped here: the cluster above lives as long as the module
-    from shard_worker.server import start_worker
-
-    started = []
-
-    def start(n):
-        new = [loop.run(start_worker()) for _ in range(n)]
-        started.extend(new)
-        return new
-
-    yield start
-    for w in started:
-        loop.run(w.stop(0))
 
 
 def test_prompt_token_ids_give_transformers_greedy_tokens_on_a_model_without_tokenizer(tokenless, store):
