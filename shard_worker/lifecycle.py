@@ -32,6 +32,7 @@ class Shard:
     spec: ShardSpec
     runtime: StageRuntime
     weight_bytes: int
+    digest: str = ""  # the model's weights (shardline/weights_digest.py), as GetStatus reports it
 
 
 class ShardLifecycle:
@@ -73,7 +74,7 @@ class ShardLifecycle:
 
         # a loader thread of its own: a load waits on the parameter service, which may share this process's
         # default executor (in tests, a local cluster) and must never starve behind the loads it serves
-        task: asyncio.Future[tuple[StageRuntime, int]] = loop.run_in_executor(
+        task: asyncio.Future[tuple[StageRuntime, int, str]] = loop.run_in_executor(
             self._loader, functools.partial(_loaded_runtime, spec, settings, wire_dtype, self.memory_budget_bytes,
                                             report))
         try:
@@ -85,9 +86,9 @@ class ShardLifecycle:
                     yield getter.result()
                 else:
                     getter.cancel()
-            runtime, weight_bytes = task.result()
+            runtime, weight_bytes, digest = task.result()
             runtime.on_step = self.metrics.step_seconds.observe
-            self.shard = Shard(spec, runtime, weight_bytes)
+            self.shard = Shard(spec, runtime, weight_bytes, digest)
             self.state = "ready"
             await self._set_serving(True)
             log.info("loaded %s layers [%d, %d): %d bytes", spec.model, spec.start, spec.end, weight_bytes)
@@ -157,6 +158,14 @@ class ShardLifecycle:
                  spec.sequences, spec.tokens, done.seconds_per_layer * 1000, done.threads)
         return done
 
+    async def end_all_sessions(self) -> int:
+        """End every session the held shard keeps (a coordinator that forgot this worker created them: they are
+        orphans); how many."""
+        if self.shard is None:
+            return 0
+        runtime = self.shard.runtime
+        return await asyncio.wrap_future(self.compute.submit(lambda: runtime.end_sessions(list(runtime.sessions))))
+
     async def end_sessions(self, ids: list[str]) -> int:
         """How many of these sessions the held shard ended (on the compute thread); 0 when none is held."""
         if self.shard is None:
@@ -195,10 +204,10 @@ class ShardLifecycle:
 
 
 def _loaded_runtime(spec: ShardSpec, settings: KVSettings, wire_dtype: str, budget: int,
-                    report: Callable[[Progress], None]) -> tuple[StageRuntime, int]:
+                    report: Callable[[Progress], None]) -> tuple[StageRuntime, int, str]:
     """On the loader thread: the shard's weights fetched and its runtime planned within `budget` bytes."""
     try:
-        stage, weight_bytes = load_stage(spec, report)
+        stage, weight_bytes, digest = load_stage(spec, report)
         runtime = plan_runtime(stage, weight_bytes, budget, settings)
     except Exception as exc:
         inside = None if isinstance(exc, ShardlineError) else describe_library_failure(exc)
@@ -207,7 +216,7 @@ def _loaded_runtime(spec: ShardSpec, settings: KVSettings, wire_dtype: str, budg
         log.error("LoadShard %s [%d, %d) failed inside a library", spec.model, spec.start, spec.end, exc_info=exc)
         raise Internal(f"loading {spec.model} layers [{spec.start}, {spec.end}) failed inside {inside}") from exc
     runtime.wire_dtype = wire_dtype
-    return runtime, weight_bytes
+    return runtime, weight_bytes, digest
 
 
 def release_memory() -> None:

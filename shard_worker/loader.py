@@ -13,7 +13,8 @@ from shard_worker.stage import Stage, build_stage
 from shard_worker.weights import Progress, ShardSpec, fetch_shard
 
 
-def load_stage(spec: ShardSpec, report: Callable[[Progress], None]) -> tuple[Stage, int]:
+def load_stage(spec: ShardSpec, report: Callable[[Progress], None]) -> tuple[Stage, int, str]:
+    """The stage built from the fetched weights, the bytes it holds, and the model's weights digest."""
     fetched = fetch_shard(spec, report)
     report(Progress("building", fetched.nbytes, fetched.nbytes, len(fetched.tensors), len(fetched.tensors)))
     device = torch.device(spec.device)
@@ -22,5 +23,5 @@ def load_stage(spec: ShardSpec, report: Callable[[Progress], None]) -> tuple[Sta
     stage.modules.layers = apply_engine(spec.engine, stage.modules.layers, stage.dtype, device)
     if spec.quantize:  # the bytes held now (int8 weights and their scales), not those fetched
         fetched.tensors.clear()
-        return stage, held_bytes(stage.modules)
-    return stage, fetched.nbytes
+        return stage, held_bytes(stage.modules), fetched.digest
+    return stage, fetched.nbytes, fetched.digest

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -24,7 +25,8 @@ MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
 
 class Registration:
     def __init__(self, coordinator: str, address: str, memory_budget_bytes: int,
-                 links: LinkSettings | None = None, device: DeviceSettings | None = None) -> None:
+                 links: LinkSettings | None = None, device: DeviceSettings | None = None,
+                 forgotten: Callable[[], Awaitable[int]] | None = None) -> None:
         self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
@@ -34,6 +36,9 @@ class Registration:
         self.epoch = ""  # the coordinator's life it registered in
         self.leaving = False  # once leaving, a coordinator that forgets this worker is not asked again
         self.interval = 0.2   # between heartbeats: the coordinator's, once registered
+        # ends the sessions held, before registering again: a coordinator that forgot this worker (it restarted)
+        # did not create them, and its KV capacity must not count them
+        self.forgotten = forgotten
 
     async def run(self) -> None:
         interval, failures = 0.2, 0
@@ -77,8 +82,10 @@ class Registration:
             if self.leaving:
                 return True  # it let this worker go
             restarted = beat.coordinator_epoch and beat.coordinator_epoch != self.epoch
-            log.warning("coordinator %s %s; registering again", self.coordinator,
-                        "restarted" if restarted else "does not know this worker")
+            ended = await self.forgotten() if self.forgotten is not None else 0
+            log.warning("coordinator %s %s; registering again%s", self.coordinator,
+                        "restarted" if restarted else "does not know this worker",
+                        f" (ended the {ended} sessions it had opened here)" if ended else "")
             self.worker_id = self.epoch = ""
         return False
 

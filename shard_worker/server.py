@@ -77,7 +77,8 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
     registering: asyncio.Task[None] | None = None
     if coordinator:
         address = f"{advertise or host}:{worker.port}"
-        registration = Registration(coordinator, address, budget, links, device)
+        registration = Registration(coordinator, address, budget, links, device,
+                                    forgotten=worker.servicer.lifecycle.end_all_sessions)
         registering = asyncio.create_task(registration.run())
     signals = Signals()
     if parent_pid:

@@ -297,7 +297,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,
             has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime),
             wire_dtype=dtype_to_enum(runtime.wire_dtype), quantize=quantization_to_enum(shard.spec.quantize),
-            loads=held.loads)
+            loads=held.loads, weights_digest=shard.digest)
 
     async def close(self) -> None:
         await self.relay.close()

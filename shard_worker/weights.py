@@ -22,12 +22,24 @@ from shard_worker.quantize import check_supported
 from shardline.auth import ClusterIdentity
 from shardline.chunks import decode_chunk
 from shardline.codec import dtype_from_safetensors
-from shardline.errors import DataLoss, InvalidArgument, NotFound, ShardlineError, Unavailable, from_rpc_error
+from shardline.errors import (
+    DataLoss,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ShardlineError,
+    Unavailable,
+    from_rpc_error,
+)
 from shardline.server import sync_channel
 from shardline.v1 import parameters_pb2, parameters_pb2_grpc
+from shardline.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
 
+# a weight transfer's deadline: this grace, plus its bytes at this rate (a service that stalls fails the load)
+FETCH_GRACE_S = 30.0
+MIN_FETCH_BYTES_S = 2e6
 FETCH = "/" + parameters_pb2.DESCRIPTOR.services_by_name["Parameters"].full_name + "/FetchTensors"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}
@@ -61,6 +73,7 @@ class FetchedShard:
     family: Family
     config: Any
     tensors: dict[str, torch.Tensor]
+    digest: str = ""  # the whole model's weights (shardline/weights_digest.py): what a restarted coordinator checks
 
     @property
     def nbytes(self) -> int:
@@ -160,8 +173,11 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
             if not todo:
                 break
             request = parameters_pb2.FetchTensorsRequest(model=spec.model, tensors=todo, chunk_size_bytes=chunk_bytes)
+            # a deadline that a transfer at MIN_FETCH_BYTES_S meets: a stalled service fails the load, naming
+            # itself, and frees this loader thread for the next LoadShard
+            deadline_s = FETCH_GRACE_S + (total - done_bytes) / MIN_FETCH_BYTES_S
             try:
-                for chunk in fetch(request, metadata=metadata):
+                for chunk in fetch(request, metadata=metadata, timeout=deadline_s):
                     r = receiving.get(chunk.name)
                     if r is None or chunk.name in tensors:
                         raise DataLoss(f"parameter service sent tensor {chunk.name!r}, which was not asked for")
@@ -172,6 +188,11 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                         on_progress(Progress("fetching", done_bytes, total, len(tensors), len(names), chunk.name))
             except grpc.RpcError as err:
                 failure = from_rpc_error(err)
+                if isinstance(failure, DeadlineExceeded):
+                    raise DeadlineExceeded(f"parameter service {spec.parameters_address} sent {done_bytes} of "
+                                           f"{total} bytes and then stalled: the transfer did not end within "
+                                           f"{deadline_s:.0f} s (at least {MIN_FETCH_BYTES_S / 1e6:.0f} MB/s "
+                                           "expected)") from err
                 if not isinstance(failure, Unavailable) or attempt == retries:
                     if isinstance(failure, Unavailable):
                         raise Unavailable(f"parameter service {spec.parameters_address} dropped the transfer "
@@ -181,7 +202,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                 time.sleep(min(0.2 * 2**attempt, 2.0))
         if len(tensors) != len(names):
             raise DataLoss(f"the transfer ended with {len(names) - len(tensors)} tensors incomplete")
-        return FetchedShard(family, config, tensors)
+        return FetchedShard(family, config, tensors, weights_digest((t.name, t.sha256) for t in manifest.tensors))
     except ShardlineError:
         raise
     finally:

@@ -106,11 +106,11 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
         resolved_store, flags["model"] = startup.resolve_model(str(flags["model"]), store)
         if resolved_store is not None:
             flags["store"] = resolved_store
-    flags.setdefault("workers", 1)
     try:
         if config_file is not None:
-            config = load_config(config_file, **flags)
+            config = load_config(config_file, **flags)  # the file's `workers` stands unless --workers is given
         else:
+            flags.setdefault("workers", 1)
             config = startup.coordinator_config(flags.pop("store", None), **flags)  # type: ignore[arg-type]
     except ValueError as exc:
         _fail(str(exc))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from coordinator.config import CoordinatorConfig, DeploymentSpec
 from coordinator.fleet.calibration import Calibrations, TimedPlans
-from coordinator.fleet.membership import Assignment, LoadedShard, choose_replacements
+from coordinator.fleet.membership import Assignment, LoadedShard, choose_replacements, held_chain
 from coordinator.fleet.placement import choose_workers, fit
-from coordinator.fleet.planner import PlanDoesNotFit, StagePlan
+from coordinator.fleet.planner import PlanDoesNotFit, StagePlan, layer_costs
 from coordinator.fleet.registry import UNPLANNABLE, WorkerRecord
 from coordinator.store.models import Manifest
 
@@ -54,6 +54,9 @@ def choose(chain: list[WorkerRecord], stages: list[StagePlan], free: list[Worker
         placed = [w for w, _ in first if w.owner == owner and w.state not in UNPLANNABLE]
         if len(placed) == len(first) and all(w.worker_id in loaded and w.worker_id not in excluded
                                              for w in placed):
+            adopted = held_chain(placed, loaded, spec.model, manifest.digest, layer_costs(manifest))
+            if adopted is not None:  # they hold the model's layers already (the coordinator restarted)
+                return adopted, "adopted: the workers held these layers of these weights already"
             # placement chose the workers (by memory); the ranges follow their speeds
             return split_over(plans, manifest, placed)
         # a placed worker is gone or failed to load: place again among the others and the free ones
@@ -69,7 +72,7 @@ def choose(chain: list[WorkerRecord], stages: list[StagePlan], free: list[Worker
     current = list(zip(chain, stages, strict=True))
     if not current:
         raise PlanDoesNotFit("this replica has no chain to heal (the fleet places it again)")
-    replaced = choose_replacements(current, leaving, free, loaded, spec.model)
+    replaced = choose_replacements(current, leaving, free, loaded, spec.model, manifest.digest)
     if replaced is not None:
         return replaced, None
     # not enough free workers: re-plan onto the workers that stay (and whatever free ones there are)

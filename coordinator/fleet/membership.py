@@ -12,15 +12,17 @@ Assignment = list[tuple[WorkerRecord, StagePlan]]
 
 @dataclass(frozen=True)
 class LoadedShard:
-    """What a worker reports it holds (model "" when it holds nothing)."""
+    """What a worker reports it holds (model "" when it holds nothing); `digest` is of the model's weights
+    (shardline/weights_digest.py): a shard is the one wanted only when its weights are the store's now."""
 
     model: str
     start: int
     end: int
+    digest: str = ""
 
 
 def choose_replacements(current: Assignment, leaving: list[WorkerRecord], spares: list[WorkerRecord],
-                        loaded: dict[str, LoadedShard], model: str) -> Assignment | None:
+                        loaded: dict[str, LoadedShard], model: str, digest: str = "") -> Assignment | None:
     """The same stages, with each leaving worker's stage moved to a spare: one that already holds exactly
     that stage if there is one, else the spare with the smallest budget that fits it. None when some stage
     finds no spare (the caller re-plans)."""
@@ -30,7 +32,7 @@ def choose_replacements(current: Assignment, leaving: list[WorkerRecord], spares
         if worker not in leaving:
             out.append((worker, stage))
             continue
-        want = LoadedShard(model, stage.start, stage.end)
+        want = LoadedShard(model, stage.start, stage.end, digest)
         holding = [w for w in free if loaded.get(w.worker_id) == want]
         fitting = sorted((w for w in free if w.memory_budget_bytes >= stage.weight_bytes),
                          key=lambda w: w.memory_budget_bytes)
@@ -41,6 +43,22 @@ def choose_replacements(current: Assignment, leaving: list[WorkerRecord], spares
         free.remove(pick)
         out.append((pick, stage))
     return out
+
+
+def held_chain(workers: list[WorkerRecord], loaded: dict[str, LoadedShard], model: str, digest: str,
+               costs: list[int]) -> Assignment | None:
+    """These workers as the chain their shards already form, when they hold layers of this model's weights
+    (same name, same digest) that tile all its layers, one stage each (a coordinator that restarted adopts
+    them without fetching a byte); else None. `costs`: bytes per layer (planner.layer_costs)."""
+    held = sorted(((loaded.get(w.worker_id), w) for w in workers), key=lambda p: p[0].start if p[0] else -1)
+    out: Assignment = []
+    at = 0
+    for shard, worker in held:
+        if shard is None or (shard.model, shard.digest) != (model, digest) or shard.start != at:
+            return None
+        out.append((worker, StagePlan(shard.start, shard.end, sum(costs[shard.start:shard.end]))))
+        at = shard.end
+    return out if out and at == len(costs) else None
 
 
 def describe(workers: list[WorkerRecord], stages: list[StagePlan]) -> str:

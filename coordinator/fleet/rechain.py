@@ -219,7 +219,8 @@ async def _load(replica: Rechained, target: Assignment, loaded: dict[str, Loaded
     it still serves; then the chain's own, once it is retired (no step may reach a worker mid-load).
     Returns (ok, retired); on failure the reason is in .message and the workers are in `excluded`."""
     model = replica.spec.model
-    todo = [(w, s) for w, s in target if loaded.get(w.worker_id) != LoadedShard(model, s.start, s.end)]
+    digest = replica.manifest.digest
+    todo = [(w, s) for w, s in target if loaded.get(w.worker_id) != LoadedShard(model, s.start, s.end, digest)]
     outside = [(w, s) for w, s in todo if w not in replica.assignment]
     in_chain = [(w, s) for w, s in todo if w in replica.assignment]
     replica.loading_bytes = sum(s.weight_bytes for _, s in todo)

@@ -65,8 +65,12 @@ async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettin
         return None
     if len({kv.block_tokens for kv in kvs}) != 1:
         return None
-    return KVBudget(kvs[0].block_tokens, min(kv.blocks_total for kv in kvs),
-                    stage_blocks=tuple(kv.blocks_total for kv in kvs))
+    # the blocks free now: a worker may still hold sessions nobody here opened (a coordinator's previous life;
+    # a worker ends them when it registers again, but one that kept its registration keeps them)
+    free = tuple(max(kv.blocks_total - kv.blocks_used, 0) for kv in kvs)
+    if min(free) <= 0:
+        return None
+    return KVBudget(kvs[0].block_tokens, min(free), stage_blocks=free)
 
 
 async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings) -> dict[str, LoadedShard]:
@@ -78,8 +82,8 @@ async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings
         if reply is None:
             continue
         ready = reply.state == worker_pb2.WORKER_STATE_READY
-        found[worker.worker_id] = LoadedShard(reply.model, reply.start_layer, reply.end_layer) if ready \
-            else LoadedShard("", 0, 0)
+        found[worker.worker_id] = LoadedShard(reply.model, reply.start_layer, reply.end_layer,
+                                              reply.weights_digest) if ready else LoadedShard("", 0, 0)
     return found
 
 

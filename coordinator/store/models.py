@@ -7,6 +7,7 @@ reference oracle in tests).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shardline.errors import NotFound
+from shardline.weights_digest import weights_digest
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -75,6 +77,11 @@ class Manifest:
     @property
     def total_size_bytes(self) -> int:
         return sum(t.size_bytes for t in self.tensors)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The weights' digest, as a worker holding a shard of them reports it (GetStatusResponse.weights_digest)."""
+        return weights_digest((t.name, t.sha256) for t in self.tensors)
 
     def by_name(self) -> dict[str, TensorInfo]:
         return {t.name: t for t in self.tensors}

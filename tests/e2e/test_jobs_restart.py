@@ -6,8 +6,6 @@ Real processes: the coordinator (twice) and two workers, which join the new coor
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import pytest
 
 from shardline.client import Client
 from shardline.v1 import coordinator_pb2
+from tests.e2e.standalone import Standalone
 from tests.e2e.test_join_and_generate import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
@@ -50,16 +49,9 @@ def test_a_job_survives_a_coordinator_sigkill_with_the_same_results(store, tmp_p
     config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 2\n'
                       f'jobs_dir = "{tmp_path}"\njob_concurrency = 6\nresult_cache_mb = 0\n')
 
-    def coordinator():
-        return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    processes = [coordinator()]
+    cluster = Standalone(config, endpoint)
     try:
-        for _ in range(2):
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "shard_worker.cli", "serve", "--port", "0", "--coordinator", endpoint,
-                 "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        cluster.add_workers(2)
         with Client(endpoint, timeout=30) as client:
             client.wait_ready(timeout=180)
         bad = tmp_path / "bad.jsonl"
@@ -80,13 +72,12 @@ def test_a_job_survives_a_coordinator_sigkill_with_the_same_results(store, tmp_p
             while (done := client.get_job(job_id).done) < 20:
                 assert time.monotonic() < deadline, "the job made no progress"
                 time.sleep(0.02)
-        os.killpg(processes[0].pid, signal.SIGKILL)
-        processes[0].wait(10)
+        cluster.kill_coordinator()
         db = tmp_path / "jobs.sqlite3"
         before = {i: r for i, (s, r, _) in stored(db, job_id).items() if s == "done"}
         assert done <= len(before) < N, (done, len(before))  # killed halfway
 
-        processes[0] = coordinator()
+        cluster.restart_coordinator()
         with Client(endpoint, timeout=30) as client:
             client.wait_ready(timeout=180)
             status = client.wait_job(job_id, timeout=300)
@@ -113,7 +104,4 @@ def test_a_job_survives_a_coordinator_sigkill_with_the_same_results(store, tmp_p
         shown = cli("jobs", "status", job_id, "--endpoint", endpoint)
         assert f"{job_id}  completed  {N}/{N} done" in shown.stdout
     finally:
-        for p in processes:
-            p.kill()
-        for p in processes:
-            p.wait(10)
+        cluster.close()

@@ -67,6 +67,7 @@ def test_a_resume_that_cannot_be_one_is_refused_naming_the_field(cluster, fields
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.chaos
 def test_the_sdk_resumes_a_stream_whose_connection_broke(loop, cluster):
     """Client and AsyncClient, streaming and not, greedy and seeded: the connection is reset mid-stream (a
     TCP RST, as when a coordinator dies); the SDK sends the request again with what it received, and the

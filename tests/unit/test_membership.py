@@ -35,3 +35,21 @@ def test_no_fitting_spare_means_none_and_each_spare_serves_once():
     assert choose_replacements(current, [a, b], [worker(3, 1000)], {}, "m") is None
     both = choose_replacements(current, [a, b], [worker(3, 1000), worker(4, 1000)], {}, "m")
     assert both is not None and {w.worker_id for w, _ in both} == {"w3", "w4"}
+
+
+def test_workers_that_hold_a_tiling_of_the_same_weights_are_adopted_as_the_chain_they_form():
+    from coordinator.fleet.membership import held_chain
+
+    a, b, c = worker(1, 300), worker(2, 300), worker(3, 300)
+    costs = [10] * 6
+    loaded = {"w1": LoadedShard("m", 3, 6, "d"), "w2": LoadedShard("m", 0, 3, "d")}
+    # registered in any order: the chain follows the layers they hold
+    assert held_chain([a, b], loaded, "m", "d", costs) == [(b, StagePlan(0, 3, 30)), (a, StagePlan(3, 6, 30))]
+    assert held_chain([a, b], loaded, "m", "other weights", costs) is None  # re-imported since: load again
+    assert held_chain([a, b], loaded, "n", "d", costs) is None
+    assert held_chain([a, b, c], {**loaded, "w3": LoadedShard("", 0, 0)}, "m", "d", costs) is None  # c holds none
+    assert held_chain([b], loaded, "m", "d", costs) is None  # [0, 3) alone does not cover the model
+    gap = {"w1": LoadedShard("m", 4, 6, "d"), "w2": LoadedShard("m", 0, 3, "d")}
+    assert held_chain([a, b], gap, "m", "d", costs) is None
+    overlap = {"w1": LoadedShard("m", 2, 6, "d"), "w2": LoadedShard("m", 0, 3, "d")}
+    assert held_chain([a, b], overlap, "m", "d", costs) is None

@@ -1,0 +1,44 @@
+"""A standalone cluster of real processes for the e2e tests: `coordinator serve --config FILE` (in a session of
+its own, so a SIGKILL takes it alone) and workers that join it with `shard-worker serve --coordinator`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+
+class Standalone:
+    def __init__(self, config: Path, endpoint: str, log: IO[bytes] | None = None) -> None:
+        self.config, self.endpoint = config, endpoint
+        self.out: Any = log if log is not None else subprocess.DEVNULL
+        self.coordinator = self._coordinator()
+        self.workers: list[subprocess.Popen] = []
+
+    def _coordinator(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(self.config)],
+                                stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def add_workers(self, n: int) -> None:
+        for _ in range(n):
+            self.workers.append(subprocess.Popen(
+                [sys.executable, "-m", "shard_worker.cli", "serve", "--port", "0", "--coordinator", self.endpoint,
+                 "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def kill_coordinator(self) -> None:
+        os.killpg(self.coordinator.pid, signal.SIGKILL)
+        self.coordinator.wait(10)
+
+    def restart_coordinator(self) -> None:
+        """A new life on the same config and store (after kill_coordinator)."""
+        self.coordinator = self._coordinator()
+
+    def close(self) -> None:
+        processes = [self.coordinator, *self.workers]
+        for p in processes:
+            p.kill()
+        for p in processes:
+            p.wait(10)
