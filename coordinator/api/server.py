@@ -102,10 +102,13 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE, kserve.SERVICE], on)
 
-    fleet = Fleet(config, store, address, serving, say, identity)
-    try:
+    fleet: Fleet | None = None
+    try:  # a fleet state that cannot be read (FleetStateError) stops the start here, holding nothing
+        fleet = Fleet(config, store, address, serving, say, identity)
         await fleet.start()
     except BaseException:
+        if fleet is not None:
+            await fleet.stop()
         if parameters is not None:
             await parameters.stop(0)
         raise

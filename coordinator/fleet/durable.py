@@ -22,9 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from pydantic import ValidationError
+
 from coordinator.config import DeploymentSpec
 
 log = logging.getLogger(__name__)
+VERSION = 1  # of the records' layout (PRAGMA user_version); a newer file is refused, never read half
+
+
+class FleetStateError(ValueError):
+    """The fleet state is there but cannot be read as it is (damaged, or of a newer release): the coordinator
+    does not start, rather than serve half of what it served; the message names the file and what to do."""
+
+
+def _unreadable(path: Path, what: str) -> FleetStateError:
+    return FleetStateError(f"the fleet state {path} {what}: move it away to start from the configuration alone "
+                           "(the run-time changes it holds are then forgotten), or restore it from a backup")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (key TEXT PRIMARY KEY, spec TEXT);  -- spec NULL: unloaded
@@ -83,9 +96,22 @@ class SqliteFleetState:
             raise OSError(f"another coordinator holds {path}") from None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=1.0)
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged change survives a power loss
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged change survives a power loss
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > VERSION:
+                raise FleetStateError(f"the fleet state {path} was written by a newer shardline (layout {version}; "
+                                      f"this one reads {VERSION}): run that release, or move the file away to start "
+                                      "from the configuration alone")
+            self._db.executescript(SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise _unreadable(path, f"is not a fleet state ({exc})") from None
+        except FleetStateError:
+            self.close()
+            raise
 
     @classmethod
     def beside(cls, directory: Path, configured: list[DeploymentSpec]) -> SqliteFleetState:
@@ -102,8 +128,14 @@ class SqliteFleetState:
         with self._lock:
             rows = self._db.execute("SELECT key, spec FROM deployments ORDER BY rowid").fetchall()
             defaults = dict(self._db.execute("SELECT name, version FROM defaults").fetchall())
-        return Changes({k: DeploymentSpec.model_validate_json(s) if s is not None else None for k, s in rows},
-                       defaults)
+        changes = Changes(defaults=defaults)
+        for key, spec in rows:
+            try:
+                changes.deployments[key] = DeploymentSpec.model_validate_json(spec) if spec is not None else None
+            except ValidationError as exc:
+                raise _unreadable(self.path, f"holds a record that does not parse (deployment {key!r}: "
+                                             f"{exc.errors()[0]['msg']})") from None
+        return changes
 
     def _write(self, sql: str, values: tuple[str | None, ...]) -> None:
         with self._lock:
@@ -130,11 +162,12 @@ class SqliteFleetState:
 
 def opened(directory: Path, configured: list[DeploymentSpec]) -> FleetState:
     """The durable state of this configuration, or, when it cannot be had (another coordinator holds it, the
-    file is damaged, the directory is read-only), none: logged as an ERROR naming the file, and the
-    coordinator serves its configuration, forgetting run-time changes, rather than not at all."""
+    directory is read-only), none: logged as an ERROR naming the file, and the coordinator serves its
+    configuration, forgetting run-time changes, rather than not at all. A state that is there but damaged or
+    of a newer release is FleetStateError: the coordinator does not start (it would serve half)."""
     try:
         return SqliteFleetState.beside(directory, configured)
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:
         log.error("run-time changes will not survive a restart: the fleet state in %s cannot be used (%s)",
                   directory, exc)
         return Forgetful()

@@ -96,6 +96,23 @@ def test_a_busy_port_is_one_line_before_anything_starts(tmp_path):
             assert "Traceback" not in result.stderr and "worker" not in result.stdout
 
 
+def test_a_damaged_fleet_state_is_one_line_naming_the_file_and_nothing_starts(tmp_path, store):
+    from coordinator.config import load_config
+    from coordinator.fleet.durable import configuration_digest
+    from tests.e2e.test_join_and_generate import free_port
+
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'store = "{store.root}"\nport = {free_port()}\nmodel = "tiny-llama"\nworkers = 1\n'
+                      f'jobs_dir = "{tmp_path}"\nhttp = false\n')
+    state = tmp_path / f"fleet-{configuration_digest(load_config(config).initial_deployments())}.sqlite"
+    state.write_bytes(b"not a database" * 100)
+    result = cli("serve", "--config", str(config), store=store.root, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors[0].startswith(f"error: the fleet state {state} is not a fleet state") and "move it away" in errors[0]
+    assert "listening" not in result.stdout
+
+
 def test_a_client_command_without_a_cluster_says_so_in_one_line(tmp_path):
     from tests.e2e.test_join_and_generate import free_port
 

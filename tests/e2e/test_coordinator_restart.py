@@ -14,6 +14,7 @@ import pytest
 
 from shardline.client import AsyncClient, Client
 from shardline.v1 import worker_pb2, worker_pb2_grpc
+from tests.chaos import wait_until_no_sessions
 from tests.e2e.standalone import Standalone
 from tests.e2e.test_join_and_generate import free_port
 
@@ -101,6 +102,9 @@ def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store
         assert tokens == undisturbed  # every stream: the undisturbed tokens, none repeated or missing
         assert counts == [MAX_TOKENS] * STREAMS
         assert loads(workers) == before  # adopted: no worker fetched its weights again
+        # no orphan left: the sessions of the coordinator's first life were ended when each worker registered
+        # again (else they would hold KV for session_ttl_s), and the second life's when its streams ended
+        assert all(s.sessions == 0 for s in wait_until_no_sessions(workers))
         with Client(endpoint, timeout=30) as client:
             status = client.cluster_status()
             assert sorted(w.address for w in status.workers) == sorted(workers)  # each once, its own address

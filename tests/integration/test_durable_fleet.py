@@ -4,12 +4,14 @@ another configuration begins from that configuration. Real coordinators on port 
 
 from __future__ import annotations
 
+import sqlite3
+
 import grpc
 import pytest
 
 from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from coordinator.fleet.durable import configuration_digest
+from coordinator.fleet.durable import SCHEMA, FleetStateError, configuration_digest
 from shardline.client import Client
 from shardline.errors import FailedPrecondition
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -62,12 +64,21 @@ def test_a_restarted_coordinator_serves_the_versions_defaults_and_replicas_chang
 
     damaged_config = config(deployments=[dict(name="damaged", source="tiny-llama")])
     digest = configuration_digest(damaged_config.initial_deployments())
-    (tmp_path / f"fleet-{digest}.sqlite").write_bytes(b"not a database" * 100)
-    damaged = loop.run(start_coordinator(damaged_config))
-    try:
-        assert set(served(damaged)[0]) == {"damaged@1"}  # serves its configuration; the ERROR names the file
-    finally:
-        loop.run(damaged.stop())
+    state = tmp_path / f"fleet-{digest}.sqlite"
+    state.write_bytes(b"not a database" * 100)
+    with pytest.raises(FleetStateError, match=f"the fleet state {state} is not a fleet state .*move it away"):
+        loop.run(start_coordinator(damaged_config))  # nothing served half: it does not start
+    state.unlink()
+    with sqlite3.connect(state) as db:  # a newer release's layout
+        db.execute("PRAGMA user_version = 7")
+    with pytest.raises(FleetStateError, match="written by a newer shardline .layout 7; this one reads 1"):
+        loop.run(start_coordinator(damaged_config))
+    state.unlink()
+    with sqlite3.connect(state) as db:  # a record that does not parse
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO deployments VALUES ('x@1', '{\"name\": 5}')")
+    with pytest.raises(FleetStateError, match="holds a record that does not parse .deployment 'x@1'"):
+        loop.run(start_coordinator(damaged_config))
 
     forgetful = loop.run(start_coordinator(config(durable_fleet=False)))
     try:
