@@ -22,6 +22,11 @@ DEFAULT_TIMEOUT_S = 300, or the call's own `timeout=`); past it the call raises 
 coordinator frees whatever the request held. A request sent while the cluster recovers from a failure
 waits for it within that deadline.
 
+Restarts: a Generate stream whose connection breaks (its coordinator died or restarted) resumes on its own
+within its deadline: the request goes again with the token ids already received, and the caller sees the
+tokens an undisturbed run gives, none twice (shardline.client_calls.Resuming; GenerateResult.resumed counts
+the breaks). The coordinator's own UNAVAILABLE answers are raised at once, as before.
+
 Message sizes: the client's channels accept responses up to MAX_RESPONSE_BYTES (64 MiB, the most the
 coordinator sends: an Infer of 1024 embeddings of up to 16384 floats). Requests larger than the
 coordinator's `max_request_bytes` (4 MiB by default) are refused with ResourceExhausted.

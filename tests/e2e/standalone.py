@@ -17,16 +17,21 @@ class Standalone:
         self.out: Any = log if log is not None else subprocess.DEVNULL
         self.coordinator = self._coordinator()
         self.workers: list[subprocess.Popen] = []
+        self.addresses: list[str] = []  # each worker's, in the order they were started
 
     def _coordinator(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(self.config)],
                                 stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def add_workers(self, n: int) -> None:
+        from tests.e2e.test_join_and_generate import free_port
+
         for _ in range(n):
+            port = free_port()
+            self.addresses.append(f"127.0.0.1:{port}")
             self.workers.append(subprocess.Popen(
-                [sys.executable, "-m", "shard_worker.cli", "serve", "--port", "0", "--coordinator", self.endpoint,
-                 "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                [sys.executable, "-m", "shard_worker.cli", "serve", "--port", str(port), "--coordinator",
+                 self.endpoint, "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def kill_coordinator(self) -> None:
         os.killpg(self.coordinator.pid, signal.SIGKILL)

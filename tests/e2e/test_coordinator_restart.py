@@ -7,6 +7,7 @@ Prints the time from the kill to each stream's next token, beside the undisturbe
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import grpc
@@ -113,3 +114,49 @@ def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store
     finally:
         cluster.close()
         log.close()
+
+
+def test_ten_restarts_racing_heartbeats_list_each_worker_once_and_only_a_leaver_leaves(store, tmp_path):
+    """4 workers; the coordinator SIGKILLed and started again at once, 10 times, while the workers' heartbeats
+    race the restart: every time, the status lists each live worker once, with its own address. Then SIGTERM
+    one worker: it alone leaves (its LeaveCluster names its own identity, never another's record)."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 2\n'
+                      f'jobs_dir = "{tmp_path}"\nhttp = false\nheartbeat_interval_ms = 100\n')
+    cluster = Standalone(config, endpoint)
+
+    def listed(client: Client, want: int, timeout: float = 60) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = client.cluster_status()
+                if len(status.workers) >= want and status.ready:
+                    return [w.address for w in status.workers]
+            except Exception:  # noqa: BLE001 - the coordinator is starting again
+                pass
+            assert time.monotonic() < deadline, f"not {want} workers and ready within {timeout} s"
+            time.sleep(0.05)
+
+    try:
+        cluster.add_workers(4)
+        with Client(endpoint, timeout=10) as client:
+            client.wait_ready(timeout=180)
+            assert sorted(listed(client, 4)) == sorted(cluster.addresses)
+            for _ in range(10):
+                cluster.kill_coordinator()
+                cluster.restart_coordinator()
+                addresses = listed(client, 4)
+                assert sorted(addresses) == sorted(cluster.addresses), addresses  # each once, its own address
+            cluster.workers[0].send_signal(signal.SIGTERM)
+            assert cluster.workers[0].wait(60) == 0
+            deadline = time.monotonic() + 60
+            while sorted(addresses := [w.address for w in client.cluster_status().workers]) != \
+                    sorted(cluster.addresses[1:]):
+                assert time.monotonic() < deadline, addresses
+                time.sleep(0.1)
+            client.wait_ready(timeout=60)
+            assert client.generate([1, 2, 3], max_tokens=4, temperature=0).completion_tokens == 4
+    finally:
+        cluster.close()

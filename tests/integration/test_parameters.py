@@ -103,3 +103,31 @@ def test_flipped_byte_fails_load_naming_tensor(loop, store, workers, tmp_path):
         assert response.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     finally:
         loop.run(server.stop(0))
+
+
+@pytest.mark.chaos
+def test_a_stalled_parameter_service_fails_the_load_in_time_naming_it_and_frees_the_loader(
+        loop, parameters, workers, monkeypatch):
+    """The service's link slows to a trickle mid-transfer (20 KB/s: a stall, for a 2 MB shard): the load fails
+    within its deadline (here 1 s of grace, as it is 30 s plus the bytes at 2 MB/s), naming the service; the
+    worker's loader is free again, and the next LoadShard succeeds."""
+    import time
+
+    from shard_worker import weights
+    from tests.faults import FaultProxy
+
+    monkeypatch.setattr(weights, "FETCH_GRACE_S", 1.0)
+    proxy = loop.run(FaultProxy.start(parameters.address))
+    (worker,) = workers(1)
+    try:
+        proxy.rate_bytes_s = 20_000
+        began = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            load(worker.address, "tiny-llama", 0, 6, proxy.address)
+        assert time.monotonic() - began < 15
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert f"parameter service {proxy.address} sent" in err.value.details() and "stalled" in err.value.details()
+        proxy.rate_bytes_s = 0
+        assert load(worker.address, "tiny-llama", 0, 6, proxy.address)[-1].phase == worker_pb2.LOAD_PHASE_READY
+    finally:
+        loop.run(proxy.close())
