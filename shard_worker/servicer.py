@@ -185,7 +185,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         wire_dtype = wire_dtype_from_enum(request.wire_dtype, dtype)
         spec = ShardSpec(request.model, request.start_layer, request.end_layer, dtype, request.parameters_address,
                          self.identity, quantize=quantization_from_enum(request.quantize), device=str(device.device),
-                         engine=device.engine)
+                         engine=device.engine, digest=request.weights_digest)
         return spec, kv_settings(request), wire_dtype
 
     # -- Forward ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from shardline.codec import dtype_from_safetensors
 from shardline.errors import (
     DataLoss,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ShardlineError,
@@ -56,6 +57,7 @@ class ShardSpec:
     quantize: str = ""  # weight-only quantization at load (shard_worker/quantize.py): "" or "int8"
     device: str = "cpu"  # where the stage runs (shard_worker/device.py): each tensor goes there as it arrives
     engine: str = "torch"  # "torch" or "deepspeed" (shard_worker/engine.py)
+    digest: str = ""  # the weights expected (shardline/weights_digest.py; "" = any): other weights are refused
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,12 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
         if not 0 <= spec.start < spec.end <= manifest.num_layers:
             raise InvalidArgument(f"layer range [{spec.start}, {spec.end}) is outside model {spec.model!r}, "
                                   f"which has layers [0, {manifest.num_layers})")
+        digest = weights_digest((t.name, t.sha256) for t in manifest.tensors)
+        if spec.digest and digest != spec.digest:
+            raise FailedPrecondition(f"model {spec.model!r} in the store is not the one this deployment serves (its "
+                                     "weights changed since it was loaded: re-imported with --overwrite?); nothing was "
+                                     "fetched. Load it again as a new deployment (coordinator load-model) to serve "
+                                     "the new weights")
         entries = {t.name: t for t in manifest.tensors}
         names = family.names.stage_tensor_names(config, list(entries), spec.start, spec.end)
         missing = [n for n in names if n not in entries]
@@ -202,7 +210,7 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                 time.sleep(min(0.2 * 2**attempt, 2.0))
         if len(tensors) != len(names):
             raise DataLoss(f"the transfer ended with {len(names) - len(tensors)} tensors incomplete")
-        return FetchedShard(family, config, tensors, weights_digest((t.name, t.sha256) for t in manifest.tensors))
+        return FetchedShard(family, config, tensors, digest)
     except ShardlineError:
         raise
     finally:

@@ -244,7 +244,7 @@ async def _load(replica: Rechained, target: Assignment, loaded: dict[str, Loaded
         link_of = {s.start: i for i, (_, s) in enumerate(target)}
         results = await asyncio.gather(*(
             load_shard(w, model, s, replica.shared.parameters_address, dtype_to_enum(c.dtype), c.load_timeout_s,
-                       replica.shared.links, replica.progress, load_request(c, links[link_of[s.start]]))
+                       replica.shared.links, replica.progress, load_request(c, links[link_of[s.start]]), digest)
             for w, s in batch),
             return_exceptions=True)
         failed = []

@@ -34,6 +34,8 @@ from shardline.errors import FailedPrecondition, ShardlineError, Unavailable
 from shardline.stream import LinkSettings
 
 log = logging.getLogger(__name__)
+# a failed replica retries with the pool unchanged after this many times its back-off (1 s doubling to 60 s)
+RETRY_ALONE_FACTOR = 5.0
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Replica:
         self._retiring = False  # retire() has begun: no change of the chain starts any more
         self._broken = False    # its chain failed while it retired: its streams leave without the grace
         self._retry_after = 0.0  # a failed replica is placed or healed again no sooner than this
+        self._retry_alone_after = 0.0  # ... and, with the pool unchanged, no sooner than this
         self._backoff_s = 1.0
         self._lock = asyncio.Lock()     # one change of the chain at a time
         self._queued = 0                # changes asked for and not finished
@@ -137,13 +140,17 @@ class Replica:
         return self._failed_with
 
     def may_retry(self, membership: tuple[str, ...]) -> bool:
-        """A failed replica tries again once the pool changed and its back-off has passed."""
-        return membership != self._failed_with and time.monotonic() >= self._retry_after
+        """A failed replica tries again once its back-off has passed and the pool changed, or, with the pool as
+        it was, once a longer back-off has (what failed may have been passing: a parameter service that
+        stalled, a worker that was busy)."""
+        now = time.monotonic()
+        return now >= self._retry_after and (membership != self._failed_with or now >= self._retry_alone_after)
 
     def cannot_place(self, why: str, membership: tuple[str, ...]) -> None:
         """Placement found workers, but not the memory: the replica fails with the missing MiB (it is placed
         again when the membership changes)."""
         self._failed_with = membership
+        self._retry_alone_after = time.monotonic() + RETRY_ALONE_FACTOR * self._backoff_s
         if (self.state, self.message) != (ReplicaState.FAILED, why):
             self.shared.say(f"error: {self.name}: {why}")
             self._set_state(ReplicaState.FAILED, why)
@@ -363,6 +370,7 @@ class Replica:
                 if self.state == ReplicaState.FAILED:  # the pool as it is now that this replica let go of its claims,
                     self._failed_with = self.shared.membership()  # and a pause before the next try
                     self._retry_after = time.monotonic() + self._backoff_s
+                    self._retry_alone_after = time.monotonic() + RETRY_ALONE_FACTOR * self._backoff_s
                     self._backoff_s = min(60.0, self._backoff_s * 2)
                 elif self.state == ReplicaState.READY:
                     self._backoff_s = 1.0

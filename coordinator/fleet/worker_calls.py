@@ -89,11 +89,13 @@ async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings
 
 async def load_shard(worker: WorkerRecord, model: str, stage: StagePlan, parameters_address: str, dtype: int,
                      timeout: float, links: LinkSettings, progress: dict[str, int],
-                     kv: worker_pb2.LoadShardRequest | None = None) -> None:
+                     kv: worker_pb2.LoadShardRequest | None = None, digest: str = "") -> None:
     """LoadShard, within `timeout`; progress[address] follows the bytes loaded; `kv` carries the step and KV
-    settings. Raises the error table's exception on failure."""
+    settings; `digest`: the weights the deployment serves (others are refused). Raises the error table's
+    exception on failure."""
     request = worker_pb2.LoadShardRequest(model=model, start_layer=stage.start, end_layer=stage.end,
-                                          parameters_address=parameters_address, dtype=dtype)  # type: ignore[arg-type]
+                                          parameters_address=parameters_address, dtype=dtype,  # type: ignore[arg-type]
+                                          weights_digest=digest)
     if kv is not None:
         request.MergeFrom(kv)
     async with channel(worker.address, links.keepalive, links.identity) as ch:

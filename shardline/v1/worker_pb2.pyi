@@ -115,7 +115,7 @@ class UnloadShardResponse(_message.Message):
     def __init__(self, freed_weight_bytes: _Optional[int] = ..., sessions_ended: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences", "wire_dtype", "quantize")
+    __slots__ = ("model", "start_layer", "end_layer", "dtype", "parameters_address", "timeout_ms", "max_step_tokens", "prefill_chunk_tokens", "kv_block_tokens", "session_ttl_ms", "max_step_sequences", "weights_digest", "wire_dtype", "quantize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class LoadShardRequest(_message.Message):
     KV_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
@@ -140,9 +141,10 @@ class LoadShardRequest(_message.Message):
     kv_block_tokens: int
     session_ttl_ms: int
     max_step_sequences: int
+    weights_digest: str
     wire_dtype: _tensor_pb2.DType
     quantize: WeightQuantization
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ..., max_step_sequences: _Optional[int] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., quantize: _Optional[_Union[WeightQuantization, str]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., parameters_address: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., prefill_chunk_tokens: _Optional[int] = ..., kv_block_tokens: _Optional[int] = ..., session_ttl_ms: _Optional[int] = ..., max_step_sequences: _Optional[int] = ..., weights_digest: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., quantize: _Optional[_Union[WeightQuantization, str]] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
     __slots__ = ("phase", "bytes_done", "bytes_total", "tensors_done", "tensors_total", "tensor")

@@ -131,3 +131,58 @@ def test_a_stalled_parameter_service_fails_the_load_in_time_naming_it_and_frees_
         assert load(worker.address, "tiny-llama", 0, 6, proxy.address)[-1].phase == worker_pb2.LOAD_PHASE_READY
     finally:
         loop.run(proxy.close())
+
+
+def test_a_load_naming_other_weights_than_the_stores_is_refused_before_a_byte(store, parameters, workers):
+    """A deployment's weights are the store's when it began: a store whose model was re-imported since
+    (--overwrite) fails the load, so a chain never mixes two versions of the weights."""
+    (worker,) = workers(1)
+    with pytest.raises(grpc.RpcError) as err:
+        load(worker.address, "tiny-llama", 0, 6, parameters.address, weights_digest="0" * 64)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "weights changed since it was loaded" in err.value.details()
+    digest = store.manifest("tiny-llama").digest
+    assert load(worker.address, "tiny-llama", 0, 6, parameters.address,
+                weights_digest=digest)[-1].phase == worker_pb2.LOAD_PHASE_READY
+    status = worker_stub(worker.address).GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+    assert status.weights_digest == digest and status.loads == 2
+
+
+@pytest.mark.chaos
+def test_a_replica_whose_load_failed_retries_on_its_own_once_the_service_recovers(
+        loop, store, parameters, workers, monkeypatch):
+    """The parameter service stalls during the first deployment: the replica fails, naming it. Nothing else
+    changes (no worker joins), and once the service flows again the replica retries on its own, with back-off,
+    and serves."""
+    import time
+
+    from coordinator.api.server import start_coordinator
+    from coordinator.config import CoordinatorConfig
+    from shard_worker import weights
+    from shardline.client import Client
+    from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+    from tests.faults import FaultProxy
+
+    monkeypatch.setattr(weights, "FETCH_GRACE_S", 0.5)
+    proxy = loop.run(FaultProxy.start(parameters.address))
+    proxy.rate_bytes_s = 20_000
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=1, port=0, http=False,
+                               parameters_address=proxy.address, heartbeat_timeout_ms=3_600_000,
+                               heartbeat_interval_ms=200)
+    coordinator = loop.run(start_coordinator(config))
+    try:
+        (worker,) = workers(1)
+        coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address)).RegisterWorker(
+            coordinator_pb2.RegisterWorkerRequest(address=worker.address, memory_budget_bytes=2**30))
+        with Client(coordinator.address, timeout=30) as client:
+            deadline = time.monotonic() + 30
+            while (status := client.cluster_status()).state != "failed":
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+            assert f"parameter service {proxy.address}" in status.message and "stalled" in status.message
+            proxy.rate_bytes_s = 0
+            client.wait_ready(timeout=60)
+            assert client.generate([1, 2, 3], max_tokens=3, temperature=0).completion_tokens == 3
+    finally:
+        loop.run(coordinator.stop())
+        loop.run(proxy.close())
