@@ -56,10 +56,21 @@ async def set_peers(addresses: list[str], timeout: float, links: LinkSettings,
     return failed
 
 
-async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettings) -> KVBudget | None:
-    """The chain's KV capacity: the smallest stage's blocks (None when a stage keeps no KV, or is silent;
-    each worker still refuses what it cannot hold)."""
-    replies = await asyncio.gather(*(status(a, timeout, links) for a in addresses))
+async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettings,
+                         tries: int = 3) -> KVBudget | None:
+    """The chain's KV capacity: the smallest stage's free blocks (None when a stage keeps no KV, or stays
+    silent through `tries` asks, each with a doubled timeout: admission is off then, and each worker still
+    refuses what it cannot hold)."""
+    replies: list[worker_pb2.GetStatusResponse | None] = [None] * len(addresses)
+    for attempt in range(tries):
+        silent = [i for i, r in enumerate(replies) if r is None]
+        if not silent:
+            break
+        answers = await asyncio.gather(*(status(addresses[i], timeout * 2**attempt, links) for i in silent))
+        for i, answer in zip(silent, answers, strict=True):
+            replies[i] = answer
+    if any(r is None for r in replies):
+        log.warning("KV admission is off for the chain %s: a stage did not answer GetStatus", " -> ".join(addresses))
     kvs = [r.kv for r in replies if r is not None]
     if len(kvs) != len(addresses) or any(kv.blocks_total <= 0 for kv in kvs):
         return None

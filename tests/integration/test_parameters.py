@@ -186,3 +186,22 @@ def test_a_replica_whose_load_failed_retries_on_its_own_once_the_service_recover
     finally:
         loop.run(coordinator.stop())
         loop.run(proxy.close())
+
+
+def test_a_slow_status_at_install_is_asked_again_not_taken_for_no_kv_admission(loop, parameters, workers):
+    """The chain's KV capacity is read once a chain is installed: a stage slow to answer GetStatus once is asked
+    again with a longer timeout, instead of turning admission off for the chain's life."""
+    from coordinator.fleet.worker_calls import chain_capacity
+    from shardline.stream import LinkSettings
+    from tests.faults import FaultProxy
+
+    (worker,) = workers(1)
+    load(worker.address, "tiny-llama", 0, 6, parameters.address)
+    proxy = loop.run(FaultProxy.start(worker.address))
+    proxy.delay_s = 0.1  # a GetStatus takes 4 delays here (a new connection, then the call): 0.4 s
+    try:
+        assert loop.run(chain_capacity([proxy.address], 0.3, LinkSettings(), tries=1)) is None
+        budget = loop.run(chain_capacity([proxy.address], 0.3, LinkSettings()))
+        assert budget is not None and budget.blocks_total > 0
+    finally:
+        loop.run(proxy.close())
