@@ -17,6 +17,7 @@ from shardline.client import AsyncClient, Client
 from shardline.v1 import worker_pb2, worker_pb2_grpc
 from tests.chaos import wait_until_no_sessions
 from tests.e2e.standalone import Standalone
+from tests.e2e.test_jobs_restart import stored
 from tests.e2e.test_join_and_generate import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
@@ -158,5 +159,52 @@ def test_ten_restarts_racing_heartbeats_list_each_worker_once_and_only_a_leaver_
                 time.sleep(0.1)
             client.wait_ready(timeout=60)
             assert client.generate([1, 2, 3], max_tokens=4, temperature=0).completion_tokens == 4
+    finally:
+        cluster.close()
+
+
+def test_run_time_versions_replicas_and_a_pinned_job_survive_a_sigkill(store, tmp_path):
+    """v2 loaded at run time, promoted, scaled to 2 replicas; a job pinned to v2 submitted; the coordinator
+    SIGKILLed mid-job and started again: v2 is back, still the default, with 2 replicas adopted from the shards
+    the workers hold, and the job finishes with an uninterrupted run's results, no item computed twice."""
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 1\n'
+                      f'jobs_dir = "{tmp_path}"\nresult_cache_mb = 0\nhttp = false\njob_concurrency = 4\n')
+    cluster = Standalone(config, endpoint)
+    items = [{"prompt_token_ids": prompt(i), **params(i), "max_tokens": 40} for i in range(40)]
+    try:
+        cluster.add_workers(3)
+        with Client(endpoint, timeout=120) as client:
+            client.wait_ready(timeout=180)
+            client.load_model("tiny-llama", version="2", source="tiny-llama")
+            assert client.promote_model("tiny-llama@2") == "1"
+            client.scale_model("tiny-llama@2", 2)
+            workers = [w.address for w in client.cluster_status().workers]
+            before = loads(workers)
+            job = client.submit_job(items, model="tiny-llama@2")
+            deadline = time.monotonic() + 120
+            while client.get_job(job).done < 5:
+                assert time.monotonic() < deadline, "the job made no progress"
+                time.sleep(0.02)
+        cluster.kill_coordinator()
+        done_before = sum(s == "done" for s, _, _ in stored(tmp_path / "jobs.sqlite3", job).values())
+        cluster.restart_coordinator()
+        with Client(endpoint, timeout=120) as client:
+            client.wait_ready(timeout=180)
+            status = client.wait_job(job, timeout=300)
+            assert (status.state, status.done, status.failed) == ("completed", len(items), 0)
+            models = {(m.name, m.version): m for m in client.list_models()}
+            assert models["tiny-llama", "2"].is_default and not models["tiny-llama", "1"].is_default
+            deployments = {f"{d.name}@{d.version}": d for d in client.cluster_status().deployments}
+            assert len(deployments["tiny-llama@2"].replicas) == 2, deployments
+            assert loads(workers) == before  # every replica adopted: nothing fetched again
+            ran = sum(r.requests for d in deployments.values() for r in d.replicas)
+            assert ran == len(items) - done_before, (ran, done_before)  # what was done before the kill: not again
+            results = client.job_results(job)
+            expected = [client.generate(prompt(i), model="tiny-llama@2", **params(i) | {"max_tokens": 40}).token_ids
+                        for i in range(len(items))]
+            assert [list(r.token_ids) for r in results] == expected
     finally:
         cluster.close()
