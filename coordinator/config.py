@@ -134,6 +134,9 @@ class CoordinatorConfig(BaseModel):
     max_infer_tokens: int = Field(262_144, ge=1, description="tokens of one Infer, all its inputs together")
     infer_micro_batch: int = Field(32, ge=1, description="inputs per micro-batch of an Infer")
     heartbeat_interval_ms: int = Field(2000, ge=100)
+    adoption_wait_s: float = Field(5.0, ge=0, description="after a start, a replica some of whose layers a "
+                                   "registered worker holds already waits this long for the rest of their holders "
+                                   "(it adopts them, loading nothing) before it is placed elsewhere")
     heartbeat_timeout_ms: int = Field(10000, ge=500)
     step_timeout_ms: int = Field(60_000, ge=100, description="a step not answered within this heals the chain")
     keepalive_time_ms: int = Field(20_000, ge=1000, description="ping idle connections this often")

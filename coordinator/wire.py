@@ -34,7 +34,7 @@ def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         prompt_ids=tuple(r.prompt_token_ids),
         top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
         stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos,
-        resume_ids=tuple(r.resume_token_ids))
+        resume_ids=tuple(r.resume_token_ids), stop_ids=tuple(r.stop_token_ids))
 
 
 def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
@@ -45,6 +45,8 @@ def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
                                                 model=piece.model)
     if piece.seed is not None:
         response.seed = piece.seed
+    if piece.model:  # the first message
+        response.prompt_tokens = piece.prompt_tokens
     if piece.finish_reason:
         response.usage.prompt_tokens = piece.prompt_tokens
         response.usage.completion_tokens = piece.completion_tokens

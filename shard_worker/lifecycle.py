@@ -23,6 +23,7 @@ from shard_worker.runtime import ComputeThread, KVSettings, StageRuntime
 from shard_worker.weights import Progress, ShardSpec
 from shardline.errors import FailedPrecondition, Internal, InvalidArgument, ShardlineError, status_of
 from shardline.limits import default_memory_budget
+from shardline.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ class ShardLifecycle:
         if self._loading:
             raise FailedPrecondition("a LoadShard is already in progress on this worker")
         self._loading = True
-        self.loads += 1
         if self.shard is not None:  # replaced: what it did stays counted
             self.metrics.retire(self.shard.runtime.metrics)
         self.state, self.shard, self.last_error = "loading", None, ""
@@ -89,6 +89,7 @@ class ShardLifecycle:
             runtime, weight_bytes, digest = task.result()
             runtime.on_step = self.metrics.step_seconds.observe
             self.shard = Shard(spec, runtime, weight_bytes, digest)
+            self.loads += 1
             self.state = "ready"
             await self._set_serving(True)
             log.info("loaded %s layers [%d, %d): %d bytes", spec.model, spec.start, spec.end, weight_bytes)
@@ -157,6 +158,14 @@ class ShardLifecycle:
         log.info("calibrated %s at %s, %d x %d tokens: %.2f ms per layer (%d threads)", spec.family, spec.dtype,
                  spec.sequences, spec.tokens, done.seconds_per_layer * 1000, done.threads)
         return done
+
+    def held(self) -> coordinator_pb2.HeldShard | None:
+        """The shard held and ready, as a registration tells it (None: none)."""
+        shard = self.shard
+        if shard is None or self.state != "ready":
+            return None
+        return coordinator_pb2.HeldShard(model=shard.spec.model, start_layer=shard.spec.start,
+                                         end_layer=shard.spec.end, weights_digest=shard.digest)
 
     async def end_all_sessions(self) -> int:
         """End every session the held shard keeps (a coordinator that forgot this worker created them: they are

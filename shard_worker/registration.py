@@ -21,12 +21,15 @@ from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 10.0
 MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
+ORPHANS_TIMEOUT_S = 10.0  # ending the sessions a forgotten worker holds, at most
+QUICK_RETRY_S = 0.5  # the longest pause between the first 20 tries to reach a coordinator that went away
 
 
 class Registration:
     def __init__(self, coordinator: str, address: str, memory_budget_bytes: int,
                  links: LinkSettings | None = None, device: DeviceSettings | None = None,
-                 forgotten: Callable[[], Awaitable[int]] | None = None) -> None:
+                 forgotten: Callable[[], Awaitable[int]] | None = None,
+                 held: Callable[[], coordinator_pb2.HeldShard | None] | None = None) -> None:
         self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
@@ -39,6 +42,7 @@ class Registration:
         # ends the sessions held, before registering again: a coordinator that forgot this worker (it restarted)
         # did not create them, and its KV capacity must not count them
         self.forgotten = forgotten
+        self.held = held  # the shard held now, told at registration (a restarted coordinator adopts it)
 
     async def run(self) -> None:
         interval, failures = 0.2, 0
@@ -57,8 +61,10 @@ class Registration:
                     except grpc.RpcError as err:
                         failures += 1
                         self._log_failure(err, failures)
-                        # quick retries while a coordinator starts up, then exponential backoff
-                        backoff = interval if failures <= 20 else interval * 2 ** min(failures - 20, 8)
+                        # a coordinator that restarts is back within seconds: retry soon (0.1 s doubling up to
+                        # QUICK_RETRY_S), and after 20 failures with an exponential backoff
+                        backoff = min(interval, QUICK_RETRY_S, 0.1 * 2 ** (failures - 1)) if failures <= 20 \
+                            else interval * 2 ** min(failures - 20, 8)
                         await asyncio.sleep(min(MAX_BACKOFF_S, backoff))
                         break
 
@@ -67,10 +73,13 @@ class Registration:
         if not self.worker_id:
             if self.leaving:
                 return True
-            reply = await stub.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(
+            request = coordinator_pb2.RegisterWorkerRequest(
                 address=self.address, memory_budget_bytes=self.memory_budget_bytes,
-                device=device_proto(self.device, self.device.dtype), identity=self.identity),
-                timeout=RPC_TIMEOUT_S, metadata=self.metadata)
+                device=device_proto(self.device, self.device.dtype), identity=self.identity)
+            held = self.held() if self.held is not None else None
+            if held is not None:
+                request.held.CopyFrom(held)
+            reply = await stub.RegisterWorker(request, timeout=RPC_TIMEOUT_S, metadata=self.metadata)
             self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
             self.epoch = reply.coordinator_epoch
             log.info("registered with %s as %s", self.coordinator, self.worker_id)
@@ -82,12 +91,23 @@ class Registration:
             if self.leaving:
                 return True  # it let this worker go
             restarted = beat.coordinator_epoch and beat.coordinator_epoch != self.epoch
-            ended = await self.forgotten() if self.forgotten is not None else 0
+            ended = await self._end_orphans()
             log.warning("coordinator %s %s; registering again%s", self.coordinator,
                         "restarted" if restarted else "does not know this worker",
                         f" (ended the {ended} sessions it had opened here)" if ended else "")
             self.worker_id = self.epoch = ""
         return False
+
+    async def _end_orphans(self) -> int:
+        """The sessions ended before registering again (bounded: a wedged compute thread never stops the
+        registration; a failure is logged and the worker registers all the same)."""
+        if self.forgotten is None:
+            return 0
+        try:
+            return await asyncio.wait_for(self.forgotten(), ORPHANS_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - logged; registering matters more
+            log.exception("ending the sessions of a coordinator that forgot this worker failed; registering anyway")
+            return 0
 
     def _log_failure(self, err: grpc.RpcError, failures: int) -> None:
         if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

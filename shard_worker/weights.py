@@ -198,9 +198,9 @@ def fetch_shard(spec: ShardSpec, on_progress: Callable[[Progress], None], retrie
                 failure = from_rpc_error(err)
                 if isinstance(failure, DeadlineExceeded):
                     raise DeadlineExceeded(f"parameter service {spec.parameters_address} sent {done_bytes} of "
-                                           f"{total} bytes and then stalled: the transfer did not end within "
-                                           f"{deadline_s:.0f} s (at least {MIN_FETCH_BYTES_S / 1e6:.0f} MB/s "
-                                           "expected)") from err
+                                           f"{total} bytes, then the transfer stalled or crawled: it did not end "
+                                           f"within {deadline_s:.0f} s ({FETCH_GRACE_S:.0f} s, plus "
+                                           f"{MIN_FETCH_BYTES_S / 1e6:.0f} MB/s at the least)") from err
                 if not isinstance(failure, Unavailable) or attempt == retries:
                     if isinstance(failure, Unavailable):
                         raise Unavailable(f"parameter service {spec.parameters_address} dropped the transfer "

@@ -25,7 +25,8 @@ waits for it within that deadline.
 Restarts: a Generate stream whose connection breaks (its coordinator died or restarted) resumes on its own
 within its deadline: the request goes again with the token ids already received, and the caller sees the
 tokens an undisturbed run gives, none twice (shardline.client_calls.Resuming; GenerateResult.resumed counts
-the breaks). The coordinator's own UNAVAILABLE answers are raised at once, as before.
+the breaks). A stream that had not begun when its connection broke, and the coordinator's own UNAVAILABLE
+answers, are raised at once, as before, except while a stream resumes: then they are waited through.
 
 Message sizes: the client's channels accept responses up to MAX_RESPONSE_BYTES (64 MiB, the most the
 coordinator sends: an Infer of 1024 embeddings of up to 16384 floats). Requests larger than the
@@ -71,7 +72,7 @@ from shardline.client_types import (
     ReplicaStatus,
     WorkerStatus,
 )
-from shardline.errors import DeadlineExceeded, answered, from_rpc_error
+from shardline.errors import DeadlineExceeded, from_rpc_error
 from shardline.jobs import JobItemResult, JobStatus
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
@@ -112,44 +113,41 @@ class Client(Connection):
             return None
         if isinstance(step, Probe):
             try:
-                health = self.health.Check(step.request, timeout=step.timeout)
+                return step.serving(self.health.Check(step.request, timeout=step.timeout))
             except grpc.RpcError:
                 return False
-            self.reached = True
-            return step.serving(health)
         try:
-            reply = self._call(step)
+            return self._call(step)
         except grpc.RpcError as err:
-            self.reached = self.reached or answered(err)
             raise from_rpc_error(err) from err
-        self.reached = True
-        return reply
 
     def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
-        chunks = self._chunks(call, result)
+        resuming = calls.Resuming(call, result, call.timeout or self.timeout)
+        # started now, not at the first read: streams opened together run together
+        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining(), False))
         if stream:
             return chunks
         for _ in chunks:
             pass
         return result
 
-    def _chunks(self, call: Stream, result: GenerateResult) -> Iterator[GenerateChunk]:
+    def _chunks(self, resuming: calls.Resuming, responses: Any) -> Iterator[GenerateChunk]:
         """The stream's chunks as they arrive; a stream that breaks resumes (calls.Resuming)."""
-        resuming = calls.Resuming(call, result, call.timeout or self.timeout, self.reached)
         while True:
-            responses = self._generate(resuming.request(), resuming.remaining(), bool(resuming.broke))
             try:
                 for response in responses:
-                    self.reached = True
                     resuming.resumed()
-                    yield result.add(response)
+                    yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
                 pause = resuming.after(err)
             finally:  # closed early: the coordinator frees the stream now, not at GC
                 responses.cancel()
+            if pause is None:
+                return
             time.sleep(pause)
+            responses = self._generate(resuming.request(), resuming.remaining(), True)
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
@@ -287,44 +285,40 @@ class AsyncClient(Connection):
             return None
         if isinstance(step, Probe):
             try:
-                health = await self.health.Check(step.request, timeout=step.timeout)
+                return step.serving(await self.health.Check(step.request, timeout=step.timeout))
             except grpc.RpcError:
                 return False
-            self.reached = True
-            return step.serving(health)
         try:
-            reply = await self._call(step)
+            return await self._call(step)
         except grpc.RpcError as err:
-            self.reached = self.reached or answered(err)
             raise from_rpc_error(err) from err
-        self.reached = True
-        return reply
 
     async def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
-        chunks = self._chunks(call, result)
+        resuming = calls.Resuming(call, result, call.timeout or self.timeout)
+        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining(), False))
         if stream:
             return chunks
         async for _ in chunks:
             pass
         return result
 
-    async def _chunks(self, call: Stream, result: GenerateResult) -> AsyncIterator[GenerateChunk]:
+    async def _chunks(self, resuming: calls.Resuming, responses: Any) -> AsyncIterator[GenerateChunk]:
         """As Client._chunks, awaited; closed early (aclose, a cancelled task), the call is cancelled at once."""
-        resuming = calls.Resuming(call, result, call.timeout or self.timeout, self.reached)
         while True:
-            responses = self._generate(resuming.request(), resuming.remaining(), bool(resuming.broke))
             try:
                 async for response in responses:
-                    self.reached = True
                     resuming.resumed()
-                    yield result.add(response)
+                    yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
                 pause = resuming.after(err)
             finally:
                 responses.cancel()
+            if pause is None:
+                return
             await asyncio.sleep(pause)
+            responses = self._generate(resuming.request(), resuming.remaining(), True)
 
     async def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:

@@ -94,17 +94,17 @@ class Resuming:
     repeat and no error. Greedy and seeded sampling continue with the tokens an undisturbed run gives.
 
     A stream resumes when its connection breaks (UNAVAILABLE that no shardline server sent: shardline.errors.
-    answered) once it had begun (a message received), or when this client has reached the coordinator before
-    (a stream still queued there when it died). A client that never reached the coordinator fails at once,
-    saying why, and so does an UNAVAILABLE the coordinator answers itself (a cluster that cannot serve, a
-    drain), unless the stream is resuming: then the coordinator's UNAVAILABLE (not ready again yet) is waited
-    through, with a pause that doubles up to 1 s. Past the deadline: Unavailable, saying why.
-    Each client drives it with its own kind of I/O (Client._chunks, AsyncClient._chunks)."""
+    answered) after its first message, which names the version serving it (a coordinator too old to resume
+    names none: its stream would start over, so it is not resumed). Before that, a broken connection, and an
+    UNAVAILABLE the coordinator answers itself (a cluster that cannot serve, a drain), are raised at once, as
+    before; once resuming, the coordinator's UNAVAILABLE (not ready again yet) is waited through, with a pause
+    that doubles up to 1 s. Past the deadline: Unavailable, saying why. A break after the last message (only
+    the status was lost) ends the call with the whole result. Each client drives it with its own kind of I/O
+    (Client._chunks, AsyncClient._chunks)."""
 
-    def __init__(self, call: Stream, result: GenerateResult, timeout: float, reached: bool) -> None:
+    def __init__(self, call: Stream, result: GenerateResult, timeout: float) -> None:
         self.call, self.result, self.timeout = call, result, timeout
         self.deadline = time.monotonic() + timeout
-        self.reached = reached
         self.broke = ""     # why the stream broke (empty while it has not)
         self.pause = 0.05
 
@@ -124,16 +124,18 @@ class Resuming:
     def remaining(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
 
-    def after(self, err: grpc.RpcError) -> float:
-        """The stream ended with `err`: the seconds to wait before resuming, or the error to raise."""
+    def after(self, err: grpc.RpcError) -> float | None:
+        """The stream ended with `err`: the seconds to wait before resuming, None when the result is whole
+        already (the last message arrived, the status did not), or the error to raise."""
+        if self.result.finish_reason:
+            return None
         code, details = err.code(), err.details() or ""
         if self.broke and code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.gone(details)
-        began = bool(self.result.token_ids or self.result.model)
-        # a break is the connection's doing (not the coordinator's answer), to a coordinator reached before;
+        # a break is the connection's doing (not the coordinator's answer), on a stream that can resume;
         # once broken, the coordinator's own UNAVAILABLE (not ready again yet) is waited through too
-        broke = not answered(err) and (began or self.reached)
-        if code != grpc.StatusCode.UNAVAILABLE or self.result.finish_reason or not (broke or self.broke):
+        broke = not answered(err) and bool(self.result.model)
+        if code != grpc.StatusCode.UNAVAILABLE or not (broke or self.broke):
             raise from_rpc_error(err)
         if not self.broke:
             self.result.resumed += 1
@@ -156,16 +158,18 @@ class Resuming:
 def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",
                      max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
                      top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
-                     min_tokens: int | None = None, ignore_eos: bool = False) -> coordinator_pb2.GenerateRequest:
+                     min_tokens: int | None = None, ignore_eos: bool = False,
+                     stop_token_ids: Iterable[int] = ()) -> coordinator_pb2.GenerateRequest:
     """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
     without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
     and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
-    token (run to max_tokens)."""
+    token (run to max_tokens); `stop_token_ids`: token ids that end the stream too (ignore_eos or not)."""
     chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
             else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
     request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
-                                              top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
+                                              top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
+                                              stop_token_ids=list(stop_token_ids))
     if min_tokens is not None:
         request.min_tokens = min_tokens
     if max_tokens is not None:

@@ -72,7 +72,6 @@ class Connection:
         self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
-        self.reached = False  # a call was answered: a stream that breaks later resumes (client_calls.Resuming)
         self._target, self._tls = target, tls
 
     def _unreachable(self) -> str:

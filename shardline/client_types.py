@@ -17,8 +17,8 @@ class GenerateChunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # None until the last chunk: "length" or "stop"
-    prompt_tokens: int = 0            # usage, on the last chunk only (a stream's total, as GenerateResult's)
-    completion_tokens: int = 0
+    prompt_tokens: int = 0            # on the first chunk and the last (usage)
+    completion_tokens: int = 0        # usage, on the last chunk only (a stream's total, as GenerateResult's)
 
 
 @dataclass
@@ -38,7 +38,8 @@ class GenerateResult:
             self.model = response.model
             self.seed = response.seed if response.HasField("seed") else None
         finish = FINISH.get(response.finish_reason)
-        usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish else (0, 0)
+        usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish \
+            else (response.prompt_tokens, 0)
         chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage)
         self.cached = self.cached or response.cached
         self.text += chunk.text

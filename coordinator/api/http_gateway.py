@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -44,10 +46,10 @@ from coordinator.api.openai_requests import (
     embedding_call,
     parse_json,
 )
-from coordinator.api.openai_responses import Answer, embeddings, model_entry, model_id, models
+from coordinator.api.openai_responses import Answer, embeddings, model_entry, model_id, models, usage
 from coordinator.serving.request_log import REQUEST_ID_KEY, check_request_id
-from shardline import tracing
-from shardline.client import DEFAULT_TIMEOUT_S, AsyncClient, GenerateChunk
+from shardline import __version__, tracing
+from shardline.client import DEFAULT_TIMEOUT_S, SERVICE, AsyncClient, GenerateChunk
 from shardline.errors import InvalidArgument, ShardlineError
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES
 from shardline.tls import ClientTLS
@@ -124,6 +126,21 @@ class Routes:
                            code="timeout") from None
         return parse_json(bytes(body))
 
+    async def health(self, request: Request) -> Response:
+        """200 while the coordinator serves; 503 saying why not (a probe's answer: no key needed)."""
+        try:
+            reply = await self.client.health.Check(HealthCheckRequest(service=SERVICE), timeout=5)
+            serving = reply.status == HealthCheckResponse.SERVING
+            why = "" if serving else "the coordinator does not serve yet (its workers are loading, or too few)"
+        except grpc.RpcError as err:  # any failure to ask is a 503 saying so
+            serving, why = False, f"the coordinator does not answer: {err.details()}"
+        if serving:
+            return _json({"status": "ok"})
+        return _json({"status": "unavailable", "reason": why}, 503)
+
+    async def version(self, request: Request) -> Response:
+        return _json({"version": __version__})
+
     async def list_models(self, request: Request) -> Response:
         return _json(models(await self.client_for(request).list_models()))
 
@@ -173,10 +190,15 @@ class Routes:
         first event is an error event (the status went out with the first). A client that goes away cancels
         the gRPC stream (closing `chunks` cancels its call)."""
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
-            first = True
+            first, prompt_tokens, completion = True, 0, 0
             try:
                 while True:
-                    yield _event(answer.chunk(chunk.text, chunk.finish_reason, first, call.include_usage))
+                    completion += len(chunk.token_ids)
+                    prompt_tokens = prompt_tokens or chunk.prompt_tokens
+                    event = answer.chunk(chunk.text, chunk.finish_reason, first, call.include_usage)
+                    if call.continuous_usage:  # every chunk says the usage so far (vLLM's extension)
+                        event["usage"] = usage(prompt_tokens, completion)
+                    yield _event(event)
                     first = False
                     if chunk.finish_reason:
                         break
@@ -297,7 +319,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 (no such path) and 405 (wrong method), in OpenAI's shape."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     message = {404: f"no such endpoint: {request.url.path} (this server serves /v1/models, /v1/completions, "
-                    "/v1/chat/completions and /v1/embeddings)",
+                    "/v1/chat/completions, /v1/embeddings, /health, /ping and /version)",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(status, "request failed")
     return _json(ApiError(status, message).body(), status)
 
@@ -307,6 +329,10 @@ def build_app(client: AsyncClient, settings: GatewaySettings, on_first: Callable
     """The gateway's ASGI app; with a `judge`, a caller's key is judged before anything else (http_keys.py)."""
     routes = Routes(client, settings, on_first)
     app = Starlette(routes=[
+        # probes, as vLLM, SGLang and TGI answer them (load generators and orchestrators ask these first)
+        Route("/health", routes.health, methods=["GET"]),
+        Route("/ping", routes.health, methods=["GET", "POST"]),
+        Route("/version", routes.version, methods=["GET"]),
         Route("/v1/models", answering(routes.list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", answering(routes.get_model), methods=["GET"]),
         Route("/v1/completions", answering(routes.completions), methods=["POST"]),

@@ -112,12 +112,16 @@ class Refusals:
             self.count, self.logged = 0, now
 
 
+# probes answer without a key (an orchestrator's liveness check carries none): readiness and the release only
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
+
+
 def keys_first(app: Any, judge: Judge) -> Any:
     """ASGI middleware: every HTTP request's key judged before the app (and its body) is touched."""
     refusals = Refusals()
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
             await app(scope, receive, send)
             return
         try:

@@ -94,7 +94,9 @@ def from_shardline(exc: ShardlineError, names: Mapping[str, str]) -> ApiError:
     return ApiError(status, redacted(exc.message), kind, param, error_code if status != 400 else None)
 
 
-ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|dns):\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?|\[[0-9a-fA-F:]+\](?::\d+)?")
+# an IPv6 literal holds a colon: "[3]" in "prompt[3] is ..." names an index, not an address
+ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|dns):\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"
+                     r"|\[[0-9a-fA-F]*:[0-9a-fA-F:]+\](?::\d+)?")
 
 
 def redacted(message: str) -> str:

@@ -99,7 +99,8 @@ class Body:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
             raise invalid(f"Unrecognized request argument supplied: {unknown[0]} (this server takes OpenAI's "
-                          "fields, and top_k, min_tokens and ignore_eos)", unknown[0])
+                          "fields, and top_k, min_tokens, ignore_eos, stop_token_ids and vLLM's neutral "
+                          "extensions)", unknown[0])
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class GenerationCall:
     messages: list[tuple[str, str]] = field(default_factory=list)  # /v1/chat/completions
     stream: bool = False
     include_usage: bool = False                  # stream_options.include_usage
+    continuous_usage: bool = False               # stream_options.continuous_usage_stats: usage on every chunk
     names: Mapping[str, str] = field(default_factory=dict)  # gRPC field -> the caller's, for errors' `param`
 
 
@@ -123,8 +125,10 @@ class EmbeddingCall:
     dimensions: int | None = None
 
 
-def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bool]:
-    """The sampling and length fields both endpoints share, as SDK keywords; and stream, include_usage."""
+def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bool, bool]:
+    """The sampling and length fields both endpoints share, as SDK keywords; and stream, include_usage and
+    continuous_usage_stats. The extensions vLLM-style servers take (ignore_eos, min_tokens, stop_token_ids,
+    skip_special_tokens, ...) are honoured, or refused by name where their value would change the answer."""
     seed = body.integer("seed", -(2**63), UINT64 - 1)
     params: dict[str, Any] = {
         "model": body.string("model") or "",
@@ -136,26 +140,42 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
         "top_k": body.integer("top_k") or 0,
         "min_tokens": body.integer("min_tokens"),
         "ignore_eos": bool(body.boolean("ignore_eos")),
+        "stop_token_ids": _stop_token_ids(body.raw("stop_token_ids")),
     }
+    body.unsupported("skip_special_tokens", lambda v: v is True, "special tokens are always left out of the text")
+    body.unsupported("spaces_between_special_tokens", lambda v: v is True, "the tokenizer's own spacing is kept")
+    body.unsupported("include_stop_str_in_output", lambda v: v is False, "a stop sequence is left out of the text")
+    body.unsupported("repetition_penalty", lambda v: v == 1, "no penalties: leave it 1")
+    body.unsupported("min_p", lambda v: v == 0, "no min_p filter: leave it 0")
     body.unsupported("n", lambda v: v == 1, "one choice per request: n must be 1")
     for penalty in ("presence_penalty", "frequency_penalty"):
         body.unsupported(penalty, lambda v: v == 0, "no penalties: leave it 0")
     body.unsupported("logit_bias", lambda v: v == {}, "no logit bias")
     stream = bool(body.boolean("stream"))
     options = body.raw("stream_options")
-    include_usage = False
+    include_usage = continuous = False
     if options is not None:
         if not stream:
             raise invalid("stream_options is only allowed with stream: true", "stream_options")
         if not isinstance(options, dict):
             raise invalid(f"stream_options must be an object, got {type_name(options)}", "stream_options")
         for key, value in options.items():
-            if key not in ("include_usage", "include_obfuscation"):
+            if key not in ("include_usage", "include_obfuscation", "continuous_usage_stats"):
                 raise invalid(f"stream_options.{key} is not a known stream option", "stream_options")
             if value is not None and not isinstance(value, bool):
                 raise invalid(f"stream_options.{key} must be a boolean, got {type_name(value)}", "stream_options")
         include_usage = bool(options.get("include_usage"))
-    return params, stream, include_usage
+        continuous = bool(options.get("continuous_usage_stats"))
+    return params, stream, include_usage, continuous
+
+
+def _stop_token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_int(t) and -INT32 <= t < INT32 for t in value):
+        raise invalid(f"stop_token_ids must be an array of token ids (integers of 32 bits), got {type_name(value)}",
+                      "stop_token_ids")
+    return value
 
 
 def _stop(value: Any) -> list[str]:
@@ -170,13 +190,13 @@ def _stop(value: Any) -> list[str]:
 
 def _names(**renamed: str) -> dict[str, str]:
     """The gRPC API's field names (which the coordinator's messages start with) -> the caller's."""
-    same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens")
+    same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens", "stop_token_ids")
     return {**{n: n for n in same}, **renamed}
 
 
 def completion_call(data: dict[str, Any]) -> GenerationCall:
     body = Body(data)
-    params, stream, include_usage = _common(body, "max_tokens")
+    params, stream, include_usage, continuous = _common(body, "max_tokens")
     if "prompt" not in data:
         raise invalid("prompt is required", "prompt")
     prompt = _prompt(body.raw("prompt"))
@@ -186,7 +206,7 @@ def completion_call(data: dict[str, Any]) -> GenerationCall:
     body.unsupported("suffix", lambda v: v == "", "no insertion: suffix must be empty")
     body.finish()
     return GenerationCall(params["model"], params, prompt=prompt, stream=stream, include_usage=include_usage,
-                          names=_names(prompt="prompt", prompt_token_ids="prompt"))
+                          continuous_usage=continuous, names=_names(prompt="prompt", prompt_token_ids="prompt"))
 
 
 def _prompt(value: Any) -> str | list[int]:
@@ -217,7 +237,7 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
     if body.raw("max_tokens") is not None and body.raw("max_completion_tokens") is not None:
         raise invalid("give max_completion_tokens or max_tokens, not both", "max_tokens")
     limit = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    params, stream, include_usage = _common(body, limit)
+    params, stream, include_usage, continuous = _common(body, limit)
     if "messages" not in data:
         raise invalid("messages is required", "messages")
     messages = _messages(body.raw("messages"))
@@ -233,6 +253,7 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
         body.unsupported(name, lambda v: False, "this server runs the model as it is")
     body.finish()
     return GenerationCall(params["model"], params, messages=messages, stream=stream, include_usage=include_usage,
+                          continuous_usage=continuous,
                           names=_names(prompt="messages", messages="messages", max_tokens=limit))
 
 

@@ -13,10 +13,10 @@ from typing import Any
 from coordinator.api.admin_servicer import AdminMethods, deployment_info
 from coordinator.api.job_servicer import JobMethods
 from coordinator.fleet.fleet import Fleet
-from coordinator.fleet.registry import WorkerDevice
+from coordinator.fleet.registry import LoadedShard, WorkerDevice
 from coordinator.fleet.requests import generate, infer_truncating, refused_infer
 from coordinator.jobs.runner import JobRunner
-from coordinator.serving.generation import shown
+from coordinator.serving.generation import MAX_MODEL_NAME_CHARS, shown
 from coordinator.serving.request_log import request_id_of
 from coordinator.serving.result_cache import ResultCache
 from coordinator.wire import embed_request, generate_response, generation_request
@@ -182,8 +182,11 @@ class RegistryServicer(coordinator_pb2_grpc.WorkerRegistryServicer):
         if len(request.identity) > MAX_IDENTITY_CHARS or not request.identity.isprintable():
             raise InvalidArgument(f"identity must be at most {MAX_IDENTITY_CHARS} printable characters "
                                   f"(got {len(request.identity)})")
+        held = request.held if request.HasField("held") and request.held.model else None
         record = self.fleet.register(request.address, request.memory_budget_bytes, worker_device(request.device),
-                                     request.identity)
+                                     request.identity, held and LoadedShard(held.model[:MAX_MODEL_NAME_CHARS],
+                                                                            held.start_layer, held.end_layer,
+                                                                            held.weights_digest[:64]))
         return coordinator_pb2.RegisterWorkerResponse(
             worker_id=record.worker_id, heartbeat_interval_ms=self.fleet.config.heartbeat_interval_ms,
             coordinator_epoch=self.fleet.registry.epoch)

@@ -106,6 +106,10 @@ class SqliteFleetState:
                                       "from the configuration alone")
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version = {VERSION}")
+        except sqlite3.OperationalError as exc:  # the file may be fine: the disk, its rights, a program holding it
+            self.close()
+            raise FleetStateError(f"the fleet state {path} cannot be opened ({exc}): check the disk, the file's "
+                                  "rights, and that no other program holds it; then start again") from None
         except sqlite3.DatabaseError as exc:
             self.close()
             raise _unreadable(path, f"is not a fleet state ({exc})") from None
@@ -125,9 +129,12 @@ class SqliteFleetState:
         return cls(directory / name)
 
     def changes(self) -> Changes:
-        with self._lock:
-            rows = self._db.execute("SELECT key, spec FROM deployments ORDER BY rowid").fetchall()
-            defaults = dict(self._db.execute("SELECT name, version FROM defaults").fetchall())
+        try:
+            with self._lock:
+                rows = self._db.execute("SELECT key, spec FROM deployments ORDER BY rowid").fetchall()
+                defaults = dict(self._db.execute("SELECT name, version FROM defaults").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(self.path, f"cannot be read ({exc})") from None
         changes = Changes(defaults=defaults)
         for key, spec in rows:
             try:

@@ -22,7 +22,7 @@ from coordinator.fleet.durable import FleetState, Forgetful, opened
 from coordinator.fleet.model_admin import ModelAdmin
 from coordinator.fleet.placement import Wanted, interleave, place
 from coordinator.fleet.rechain import ChangeRefused
-from coordinator.fleet.registry import UNPLANNABLE, Registry, WorkerDevice, WorkerRecord
+from coordinator.fleet.registry import UNPLANNABLE, LoadedShard, Registry, WorkerDevice, WorkerRecord
 from coordinator.fleet.replica import Replica, Shared
 from coordinator.fleet.states import SERVES, ReplicaState, WorkerState
 from coordinator.fleet.worker_calls import status
@@ -65,6 +65,7 @@ class Fleet:
         self._health_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()  # replicas wait a moment for the workers whose shards they adopt
         self.durable: FleetState = opened(config.jobs_dir or config.store, config.initial_deployments()) \
             if config.durable_fleet else Forgetful()  # run-time changes, committed before acknowledged
         self.admin = ModelAdmin(self)       # load, unload, scale and promote at run time
@@ -302,13 +303,13 @@ class Fleet:
 
     # -- membership ------------------------------------------------------------------------------------
     def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
-                 identity: str = "") -> WorkerRecord:
+                 identity: str = "", held: LoadedShard | None = None) -> WorkerRecord:
         same = self.registry.same_worker(address, identity)
         if same is not None:  # its registration's reply was lost: the same process, not a restart
-            return self.registry.register(address, memory_budget_bytes, device, identity)
+            return self.registry.register(address, memory_budget_bytes, device, identity, held)
         old = next((w for w in self.registry.workers.values() if w.address == address), None)
         owner = self._owner(old) if old is not None else None
-        record = self.registry.register(address, memory_budget_bytes, device, identity)
+        record = self.registry.register(address, memory_budget_bytes, device, identity, held)
         if old is not None:  # the same address again: its process restarted
             self.metrics.reregistrations.inc()
         deployed = any(r.assignment for r in self.replicas)
@@ -348,13 +349,16 @@ class Fleet:
         pending = [[r for r in d.live if not r.assignment and not r.busy and
                     (r.state != ReplicaState.FAILED or r.may_retry(self._membership()))]
                    for d in self.deployments.values()]
-        wanted = [Wanted(r.name, r.manifest, r.spec.workers) for r in interleave(pending)]
+        wanted = [Wanted(r.name, r.manifest, r.spec.workers, r.spec.model) for r in interleave(pending)]
         if wanted:
             by_name = {r.name: r for group in pending for r in group}
             free = [w for w in self.registry.live() if not w.owner and w.state not in UNPLANNABLE]
-            placement = place(wanted, free)
+            adopting = time.monotonic() < self._started + self.config.adoption_wait_s
+            placement = place(wanted, free, adopting)
             for want, chain in placement.placed:
                 by_name[want.key].deploy(chain)
+            for key, reason in placement.waiting.items():
+                by_name[key].wait_for_workers(reason)
             left = len(free) - sum(len(chain) for _, chain in placement.placed)
             for want in wanted:
                 why = placement.unplaced.get(want.key)

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from coordinator.fleet.planner import StagePlan
-from coordinator.fleet.registry import WorkerRecord
+from coordinator.fleet.registry import LoadedShard, WorkerRecord
+
+__all__ = ["Assignment", "LoadedShard", "choose_replacements", "describe", "held_chain", "tiling"]
 
 Assignment = list[tuple[WorkerRecord, StagePlan]]
-
-
-@dataclass(frozen=True)
-class LoadedShard:
-    """What a worker reports it holds (model "" when it holds nothing); `digest` is of the model's weights
-    (shardline/weights_digest.py): a shard is the one wanted only when its weights are the store's now."""
-
-    model: str
-    start: int
-    end: int
-    digest: str = ""
 
 
 def choose_replacements(current: Assignment, leaving: list[WorkerRecord], spares: list[WorkerRecord],
@@ -54,11 +43,32 @@ def held_chain(workers: list[WorkerRecord], loaded: dict[str, LoadedShard], mode
     out: Assignment = []
     at = 0
     for shard, worker in held:
-        if shard is None or (shard.model, shard.digest) != (model, digest) or shard.start != at:
+        if shard is None or shard.stale or (shard.model, shard.digest) != (model, digest) or shard.start != at:
             return None
         out.append((worker, StagePlan(shard.start, shard.end, sum(costs[shard.start:shard.end]))))
         at = shard.end
     return out if out and at == len(costs) else None
+
+
+def tiling(pool: list[WorkerRecord], model: str, digest: str, costs: list[int], stages: int) -> Assignment | None:
+    """`stages` workers of `pool` whose shards held at registration (WorkerRecord.held) tile this model's
+    weights, in layer order: the chain a restarted coordinator adopts; None if the pool holds no such chain.
+    Each worker that holds layer 0 is tried as the first; the rest follow greedily, range by range."""
+    holders = [w for w in pool if w.held is not None and not w.held.stale
+               and (w.held.model, w.held.digest) == (model, digest)]
+    for first in (w for w in holders if w.held is not None and w.held.start == 0):
+        chain, at = [first], first.held.end if first.held is not None else 0
+        while at < len(costs):
+            following = next((w for w in holders if w not in chain and w.held is not None and w.held.start == at),
+                             None)
+            if following is None:
+                break
+            chain.append(following)
+            at = following.held.end if following.held is not None else at
+        if at == len(costs) and len(chain) == stages:
+            return held_chain(chain, {w.worker_id: w.held for w in chain if w.held is not None}, model, digest,
+                              costs)
+    return None
 
 
 def describe(workers: list[WorkerRecord], stages: list[StagePlan]) -> str:

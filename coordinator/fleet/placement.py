@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from coordinator.fleet.membership import tiling
 from coordinator.fleet.planner import MiB, PlanDoesNotFit, StagePlan, layer_costs, split_layers
 from coordinator.fleet.registry import WorkerRecord
 from coordinator.store.models import Manifest
@@ -24,12 +25,14 @@ class Wanted:
     key: str
     manifest: Manifest
     stages: int
+    model: str = ""  # its name in the store: workers holding its layers already are placed first (adoption)
 
 
 @dataclass
 class Placement:
     placed: list[tuple[Wanted, list[tuple[WorkerRecord, StagePlan]]]] = field(default_factory=list)
     unplaced: dict[str, str] = field(default_factory=dict)  # deployment key -> why (with the missing MiB)
+    waiting: dict[str, str] = field(default_factory=dict)   # deployment key -> why it waits to be adopted
 
 
 def fit(manifest: Manifest, workers: list[WorkerRecord]) -> list[StagePlan]:
@@ -63,12 +66,27 @@ def choose_workers(manifest: Manifest, stages: int, free: list[WorkerRecord]) ->
     return list(zip(largest, fit(manifest, largest), strict=True))  # raises, saying what is missing
 
 
-def place(wanted: list[Wanted], free: list[WorkerRecord]) -> Placement:
+def place(wanted: list[Wanted], free: list[WorkerRecord], adopting: bool = False) -> Placement:
+    """Each wanted replica on free workers: first on workers whose shards already tile its model (a restarted
+    coordinator adopts them); else by memory. While `adopting` (just after a start), a replica some of whose
+    layers a free worker holds waits for the rest of its holders rather than be placed elsewhere."""
     out = Placement()
     pool = list(free)
     for want in wanted:
         if want.key in out.unplaced:
             continue  # a deployment whose earlier replica did not fit: its later ones would not either
+        costs = layer_costs(want.manifest)
+        held = tiling(pool, want.model, want.manifest.digest, costs, want.stages) if want.model else None
+        if held is not None:
+            for worker, _ in held:
+                pool.remove(worker)
+            out.placed.append((want, held))
+            continue
+        if adopting and want.model and any(w.held is not None and (w.held.model, w.held.digest) ==
+                                           (want.model, want.manifest.digest) for w in pool):
+            out.waiting[want.key] = "waiting for the workers that hold its layers (a restarted coordinator " \
+                                    "adopts them)"
+            continue
         try:
             chain = choose_workers(want.manifest, want.stages, pool)
         except PlanDoesNotFit as exc:

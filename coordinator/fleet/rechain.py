@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Protocol
 
 from coordinator.config import CoordinatorConfig, DeploymentSpec
@@ -108,7 +109,8 @@ async def change_chain(replica: Rechained, reason: str, *, first: Assignment | N
     target: Assignment = []
     for attempt in range(1, LOAD_ATTEMPTS + 1):
         mine = [w for w in registry.live() if replica.owns(w) or not w.owner]
-        loaded = await probe(mine, replica.config.probe_timeout_ms / 1000, replica.shared.links)
+        loaded = stale_marked(await probe(mine, replica.config.probe_timeout_ms / 1000, replica.shared.links),
+                              mine, replica.config)
         for worker in mine:
             if worker.worker_id not in loaded and worker.state not in UNPLANNABLE:
                 worker.state, worker.last_error = WorkerState.LOST, "did not answer the probe"
@@ -193,6 +195,20 @@ def _free(replica: Rechained, excluded: set[str], drain: WorkerRecord | None) ->
 
 def _timed(replica: Rechained) -> TimedPlans | None:
     return timed_plans(replica.shared.calibrations, replica.manifest, replica.spec.model, replica.config)
+
+
+def stale_marked(loaded: dict[str, LoadedShard], workers: list[WorkerRecord],
+                 c: CoordinatorConfig) -> dict[str, LoadedShard]:
+    """`loaded`, with each shard loaded otherwise than this configuration asks (another dtype, quantization or
+    KV block size: the configuration changed across a restart) marked stale, so that it is loaded again."""
+    by_id = {w.worker_id: w for w in workers}
+    out = {}
+    for worker_id, shard in loaded.items():
+        worker = by_id.get(worker_id)
+        wanted = (worker.device.dtype or c.dtype if worker is not None else c.dtype,
+                  int(quantization_enum(c.quantize)), c.kv_block_tokens if shard.form[2] else 0)  # 0: no KV
+        out[worker_id] = replace(shard, stale=True) if shard.model and shard.form != wanted else shard
+    return out
 
 
 async def _calibrate(replica: Rechained, workers: list[WorkerRecord], loaded: dict[str, LoadedShard],

@@ -5,11 +5,26 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.fleet.planner import StagePlan
 from coordinator.fleet.states import UNPLANNABLE, WORKER_TRANSITIONS, WorkerState, moved
+
+
+@dataclass(frozen=True)
+class LoadedShard:
+    """What a worker reports it holds (model "" when it holds nothing); `digest` is of the model's weights
+    (shardline/weights_digest.py): a shard is the one wanted only when its weights are the store's now."""
+
+    model: str
+    start: int
+    end: int
+    digest: str = ""
+    # how it was loaded (compute dtype, weight quantization, KV block tokens): a shard loaded otherwise than
+    # the coordinator now asks (its configuration changed across a restart) is `stale`: never adopted as it is
+    form: tuple[str, int, int] = field(default=("", 0, 0), compare=False)
+    stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,7 @@ class WorkerRecord:
     owner: str = ""  # the replica it belongs to ("" = free, in the pool)
     device: WorkerDevice = WorkerDevice()
     identity: str = ""  # the worker process's own identity ("" = an older worker, known by its id alone)
+    held: LoadedShard | None = None  # the shard it held when it registered (adopted after a restart)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "state":
@@ -45,7 +61,7 @@ class WorkerRecord:
         super().__setattr__(name, value)
 
 
-__all__ = ["UNPLANNABLE", "Registry", "WorkerDevice", "WorkerRecord"]
+__all__ = ["UNPLANNABLE", "LoadedShard", "Registry", "WorkerDevice", "WorkerRecord"]
 
 
 class Registry:
@@ -60,7 +76,7 @@ class Registry:
         self.epoch = uuid.uuid4().hex
 
     def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
-                 identity: str = "") -> WorkerRecord:
+                 identity: str = "", held: LoadedShard | None = None) -> WorkerRecord:
         """A worker that registers again at the same address (or with the same identity) replaces its old
         record; the same worker process at the same address (its reply was lost) keeps its record."""
         same = self.same_worker(address, identity)
@@ -71,7 +87,7 @@ class Registry:
             if record.address == address or (identity and record.identity == identity):
                 del self.workers[worker_id]
         record = WorkerRecord(f"w{next(self._ids)}", address, memory_budget_bytes, time.monotonic(),
-                              device=device or WorkerDevice(), identity=identity)
+                              device=device or WorkerDevice(), identity=identity, held=held)
         self.workers[record.worker_id] = record
         return record
 

@@ -205,7 +205,7 @@ class Replica:
         live = self.shared.registry.live()
         if self.state == ReplicaState.FAILED:
             if self.may_retry(self.shared.membership()):
-                self._trigger_heal("the pool changed after a failed recovery")
+                self._trigger_heal("trying again after a failed recovery")
             return
         free = self.free_workers()
         if (self.config.rebalance_on_join and len(self.assignment) < self.spec.workers and free

@@ -114,8 +114,9 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
                                        tenant)) as produced, \
             contextlib.aclosing(remembered(produced, cache, key)) as pieces:
         async for piece in pieces:
-            if first:  # what a resume names: this version and this seed
+            if first:  # what a resume names (this version, this seed), and the prompt's size
                 piece.model, piece.seed, first = deployment.key, seed, False
+                piece.prompt_tokens = len(plan.prompt_ids)
             yield piece
 
 

@@ -12,6 +12,7 @@ from coordinator.fleet.membership import LoadedShard
 from coordinator.fleet.planner import StagePlan
 from coordinator.fleet.registry import WorkerRecord
 from coordinator.serving.streams import KVBudget
+from shardline.codec import dtype_from_enum
 from shardline.errors import from_rpc_error
 from shardline.server import channel
 from shardline.stream import LinkSettings
@@ -58,7 +59,7 @@ async def set_peers(addresses: list[str], timeout: float, links: LinkSettings,
 
 async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettings,
                          tries: int = 3) -> KVBudget | None:
-    """The chain's KV capacity: the smallest stage's free blocks (None when a stage keeps no KV, or stays
+    """The chain's KV capacity: the smallest stage's blocks (None when a stage keeps no KV, or stays
     silent through `tries` asks, each with a doubled timeout: admission is off then, and each worker still
     refuses what it cannot hold)."""
     replies: list[worker_pb2.GetStatusResponse | None] = [None] * len(addresses)
@@ -76,12 +77,10 @@ async def chain_capacity(addresses: list[str], timeout: float, links: LinkSettin
         return None
     if len({kv.block_tokens for kv in kvs}) != 1:
         return None
-    # the blocks free now: a worker may still hold sessions nobody here opened (a coordinator's previous life;
-    # a worker ends them when it registers again, but one that kept its registration keeps them)
-    free = tuple(max(kv.blocks_total - kv.blocks_used, 0) for kv in kvs)
-    if min(free) <= 0:
-        return None
-    return KVBudget(kvs[0].block_tokens, min(free), stage_blocks=free)
+    # all of a stage's blocks: sessions of a coordinator's previous life were ended when the worker registered
+    # again, and this replica's old ones are being ended now (a transient shortfall, never a lasting cut)
+    return KVBudget(kvs[0].block_tokens, min(kv.blocks_total for kv in kvs),
+                    stage_blocks=tuple(kv.blocks_total for kv in kvs))
 
 
 async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings) -> dict[str, LoadedShard]:
@@ -93,8 +92,12 @@ async def probe(workers: list[WorkerRecord], timeout: float, links: LinkSettings
         if reply is None:
             continue
         ready = reply.state == worker_pb2.WORKER_STATE_READY
-        found[worker.worker_id] = LoadedShard(reply.model, reply.start_layer, reply.end_layer,
-                                              reply.weights_digest) if ready else LoadedShard("", 0, 0)
+        if not ready:
+            found[worker.worker_id] = LoadedShard("", 0, 0)
+            continue
+        dtype = dtype_from_enum(reply.device.dtype) if reply.device.dtype else ""  # "": an older worker's
+        found[worker.worker_id] = LoadedShard(reply.model, reply.start_layer, reply.end_layer, reply.weights_digest,
+                                              (dtype, int(reply.quantize), reply.kv.block_tokens))
     return found
 
 

@@ -49,6 +49,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     prompt_ids: tuple[int, ...] = ()
     resume_ids: tuple[int, ...] = ()  # a broken stream's tokens already received: it goes on after them
+    stop_ids: tuple[int, ...] = ()    # token ids that end the stream, besides end-of-sequence
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class Plan:
     ignore_eos: bool = False
     resumed: tuple[int, ...] = ()
     texts: TextStream | None = None
+    stop_ids: frozenset[int] = frozenset()  # the caller's (stop_token_ids): they end the stream, ignore_eos or not
+
+    def ending(self, text: TokenModel) -> frozenset[int]:
+        """The token ids that end this stream: end-of-sequence (unless ignore_eos) and the caller's."""
+        return (frozenset() if self.ignore_eos else text.stop_ids) | self.stop_ids
 
 
 @dataclass
@@ -107,6 +113,9 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
     if len(req.messages) > config.max_chat_messages:
         raise InvalidArgument(f"messages holds {len(req.messages)} messages; the limit is "
                               f"{config.max_chat_messages} (max_chat_messages)")
+    if len(req.stop_ids) > config.max_stop_sequences:
+        raise InvalidArgument(f"stop_token_ids holds {len(req.stop_ids)} ids; the limit is "
+                              f"{config.max_stop_sequences} (max_stop_sequences)")
     if len(req.stop) > config.max_stop_sequences:
         raise InvalidArgument(f"stop holds {len(req.stop)} sequences; the limit is {config.max_stop_sequences} "
                               "(max_stop_sequences)")
@@ -161,6 +170,11 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
                                   f"[0, {text.vocab_size})")
     else:
         ids = text.encode_chat(list(req.messages)) if req.messages else text.encode(req.prompt)
+    vocab = text.vocab_size or 2**31
+    bad_stop = next((i for i, t in enumerate(req.stop_ids) if not 0 <= t < vocab), None)
+    if bad_stop is not None:
+        raise InvalidArgument(f"stop_token_ids[{bad_stop}] is {req.stop_ids[bad_stop]}, outside the model's "
+                              f"vocabulary [0, {vocab})")
     if req.stop and text.tokenizer is None:
         raise InvalidArgument("stop sequences need the model's tokenizer, and this model has none")
     if not ids:
@@ -188,7 +202,8 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
         temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
         top_p=1.0 if req.top_p is None else req.top_p,
         seed=req.seed if req.seed is not None else random.getrandbits(63))
-    plan = Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos)
+    plan = Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos,
+                stop_ids=frozenset(req.stop_ids))
     return resumed(plan, req.resume_ids, text) if req.resume_ids else plan
 
 
@@ -199,15 +214,15 @@ def resumed(plan: Plan, ids: tuple[int, ...], text: TokenModel) -> Plan:
         raise InvalidArgument(f"resume_token_ids holds {len(ids)} tokens, as many as max_tokens ({plan.max_tokens}) "
                               "allows: that stream had finished")
     vocab = text.vocab_size or 2**31
-    stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
+    stop_ids = plan.ending(text)
     texts = TextStream(text, plan.stop)
     for i, token in enumerate(ids):
         if not 0 <= token < vocab:
             raise InvalidArgument(f"resume_token_ids[{i}] is {token}, outside the model's vocabulary [0, {vocab}): "
                                   "are they this model's?")
         if token in stop_ids and i >= plan.min_tokens:
-            raise InvalidArgument(f"resume_token_ids[{i}] is the end-of-sequence token {token}: that stream had "
-                                  "finished")
+            raise InvalidArgument(f"resume_token_ids[{i}] is {token}, a token that ends the stream "
+                                  "(end-of-sequence or one of stop_token_ids): that stream had finished")
         texts.push(token, match=i + 1 > plan.min_tokens)
         if texts.stopped:
             raise InvalidArgument(f"resume_token_ids[{i}] completes a stop sequence: that stream had finished")
@@ -219,9 +234,9 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 
-    End-of-sequence ids (none with `ignore_eos`) and stop sequences count only once `min_tokens` tokens
-    were produced; before that, an end-of-sequence id is just a token."""
-    stop_ids = frozenset() if plan.ignore_eos else text.stop_ids
+    End-of-sequence ids (none with `ignore_eos`), the caller's stop ids and stop sequences count only once
+    `min_tokens` tokens were produced; before that, such an id is just a token."""
+    stop_ids = plan.ending(text)
     produced = len(plan.resumed)  # a resumed stream goes on after the tokens its caller holds
     stream = scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
                                      plan.max_tokens - produced, stop_ids,

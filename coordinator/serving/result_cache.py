@@ -55,6 +55,7 @@ class Key:
     stop: tuple[str, ...]
     min_tokens: int
     ignore_eos: bool
+    stop_ids: frozenset[int] = frozenset()
 
 
 def cache_key(deployment_uid: str, plan: Plan, seed: int | None, tenant: str = "") -> Key | None:
@@ -64,7 +65,7 @@ def cache_key(deployment_uid: str, plan: Plan, seed: int | None, tenant: str = "
     if s.temperature != 0 and seed is None:
         return None
     return Key(tenant, deployment_uid, array.array("q", plan.prompt_ids).tobytes(), plan.max_tokens, s.temperature,
-               s.top_k, s.top_p, seed, plan.stop, plan.min_tokens, plan.ignore_eos)
+               s.top_k, s.top_p, seed, plan.stop, plan.min_tokens, plan.ignore_eos, plan.stop_ids)
 
 
 def entry_bytes(key: Key, result: CachedResult) -> int:

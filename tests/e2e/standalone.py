@@ -8,13 +8,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 
 class Standalone:
-    def __init__(self, config: Path, endpoint: str, log: IO[bytes] | None = None) -> None:
+    """The coordinator's output (both lives) goes to `coordinator.log` beside its config; `close` prints its
+    tail, which pytest shows when the test failed."""
+
+    def __init__(self, config: Path, endpoint: str) -> None:
         self.config, self.endpoint = config, endpoint
-        self.out: Any = log if log is not None else subprocess.DEVNULL
+        self.log_path = config.parent / "coordinator.log"
+        self.out: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed by close()
         self.coordinator = self._coordinator()
         self.workers: list[subprocess.Popen] = []
         self.addresses: list[str] = []  # each worker's, in the order they were started
@@ -47,3 +51,5 @@ class Standalone:
             p.kill()
         for p in processes:
             p.wait(10)
+        self.out.close()
+        print(f"--- the coordinator's log, its end ({self.log_path}):\n{self.log_path.read_text()[-6000:]}")

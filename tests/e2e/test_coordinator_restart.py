@@ -83,8 +83,7 @@ def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store
     config = tmp_path / "coordinator.toml"
     config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 2\n'
                       f'jobs_dir = "{tmp_path}"\nresult_cache_mb = 0\nhttp = false\n')
-    log = open(tmp_path / "coordinator.log", "ab")  # noqa: SIM115 - both lives write here
-    cluster = Standalone(config, endpoint, log)
+    cluster = Standalone(config, endpoint)
     try:
         cluster.add_workers(2)
         with Client(endpoint, timeout=30) as client:
@@ -114,7 +113,6 @@ def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store
               f"{took:.2f} s")
     finally:
         cluster.close()
-        log.close()
 
 
 def test_ten_restarts_racing_heartbeats_list_each_worker_once_and_only_a_leaver_leaves(store, tmp_path):
@@ -181,6 +179,10 @@ def test_run_time_versions_replicas_and_a_pinned_job_survive_a_sigkill(store, tm
             client.load_model("tiny-llama", version="2", source="tiny-llama")
             assert client.promote_model("tiny-llama@2") == "1"
             client.scale_model("tiny-llama@2", 2)
+            deadline = time.monotonic() + 120
+            while not all(r.state == "ready" for d in client.cluster_status().deployments for r in d.replicas):
+                assert time.monotonic() < deadline, client.cluster_status()
+                time.sleep(0.05)
             workers = [w.address for w in client.cluster_status().workers]
             before = loads(workers)
             job = client.submit_job(items, model="tiny-llama@2")
@@ -199,6 +201,7 @@ def test_run_time_versions_replicas_and_a_pinned_job_survive_a_sigkill(store, tm
             assert models["tiny-llama", "2"].is_default and not models["tiny-llama", "1"].is_default
             deployments = {f"{d.name}@{d.version}": d for d in client.cluster_status().deployments}
             assert len(deployments["tiny-llama@2"].replicas) == 2, deployments
+            assert all("adopted" in r.plan_basis for d in deployments.values() for r in d.replicas), deployments
             assert loads(workers) == before  # every replica adopted: nothing fetched again
             ran = sum(r.requests for d in deployments.values() for r in d.replicas)
             assert ran == len(items) - done_before, (ran, done_before)  # what was done before the kill: not again

@@ -192,10 +192,81 @@ def error_of(response: httpx.Response, status: int) -> dict:
     ({"prompt": [1, 2**40]}, "prompt", "prompt[1] must be a token id"),
     ({"frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream: true"),
+    # vLLM's extensions: honoured, or refused by name where the value would change the answer
+    ({"skip_special_tokens": False}, "skip_special_tokens", "special tokens are always left out of the text"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output", "left out of the text"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty", "no penalties"),
+    ({"min_p": 0.1}, "min_p", "no min_p filter"),
+    ({"stop_token_ids": [1, "x"]}, "stop_token_ids", "stop_token_ids must be an array of token ids"),
+    ({"stop_token_ids": [10**6]}, "stop_token_ids", "stop_token_ids[0] is 1000000, outside the model's vocabulary"),
 ])
 def test_an_invalid_parameter_is_400_naming_it(http, body, param, words):
     error = error_of(http.post("/completions", json={"model": MODEL, "prompt": PROMPT, **body}), 400)
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_probes_answer_without_a_key_and_say_whether_it_serves(cluster):
+    """/health, /ping and /version, as vLLM, SGLang and TGI serve them (load generators such as guidellm ask
+    /health first); they need no key, everything else still does."""
+    import shardline
+
+    root = cluster["url"].removesuffix("/v1")
+    for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):
+        answer = httpx.request(method, root + path, timeout=30)
+        assert answer.status_code == 200 and answer.json() == {"status": "ok"}, (path, answer.text)
+    assert httpx.get(root + "/version", timeout=30).json() == {"version": shardline.__version__}
+    assert httpx.get(root + "/v1/models", timeout=30).status_code == 401
+
+
+def test_a_gateway_before_a_ready_coordinator_is_503_on_health(loop):
+    from tests.e2e.test_join_and_generate import free_port
+
+    gateway = loop.run(start_gateway(GatewaySettings(f"127.0.0.1:{free_port()}", port=0, timeout_s=10)))
+    try:
+        answer = httpx.get(gateway.url.removesuffix("/v1") + "/health", timeout=30)
+        assert answer.status_code == 503 and "does not answer" in answer.json()["reason"]
+    finally:
+        loop.run(gateway.stop())
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/completions", {"prompt": PROMPT, "max_tokens": 6}),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 6}),
+])
+def test_a_load_generators_requests_are_served_with_usage_on_every_chunk(http, cluster, path, body):
+    """The bodies guidellm sends (stream_options.continuous_usage_stats, stop null, ignore_eos, and the neutral
+    values of vLLM's extensions): served, and every chunk says the usage so far."""
+    sent = {"model": MODEL, **body, "stream": True, "stop": None, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "skip_special_tokens": True,
+            "spaces_between_special_tokens": True, "include_stop_str_in_output": False, "min_p": 0,
+            "repetition_penalty": 1}
+    with http.stream("POST", path, json=sent) as response:
+        assert response.status_code == 200, response.read()
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                  if line and line != "data: [DONE]"]
+    chunks, last = events[:-1], events[-1]
+    assert [e["usage"]["completion_tokens"] for e in chunks] == list(range(1, 7))
+    prompt_tokens = last["usage"]["prompt_tokens"]
+    assert prompt_tokens > 0 and all(e["usage"]["prompt_tokens"] == prompt_tokens for e in chunks)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + e["usage"]["completion_tokens"]
+               for e in events)
+
+
+def test_stop_token_ids_end_the_stream_ignore_eos_or_not(cluster, http):
+    sdk = cluster["sdk"]
+    free = sdk.generate(PROMPT, model=MODEL, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+    stop = free[5]
+    cut = free.index(stop)
+    stopped = sdk.generate(PROMPT, model=MODEL, max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop])
+    assert stopped.token_ids == free[:cut] and stopped.finish_reason == "stop"
+    later = sdk.generate(PROMPT, model=MODEL, max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop],
+                         min_tokens=cut + 1)  # before min_tokens it is just a token
+    assert later.token_ids[:cut + 1] == free[:cut + 1]
+    over_http = http.post("/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                                                "ignore_eos": True, "stop_token_ids": [stop]}).json()
+    assert over_http["choices"][0]["finish_reason"] == "stop"
+    assert over_http["usage"]["completion_tokens"] == cut
 
 
 def test_chat_fields_it_cannot_honour_are_400_and_harmless_ones_are_ignored(oai, http):

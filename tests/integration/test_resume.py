@@ -82,11 +82,13 @@ def test_the_sdk_resumes_a_stream_whose_connection_broke(loop, cluster):
         with Client(proxy.address, timeout=60) as client:
             for kind, expected in undisturbed.items():
                 seen: list[int] = []
+                connections = proxy.connections
                 for chunk in client.generate(PROMPT, stream=True, **params, **KINDS[kind]):
                     seen += chunk.token_ids
                     if len(seen) == 10:
-                        loop.loop.call_soon_threadsafe(proxy.reset)  # on the proxy's own loop
+                        asyncio.run_coroutine_threadsafe(_reset_soon(proxy, 0), loop.loop).result()
                 assert seen == expected, kind
+                assert proxy.connections > connections  # it broke, and went on over a new connection
         with Client(proxy.address, timeout=60) as client:  # not streaming: the result, whole
             breaker = asyncio.run_coroutine_threadsafe(_reset_soon(proxy, 0.05), loop.loop)
             result = client.generate(PROMPT, max_tokens=400, ignore_eos=True, temperature=0.0)
@@ -99,17 +101,52 @@ def test_the_sdk_resumes_a_stream_whose_connection_broke(loop, cluster):
         async def streamed(kind: str) -> list[int]:
             async with AsyncClient(proxy.address, timeout=60) as client:
                 seen: list[int] = []
+                connections = proxy.connections
                 stream = await client.generate(PROMPT, stream=True, **params, **KINDS[kind])
                 async for chunk in stream:
                     seen += chunk.token_ids
                     if len(seen) == 10:
                         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_reset_soon(proxy, 0), loop.loop))
+                assert proxy.connections > connections  # it broke, and went on over a new connection
                 return seen
 
         for kind, expected in undisturbed.items():
             assert asyncio.run(streamed(kind)) == expected, kind
     finally:
         loop.run(proxy.close())
+
+
+def test_the_coordinators_own_unavailable_mid_stream_is_raised_at_once(loop, store, parameters, pool, tmp_path):
+    """A deployment unloaded under a stream: the coordinator answers UNAVAILABLE saying so; the SDK raises it
+    at once (it is the coordinator's answer, not a broken connection)."""
+    import threading
+    import time
+
+    from coordinator.api.server import start_coordinator
+    from coordinator.config import CoordinatorConfig
+
+    # its own jobs_dir: the unload is committed to the fleet state there, not in the store the others share
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=1, port=0, http=False, jobs_dir=tmp_path,
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000)
+    coordinator = loop.run(start_coordinator(config))
+    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
+    registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=pool(1)[0].address,
+                                                                  memory_budget_bytes=2**30))
+    try:
+        with Client(coordinator.address, timeout=60) as client, Client(coordinator.address, timeout=60) as admin:
+            client.wait_ready(timeout=60)
+            unloading = None
+            with pytest.raises(Unavailable, match="was unloaded before this request finished"):
+                for chunk in client.generate(PROMPT, stream=True, max_tokens=2000, ignore_eos=True, temperature=0):
+                    if chunk.token_ids and unloading is None:
+                        began = time.monotonic()
+                        unloading = threading.Thread(target=admin.unload_model, args=("tiny-llama@1",),
+                                                     kwargs={"grace_s": 0})
+                        unloading.start()
+            assert time.monotonic() - began < 20  # raised at once: not waited through to the deadline
+            unloading.join(30)
+    finally:
+        loop.run(coordinator.stop())
 
 
 def test_a_client_that_never_reached_the_coordinator_fails_at_once():

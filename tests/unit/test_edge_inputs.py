@@ -85,3 +85,10 @@ def test_local_workers_share_the_machines_memory():
 
     assert shared_memory_mb(3, available_bytes=30 * 2**30) == int(30 * 2**30 * 0.8) // 3 // 2**20
     assert shared_memory_mb(4, available_bytes=30 * 2**30) * 4 <= 0.8 * 30 * 1024
+
+
+def test_an_error_keeps_its_field_indexes_and_loses_its_addresses():
+    from coordinator.api.openai_errors import redacted
+
+    said = "prompt_token_ids[3] is 9; ipv4:10.0.0.1:5 , 127.0.0.1:8 and [::1]:50051 and [fe80::1] failed"
+    assert redacted(said) == "prompt_token_ids[3] is 9; <address> , <address> and <address> and <address> failed"
