@@ -19,7 +19,11 @@ from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 300.0
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES)]
+# a coordinator that restarts is reached again within a second of its return (gRPC's default reconnect
+# backoff starts at 1 s and grows to 120 s): a stream resumes as soon as it can
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
 TLSOption = bool | str | Path | ClientTLS | None
 
 

@@ -49,6 +49,8 @@ def resolve_model(model: str, store: Path | None) -> tuple[Path | None, str]:
 
 async def ensure_model(store: ModelStore, model: str) -> None:
     """The model is in the store before serving: a built-in is imported once; another one ends the command."""
+    if store.has(model):  # before the importer's imports (torch): a restart comes back sooner
+        return
     from coordinator.store.importer import (
         BUILTIN,
         BUILTIN_ENCODER,
@@ -58,8 +60,6 @@ async def ensure_model(store: ModelStore, model: str) -> None:
         import_hf_dir,
     )
 
-    if store.has(model):
-        return
     if model == BUILTIN:
         print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once)", flush=True)
         await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)

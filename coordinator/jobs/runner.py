@@ -53,6 +53,7 @@ BATCH = 256          # pending items read from the database at a time
 EXPIRY_EVERY_S = 60  # how often finished jobs' results are checked for expiry
 MAX_BACKOFF_S = 5.0
 MAX_ITEM_WAIT_S = 3600.0  # an item the cluster cannot serve for this long fails with the last reason
+MAX_VERSION_WAIT_S = 300.0  # an item whose pinned version is not deployed waits this long for it
 
 
 @dataclass
@@ -268,17 +269,25 @@ class JobRunner:
 
     async def _item(self, job_id: str, running: Running, index: int, blob: bytes, seeded_here: bool) -> None:
         item = coordinator_pb2.JobItem.FromString(blob)
-        delay, give_up = 0.5, time.monotonic() + MAX_ITEM_WAIT_S
+        began = time.monotonic()
+        delay, give_up = 0.5, began + MAX_ITEM_WAIT_S
         while True:
             try:
                 result = await self._execute(item, cache_ok=not seeded_here, tenant=running.owner)
                 state = "done"
                 running.waiting = ""
                 break
-            except WAITS as exc:  # the cluster cannot serve now: wait (with back-off), up to MAX_ITEM_WAIT_S
-                running.waiting = f"waiting: {exc.message}"
-                if time.monotonic() + delay > give_up:
-                    result, state = failed(exc, f" (for {MAX_ITEM_WAIT_S:.0f} s)"), "failed"
+            except (*WAITS, NotFound) as exc:  # the cluster cannot serve now: wait (with back-off), bounded
+                # NotFound: the version the item is pinned to is not deployed (not back yet after a restart,
+                # or unloaded): it waits up to MAX_VERSION_WAIT_S for it, then fails naming it
+                model = _pinned(item)
+                limit = MAX_VERSION_WAIT_S if isinstance(exc, NotFound) else MAX_ITEM_WAIT_S
+                running.waiting = f"waiting for {model}: {exc.message}" if isinstance(exc, NotFound) \
+                    else f"waiting: {exc.message}"
+                if time.monotonic() + delay > min(give_up, began + limit):
+                    why = f" (waited {limit:.0f} s for {model})" if isinstance(exc, NotFound) \
+                        else f" (for {MAX_ITEM_WAIT_S:.0f} s)"
+                    result, state = failed(exc, why), "failed"
                     break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
@@ -314,6 +323,11 @@ class JobRunner:
                 result.cached = piece.cached
         result.text = "".join(texts)
         return result
+
+
+def _pinned(item: coordinator_pb2.JobItem) -> str:
+    """The name@version an item was pinned to at submission."""
+    return item.generate.model if item.WhichOneof("request") == "generate" else item.infer.model
 
 
 def _log_id(custom_id: str) -> str:

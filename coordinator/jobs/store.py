@@ -5,7 +5,9 @@ Schema: `jobs` (one row per job: owner, label, state, times, item count) and `it
 request as the JobItem protobuf, pinned to a model version and a seed when it was submitted; its state; its
 result as a JobItemResult protobuf). An item's result is committed before the item counts as done, so after a
 crash only the items that had not finished run again. WAL journal with synchronous=NORMAL: a committed
-transaction survives the process being killed.
+transaction survives the process being killed; a job's submission commits with synchronous=FULL, so that an
+acknowledged SubmitJob survives a power loss too (an item's result, cheap to compute again, does not wait for
+the disk).
 
 Every method is synchronous and meant to run on one thread (JobRunner's), never on the event loop.
 """
@@ -91,17 +93,23 @@ class JobStore:
 
     def create(self, job_id: str, owner: str, label: str, items: list[NewItem], models: list[str],
                now: float, max_unfinished: int) -> bool:
-        """Store a new job, unless `max_unfinished` jobs are unfinished already (then False)."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            if self.unfinished_count() >= max_unfinished:
-                return False
-            self.db.execute("INSERT INTO jobs (id, owner, label, state, created, total, models) VALUES "
-                            "(?, ?, ?, 'queued', ?, ?, ?)", (job_id, owner, label, now, len(items), ",".join(models)))
-            rows = [(job_id, i, it.custom_id, it.request, int(it.seeded_here)) for i, it in enumerate(items)]
-            self.db.executemany("INSERT INTO items (job, idx, custom_id, request, seeded_here, state) VALUES "
-                                "(?, ?, ?, ?, ?, 'pending')", rows)
-        return True
+        """Store a new job, unless `max_unfinished` jobs are unfinished already (then False); on disk (fsynced)
+        when it returns True."""
+        self.db.execute("PRAGMA synchronous=FULL")  # outside the transaction: it applies to its commit
+        try:
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                if self.unfinished_count() >= max_unfinished:
+                    return False
+                self.db.execute("INSERT INTO jobs (id, owner, label, state, created, total, models) VALUES "
+                                "(?, ?, ?, 'queued', ?, ?, ?)",
+                                (job_id, owner, label, now, len(items), ",".join(models)))
+                rows = [(job_id, i, it.custom_id, it.request, int(it.seeded_here)) for i, it in enumerate(items)]
+                self.db.executemany("INSERT INTO items (job, idx, custom_id, request, seeded_here, state) VALUES "
+                                    "(?, ?, ?, ?, ?, 'pending')", rows)
+            return True
+        finally:
+            self.db.execute("PRAGMA synchronous=NORMAL")
 
     def job(self, job_id: str) -> JobRow | None:
         row = self.db.execute("SELECT id, owner, label, state, created, finished, expires, total, models, message "

@@ -115,6 +115,7 @@ def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store
         cluster.close()
 
 
+@pytest.mark.slow  # about 50 s: `make test-slow` (and `make test-chaos`, which runs it 20 times)
 def test_ten_restarts_racing_heartbeats_list_each_worker_once_and_only_a_leaver_leaves(store, tmp_path):
     """4 workers; the coordinator SIGKILLed and started again at once, 10 times, while the workers' heartbeats
     race the restart: every time, the status lists each live worker once, with its own address. Then SIGTERM
@@ -161,6 +162,7 @@ def test_ten_restarts_racing_heartbeats_list_each_worker_once_and_only_a_leaver_
         cluster.close()
 
 
+@pytest.mark.slow  # about 25 s: `make test-slow`
 def test_run_time_versions_replicas_and_a_pinned_job_survive_a_sigkill(store, tmp_path):
     """v2 loaded at run time, promoted, scaled to 2 replicas; a job pinned to v2 submitted; the coordinator
     SIGKILLed mid-job and started again: v2 is back, still the default, with 2 replicas adopted from the shards

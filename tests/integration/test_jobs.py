@@ -226,3 +226,31 @@ def test_an_interactive_request_beside_a_large_job_is_not_slowed_much(cluster):
         client.cancel_job(job_id)
     print(f"idle {idle:.3f} s, beside the job {busy:.3f} s: {busy / idle:.2f}x")
     assert busy <= 1.5 * idle, (busy, idle)
+
+
+def test_items_pinned_to_a_version_that_goes_away_wait_for_it_then_fail_naming_it(cluster, monkeypatch):
+    """The version a job's items are pinned to is unloaded mid-job (as after a restart, before it is back):
+    the items wait for it, and finish once it is loaded again; when it does not come back within the bound,
+    they fail naming it."""
+    from coordinator.jobs import runner
+
+    monkeypatch.setattr(runner, "MAX_VERSION_WAIT_S", 60.0)
+    coordinator = cluster(job_concurrency=2)
+    with Client(coordinator.address, timeout=120) as client:
+        job = client.submit_job(items(PROMPTS[:30], max_tokens=24, ignore_eos=True), model="tiny-llama@2")
+        client.unload_model("tiny-llama@2", grace_s=0)
+        time.sleep(1.0)
+        waiting = client.get_job(job)
+        assert waiting.state == "running" and waiting.done < 30, waiting
+        assert "waiting for tiny-llama@2" in waiting.message, waiting
+        client.load_model("tiny-llama", version="2", source="tiny-llama")
+        finished = client.wait_job(job, timeout=120)
+        assert (finished.state, finished.done, finished.failed) == ("completed", 30, 0), finished
+
+        monkeypatch.setattr(runner, "MAX_VERSION_WAIT_S", 1.0)
+        job = client.submit_job(items(PROMPTS[:4], max_tokens=200, ignore_eos=True), model="tiny-llama@2")
+        client.unload_model("tiny-llama@2", grace_s=0)
+        ended = client.wait_job(job, timeout=60)
+        assert ended.failed >= 1, ended
+        errors = [r.error for r in client.job_results(job) if r.state == "failed"]
+        assert errors and all("waited 1 s for tiny-llama@2" in e for e in errors), errors
