@@ -237,7 +237,8 @@ def test_items_pinned_to_a_version_that_goes_away_wait_for_it_then_fail_naming_i
     monkeypatch.setattr(runner, "MAX_VERSION_WAIT_S", 60.0)
     coordinator = cluster(job_concurrency=2)
     with Client(coordinator.address, timeout=120) as client:
-        job = client.submit_job(items(PROMPTS[:30], max_tokens=24, ignore_eos=True), model="tiny-llama@2")
+        v2 = [generate_request(p, model="tiny-llama@2", max_tokens=24, ignore_eos=True) for p in PROMPTS[:30]]
+        job = client.submit_job(v2)
         client.unload_model("tiny-llama@2", grace_s=0)
         time.sleep(1.0)
         waiting = client.get_job(job)
@@ -248,7 +249,8 @@ def test_items_pinned_to_a_version_that_goes_away_wait_for_it_then_fail_naming_i
         assert (finished.state, finished.done, finished.failed) == ("completed", 30, 0), finished
 
         monkeypatch.setattr(runner, "MAX_VERSION_WAIT_S", 1.0)
-        job = client.submit_job(items(PROMPTS[:4], max_tokens=200, ignore_eos=True), model="tiny-llama@2")
+        job = client.submit_job([generate_request(p, model="tiny-llama@2", max_tokens=200, ignore_eos=True)
+                                 for p in PROMPTS[:4]])
         client.unload_model("tiny-llama@2", grace_s=0)
         ended = client.wait_job(job, timeout=60)
         assert ended.failed >= 1, ended
