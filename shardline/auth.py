@@ -173,10 +173,35 @@ class KeyEntry:
     name: str
     role: str
     sha256: str
+    max_streams: int = 0         # calls open at once (0: no limit) (coordinator/api/quotas.py)
+    requests_per_s: float = 0.0  # calls started per second (0: no limit)
+
+
+QUOTA_FIELDS = {"max_streams": (int, 1_000_000), "requests_per_s": (float, 1_000_000.0)}
+
+
+def _quotas(found: object, where: str) -> dict[str, float]:
+    """A quota object's fields, checked: known names, whole numbers for max_streams, 0 .. a sane bound."""
+    if not isinstance(found, dict):
+        raise ValueError(f"{where}: quotas must be an object of {', '.join(QUOTA_FIELDS)}")
+    out: dict[str, float] = {}
+    for name, value in found.items():
+        kind_bound = QUOTA_FIELDS.get(name)
+        if kind_bound is None:
+            raise ValueError(f"{where}: {name!r} is not a quota (quotas: {', '.join(QUOTA_FIELDS)})")
+        kind, bound = kind_bound
+        if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)) \
+                or not 0 <= value <= bound:
+            raise ValueError(f"{where}: {name} must be {'a whole number' if kind is int else 'a number'} from 0 "
+                             f"(no limit) to {bound:g}, got {value!r}")
+        out[name] = value
+    return out
 
 
 def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
-    """An API keys file: {"keys": [{"name": ..., "role": "client"|"admin", "sha256": hex}, ...]}."""
+    """An API keys file: {"keys": [{"name": ..., "role": "client"|"admin", "sha256": hex, and optionally
+    "max_streams", "requests_per_s"}, ...], "quotas": {"client": {...}, "admin": {...}}} (the quotas of each
+    role, which a key's own fields override; coordinator/api/quotas.py)."""
     try:
         data = json.loads(text) if text.strip() else {"keys": []}
     except json.JSONDecodeError as exc:
@@ -184,6 +209,10 @@ def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
     entries = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f'API keys file {source} must be {{"keys": [...]}}')
+    role_quotas = data.get("quotas", {}) if isinstance(data, dict) else {}
+    if not isinstance(role_quotas, dict) or any(r not in ROLES for r in role_quotas):
+        raise ValueError(f"API keys file {source}: quotas must be an object keyed by role ({', '.join(ROLES)})")
+    defaults = {role: _quotas(q, f"API keys file {source}: quotas.{role}") for role, q in role_quotas.items()}
     out: dict[str, KeyEntry] = {}
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not {"name", "role", "sha256"} <= set(e):
@@ -202,7 +231,10 @@ def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
         if digest in out:
             raise ValueError(f"API keys file {source}: entry {i} ({name!r}) has the same key as "
                              f"{out[digest].name!r}")
-        out[digest] = KeyEntry(name, role, digest)
+        own = _quotas({k: v for k, v in e.items() if k in QUOTA_FIELDS}, f"API keys file {source}: key {name!r}")
+        quota = {**defaults.get(role, {}), **own}
+        out[digest] = KeyEntry(name, role, digest, int(quota.get("max_streams", 0)),
+                               float(quota.get("requests_per_s", 0.0)))
     return out
 
 

@@ -310,7 +310,10 @@ def answering(handler: Handler) -> Handler:
             log.exception("%s %s failed", request.method, request.url.path)
             error = internal()
         close = error.status == 413 and "content-length" not in request.headers
-        return _json(error.body(), error.status, {"connection": "close"} if close else None)
+        headers = {"connection": "close"} if close else {}
+        if error.retry_after is not None:
+            headers["retry-after"] = str(error.retry_after)
+        return _json(error.body(), error.status, headers or None)
 
     return handle
 

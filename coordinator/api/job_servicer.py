@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.fleet.requests import plan_generation, plan_infer
 from coordinator.jobs.store import JobRow, NewItem
 from coordinator.wire import embed_request, generation_request
-from shardline.auth import bearer
+from shardline.auth import KeyEntry, bearer
 from shardline.errors import (
     InvalidArgument,
     NotFound,
@@ -88,9 +88,15 @@ class JobMethods:
         """The API key's name (empty without keys) and whether it is an admin (everyone is, without keys)."""
         if self.api_keys is None:
             return "", True
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        entry = self.api_keys.role_of(bearer(metadata))
+        entry = self.key_of(context)
         return (entry.name, entry.role == "admin") if entry is not None else ("", False)
+
+    def key_of(self, context: Any) -> KeyEntry | None:
+        """The caller's key entry (its name, role and quotas); None without keys."""
+        if self.api_keys is None:
+            return None
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        return self.api_keys.role_of(bearer(metadata))
 
     def still_admitted(self, context: Any) -> None:
         """A long call's key judged again (the keys file is read again within a second of a change): a key

@@ -255,7 +255,8 @@ class KServeServicer:
         req = cast(GenerationRequest, job.native)
         self.core.active_sessions += 1
         try:
-            with tracing.request_span(f"shardline.kserve.{job.method}", job.context, model=req.model) as span:
+            with self.core.quotas.admitted(self.core.key_of(job.context)), \
+                    tracing.request_span(f"shardline.kserve.{job.method}", job.context, model=req.model) as span:
                 native = generate(self.fleet, self.core.cache, req, uuid.uuid4().hex, trace=tracing.traceparent(span),
                                   client_id=job.client_id(), tenant=self.core.caller(job.context)[0])
                 async with contextlib.aclosing(cast(AsyncGenerator[Piece, None], native)) as pieces:
@@ -276,7 +277,8 @@ class KServeServicer:
         return job.text("".join(texts), last, final)
 
     async def embed(self, job: Job, final: bool | None) -> pb.ModelInferResponse:
-        vectors, tokens = await infer(self.fleet, cast(EmbedRequest, job.native), job.client_id())
+        with self.core.quotas.admitted(self.core.key_of(job.context)):
+            vectors, tokens = await infer(self.fleet, cast(EmbedRequest, job.native), job.client_id())
         response = job.response()
         response.outputs.add(name=EMBEDDINGS, datatype="FP32", shape=list(vectors.shape))
         response.raw_output_contents.append(np.ascontiguousarray(vectors, dtype="<f4").tobytes())

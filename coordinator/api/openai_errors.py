@@ -5,6 +5,7 @@ request refused over gRPC is refused the same way over HTTP."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -21,9 +22,10 @@ class ApiError(Exception):
     """An answer in OpenAI's error shape. `param` names the request field at fault (as the caller spelled it)."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.retry_after = retry_after  # seconds (a 429 over a key's quota): the Retry-After header
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -91,10 +93,13 @@ def from_shardline(exc: ShardlineError, names: Mapping[str, str]) -> ApiError:
         return ApiError(500, GENERIC_INTERNAL, "server_error")
     status, kind, error_code = found
     param = "model" if code == grpc.StatusCode.NOT_FOUND else param_of(exc.message, names) if status == 400 else None
-    return ApiError(status, redacted(exc.message), kind, param, error_code if status != 400 else None)
+    retry = RETRY_IN.search(exc.message) if status == 429 else None
+    return ApiError(status, redacted(exc.message), kind, param, error_code if status != 400 else None,
+                    math.ceil(float(retry.group(1))) if retry else None)
 
 
 # an IPv6 literal holds a colon: "[3]" in "prompt[3] is ..." names an index, not an address
+RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?) s")  # a quota's refusal says when (coordinator/api/quotas.py)
 ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|dns):\S+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"
                      r"|\[[0-9a-fA-F]*:[0-9a-fA-F:]+\](?::\d+)?")
 

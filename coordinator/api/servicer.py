@@ -12,6 +12,7 @@ from typing import Any
 
 from coordinator.api.admin_servicer import AdminMethods, deployment_info
 from coordinator.api.job_servicer import JobMethods
+from coordinator.api.quotas import Quotas
 from coordinator.fleet.fleet import Fleet
 from coordinator.fleet.registry import LoadedShard, WorkerDevice
 from coordinator.fleet.requests import generate, infer_truncating, refused_infer
@@ -35,13 +36,15 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
     def __init__(self, fleet: Fleet, cache: ResultCache, jobs: JobRunner, api_keys: ApiKeys | None = None) -> None:
         self.fleet, self.cache, self.jobs, self.api_keys = fleet, cache, jobs, api_keys
         self.active_sessions = 0
+        self.quotas = Quotas()  # per key: calls open at once, calls started per second (the keys file's)
 
     @grpc_errors
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         req = generation_request(request)
         self.active_sessions += 1
         try:
-            with tracing.request_span("shardline.Generate", context, model=req.model) as span:
+            with self.quotas.admitted(self.key_of(context)), \
+                    tracing.request_span("shardline.Generate", context, model=req.model) as span:
                 async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
                                             trace=tracing.traceparent(span), client_id=request_id_of(context),
                                             tenant=self.caller(context)[0]):
@@ -64,7 +67,8 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         except ShardlineError as exc:
             refused_infer(self.fleet, request.model, client_id, exc)
             raise
-        vectors, tokens, truncated = await infer_truncating(self.fleet, req, client_id)
+        with self.quotas.admitted(self.key_of(context)):
+            vectors, tokens, truncated = await infer_truncating(self.fleet, req, client_id)
         response = coordinator_pb2.InferResponse(tokens=tokens, truncated=truncated)
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response

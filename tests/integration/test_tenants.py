@@ -96,3 +96,53 @@ def test_a_revoked_keys_open_kserve_stream_is_refused_at_its_next_request(loop, 
         outgoing.put(None)
     finally:
         loop.run(coordinator.stop())
+
+
+def test_a_key_over_its_quota_is_refused_at_once_and_others_are_not(loop, store, parameters, workers, tmp_path):
+    """Quotas per key (issue 28.2), from the keys file: `busy` may have 2 calls open and start 50 a second;
+    its third stream is refused with RESOURCE_EXHAUSTED naming the quota (HTTP: 429 with Retry-After), while
+    `calm` (no quota) is served; once busy's streams end, it is served again. `rated` may start 2 a second."""
+    import httpx
+
+    from coordinator.api.http_launch import settings_beside, start_gateway
+    from shardline.errors import ResourceExhausted
+
+    keys = {name: new_api_key() for name in ("busy", "calm", "rated")}
+    quota = {"busy": {"max_streams": 2, "requests_per_s": 50}, "calm": {}, "rated": {"requests_per_s": 2}}
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"keys": [{"name": n, "role": "client", "sha256": hash_key(k), **quota[n]}
+                                              for n, k in keys.items()]}))
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=2, port=0, http_port=0,
+                               parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000,
+                               api_keys=keys_file, jobs_dir=tmp_path)
+    coordinator = loop.run(start_coordinator(config))
+    gateway = loop.run(start_gateway(settings_beside(config, coordinator.server.port)))
+    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
+    for w in workers(2):
+        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
+    try:
+        with Client(coordinator.address, api_key=keys["busy"], timeout=120) as busy, \
+                Client(coordinator.address, api_key=keys["calm"], timeout=120) as calm, \
+                Client(coordinator.address, api_key=keys["rated"], timeout=120) as rated:
+            busy.wait_ready(timeout=120)
+            long = dict(max_tokens=200, ignore_eos=True, temperature=0)
+            streams = [busy.generate(PROMPT, stream=True, **long) for _ in range(2)]
+            for s in streams:
+                next(s)  # both open, running
+            with pytest.raises(ResourceExhausted, match=r"key 'busy' has 2 calls open, its quota \(max_streams 2"):
+                busy.generate(PROMPT, **GREEDY)
+            answer = httpx.post(f"{gateway.url}/completions", headers={"authorization": f"Bearer {keys['busy']}"},
+                                json={"prompt": "x", "max_tokens": 2}, timeout=60)
+            assert answer.status_code == 429 and answer.headers["retry-after"] == "1", answer.text
+            assert "max_streams" in answer.json()["error"]["message"]
+            assert calm.generate(PROMPT, **GREEDY).completion_tokens == 4  # another key: not held back
+            for s in streams:
+                assert sum(len(c.token_ids) for c in s) > 0  # read to the end: they finish
+            assert busy.generate(PROMPT, **GREEDY).completion_tokens == 4  # room again
+            for _ in range(2):
+                rated.generate(PROMPT, **GREEDY)
+            with pytest.raises(ResourceExhausted, match="quota of 2 requests per second"):
+                rated.generate(PROMPT, **GREEDY)
+    finally:
+        loop.run(gateway.stop())
+        loop.run(coordinator.stop())

@@ -1,0 +1,79 @@
+"""Quotas per API key (coordinator/api/quotas.py, pure with a clock of the test's) and how the keys file gives
+them (shardline/auth.py parse_keys): role defaults, a key's own values, and bad values refused naming them."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from coordinator.api.quotas import Quotas
+from shardline.auth import KeyEntry, parse_keys
+from shardline.errors import ResourceExhausted
+
+DIGEST = "ab" * 32
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_streams_open_at_once_are_bounded_and_freed_when_they_end():
+    quotas = Quotas()
+    key = KeyEntry("busy", "client", DIGEST, max_streams=2)
+    with quotas.admitted(key), quotas.admitted(key):
+        with pytest.raises(ResourceExhausted, match="key 'busy' has 2 calls open, its quota .max_streams 2"), \
+                quotas.admitted(key):
+            pass
+        with quotas.admitted(KeyEntry("calm", "client", "cd" * 32, max_streams=2)):  # another key: its own
+            pass
+    with quotas.admitted(key):  # they ended: room again
+        pass
+    assert quotas.open == {}
+
+
+def test_requests_per_second_is_a_bucket_of_one_seconds_worth():
+    clock = Clock()
+    quotas = Quotas(clock)
+    key = KeyEntry("rated", "client", DIGEST, requests_per_s=2)
+    for _ in range(2):
+        with quotas.admitted(key):
+            pass
+    with pytest.raises(ResourceExhausted, match=r"quota of 2 requests per second .*retry in 0.5 s"), \
+            quotas.admitted(key):
+        pass
+    clock.now += 0.5
+    with quotas.admitted(key):
+        pass
+    with quotas.admitted(None), quotas.admitted(KeyEntry("free", "client", DIGEST)):  # no key, no quota: free
+        pass
+
+
+def keys_file(**extra: object) -> str:
+    entry = {"name": "app", "role": "client", "sha256": DIGEST}
+    return json.dumps({"keys": [{**entry, **extra.pop("entry", {})}], **extra})
+
+
+def test_the_keys_file_gives_role_defaults_and_a_keys_own_values():
+    keys = parse_keys(keys_file(quotas={"client": {"max_streams": 8, "requests_per_s": 5}}), "f")
+    assert (keys[DIGEST].max_streams, keys[DIGEST].requests_per_s) == (8, 5.0)
+    keys = parse_keys(keys_file(quotas={"client": {"max_streams": 8}}, entry={"max_streams": 64}), "f")
+    assert (keys[DIGEST].max_streams, keys[DIGEST].requests_per_s) == (64, 0.0)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (dict(entry={"max_streams": -1}), "key 'app': max_streams must be a whole number from 0"),
+    (dict(entry={"max_streams": 2.5}), "max_streams must be a whole number"),
+    (dict(entry={"requests_per_s": 1e12}), "requests_per_s must be a number from 0 (no limit) to 1e+06, got 10000"),
+    (dict(entry={"requests_per_s": True}), "requests_per_s must be a number"),
+    (dict(quotas={"client": {"max_tokens": 5}}), "quotas.client: 'max_tokens' is not a quota"),
+    (dict(quotas={"root": {"max_streams": 5}}), "quotas must be an object keyed by role"),
+])
+def test_a_bad_quota_is_refused_naming_it(extra, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_keys(keys_file(**extra), "f")
