@@ -25,8 +25,9 @@ waits for it within that deadline.
 Restarts: a Generate stream whose connection breaks (its coordinator died or restarted) resumes on its own
 within its deadline: the request goes again with the token ids already received, and the caller sees the
 tokens an undisturbed run gives, none twice (shardline.client_calls.Resuming; GenerateResult.resumed counts
-the breaks). A stream that had not begun when its connection broke, and the coordinator's own UNAVAILABLE
-answers, are raised at once, as before, except while a stream resumes: then they are waited through.
+the breaks), waiting up to 30 s for the coordinator to be back. A stream that had not begun when its
+connection broke, and the coordinator's own UNAVAILABLE answers, are raised at once, as before, except while a
+stream resumes: then they are waited through.
 
 Message sizes: the client's channels accept responses up to MAX_RESPONSE_BYTES (64 MiB, the most the
 coordinator sends: an Infer of 1024 embeddings of up to 16384 floats). Requests larger than the
@@ -125,7 +126,7 @@ class Client(Connection):
         result = GenerateResult()
         resuming = calls.Resuming(call, result, call.timeout or self.timeout)
         # started now, not at the first read: streams opened together run together
-        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining(), False))
+        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining()))
         if stream:
             return chunks
         for _ in chunks:
@@ -147,7 +148,11 @@ class Client(Connection):
             if pause is None:
                 return
             time.sleep(pause)
-            responses = self._generate(resuming.request(), resuming.remaining(), True)
+            try:  # the coordinator back (a connection), within the break's window
+                grpc.channel_ready_future(self.channel).result(timeout=resuming.window())
+            except grpc.FutureTimeoutError:
+                raise resuming.gone(resuming.broke) from None
+            responses = self._generate(resuming.request(), resuming.remaining())
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
@@ -296,7 +301,7 @@ class AsyncClient(Connection):
     async def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
         resuming = calls.Resuming(call, result, call.timeout or self.timeout)
-        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining(), False))
+        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining()))
         if stream:
             return chunks
         async for _ in chunks:
@@ -318,7 +323,11 @@ class AsyncClient(Connection):
             if pause is None:
                 return
             await asyncio.sleep(pause)
-            responses = self._generate(resuming.request(), resuming.remaining(), True)
+            try:
+                await asyncio.wait_for(self.channel.channel_ready(), resuming.window())
+            except TimeoutError:
+                raise resuming.gone(resuming.broke) from None
+            responses = self._generate(resuming.request(), resuming.remaining())
 
     async def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:

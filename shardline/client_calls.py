@@ -87,6 +87,9 @@ class Stream:
     timeout: float | None = None
 
 
+RESUME_WINDOW_S = 30.0  # how long a broken stream waits for its coordinator to be back (within its deadline)
+
+
 class Resuming:
     """How a Generate stream survives its coordinator going away (a restart, a dropped connection): within the
     call's deadline, the request is sent again with the token ids already received (resume_token_ids), the
@@ -98,13 +101,17 @@ class Resuming:
     names none: its stream would start over, so it is not resumed). Before that, a broken connection, and an
     UNAVAILABLE the coordinator answers itself (a cluster that cannot serve, a drain), are raised at once, as
     before; once resuming, the coordinator's UNAVAILABLE (not ready again yet) is waited through, with a pause
-    that doubles up to 1 s. Past the deadline: Unavailable, saying why. A break after the last message (only
-    the status was lost) ends the call with the whole result. Each client drives it with its own kind of I/O
-    (Client._chunks, AsyncClient._chunks)."""
+    that doubles up to 1 s. A coordinator that is not back within `window_s` of the break (or the call's
+    deadline, if sooner) is not waited for longer: Unavailable, saying why. A break after the last message
+    (only the status was lost) ends the call with the whole result. Each client drives it with its own kind of
+    I/O (Client._chunks, AsyncClient._chunks): before each resumed call it waits for its channel to connect,
+    at most until the window ends."""
 
-    def __init__(self, call: Stream, result: GenerateResult, timeout: float) -> None:
-        self.call, self.result, self.timeout = call, result, timeout
+    def __init__(self, call: Stream, result: GenerateResult, timeout: float,
+                 window_s: float = RESUME_WINDOW_S) -> None:
+        self.call, self.result, self.timeout, self.window_s = call, result, timeout, window_s
         self.deadline = time.monotonic() + timeout
+        self.until = self.deadline  # the end of the current break's window (the deadline while unbroken)
         self.broke = ""     # why the stream broke (empty while it has not)
         self.pause = 0.05
 
@@ -139,20 +146,26 @@ class Resuming:
             raise from_rpc_error(err)
         if not self.broke:
             self.result.resumed += 1
+            self.until = min(self.deadline, time.monotonic() + self.window_s)
         self.broke = details
         pause, self.pause = self.pause, min(self.pause * 2, 1.0)
-        if self.deadline - time.monotonic() <= pause:
+        if self.until - time.monotonic() <= pause:
             raise self.gone(details)
         return pause
+
+    def window(self) -> float:
+        """Seconds left to reach the coordinator again in this break."""
+        return max(self.until - time.monotonic(), 0.001)
 
     def resumed(self) -> None:
         """A message arrived: the stream goes on (a later break is a new one)."""
         if self.broke:
-            self.broke, self.pause = "", 0.05
+            self.broke, self.pause, self.until = "", 0.05, self.deadline
 
     def gone(self, details: str) -> Unavailable:
+        within = min(self.window_s, self.timeout)
         return Unavailable(f"the stream broke after {len(self.result.token_ids)} tokens and could not resume "
-                           f"within its {self.timeout:.0f} s deadline: {details or 'no answer'}")
+                           f"within {within:.0f} s: {details or 'no answer'}")
 
 
 def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Message] = (), *, model: str = "",

@@ -98,7 +98,6 @@ class Connection:
         """The step's RPC, started (a reply, or an awaitable one on an asyncio channel)."""
         return getattr(self.stub, step.rpc)(step.request, timeout=step.timeout or self.timeout)
 
-    def _generate(self, request: coordinator_pb2.GenerateRequest, timeout: float, resuming: bool) -> Any:
-        """A Generate stream, started: its responses, iterable (blocking) or async-iterable (asyncio). A resume
-        waits for the coordinator to be back (within its deadline) instead of failing at once."""
-        return self.stub.Generate(request, timeout=timeout, wait_for_ready=resuming or None)
+    def _generate(self, request: coordinator_pb2.GenerateRequest, timeout: float) -> Any:
+        """A Generate stream, started: its responses, iterable (blocking) or async-iterable (asyncio)."""
+        return self.stub.Generate(request, timeout=timeout)

@@ -38,6 +38,8 @@ def explain(exc: Any, endpoint: str, certs_dir: Path | None = None) -> str:
     """One line for a failed call, saying what to do when the cause is the usual one: nothing listens, TLS on
     one side only, a certificate of another CA (shardline/diagnose.py tells them apart), ..."""
     message = str(exc.message)
+    if message.startswith("the stream broke after"):  # the SDK waited for it to come back (client_calls.Resuming)
+        return f"the cluster at {endpoint} stopped while answering and was not back in time: retry once it is back"
     if exc.code.name in ("UNAVAILABLE", "CANCELLED", "UNAUTHENTICATED") and any(w in message for w in CONNECT_WORDS):
         from shardline.diagnose import unreachable
         from shardline.tls import CA_CERT

@@ -74,7 +74,11 @@ def test_a_break_after_the_last_message_keeps_the_whole_result():
 
 def test_a_resume_past_its_deadline_is_unavailable_saying_why():
     resuming = stream(timeout=0.01)
-    with pytest.raises(Unavailable, match="broke after 2 tokens and could not resume within its 0 s deadline"):
+    with pytest.raises(Unavailable, match="broke after 2 tokens and could not resume within 0 s: Socket closed"):
+        resuming.after(BROKEN)
+    resuming = Resuming(Stream(coordinator_pb2.GenerateRequest()), GenerateResult(), 30, window_s=0.01)
+    resuming.result.add(coordinator_pb2.GenerateResponse(token_ids=[1], model="m@1"))
+    with pytest.raises(Unavailable, match="within 0 s"):  # the break's window, sooner than the deadline
         resuming.after(BROKEN)
     resuming = stream()
     resuming.after(BROKEN)
