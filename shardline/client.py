@@ -148,10 +148,13 @@ class Client(Connection):
             if pause is None:
                 return
             time.sleep(pause)
+            ready = grpc.channel_ready_future(self.channel)
             try:  # the coordinator back (a connection), within the break's window
-                grpc.channel_ready_future(self.channel).result(timeout=resuming.window())
+                ready.result(timeout=resuming.window())
             except grpc.FutureTimeoutError:
                 raise resuming.gone(resuming.broke) from None
+            finally:
+                ready.cancel()
             responses = self._generate(resuming.request(), resuming.remaining())
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,

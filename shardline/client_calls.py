@@ -142,7 +142,9 @@ class Resuming:
         # a break is the connection's doing (not the coordinator's answer), on a stream that can resume;
         # once broken, the coordinator's own UNAVAILABLE (not ready again yet) is waited through too
         broke = not answered(err) and bool(self.result.model)
-        if code != grpc.StatusCode.UNAVAILABLE or not (broke or self.broke):
+        # resuming, a quota may still count the broken stream (its end not seen yet): waited through too
+        waits = code == grpc.StatusCode.UNAVAILABLE or (self.broke and code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        if not waits or not (broke or self.broke):
             raise from_rpc_error(err)
         if not self.broke:
             self.result.resumed += 1

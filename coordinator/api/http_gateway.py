@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from coordinator.api.http_keys import Judge, bearer_key, keys_first
-from coordinator.api.openai_errors import ApiError, from_shardline, internal
+from coordinator.api.openai_errors import ApiError, from_shardline, internal, redacted
 from coordinator.api.openai_requests import (
     EMBEDDING_NAMES,
     GenerationCall,
@@ -133,7 +133,7 @@ class Routes:
             serving = reply.status == HealthCheckResponse.SERVING
             why = "" if serving else "the coordinator does not serve yet (its workers are loading, or too few)"
         except grpc.RpcError as err:  # any failure to ask is a 503 saying so
-            serving, why = False, f"the coordinator does not answer: {err.details()}"
+            serving, why = False, f"the coordinator does not answer: {redacted(err.details() or '')}"
         if serving:
             return _json({"status": "ok"})
         return _json({"status": "unavailable", "reason": why}, 503)

@@ -95,7 +95,7 @@ def from_shardline(exc: ShardlineError, names: Mapping[str, str]) -> ApiError:
     param = "model" if code == grpc.StatusCode.NOT_FOUND else param_of(exc.message, names) if status == 400 else None
     retry = RETRY_IN.search(exc.message) if status == 429 else None
     return ApiError(status, redacted(exc.message), kind, param, error_code if status != 400 else None,
-                    math.ceil(float(retry.group(1))) if retry else None)
+                    (math.ceil(float(retry.group(1))) if retry else 1) if status == 429 else None)
 
 
 # an IPv6 literal holds a colon: "[3]" in "prompt[3] is ..." names an index, not an address

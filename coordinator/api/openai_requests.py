@@ -165,7 +165,7 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
             if value is not None and not isinstance(value, bool):
                 raise invalid(f"stream_options.{key} must be a boolean, got {type_name(value)}", "stream_options")
         include_usage = bool(options.get("include_usage"))
-        continuous = bool(options.get("continuous_usage_stats"))
+        continuous = include_usage and bool(options.get("continuous_usage_stats"))  # as vLLM: with include_usage
     return params, stream, include_usage, continuous
 
 

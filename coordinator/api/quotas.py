@@ -25,17 +25,18 @@ class Quotas:
         self.buckets: dict[str, tuple[float, float]] = {}  # key name -> (tokens, when last refilled)
 
     @contextmanager
-    def admitted(self, key: KeyEntry | None) -> Iterator[None]:
-        """The call runs within the key's quotas (no key, or no quota: always); ResourceExhausted otherwise."""
+    def admitted(self, key: KeyEntry | None, resumed: bool = False) -> Iterator[None]:
+        """The call runs within the key's quotas (no key, or no quota: always); ResourceExhausted otherwise. A
+        resumed stream (resume_token_ids) is not charged a request: it is one its key started already."""
         if key is None or not (key.max_streams or key.requests_per_s):
             yield
             return
-        if key.requests_per_s:
-            self._take(key)
         open_now = self.open.get(key.name, 0)
-        if key.max_streams and open_now >= key.max_streams:
+        if key.max_streams and open_now >= key.max_streams:  # first: a refused call takes no rate token
             raise ResourceExhausted(f"key {key.name!r} has {open_now} calls open, its quota (max_streams "
                                     f"{key.max_streams} in the API keys file): retry in 1 s, or when one ends")
+        if key.requests_per_s and not resumed:
+            self._take(key)
         self.open[key.name] = open_now + 1
         try:
             yield

@@ -43,7 +43,7 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         req = generation_request(request)
         self.active_sessions += 1
         try:
-            with self.quotas.admitted(self.key_of(context)), \
+            with self.quotas.admitted(self.key_of(context), resumed=bool(req.resume_ids)), \
                     tracing.request_span("shardline.Generate", context, model=req.model) as span:
                 async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
                                             trace=tracing.traceparent(span), client_id=request_id_of(context),

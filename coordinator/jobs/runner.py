@@ -65,6 +65,7 @@ class Running:
     cancelled: bool = False
     waiting: str = ""  # why items wait (the cluster's state), shown as the job's message
     owner: str = ""    # the API key name that submitted it: its items use that key's caches
+    missing: dict[str, float] = field(default_factory=dict)  # a pinned version not deployed -> since when
 
 
 def failed(exc: ShardlineError, why: str = "") -> coordinator_pb2.JobItemResult:
@@ -276,15 +277,19 @@ class JobRunner:
                 result = await self._execute(item, cache_ok=not seeded_here, tenant=running.owner)
                 state = "done"
                 running.waiting = ""
+                running.missing.pop(_pinned(item), None)
                 break
             except (*WAITS, NotFound) as exc:  # the cluster cannot serve now: wait (with back-off), bounded
                 # NotFound: the version the item is pinned to is not deployed (not back yet after a restart,
                 # or unloaded): it waits up to MAX_VERSION_WAIT_S for it, then fails naming it
                 model = _pinned(item)
-                limit = MAX_VERSION_WAIT_S if isinstance(exc, NotFound) else MAX_ITEM_WAIT_S
-                running.waiting = f"waiting for {model}: {exc.message}" if isinstance(exc, NotFound) \
-                    else f"waiting: {exc.message}"
-                if time.monotonic() + delay > min(give_up, began + limit):
+                if isinstance(exc, NotFound):  # the wait is the job's for that version, not each item's own
+                    limit, since = MAX_VERSION_WAIT_S, running.missing.setdefault(model, time.monotonic())
+                    running.waiting = f"waiting for {model}: {exc.message}"
+                else:
+                    limit, since = MAX_ITEM_WAIT_S, began
+                    running.waiting = f"waiting: {exc.message}"
+                if time.monotonic() + delay > min(give_up, since + limit):
                     why = f" (waited {limit:.0f} s for {model})" if isinstance(exc, NotFound) \
                         else f" (for {MAX_ITEM_WAIT_S:.0f} s)"
                     result, state = failed(exc, why), "failed"

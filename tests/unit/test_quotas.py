@@ -77,3 +77,18 @@ def test_the_keys_file_gives_role_defaults_and_a_keys_own_values():
 def test_a_bad_quota_is_refused_naming_it(extra, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         parse_keys(keys_file(**extra), "f")
+
+
+def test_a_call_refused_for_its_streams_takes_no_rate_token_and_a_resume_is_not_charged():
+    clock = Clock()
+    quotas = Quotas(clock)
+    key = KeyEntry("both", "client", DIGEST, max_streams=1, requests_per_s=1)
+    with quotas.admitted(key):
+        for _ in range(3):  # refused for its streams: no token taken
+            with pytest.raises(ResourceExhausted, match="max_streams"), quotas.admitted(key):
+                pass
+    clock.now += 1.0
+    with quotas.admitted(key):  # the token refilled and was not spent by the refusals
+        pass
+    with quotas.admitted(key, resumed=True):  # a resumed stream: its key started it already
+        pass

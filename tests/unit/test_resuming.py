@@ -8,7 +8,7 @@ import pytest
 
 from shardline.client_calls import Resuming, Stream
 from shardline.client_types import GenerateResult
-from shardline.errors import ANSWERED, InvalidArgument, Unavailable
+from shardline.errors import ANSWERED, InvalidArgument, ResourceExhausted, Unavailable
 from shardline.v1 import coordinator_pb2
 
 
@@ -84,3 +84,12 @@ def test_a_resume_past_its_deadline_is_unavailable_saying_why():
     resuming.after(BROKEN)
     with pytest.raises(Unavailable, match="could not resume"):
         resuming.after(Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+
+def test_resuming_waits_through_a_quota_that_still_counts_the_broken_stream():
+    resuming = stream()
+    resuming.after(BROKEN)
+    over = Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "key 'k' has 2 calls open", answered=True)
+    assert resuming.after(over) > 0
+    with pytest.raises(ResourceExhausted):  # not resuming: the coordinator's answer, raised at once
+        stream().after(over)
