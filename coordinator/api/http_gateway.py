@@ -55,6 +55,7 @@ from shardline.limits import DEFAULT_MAX_REQUEST_BYTES
 from shardline.tls import ClientTLS
 
 log = logging.getLogger(__name__)
+HEALTH_TTL_S = 1.0  # /health and /ping ask the coordinator at most this often
 T = TypeVar("T")
 MAX_TRACE_HEADER_CHARS = 512  # W3C's traceparent is 55; tracestate at most 32 members
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # and tell proxies not to buffer either
@@ -99,6 +100,7 @@ class Routes:
     def __init__(self, client: AsyncClient, settings: GatewaySettings,
                  on_first: Callable[[str], None] | None = None) -> None:
         self.client, self.settings, self.on_first = client, settings, on_first
+        self._health: tuple[float, asyncio.Task[tuple[bool, str]]] | None = None  # (asked at, the answer)
 
     def client_for(self, request: Request) -> AsyncClient:
         """The SDK client carrying the caller's key (checked for form here; the coordinator judges it), request
@@ -127,16 +129,25 @@ class Routes:
         return parse_json(bytes(body))
 
     async def health(self, request: Request) -> Response:
-        """200 while the coordinator serves; 503 saying why not (a probe's answer: no key needed)."""
-        try:
-            reply = await self.client.health.Check(HealthCheckRequest(service=SERVICE), timeout=5)
-            serving = reply.status == HealthCheckResponse.SERVING
-            why = "" if serving else "the coordinator does not serve yet (its workers are loading, or too few)"
-        except grpc.RpcError as err:  # any failure to ask is a 503 saying so
-            serving, why = False, f"the coordinator does not answer: {redacted(err.details() or '')}"
+        """200 while the coordinator serves; 503 saying why not (a probe's answer: no key needed). The
+        coordinator is asked at most once a second, however many probes come: a keyless caller's probes
+        cost the coordinator nothing more."""
+        now = asyncio.get_running_loop().time()
+        if self._health is None or now - self._health[0] >= HEALTH_TTL_S:
+            self._health = (now, asyncio.ensure_future(self._ask_health()))
+        serving, why = await asyncio.shield(self._health[1])
         if serving:
             return _json({"status": "ok"})
         return _json({"status": "unavailable", "reason": why}, 503)
+
+    async def _ask_health(self) -> tuple[bool, str]:
+        try:
+            reply = await self.client.health.Check(HealthCheckRequest(service=SERVICE), timeout=5)
+        except grpc.RpcError as err:  # any failure to ask is a 503 saying so
+            return False, f"the coordinator does not answer: {redacted(err.details() or '')}"
+        if reply.status == HealthCheckResponse.SERVING:
+            return True, ""
+        return False, "the coordinator does not serve yet (its workers are loading, or too few)"
 
     async def version(self, request: Request) -> Response:
         return _json({"version": __version__})

@@ -92,3 +92,36 @@ def test_an_error_keeps_its_field_indexes_and_loses_its_addresses():
 
     said = "prompt_token_ids[3] is 9; ipv4:10.0.0.1:5 , 127.0.0.1:8 and [::1]:50051 and [fe80::1] failed"
     assert redacted(said) == "prompt_token_ids[3] is 9; <address> , <address> and <address> and <address> failed"
+
+
+def test_health_probes_ask_the_coordinator_at_most_once_a_second():
+    """However many keyless /health or /ping probes come, the gateway asks the coordinator once a second (a
+    fake client stands in for the coordinator's health service; what is under test is the gateway's route)."""
+    import asyncio
+    import json as jsonlib
+
+    from grpc_health.v1.health_pb2 import HealthCheckResponse
+
+    from coordinator.api.http_gateway import GatewaySettings, Routes
+
+    asked = []
+
+    class Health:
+        async def Check(self, request, timeout):  # noqa: N802 - the stub's name
+            asked.append(request.service)
+            await asyncio.sleep(0.01)
+            return HealthCheckResponse(status=HealthCheckResponse.SERVING)
+
+    class Fake:
+        health = Health()
+
+    async def probes():
+        routes = Routes(Fake(), GatewaySettings("127.0.0.1:1", port=0))  # type: ignore[arg-type]
+        first = await asyncio.gather(*(routes.health(None) for _ in range(30)))
+        await asyncio.sleep(1.05)
+        later = await routes.health(None)
+        return first, later
+
+    first, later = asyncio.run(probes())
+    assert all(r.status_code == 200 and jsonlib.loads(r.body) == {"status": "ok"} for r in [*first, later])
+    assert len(asked) == 2  # 30 probes at once: one question; a second later: one more
