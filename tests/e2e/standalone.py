@@ -23,6 +23,18 @@ class Standalone:
         self.workers: list[subprocess.Popen] = []
         self.addresses: list[str] = []  # each worker's, in the order they were started
 
+    @classmethod
+    def serving(cls, store: Path, directory: Path, **settings: object) -> Standalone:
+        """A coordinator serving tiny-llama from `store` on a free port, its config, jobs and fleet state in
+        `directory`; `settings` are the config's other lines (strings quoted, booleans as TOML's)."""
+        from tests.e2e.test_join_and_generate import free_port
+
+        port = free_port()
+        lines = {"store": str(store), "port": port, "model": "tiny-llama", "jobs_dir": str(directory), **settings}
+        config = directory / "coordinator.toml"
+        config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in lines.items()))
+        return cls(config, f"127.0.0.1:{port}")
+
     def _coordinator(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(self.config)],
                                 stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -53,3 +65,9 @@ class Standalone:
             p.wait(10)
         self.out.close()
         print(f"--- the coordinator's log, its end ({self.log_path}):\n{self.log_path.read_text()[-6000:]}")
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else str(value)

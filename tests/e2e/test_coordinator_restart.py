@@ -18,7 +18,6 @@ from shardline.v1 import worker_pb2, worker_pb2_grpc
 from tests.chaos import wait_until_no_sessions
 from tests.e2e.standalone import Standalone
 from tests.e2e.test_jobs_restart import stored
-from tests.e2e.test_join_and_generate import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 STREAMS = 8
@@ -78,12 +77,8 @@ async def run_streams(endpoint: str, kill=None) -> tuple[list[list[int]], list[i
 
 
 def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store, tmp_path):
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    config = tmp_path / "coordinator.toml"
-    config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 2\n'
-                      f'jobs_dir = "{tmp_path}"\nresult_cache_mb = 0\nhttp = false\n')
-    cluster = Standalone(config, endpoint)
+    cluster = Standalone.serving(store.root, tmp_path, workers=2, result_cache_mb=0, http=False)
+    endpoint = cluster.endpoint
     try:
         cluster.add_workers(2)
         with Client(endpoint, timeout=30) as client:
@@ -120,12 +115,8 @@ def test_ten_restarts_racing_heartbeats_list_each_worker_once_and_only_a_leaver_
     """4 workers; the coordinator SIGKILLed and started again at once, 10 times, while the workers' heartbeats
     race the restart: every time, the status lists each live worker once, with its own address. Then SIGTERM
     one worker: it alone leaves (its LeaveCluster names its own identity, never another's record)."""
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    config = tmp_path / "coordinator.toml"
-    config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 2\n'
-                      f'jobs_dir = "{tmp_path}"\nhttp = false\nheartbeat_interval_ms = 100\n')
-    cluster = Standalone(config, endpoint)
+    cluster = Standalone.serving(store.root, tmp_path, workers=2, http=False, heartbeat_interval_ms=100)
+    endpoint = cluster.endpoint
 
     def listed(client: Client, want: int, timeout: float = 60) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -167,12 +158,8 @@ def test_run_time_versions_replicas_and_a_pinned_job_survive_a_sigkill(store, tm
     """v2 loaded at run time, promoted, scaled to 2 replicas; a job pinned to v2 submitted; the coordinator
     SIGKILLed mid-job and started again: v2 is back, still the default, with 2 replicas adopted from the shards
     the workers hold, and the job finishes with an uninterrupted run's results, no item computed twice."""
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    config = tmp_path / "coordinator.toml"
-    config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 1\n'
-                      f'jobs_dir = "{tmp_path}"\nresult_cache_mb = 0\nhttp = false\njob_concurrency = 4\n')
-    cluster = Standalone(config, endpoint)
+    cluster = Standalone.serving(store.root, tmp_path, workers=1, result_cache_mb=0, http=False, job_concurrency=4)
+    endpoint = cluster.endpoint
     items = [{"prompt_token_ids": prompt(i), **params(i), "max_tokens": 40} for i in range(40)]
     try:
         cluster.add_workers(3)

@@ -16,7 +16,6 @@ import pytest
 from shardline.client import Client
 from shardline.v1 import coordinator_pb2
 from tests.e2e.standalone import Standalone
-from tests.e2e.test_join_and_generate import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 N = 100
@@ -43,13 +42,8 @@ def stored(db, job_id):
 
 
 def test_a_job_survives_a_coordinator_sigkill_with_the_same_results(store, tmp_path):
-    port = free_port()
-    endpoint = f"127.0.0.1:{port}"
-    config = tmp_path / "coordinator.toml"
-    config.write_text(f'store = "{store.root}"\nport = {port}\nmodel = "tiny-llama"\nworkers = 2\n'
-                      f'jobs_dir = "{tmp_path}"\njob_concurrency = 6\nresult_cache_mb = 0\n')
-
-    cluster = Standalone(config, endpoint)
+    cluster = Standalone.serving(store.root, tmp_path, workers=2, job_concurrency=6, result_cache_mb=0)
+    endpoint = cluster.endpoint
     try:
         cluster.add_workers(2)
         with Client(endpoint, timeout=30) as client:
