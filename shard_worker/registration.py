@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from shard_worker.device import DeviceSettings, device_proto
 from shardline.errors import from_rpc_error
+from shardline.fencing import Fence
 from shardline.server import channel
 from shardline.stream import LinkSettings
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -29,20 +29,30 @@ class Registration:
     def __init__(self, coordinator: str, address: str, memory_budget_bytes: int,
                  links: LinkSettings | None = None, device: DeviceSettings | None = None,
                  forgotten: Callable[[], Awaitable[int]] | None = None,
-                 held: Callable[[], coordinator_pb2.HeldShard | None] | None = None) -> None:
+                 held: Callable[[], coordinator_pb2.HeldShard | None] | None = None,
+                 fence: Fence | None = None) -> None:
         self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
         self.metadata = self.links.identity.metadata
-        self.identity = uuid.uuid4().hex  # this worker process, never reused (a restart is another identity)
+        # this worker process's identity (never reused: a restart is another) and the coordinator's life it
+        # registered in; the worker's servicer refuses control calls of another epoch (shardline/fencing.py)
+        self.fence = fence or Fence()
         self.worker_id = ""
-        self.epoch = ""  # the coordinator's life it registered in
         self.leaving = False  # once leaving, a coordinator that forgets this worker is not asked again
         self.interval = 0.2   # between heartbeats: the coordinator's, once registered
         # ends the sessions held, before registering again: a coordinator that forgot this worker (it restarted)
         # did not create them, and its KV capacity must not count them
         self.forgotten = forgotten
         self.held = held  # the shard held now, told at registration (a restarted coordinator adopts it)
+
+    @property
+    def identity(self) -> str:
+        return self.fence.identity
+
+    @property
+    def epoch(self) -> str:
+        return self.fence.epoch
 
     async def run(self) -> None:
         interval, failures = 0.2, 0
@@ -81,7 +91,7 @@ class Registration:
                 request.held.CopyFrom(held)
             reply = await stub.RegisterWorker(request, timeout=RPC_TIMEOUT_S, metadata=self.metadata)
             self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
-            self.epoch = reply.coordinator_epoch
+            self.fence.epoch = reply.coordinator_epoch
             log.info("registered with %s as %s", self.coordinator, self.worker_id)
             return False
         beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
@@ -95,7 +105,7 @@ class Registration:
             log.warning("coordinator %s %s; registering again%s", self.coordinator,
                         "restarted" if restarted else "does not know this worker",
                         f" (ended the {ended} sessions it had opened here)" if ended else "")
-            self.worker_id = self.epoch = ""
+            self.worker_id = self.fence.epoch = ""
         return False
 
     async def _end_orphans(self) -> int:

@@ -79,7 +79,7 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
         address = f"{advertise or host}:{worker.port}"
         registration = Registration(coordinator, address, budget, links, device,
                                     forgotten=worker.servicer.lifecycle.end_all_sessions,
-                                    held=worker.servicer.lifecycle.held)
+                                    held=worker.servicer.lifecycle.held, fence=worker.servicer.fence)
         registering = asyncio.create_task(registration.run())
     signals = Signals()
     if parent_pid:

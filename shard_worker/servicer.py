@@ -27,6 +27,7 @@ from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
 from shardline.errors import InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
+from shardline.fencing import Fence
 from shardline.limits import is_host_port
 from shardline.stream import LinkSettings
 from shardline.tensor_wire import Beside, Parsed, TensorParser, serialize
@@ -148,6 +149,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self.lifecycle = ShardLifecycle(set_serving, device, memory_budget_bytes)
         self.relay = Relay(self.lifecycle, links)
         self.identity = links.identity
+        self.fence = Fence()  # who this worker is, and the coordinator epoch it registered in (shardline/fencing.py)
         self.forward_bound = FORWARD_OPEN_LIMIT  # requests open on one Forward stream at most (back-pressure)
         # the worker's parts as the server, tests and benchmarks reach them
         self.compute, self.metrics, self.links = self.lifecycle.compute, self.lifecycle.metrics, self.relay.links
@@ -156,9 +158,15 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     def shard(self) -> Shard | None:
         return self.lifecycle.shard
 
+    def _fenced(self, context: Any) -> None:
+        """A control call from a replaced coordinator, or meant for the worker this address had before, is
+        refused (FAILED_PRECONDITION)."""
+        self.fence.check({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+
     # -- LoadShard -------------------------------------------------------------------------------------
     @rpc_errors
     async def LoadShard(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.LoadShardProgress]:
+        self._fenced(context)
         spec, settings, wire_dtype = self._load_order(request)
         async with contextlib.aclosing(self.lifecycle.load(spec, settings, wire_dtype)) as progress:
             async for p in progress:
@@ -246,6 +254,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     # -- UnloadShard -----------------------------------------------------------------------------------
     @rpc_errors
     async def UnloadShard(self, request: Any, context: Any) -> worker_pb2.UnloadShardResponse:
+        self._fenced(context)
         unloaded = await self.lifecycle.unload(request.model, self.relay.forget_peers)
         if unloaded is None:
             return worker_pb2.UnloadShardResponse()
@@ -255,6 +264,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     # -- Calibrate --------------------------------------------------------------------------------------
     @rpc_errors
     async def Calibrate(self, request: Any, context: Any) -> worker_pb2.CalibrateResponse:
+        self._fenced(context)
         if len(request.payload) > MAX_CALIBRATION_PAYLOAD:
             raise InvalidArgument(f"payload has {len(request.payload)} bytes; at most {MAX_CALIBRATION_PAYLOAD}")
         if not request.family:  # a link probe: the echo alone
@@ -267,12 +277,14 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     # -- EndSession / SetPeers / GetStatus -------------------------------------------------------------
     @rpc_errors
     async def EndSession(self, request: Any, context: Any) -> worker_pb2.EndSessionResponse:
+        self._fenced(context)
         if any(not sid for sid in request.session_ids):
             raise InvalidArgument("session_ids holds an empty id")
         return worker_pb2.EndSessionResponse(ended=await self.lifecycle.end_sessions(list(request.session_ids)))
 
     @rpc_errors
     async def SetPeers(self, request: Any, context: Any) -> worker_pb2.SetPeersResponse:
+        self._fenced(context)
         addresses = list(request.addresses)
         if len(addresses) > MAX_PEERS:
             raise InvalidArgument(f"{len(addresses)} peers; a plan has at most {MAX_PEERS} workers")

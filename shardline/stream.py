@@ -45,6 +45,7 @@ class LinkSettings:
     backoff_max_ms: int = 2_000
     keepalive: Keepalive = Keepalive()
     identity: ClusterIdentity = ClusterIdentity()  # how this process proves it belongs to the cluster
+    epoch: str = ""  # a coordinator's: its life, named on its control calls to workers (shardline/fencing.py)
 
 
 # a ForwardRequest and its hidden states, kept apart until they go on the wire (shardline/tensor_wire.py)

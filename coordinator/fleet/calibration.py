@@ -25,6 +25,7 @@ from coordinator.fleet.timed_planner import StageExplanation, WorkerSpeed, compu
 from coordinator.store.models import Manifest, ModelStore
 from shardline.codec import dtype_to_enum
 from shardline.errors import from_rpc_error
+from shardline.fencing import control_metadata
 from shardline.server import channel
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -132,7 +133,8 @@ class Calibrations:
                            timeout: float) -> tuple[float, worker_pb2.CalibrateResponse]:
                 began = time.perf_counter()
                 try:
-                    reply = await stub.Calibrate(req, timeout=timeout, metadata=links.identity.metadata)
+                    reply = await stub.Calibrate(req, timeout=timeout,
+                                                 metadata=control_metadata(links.identity.metadata, links.epoch))
                 except grpc.RpcError as err:
                     raise from_rpc_error(err) from err
                 return time.perf_counter() - began, reply

@@ -49,7 +49,7 @@ class Fleet:
         self.registry = Registry(config.heartbeat_timeout_ms / 1000)
         links = LinkSettings(step_timeout_ms=config.step_timeout_ms,
                              keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms),
-                             identity=identity or ClusterIdentity())
+                             identity=identity or ClusterIdentity(), epoch=self.registry.epoch)
         self.shared = Shared(config, self.registry, parameters_address, links, say, self.notify, self._evacuate,
                              self._spawn, self._membership, self._joined, self.metrics)
         shape = StepShape(config.calibration_sequences, config.calibration_tokens, config.calibration_context_tokens,

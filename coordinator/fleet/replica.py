@@ -331,7 +331,7 @@ class Replica:
         registry = self.shared.registry.workers
         # a record replaced since (its worker restarted and may serve someone else now) is not unloaded
         workers = [w for w in workers if registry.get(w.worker_id) is w and w.owner in ("", self.name)]
-        results = await asyncio.gather(*(unload_shard(w.address, self.spec.model, timeout, self.shared.links)
+        results = await asyncio.gather(*(unload_shard(w, self.spec.model, timeout, self.shared.links)
                                          for w in workers), return_exceptions=True)
         freed = 0
         for worker, result in zip(workers, results, strict=True):

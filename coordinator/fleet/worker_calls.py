@@ -14,6 +14,7 @@ from coordinator.fleet.registry import WorkerRecord
 from coordinator.serving.streams import KVBudget
 from shardline.codec import dtype_from_enum
 from shardline.errors import from_rpc_error
+from shardline.fencing import control_metadata
 from shardline.server import channel
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -44,8 +45,8 @@ async def set_peers(addresses: list[str], timeout: float, links: LinkSettings,
 
     async def one(address: str) -> None:
         async with channel(address, links.keepalive, links.identity) as ch:
-            await worker_pb2_grpc.ShardWorkerStub(ch).SetPeers(request, timeout=timeout,
-                                                               metadata=links.identity.metadata)
+            await worker_pb2_grpc.ShardWorkerStub(ch).SetPeers(
+                request, timeout=timeout, metadata=control_metadata(links.identity.metadata, links.epoch))
 
     results = await asyncio.gather(*(one(a) for a in addresses), return_exceptions=True)
     failed = []
@@ -114,22 +115,24 @@ async def load_shard(worker: WorkerRecord, model: str, stage: StagePlan, paramet
         request.MergeFrom(kv)
     async with channel(worker.address, links.keepalive, links.identity) as ch:
         try:
-            async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(request, timeout=timeout,
-                                                                         metadata=links.identity.metadata):
+            async for p in worker_pb2_grpc.ShardWorkerStub(ch).LoadShard(
+                    request, timeout=timeout,
+                    metadata=control_metadata(links.identity.metadata, links.epoch, worker.identity)):
                 progress[worker.address] = p.bytes_done
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
 
-async def unload_shard(address: str, model: str, timeout: float,
+async def unload_shard(worker: WorkerRecord, model: str, timeout: float,
                        links: LinkSettings) -> worker_pb2.UnloadShardResponse:
     """UnloadShard, within `timeout`: the worker frees its weights, KV cache and sessions (only if it holds
     `model`; "" = whatever it holds). Raises the error table's exception on failure (FAILED_PRECONDITION: a
-    LoadShard is in progress there, or it holds another model)."""
-    async with channel(address, links.keepalive, links.identity) as ch:
+    LoadShard is in progress there, it holds another model, or it is another worker now)."""
+    async with channel(worker.address, links.keepalive, links.identity) as ch:
         try:
             reply: worker_pb2.UnloadShardResponse = await worker_pb2_grpc.ShardWorkerStub(ch).UnloadShard(
-                worker_pb2.UnloadShardRequest(model=model), timeout=timeout, metadata=links.identity.metadata)
+                worker_pb2.UnloadShardRequest(model=model), timeout=timeout,
+                metadata=control_metadata(links.identity.metadata, links.epoch, worker.identity))
             return reply
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err

@@ -9,6 +9,7 @@ import logging
 import grpc
 
 from shardline.errors import code_from_number, error_for_code
+from shardline.fencing import control_metadata
 from shardline.server import channel
 from shardline.stream import LinkSettings, StageStream
 from shardline.v1 import worker_pb2, worker_pb2_grpc
@@ -56,8 +57,8 @@ async def end_sessions(addresses: list[str], sessions: list[str], settings: Link
 
     async def end(address: str) -> None:
         async with channel(address, links.keepalive, links.identity) as ch:
-            await worker_pb2_grpc.ShardWorkerStub(ch).EndSession(request, timeout=END_SESSION_TIMEOUT_S,
-                                                                 metadata=links.identity.metadata)
+            await worker_pb2_grpc.ShardWorkerStub(ch).EndSession(
+                request, timeout=END_SESSION_TIMEOUT_S, metadata=control_metadata(links.identity.metadata, links.epoch))
 
     results = await asyncio.gather(*(end(a) for a in addresses), return_exceptions=True)
     for address, result in zip(addresses, results, strict=True):

@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class ShardWorkerStub:
     """A shard worker: hosts a contiguous layer range of one model and runs it on batches of sequences.
+    Fencing (shardline/fencing.py): the coordinator's LoadShard, UnloadShard, SetPeers, EndSession and Calibrate
+    carry metadata `shardline-coordinator-epoch` (its life, from RegisterWorkerResponse.coordinator_epoch) and,
+    where one worker is meant, `shardline-worker-identity` (RegisterWorkerRequest.identity). A worker registered
+    in another epoch, or with another identity, answers FAILED_PRECONDITION; a call without them is taken.
     """
 
     def __init__(self, channel):
@@ -74,6 +78,10 @@ class ShardWorkerStub:
 
 class ShardWorkerServicer:
     """A shard worker: hosts a contiguous layer range of one model and runs it on batches of sequences.
+    Fencing (shardline/fencing.py): the coordinator's LoadShard, UnloadShard, SetPeers, EndSession and Calibrate
+    carry metadata `shardline-coordinator-epoch` (its life, from RegisterWorkerResponse.coordinator_epoch) and,
+    where one worker is meant, `shardline-worker-identity` (RegisterWorkerRequest.identity). A worker registered
+    in another epoch, or with another identity, answers FAILED_PRECONDITION; a call without them is taken.
     """
 
     def LoadShard(self, request, context):
@@ -184,6 +192,10 @@ def add_ShardWorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ShardWorker:
     """A shard worker: hosts a contiguous layer range of one model and runs it on batches of sequences.
+    Fencing (shardline/fencing.py): the coordinator's LoadShard, UnloadShard, SetPeers, EndSession and Calibrate
+    carry metadata `shardline-coordinator-epoch` (its life, from RegisterWorkerResponse.coordinator_epoch) and,
+    where one worker is meant, `shardline-worker-identity` (RegisterWorkerRequest.identity). A worker registered
+    in another epoch, or with another identity, answers FAILED_PRECONDITION; a call without them is taken.
     """
 
     @staticmethod

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator.fleet.registry import WorkerRecord
 from coordinator.fleet.worker_calls import unload_shard
 from coordinator.store.importer import import_random, random_config
 from coordinator.store.models import ModelStore
@@ -81,8 +82,8 @@ def test_the_coordinator_call_unloads_and_maps_errors(loop, workers, parameters)
     load(worker.address, MODEL, 0, 3, parameters.address)
     weight_bytes = status(worker.address).weight_bytes
     with pytest.raises(FailedPrecondition, match="holds model 'tiny-llama'"):
-        loop.run(unload_shard(worker.address, "tiny-gpt2", 30, LinkSettings()))
-    reply = loop.run(unload_shard(worker.address, MODEL, 30, LinkSettings()))
+        loop.run(unload_shard(WorkerRecord("w1", worker.address, 0, 0.0), "tiny-gpt2", 30, LinkSettings()))
+    reply = loop.run(unload_shard(WorkerRecord("w1", worker.address, 0, 0.0), MODEL, 30, LinkSettings()))
     assert (reply.freed_weight_bytes, reply.sessions_ended) == (weight_bytes, 0)
     assert status(worker.address).state == worker_pb2.WORKER_STATE_EMPTY
 
