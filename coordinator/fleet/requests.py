@@ -111,7 +111,7 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     _, scheduler = fleet.route(deployment)
     first = True
     async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace,
-                                       tenant)) as produced, \
+                                       tenant, fleet.config.token_wait_s)) as produced, \
             contextlib.aclosing(remembered(produced, cache, key)) as pieces:
         async for piece in pieces:
             if first:  # what a resume names (this version, this seed), and the prompt's size
@@ -215,7 +215,7 @@ async def _infer(fleet: Fleet, request: EmbedRequest, record: RequestRecord) -> 
     replica.infers += 1  # a drain waits for it as for a stream
     try:
         vectors = await embed(scheduler.pipeline, plan.inputs, fleet.config.infer_micro_batch, plan.pooling,
-                              plan.normalize)
+                              plan.normalize, fleet.config.token_wait_s)
     finally:
         replica.infers -= 1
     record.outcome = "infer"

@@ -15,6 +15,7 @@ from enum import StrEnum
 import numpy as np
 
 from coordinator.serving.pipeline import Pipeline
+from coordinator.serving.streams import TOKEN_WAIT_S
 from shardline.codec import RawTensor, decode_tensor, to_numpy
 from shardline.errors import InvalidArgument
 from shardline.limits import MAX_RESPONSE_BYTES
@@ -96,7 +97,7 @@ def inputs_from_tensors(input_ids: RawTensor, mask: RawTensor | None, vocab: int
 
 
 async def embed(pipeline: Pipeline, inputs: list[list[int]], micro_batch: int, pooling: str,
-                normalize: bool) -> np.ndarray:
+                normalize: bool, wait_s: float = TOKEN_WAIT_S) -> np.ndarray:
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     prefix = uuid.uuid4().hex[:12]
     batches = [order[i: i + micro_batch] for i in range(0, len(order), micro_batch)]
@@ -105,7 +106,7 @@ async def embed(pipeline: Pipeline, inputs: list[list[int]], micro_batch: int, p
         sequences = [worker_pb2.SequenceSlice(session_id=f"{prefix}-{i}", start_position=0,
                                               num_tokens=len(inputs[i])) for i in batch]
         ids = [t for i in batch for t in inputs[i]]
-        response = await pipeline.stateless_step(sequences, ids, worker_pb2.OUTPUT_KIND_HIDDEN)
+        response = await pipeline.stateless_step(sequences, ids, worker_pb2.OUTPUT_KIND_HIDDEN, wait_s)
         hidden = to_numpy(decode_tensor(response.tensor)).astype(np.float32)
         bounds = np.cumsum([0] + [len(inputs[i]) for i in batch])
         rows = [hidden[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -7,6 +7,7 @@ the event loop). Every error names the field and the limit, and the config field
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from collections.abc import AsyncGenerator
@@ -15,9 +16,9 @@ from enum import StrEnum
 
 from coordinator.config import CoordinatorConfig
 from coordinator.serving.driver import Scheduler
-from coordinator.serving.streams import Sampling
+from coordinator.serving.streams import TOKEN_WAIT_S, Sampling, Stream, StreamState
 from coordinator.serving.textmodel import TextStream, TokenModel
-from shardline.errors import InvalidArgument
+from shardline.errors import InvalidArgument, Unavailable
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 # top_p may be as small as float32's smallest normal number: a tiny top_p keeps only the likeliest token
@@ -230,12 +231,15 @@ def resumed(plan: Plan, ids: tuple[int, ...], text: TokenModel) -> Plan:
 
 
 async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
-              background: bool = False, trace: str = "", tenant: str = "") -> AsyncGenerator[Piece, None]:
+              background: bool = False, trace: str = "", tenant: str = "",
+              token_wait_s: float = TOKEN_WAIT_S) -> AsyncGenerator[Piece, None]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 
     End-of-sequence ids (none with `ignore_eos`), the caller's stop ids and stop sequences count only once
-    `min_tokens` tokens were produced; before that, such an id is just a token."""
+    `min_tokens` tokens were produced; before that, such an id is just a token. A stream that gets no token for
+    `token_wait_s` (a step, a heal or an interactive queue that never moves) fails with UNAVAILABLE saying
+    where it waited; a job's item waiting in the queue for its turn waits on."""
     stop_ids = plan.ending(text)
     produced = len(plan.resumed)  # a resumed stream goes on after the tokens its caller holds
     stream = scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
@@ -247,7 +251,7 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     prompt_tokens = len(plan.prompt_ids)
     try:
         while True:
-            token = await stream.tokens.get()
+            token = await next_token(stream, token_wait_s)
             if isinstance(token, BaseException):
                 raise token
             if token is None or (token in stop_ids and produced >= plan.min_tokens):
@@ -270,3 +274,20 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
             stream.stop()  # ended here (a stop sequence): finished, not cancelled; a no-op once it ended
         else:
             stream.cancel()  # its caller went away (a no-op once it ended)
+
+
+async def next_token(stream: Stream, wait_s: float) -> int | BaseException | None:
+    """The stream's next item, within `wait_s` of waiting (a background stream still queued waits its turn,
+    however long); past it the stream fails (its slot and KV freed by the scheduler) with UNAVAILABLE."""
+    while True:
+        try:
+            return await asyncio.wait_for(stream.tokens.get(), wait_s)
+        except TimeoutError:
+            if stream.background and stream.state is StreamState.QUEUED:
+                continue
+            if stream.done:  # it ended just now: its last item is there
+                return stream.tokens.get_nowait()
+            failure = Unavailable(f"no token came for {wait_s:g} s while the stream was {stream.state.value} "
+                                  "(token_wait_s): the cluster is stuck healing, or overloaded; try again later")
+            stream.stop(failure)
+            return failure

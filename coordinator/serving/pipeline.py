@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from coordinator.serving.chain import ChainClient
+from coordinator.serving.streams import TOKEN_WAIT_S
 from shardline.errors import DeadlineExceeded, FailedPrecondition, NotFound, ShardlineError, Unavailable
 from shardline.stream import LinkSettings
 from shardline.v1 import worker_pb2
@@ -91,10 +92,15 @@ class Pipeline:
         await self._heal(epoch, error)
 
     async def stateless_step(self, sequences: list[worker_pb2.SequenceSlice], token_ids: list[int],
-                             output: worker_pb2.OutputKind) -> worker_pb2.ForwardResponse:
-        """A step with no session state to rebuild (an encoder's forward): after a heal it simply runs again."""
+                             output: worker_pb2.OutputKind, wait_s: float = TOKEN_WAIT_S) -> worker_pb2.ForwardResponse:
+        """A step with no session state to rebuild (an encoder's forward): after a heal it simply runs again.
+        A gate closed for `wait_s` (a heal that does not end) fails it with UNAVAILABLE."""
         for attempt in range(MAX_STATELESS_RETRIES + 1):
-            chain = await self.wait_open()
+            try:
+                chain = await asyncio.wait_for(self.wait_open(), wait_s)
+            except TimeoutError:
+                raise Unavailable(f"the chain stayed closed (healing) for {wait_s:g} s (token_wait_s): try again "
+                                  "later") from None
             epoch = self.epoch
             try:
                 return await chain.step(sequences, token_ids, output)

@@ -14,6 +14,8 @@ from typing import Protocol
 from coordinator.transitions import moved
 from shardline.errors import ShardlineError
 
+TOKEN_WAIT_S = 900.0  # the default bound on a request's wait for its next token or step (config token_wait_s)
+
 
 class StreamState(StrEnum):
     QUEUED = "queued"        # waits for admission (new, preempted, or adopted from a sibling replica)

@@ -158,3 +158,34 @@ def test_a_client_that_never_reached_the_coordinator_fails_at_once():
 async def _reset_soon(proxy: FaultProxy, delay: float) -> None:
     await asyncio.sleep(delay)
     proxy.reset()
+
+
+def test_a_stream_that_gets_no_token_within_token_wait_s_fails_saying_so_and_the_cluster_goes_on(loop, cluster):
+    """Every wait on the request path has a deadline (issue 27.5): a chain whose gate stays closed (a heal
+    that never ends) fails the stream after token_wait_s with UNAVAILABLE, however long the caller's own
+    deadline; once the gate opens, the cluster serves as before."""
+    import time
+
+    coordinator, stub = cluster
+    fleet = coordinator.fleet
+    pipeline = fleet.first.pipeline
+    before = fleet.config.token_wait_s
+    fleet.config.token_wait_s = 1.0
+    loop.loop.call_soon_threadsafe(pipeline.suspend)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            generate(stub, prompt_token_ids=[7, 7, 7, 1], max_tokens=4, ignore_eos=True)
+        waited = time.monotonic() - started
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no token came for 1 s" in err.value.details()
+        assert "token_wait_s" in err.value.details() and 1.0 <= waited < 10, waited
+    finally:
+        fleet.config.token_wait_s = before
+        loop.loop.call_soon_threadsafe(pipeline.resume)
+    tokens = [t for m in generate(stub, prompt_token_ids=[7, 7, 7, 1], max_tokens=4, ignore_eos=True)
+              for t in m.token_ids]
+    assert len(tokens) == 4
+    deadline = time.monotonic() + 5  # the failed stream leaves its group at the group's next cycle
+    while [s for g in fleet.first.scheduler.policy.groups for s in g] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [s for g in fleet.first.scheduler.policy.groups for s in g]

@@ -117,3 +117,30 @@ def test_a_stop_sequence_over_tokens_with_multibyte_characters():
     ids = list("prix: 5€ net".encode())
     pieces, rest, stopped = stream_text(ids, ["5€"])
     assert stopped and "".join(pieces) + rest == "prix: "
+
+
+def test_a_streams_wait_for_its_next_token_is_bounded_except_a_queued_jobs_item():
+    """coordinator/serving/generation.py next_token: an interactive stream (queued or running) fails after
+    the wait, and leaves the scheduler (ended); a background stream still queued waits its turn; an item that
+    comes in time is returned."""
+    import asyncio
+
+    from coordinator.serving.generation import next_token
+    from coordinator.serving.streams import Sampling, Stream, StreamState
+    from shardline.errors import Unavailable
+
+    async def scenario() -> None:
+        interactive = Stream("a", [1], Sampling(), 4, frozenset())
+        failure = await next_token(interactive, 0.05)
+        assert isinstance(failure, Unavailable) and "no token came for 0.05 s while the stream was queued" \
+            in str(failure) and interactive.state is StreamState.FAILED and interactive.done
+        job = Stream("b", [1], Sampling(), 4, frozenset(), background=True)
+        waiting = asyncio.ensure_future(next_token(job, 0.05))
+        await asyncio.sleep(0.3)  # six waits past the bound: still waiting
+        assert not waiting.done() and job.state is StreamState.QUEUED
+        job.tokens.put_nowait(42)
+        assert await waiting == 42
+        job.move(StreamState.RUNNING)  # admitted: its wait is bounded as any other's
+        assert isinstance(await next_token(job, 0.05), Unavailable) and job.state is StreamState.FAILED
+
+    asyncio.run(scenario())
