@@ -66,6 +66,14 @@ def import_(
     if target.has(name) and not overwrite:
         _fail(f"the store {target.root} already holds a model named {name!r}: give another --name, or --overwrite "
               "to replace it")
+    if target.has(name):  # refused before any work while a coordinator serves it (and again as it is replaced)
+        from coordinator.store.served import ModelInUse, replacing
+
+        try:
+            with replacing(target.root, name):
+                pass
+        except ModelInUse as exc:
+            _fail(str(exc))
     try:
         if tokenizer and not random:
             _fail("--tokenizer goes with --random (other imports bring their own tokenizer)")

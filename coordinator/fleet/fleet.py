@@ -31,6 +31,7 @@ from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import Stream
 from coordinator.serving.textmodel import TextModel, TokenModel
 from coordinator.store.models import ModelStore
+from coordinator.store.served import Served
 from shardline.auth import ClusterIdentity
 from shardline.errors import FailedPrecondition, NotFound, Unavailable
 from shardline.server import Keepalive
@@ -56,6 +57,7 @@ class Fleet:
                           config.calibration_max_ms)
         self.shared.calibrations = Calibrations(store, links, shape) if config.calibrate else None
         self.deployments: dict[str, Deployment] = {}
+        self.served = Served(store.root)  # its models' files are never replaced under it (store/served.py)
         self.defaults: dict[str, str] = {}  # model name -> its default version
         self.primary = ""                   # the name a request without a model means: the first deployed
         self.draining = False
@@ -100,6 +102,7 @@ class Fleet:
             for replica in list(deployment.replicas):
                 await replica.stop()
         self.durable.close()
+        self.served.close()
 
     async def deployment_of(self, spec: DeploymentSpec) -> Deployment:
         manifest = self.store.manifest(spec.model)  # NotFound lists the store's models
@@ -114,6 +117,7 @@ class Fleet:
         its name's default when marked so or when the name has none."""
         spec = deployment.spec
         self.deployments[spec.key] = deployment
+        self.served.hold({d.spec.model for d in self.deployments.values()})
         if default and (spec.default or spec.name not in self.defaults):
             self.defaults[spec.name] = spec.version
         self.primary = self.primary or spec.name
@@ -124,6 +128,7 @@ class Fleet:
         """An unloaded deployment leaves; its name's default moves to another version, if there is one."""
         if self.deployments.get(deployment.key) is deployment:
             del self.deployments[deployment.key]
+            self.served.hold({d.spec.model for d in self.deployments.values()})
         name = deployment.spec.name
         if self.defaults.get(name) == deployment.spec.version:
             rest = [d.spec.version for d in self.deployments.values() if d.spec.name == name and d.ready_replicas]

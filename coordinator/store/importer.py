@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from coordinator.store.models import MANIFEST, Manifest, ModelStore, TensorInfo, check_model_name
+from coordinator.store.served import replacing
 from shardline.codec import safetensors_name
 from shardline.families import FAMILY_NAMES, FamilyNames, names_for_model_type
 
@@ -126,8 +127,11 @@ class StoreWriter:
         (self.tmp / MANIFEST).write_text(manifest.to_json())
         target = self.store.path(self.name)
         if target.exists():
-            shutil.rmtree(target)
-        os.rename(self.tmp, target)
+            with replacing(self.store.root, self.name):  # ModelInUse while a coordinator serves it
+                shutil.rmtree(target)
+                os.rename(self.tmp, target)
+        else:
+            os.rename(self.tmp, target)
         return manifest
 
     def abort(self) -> None:

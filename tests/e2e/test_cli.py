@@ -154,3 +154,35 @@ def test_a_cluster_that_stops_mid_request_is_one_line(tmp_path, smollm2_store):
     finally:
         launcher.kill()
         launcher.wait(30)
+
+
+def test_import_overwrite_of_a_model_a_running_coordinator_serves_is_refused(tmp_path):
+    """Issue 27.5: served weights never change under a running deployment. The coordinator runs in this
+    process (its lock is what a separate `coordinator import` meets); the import is a real CLI process."""
+    from coordinator.api.server import start_coordinator
+    from coordinator.config import CoordinatorConfig
+    from coordinator.store.importer import import_random, random_config
+    from coordinator.store.models import ModelStore
+    from tests.helpers import LoopThread
+
+    store = tmp_path / "store"
+    models = ModelStore(store)
+    for name in ("served", "idle"):
+        import_random(models, name, random_config("llama", hidden=64, layers=2, vocab=256))
+    before = models.manifest("served").digest
+    loop = LoopThread()
+    coordinator = loop.run(start_coordinator(CoordinatorConfig(store=store, model="served", workers=1, port=0,
+                                                               http=False, durable_fleet=False)))
+    try:
+        new = ("import", "--random", "llama", "--hidden", "64", "--layers", "2", "--seed", "7", "--overwrite")
+        refused = cli(*new, "--name", "served", store=store)
+        assert refused.returncode == 1 and "'served' is served by a running coordinator" in refused.stderr
+        assert "--version 2 --source NEW-NAME" in refused.stderr and refused.stderr.count("\n") == 1
+        assert models.manifest("served").digest == before
+        assert cli(*new, "--name", "idle", store=store).returncode == 0  # a model nobody serves is replaced
+    finally:
+        loop.run(coordinator.stop())
+        loop.close()
+    replaced = cli(*new, "--name", "served", store=store)  # the coordinator is gone: the lock fell with it
+    assert replaced.returncode == 0, replaced.stderr
+    assert models.manifest("served").digest != before

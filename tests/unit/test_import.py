@@ -111,3 +111,22 @@ def test_failure_midway_leaves_no_partial_model(store, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         import_random(store, "half", random_config("llama", hidden=32, layers=2, heads=2, vocab=64))
     assert leftovers(store) == []
+
+
+def test_replacing_a_model_that_a_coordinator_holds_is_refused_until_it_lets_go(tmp_path):
+    """coordinator/store/served.py: the importer's commit meets the coordinator's shared lock (the race the
+    CLI's early check cannot close), and the store keeps the served files."""
+    from coordinator.store.importer import import_random, random_config
+    from coordinator.store.models import ModelStore
+    from coordinator.store.served import ModelInUse, Served
+
+    store = ModelStore(tmp_path)
+    config = random_config("llama", hidden=64, layers=2, vocab=256)
+    first = import_random(store, "m", config).digest
+    served = Served(tmp_path)
+    served.hold({"m"})
+    with pytest.raises(ModelInUse, match="'m' is served by a running coordinator"):
+        import_random(store, "m", config, seed=3)
+    assert store.manifest("m").digest == first and not list(tmp_path.glob(".importing-*"))
+    served.hold(set())
+    assert import_random(store, "m", config, seed=3).digest != first
