@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from shard_worker.allocator import give_back_freed_memory
 from shard_worker.device import DeviceSettings, check_dtype, parse_device, set_compute_threads
 from shard_worker.engine import check_engine
 from shard_worker.server import serve_forever
@@ -22,6 +23,7 @@ from shardline.cli_options import (
     typer_app,
     version_option,
 )
+from shardline.limits import MemoryBoundTooSmall
 from shardline.server import Keepalive, check_exposure
 from shardline.stream import LinkSettings
 
@@ -72,6 +74,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     configure_logging(log_level)
+    give_back_freed_memory()  # before the runtime grows: RSS then follows the memory in use (allocator.py)
     if memory_budget_mb is not None:  # the flag's old name
         worker_memory_mb = worker_memory_mb or memory_budget_mb
     try:
@@ -95,7 +98,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
                                   leave_timeout_s, metrics_port, settings))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:  # e.g. a metrics port already taken: one line, not a traceback
+    except (OSError, MemoryBoundTooSmall) as exc:  # a metrics port taken, a memory bound below the runtime: one line
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
 

@@ -7,13 +7,15 @@ import asyncio
 import logging
 import os
 
+import psutil
+
 from shard_worker.device import DeviceSettings, default_cuda_budget
 from shard_worker.registration import Registration
 from shard_worker.servicer import WorkerServicer, add_to_server
 from shard_worker.transformers_adapter import check_version
 from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
-from shardline.limits import default_memory_budget
+from shardline.limits import MEMORY_RESERVE_FRACTION, MemoryBoundTooSmall, default_memory_budget, shard_budget
 from shardline.metrics import start_metrics_server
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings
@@ -70,6 +72,18 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
     else:  # a CUDA worker offers its device's memory, a CPU worker the host's
         budget = default_cuda_budget(device.device) if device.device.type == "cuda" else default_memory_budget()
     worker = await start_worker(host, port, links, budget, metrics_port, device)
+    if memory_budget_bytes and device.device.type == "cpu":  # the flag bounds the whole process (shardline/limits.py)
+        runtime = psutil.Process().memory_info().rss
+        try:
+            budget = shard_budget(memory_budget_bytes, runtime)
+        except MemoryBoundTooSmall:
+            await worker.stop(0)
+            raise
+        worker.servicer.lifecycle.memory_budget_bytes = budget
+        worker.servicer.memory_limit_bytes, worker.servicer.runtime_bytes = memory_budget_bytes, runtime
+        log.info("memory: --worker-memory-mb %d bounds this process; its runtime takes %.0f MiB, a reserve %.0f "
+                 "MiB, its shard may use %.0f MiB", memory_budget_bytes >> 20, runtime / 2**20,
+                 memory_budget_bytes * MEMORY_RESERVE_FRACTION / 2**20, budget / 2**20)
     if worker.servicer.metrics.server is not None:  # before the line the launcher waits for, which it reads last
         print(f"{METRICS_PREFIX}{worker.servicer.metrics.server.url}", flush=True)  # noqa: T201
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line

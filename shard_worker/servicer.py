@@ -149,6 +149,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         self.lifecycle = ShardLifecycle(set_serving, device, memory_budget_bytes)
         self.relay = Relay(self.lifecycle, links)
         self.identity = links.identity
+        self.memory_limit_bytes = self.runtime_bytes = 0  # a process's --worker-memory-mb, and its runtime's RSS
         self.fence = Fence()  # who this worker is, and the coordinator epoch it registered in (shardline/fencing.py)
         self.forward_bound = FORWARD_OPEN_LIMIT  # requests open on one Forward stream at most (back-pressure)
         # the worker's parts as the server, tests and benchmarks reach them
@@ -301,7 +302,9 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
         shard = held.shard
         if shard is None:
             return worker_pb2.GetStatusResponse(state=STATES[held.state], rss_bytes=rss, last_error=held.last_error,
-                                                device=device_proto(held.device, held.device.dtype), loads=held.loads)
+                                                device=device_proto(held.device, held.device.dtype), loads=held.loads,
+                                                memory_limit_bytes=self.memory_limit_bytes,
+                                                runtime_bytes=self.runtime_bytes)
         runtime = shard.runtime
         return worker_pb2.GetStatusResponse(device=device_proto(held.device, shard.spec.dtype),
             state=STATES[held.state], model=shard.spec.model, start_layer=shard.spec.start,
@@ -309,7 +312,8 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
             kv_cache_bytes=runtime.kv_bytes, rss_bytes=rss, has_embedding=runtime.stage.is_first,
             has_head=runtime.stage.is_last, metrics=_metrics_proto(runtime), kv=_kv_proto(runtime),
             wire_dtype=dtype_to_enum(runtime.wire_dtype), quantize=quantization_to_enum(shard.spec.quantize),
-            loads=held.loads, weights_digest=shard.digest)
+            loads=held.loads, weights_digest=shard.digest, memory_limit_bytes=self.memory_limit_bytes,
+            runtime_bytes=self.runtime_bytes)
 
     async def close(self) -> None:
         await self.relay.close()

@@ -300,10 +300,11 @@ def preflight_plan(config: CoordinatorConfig, worker_memory_mb: int) -> list[str
     deployment; this catches a plan that cannot fit at once, instead of after every worker registered."""
     from coordinator.fleet.placement import Wanted, interleave, place
     from coordinator.store.models import ModelStore
-    from shardline.limits import default_memory_budget
+    from shardline.limits import default_memory_budget, shard_share
 
     store = ModelStore(config.store)
-    budget = worker_memory_mb * 2**20 or default_memory_budget()
+    # a worker's --worker-memory-mb bounds its process: its runtime (estimated here) comes off it
+    budget = shard_share(worker_memory_mb * 2**20) if worker_memory_mb else default_memory_budget()
     specs = config.initial_deployments()
     wanted = interleave([[Wanted(s.key, store.manifest(s.model), s.workers)] * s.replicas for s in specs])
     pool = [WorkerRecord(f"w{i + 1}", f"worker {i + 1}", budget, 0.0)

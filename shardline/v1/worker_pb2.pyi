@@ -255,7 +255,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics", "kv", "loads", "weights_digest", "wire_dtype", "quantize", "device")
+    __slots__ = ("state", "model", "start_layer", "end_layer", "weight_bytes", "sessions", "kv_cache_bytes", "rss_bytes", "last_error", "has_embedding", "has_head", "metrics", "kv", "loads", "weights_digest", "memory_limit_bytes", "runtime_bytes", "wire_dtype", "quantize", "device")
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,8 @@ class GetStatusResponse(_message.Message):
     KV_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -289,10 +291,12 @@ class GetStatusResponse(_message.Message):
     kv: KVCapacity
     loads: int
     weights_digest: str
+    memory_limit_bytes: int
+    runtime_bytes: int
     wire_dtype: _tensor_pb2.DType
     quantize: WeightQuantization
     device: _tensor_pb2.DeviceInfo
-    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., kv: _Optional[_Union[KVCapacity, _Mapping]] = ..., loads: _Optional[int] = ..., weights_digest: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., quantize: _Optional[_Union[WeightQuantization, str]] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ...) -> None: ...
+    def __init__(self, state: _Optional[_Union[WorkerState, str]] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., last_error: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., metrics: _Optional[_Union[StageMetrics, _Mapping]] = ..., kv: _Optional[_Union[KVCapacity, _Mapping]] = ..., loads: _Optional[int] = ..., weights_digest: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., quantize: _Optional[_Union[WeightQuantization, str]] = ..., device: _Optional[_Union[_tensor_pb2.DeviceInfo, _Mapping]] = ...) -> None: ...
 
 class KVCapacity(_message.Message):
     __slots__ = ("block_tokens", "block_bytes", "blocks_total", "blocks_used", "capacity_tokens", "capacity_bytes", "headroom_bytes", "memory_budget_bytes", "sessions_expired", "max_step_tokens")

@@ -186,3 +186,14 @@ def test_import_overwrite_of_a_model_a_running_coordinator_serves_is_refused(tmp
     replaced = cli(*new, "--name", "served", store=store)  # the coordinator is gone: the lock fell with it
     assert replaced.returncode == 0, replaced.stderr
     assert models.manifest("served").digest != before
+
+
+def test_a_worker_memory_bound_below_its_runtime_is_one_line_saying_how_much_to_give():
+    """--worker-memory-mb bounds the whole process (issue 27.5): 100 MiB cannot hold the runtime itself."""
+    result = subprocess.run([sys.executable, "-m", "shard_worker.cli", "serve", "--port", "0", "--worker-memory-mb",
+                             "100"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --worker-memory-mb 100 bounds the whole worker process") and "give at least" in line
+    least = int(re.search(r"give at least (\d+)", line).group(1))
+    assert 200 < least < 1200, line

@@ -15,6 +15,7 @@ from coordinator.cli.launcher import spawn_worker, stop_processes
 from coordinator.config import CoordinatorConfig
 from shardline.client import AsyncClient, Client
 from shardline.errors import InvalidArgument, ResourceExhausted
+from shardline.limits import process_bound, shard_share
 from shardline.v1 import worker_pb2
 from tests.helpers import worker_stub
 
@@ -42,9 +43,10 @@ def kv_llama(store) -> str:
 
 @pytest.fixture(scope="module", params=[
     pytest.param(("kv-llama", 130), id="random-llama"),
-    # 450 MiB: a KV capacity below SmolLM2's context (8192), so a request can be too long for the cache alone
-    # (at 500 MiB the capacity reached 8864 tokens once the measured step headroom shrank)
-    pytest.param(("smollm2", 450), id="smollm2", marks=pytest.mark.slow),
+    # 400 MiB: a KV capacity below SmolLM2's context (8192), so a request can be too long for the cache alone
+    # (at 450 MiB it reached 8224 tokens once the worker's allocator gave freed memory back and the measured
+    # step headroom shrank)
+    pytest.param(("smollm2", 400), id="smollm2", marks=pytest.mark.slow),
 ])
 def small_cluster(request, loop, smollm2_store, parameters):
     """A model over 3 worker processes, each started with --memory-budget-mb small enough that only a few
@@ -56,12 +58,25 @@ def small_cluster(request, loop, smollm2_store, parameters):
                                parameters_address=parameters.address, kv_reserve_tokens=0, max_queued_streams=32,
                                heartbeat_timeout_ms=3_600_000, session_ttl_s=600)
     coordinator = loop.run(start_coordinator(config))
-    processes = [loop.run(spawn_worker("127.0.0.1", coordinator.address, budget_mb)) for _ in range(3)]
+    # --worker-memory-mb bounds the whole process: the runtime a worker measures at start comes off it, so
+    # the bound is what leaves each shard `budget_mb` (a probe worker tells the runtime's size here)
+    probe = loop.run(spawn_worker("127.0.0.1", "", 4096))
+    runtime = kv_of(probe.address).runtime_bytes
+    loop.run(stop_processes([probe]))
+    assert 200 * 2**20 < runtime < 1024 * 2**20, runtime
+    bound_mb = process_bound(budget_mb * 2**20, runtime) // 2**20
+    processes = [loop.run(spawn_worker("127.0.0.1", coordinator.address, bound_mb)) for _ in range(3)]
     with Client(coordinator.address, timeout=300) as client:
         client.wait_ready(timeout=300)
-    yield coordinator, [p.address for p in processes], processes, model, budget_mb
+    yield coordinator, [p.address for p in processes], processes, model, budget_mb, bound_mb
     loop.run(coordinator.stop())  # first: the workers then have no cluster to hand their stages over to
     loop.run(stop_processes(processes))
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory since it started (Linux: VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def kv_of(address: str) -> worker_pb2.GetStatusResponse:
@@ -85,10 +100,12 @@ def prompts(tokenizer_dir, n: int, tokens: int = PROMPT_TOKENS) -> list[str]:
 
 
 def test_many_long_requests_fit_a_small_budget_by_queueing_and_preemption(small_cluster, smollm2_store):
-    coordinator, addresses, processes, model, budget_mb = small_cluster
+    coordinator, addresses, processes, model, budget_mb, bound_mb = small_cluster
     statuses = [kv_of(a) for a in addresses]
     for s in statuses:
-        assert s.kv.memory_budget_bytes == budget_mb * 2**20
+        assert s.memory_limit_bytes == bound_mb * 2**20
+        assert s.kv.memory_budget_bytes == shard_share(s.memory_limit_bytes, s.runtime_bytes)
+        assert abs(s.kv.memory_budget_bytes - budget_mb * 2**20) < 16 * 2**20  # the runtime is what the probe said
         assert s.weight_bytes + s.kv.headroom_bytes + s.kv.capacity_bytes <= s.kv.memory_budget_bytes
     # prompts of about 1,500 tokens, a whole number of blocks long, so that `fit` of them fill the chain's
     # cache with fewer than `fit` blocks left over: their first sampled tokens cannot all get a block
@@ -145,6 +162,10 @@ def test_many_long_requests_fit_a_small_budget_by_queueing_and_preemption(small_
     assert scheduler.preempted > 0, "the burst never ran the cache full: the test proves nothing"
     assert max(peak.values()) > 0
     assert all(p.process.returncode is None for p in processes), "a worker died"
+    # the bound holds for the whole process, its runtime, the loading and every step included (issue 27.5)
+    peaks = [peak_rss(p.process.pid) for p in processes]
+    print(f"peak RSS (MiB) {[p >> 20 for p in peaks]} under --worker-memory-mb {bound_mb}")
+    assert all(p <= bound_mb * 2**20 for p in peaks), (peaks, bound_mb)
     assert coordinator.fleet.recoveries == 0
 
     deadline = time.monotonic() + 10

@@ -1,0 +1,44 @@
+"""A worker's allocator gives back what it frees (issue 27.5).
+
+glibc keeps freed memory in its heaps for reuse: a worker whose KV buffers grow and are freed, and whose
+steps allocate and free activations of every size, holds on to that memory, and its RSS climbs past what it
+uses (measured: SmolLM2 over 3 workers each planned for 450 MiB, 24 prompts of ~1,500 tokens: peak RSS
+881-948 MiB, a runtime of 360 MiB plus 450 plus 70-140 of freed memory never returned). With blocks over
+MMAP_THRESHOLD mapped on their own, a freed tensor goes back to the system at once, and the peak was 755-820
+MiB, within the runtime plus the budget (BENCHMARKS.md "A worker's memory is its bound"). Linux with glibc
+only; elsewhere nothing changes. SHARDLINE_KEEP_FREED_MEMORY=1 leaves the allocator as it is (a benchmark's
+baseline, or an operator's way back).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
+M_ARENA_MAX = -8
+MMAP_THRESHOLD = 64 * 1024
+ARENA_MAX = 2
+
+
+def give_back_freed_memory() -> bool:
+    """Set the process's allocator so that large freed blocks return to the system; False where it cannot
+    (or SHARDLINE_KEEP_FREED_MEMORY=1 says not to)."""
+    if os.environ.get("SHARDLINE_KEEP_FREED_MEMORY") == "1":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_ARENA_MAX, ARENA_MAX))
+    if not ok:
+        log.debug("mallopt refused: freed memory may stay in the process")
+    return ok
