@@ -74,7 +74,6 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           parent_pid: int = typer.Option(0, help="exit when this process is gone (used by the launcher)")) -> None:
     """Serve the ShardWorker API; a coordinator (or the launcher) then sends it a shard to load."""
     configure_logging(log_level)
-    give_back_freed_memory()  # before the runtime grows: RSS then follows the memory in use (allocator.py)
     if memory_budget_mb is not None:  # the flag's old name
         worker_memory_mb = worker_memory_mb or memory_budget_mb
     try:
@@ -85,6 +84,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+    if worker_memory_mb and settings.device.type == "cpu":  # the bound is the process's: RSS must follow use
+        give_back_freed_memory()  # before the server's threads start (allocator.py: ~5% of decode speed)
     if compute_threads:
         set_compute_threads(compute_threads)  # the intended count, which every worker thread is given
     if settings.device.type == "cuda":  # this thread's current device: not a context on cuda:0 as well

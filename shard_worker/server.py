@@ -15,7 +15,7 @@ from shard_worker.servicer import WorkerServicer, add_to_server
 from shard_worker.transformers_adapter import check_version
 from shardline.auth import Access, Guard, Rules, describe
 from shardline.errors import ShardlineError, Unavailable
-from shardline.limits import MEMORY_RESERVE_FRACTION, MemoryBoundTooSmall, default_memory_budget, shard_budget
+from shardline.limits import MemoryBoundTooSmall, default_memory_budget, shard_budget
 from shardline.metrics import start_metrics_server
 from shardline.server import RunningServer, Signals, add_standard_services, bind, new_server, set_serving
 from shardline.stream import LinkSettings
@@ -83,7 +83,7 @@ async def serve_forever(host: str, port: int, parent_pid: int = 0, coordinator: 
         worker.servicer.memory_limit_bytes, worker.servicer.runtime_bytes = memory_budget_bytes, runtime
         log.info("memory: --worker-memory-mb %d bounds this process; its runtime takes %.0f MiB, a reserve %.0f "
                  "MiB, its shard may use %.0f MiB", memory_budget_bytes >> 20, runtime / 2**20,
-                 memory_budget_bytes * MEMORY_RESERVE_FRACTION / 2**20, budget / 2**20)
+                 (memory_budget_bytes - runtime - budget) / 2**20, budget / 2**20)
     if worker.servicer.metrics.server is not None:  # before the line the launcher waits for, which it reads last
         print(f"{METRICS_PREFIX}{worker.servicer.metrics.server.url}", flush=True)  # noqa: T201
     print(f"shard worker listening on {worker.address}", flush=True)  # noqa: T201 - the CLI's one line

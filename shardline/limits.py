@@ -56,9 +56,10 @@ def default_memory_budget() -> int:
 
 
 # --worker-memory-mb bounds a CPU worker's whole process (issue 27.5): its runtime (Python, torch, gRPC), measured
-# as the RSS once it listens, and a reserve for what no plan counts (connection buffers, allocator slack) come
-# off it; the rest is the shard's (weights, the measured step headroom, the KV cache: shard_worker/capacity.py)
+# as the RSS once it listens, and a reserve for what no plan counts (connection buffers, allocator slack: 5% and
+# 32 MiB) come off it; the rest is the shard's (weights, the measured step headroom, the KV cache: shard_worker/capacity.py)
 MEMORY_RESERVE_FRACTION = 0.05
+MEMORY_RESERVE_BYTES = 32 * 2**20  # and this much more: what grows with the process, not with the bound
 RUNTIME_ESTIMATE_BYTES = 400 * 2**20  # a CPU worker's RSS once it listens (measured 360 MiB), for plans made
 #                                       before any worker runs (`launch`'s preflight)
 MIN_SHARD_BYTES = 16 * 2**20
@@ -66,13 +67,14 @@ MIN_SHARD_BYTES = 16 * 2**20
 
 def shard_share(limit_bytes: int, runtime_bytes: int = RUNTIME_ESTIMATE_BYTES) -> int:
     """The part of a worker process's bound its shard may use (0 when the runtime takes it all)."""
-    return max(0, int(limit_bytes * (1 - MEMORY_RESERVE_FRACTION)) - runtime_bytes)
+    return max(0, int(limit_bytes * (1 - MEMORY_RESERVE_FRACTION)) - MEMORY_RESERVE_BYTES - runtime_bytes)
 
 
 def process_bound(shard_bytes: int, runtime_bytes: int = RUNTIME_ESTIMATE_BYTES) -> int:
     """The --worker-memory-mb, in bytes, under which a worker's shard gets `shard_bytes` (shard_share's inverse,
     rounded up to whole MiB)."""
-    return -(-int((shard_bytes + runtime_bytes) / (1 - MEMORY_RESERVE_FRACTION) + 1) // 2**20) * 2**20
+    needed = (shard_bytes + MEMORY_RESERVE_BYTES + runtime_bytes) / (1 - MEMORY_RESERVE_FRACTION)
+    return -(-int(needed + 1) // 2**20) * 2**20
 
 
 class MemoryBoundTooSmall(ValueError):
@@ -84,7 +86,7 @@ def shard_budget(limit_bytes: int, runtime_bytes: int) -> int:
     its shard; ValueError, saying what to give, when that is less than MIN_SHARD_BYTES."""
     shard = shard_share(limit_bytes, runtime_bytes)
     if shard < MIN_SHARD_BYTES:
-        least = -(-(runtime_bytes + MIN_SHARD_BYTES) // (1 - MEMORY_RESERVE_FRACTION)) // 2**20 + 1
+        least = process_bound(MIN_SHARD_BYTES, runtime_bytes) // 2**20
         raise MemoryBoundTooSmall(f"--worker-memory-mb {limit_bytes // 2**20} bounds the whole worker process, and its "
                          f"runtime alone (Python, torch, gRPC) takes {runtime_bytes / 2**20:.0f} MiB: give at "
                          f"least {least:.0f}, plus what its shard needs (weights and KV cache)")
