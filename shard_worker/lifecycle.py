@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import functools
 import gc
 import logging
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shard_worker import calibration
+from shard_worker.allocator import heap_while_loading, trim
 from shard_worker.capacity import plan_runtime
 from shard_worker.device import DeviceError, DeviceSettings, check_dtype, init_thread
 from shard_worker.library_failure import describe_library_failure
@@ -216,7 +216,8 @@ def _loaded_runtime(spec: ShardSpec, settings: KVSettings, wire_dtype: str, budg
                     report: Callable[[Progress], None]) -> tuple[StageRuntime, int, str]:
     """On the loader thread: the shard's weights fetched and its runtime planned within `budget` bytes."""
     try:
-        stage, weight_bytes, digest = load_stage(spec, report)
+        with heap_while_loading():  # then the step headroom is measured as steps will run (allocator.py)
+            stage, weight_bytes, digest = load_stage(spec, report)
         runtime = plan_runtime(stage, weight_bytes, budget, settings)
     except Exception as exc:
         inside = None if isinstance(exc, ShardlineError) else describe_library_failure(exc)
@@ -232,7 +233,4 @@ def release_memory() -> None:
     """Collect what an unload left unreachable and hand the freed heap back to the OS, so the process's RSS
     drops (glibc keeps freed pages of its arenas otherwise; elsewhere only the collection runs)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    trim()

@@ -57,7 +57,8 @@ def default_memory_budget() -> int:
 
 # --worker-memory-mb bounds a CPU worker's whole process (issue 27.5): its runtime (Python, torch, gRPC), measured
 # as the RSS once it listens, and a reserve for what no plan counts (connection buffers, allocator slack: 5% and
-# 32 MiB) come off it; the rest is the shard's (weights, the measured step headroom, the KV cache: shard_worker/capacity.py)
+# 32 MiB) come off it; the rest is the shard's (weights, the measured step headroom, the KV cache:
+# shard_worker/capacity.py)
 MEMORY_RESERVE_FRACTION = 0.05
 MEMORY_RESERVE_BYTES = 32 * 2**20  # and this much more: what grows with the process, not with the bound
 RUNTIME_ESTIMATE_BYTES = 400 * 2**20  # a CPU worker's RSS once it listens (measured 360 MiB), for plans made
