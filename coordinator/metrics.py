@@ -195,16 +195,21 @@ class StreamMetrics:
     """What the schedulers of one model report: queue time at a stream's first admission (a preempted stream
     queues again, which is counted as a preemption, not as a second wait), and preemptions."""
 
-    def __init__(self, queue_time: Histogram, preemptions: Counter, model: str) -> None:
+    def __init__(self, queue_time: Histogram, preemptions: Counter, refusals: Counter, model: str) -> None:
         self._interactive = queue_time.labels(model, "interactive")
         self._background = queue_time.labels(model, "background")
         self._preemptions = preemptions.labels(model)
+        self._refusals = refusals
+        self._model = model
 
     def admitted(self, waited_s: float, background: bool) -> None:
         (self._background if background else self._interactive).observe(waited_s)
 
     def preempted(self) -> None:
         self._preemptions.inc()
+
+    def refused(self, reason: str) -> None:
+        self._refusals.labels(self._model, reason).inc()
 
 
 class CoordinatorMetrics:
@@ -219,6 +224,10 @@ class CoordinatorMetrics:
                                     "items)", ["model", "priority"], buckets=QUEUE_BUCKETS, registry=registry)
         self.preemptions = Counter(f"{PREFIX}num_preemptions", "Streams preempted for KV memory (each resumes by "
                                    "re-prefill)", ["model"], registry=registry)
+        self.refusals = Counter(f"{PREFIX}stage_refusals", "Steps of a stream a stage refused, by reason (kv_full: "
+                                "the stage was short of KV blocks the coordinator counted free; cache_lost: the "
+                                "stream's cache was gone); each such stream replays", ["model", "reason"],
+                                registry=registry)
         self.recoveries = Counter(f"{PREFIX}recoveries", "Failovers: chains healed after a lost worker or a broken "
                                   "link (their streams replayed on the new chain)", ["model", "replica"],
                                   registry=registry)
@@ -237,7 +246,7 @@ class CoordinatorMetrics:
         """The scheduler-side metrics of `model` (a deployment's name)."""
         streams = self._streams.get(model)
         if streams is None:
-            streams = self._streams[model] = StreamMetrics(self.queue_time, self.preemptions, model)
+            streams = self._streams[model] = StreamMetrics(self.queue_time, self.preemptions, self.refusals, model)
         return streams
 
     def recovered(self, model: str, replica: str, seconds: float, replaced: int) -> None:

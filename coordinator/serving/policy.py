@@ -88,6 +88,7 @@ class SchedulingPolicy:
         self._admissions = itertools.count()
         self.replayed = 0  # streams rewound for replay, in all
         self.preempted = 0  # streams preempted for KV memory, in all
+        self.refused = 0  # steps of a stream a stage refused (short of KV blocks, or its cache gone), in all
 
     # -- what is here -----------------------------------------------------------------------------------
     @property
@@ -444,6 +445,9 @@ class SchedulingPolicy:
             log.info("%s: %s; it replays with the whole prefill", stream.request_id, error)
         elif isinstance(error, (NotFound, ResourceExhausted)) and stream.failures < MAX_FAILURES:
             stream.failures += 1
+            self.refused += 1
+            if self.metrics is not None:
+                self.metrics.refused("kv_full" if isinstance(error, ResourceExhausted) else "cache_lost")
             log.info("%s: %s; it resumes by replay", stream.request_id, error)
         else:
             stream.stop(error)

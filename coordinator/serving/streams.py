@@ -203,6 +203,10 @@ class StreamEvents(Protocol):
     def preempted(self) -> None:
         """A stream was preempted to make room."""
 
+    def refused(self, reason: str) -> None:
+        """A stage refused a stream's step ("kv_full": short of KV blocks; "cache_lost": its cache was gone);
+        the stream replays."""
+
 
 class NoEffects:
     """A policy without a driver (unit tests record instead)."""

@@ -39,7 +39,8 @@ class Standalone:
         return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "serve", "--config", str(self.config)],
                                 stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def add_workers(self, n: int) -> None:
+    def add_workers(self, n: int, *extra: str) -> None:
+        """`n` workers joining the coordinator; `extra`: more of `shard-worker serve`'s arguments."""
         from tests.e2e.test_join_and_generate import free_port
 
         for _ in range(n):
@@ -47,7 +48,8 @@ class Standalone:
             self.addresses.append(f"127.0.0.1:{port}")
             self.workers.append(subprocess.Popen(
                 [sys.executable, "-m", "shard_worker.cli", "serve", "--port", str(port), "--coordinator",
-                 self.endpoint, "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                 self.endpoint, "--log-level", "WARNING", *extra],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def kill_coordinator(self) -> None:
         os.killpg(self.coordinator.pid, signal.SIGKILL)

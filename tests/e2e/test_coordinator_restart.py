@@ -7,14 +7,16 @@ Prints the time from the kill to each stream's next token, beside the undisturbe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import threading
 import time
 
 import grpc
 import pytest
 
 from shardline.client import AsyncClient, Client
-from shardline.v1 import worker_pb2, worker_pb2_grpc
+from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.chaos import wait_until_no_sessions
 from tests.e2e.standalone import Standalone
 from tests.e2e.test_jobs_restart import stored
@@ -22,6 +24,7 @@ from tests.e2e.test_jobs_restart import stored
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 STREAMS = 8
 MAX_TOKENS = 120
+REQUESTS = 24
 
 
 def params(i: int) -> dict:
@@ -198,5 +201,100 @@ def test_run_time_versions_replicas_and_a_pinned_job_survive_a_sigkill(store, tm
             expected = [client.generate(prompt(i), model="tiny-llama@2", **params(i) | {"max_tokens": 40}).token_ids
                         for i in range(len(items))]
             assert [list(r.token_ids) for r in results] == expected
+    finally:
+        cluster.close()
+
+
+def coordinator_stub(endpoint: str) -> coordinator_pb2_grpc.CoordinatorStub:
+    return coordinator_pb2_grpc.CoordinatorStub(grpc.insecure_channel(endpoint))
+
+
+def _kv(address: str) -> worker_pb2.GetStatusResponse:
+    with grpc.insecure_channel(address) as ch:
+        return worker_pb2_grpc.ShardWorkerStub(ch).GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+
+
+def _refusals(metrics_url: str) -> dict[str, float]:
+    """shardline:stage_refusals_total by reason, from the coordinator's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "shardline:stage_refusals_total":
+                out[sample.labels["reason"]] = out.get(sample.labels["reason"], 0) + sample.value
+    return out
+
+
+@pytest.mark.slow
+def test_after_a_restart_the_orphaned_sessions_take_no_kv_and_24_long_requests_need_no_replay(smollm2_store,
+                                                                                             tmp_path):
+    """Issue 27's KV item: the dead coordinator's sessions fill most of the workers' KV; after the restart the
+    workers end them as they register again (the new coordinator did not create them), the coordinator reads
+    the blocks actually free, and 24 long requests under that tight budget all finish with the tokens they get
+    alone, with no step refused for KV (stage_refusals_total{reason="kv_full"} stays 0)."""
+    from shardline.limits import process_bound
+    from tests.e2e.test_join_and_generate import free_port
+    from tests.integration.test_kv_memory import kv_llama
+
+    kv_llama(smollm2_store)
+    metrics = free_port()
+    cluster = Standalone.serving(smollm2_store.root, tmp_path, model="kv-llama", workers=3, http=False,
+                                 result_cache_mb=0, kv_reserve_tokens=0, max_queued_streams=32, session_ttl_s=600,
+                                 metrics_port=metrics)
+    try:
+        cluster.add_workers(3, "--worker-memory-mb", str(process_bound(130 * 2**20) // 2**20))
+        with Client(cluster.endpoint, timeout=300) as client:
+            client.wait_ready(timeout=300)
+        before = {a: _kv(a) for a in cluster.addresses}
+        smallest = min(s.kv.blocks_total for s in before.values())
+
+        # the first life's streams: long prompts that keep going, until they hold most of the smallest stage
+        stub = coordinator_stub(cluster.endpoint)
+        stop = threading.Event()
+
+        def orphan(i: int) -> None:
+            ids = [(i * 7919 + j * 31) % 40000 + 100 for j in range(2000)]
+            with contextlib.suppress(grpc.RpcError):
+                for _ in stub.Generate(coordinator_pb2.GenerateRequest(prompt_token_ids=ids, max_tokens=2000,
+                                                                       ignore_eos=True), timeout=300):
+                    if stop.is_set():
+                        return
+
+        threads = [threading.Thread(target=orphan, args=(i,), daemon=True) for i in range(10)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while max(_kv(a).kv.blocks_used / _kv(a).kv.blocks_total for a in cluster.addresses) < 0.6:
+            assert time.monotonic() < deadline, [_kv(a).kv for a in cluster.addresses]
+            time.sleep(0.1)
+        cluster.kill_coordinator()
+        held = [_kv(a) for a in cluster.addresses]
+        assert all(s.sessions > 0 and s.kv.blocks_used > 0 for s in held), held  # orphans, until they register
+        stop.set()
+
+        cluster.restart_coordinator()
+        with Client(cluster.endpoint, timeout=300) as client:
+            client.wait_ready(timeout=300)
+            after = {a: _kv(a) for a in cluster.addresses}
+            assert all(s.sessions == 0 and s.kv.blocks_used == 0 for s in after.values()), after
+            assert {a: s.loads for a, s in after.items()} == {a: s.loads for a, s in before.items()}  # adopted
+
+            block = after[cluster.addresses[0]].kv.block_tokens
+            fit = max(2, round(smallest * block / 1500))
+            length = smallest // fit * block
+            assert REQUESTS * (length + 24) > 2 * smallest * block  # they really do not fit at once
+            prompts = [[(k * 104729 + j * 7919) % 40000 + 100 for j in range(length)] for k in range(3)]
+            alone = [client.generate(p, max_tokens=24, temperature=0, ignore_eos=True).token_ids for p in prompts]
+
+            async def burst() -> list:
+                async with AsyncClient(cluster.endpoint, timeout=600) as many:
+                    return await asyncio.gather(*(many.generate(prompts[i % 3], max_tokens=24, temperature=0,
+                                                                ignore_eos=True) for i in range(REQUESTS)))
+
+            results = asyncio.run(burst())
+        assert [r.token_ids for r in results] == [alone[i % 3] for i in range(REQUESTS)]
+        assert _refusals(f"http://127.0.0.1:{metrics}/metrics").get("kv_full", 0) == 0
     finally:
         cluster.close()
