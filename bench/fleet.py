@@ -62,6 +62,7 @@ from coordinator.store.importer import import_random, random_config  # noqa: E40
 from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient, Client  # noqa: E402
 from shardline.errors import ShardlineError  # noqa: E402
+from shardline.limits import process_bound  # noqa: E402
 
 MiB = 2**20
 
@@ -74,7 +75,7 @@ class Sizes:
     new: int = 32              # new tokens per request
     prompt: int = 16           # prompt token ids per request
     big_streams: int = 8
-    budget_mb: int = 500       # a big-model worker's --worker-memory-mb
+    budget_mb: int = 500       # a big-model worker's shard memory (its --worker-memory-mb adds the runtime)
     max_step_tokens: int = 256  # big part: the largest step, which each stage's headroom is measured with
     steady: int = 4            # the version part's streams
     window: float = 10.0       # the version part's "before" and "after" windows, seconds
@@ -279,7 +280,9 @@ def cluster(store: Path, deployments: list[dict[str, Any]], budget_mb: int, spar
     port = free_port()
     specs = [DeploymentSpec.model_validate(d) for d in deployments]
     c = CoordinatorConfig(store=store, port=port, micro_batch_groups=1, deployments=specs, **config)
-    return LocalCluster(c, worker_memory_mb=budget_mb, spares=spares), f"127.0.0.1:{port}"
+    # --worker-memory-mb bounds a worker's whole process: the shard budget plus its runtime (shardline/limits.py)
+    bound_mb = process_bound(budget_mb * 2**20) // 2**20
+    return LocalCluster(c, worker_memory_mb=bound_mb, spares=spares), f"127.0.0.1:{port}"
 
 
 # -- part 1: replicas --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import AsyncClient  # noqa: E402
 from shardline.errors import ResourceExhausted  # noqa: E402
+from shardline.limits import process_bound  # noqa: E402
 from shardline.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 STREAMS = 64
@@ -135,7 +136,8 @@ async def burst(store_dir: Path, budget_mb: int, requests: int) -> None:
         ids = tokenizer(" ".join(rng.choice(words) for _ in range(n)))["input_ids"][:n]
         plans.append((tokenizer.decode(ids), rng.choice([8, 32, 64])))
     config = CoordinatorConfig(store=store_dir, model="smollm2", workers=3, port=free_port(), micro_batch_groups=1)
-    cluster = LocalCluster(config, worker_memory_mb=budget_mb)
+    # --budget-mb is the shard's memory; --worker-memory-mb bounds the whole process, its runtime included
+    cluster = LocalCluster(config, worker_memory_mb=process_bound(budget_mb * 2**20) // 2**20)
     await cluster.start()
     endpoint = f"127.0.0.1:{config.port}"
     latencies: list[float] = []

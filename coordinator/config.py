@@ -139,6 +139,8 @@ class CoordinatorConfig(BaseModel):
                                    "(it adopts them, loading nothing) before it is placed elsewhere")
     heartbeat_timeout_ms: int = Field(10000, ge=500)
     step_timeout_ms: int = Field(60_000, ge=100, description="a step not answered within this heals the chain")
+    fair_share: bool = Field(True, description="API keys take turns in each replica's queue and steps, by tokens "
+                             "(false: first come, first served)")
     token_wait_s: float = Field(900, gt=0, description="a stream that gets no token for this long (a step, a heal "
                                 "or a queue that never moves) fails with UNAVAILABLE; a job's queued item waits on")
     keepalive_time_ms: int = Field(20_000, ge=1000, description="ping idle connections this often")

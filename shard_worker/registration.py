@@ -91,7 +91,7 @@ class Registration:
                 request.held.CopyFrom(held)
             reply = await stub.RegisterWorker(request, timeout=RPC_TIMEOUT_S, metadata=self.metadata)
             self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_ms / 1000
-            self.fence.epoch = reply.coordinator_epoch
+            self.fence.joined(reply.coordinator_epoch)
             log.info("registered with %s as %s", self.coordinator, self.worker_id)
             return False
         beat = await stub.Heartbeat(coordinator_pb2.HeartbeatRequest(
@@ -105,7 +105,11 @@ class Registration:
             log.warning("coordinator %s %s; registering again%s", self.coordinator,
                         "restarted" if restarted else "does not know this worker",
                         f" (ended the {ended} sessions it had opened here)" if ended else "")
-            self.worker_id = self.fence.epoch = ""
+            self.worker_id = ""
+            if restarted:
+                self.fence.retire()  # that epoch's calls are refused from now on
+            else:  # the same coordinator let this worker go (lost): it registers again in the same epoch
+                self.fence.epoch = ""
         return False
 
     async def _end_orphans(self) -> int:

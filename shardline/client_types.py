@@ -19,6 +19,7 @@ class GenerateChunk:
     finish_reason: str | None = None  # None until the last chunk: "length" or "stop"
     prompt_tokens: int = 0            # on the first chunk and the last (usage)
     completion_tokens: int = 0        # usage, on the last chunk only (a stream's total, as GenerateResult's)
+    model: str = ""                   # on the first chunk: the version serving it, "name@version"
 
 
 @dataclass
@@ -40,7 +41,7 @@ class GenerateResult:
         finish = FINISH.get(response.finish_reason)
         usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish \
             else (response.prompt_tokens, 0)
-        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage)
+        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage, model=response.model)
         self.cached = self.cached or response.cached
         self.text += chunk.text
         self.token_ids += chunk.token_ids

@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -182,12 +182,14 @@ class Routes:
                                                                      timeout=timeout, **call.params))
             if not call.stream:
                 r = started
+                answer = replace(answer, model=call.model or r.model)  # no model asked: the version that served
                 return _json(answer.whole(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens))
             try:
                 first = await unless_gone(request, anext(started))
             except BaseException:
                 await started.aclose()
                 raise
+            answer = replace(answer, model=call.model or first.model)
         except ShardlineError as exc:
             raise from_shardline(exc, call.names) from None
         if self.on_first is not None:

@@ -74,6 +74,8 @@ def import_(
                 pass
         except ModelInUse as exc:
             _fail(str(exc))
+        except OSError as exc:
+            _fail(f"cannot lock {name!r} in the store {target.root} to replace it: {exc.strerror or exc}")
     try:
         if tokenizer and not random:
             _fail("--tokenizer goes with --random (other imports bring their own tokenizer)")

@@ -134,8 +134,8 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     if not worker_memory_mb:  # the workers share this machine: together they offer what it has, not each
         started = sum(s.workers * s.replicas for s in config.initial_deployments()) + spares
         worker_memory_mb = shared_memory_mb(started)
-        print(f"each of the {started} workers offers {worker_memory_mb} MiB (80% of the memory available, "
-              "divided among them; --worker-memory-mb to choose)", flush=True)
+        print(f"each of the {started} workers may use {worker_memory_mb} MiB in all, its runtime included (80% of "
+              "the memory available, divided among them; --worker-memory-mb to choose)", flush=True)
     try:  # before anything is spawned: a plan that cannot fit is one line, at once
         for line in preflight_plan(config, worker_memory_mb):
             print(line, flush=True)
@@ -174,18 +174,20 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             return
         fleet = cluster.coordinator.fleet if cluster.coordinator else None
         keys = [d.key for d in fleet.deployments.values()] if fleet is not None else [config.model]
-        print(f"ready in {seconds:.1f} s: {len(cluster.processes)} workers serving {', '.join(keys)} on "
-              f"{config.host}:{config.port}" + (f", {spares} spares" if spares else ""), flush=True)
+        serving = len(cluster.processes) - spares
+        print(f"ready in {seconds:.1f} s: {serving} workers serving {', '.join(keys)} on {config.host}:{config.port}"
+              + (f", and {spares} spare{'s' if spares > 1 else ''}" if spares else ""), flush=True)
         for line in cluster.metrics_lines():
             print(line, flush=True)
+        key = ""  # the key from its file, in the environment: never on a command line (ps shows those)
+        if secure and security.private is not None and config.api_keys == security.private / "api-keys.json":
+            key = f"SHARDLINE_API_KEY=$(cat {security.private / 'admin.key'}) "
         if gateway is not None:
-            print(f"OpenAI-compatible HTTP API on {gateway.url} (try: curl {gateway.url}/models)", flush=True)
+            print(f"OpenAI-compatible HTTP API on {gateway.url} (try: {curl_hint(gateway.url, config, key)})",
+                  flush=True)
         if not exit_when_ready:
             endpoint = f"{config.host}:{config.port}"
             flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
-            key = ""  # the key from its file, in the environment: never on a command line (ps shows those)
-            if secure and security.private is not None and config.api_keys == security.private / "api-keys.json":
-                key = f"SHARDLINE_API_KEY=$(cat {security.private / 'admin.key'}) "
             if fleet is not None and fleet.find("").task == "embed":
                 print(f'try: python -c "from shardline.client import Client; '
                       f"print(Client('{endpoint}').embed(['hello world']))\"")
@@ -206,3 +208,13 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             security.cleanup()  # the throwaway CA and keys never outlive the cluster
         if failed:
             _fail(failed)
+
+
+def curl_hint(url: str, config: CoordinatorConfig, key: str) -> str:
+    """A curl command that works against this gateway as launched: the cluster's CA for HTTPS, the API key
+    (from its file, `key`, or the operator's own in $SHARDLINE_API_KEY) where keys are needed."""
+    cacert = f" --cacert {config.certs_dir / 'ca.crt'}" if url.startswith("https") and config.certs_dir else ""
+    if config.api_keys is None:
+        return f"curl{cacert} {url}/models"
+    return f'{key or "SHARDLINE_API_KEY=<your key> "}sh -c \'curl{cacert} -H "Authorization: Bearer ' \
+           f'$SHARDLINE_API_KEY" {url}/models\''

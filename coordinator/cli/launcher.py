@@ -180,7 +180,19 @@ class LocalCluster:
         if coordinator is None:
             return []
         lines = [f"metrics: coordinator {coordinator.url}"]
-        lines += [f"metrics: worker {p.address} {p.metrics_url}" for p in self.processes if p.metrics_url]
+        records = {w.address: w for w in self.coordinator.fleet.registry.workers.values()} \
+            if self.coordinator is not None else {}
+
+        def role(p: WorkerProcess) -> tuple[str, int, str]:
+            """In stage order: each replica's stages by their first layer, then the spares."""
+            record = records.get(p.address)
+            if record is None or record.stage is None:
+                return ("~", 0, "spare")
+            return (record.owner, record.stage.start, f"{record.owner} layers [{record.stage.start}, "
+                                                      f"{record.stage.end})")
+
+        serving = sorted(((role(p), p) for p in self.processes if p.metrics_url), key=lambda rp: rp[0])
+        lines += [f"metrics: worker {p.address} ({what}) {p.metrics_url}" for (_, _, what), p in serving]
         return lines
 
     async def start(self, say: Callable[[str], None] = log.info) -> float:

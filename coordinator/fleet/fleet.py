@@ -98,17 +98,26 @@ class Fleet:
         self.admin.stop()
         for task in (*self._background, *self._tasks):
             task.cancel()
-        for deployment in list(self.deployments.values()):
-            for replica in list(deployment.replicas):
-                await replica.stop()
-        self.durable.close()
-        self.served.close()
+        try:
+            for deployment in list(self.deployments.values()):
+                for replica in list(deployment.replicas):
+                    await replica.stop()
+        finally:
+            self.durable.close()
+            self.served.close()
 
     async def deployment_of(self, spec: DeploymentSpec) -> Deployment:
-        manifest = self.store.manifest(spec.model)  # NotFound lists the store's models
-        path = self.store.path(spec.model)
-        text: TokenModel = await asyncio.to_thread(TextModel, path) \
-            if (path / "tokenizer_config.json").is_file() else TokenModel(path, spec.model)
+        """The deployment of `spec`, its model's files held (store/served.py) before they are read."""
+        if self.store.has(spec.model):
+            await self.served.take(spec.model)
+        try:
+            manifest = self.store.manifest(spec.model)  # NotFound lists the store's models
+            path = self.store.path(spec.model)
+            text: TokenModel = await asyncio.to_thread(TextModel, path) \
+                if (path / "tokenizer_config.json").is_file() else TokenModel(path, spec.model)
+        except BaseException:
+            self.served.hold({d.spec.model for d in self.deployments.values()})  # let go of it again
+            raise
         spec = spec.model_copy(update={"workers": spec.workers or self.config.workers})
         return Deployment(spec, manifest, text)
 

@@ -70,6 +70,7 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
     """`_generate`, counted in the coordinator's metrics: every protocol and the job runner come here, so
     each request is counted once, under the deployment it names. `tenant`: the caller's API key name, whose
     own result and prefix caches it uses (with cache_scope "key"; one shared cache with "shared")."""
+    share = tenant if fleet.config.fair_share else ""  # whose turn it is in the scheduler: the key's
     tenant = tenant if fleet.config.cache_scope == "key" else ""
     # closed here, at once, when the caller stops early (not later by the garbage collector): the scheduler's
     # stream leaves the batch as soon as its caller is gone
@@ -79,7 +80,7 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
         record.prompt = prompt_json(req.prompt if not req.messages else [list(m) for m in req.messages])
     try:
         async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace,
-                                                 tenant)) as pieces, \
+                                                 tenant, share)) as pieces, \
                 contextlib.aclosing(fleet.metrics.requests.generation(model, pieces)) as counted:
             async for piece in counted:
                 record.piece(piece)
@@ -92,7 +93,8 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
 
 
 async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, session_id: str,
-                    background: bool = False, trace: str = "", tenant: str = "") -> AsyncGenerator[Piece, None]:
+                    background: bool = False, trace: str = "", tenant: str = "",
+                    share: str = "") -> AsyncGenerator[Piece, None]:
     """The pieces of a generation: from the cache (one piece, marked cached) when a deterministic request
     was answered before on the same deployment, else as the scheduler of the replica that owes least
     produces them (a background stream for a job's item). `trace` is the request span's traceparent (tracing
@@ -111,7 +113,7 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     _, scheduler = fleet.route(deployment)
     first = True
     async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace,
-                                       tenant, fleet.config.token_wait_s)) as produced, \
+                                       tenant, fleet.config.token_wait_s, share)) as produced, \
             contextlib.aclosing(remembered(produced, cache, key)) as pieces:
         async for piece in pieces:
             if first:  # what a resume names (this version, this seed), and the prompt's size

@@ -138,7 +138,7 @@ class JobRunner:
         """The job, or NotFound."""
         row = await self._db(self.opened().job, job_id)
         if row is None:
-            raise NotFound(f"no job {job_id[:64]!r} on this coordinator (ListJobs shows yours)")
+            raise NotFound(f"no job {job_id[:64]!r} on this coordinator (`coordinator jobs status` lists yours)")
         return row
 
     def check_kept(self, row: JobRow) -> None:

@@ -232,7 +232,7 @@ def resumed(plan: Plan, ids: tuple[int, ...], text: TokenModel) -> Plan:
 
 async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str,
               background: bool = False, trace: str = "", tenant: str = "",
-              token_wait_s: float = TOKEN_WAIT_S) -> AsyncGenerator[Piece, None]:
+              token_wait_s: float = TOKEN_WAIT_S, share: str = "") -> AsyncGenerator[Piece, None]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
     final; the stream leaves the running batch when this generator ends, however it ends.
 
@@ -245,7 +245,7 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     stream = scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
                                      plan.max_tokens - produced, stop_ids,
                                      min_tokens=max(plan.min_tokens - produced, 0), background=background,
-                                     trace=trace, tenant=tenant)
+                                     trace=trace, tenant=tenant, share=share)
     texts = plan.texts or TextStream(text, plan.stop)
     finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)
     prompt_tokens = len(plan.prompt_ids)
@@ -285,7 +285,7 @@ async def next_token(stream: Stream, wait_s: float) -> int | BaseException | Non
         except TimeoutError:
             if stream.background and stream.state is StreamState.QUEUED:
                 continue
-            if stream.done:  # it ended just now: its last item is there
+            if stream.done or not stream.tokens.empty():  # an item came just as the wait ran out: take it
                 return stream.tokens.get_nowait()
             failure = Unavailable(f"no token came for {wait_s:g} s while the stream was {stream.state.value} "
                                   "(token_wait_s): the cluster is stuck healing, or overloaded; try again later")

@@ -65,6 +65,7 @@ from shardline.errors import Internal, InvalidArgument, NotFound, ResourceExhaus
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 8  # a stream whose chain fails more often than this fails rather than loop forever
+MAX_SHARES = 1024  # callers remembered by the fair queue before those already served are forgotten
 
 
 class SchedulingPolicy:
@@ -88,6 +89,8 @@ class SchedulingPolicy:
         self._admissions = itertools.count()
         self.replayed = 0  # streams rewound for replay, in all
         self.preempted = 0  # streams preempted for KV memory, in all
+        self._vtime = 0.0  # the fair queue's virtual time, and each caller's last finish tag (`_fair_insert`)
+        self._finish: dict[str, float] = {}
         self.refused = 0  # steps of a stream a stage refused (short of KV blocks, or its cache gone), in all
 
     # -- what is here -----------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class SchedulingPolicy:
 
     def submit(self, session_id: str, prompt: list[int], sampling: Sampling, max_tokens: int,
                stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False, trace: str = "",
-               tenant: str = "") -> Stream:
+               tenant: str = "", share: str = "") -> Stream:
         """Queue a stream; interactive streams beyond `max_queued` waiting are refused (background ones are
         bounded by their submitter)."""
         self.check_fits(len(prompt), max_tokens)
@@ -140,7 +143,7 @@ class SchedulingPolicy:
             raise ResourceExhausted(f"the cluster is at capacity ({running}, {len(self.waiting)} waiting); "
                                     "try again later")
         stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
-                        background=background, trace=trace, queued_at=self.clock(), tenant=tenant)
+                        background=background, trace=trace, queued_at=self.clock(), tenant=tenant, share=share)
         self._enqueue(stream)
         self.admit()
         return stream
@@ -149,10 +152,26 @@ class SchedulingPolicy:
         queue = self.background if stream.background else self.waiting
         if front:
             queue.appendleft(stream)
-        else:
+        elif stream.background:
             queue.append(stream)
+        else:
+            self._fair_insert(stream)
         stream.waiting_in = queue
         stream.move(StreamState.QUEUED)
+
+    def _fair_insert(self, stream: Stream) -> None:
+        """Start-time fair queueing by tokens among the callers (issue 28.2): a stream's tag starts where its
+        caller's previous stream's cost (prompt + max_tokens) ended, or at the virtual time (the tag of the last
+        stream admitted) if that is later; streams are admitted by tag. One busy key's queue then takes its turn
+        beside a quiet key's single request instead of in front of it; with one caller it is first come, first
+        served. Preempted and adopted streams go to the head, as before (they were admitted once)."""
+        start = max(self._vtime, self._finish.get(stream.share, 0.0))
+        self._finish[stream.share] = start + len(stream.ids) + stream.max_tokens
+        stream.vstart = start
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].vstart > start:
+            i -= 1
+        self.waiting.insert(i, stream)
 
     # -- admission and KV -------------------------------------------------------------------------------
     def _admission_blocks(self, tokens: int, left: int) -> int:
@@ -192,6 +211,8 @@ class SchedulingPolicy:
             if self.kv is not None:
                 self.kv.held += blocks
             queue.popleft()
+            if queue is self.waiting:
+                self._advance(stream.vstart)
             stream.waiting_in = None
             stream.move(StreamState.RUNNING)
             if stream.admitted < 0 and self.metrics is not None:  # its first admission: how long it queued
@@ -200,6 +221,13 @@ class SchedulingPolicy:
             i = min(range(len(self.groups)), key=lambda g: len(self.groups[g]))
             self.groups[i].append(stream)
             self.effects.wake(i)
+
+    def _advance(self, tag: float) -> None:
+        """The virtual time moves to the tag of the stream admitted; callers whose last tag ended before it
+        are forgotten (they start at the virtual time anyway)."""
+        self._vtime = max(self._vtime, tag)
+        if len(self._finish) > MAX_SHARES:
+            self._finish = {k: v for k, v in self._finish.items() if v > self._vtime}
 
     def _wanted(self, background: bool) -> int:
         """Blocks running streams wait for, as a stream of this priority must leave them."""
@@ -368,7 +396,8 @@ class SchedulingPolicy:
         short). Empty when nothing can run now (every member waits for blocks being released)."""
         planned: list[tuple[Stream, int, str]] = []
         budget = self.max_step_tokens
-        members = sorted(self.groups[group], key=lambda s: s.background)  # interactive streams first
+        # interactive streams first; within each priority, the callers take turns (fair share, issue 28.2)
+        members = interleaved(sorted(self.groups[group], key=lambda s: s.background))
         interactive = bool(self.waiting) or any(not s.background and not s.done for g in self.groups for s in g)
         extra = budget  # background tokens this step may carry
         for stream in members:
@@ -432,6 +461,11 @@ class SchedulingPolicy:
             else:
                 stream.pending = [token]
 
+    def _count_refusal(self, error: ShardlineError) -> None:
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.refused("kv_full" if isinstance(error, ResourceExhausted) else "cache_lost")
+
     def _slice_failed(self, piece: Slice, error: ShardlineError) -> None:
         """One sequence failed on a stage. A prefix a stage no longer holds, a cache that is gone (expired, its
         worker restarted) or a stage short of KV blocks is the cluster's state, not the request's: the stream
@@ -445,15 +479,32 @@ class SchedulingPolicy:
             log.info("%s: %s; it replays with the whole prefill", stream.request_id, error)
         elif isinstance(error, (NotFound, ResourceExhausted)) and stream.failures < MAX_FAILURES:
             stream.failures += 1
-            self.refused += 1
-            if self.metrics is not None:
-                self.metrics.refused("kv_full" if isinstance(error, ResourceExhausted) else "cache_lost")
+            self._count_refusal(error)
             log.info("%s: %s; it resumes by replay", stream.request_id, error)
         else:
+            if isinstance(error, (NotFound, ResourceExhausted)):
+                self._count_refusal(error)  # the last of too many: the stream fails with it
             stream.stop(error)
             return
         self._preempt(stream, for_room=False)
         self.admit()
 
 
-__all__ = ["MAX_FAILURES", "SchedulingPolicy"]
+def interleaved(streams: list[Stream]) -> list[Stream]:
+    """The streams with their callers taking turns, priority by priority (interactive, then background): the
+    first stream of each caller, then the second of each, and so on, each caller's in their order here. With
+    one caller, the order is unchanged. A step's token budget then reaches a quiet caller's stream beside a
+    busy caller's many, instead of after them."""
+    out: list[Stream] = []
+    for background in (False, True):
+        by_share: dict[str, list[Stream]] = {}
+        for stream in streams:
+            if stream.background == background:
+                by_share.setdefault(stream.share, []).append(stream)
+        queues = list(by_share.values())
+        for turn in range(max((len(q) for q in queues), default=0)):
+            out.extend(q[turn] for q in queues if turn < len(q))
+    return out
+
+
+__all__ = ["MAX_FAILURES", "SchedulingPolicy", "interleaved"]

@@ -79,6 +79,8 @@ class Stream:
     no_prefix: bool = False  # a stage lacked the prefix it was sent: its replay computes the whole prefill
     state: StreamState = StreamState.QUEUED  # moved only along STREAM_TRANSITIONS (`move`)
     tenant: str = ""    # whose prompt: its prefix blocks are this tenant's alone (serving/prefix.py)
+    share: str = ""     # whose share of the replica it uses: its caller's API key ("" = the keyless callers')
+    vstart: float = 0.0  # its virtual start tag in the fair queue (policy.py `_fair_insert`)
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)

@@ -244,6 +244,8 @@ def test_after_a_restart_the_orphaned_sessions_take_no_kv_and_24_long_requests_n
                                  result_cache_mb=0, kv_reserve_tokens=0, max_queued_streams=32, session_ttl_s=600,
                                  metrics_port=metrics)
     try:
+        # a bound that leaves each shard 130 MiB at the estimated runtime (400 MiB; the real one is smaller, so
+        # ~170 MiB): the first life's streams fill most of it
         cluster.add_workers(3, "--worker-memory-mb", str(process_bound(130 * 2**20) // 2**20))
         with Client(cluster.endpoint, timeout=300) as client:
             client.wait_ready(timeout=300)

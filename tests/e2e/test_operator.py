@@ -81,7 +81,7 @@ def test_launch_shows_the_plan_before_loading_and_progress_to_100(launched):
     text = "".join(launched.out)
     assert text.index("plan for tok") < text.index("loading weights")
     # its 2 workers share the machine: each offers half of 80% of what is available, never 80% each
-    offered = int(re.search(r"each of the 2 workers offers (\d+) MiB", text).group(1))
+    offered = int(re.search(r"each of the 2 workers may use (\d+) MiB in all", text).group(1))
     assert 0 < offered * 2 <= psutil.virtual_memory().total * 0.8 / 2**20, offered
     assert "loading weights: 100%" in text and text.index("loading weights: 100%") < text.index("ready in")
 

@@ -271,6 +271,18 @@ def test_node_client_over_tls_with_the_key_prints_the_sdks_text(secure, referenc
     assert missing.returncode == 1 and "cannot read SHARDLINE_CA" in missing.stderr, missing.stderr
 
 
+def test_the_curl_hint_launch_prints_works_as_printed(secure):
+    """Issue 34.6: the hint names the cluster's CA and sends the admin key (from its file, never printed)."""
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    hint = re.search(r"^OpenAI-compatible HTTP API on https://\S+ \(try: (.+)\)$", secure.launch.text, re.M)
+    assert hint and secure.key not in hint[1], secure.launch.text
+    ran = subprocess.run(["bash", "-c", hint[1]], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and '"data"' in ran.stdout and "smollm2" in ran.stdout, (hint[1], ran)
+
+
 def test_sigterm_stops_the_secure_launch_and_removes_its_private_directory(secure):
     """Runs last in this module: it stops the secure cluster."""
     assert secure.private.is_dir()
@@ -280,4 +292,3 @@ def test_sigterm_stops_the_secure_launch_and_removes_its_private_directory(secur
     assert not any(child.is_running() for child in children)
     assert not secure.private.exists(), sorted(p.name for p in secure.private.iterdir())
     assert "stopping" in secure.launch.text
-

@@ -63,8 +63,8 @@ def test_registration_reports_the_device_and_status_shows_it(loop, store, parame
                                max_step_tokens=64, prefill_chunk_tokens=32, http=False)
     coordinator = loop.run(start_coordinator(config))
     servers = [loop.run(start_worker(device=DeviceSettings(dtype="bfloat16"))) for _ in range(2)]
-    registrations = [Registration(coordinator.address, s.address, 2**30, device=DeviceSettings(dtype="bfloat16"))
-                     for s in servers]
+    registrations = [Registration(coordinator.address, s.address, 2**30, device=DeviceSettings(dtype="bfloat16"),
+                                  fence=s.servicer.fence) for s in servers]
 
     async def register() -> list[asyncio.Task[None]]:
         return [asyncio.create_task(r.run()) for r in registrations]

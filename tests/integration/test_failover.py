@@ -17,12 +17,15 @@ from coordinator.api.server import start_coordinator
 from coordinator.cli.launcher import spawn_worker, stop_processes
 from coordinator.config import CoordinatorConfig
 from shardline.client import Client
+from shardline.limits import process_bound
 from tests.chaos import PROMPTS, streams, wait_until_no_sessions
 
 pytestmark = pytest.mark.chaos
 
 GREEDY = dict(max_tokens=16, temperature=0)
 SEEDED = dict(max_tokens=16, temperature=0.8, seed=7)
+
+BOUND_MB = process_bound(1024 * 2**20) // 2**20  # each worker's process: 1 GiB for its shard, and its runtime
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def cluster(loop, smollm2_store, parameters):
     extra = ("--step-timeout-ms", "20000")
 
     async def spawn_all():
-        return await asyncio.gather(*(spawn_worker("127.0.0.1", coordinator.address, 1024, extra=extra)
+        return await asyncio.gather(*(spawn_worker("127.0.0.1", coordinator.address, BOUND_MB, extra=extra)
                                       for _ in range(5)))
 
     processes = loop.run(spawn_all())

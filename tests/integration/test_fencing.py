@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import grpc
 import pytest
 
 from coordinator.api.server import start_coordinator
@@ -17,7 +18,9 @@ from coordinator.serving.chain import end_sessions
 from shard_worker.registration import Registration
 from shard_worker.server import start_worker
 from shardline.errors import FailedPrecondition
-from shardline.fencing import Fence
+from shardline.fencing import Fence, control_metadata
+from shardline.v1 import worker_pb2
+from tests.helpers import worker_stub
 
 MODEL = "tiny-llama"
 
@@ -54,6 +57,21 @@ def test_a_registered_worker_refuses_control_calls_of_another_epoch_or_meant_for
         loop.run(load_shard(record, MODEL, stage, parameters.address, 0, 60, links, {}))  # its own life: taken
         assert worker.servicer.lifecycle.state == "ready"
         assert loop.run(set_peers([worker.address], 10, links)) == []
+        stub = worker_stub(worker.address)  # EndSession and Calibrate, called as the coordinator calls them
+        for metadata, refused in ((control_metadata((), "a-replaced-coordinator"), True),
+                                  (control_metadata((), links.epoch), False)):
+            calls = (lambda m=metadata: stub.EndSession(worker_pb2.EndSessionRequest(session_ids=["s1"]),
+                                                        metadata=m, timeout=10),
+                     lambda m=metadata: stub.Calibrate(worker_pb2.CalibrateRequest(payload=b"x"), metadata=m,
+                                                       timeout=10))
+            for call in calls:
+                if refused:
+                    with pytest.raises(grpc.RpcError) as err:
+                        call()
+                    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "replaced" in \
+                        err.value.details()
+                else:
+                    call()
         loop.run(end_sessions([worker.address], ["s1"], links))
         assert loop.run(unload_shard(record, MODEL, 30, links)).freed_weight_bytes > 0
     finally:
@@ -66,13 +84,23 @@ def test_a_worker_between_registrations_or_never_registered_takes_calls_without_
     fence = Fence()
     fence.check({"shardline-coordinator-epoch": "any"})  # no epoch yet: a static worker, or re-registering
     fence.check({})  # an older coordinator names nothing
+    fence.check({"shardline-worker-identity": "another"})  # not registered: no coordinator knows it by a name
     fence.epoch = "e1"
     fence.check({"shardline-coordinator-epoch": "e1", "shardline-worker-identity": fence.identity})
     with pytest.raises(FailedPrecondition, match="epoch e1; the call came from epoch e2"):
         fence.check({"shardline-coordinator-epoch": "e2"})
-    with pytest.raises(FailedPrecondition, match="meant for worker x+$|meant for worker"):
+    with pytest.raises(FailedPrecondition, match=f"meant for worker {'x' * 128}, but") as err:
         fence.check({"shardline-worker-identity": "x" * 500})
+    assert "x" * 129 not in str(err.value)  # a long header is named cut short
     assert Fence().identity != fence.identity
+    fence.retire()  # the coordinator of e1 was replaced: between registrations, e1's calls are refused
+    with pytest.raises(FailedPrecondition, match=r"epoch \(none yet\); the call came from epoch e1"):
+        fence.check({"shardline-coordinator-epoch": "e1"})
+    fence.check({"shardline-coordinator-epoch": "e2"})  # the next coordinator's, before the reply arrived
+    fence.joined("e2")
+    fence.check({"shardline-coordinator-epoch": "e2"})
+    fence.joined("e1")  # registered with e1 again after all (a coordinator that came back): taken again
+    fence.check({"shardline-coordinator-epoch": "e1"})
 
 
 async def _until(done, timeout_s: float = 20.0) -> None:

@@ -357,12 +357,16 @@ def test_launch_serves_metrics_on_consecutive_ports_and_counts_a_worker_restart(
     try:
         wait_for(lambda: any("serving; Ctrl-C" in line for line in lines), 120, every=0.2)
         said = [line.split()[-1] for line in lines if line.startswith("metrics: ")]
-        assert said == [f"http://127.0.0.1:{metrics + i}/metrics" for i in range(3)], lines
+        # the coordinator on P, its workers on P+1 and P+2, listed in stage order (each with its layers)
+        assert said[0] == f"http://127.0.0.1:{metrics}/metrics" and sorted(said[1:]) == \
+            [f"http://127.0.0.1:{metrics + i}/metrics" for i in (1, 2)], lines
         coordinator_url, *worker_urls = said
-        stages = sorted((int(labels["start_layer"]), int(labels["end_layer"])) for url in worker_urls
-                        for (name, pairs), v in scrape(url).items() if name == "shardline:stage_info"
-                        for labels in [dict(pairs)] if labels["model"] == MODEL and labels["state"] == "ready")
+        stages = [(int(labels["start_layer"]), int(labels["end_layer"])) for url in worker_urls
+                  for (name, pairs), v in scrape(url).items() if name == "shardline:stage_info"
+                  for labels in [dict(pairs)] if labels["model"] == MODEL and labels["state"] == "ready"]
         assert len(stages) == 2 and stages[0][0] == 0 and stages[0][1] == stages[1][0], stages  # the whole chain
+        listed = [re.search(r"layers \[(\d+), (\d+)\)", line) for line in lines if line.startswith("metrics: worker")]
+        assert [(int(m[1]), int(m[2])) for m in listed if m] == stages, lines  # what each line says it serves
         assert value(scrape(coordinator_url), "shardline:worker_restarts_total") == 0
 
         victim = psutil.Process(launcher.pid).children()[0]

@@ -158,6 +158,18 @@ def test_streamed_completion_is_server_sent_events_ending_in_done(http, cluster)
         PROMPT, model=MODEL, max_tokens=5, temperature=0, ignore_eos=True).text
 
 
+def test_a_completion_that_names_no_model_says_the_version_that_served_it(http):
+    """Issue 34.11: not `"model": ""`; the name@version that served it (a request naming it reaches the same)."""
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    whole = http.post("/completions", json=body).json()
+    with http.stream("POST", "/completions", json={**body, "stream": True}) as response:
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                  if line and line != "data: [DONE]"]
+    assert whole["model"].startswith(f"{MODEL}@") and {e["model"] for e in events} == {whole["model"]}
+    named = http.post("/completions", json={**body, "model": MODEL}).json()
+    assert named["model"] == MODEL  # what was asked for, as OpenAI answers
+
+
 def test_embeddings_equal_the_sdks_as_floats_and_as_base64(oai, http, cluster):
     texts = ["A man is eating food.", "The new movie is awesome.", "short"]
     expected = cluster["sdk"].embed(texts, model="minilm")

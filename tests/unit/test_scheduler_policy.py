@@ -516,3 +516,61 @@ def test_random_arrivals_cancellations_failures_and_kv_limits_keep_every_invaria
             assert tokens == expected(s, h.prompts[s.request_id])[:s.max_tokens], s.request_id
         else:  # failed: with a request's own error, or having failed over and over
             assert isinstance(error, (InvalidArgument, NotFound, ResourceExhausted, Unavailable)), repr(error)
+
+
+def test_a_quiet_callers_request_is_admitted_beside_a_busy_callers_queue_not_behind_it():
+    """Fair share by tokens (issue 28.2): key A queues 12 long streams, then key B one short request; B's is
+    admitted as soon as a slot frees, before A's queue; with one caller the order is first come, first served."""
+    policy = SchedulingPolicy(groups=1, max_active=2)
+    busy = [policy.submit(f"a{i}", prompt_ids(500), Sampling(), 100, frozenset(), share="A") for i in range(12)]
+    quiet = policy.submit("b0", prompt_ids(20), Sampling(), 10, frozenset(), share="B")
+    assert [s.state for s in busy[:2]] == [StreamState.RUNNING] * 2 and quiet.state is StreamState.QUEUED
+    busy[0].stop()
+    policy.prepare(0)
+    assert quiet.state is StreamState.RUNNING and busy[2].state is StreamState.QUEUED
+    quiet.stop()
+    policy.prepare(0)
+    assert busy[2].state is StreamState.RUNNING  # then A's queue goes on, in its own order
+    alone = SchedulingPolicy(groups=1, max_active=1)
+    streams = [alone.submit(f"s{i}", prompt_ids(10 + 50 * (i % 3)), Sampling(), 8, frozenset()) for i in range(6)]
+    order = []
+    for _ in streams:
+        running = next(s for s in streams if s.state is StreamState.RUNNING)
+        order.append(running.request_id)
+        running.stop()
+        alone.prepare(0)
+    assert order == [f"s{i}" for i in range(6)]
+
+
+def test_a_second_burst_from_the_quiet_caller_does_not_jump_a_busy_callers_whole_backlog_forever():
+    """The tags advance with the service each caller received: B, sending again and again, alternates with A
+    by tokens rather than taking every turn."""
+    policy = SchedulingPolicy(groups=1, max_active=1)
+    a = [policy.submit(f"a{i}", prompt_ids(100), Sampling(), 20, frozenset(), share="A") for i in range(6)]
+    b = [policy.submit(f"b{i}", prompt_ids(100), Sampling(), 20, frozenset(), share="B") for i in range(6)]
+    order = []
+    for _ in range(12):
+        running = next(s for s in a + b if s.state is StreamState.RUNNING)
+        order.append(running.request_id[0])
+        running.stop()
+        policy.prepare(0)
+    assert order == ["a", "b"] * 6, order
+
+
+def test_a_steps_token_budget_reaches_a_quiet_callers_prefill_beside_a_busy_callers_many():
+    """Within a step the callers take turns: B's prompt chunk is planned in the first step although A's eight
+    long prompts, admitted before it, could fill the step's whole budget."""
+    from coordinator.serving.policy import interleaved
+
+    policy = SchedulingPolicy(groups=1, max_active=16, max_step_tokens=1024, prefill_chunk=256)
+    for i in range(8):
+        policy.submit(f"a{i}", prompt_ids(1000), Sampling(), 8, frozenset(), share="A")
+    policy.submit("b", prompt_ids(40), Sampling(), 8, frozenset(), share="B")
+    planned = [piece.stream for piece in policy.schedule(0).slices]
+    assert [p.request_id for p in planned] == ["a0", "b", "a1", "a2", "a3"]  # without turns: a0-a3 alone
+    one = [Stream(f"s{i}", [1], Sampling(), 1, frozenset()) for i in range(4)]
+    assert interleaved(one) == one  # one caller: the order is unchanged
+    mixed = [Stream("a1", [1], Sampling(), 1, frozenset(), share="A"), Stream("a2", [1], Sampling(), 1, frozenset(),
+             share="A"), Stream("j", [1], Sampling(), 1, frozenset(), background=True),
+             Stream("b1", [1], Sampling(), 1, frozenset(), share="B")]
+    assert [s.request_id for s in interleaved(mixed)] == ["a1", "b1", "a2", "j"]
