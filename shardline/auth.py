@@ -175,9 +175,11 @@ class KeyEntry:
     sha256: str
     max_streams: int = 0         # calls open at once (0: no limit) (coordinator/api/quotas.py)
     requests_per_s: float = 0.0  # calls started per second (0: no limit)
+    tokens_per_min: float = 0.0  # prompt and generated tokens per minute (0: no limit)
 
 
-QUOTA_FIELDS = {"max_streams": (int, 1_000_000), "requests_per_s": (float, 1_000_000.0)}
+QUOTA_FIELDS = {"max_streams": (int, 1_000_000), "requests_per_s": (float, 1_000_000.0),
+                "tokens_per_min": (float, 1e12)}
 
 
 def _quotas(found: object, where: str) -> dict[str, float]:
@@ -200,8 +202,8 @@ def _quotas(found: object, where: str) -> dict[str, float]:
 
 def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
     """An API keys file: {"keys": [{"name": ..., "role": "client"|"admin", "sha256": hex, and optionally
-    "max_streams", "requests_per_s"}, ...], "quotas": {"client": {...}, "admin": {...}}} (the quotas of each
-    role, which a key's own fields override; coordinator/api/quotas.py)."""
+    "max_streams", "requests_per_s", "tokens_per_min"}, ...], "quotas": {"client": {...}, "admin": {...}}}
+    (the quotas of each role, which a key's own fields override; coordinator/api/quotas.py)."""
     try:
         data = json.loads(text) if text.strip() else {"keys": []}
     except json.JSONDecodeError as exc:
@@ -234,7 +236,7 @@ def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
         own = _quotas({k: v for k, v in e.items() if k in QUOTA_FIELDS}, f"API keys file {source}: key {name!r}")
         quota = {**defaults.get(role, {}), **own}
         out[digest] = KeyEntry(name, role, digest, int(quota.get("max_streams", 0)),
-                               float(quota.get("requests_per_s", 0.0)))
+                               float(quota.get("requests_per_s", 0.0)), float(quota.get("tokens_per_min", 0.0)))
     return out
 
 

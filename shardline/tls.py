@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 NODE_CERT, NODE_KEY = "node.crt", "node.key"
+# the HTTPS gateway's own certificate (server authentication only: it can never pass for a node), apart from
+# the node key, so that the public edge holds no key that internal links trust (`coordinator certs create-server`)
+SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
+SERVER_NAME = "https"
 NODE_NAME = "node"  # the common name of every node certificate: what internal RPCs require
 
 

@@ -18,7 +18,7 @@ from shardline.client import AsyncClient
 from shardline.errors import ShardlineError, Unauthenticated
 from shardline.limits import is_loopback
 from shardline.server import check_exposure
-from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, ClientTLS
+from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, SERVER_CERT, SERVER_KEY, ClientTLS
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
@@ -88,7 +88,8 @@ def host_port(host: str, port: int) -> str:
 def settings_beside(config: CoordinatorConfig, port: int) -> GatewaySettings:
     """The gateway started with a coordinator (its gRPC port `port`): on the coordinator's host, under the same
     exposure rule; it dials the coordinator on that host (a wildcard bind: on `advertise`, else loopback).
-    With the cluster's certificates it serves HTTPS with the node certificate, and reaches the coordinator
+    With the cluster's certificates it serves HTTPS with the server certificate (server.crt beside them; else,
+    with a warning, the node certificate), and reaches the coordinator
     with it too (so that `client_certs = "required"` admits it); client certificates required on the gRPC
     port are required on HTTPS as well."""
     tls = config.certs_dir is not None
@@ -100,8 +101,12 @@ def settings_beside(config: CoordinatorConfig, port: int) -> GatewaySettings:
     if config.certs_dir is None:
         return settings
     d = config.certs_dir
-    return replace(settings, tls=ClientTLS(d / CA_CERT, d / NODE_CERT, d / NODE_KEY), https_cert=d / NODE_CERT,
-                   https_key=d / NODE_KEY, https_client_ca=d / CA_CERT if config.client_certs == "required" else None)
+    cert, key = (d / SERVER_CERT, d / SERVER_KEY) if (d / SERVER_CERT).is_file() else (d / NODE_CERT, d / NODE_KEY)
+    if cert.name == NODE_CERT:
+        log.warning("HTTPS serves the node certificate of %s: give the gateway a key of its own (coordinator certs "
+                    "create-server HOST --certs-dir %s), so the public edge holds no key internal links trust", d, d)
+    return replace(settings, tls=ClientTLS(d / CA_CERT, d / NODE_CERT, d / NODE_KEY), https_cert=cert,
+                   https_key=key, https_client_ca=d / CA_CERT if config.client_certs == "required" else None)
 
 
 class ThreadedGateway(Gateway):

@@ -87,6 +87,7 @@ from coordinator.api.kserve_inputs import (
     read_inputs,
     requested_model,
 )
+from coordinator.api.quotas import charge
 from coordinator.api.servicer import CoordinatorServicer
 from coordinator.fleet.requests import generate, infer
 from coordinator.serving.embedding import EmbedRequest
@@ -255,12 +256,13 @@ class KServeServicer:
         req = cast(GenerationRequest, job.native)
         self.core.active_sessions += 1
         try:
-            with self.core.quotas.admitted(self.core.key_of(job.context)), \
+            with self.core.quotas.admitted(self.core.key_of(job.context)) as usage, \
                     tracing.request_span(f"shardline.kserve.{job.method}", job.context, model=req.model) as span:
                 native = generate(self.fleet, self.core.cache, req, uuid.uuid4().hex, trace=tracing.traceparent(span),
                                   client_id=job.client_id(), tenant=self.core.caller(job.context)[0])
                 async with contextlib.aclosing(cast(AsyncGenerator[Piece, None], native)) as pieces:
                     async for piece in pieces:
+                        charge(usage, piece)
                         yield piece
                         if piece.finish_reason and span is not None:
                             span.set_attributes({"prompt_tokens": piece.prompt_tokens, "cached": piece.cached,
@@ -277,8 +279,9 @@ class KServeServicer:
         return job.text("".join(texts), last, final)
 
     async def embed(self, job: Job, final: bool | None) -> pb.ModelInferResponse:
-        with self.core.quotas.admitted(self.core.key_of(job.context)):
+        with self.core.quotas.admitted(self.core.key_of(job.context)) as usage:
             vectors, tokens = await infer(self.fleet, cast(EmbedRequest, job.native), job.client_id())
+            usage.tokens += tokens
         response = job.response()
         response.outputs.add(name=EMBEDDINGS, datatype="FP32", shape=list(vectors.shape))
         response.raw_output_contents.append(np.ascontiguousarray(vectors, dtype="<f4").tobytes())

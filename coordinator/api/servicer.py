@@ -12,7 +12,7 @@ from typing import Any
 
 from coordinator.api.admin_servicer import AdminMethods, deployment_info
 from coordinator.api.job_servicer import JobMethods
-from coordinator.api.quotas import Quotas
+from coordinator.api.quotas import Quotas, charge
 from coordinator.fleet.fleet import Fleet
 from coordinator.fleet.registry import LoadedShard, WorkerDevice
 from coordinator.fleet.requests import generate, infer_truncating, refused_infer
@@ -43,11 +43,12 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         req = generation_request(request)
         self.active_sessions += 1
         try:
-            with self.quotas.admitted(self.key_of(context), resumed=bool(req.resume_ids)), \
+            with self.quotas.admitted(self.key_of(context), resumed=bool(req.resume_ids)) as usage, \
                     tracing.request_span("shardline.Generate", context, model=req.model) as span:
                 async for piece in generate(self.fleet, self.cache, req, uuid.uuid4().hex,
                                             trace=tracing.traceparent(span), client_id=request_id_of(context),
                                             tenant=self.caller(context)[0]):
+                    charge(usage, piece, resumed=bool(req.resume_ids))
                     response = generate_response(piece)
                     if piece.finish_reason:
                         if span is not None:
@@ -67,8 +68,9 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         except ShardlineError as exc:
             refused_infer(self.fleet, request.model, client_id, exc)
             raise
-        with self.quotas.admitted(self.key_of(context)):
+        with self.quotas.admitted(self.key_of(context)) as usage:
             vectors, tokens, truncated = await infer_truncating(self.fleet, req, client_id)
+            usage.tokens += tokens
         response = coordinator_pb2.InferResponse(tokens=tokens, truncated=truncated)
         fill_tensor(response.embeddings, from_numpy(vectors))
         return response

@@ -19,7 +19,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shardline.tls import CA_CERT, CA_KEY, NODE_CERT, NODE_KEY, NODE_NAME, client_files, write_private
+from shardline.tls import (
+    CA_CERT,
+    CA_KEY,
+    NODE_CERT,
+    NODE_KEY,
+    NODE_NAME,
+    SERVER_CERT,
+    SERVER_KEY,
+    SERVER_NAME,
+    client_files,
+    write_private,
+)
 
 DEFAULT_CA_DAYS = 3650
 DEFAULT_DAYS = 365
@@ -148,10 +159,23 @@ def create_node(certs_dir: Path, hosts: list[str], days: float | None = None, ca
     return _write(certs_dir / NODE_CERT, certs_dir / NODE_KEY, cert, key, overwrite)
 
 
+def create_server(certs_dir: Path, hosts: list[str], days: float | None = None, ca_key: Path | None = None,
+                  overwrite: bool = False) -> Issued:
+    """The HTTPS gateway's certificate (server.crt, server.key): server authentication only, its own key, so
+    the public edge never holds the node key that internal links trust."""
+    if not hosts:
+        raise CertError("give the host names and IP addresses HTTPS clients reach the gateway on")
+    cert, key = _leaf(certs_dir, SERVER_NAME, [_san(h) for h in hosts], [ExtendedKeyUsageOID.SERVER_AUTH], days,
+                      ca_key, None)
+    return _write(certs_dir / SERVER_CERT, certs_dir / SERVER_KEY, cert, key, overwrite)
+
+
 def create_client(certs_dir: Path, name: str, days: float | None = None, ca_key: Path | None = None,
                   overwrite: bool = False) -> Issued:
-    if not name or name == NODE_NAME or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise CertError(f"client name {name!r} must be letters, digits, '-', '_' or '.', and not {NODE_NAME!r}")
+    plain = name.replace("-", "").replace("_", "").replace(".", "")
+    if not name or name in (NODE_NAME, SERVER_NAME) or not plain.isalnum():
+        raise CertError(f"client name {name!r} must be letters, digits, '-', '_' or '.', and neither "
+                        f"{NODE_NAME!r} nor {SERVER_NAME!r}")
     cert, key = _leaf(certs_dir, name, [], [ExtendedKeyUsageOID.CLIENT_AUTH], days, ca_key, None)
     cert_name, key_name = client_files(name)
     return _write(certs_dir / cert_name, certs_dir / key_name, cert, key, overwrite)

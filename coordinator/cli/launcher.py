@@ -114,7 +114,7 @@ class LaunchSecurity:
     @classmethod
     def _private(cls, config: CoordinatorConfig, secure: bool, private: Path,
                  insecure: tuple[str, ...]) -> LaunchSecurity:
-        from coordinator.cli.certs import create_ca, create_node
+        from coordinator.cli.certs import create_ca, create_node, create_server
         from shardline.auth import hash_key, new_api_key, new_token
         from shardline.tls import write_private
 
@@ -127,6 +127,7 @@ class LaunchSecurity:
                        | ({socket.gethostname()} if config.host in ("0.0.0.0", "::") else set()))
         create_ca(private, days=30)
         create_node(private, hosts)  # until the CA expires
+        create_server(private, hosts)  # the HTTPS gateway's own key, apart from the node key
         update: dict[str, object] = {"certs_dir": private}
         lines = [f"mutual TLS on every link: throwaway CA and certificates in {private} (clients trust "
                  f"{private / 'ca.crt'})"]

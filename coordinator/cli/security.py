@@ -9,7 +9,15 @@ from pathlib import Path
 
 import typer
 
-from coordinator.cli.certs import DEFAULT_CA_DAYS, DEFAULT_DAYS, CertError, create_ca, create_client, create_node
+from coordinator.cli.certs import (
+    DEFAULT_CA_DAYS,
+    DEFAULT_DAYS,
+    CertError,
+    create_ca,
+    create_client,
+    create_node,
+    create_server,
+)
 from shardline.auth import ROLES, hash_key, new_api_key, parse_keys
 from shardline.cli_options import examples, typer_app
 from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, write_private
@@ -56,6 +64,22 @@ def create_node_cmd(hosts: list[str] = typer.Argument(..., help="every host name
         _fail(str(exc))
         return
     print(f"node certificate {issued.cert} for {', '.join(hosts)} (until {issued.not_after:%Y-%m-%d}), "
+          f"key {issued.key} (mode 0600)")
+
+
+@certs.command("create-server", epilog=examples("coordinator certs create-server api.example.com --certs-dir ./certs"))
+def create_server_cmd(hosts: list[str] = typer.Argument(..., help="every host name and IP address HTTPS clients "
+                                                        "reach the gateway on"),
+                      certs_dir: Path = CERTS_DIR, days: float | None = LEAF_DAYS,
+                      ca_key: Path | None = CA_KEY, overwrite: bool = OVERWRITE) -> None:
+    """The HTTPS gateway's own certificate (server.crt, server.key): with it in --certs-dir, the gateway serves
+    HTTPS with this key instead of the node key (which internal links trust)."""
+    try:
+        issued = create_server(certs_dir, hosts, days, ca_key, overwrite)
+    except CertError as exc:
+        _fail(str(exc))
+        return
+    print(f"server certificate {issued.cert} for {', '.join(hosts)} (until {issued.not_after:%Y-%m-%d}), "
           f"key {issued.key} (mode 0600)")
 
 

@@ -281,6 +281,12 @@ def test_the_curl_hint_launch_prints_works_as_printed(secure):
     assert hint and secure.key not in hint[1], secure.launch.text
     ran = subprocess.run(["bash", "-c", hint[1]], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0 and '"data"' in ran.stdout and "smollm2" in ran.stdout, (hint[1], ran)
+    # issue 28.6: HTTPS is served with the gateway's own certificate, never the node's
+    import ssl
+
+    port = int(re.search(r"https://[^:/]+:(\d+)/", hint[0])[1])
+    served = ssl.get_server_certificate(("127.0.0.1", port))
+    assert served.strip() == (secure.private / "server.crt").read_text().strip(), served
 
 
 def test_sigterm_stops_the_secure_launch_and_removes_its_private_directory(secure):

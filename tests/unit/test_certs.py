@@ -54,6 +54,25 @@ def test_certs_commands_write_a_ca_node_and_client_with_the_right_fields(tmp_pat
     assert datetime.timedelta(days=6.9) < lifetime < datetime.timedelta(days=7.1)
 
 
+def test_the_https_gateway_gets_a_certificate_of_its_own_that_cannot_pass_for_a_node(tmp_path):
+    """Issue 28.6: server.crt / server.key, server authentication only, common name "https" (internal RPCs
+    require the node's), and no client may take that name."""
+    d = tmp_path / "certs"
+    assert cli("certs", "create-ca", "--certs-dir", str(d)).returncode == 0
+    made = cli("certs", "create-server", "--certs-dir", str(d), "api.example", "127.0.0.1")
+    assert made.returncode == 0 and "server certificate" in made.stdout, made.stderr
+    server = load(d / "server.crt")
+    server.verify_directly_issued_by(load(d / "ca.crt"))
+    assert stat.S_IMODE((d / "server.key").stat().st_mode) == 0o600 and not (d / "node.key").exists()
+    assert set(server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == {
+        ExtendedKeyUsageOID.SERVER_AUTH}
+    assert server.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "https"
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["api.example"]
+    refused = cli("certs", "create-client", "--certs-dir", str(d), "https")
+    assert refused.returncode == 1 and "neither 'node' nor 'https'" in refused.stderr
+
+
 def test_certs_commands_refuse_what_they_cannot_do_without_touching_files(tmp_path):
     d = tmp_path / "certs"
     no_ca = cli("certs", "create-node", "--certs-dir", str(d), "localhost")

@@ -30,6 +30,7 @@ CERTS_SECRET = "shardline-certs"
 NODE_FILES = {"ca.crt", "node.crt", "node.key"}
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
 METRICS_PORT = 9400  # every pod's /metrics (prometheus.yml's pod discovery scrapes this port)
+NAMESPACE, HOME = "(namespace)", "shardline"  # a source pod's namespace in the policy model below
 
 Doc = dict[str, Any]
 
@@ -496,8 +497,8 @@ def _selects(policy: Doc, labels: dict[str, str]) -> bool:
 
 def _allowed(port: int, labels: dict[str, str], source: dict[str, str] | None) -> bool:
     """Whether the policies let a pod labelled `source` (None: anything that is not a pod of the cluster) reach
-    `port` of a pod labelled `labels`. A pod no policy selects is open. Peers are pods of the namespace, or
-    pods of any namespace (namespaceSelector: {})."""
+    `port` of a pod labelled `labels`. A pod no policy selects is open. A source's namespace is its NAMESPACE
+    entry (HOME, shardline's own, when absent)."""
     policies = [p for p in _docs("NetworkPolicy") if _selects(p, labels) and "Ingress" in p["spec"]["policyTypes"]]
     if not policies:
         return True
@@ -511,9 +512,19 @@ def _allowed(port: int, labels: dict[str, str], source: dict[str, str] | None) -
                 return True
             for peer in peers:
                 assert set(peer) in ({"podSelector"}, {"podSelector", "namespaceSelector"}), f"unexpected peer {peer}"
-                if "namespaceSelector" in peer:  # only "any namespace" is modelled here
-                    assert peer["namespaceSelector"] == {}, f"unexpected peer {peer}"
-                if source is not None and peer["podSelector"].get("matchLabels", {}).items() <= source.items():
+                if source is None:
+                    continue
+                namespace = source.get(NAMESPACE, HOME)
+                if "namespaceSelector" in peer:  # any namespace ({}), or the one its name label names
+                    selector = peer["namespaceSelector"]
+                    assert set(selector) <= {"matchLabels"}, f"unexpected peer {peer}"
+                    wanted = selector.get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                    if wanted is not None and namespace != wanted:
+                        continue
+                elif namespace != HOME:  # a pod selector alone: pods of the policy's own namespace
+                    continue
+                labels_only = {k: v for k, v in source.items() if k != NAMESPACE}
+                if peer["podSelector"].get("matchLabels", {}).items() <= labels_only.items():
                     return True
     return False
 
@@ -525,13 +536,14 @@ def test_network_policies_allow_exactly_the_links_shardline_needs() -> None:
     config = CoordinatorConfig()
     worker_port = int(_flags(_argv(_container("shardline-worker")[1]))["--port"] or 0)
 
-    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    prometheus = {"app.kubernetes.io/name": "prometheus", NAMESPACE: "monitoring"}
+    impostor = {"app.kubernetes.io/name": "prometheus", NAMESPACE: "someone-elses"}
     for source in (coordinator, worker, other, prometheus, None):
         assert _allowed(config.port, coordinator, source), "the public API is open to every client"
         assert _allowed(config.http_port, coordinator, source), "so is the HTTP API"
-    for labels in (coordinator, worker):  # /metrics: Prometheus only
+    for labels in (coordinator, worker):  # /metrics: Prometheus of the monitoring namespace only
         assert _allowed(METRICS_PORT, labels, prometheus)
-        for source in (coordinator, worker, other, None):
+        for source in (coordinator, worker, other, impostor, None):
             assert not _allowed(METRICS_PORT, labels, source)
     for port in (50052, config.cluster_port):
         assert _allowed(port, coordinator, worker)
@@ -572,17 +584,28 @@ def test_no_manifest_mounts_ca_key() -> None:
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
-            secret = volume.get("secret")
-            if secret is None:
+            # a Secret mounted alone, or several projected into one directory (the coordinator's certificates)
+            projected = volume.get("projected")
+            secrets = [volume["secret"]] if "secret" in volume else \
+                [{**src["secret"], "secretName": src["secret"]["name"], "defaultMode": projected.get("defaultMode")}
+                 for src in projected["sources"] if "secret" in src] if projected else []
+            if not secrets:
                 continue
             assert mount.get("readOnly") is True, f"{container['name']}: mount {mount['name']} read-only"
-            assert secret.get("defaultMode") in (0o400, 0o440), f"{mount['name']}: key files 0400 or 0440"
-            items = secret.get("items")
-            assert items, f"{mount['name']}: list the Secret's files, so that nothing else is ever mounted"
-            if secret["secretName"] == CERTS_SECRET:
-                mounted += 1
-                assert mount["mountPath"] == "/etc/shardline/certs"
-                assert {i["key"] for i in items} == {i["path"] for i in items} == NODE_FILES
+            files: set[str] = set()
+            for secret in secrets:
+                assert secret.get("defaultMode") in (0o400, 0o440), f"{mount['name']}: key files 0400 or 0440"
+                items = secret.get("items")
+                assert items, f"{mount['name']}: list the Secret's files, so that nothing else is ever mounted"
+                assert {i["key"] for i in items} == {i["path"] for i in items}
+                if secret["secretName"] == CERTS_SECRET:
+                    mounted += 1
+                    assert mount["mountPath"] == "/etc/shardline/certs"
+                    assert {i["key"] for i in items} == NODE_FILES
+                files |= {i["key"] for i in items}
+            if mount["mountPath"] == "/etc/shardline/certs" and files != NODE_FILES:  # the coordinator's HTTPS key
+                assert files == NODE_FILES | {"server.crt", "server.key"}, files
+                assert container["name"] == "coordinator", "only the coordinator holds the HTTPS key"
     assert mounted == 2, "the coordinator and the workers mount the node certificates"
 
 

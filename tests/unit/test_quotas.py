@@ -54,6 +54,30 @@ def test_requests_per_second_is_a_bucket_of_one_seconds_worth():
         pass
 
 
+def test_tokens_per_minute_are_charged_as_used_and_refused_while_the_key_is_in_debt():
+    """A call may take the bucket below zero (its use is known only as it runs); the next is refused until a
+    minute's rate has refilled it past zero. The prompt is charged once, a resumed stream's not again, an
+    answer from the result cache not at all."""
+    from coordinator.api.quotas import charge
+    from coordinator.serving.generation import FinishReason, Piece
+
+    clock = Clock()
+    quotas = Quotas(clock)
+    key = KeyEntry("metered", "client", DIGEST, tokens_per_min=600)  # 10 a second
+    with quotas.admitted(key) as usage:
+        charge(usage, Piece("a", [1, 2], prompt_tokens=500, model="m@1"))
+        charge(usage, Piece("b", [3] * 198, FinishReason.LENGTH, prompt_tokens=500, completion_tokens=200))
+    assert usage.tokens == 700  # the prompt once, 200 generated
+    with pytest.raises(ResourceExhausted, match=r"quota of 600 tokens per minute .*retry in 10.1 s"), \
+            quotas.admitted(key):
+        pass
+    clock.now += 10.1
+    with quotas.admitted(key) as usage:
+        charge(usage, Piece("c", [4], prompt_tokens=500, model="m@1"), resumed=True)
+        charge(usage, Piece("cached", [5, 6], prompt_tokens=9, model="m@1", cached=True))
+    assert usage.tokens == 1
+
+
 def keys_file(**extra: object) -> str:
     entry = {"name": "app", "role": "client", "sha256": DIGEST}
     return json.dumps({"keys": [{**entry, **extra.pop("entry", {})}], **extra})
