@@ -192,6 +192,10 @@ class CoordinatorConfig(BaseModel):
     job_result_ttl_s: float = Field(7 * 86400, gt=0, description="a finished job's results are kept this long")
     max_job_items: int = Field(10_000, ge=1, description="items of one job")
     max_unfinished_jobs: int = Field(100, ge=1, description="jobs queued or running at once; more are refused")
+    jobs_max_mb: float = Field(10_240, ge=0, description="results the job store keeps in all; past it new jobs are "
+                               "refused until results expire (0 = no limit)")
+    jobs_key_max_mb: float = Field(2_048, ge=0, description="results one API key's jobs keep; past it that key's new "
+                                   "jobs are refused (0 = no limit)")
     result_cache_mb: float = Field(0, ge=0, description="memory of the cache of deterministic results (greedy, or "
                                    "seeded by the caller); 0 = no cache (off unless asked for)")
     otlp_endpoint: str = Field("", max_length=1000, description="export a trace per request with OTLP/gRPC to "

@@ -240,6 +240,9 @@ class CoordinatorMetrics:
                                        "address already registered: their process restarted", registry=registry)
         self.restarts = Counter(f"{PREFIX}worker_restarts", "Worker processes `coordinator launch` restarted "
                                 "after they died (0 elsewhere)", registry=registry)
+        self.job_storage_errors = Counter(f"{PREFIX}job_storage_errors", "Job results the job store could not "
+                                          "write at once (disk full, a locked file); each is retried with back-off, "
+                                          "never computed again", registry=registry)
         self._streams: dict[str, StreamMetrics] = {}
 
     def streams(self, model: str) -> StreamMetrics:

@@ -153,7 +153,7 @@ class JobMethods:
         response = coordinator_pb2.GetJobResponse(job=job_info(row, self.jobs.message(row)))
         if request.results:
             limit = min(request.limit or MAX_PAGE, MAX_PAGE)
-            rows = await self.jobs.items(row.job_id, request.offset, limit)
+            rows = await self.jobs.items(row.job_id, request.offset, limit, MAX_PAGE_BYTES)  # stops at the cap
             size = 0
             for r in rows:
                 result = response.results.add()
@@ -161,10 +161,8 @@ class JobMethods:
                     result.ParseFromString(r.result)
                     size += len(r.result)
                 result.index, result.custom_id, result.state = r.index, r.custom_id, r.state
-                if size > MAX_PAGE_BYTES:
-                    break
             shown = len(response.results)
-            if request.offset + shown < row.total and (shown < len(rows) or len(rows) == limit):
+            if request.offset + shown < row.total and (size > MAX_PAGE_BYTES or len(rows) == limit):
                 response.next_offset = request.offset + shown
         return response
 

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -52,6 +53,8 @@ WAITS = (Unavailable, ResourceExhausted, DeadlineExceeded)  # the cluster's stat
 BATCH = 256          # pending items read from the database at a time
 EXPIRY_EVERY_S = 60  # how often finished jobs' results are checked for expiry
 MAX_BACKOFF_S = 5.0
+STORE_RETRY_S = 600.0  # a result the job store cannot take is retried this long before the item runs again
+STORE_WAIT = "cannot store results"
 MAX_ITEM_WAIT_S = 3600.0  # an item the cluster cannot serve for this long fails with the last reason
 MAX_VERSION_WAIT_S = 300.0  # an item whose pinned version is not deployed waits this long for it
 
@@ -126,6 +129,7 @@ class JobRunner:
     # -- the API's side ---------------------------------------------------------------------------------
     async def submit(self, owner: str, label: str, items: list[NewItem], models: list[str]) -> str:
         store = self.opened()
+        await self._check_room(store, owner)
         limit = self.fleet.config.max_unfinished_jobs
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         if not await self._db(store.create, job_id, owner, label, items, models, time.time(), limit):
@@ -133,6 +137,20 @@ class JobRunner:
                                     "or cancel one")
         self._wake.set()
         return job_id
+
+    async def _check_room(self, store: JobStore, owner: str) -> None:
+        """ResourceExhausted naming the quota when the store's results, or the owner's, are at their bound."""
+        config = self.fleet.config
+        for quota_mb, who, name in ((config.jobs_max_mb, None, "jobs_max_mb"),
+                                    (config.jobs_key_max_mb, owner, "jobs_key_max_mb")):
+            if not quota_mb or (who is not None and not who):
+                continue
+            held = await self._db(store.result_bytes, who)
+            if held >= quota_mb * 2**20:
+                whose = "the job store keeps" if who is None else f"the jobs of key {who!r} keep"
+                raise ResourceExhausted(f"{whose} {held / 2**20:.3g} MiB of results, the quota ({name} "
+                                        f"{quota_mb:g} MiB): new jobs are refused until results expire "
+                                        f"(job_result_ttl_s {self.ttl_s:g} s); fetch what you need, then retry")
 
     async def job(self, job_id: str) -> JobRow:
         """The job, or NotFound."""
@@ -163,8 +181,8 @@ class JobRunner:
     async def jobs(self, owner: str | None, limit: int) -> list[JobRow]:
         return await self._db(self.opened().jobs, owner, limit)
 
-    async def items(self, job_id: str, offset: int, limit: int) -> list[Any]:
-        return await self._db(self.opened().items, job_id, offset, limit)
+    async def items(self, job_id: str, offset: int, limit: int, max_bytes: int = 0) -> list[Any]:
+        return await self._db(self.opened().items, job_id, offset, limit, max_bytes)
 
     async def cancel(self, job_id: str) -> None:
         """Stop the job: items in flight end now (their streams leave the batch and their KV caches are
@@ -304,7 +322,29 @@ class JobRunner:
                 result, state = failed(Internal("internal error; the coordinator's log has the details")), "failed"
                 break
         result.index, result.custom_id, result.state = index, item.custom_id, state
-        await self._db(self.opened().finish_item, job_id, index, state, result.SerializeToString(), result.cached)
+        await self._store_result(job_id, running, index, state, result)
+
+    async def _store_result(self, job_id: str, running: Running, index: int, state: str,
+                            result: coordinator_pb2.JobItemResult) -> None:
+        """Write the item's result, retrying a store that cannot take it now (disk full, a locked file) with
+        back-off for up to STORE_RETRY_S, said in the job's status and counted in the metrics; the result is
+        never computed again for it. Past that, the error is raised (the item runs again later)."""
+        blob, delay, give_up = result.SerializeToString(), 0.5, time.monotonic() + STORE_RETRY_S
+        while True:
+            try:
+                await self._db(self.opened().finish_item, job_id, index, state, blob, result.cached)
+                if running.waiting.startswith(STORE_WAIT):
+                    running.waiting = ""
+                return
+            except (sqlite3.Error, OSError) as exc:
+                self.fleet.metrics.job_storage_errors.inc()
+                running.waiting = f"{STORE_WAIT} (retrying): {exc}"
+                log.warning("job %s: the result of item %d could not be stored (%s); retrying in %.1f s", job_id,
+                            index, exc, delay)
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     async def _execute(self, item: coordinator_pb2.JobItem, cache_ok: bool,
                        tenant: str = "") -> coordinator_pb2.JobItemResult:

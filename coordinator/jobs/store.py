@@ -165,10 +165,29 @@ class JobStore:
             self.db.execute("UPDATE jobs SET state = ?, finished = ?, expires = ?, message = ? WHERE id = ? AND "
                             "state IN ('queued', 'running')", (state, now, now + ttl_s, message, job_id))
 
-    def items(self, job_id: str, offset: int, limit: int) -> list[ItemRow]:
-        return [ItemRow(i, c, s, r, bool(k)) for i, c, s, r, k in self.db.execute(
-            "SELECT idx, custom_id, state, result, cached FROM items WHERE job = ? AND idx >= ? ORDER BY idx "
-            "LIMIT ?", (job_id, offset, limit))]
+    def result_bytes(self, owner: str | None = None) -> int:
+        """The bytes of results kept: of every job, or of one owner's."""
+        args: tuple[str, ...] = ()
+        if owner is None:
+            query = "SELECT COALESCE(SUM(LENGTH(result)), 0) FROM items"
+        else:
+            query, args = ("SELECT COALESCE(SUM(LENGTH(items.result)), 0) FROM items JOIN jobs ON items.job = jobs.id "
+                           "WHERE jobs.owner = ?", (owner,))
+        return int(self.db.execute(query, args).fetchone()[0])
+
+    def items(self, job_id: str, offset: int, limit: int, max_bytes: int = 0) -> list[ItemRow]:
+        """Up to `limit` items from `offset`; with `max_bytes`, no more once their results pass that many bytes
+        (the rows are read one by one: a page of large results never reads the blobs past its cap)."""
+        out: list[ItemRow] = []
+        size = 0
+        for i, c, s, r, k in self.db.execute(
+                "SELECT idx, custom_id, state, result, cached FROM items WHERE job = ? AND idx >= ? ORDER BY idx "
+                "LIMIT ?", (job_id, offset, limit)):
+            out.append(ItemRow(i, c, s, r, bool(k)))
+            size += len(r) if r is not None else 0
+            if max_bytes and size > max_bytes:
+                break
+        return out
 
     def expire(self, now: float) -> int:
         """Delete the results of jobs whose time is up (their row stays, saying when they expired, for

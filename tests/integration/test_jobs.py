@@ -256,3 +256,49 @@ def test_items_pinned_to_a_version_that_goes_away_wait_for_it_then_fail_naming_i
         assert ended.failed >= 1, ended
         errors = [r.error for r in client.job_results(job) if r.state == "failed"]
         assert errors and all("waited 1 s for tiny-llama@2" in e for e in errors), errors
+
+
+def test_a_job_store_at_its_quota_refuses_new_jobs_naming_it(cluster):
+    """Issue 28.5: jobs_max_mb bounds the results kept; past it a submission is RESOURCE_EXHAUSTED naming the
+    quota, and nothing is queued (the results already kept stay readable)."""
+    from shardline.errors import ResourceExhausted
+
+    coordinator = cluster(jobs_max_mb=0.0005)  # about 500 bytes of results
+    with Client(coordinator.address, timeout=60) as client:
+        first = client.submit_job(items(PROMPTS[:20], max_tokens=16, temperature=0, ignore_eos=True))
+        assert client.wait_job(first, timeout=120).state == "completed"
+        held = coordinator.jobs.opened().result_bytes()
+        assert held >= 0.0005 * 2**20, held  # the first job's results fill the quota
+        before = len(client.list_jobs())
+        with pytest.raises(ResourceExhausted, match=r"the job store keeps [\d.e-]+ MiB of results, the quota "
+                                                    r"\(jobs_max_mb 0.0005 MiB\)"):
+            client.submit_job(items(PROMPTS[:1], max_tokens=2))
+        assert len(client.list_jobs()) == before and len(client.job_results(first)) == 20
+
+
+def test_a_result_the_store_cannot_take_is_retried_with_backoff_and_never_computed_again(cluster, monkeypatch):
+    """Issue 28.5: a full disk (the store's write fails) makes the item wait, said in the job's status and
+    counted in the metrics; the result is written once the store takes it, and the item ran once."""
+    import sqlite3
+
+    from coordinator.jobs.store import JobStore
+
+    coordinator = cluster()
+    real = JobStore.finish_item
+    failures = {"left": 2}
+
+    def full_disk(self, *args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "finish_item", full_disk)
+    with Client(coordinator.address, timeout=60) as client:
+        before = sum(r.requests for d in client.cluster_status().deployments for r in d.replicas)
+        job = client.submit_job(items(PROMPTS[:1], max_tokens=4, temperature=0, ignore_eos=True))
+        status = client.wait_job(job, timeout=60)
+        assert (status.state, status.done) == ("completed", 1)
+        after = sum(r.requests for d in client.cluster_status().deployments for r in d.replicas)
+    assert after - before == 1  # computed once, stored on the third try
+    assert coordinator.fleet.metrics.job_storage_errors._value.get() == 2

@@ -117,3 +117,19 @@ def test_the_job_store_keeps_results_and_expires_them(tmp_path):
     reopened = JobStore(tmp_path)  # the lock went with the first
     assert reopened.job("job-1").state == "expired"
     reopened.close()
+
+
+def test_a_page_of_large_results_stops_reading_at_its_byte_cap(tmp_path):
+    """Issue 28.5: with max_bytes the rows are read one by one and the page ends once their results pass it;
+    the next page starts where this one stopped."""
+    store = JobStore(tmp_path)
+    items = [NewItem(f"c{i}", coordinator_pb2.JobItem(custom_id=f"c{i}").SerializeToString(), False)
+             for i in range(10)]
+    assert store.create("job-1", "alice", "", items, ["m@1"], now=100.0, max_unfinished=1)
+    for i in range(10):
+        store.finish_item("job-1", i, "done", bytes([i]) * 2**20, cached=False)  # 1 MiB each
+    page = store.items("job-1", 0, 1000, max_bytes=int(2.5 * 2**20))
+    assert [r.index for r in page] == [0, 1, 2]  # the third passes the cap: the page ends with it
+    assert [r.index for r in store.items("job-1", 3, 1000, max_bytes=int(2.5 * 2**20))] == [3, 4, 5]
+    assert len(store.items("job-1", 0, 1000)) == 10  # without a cap: the limit alone
+    store.close()
