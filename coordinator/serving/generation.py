@@ -279,9 +279,12 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
 async def next_token(stream: Stream, wait_s: float) -> int | BaseException | None:
     """The stream's next item, within `wait_s` of waiting (a background stream still queued waits its turn,
     however long); past it the stream fails (its slot and KV freed by the scheduler) with UNAVAILABLE."""
+    if not stream.tokens.empty():  # the common case while a stream runs: no timer at all
+        return stream.tokens.get_nowait()
     while True:
         try:
-            return await asyncio.wait_for(stream.tokens.get(), wait_s)
+            async with asyncio.timeout(wait_s):  # no task of its own (wait_for makes one per call on 3.11)
+                return await stream.tokens.get()
         except TimeoutError:
             if stream.background and stream.state is StreamState.QUEUED:
                 continue
