@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ LOADING_THRESHOLD = 32 * 2**20  # glibc's largest: while a shard loads, its buff
 _state = {"giving_back": False}
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     """glibc, or None (musl, macOS: nothing here applies)."""
     name = ctypes.util.find_library("c")

@@ -116,7 +116,7 @@ class Fleet:
             text: TokenModel = await asyncio.to_thread(TextModel, path) \
                 if (path / "tokenizer_config.json").is_file() else TokenModel(path, spec.model)
         except BaseException:
-            self.served.hold({d.spec.model for d in self.deployments.values()})  # let go of it again
+            self._hold_served()  # let go of it again
             raise
         spec = spec.model_copy(update={"workers": spec.workers or self.config.workers})
         return Deployment(spec, manifest, text)
@@ -126,18 +126,22 @@ class Fleet:
         its name's default when marked so or when the name has none."""
         spec = deployment.spec
         self.deployments[spec.key] = deployment
-        self.served.hold({d.spec.model for d in self.deployments.values()})
+        self._hold_served()
         if default and (spec.default or spec.name not in self.defaults):
             self.defaults[spec.name] = spec.version
         self.primary = self.primary or spec.name
         for _ in range(spec.replicas):
             self.new_replica(deployment)
 
+    def _hold_served(self) -> None:
+        """Hold the store's locks of exactly the models the deployments serve (store/served.py)."""
+        self.served.hold({d.spec.model for d in self.deployments.values()})
+
     def remove(self, deployment: Deployment) -> None:
         """An unloaded deployment leaves; its name's default moves to another version, if there is one."""
         if self.deployments.get(deployment.key) is deployment:
             del self.deployments[deployment.key]
-            self.served.hold({d.spec.model for d in self.deployments.values()})
+            self._hold_served()
         name = deployment.spec.name
         if self.defaults.get(name) == deployment.spec.version:
             rest = [d.spec.version for d in self.deployments.values() if d.spec.name == name and d.ready_replicas]
