@@ -209,8 +209,9 @@ class CoordinatorConfig(BaseModel):
     certs_dir: Path | None = Field(None, description="TLS on every link with the certificates of this directory "
                                    "(`coordinator certs`): ca.crt, node.crt, node.key")
     client_certs: str = Field("optional", pattern="^(optional|required)$", description="with certs_dir: "
-                              "'required': public API clients must present a certificate from the cluster CA; "
-                              "'optional': the public port does not ask for one (clients authenticate by key)")
+                              "'required': public API clients must present a certificate from the cluster CA, whose "
+                              "role is its entry in api_keys; 'optional': the public port does not ask for one "
+                              "(clients authenticate by key, or by a certificate the keys file names)")
     cluster_port: int = Field(50053, ge=0, le=65535, description="with certs_dir: the port workers register on "
                               "(mutual TLS only; the public port takes clients without certificates)")
     cluster_token_file: Path | None = Field(None, description="without TLS: a file holding the token every "
@@ -230,6 +231,10 @@ class CoordinatorConfig(BaseModel):
     def _security_fits(self) -> CoordinatorConfig:
         if self.client_certs == "required" and self.certs_dir is None:
             raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")
+        if self.client_certs == "required" and self.api_keys is None:
+            raise ValueError("client_certs 'required' needs api_keys: a certificate's role comes from its entry in "
+                             'the API keys file ({"name": ..., "role": ..., "certificate": COMMON_NAME}); a '
+                             "certificate the file does not name has no access")
         if self.certs_dir is not None and self.cluster_token_file is not None:
             raise ValueError("give certs_dir (TLS) or cluster_token_file (plaintext), not both")
         check_unique(self.deployments)

@@ -24,6 +24,7 @@ import hmac
 import inspect
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -170,12 +171,27 @@ def new_api_key() -> str:
 
 @dataclass(frozen=True)
 class KeyEntry:
+    """One caller of the keys file: an API key (its SHA-256) or a client certificate (its common name)."""
+
     name: str
     role: str
-    sha256: str
+    sha256: str                  # an API key's hash; empty for a certificate's entry
     max_streams: int = 0         # calls open at once (0: no limit) (coordinator/api/quotas.py)
     requests_per_s: float = 0.0  # calls started per second (0: no limit)
     tokens_per_min: float = 0.0  # prompt and generated tokens per minute (0: no limit)
+    certificate: str = ""        # a client certificate's common name; empty for an API key's entry
+
+    @property
+    def id(self) -> str:
+        """Whose jobs, caches and quota: never the name, which a new key may take after a revoke. A key's id
+        comes from its hash (a new key is a new id); a certificate's is its common name (a renewed certificate
+        keeps its jobs; to cut a name off, remove its entry)."""
+        if self.certificate:
+            return f"cert:{self.certificate}"
+        return f"key:{self.sha256[:24]}" if self.sha256 else KEYLESS
+
+
+KEYLESS = "keyless"  # the entry (and id) of callers without a key, where the keys file gives them a role
 
 
 QUOTA_FIELDS = {"max_streams": (int, 1_000_000), "requests_per_s": (float, 1_000_000.0),
@@ -201,9 +217,10 @@ def _quotas(found: object, where: str) -> dict[str, float]:
 
 
 def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
-    """An API keys file: {"keys": [{"name": ..., "role": "client"|"admin", "sha256": hex, and optionally
-    "max_streams", "requests_per_s", "tokens_per_min"}, ...], "quotas": {"client": {...}, "admin": {...}}}
-    (the quotas of each role, which a key's own fields override; coordinator/api/quotas.py)."""
+    """An API keys file: {"keys": [{"name": ..., "role": "client"|"admin", and "sha256": hex (an API key) or
+    "certificate": NAME (a client certificate's common name), and optionally "max_streams", "requests_per_s",
+    "tokens_per_min"}, ...], "quotas": {"client": {...}, "admin": {...}}} (the quotas of each role, which a key's
+    own fields override; coordinator/api/quotas.py). Keyed by "sha256:HEX" or "cert:NAME"."""
     try:
         data = json.loads(text) if text.strip() else {"keys": []}
     except json.JSONDecodeError as exc:
@@ -216,28 +233,52 @@ def parse_keys(text: str, source: str) -> dict[str, KeyEntry]:
         raise ValueError(f"API keys file {source}: quotas must be an object keyed by role ({', '.join(ROLES)})")
     defaults = {role: _quotas(q, f"API keys file {source}: quotas.{role}") for role, q in role_quotas.items()}
     out: dict[str, KeyEntry] = {}
+    keyless = data.get("keyless")
+    if keyless is not None:
+        if keyless not in ROLES:
+            raise ValueError(f"API keys file {source}: keyless (the role of callers without a key) must be one of "
+                             f"{', '.join(ROLES)}, got {keyless!r}; leave it out to refuse them")
+        quota = defaults.get(keyless, {})
+        out[KEYLESS] = KeyEntry(KEYLESS, keyless, "", int(quota.get("max_streams", 0)),
+                                float(quota.get("requests_per_s", 0.0)), float(quota.get("tokens_per_min", 0.0)))
+    names: set[str] = set()
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not {"name", "role", "sha256"} <= set(e):
-            raise ValueError(f"API keys file {source}: entry {i} needs name, role and sha256")
-        name, role, digest = str(e["name"]), str(e["role"]), str(e["sha256"]).lower()
-        if role not in ROLES:
-            raise ValueError(f"API keys file {source}: key {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ValueError(f"API keys file {source}: key {name!r}: sha256 must be 64 hex digits")
+        where = f"API keys file {source}: entry {i}"
+        if not isinstance(e, dict) or not {"name", "role"} <= set(e) or ("sha256" in e) == ("certificate" in e):
+            raise ValueError(f"{where} needs name, role, and either sha256 (an API key) or certificate (a client "
+                             "certificate's common name)")
+        name, role = str(e["name"]), str(e["role"])
         if not name:
-            raise ValueError(f"API keys file {source}: entry {i} has an empty name")
-        same = next((k for k in out.values() if k.name == name), None)
-        if same is not None:  # jobs and caches belong to a name: two keys of one name would share them
-            raise ValueError(f"API keys file {source}: entry {i} reuses the name {name!r}; every key needs a name "
-                             "of its own")
-        if digest in out:
-            raise ValueError(f"API keys file {source}: entry {i} ({name!r}) has the same key as "
-                             f"{out[digest].name!r}")
+            raise ValueError(f"{where} has an empty name")
+        if role not in ROLES:
+            raise ValueError(f"{where}: key {name!r} has role {role!r}; roles are {', '.join(ROLES)}")
+        if name == KEYLESS:
+            raise ValueError(f"{where}: the name {KEYLESS!r} means callers without a key; choose another")
+        if name in names:  # jobs and caches belong to a caller: two entries of one name would be confused
+            raise ValueError(f"{where} reuses the name {name!r}; every key needs a name of its own")
+        names.add(name)
+        digest, certificate = str(e.get("sha256", "")).lower(), str(e.get("certificate", ""))
+        if "sha256" in e and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"{where}: key {name!r}: sha256 must be 64 hex digits")
+        if "certificate" in e and not CERT_NAME.fullmatch(certificate):
+            raise ValueError(f"{where}: key {name!r}: certificate must be a client certificate's common name "
+                             "(letters, digits, '.', '_', '-'; as given to `coordinator certs create-client`)")
+        if certificate == NODE_NAME:
+            raise ValueError(f"{where}: key {name!r}: {NODE_NAME!r} is the cluster's own certificate, not a "
+                             "client's")
+        slot = f"sha256:{digest}" if digest else f"cert:{certificate}"
+        if slot in out:
+            raise ValueError(f"{where} ({name!r}) has the same {'key' if digest else 'certificate'} as "
+                             f"{out[slot].name!r}")
         own = _quotas({k: v for k, v in e.items() if k in QUOTA_FIELDS}, f"API keys file {source}: key {name!r}")
         quota = {**defaults.get(role, {}), **own}
-        out[digest] = KeyEntry(name, role, digest, int(quota.get("max_streams", 0)),
-                               float(quota.get("requests_per_s", 0.0)), float(quota.get("tokens_per_min", 0.0)))
+        out[slot] = KeyEntry(name, role, digest, int(quota.get("max_streams", 0)),
+                             float(quota.get("requests_per_s", 0.0)), float(quota.get("tokens_per_min", 0.0)),
+                             certificate)
     return out
+
+
+CERT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ApiKeys:
@@ -272,7 +313,27 @@ class ApiKeys:
 
     def role_of(self, key: str) -> KeyEntry | None:
         self._refresh()
-        return self.keys.get(hash_key(key))
+        return self.keys.get(f"sha256:{hash_key(key)}")
+
+    def of_certificate(self, auth: Mapping[str, list[bytes]]) -> KeyEntry | None:
+        """The entry of the client certificate a TLS peer presented (its common name); None if none is named."""
+        names = auth.get("x509_common_name") or []
+        if len(names) != 1:
+            return None
+        self._refresh()
+        return self.keys.get(f"cert:{names[0].decode('utf-8', 'replace')}")
+
+    def keyless(self) -> KeyEntry | None:
+        """The entry of callers without a key (the file's "keyless" role); None where they have no access."""
+        self._refresh()
+        return self.keys.get(KEYLESS)
+
+    def caller(self, metadata: Mapping[str, str], auth: Mapping[str, list[bytes]]) -> KeyEntry | None:
+        """Who calls: the API key it sends, else the client certificate it presented, else a keyless caller;
+        None if it has no access (AuthError for a malformed authorization header)."""
+        if "authorization" in metadata:
+            return self.role_of(bearer(metadata))
+        return self.of_certificate(auth) or self.keyless()
 
 
 def bearer(metadata: Mapping[str, str]) -> str:
@@ -329,24 +390,55 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
                  hint: Callable[[str], str] | None = None) -> None:
         self.rules, self.cluster, self.api_keys = rules, cluster, api_keys
         self.hint = hint or (lambda method: "")
-        self._wrapped = WrappedHandlers(self._wrap)
+        self._wrapped = WrappedHandlers(lambda method, handler: self._wrap(method, handler, self.check_peer))
+        self._by_certificate = WrappedHandlers(lambda method, handler: self._wrap(method, handler,
+                                                                                 self.check_certificate))
         self._last_log: dict[tuple[str, str], float] = {}
 
-    def check_metadata(self, method: str, access: Access, items: Any) -> None:
+    def check_metadata(self, method: str, access: Access, items: Any) -> bool:
+        """Raise AuthError for what the metadata decides; True when the caller's client certificate decides
+        (no key sent, a keys file, TLS): checked as the handler starts, once the peer is known."""
         metadata = _metadata(items)
         if access is Access.CLUSTER:
             if not self.cluster.tls:
                 self._cluster_check(method, metadata, {})
-            return
+            return False
         if self.api_keys is None:
-            return
-        entry = self.api_keys.role_of(bearer(metadata))
+            return False
+        if "authorization" in metadata:
+            entry = self.api_keys.role_of(bearer(metadata))
+        elif self.cluster.tls:
+            return True
+        else:
+            entry = self.api_keys.keyless()
+            if entry is None:
+                bearer(metadata)  # raises: "this API needs a key ..."
+        self._check_role(method, access, entry)
+        return False
+
+    @staticmethod
+    def _check_role(method: str, access: Access, entry: KeyEntry | None) -> None:
         if entry is None:
             raise _unauthenticated("the API key is not known to this coordinator (revoked, or from another "
                                    "cluster)")
         if access is Access.ADMIN and entry.role != "admin":
-            raise _denied(f"{method.rsplit('/', 1)[-1]} needs an API key with role admin; key {entry.name!r} has "
-                          f"role {entry.role}")
+            call = method.rsplit("/", 1)[-1]
+            if entry.id == KEYLESS:
+                raise _unauthenticated(f"{call} needs an API key with role admin: send 'authorization: Bearer "
+                                       "<key>' (the CLI's --api-key or $SHARDLINE_API_KEY; `coordinator launch` "
+                                       "prints the file that holds its admin key)")
+            raise _denied(f"{call} needs an API key with role admin; key {entry.name!r} has role {entry.role}")
+
+    def check_certificate(self, method: str, context: Any) -> None:
+        """A keyless caller over TLS: its client certificate's entry in the keys file gives its role; a
+        certificate the file does not name (or none) has no access."""
+        keys = self.api_keys
+        entry = (keys.of_certificate(context.auth_context()) or keys.keyless()) if keys is not None else None
+        if entry is None:
+            raise _unauthenticated("this API needs a key (send 'authorization: Bearer <key>') or a client "
+                                   "certificate the API keys file names (an entry with \"certificate\": its "
+                                   "common name)")
+        self._check_role(method, self.rules.access(method), entry)
 
     def _cluster_check(self, method: str, metadata: Mapping[str, str], auth: Mapping[str, list[bytes]]) -> None:
         try:
@@ -378,18 +470,22 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         if access is Access.OPEN:
             return await continuation(details)
         try:
-            self.check_metadata(method, access, details.invocation_metadata)
+            by_certificate = self.check_metadata(method, access, details.invocation_metadata)
         except AuthError as exc:
             return self._refusing(method, exc)
         handler = await continuation(details)
-        if handler is None or access is not Access.CLUSTER or not self.cluster.tls:
+        if handler is None:
+            return handler
+        if by_certificate:
+            return self._by_certificate.get(method, handler)
+        if access is not Access.CLUSTER or not self.cluster.tls:
             return handler
         return self._wrapped.get(method, handler)
 
     def check_peer(self, method: str, context: Any) -> None:
         self._cluster_check(method, {}, context.auth_context())
 
-    def _wrap(self, method: str, handler: Any) -> Any:
+    def _wrap(self, method: str, handler: Any, check: Callable[[str, Any], None]) -> Any:
         """The handler, first checking the peer's certificate (TLS: known only once the call runs)."""
         kind = handler_kind(handler)
         behavior = getattr(handler, kind)
@@ -399,7 +495,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         if inspect.isasyncgenfunction(behavior):
             async def stream_out(request: Any, context: Any) -> AsyncIterator[Any]:
                 try:
-                    self.check_peer(method, context)
+                    check(method, context)
                 except AuthError as exc:
                     await self._refuse(method, exc, context)
                 async with contextlib.aclosing(behavior(request, context)) as responses:
@@ -409,7 +505,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         else:
             async def unary_out(request: Any, context: Any) -> Any:
                 try:
-                    self.check_peer(method, context)
+                    check(method, context)
                 except AuthError as exc:
                     await self._refuse(method, exc, context)
                 return await behavior(request, context)

@@ -44,12 +44,13 @@ class Judge(Protocol):
 
 @dataclass
 class FileJudge:
-    """The keys file, as the coordinator's guard reads it (a keys file means every caller needs a key)."""
+    """The keys file, as the coordinator's guard reads it (a caller without a key needs the file's "keyless"
+    role)."""
 
     keys: ApiKeys
 
     async def admits(self, key: str | None) -> bool:
-        return key is not None and self.keys.role_of(key) is not None
+        return (self.keys.role_of(key) if key is not None else self.keys.keyless()) is not None
 
 
 class CoordinatorJudge:

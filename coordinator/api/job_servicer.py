@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.fleet.requests import plan_generation, plan_infer
 from coordinator.jobs.store import JobRow, NewItem
 from coordinator.wire import embed_request, generation_request
-from shardline.auth import KeyEntry, bearer
+from shardline.auth import KeyEntry
 from shardline.errors import (
     InvalidArgument,
     NotFound,
@@ -85,29 +85,27 @@ class JobMethods:
     api_keys: ApiKeys | None
 
     def caller(self, context: Any) -> tuple[str, bool]:
-        """The API key's name (empty without keys) and whether it is an admin (everyone is, without keys)."""
+        """Whose call: the caller's id (its key's or certificate's; never its name, which a new key may take
+        after a revoke; empty without keys) and whether it is an admin (everyone is, without keys)."""
         if self.api_keys is None:
             return "", True
         entry = self.key_of(context)
-        return (entry.name, entry.role == "admin") if entry is not None else ("", False)
+        return (entry.id, entry.role == "admin") if entry is not None else ("", False)
 
     def key_of(self, context: Any) -> KeyEntry | None:
-        """The caller's key entry (its name, role and quotas); None without keys."""
+        """The caller's entry (its name, role and quotas): its API key's, else its client certificate's; None
+        without keys."""
         if self.api_keys is None:
             return None
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        return self.api_keys.role_of(bearer(metadata))
+        return self.api_keys.caller(metadata, context.auth_context())
 
     def still_admitted(self, context: Any) -> None:
-        """A long call's key judged again (the keys file is read again within a second of a change): a key
-        revoked while its stream is open is refused at the stream's next request."""
-        if self.api_keys is None:
-            return
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        key = bearer(metadata)
-        if key and self.api_keys.role_of(key) is None:
-            raise Unauthenticated("the API key this stream was opened with is no longer valid (revoked): its "
-                                  "requests are refused; open a stream with a valid key")
+        """A long call's caller judged again (the keys file is read again within a second of a change): a key or
+        certificate revoked while its stream is open is refused at the stream's next request."""
+        if self.api_keys is not None and self.key_of(context) is None:
+            raise Unauthenticated("the API key (or client certificate) this stream was opened with is no longer "
+                                  "valid (revoked): its requests are refused; open a stream with a valid key")
 
     async def _own(self, job_id: str, context: Any) -> JobRow:
         if not job_id:

@@ -35,9 +35,9 @@ class Usage:
 class Quotas:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.open: dict[str, int] = {}                     # key name -> streams open now
-        self.buckets: dict[str, tuple[float, float]] = {}  # key name -> (tokens, when last refilled)
-        self.token_buckets: dict[str, tuple[float, float]] = {}  # key name -> (tokens left this minute, when)
+        self.open: dict[str, int] = {}                     # key id -> streams open now
+        self.buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, when last refilled)
+        self.token_buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens left this minute, when)
 
     @contextmanager
     def admitted(self, key: KeyEntry | None, resumed: bool = False) -> Iterator[Usage]:
@@ -48,7 +48,7 @@ class Quotas:
         if key is None or not (key.max_streams or key.requests_per_s or key.tokens_per_min):
             yield usage
             return
-        open_now = self.open.get(key.name, 0)
+        open_now = self.open.get(key.id, 0)
         if key.max_streams and open_now >= key.max_streams:  # first: a refused call takes no rate token
             raise ResourceExhausted(f"key {key.name!r} has {open_now} calls open, its quota (max_streams "
                                     f"{key.max_streams} in the API keys file): retry in 1 s, or when one ends")
@@ -56,28 +56,28 @@ class Quotas:
             self._check_tokens(key)
         if key.requests_per_s and not resumed:
             self._take(key)
-        self.open[key.name] = open_now + 1
+        self.open[key.id] = open_now + 1
         try:
             yield usage
         finally:
-            left = self.open[key.name] - 1
+            left = self.open[key.id] - 1
             if left:
-                self.open[key.name] = left
+                self.open[key.id] = left
             else:
-                del self.open[key.name]
+                del self.open[key.id]
             if key.tokens_per_min and usage.tokens:
                 tokens, now = self._tokens_now(key)
-                self.token_buckets[key.name] = (tokens - usage.tokens, now)
+                self.token_buckets[key.id] = (tokens - usage.tokens, now)
 
     def _tokens_now(self, key: KeyEntry) -> tuple[float, float]:
         """The key's token bucket now: refilled at tokens_per_min / 60 a second, up to one minute's worth."""
         now, per_min = self.clock(), key.tokens_per_min
-        tokens, last = self.token_buckets.get(key.name, (per_min, now))
+        tokens, last = self.token_buckets.get(key.id, (per_min, now))
         return min(per_min, tokens + (now - last) * per_min / 60), now
 
     def _check_tokens(self, key: KeyEntry) -> None:
         tokens, now = self._tokens_now(key)
-        self.token_buckets[key.name] = (tokens, now)
+        self.token_buckets[key.id] = (tokens, now)
         if tokens <= 0:
             wait = math.ceil((1 - tokens) / (key.tokens_per_min / 60) * 10) / 10
             raise ResourceExhausted(f"key {key.name!r} is over its quota of {key.tokens_per_min:g} tokens per "
@@ -88,14 +88,14 @@ class Quotas:
     def _take(self, key: KeyEntry) -> None:
         now, rate = self.clock(), key.requests_per_s
         capacity = max(1.0, rate)  # one second's worth: a burst of `rate` requests, then `rate` a second
-        tokens, last = self.buckets.get(key.name, (capacity, now))
+        tokens, last = self.buckets.get(key.id, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * rate)
         if tokens < 1.0:
             wait = math.ceil((1.0 - tokens) / rate * 10) / 10
-            self.buckets[key.name] = (tokens, now)
+            self.buckets[key.id] = (tokens, now)
             raise ResourceExhausted(f"key {key.name!r} is over its quota of {rate:g} requests per second "
                                     f"(requests_per_s in the API keys file): retry in {wait:g} s")
-        self.buckets[key.name] = (tokens - 1.0, now)
+        self.buckets[key.id] = (tokens - 1.0, now)
         if len(self.buckets) > MAX_TRACKED_KEYS:
             self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < 60}
 

@@ -14,6 +14,7 @@ from coordinator.cli import startup
 from coordinator.cli.common import STORE_DEFAULT, STORE_HELP, _fail
 from coordinator.config import CoordinatorConfig
 from coordinator.store.models import ModelStore, default_store
+from shardline.auth import ApiKeys
 from shardline.cli_options import configure_logging, log_level_option, memory_option
 
 
@@ -214,7 +215,7 @@ def curl_hint(url: str, config: CoordinatorConfig, key: str) -> str:
     """A curl command that works against this gateway as launched: the cluster's CA for HTTPS, the API key
     (from its file, `key`, or the operator's own in $SHARDLINE_API_KEY) where keys are needed."""
     cacert = f" --cacert {config.certs_dir / 'ca.crt'}" if url.startswith("https") and config.certs_dir else ""
-    if config.api_keys is None:
+    if config.api_keys is None or ApiKeys(config.api_keys).keyless() is not None:  # callers without a key served
         return f"curl{cacert} {url}/models"
     return f'{key or "SHARDLINE_API_KEY=<your key> "}sh -c \'curl{cacert} -H "Authorization: Bearer ' \
            f'$SHARDLINE_API_KEY" {url}/models\''

@@ -115,31 +115,47 @@ class LaunchSecurity:
     def _private(cls, config: CoordinatorConfig, secure: bool, private: Path,
                  insecure: tuple[str, ...]) -> LaunchSecurity:
         from coordinator.cli.certs import create_ca, create_node, create_server
-        from shardline.auth import hash_key, new_api_key, new_token
+        from shardline.auth import new_token
         from shardline.tls import write_private
 
         if not secure:
             token = private / "cluster.token"
             write_private(token, new_token().encode())
-            return cls(config.model_copy(update={"cluster_token_file": token}),
-                       ("--cluster-token-file", str(token), *insecure), private)
+            update: dict[str, object] = {"cluster_token_file": token}
+            lines = cls._admin_key(config, private, update, keyless="client")
+            return cls(config.model_copy(update=update), ("--cluster-token-file", str(token), *insecure), private,
+                       lines)
         hosts = sorted({config.host, "localhost", "127.0.0.1"} - {"0.0.0.0", "::"}
                        | ({socket.gethostname()} if config.host in ("0.0.0.0", "::") else set()))
         create_ca(private, days=30)
         create_node(private, hosts)  # until the CA expires
         create_server(private, hosts)  # the HTTPS gateway's own key, apart from the node key
-        update: dict[str, object] = {"certs_dir": private}
-        lines = [f"mutual TLS on every link: throwaway CA and certificates in {private} (clients trust "
-                 f"{private / 'ca.crt'})"]
-        if config.api_keys is None:
-            key = new_api_key()
-            write_private(private / "admin.key", key.encode())
-            write_private(private / "api-keys.json", json.dumps({"keys": [
-                {"name": "launch-admin", "role": "admin", "sha256": hash_key(key)}]}).encode())
-            update["api_keys"] = private / "api-keys.json"
-            lines.append(f"API key (role admin) in {private / 'admin.key'}: send it as 'authorization: Bearer <key>'")
-        return cls(config.model_copy(update=update), ("--certs-dir", str(private), *insecure), private,
-                   tuple(lines))
+        update = {"certs_dir": private}
+        lines = (f"mutual TLS on every link: throwaway CA and certificates in {private} (clients trust "
+                 f"{private / 'ca.crt'})", *cls._admin_key(config, private, update))
+        return cls(config.model_copy(update=update), ("--certs-dir", str(private), *insecure), private, lines)
+
+    @staticmethod
+    def _admin_key(config: CoordinatorConfig, private: Path, update: dict[str, object],
+                   keyless: str | None = None) -> tuple[str, ...]:
+        """Without a keys file of the user's: one with an admin key (in `private`), so that the cluster's admin
+        calls (status, drain, load, scale) need it; `keyless`: the role of callers without a key (the default
+        local launch serves them as clients)."""
+        from shardline.auth import hash_key, new_api_key
+        from shardline.tls import write_private
+
+        if config.api_keys is not None:
+            return ()
+        key = new_api_key()
+        write_private(private / "admin.key", key.encode())
+        document: dict[str, object] = {"keys": [{"name": "launch-admin", "role": "admin", "sha256": hash_key(key)}]}
+        if keyless is not None:
+            document["keyless"] = keyless
+        write_private(private / "api-keys.json", json.dumps(document).encode())
+        update["api_keys"] = private / "api-keys.json"
+        needs = "status, drain, load, scale need it" if keyless is not None else "every call needs it"
+        return (f"admin API key in {private / 'admin.key'} ({needs}: export SHARDLINE_API_KEY=$(cat "
+                f"{private / 'admin.key'}))",)
 
     def cleanup(self) -> None:
         if self.private is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -100,36 +101,49 @@ def create_client_cmd(name: str = typer.Argument(..., help="the client's name (i
 KEYS_FILE = typer.Option(..., "--file", help="the API keys file (JSON; created if missing)")
 
 
-def _read_keys(path: Path) -> list[dict[str, str]]:
+def _read_keys(path: Path) -> dict[str, Any]:
+    """The keys file's whole document (its role quotas and every key's own fields are kept as they are)."""
     if not path.exists():
-        return []
+        return {"keys": []}
     try:
         text = path.read_text()
         parse_keys(text, str(path))
     except (OSError, ValueError) as exc:
         _fail(str(exc))
-    return list(json.loads(text)["keys"]) if text.strip() else []
+    return dict(json.loads(text)) if text.strip() else {"keys": []}
 
 
-def _write_keys(path: Path, entries: list[dict[str, str]]) -> None:
-    write_private(path, (json.dumps({"keys": entries}, indent=2) + "\n").encode())
+def _write_keys(path: Path, document: dict[str, Any]) -> None:
+    write_private(path, (json.dumps(document, indent=2) + "\n").encode())
 
 
 @api_keys.command("create", epilog=examples("coordinator api-keys create alice --file keys.json",
-                                            "coordinator api-keys create ops --role admin --file keys.json"))
+                                            "coordinator api-keys create ops --role admin --file keys.json",
+                                            "coordinator api-keys create bob --certificate bob --file keys.json"))
 def create_key(name: str = typer.Argument(..., help="who the key is for (shown in logs and errors)"),
                file: Path = KEYS_FILE,
-               role: str = typer.Option("client", help=f"one of {', '.join(ROLES)}")) -> None:
-    """A new key: printed once (only its SHA-256 is stored). A running coordinator reads the file again
-    within a second."""
+               role: str = typer.Option("client", help=f"one of {', '.join(ROLES)}"),
+               certificate: str | None = typer.Option(None, help="no key: admit the client certificate of this "
+                                                      "common name with the role")) -> None:
+    """A new key: printed once (only its SHA-256 is stored); or, with --certificate, a client certificate's
+    role. A running coordinator reads the file again within a second."""
     if role not in ROLES:
         _fail(f"role {role!r} is not one of {', '.join(ROLES)}")
-    entries = _read_keys(file)
+    document = _read_keys(file)
+    entries = document["keys"]
     if any(e["name"] == name for e in entries):
         _fail(f"a key named {name!r} exists in {file}: revoke it first, or choose another name")
-    key = new_api_key()
-    entries.append({"name": name, "role": role, "sha256": hash_key(key)})
-    _write_keys(file, entries)
+    key = new_api_key() if certificate is None else ""
+    entry = {"name": name, "role": role, **({"sha256": hash_key(key)} if key else {"certificate": certificate})}
+    try:
+        parse_keys(json.dumps({**document, "keys": [*entries, entry]}), str(file))
+    except ValueError as exc:
+        _fail(str(exc))
+    document["keys"] = [*entries, entry]
+    _write_keys(file, document)
+    if certificate is not None:
+        print(f"client certificate {certificate!r} has role {role} as {name!r} (in {file})")
+        return
     print(key)
     print(f"(key {name!r}, role {role}, stored hashed in {file}; this is the only time it is shown)", file=sys.stderr)
 
@@ -139,18 +153,21 @@ def list_keys(file: Path = KEYS_FILE) -> None:
     """The keys' names and roles (the keys themselves are not stored)."""
     if not file.exists():
         _fail(f"no API keys file at {file} (`coordinator api-keys create NAME --file {file}` makes one)")
-    for e in _read_keys(file):
-        print(f"{e['name']:<24} {e['role']}")
+    for e in _read_keys(file)["keys"]:
+        what = f"  certificate {e['certificate']}" if "certificate" in e else ""
+        print(f"{e['name']:<24} {e['role']}{what}")
 
 
 @api_keys.command("revoke", epilog=examples("coordinator api-keys revoke alice --file keys.json"))
 def revoke_key(name: str = typer.Argument(..., help="the key's name"), file: Path = KEYS_FILE) -> None:
-    """Remove a key: a running coordinator refuses it within a second."""
-    entries = _read_keys(file)
-    kept = [e for e in entries if e["name"] != name]
-    if len(kept) == len(entries):
+    """Remove a key (or a certificate's entry): a running coordinator refuses it within a second, open streams
+    included."""
+    document = _read_keys(file)
+    kept = [e for e in document["keys"] if e["name"] != name]
+    if len(kept) == len(document["keys"]):
         _fail(f"no key named {name!r} in {file}")
-    _write_keys(file, kept)
+    document["keys"] = kept
+    _write_keys(file, document)
     print(f"revoked {name!r}")
 
 

@@ -17,11 +17,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from shardline.client import Client
-from shardline.errors import FailedPrecondition, ShardlineError
+from shardline.errors import FailedPrecondition, ShardlineError, Unauthenticated
 from tests.e2e.test_cli import cli
 from tests.e2e.test_join_and_generate import free_port
 from tests.integration.test_embeddings import SENTENCES, reference
 from tests.integration.test_fleet import greedy
+from tests.launched import admin_key
 
 pytestmark = pytest.mark.e2e
 
@@ -55,9 +56,15 @@ class Launch:
     def output(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def admin_key(self) -> str:
+        """The admin key launch made (its file named in a line of its output): admin calls need it."""
+        return admin_key(self.output)
+
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """A `coordinator` client command against this cluster."""
-        return cli(*args, "--endpoint", self.endpoint, store=self.store.root, timeout=timeout)
+        """A `coordinator` client command against this cluster, as its admin."""
+        return cli(*args, "--endpoint", self.endpoint, "--api-key", self.admin_key, store=self.store.root,
+                   timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +73,8 @@ def fleet(smollm2_store, minilm_store):
                     "--workers", "1")
     try:
         assert launch.serving.wait(180) and launch.process.poll() is None, launch.output
-        with Client(launch.endpoint, timeout=30) as client:  # launch says ready once every replica is
+        # launch says ready once every replica is
+        with Client(launch.endpoint, api_key=launch.admin_key, timeout=30) as client:
             assert all(m.replicas_ready == m.replicas for m in client.list_models()), client.cluster_status()
         yield launch
     finally:
@@ -89,8 +97,21 @@ def deployment(client, key):
     return found
 
 
+def test_a_keyless_caller_is_served_but_the_admin_calls_need_the_key_launch_printed(fleet):
+    """The default launch serves callers without a key as clients; status, scale, load... need its admin key."""
+    with Client(fleet.endpoint, timeout=30) as keyless:
+        assert {m.name for m in keyless.list_models()} == {"smollm2", "minilm"}
+        with pytest.raises(Unauthenticated) as err:
+            keyless.cluster_status()
+        assert "role admin" in err.value.message and "coordinator launch" in err.value.message
+    refused = cli("models", "scale", "smollm2", "2", "--endpoint", fleet.endpoint, store=fleet.store.root,
+                  timeout=60)
+    assert refused.returncode != 0 and "role admin" in refused.stderr, refused.stderr
+    assert fleet.admin_key not in fleet.output  # the key's file is printed, never the key
+
+
 def test_list_models_shows_both_deployments(fleet):
-    with Client(fleet.endpoint, timeout=30) as client:
+    with Client(fleet.endpoint, api_key=fleet.admin_key, timeout=30) as client:
         models = {m.name: m for m in client.list_models()}
     assert set(models) == {"smollm2", "minilm"}
     smollm2, minilm = models["smollm2"], models["minilm"]
@@ -101,7 +122,7 @@ def test_list_models_shows_both_deployments(fleet):
 
 def test_greedy_smollm2_on_both_replicas_equals_transformers(fleet):
     tokenizer = AutoTokenizer.from_pretrained(fleet.store.path("smollm2"))
-    with Client(fleet.endpoint, timeout=120) as client, launcher_log_on_error(fleet):
+    with Client(fleet.endpoint, api_key=fleet.admin_key, timeout=120) as client, launcher_log_on_error(fleet):
         before = {r.name: r.requests for r in deployment(client, "smollm2@1").replicas}
         assert len(before) == 2
         for prompt in PROMPTS:  # one after the other: the balancer gives each replica one
@@ -114,7 +135,7 @@ def test_greedy_smollm2_on_both_replicas_equals_transformers(fleet):
 
 
 def test_minilm_embeds_as_sentence_transformers_pools(fleet):
-    with Client(fleet.endpoint, timeout=60) as client, launcher_log_on_error(fleet):
+    with Client(fleet.endpoint, api_key=fleet.admin_key, timeout=60) as client, launcher_log_on_error(fleet):
         ours = client.embed(SENTENCES, model="minilm")
     expected = reference(fleet.store.path("minilm"), SENTENCES)
     assert ours.shape == expected.shape == (len(SENTENCES), 384)
@@ -151,7 +172,7 @@ def test_scale_and_bad_admin_commands(fleet):
     assert status.returncode == 0, status.stderr
     section = status.stdout.split("smollm2@1 (default)")[1].split("minilm@1")[0]
     assert section.count("smollm2@1/r") == 1 and "scaled 2 -> 1 replicas" in section, status.stdout
-    with Client(fleet.endpoint, timeout=30) as client:
+    with Client(fleet.endpoint, api_key=fleet.admin_key, timeout=30) as client:
         assert len(deployment(client, "smollm2@1").replicas) == 1
 
     negative = fleet.cli("models", "scale", "smollm2", "-1")
@@ -179,7 +200,7 @@ def test_load_promote_unload_from_the_cli(fleet):
     listed = fleet.cli("models", "list")
     assert [row.split()[:5] for row in listed.stdout.splitlines()[1:]] == [
         ["minilm", "1", "*", "embed", "1/1"], ["smollm2", "2", "*", "generate", "1/1"]], listed.stdout
-    with Client(fleet.endpoint, timeout=60) as client, launcher_log_on_error(fleet):
+    with Client(fleet.endpoint, api_key=fleet.admin_key, timeout=60) as client, launcher_log_on_error(fleet):
         ids = client.generate(PROMPTS[0], max_tokens=8, temperature=0, ignore_eos=True).token_ids
         tokenizer = AutoTokenizer.from_pretrained(fleet.store.path("smollm2"))
         assert ids == greedy(fleet.store, "smollm2", tokenizer(PROMPTS[0])["input_ids"], 8)

@@ -19,6 +19,7 @@ from shardline.client import AsyncClient, Client
 from shardline.errors import Unavailable
 from tests.chaos import PROMPTS
 from tests.e2e.test_join_and_generate import free_port
+from tests.launched import admin_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
@@ -57,7 +58,7 @@ def test_launch_restarts_a_dead_worker_then_sigterm_drains_the_streams_in_flight
         victim = workers[0]
         victim.kill()
         victim.wait(10)
-        with Client(endpoint, timeout=60) as client:
+        with Client(endpoint, timeout=60, api_key=admin_key("".join(lines))) as client:
             def serving_two_again() -> bool:
                 status = client.cluster_status()
                 chain = [w for w in status.workers if w.state == "ready"]

@@ -27,6 +27,7 @@ from shardline.v1 import (
     worker_pb2_grpc,
 )
 from tests.e2e.test_join_and_generate import free_port
+from tests.launched import admin_key
 
 pytestmark = pytest.mark.e2e
 PROMPT = "Write a short story about a lighthouse keeper"
@@ -53,7 +54,7 @@ def test_a_process_outside_the_default_launch_cannot_drive_its_workers(smollm2_s
             line = launcher.stdout.readline()
             assert line, "".join(lines)
             lines.append(line)
-        with Client(endpoint, timeout=120) as client:
+        with Client(endpoint, timeout=120, api_key=admin_key("".join(lines))) as client:
             status = client.cluster_status()
             reference = client.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)
         assert len(reference.token_ids) == 16
@@ -110,7 +111,7 @@ def test_a_process_outside_the_default_launch_cannot_drive_its_workers(smollm2_s
         streaming.join(120)
         tokens = [t for c in chunks for t in c.token_ids]
         assert len(tokens) == 48 and tokens[:16] == reference.token_ids
-        with Client(endpoint, timeout=30) as client:
+        with Client(endpoint, timeout=30, api_key=admin_key("".join(lines))) as client:
             after = client.cluster_status()
         assert after.recoveries == 0  # nothing was healed around: the stream never broke
         assert {w.address: (w.start_layer, w.end_layer) for w in after.workers} == layers

@@ -119,11 +119,12 @@ def generate(endpoint: str, **security: object) -> GenerateResult:
 
 @pytest.fixture(scope="module")
 def reference(smollm2_store) -> GenerateResult:
-    """The greedy text of a plain launch (random cluster token, plaintext public API), stopped again."""
+    """The greedy text of a plain launch (random cluster token, plaintext public API open to callers without
+    a key; an admin key for its admin calls), stopped again."""
     launch = Launch.start(smollm2_store.root)
     try:
         launch.wait_serving()
-        assert "mutual TLS" not in launch.text and "API key" not in launch.text, launch.text
+        assert "mutual TLS" not in launch.text and "admin API key in " in launch.text, launch.text
         result = generate(launch.endpoint)
     finally:
         code = launch.stop()
@@ -151,7 +152,7 @@ def secure(smollm2_store, reference) -> Iterator[Secure]:
         launch.wait_serving()
         tls = re.search(r"^mutual TLS on every link: throwaway CA and certificates in (\S+) \(clients trust "
                         r"(\S+)\)$", launch.text, re.M)
-        api = re.search(r"^API key \(role admin\) in (\S+): send it as 'authorization: Bearer <key>'$",
+        api = re.search(r"^admin API key in (\S+) \(every call needs it: export SHARDLINE_API_KEY=\$\(cat \1\)\)$",
                         launch.text, re.M)
         assert tls and api, launch.text
         private = Path(tls[1])

@@ -566,13 +566,18 @@ def test_a_coordinator_out_of_reach_is_503_without_its_address(loop):
 def test_under_tls_it_serves_https_with_the_node_certificate_and_reaches_the_coordinator_over_tls(
         loop, models, tmp_path):
     """With the cluster's certificates the gateway beside the coordinator serves HTTPS (node certificate) and
-    calls the coordinator over TLS, where client certificates are required: it presents the node's."""
+    calls the coordinator over TLS, where client certificates are required: it presents the node's, and passes
+    the caller's key on (a certificate's role comes from the keys file, and the node's has none)."""
     from coordinator.cli.certs import create_ca, create_node
+    from shardline.auth import hash_key, new_api_key
 
     create_ca(tmp_path)
     create_node(tmp_path, ["localhost", "127.0.0.1"])
+    key = new_api_key()
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "app", "role": "client", "sha256": hash_key(key)}]}))
     config = CoordinatorConfig(store=models.root, model=MODEL, port=0, cluster_port=0, certs_dir=tmp_path,
-                               client_certs="required", http_port=0, jobs_dir=tmp_path / "jobs")
+                               client_certs="required", api_keys=keys, http_port=0, jobs_dir=tmp_path / "jobs")
     coordinator = loop.run(start_coordinator(config))
     gateway = loop.run(start_gateway(settings_beside(config, coordinator.server.port)))
     try:
@@ -582,7 +587,9 @@ def test_under_tls_it_serves_https_with_the_node_certificate_and_reaches_the_coo
             httpx.get(f"{gateway.url}/models", verify=str(tmp_path / "ca.crt"), timeout=10)
         node = httpx.create_ssl_context(verify=str(tmp_path / "ca.crt"))
         node.load_cert_chain(tmp_path / "node.crt", tmp_path / "node.key")
-        listed = httpx.get(f"{gateway.url}/models", verify=node, timeout=30).json()
+        assert httpx.get(f"{gateway.url}/models", verify=node, timeout=30).status_code == 401  # no key
+        listed = httpx.get(f"{gateway.url}/models", verify=node, timeout=30,
+                           headers={"authorization": f"Bearer {key}"}).json()
         assert [(m["id"], m["ready"]) for m in listed["data"]] == [(MODEL, False)]  # no workers: not ready
     finally:
         loop.run(gateway.stop())

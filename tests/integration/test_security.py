@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import grpc
@@ -387,3 +388,48 @@ def assert_serving(secure) -> None:
     with Client(secure["coordinator"].address, tls=secure["certs"], api_key=secure["key"]) as client:
         again = client.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True)
     assert again.token_ids == secure["reference"].token_ids
+
+
+def test_a_client_certificate_has_the_role_the_keys_file_gives_its_name_and_loses_it_when_removed(
+        loop, store, pki, tmp_path):
+    """--client-certs required: alice's certificate is a client, carol's an admin, dave's (signed by the same CA,
+    named nowhere) nothing; a key sent beside a certificate decides. Removing alice's entry refuses her at once."""
+    c = pki["cluster"]
+    for name in ("carol", "dave"):
+        if not (c / f"client.{name}.crt").exists():
+            create_client(c, name)
+    admin = new_api_key()
+    keys = tmp_path / "keys.json"
+    entries = [{"name": "alice", "role": "client", "certificate": "alice"},
+               {"name": "carol", "role": "admin", "certificate": "carol"},
+               {"name": "ops", "role": "admin", "sha256": hash_key(admin)}]
+    keys.write_text(json.dumps({"keys": entries}))
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", port=0, cluster_port=0, certs_dir=c,
+                               client_certs="required", api_keys=keys, jobs_dir=tmp_path / "jobs")
+    coordinator = loop.run(start_coordinator(config))
+    address = coordinator.address
+    try:
+        with node_channel(address, c, client="alice") as alice, node_channel(address, c, client="carol") as carol, \
+                node_channel(address, c, client="dave") as dave:
+            assert call(alice, COORDINATOR, "ListModels") == grpc.StatusCode.OK
+            assert call(alice, COORDINATOR, "GetClusterStatus") == grpc.StatusCode.PERMISSION_DENIED
+            assert call(carol, COORDINATOR, "GetClusterStatus") == grpc.StatusCode.OK
+            assert call(dave, COORDINATOR, "ListModels") == grpc.StatusCode.UNAUTHENTICATED
+            bearer = (("authorization", f"Bearer {admin}"),)
+            assert call(alice, COORDINATOR, "GetClusterStatus", bearer) == grpc.StatusCode.OK  # the key decides
+            keys.write_text(json.dumps({"keys": entries[1:]}))  # alice's entry removed
+            removed = time.monotonic()
+            while call(alice, COORDINATOR, "ListModels") == grpc.StatusCode.OK:
+                assert time.monotonic() - removed < 1.5, "alice's certificate was still admitted"
+                time.sleep(0.05)
+            assert call(alice, COORDINATOR, "ListModels") == grpc.StatusCode.UNAUTHENTICATED
+            assert call(carol, COORDINATOR, "ListModels") == grpc.StatusCode.OK
+        with tls_channel(address, c / "ca.crt") as anonymous:  # no certificate: no handshake
+            assert call(anonymous, COORDINATOR, "ListModels") == grpc.StatusCode.UNAVAILABLE
+    finally:
+        loop.run(coordinator.stop())
+
+
+def test_client_certs_required_without_a_keys_file_is_refused_at_start(pki, tmp_path):
+    with pytest.raises(ValueError, match="client_certs 'required' needs api_keys"):
+        CoordinatorConfig(store=tmp_path, model="m", certs_dir=pki["cluster"], client_certs="required")

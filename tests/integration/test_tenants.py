@@ -5,6 +5,7 @@ hit. Real coordinator with API keys on port 0, in-process workers."""
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
 from shardline.auth import hash_key, new_api_key
 from shardline.client import Client
+from shardline.errors import NotFound, Unauthenticated
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 PROMPT = [5, 17, 99, 3, 42, 8, 7]
@@ -144,4 +146,44 @@ def test_a_key_over_its_quota_is_refused_at_once_and_others_are_not(loop, store,
                 rated.generate(PROMPT, **GREEDY)
     finally:
         loop.run(gateway.stop())
+        loop.run(coordinator.stop())
+
+
+def test_a_new_key_given_a_revoked_keys_name_inherits_none_of_its_jobs(loop, store, tmp_path):
+    """Jobs belong to the key (an id from its hash), not to its name: "app" revoked, then a new "app" key,
+    sees none of the old key's jobs; an admin still does. No workers: a job is accepted and listed before it
+    runs."""
+    old, new, admin = new_api_key(), new_api_key(), new_api_key()
+    keys_file = tmp_path / "keys.json"
+
+    def keys(app: str) -> None:
+        keys_file.write_text(json.dumps({"keys": [{"name": "app", "role": "client", "sha256": hash_key(app)},
+                                                  {"name": "ops", "role": "admin", "sha256": hash_key(admin)}]}))
+
+    keys(old)
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", workers=2, port=0, http=False,
+                               api_keys=keys_file, jobs_dir=tmp_path / "jobs")
+    coordinator = loop.run(start_coordinator(config))
+    try:
+        with Client(coordinator.address, api_key=old, timeout=30) as app:
+            job_id = app.submit_job([{"prompt_token_ids": PROMPT, "max_tokens": 2}])
+            assert [j.job_id for j in app.list_jobs()] == [job_id]
+        keys(new)  # "app" revoked and made again: a new key of the same name
+        with Client(coordinator.address, api_key=new, timeout=30) as app:
+            deadline = time.monotonic() + 5
+            while True:  # the file is read again within a second of the change
+                try:
+                    jobs = app.list_jobs()
+                    break
+                except Unauthenticated:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert jobs == []
+            with pytest.raises(NotFound):
+                app.get_job(job_id)
+        with Client(coordinator.address, api_key=old, timeout=30) as gone, pytest.raises(Unauthenticated):
+            gone.list_jobs()
+        with Client(coordinator.address, api_key=admin, timeout=30) as ops:
+            assert job_id in [j.job_id for j in ops.list_jobs()]
+    finally:
         loop.run(coordinator.stop())

@@ -121,6 +121,12 @@ def test_api_keys_are_printed_once_stored_hashed_and_revocable(tmp_path):
     ('{"keys": [{"name": "a", "role": "client", "sha256": "' + "0" * 64 + '"}, {"name": "b", "role": "client", '
      '"sha256": "' + "0" * 64 + '"}]}', "same key as 'a'"),
     ('{"keys": [{"name": "", "role": "client", "sha256": "' + "0" * 64 + '"}]}', "empty name"),
+    ('{"keys": [{"name": "a", "role": "client", "certificate": "a/b"}]}', "common name"),
+    ('{"keys": [{"name": "a", "role": "admin", "certificate": "node"}]}', "the cluster's own certificate"),
+    ('{"keys": [{"name": "a", "role": "client", "certificate": "a", "sha256": "' + "0" * 64 + '"}]}',
+     "either sha256"),
+    ('{"keys": [{"name": "a", "role": "client", "certificate": "x"}, {"name": "b", "role": "admin", '
+     '"certificate": "x"}]}', "same certificate as 'a'"),
 ])
 def test_a_keys_file_that_cannot_be_used_is_refused_naming_the_problem(text, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")):

@@ -85,9 +85,9 @@ def keys_file(**extra: object) -> str:
 
 def test_the_keys_file_gives_role_defaults_and_a_keys_own_values():
     keys = parse_keys(keys_file(quotas={"client": {"max_streams": 8, "requests_per_s": 5}}), "f")
-    assert (keys[DIGEST].max_streams, keys[DIGEST].requests_per_s) == (8, 5.0)
+    assert (keys[f"sha256:{DIGEST}"].max_streams, keys[f"sha256:{DIGEST}"].requests_per_s) == (8, 5.0)
     keys = parse_keys(keys_file(quotas={"client": {"max_streams": 8}}, entry={"max_streams": 64}), "f")
-    assert (keys[DIGEST].max_streams, keys[DIGEST].requests_per_s) == (64, 0.0)
+    assert (keys[f"sha256:{DIGEST}"].max_streams, keys[f"sha256:{DIGEST}"].requests_per_s) == (64, 0.0)
 
 
 @pytest.mark.parametrize("extra, words", [
