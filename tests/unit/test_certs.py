@@ -131,3 +131,22 @@ def test_api_keys_are_printed_once_stored_hashed_and_revocable(tmp_path):
 def test_a_keys_file_that_cannot_be_used_is_refused_naming_the_problem(text, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")):
         parse_keys(text, "keys.json")
+
+
+def test_api_keys_cli_maps_a_certificate_to_a_role_and_keeps_the_files_quotas(tmp_path):
+    f = tmp_path / "keys.json"
+    f.write_text(json.dumps({"quotas": {"client": {"max_streams": 4}}, "keyless": "client", "keys": []}))
+    made = cli("api-keys", "create", "bob", "--certificate", "bob", "--role", "admin", "--file", str(f))
+    assert made.returncode == 0 and "client certificate 'bob' has role admin" in made.stdout, made.stderr
+    assert cli("api-keys", "create", "app", "--file", str(f)).returncode == 0
+    assert cli("api-keys", "revoke", "app", "--file", str(f)).returncode == 0
+    document = json.loads(f.read_text())
+    assert document["quotas"] == {"client": {"max_streams": 4}} and document["keyless"] == "client"
+    assert document["keys"] == [{"name": "bob", "role": "admin", "certificate": "bob"}]
+    assert "certificate bob" in cli("api-keys", "list", "--file", str(f)).stdout
+    bad = cli("api-keys", "create", "x", "--certificate", "no/slash", "--file", str(f))
+    assert bad.returncode == 1 and "common name" in bad.stderr
+    keys = ApiKeys(f)
+    assert keys.keyless() is not None and keys.keyless().role == "client" and keys.keyless().max_streams == 4
+    assert keys.of_certificate({"x509_common_name": [b"bob"]}).role == "admin"
+    assert keys.of_certificate({"x509_common_name": [b"eve"]}) is None
