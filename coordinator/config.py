@@ -184,6 +184,14 @@ class CoordinatorConfig(BaseModel):
     durable_fleet: bool = Field(True, description="commit every run-time change (load, unload, scale, promote) "
                                 "to fleet-<digest of the configured deployments>.sqlite in jobs_dir (or the store) "
                                 "before acknowledging it, and replay them at start")
+    # standby coordinators (README "Standby coordinators"): leader election on etcd
+    etcd: list[str] = Field(default_factory=list, max_length=16, description="etcd client URLs "
+                            "(http://HOST:2379): coordinators given the same etcd and etcd_prefix elect one "
+                            "leader; the others stand by. Empty: one coordinator, no election")
+    etcd_prefix: str = Field("/shardline/default", pattern=r"^/[A-Za-z0-9._/-]{1,200}$", description="the "
+                             "cluster's keys in etcd (one prefix per cluster)")
+    etcd_lease_s: int = Field(3, ge=1, le=60, description="the leader's lease: a standby takes over at most this "
+                              "long after the leader stops renewing it (died, paused, cut off)")
     job_concurrency: int = Field(64, ge=1, description="job items in flight at once (they run as background "
                                  "streams, after interactive ones)")
     job_step_share: float = Field(0.5, ge=0, description="while interactive streams run, a step carries at most "
@@ -229,6 +237,10 @@ class CoordinatorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _security_fits(self) -> CoordinatorConfig:
+        if self.etcd:
+            from coordinator.ha.etcd import parse_endpoints
+
+            parse_endpoints(self.etcd)  # ValueError naming a URL that is not one
         if self.client_certs == "required" and self.certs_dir is None:
             raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")
         if self.client_certs == "required" and self.api_keys is None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
 from shard_worker.device import DeviceSettings, device_proto
 from shardline.errors import from_rpc_error
-from shardline.fencing import Fence
+from shardline.fencing import LEADER_CLUSTER_HEADER, Fence
 from shardline.server import channel
 from shardline.stream import LinkSettings
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -31,7 +32,11 @@ class Registration:
                  forgotten: Callable[[], Awaitable[int]] | None = None,
                  held: Callable[[], coordinator_pb2.HeldShard | None] | None = None,
                  fence: Fence | None = None) -> None:
-        self.coordinator, self.address, self.memory_budget_bytes = coordinator, address, memory_budget_bytes
+        # every coordinator's address (comma-separated): with standby coordinators (issue 29), the one that leads
+        # takes the registration; a standby answers UNAVAILABLE naming the leader, which is tried next
+        self.coordinators = [c.strip() for c in coordinator.split(",") if c.strip()] or [coordinator]
+        self.coordinator = self.coordinators[0]
+        self.address, self.memory_budget_bytes = address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
         self.metadata = self.links.identity.metadata
@@ -71,6 +76,8 @@ class Registration:
                     except grpc.RpcError as err:
                         failures += 1
                         self._log_failure(err, failures)
+                        if self._follow(err):  # a standby named the leader: go there now
+                            break
                         # a coordinator that restarts is back within seconds: retry soon (0.1 s doubling up to
                         # QUICK_RETRY_S), and after 20 failures with an exponential backoff
                         backoff = min(interval, QUICK_RETRY_S, 0.1 * 2 ** (failures - 1)) if failures <= 20 \
@@ -122,6 +129,20 @@ class Registration:
         except Exception:  # noqa: BLE001 - logged; registering matters more
             log.exception("ending the sessions of a coordinator that forgot this worker failed; registering anyway")
             return 0
+
+    def _follow(self, err: grpc.RpcError) -> bool:
+        """After a failed call: the leader a standby named (True: try it at once), else the next coordinator
+        given (False: after the usual pause)."""
+        trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        leader = next((str(value) for key, value in trailers or () if key == LEADER_CLUSTER_HEADER), "")
+        if leader and leader != self.coordinator:
+            log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)
+            self.coordinator = leader
+            return True
+        if len(self.coordinators) > 1:
+            at = self.coordinators.index(self.coordinator) if self.coordinator in self.coordinators else -1
+            self.coordinator = self.coordinators[(at + 1) % len(self.coordinators)]
+        return False
 
     def _log_failure(self, err: grpc.RpcError, failures: int) -> None:
         if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

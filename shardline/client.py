@@ -81,6 +81,7 @@ __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncC
            "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
 
 T = TypeVar("T")
+CONNECT_EACH_S = 1.0  # resuming with several coordinators: how long each is given to accept a connection
 
 
 class Client(Connection):
@@ -96,7 +97,8 @@ class Client(Connection):
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in (*self._retired, self.channel):
+            channel.close()
 
     def _run(self, steps: Steps[T]) -> T:
         """A call of the table, driven: each step done, its outcome sent back; the call's value returned."""
@@ -113,18 +115,28 @@ class Client(Connection):
             time.sleep(step.seconds)
             return None
         if isinstance(step, Probe):
+            used = self.channel
             try:
-                return step.serving(self.health.Check(step.request, timeout=step.timeout))
+                serving = step.serving(self.health.Check(step.request, timeout=step.timeout))
             except grpc.RpcError:
-                return False
+                serving = False
+            if not serving:
+                self._switch(None, used)  # several coordinators: the next probe asks the next one
+            return serving
+        used = self.channel
         try:
+            return self._call(step)
+        except grpc.RpcError as err:
+            if not self._switch(err, used):
+                raise from_rpc_error(err) from err
+        try:  # a standby named the leader: the call goes there
             return self._call(step)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
     def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
-        resuming = calls.Resuming(call, result, call.timeout or self.timeout)
+        resuming = calls.Resuming(call, result, call.timeout or self.timeout, several=len(self.endpoints) > 1)
         # started now, not at the first read: streams opened together run together
         chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining()))
         if stream:
@@ -135,6 +147,7 @@ class Client(Connection):
 
     def _chunks(self, resuming: calls.Resuming, responses: Any) -> Iterator[GenerateChunk]:
         """The stream's chunks as they arrive; a stream that breaks resumes (calls.Resuming)."""
+        used = self.channel
         while True:
             try:
                 for response in responses:
@@ -142,20 +155,32 @@ class Client(Connection):
                     yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
-                pause = resuming.after(err)
+                # a standby named the leader: sent there at once; else the resume rules (and, with several
+                # coordinators, the next one when this one cannot be reached)
+                pause = 0.0 if self._switch(err, used) else resuming.after(err)
             finally:  # closed early: the coordinator frees the stream now, not at GC
                 responses.cancel()
             if pause is None:
                 return
             time.sleep(pause)
+            self._connected(resuming)
+            used = self.channel
+            responses = self._generate(resuming.request(), resuming.remaining())
+
+    def _connected(self, resuming: calls.Resuming) -> None:
+        """A coordinator reached again (a connection), within the break's window: with several, each is given
+        a second before the next is tried."""
+        while True:
             ready = grpc.channel_ready_future(self.channel)
-            try:  # the coordinator back (a connection), within the break's window
-                ready.result(timeout=resuming.window())
+            try:
+                ready.result(timeout=min(resuming.window(), CONNECT_EACH_S if len(self.endpoints) > 1 else 1e9))
+                return
             except grpc.FutureTimeoutError:
-                raise resuming.gone(resuming.broke) from None
+                if resuming.window() <= 0.001:
+                    raise resuming.gone(resuming.broke) from None
+                self._switch(None, self.channel)
             finally:
                 ready.cancel()
-            responses = self._generate(resuming.request(), resuming.remaining())
 
     def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                  **params: Any) -> Any:
@@ -275,7 +300,8 @@ class AsyncClient(Connection):
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close(None)
+        for channel in (*self._retired, self.channel):
+            await channel.close(None)
 
     async def _run(self, steps: Steps[T]) -> T:
         """A call of the table, driven: each step awaited, its outcome sent back; the call's value returned."""
@@ -292,18 +318,28 @@ class AsyncClient(Connection):
             await asyncio.sleep(step.seconds)
             return None
         if isinstance(step, Probe):
+            used = self.channel
             try:
-                return step.serving(await self.health.Check(step.request, timeout=step.timeout))
+                serving = step.serving(await self.health.Check(step.request, timeout=step.timeout))
             except grpc.RpcError:
-                return False
+                serving = False
+            if not serving:
+                self._switch(None, used)
+            return serving
+        used = self.channel
         try:
+            return await self._call(step)
+        except grpc.RpcError as err:
+            if not self._switch(err, used):
+                raise from_rpc_error(err) from err
+        try:  # a standby named the leader: the call goes there
             return await self._call(step)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
     async def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
-        resuming = calls.Resuming(call, result, call.timeout or self.timeout)
+        resuming = calls.Resuming(call, result, call.timeout or self.timeout, several=len(self.endpoints) > 1)
         chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining()))
         if stream:
             return chunks
@@ -313,6 +349,7 @@ class AsyncClient(Connection):
 
     async def _chunks(self, resuming: calls.Resuming, responses: Any) -> AsyncIterator[GenerateChunk]:
         """As Client._chunks, awaited; closed early (aclose, a cancelled task), the call is cancelled at once."""
+        used = self.channel
         while True:
             try:
                 async for response in responses:
@@ -320,17 +357,27 @@ class AsyncClient(Connection):
                     yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
-                pause = resuming.after(err)
+                pause = 0.0 if self._switch(err, used) else resuming.after(err)
             finally:
                 responses.cancel()
             if pause is None:
                 return
             await asyncio.sleep(pause)
-            try:
-                await asyncio.wait_for(self.channel.channel_ready(), resuming.window())
-            except TimeoutError:
-                raise resuming.gone(resuming.broke) from None
+            await self._connected(resuming)
+            used = self.channel
             responses = self._generate(resuming.request(), resuming.remaining())
+
+    async def _connected(self, resuming: calls.Resuming) -> None:
+        """As Client._connected, awaited."""
+        while True:
+            try:
+                await asyncio.wait_for(self.channel.channel_ready(),
+                                       min(resuming.window(), CONNECT_EACH_S if len(self.endpoints) > 1 else 1e9))
+                return
+            except TimeoutError:
+                if resuming.window() <= 0.001:
+                    raise resuming.gone(resuming.broke) from None
+                self._switch(None, self.channel)
 
     async def generate(self, prompt: str | Sequence[int], *, stream: bool = False, timeout: float | None = None,
                        **params: Any) -> Any:

@@ -108,8 +108,11 @@ class Resuming:
     at most until the window ends."""
 
     def __init__(self, call: Stream, result: GenerateResult, timeout: float,
-                 window_s: float = RESUME_WINDOW_S) -> None:
+                 window_s: float = RESUME_WINDOW_S, several: bool = False) -> None:
         self.call, self.result, self.timeout, self.window_s = call, result, timeout, window_s
+        # several coordinators (standbys): a stream whose connection failed before its first message is sent
+        # again too (to the next coordinator), as a broken one is
+        self.several = several
         self.deadline = time.monotonic() + timeout
         self.until = self.deadline  # the end of the current break's window (the deadline while unbroken)
         self.broke = ""     # why the stream broke (empty while it has not)
@@ -141,7 +144,7 @@ class Resuming:
             raise self.gone(details)
         # a break is the connection's doing (not the coordinator's answer), on a stream that can resume;
         # once broken, the coordinator's own UNAVAILABLE (not ready again yet) is waited through too
-        broke = not answered(err) and bool(self.result.model)
+        broke = not answered(err) and (bool(self.result.model) or self.several)
         # resuming, a quota may still count the broken stream (its end not seen yet): waited through too
         waits = code == grpc.StatusCode.UNAVAILABLE or (self.broke and code == grpc.StatusCode.RESOURCE_EXHAUSTED)
         if not waits or not (broke or self.broke):

@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from shardline.client_calls import Unary
+from shardline.errors import answered
+from shardline.fencing import LEADER_HEADER
 from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
 from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -46,6 +48,15 @@ def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
     return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, settings.credentials(), options=options)
 
 
+def leader_of(err: grpc.RpcError) -> str:
+    """The leader's address a standby coordinator named in its answer (empty if none)."""
+    try:
+        trailers: Any = err.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - an error object without a call behind it
+        return ""
+    return next((str(value) for key, value in trailers if key == LEADER_HEADER), "")
+
+
 class _Authorized:
     """A stub whose every call carries `authorization: Bearer <key>` (when there is a key), and `metadata`."""
 
@@ -72,11 +83,40 @@ class Connection:
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = DEFAULT_TIMEOUT_S, *,
                  api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
-        self.channel = _open(target, tls, client_name, self.aio)
-        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, target, tls)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        # several coordinators (comma-separated: standby coordinators, issue 29): the client talks to one at a
+        # time, goes to the leader a standby names, and to the next one when its coordinator cannot be reached
+        self.endpoints = [t.strip() for t in target.split(",") if t.strip()] or [target]
         self.timeout = timeout
-        self._target, self._tls = target, tls
+        self._tls, self._client_name, self._api_key = tls, client_name, api_key
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._retired: list[Any] = []  # channels switched away from (calls may still be on them): closed with it
+        self._connect(self.endpoints[0])
+
+    def _connect(self, target: str) -> None:
+        self.channel = _open(target, self._tls, self._client_name, self.aio)
+        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), self._api_key, target, self._tls,
+                                self._metadata)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._target = target
+
+    def _switch(self, err: grpc.RpcError | None, used: Any) -> bool:
+        """After a call on channel `used` failed with `err` (None: a health probe found no serving coordinator):
+        go to the leader a standby named (True: call again at once, the standby did nothing with the call), or,
+        with several coordinators and a connection that failed, to the next one (False: the caller's own retry
+        rules apply). Only the first failure on a channel switches it."""
+        leader = leader_of(err) if err is not None else ""
+        if used is not self.channel:  # another call switched already
+            return bool(leader)
+        if leader and leader != self._target:
+            self._retired.append(self.channel)
+            self._connect(leader)
+            return True
+        if len(self.endpoints) > 1 and (err is None or (err.code() == grpc.StatusCode.UNAVAILABLE
+                                                        and not answered(err))):
+            at = self.endpoints.index(self._target) if self._target in self.endpoints else -1
+            self._retired.append(self.channel)
+            self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
+        return False
 
     def _unreachable(self) -> str:
         """Why the cluster does not answer, when it is one of the usual reasons (shardline/diagnose.py)."""
@@ -90,6 +130,7 @@ class Connection:
         connection): how a gateway passes each caller's key, request id and trace context on. Closing it closes
         the shared channel: close the original only. ValueError if the key is not one word of ASCII characters."""
         view = copy.copy(self)
+        view._api_key, view._metadata = api_key, metadata
         view.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, self._target, self._tls,
                                 metadata)
         return view

@@ -74,7 +74,10 @@ def rules() -> Rules:
                  {f"/{SERVICE}/{m}": Access.ADMIN for m in ADMIN_METHODS})
 
 
-async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None] = log.info) -> Coordinator:
+async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None] = log.info,
+                            epoch: str = "") -> Coordinator:
+    """The coordinator's servers, fleet and jobs, started; `epoch`: the leadership it serves in (standby
+    coordinators on etcd, coordinator/ha/serve.py), else a new one."""
     identity = identity_of(config)
     if tracing.configure(config.otlp_endpoint, "shardline-coordinator"):
         log.info("tracing: one trace per request, exported with OTLP")
@@ -104,7 +107,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
 
     fleet: Fleet | None = None
     try:  # a fleet state that cannot be read (FleetStateError) stops the start here, holding nothing
-        fleet = Fleet(config, store, address, serving, say, identity)
+        fleet = Fleet(config, store, address, serving, say, identity, epoch=epoch)
         await fleet.start()
     except BaseException:
         if fleet is not None:

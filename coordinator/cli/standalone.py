@@ -5,12 +5,14 @@ all on this one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import typer
 
 from coordinator.cli import startup
 from coordinator.cli.common import CLIENT_NAME, STORE_DEFAULT, STORE_HELP, _fail, _store
+from coordinator.config import CoordinatorConfig
 from coordinator.store.models import ModelStore
 from shardline.cli_options import configure_logging, endpoint_option, log_level_option
 
@@ -86,6 +88,12 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                                                   show_default="off"),
           wire_dtype: str | None = typer.Option(None, help=startup.WIRE_DTYPE_HELP, show_default="--dtype"),
           quantize: str | None = typer.Option(None, help=startup.QUANTIZE_HELP, show_default="none"),
+          etcd: list[str] | None = typer.Option(None, "--etcd", help="etcd URL(s): stand by, lead when elected",
+                                                show_default="none: one coordinator"),
+          etcd_prefix: str | None = typer.Option(None, help="the cluster's keys in etcd",
+                                                 show_default="/shardline/default"),
+          etcd_lease_s: int | None = typer.Option(None, min=1, max=60, help="the leader's lease (s)",
+                                                  show_default="3"),
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -101,7 +109,10 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
     given["prefix_cache"] = prefix_cache
     given["log_prompts"] = log_prompts
     given["wire_dtype"], given["quantize"] = wire_dtype, quantize
-    flags = {k: v for k, v in given.items() if v is not None}
+    given["etcd_prefix"], given["etcd_lease_s"] = etcd_prefix, etcd_lease_s
+    flags: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if etcd:
+        flags["etcd"] = etcd
     if "model" in flags:
         resolved_store, flags["model"] = startup.resolve_model(str(flags["model"]), store)
         if resolved_store is not None:
@@ -116,6 +127,9 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
         _fail(str(exc))
         return
 
+    if config.etcd:
+        asyncio.run(_serve_standby(config))
+        return
     startup.check_ports(config)
 
     async def run() -> None:
@@ -150,6 +164,34 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                 await coordinator.stop()
 
     asyncio.run(run())
+
+
+async def _serve_standby(config: CoordinatorConfig) -> None:
+    """One of several coordinators on etcd (coordinator/ha/serve.py): stands by, leads when elected. Its HTTP
+    gateway runs as a process of its own (`coordinator http --endpoint A,B`), so no HTTP port is served here."""
+    from coordinator.ha.etcd import EtcdUnavailable
+    from coordinator.ha.serve import start_ha
+    from shardline.server import Signals
+
+    signals = Signals()
+    await startup.ensure_model(ModelStore(config.store), config.model)
+    try:
+        ha = await start_ha(config.model_copy(update={"http": False}), say=lambda line: print(line, flush=True))
+    except (EtcdUnavailable, ValueError, OSError) as exc:
+        _fail(str(exc))
+        return
+    running = asyncio.ensure_future(ha.run())
+    stop = asyncio.ensure_future(signals.first.wait())
+    try:
+        await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if ha.coordinator is not None and signals.first.is_set():
+            await startup.drain_unless_stopped(ha.coordinator.fleet.drain, config.drain_seconds, signals)
+    finally:
+        stop.cancel()
+        await ha.stop()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
 
 
 def http(endpoint: str = endpoint_option(),

@@ -44,10 +44,11 @@ log = logging.getLogger(__name__)
 class Fleet:
     def __init__(self, config: CoordinatorConfig, store: ModelStore, parameters_address: str,
                  set_serving: Callable[[bool], Awaitable[None]], say: Callable[[str], None] = log.info,
-                 identity: ClusterIdentity | None = None, metrics: CoordinatorMetrics | None = None) -> None:
+                 identity: ClusterIdentity | None = None, metrics: CoordinatorMetrics | None = None,
+                 epoch: str = "") -> None:
         self.config, self.store, self.say = config, store, say
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
-        self.registry = Registry(config.heartbeat_timeout_ms / 1000)
+        self.registry = Registry(config.heartbeat_timeout_ms / 1000, epoch)
         links = LinkSettings(step_timeout_ms=config.step_timeout_ms,
                              keepalive=Keepalive(config.keepalive_time_ms, config.keepalive_timeout_ms),
                              identity=identity or ClusterIdentity(), epoch=self.registry.epoch)

@@ -69,11 +69,11 @@ class Registry:
     its id, its own identity and the epoch it registered in, and is known only if all three match: after a
     restart, a worker of the old life is told to register again, never taken for the one that got its old id."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, epoch: str = "") -> None:
         self.timeout_s = timeout_s
         self.workers: dict[str, WorkerRecord] = {}
         self._ids = itertools.count(1)
-        self.epoch = uuid.uuid4().hex
+        self.epoch = epoch or uuid.uuid4().hex  # a leadership's, from etcd (issue 29); else new at every start
 
     def register(self, address: str, memory_budget_bytes: int, device: WorkerDevice | None = None,
                  identity: str = "", held: LoadedShard | None = None) -> WorkerRecord:

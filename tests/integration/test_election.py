@@ -16,13 +16,6 @@ from coordinator.ha.local_etcd import LocalEtcd
 TTL = 2
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    local = LocalEtcd.start(tmp_path_factory.mktemp("etcd"))
-    yield local
-    local.stop()
-
-
 def candidates(endpoint: str, key: str) -> tuple[Election, Election]:
     return (Election(Etcd([endpoint]), key, Leader("a:1", "a:2", 0), TTL),
             Election(Etcd([endpoint]), key, Leader("b:1", "b:2", 0), TTL))

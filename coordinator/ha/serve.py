@@ -1,0 +1,145 @@
+"""`coordinator serve --etcd URL`: one of several coordinators of a cluster, of which etcd elects one to lead
+(coordinator/ha/election.py). Standing by, it holds the coordinator's ports and sends every caller to the leader
+(coordinator/ha/standby.py). Elected, it starts as a coordinator does after a restart: workers register with it
+(they are given every coordinator's address) and it adopts the shards they hold, and streams resume through
+the SDK. Deposed (its lease lapsed: paused, cut off from etcd), it stops serving at once and stands by again;
+workers refuse its calls from then on (shardline/fencing.py: they have registered with the new leader's epoch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.api.server import Coordinator, identity_of, start_coordinator
+from coordinator.config import CoordinatorConfig
+from coordinator.ha.election import Election, Leader
+from coordinator.ha.etcd import Etcd, EtcdUnavailable, parse_endpoints
+from coordinator.ha.standby import Standby, start_standby
+
+log = logging.getLogger(__name__)
+WILDCARD = {"0.0.0.0", "::", "[::]", ""}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host.strip("[]"), 0))
+        return int(s.getsockname()[1])
+
+
+def fixed_ports(config: CoordinatorConfig) -> CoordinatorConfig:
+    """Ports chosen once (a leader is found at the address it advertised, so port 0 is resolved at start)."""
+    update: dict[str, object] = {}
+    if config.port == 0:
+        update["port"] = _free_port(config.host)
+    if config.certs_dir is not None and config.cluster_port == 0:
+        update["cluster_port"] = _free_port(config.host)
+    return config.model_copy(update=update) if update else config
+
+
+def me(config: CoordinatorConfig) -> Leader:
+    host = config.advertise or config.host
+    if host in WILDCARD:
+        raise ValueError("with --etcd, give --advertise HOST: the address other coordinators send callers to")
+    host = f"[{host.strip('[]')}]" if ":" in host else host
+    cluster_port = config.cluster_port if config.certs_dir is not None else config.port
+    return Leader(f"{host}:{config.port}", f"{host}:{cluster_port}", 0)
+
+
+@dataclass
+class HighlyAvailable:
+    """One coordinator of several: standing by or leading, in turn, until stopped (made by `start_ha`)."""
+
+    config: CoordinatorConfig
+    etcd: Etcd
+    election: Election
+    say: Callable[[str], None] = log.info
+    coordinator: Coordinator | None = None
+    standby: Standby | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    leaderships: int = 0  # how many times this one was elected
+    became_leader: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _stand_by(self) -> None:
+        election = self.election
+        self.standby = await start_standby(self.config, identity_of(self.config), lambda: election.leader)
+
+    async def run(self) -> None:
+        """Stand by, lead when elected, stand by again when deposed; until `stopping`."""
+        while not self.stopping.is_set():
+            campaign = asyncio.ensure_future(self.election.campaign(self.stopping))
+            if not await self._first(campaign):
+                return
+            epoch = campaign.result()
+            if self.standby is not None:
+                await self.standby.stop()
+                self.standby = None
+            try:
+                self.coordinator = await start_coordinator(self.config, self.say, epoch=f"etcd-{epoch}")
+            except (ValueError, OSError) as exc:  # this machine cannot serve: let another lead
+                log.error("elected, but cannot start serving: %s; stepping down", exc)
+                await self.election.resign()
+                await self._stand_by()
+                await asyncio.sleep(self.config.etcd_lease_s)
+                continue
+            self.leaderships += 1
+            self.became_leader.set()
+            self.say(f"leading (epoch {epoch}): serving on {self.coordinator.address}")
+            lost = asyncio.ensure_future(self.election.lost.wait())
+            await self._first(lost)
+            await self._stop_serving()
+            if not self.stopping.is_set():
+                self.say(f"deposed (epoch {epoch} ended): standing by")
+                await self._stand_by()
+
+    async def _first(self, task: asyncio.Future[Any]) -> bool:
+        """Wait for `task` or the stop, whichever comes first; True if `task` finished (the other cancelled)."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for pending in (task, stop):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, EtcdUnavailable):
+                    await pending
+        return task.done() and not task.cancelled()
+
+    async def _stop_serving(self) -> None:
+        coordinator, self.coordinator = self.coordinator, None
+        if coordinator is not None:
+            await coordinator.stop()
+
+    async def stop(self, drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.stopping.set()
+        try:
+            await self._stop_serving()
+        finally:
+            if self.standby is not None:
+                await self.standby.stop()
+                self.standby = None
+            await self.election.resign()  # a standby takes over now, not when the lease would lapse
+            await self.etcd.close()
+
+
+async def start_ha(config: CoordinatorConfig, say: Callable[[str], None] = log.info) -> HighlyAvailable:
+    """Check etcd and bind the coordinator's ports as a standby; EtcdUnavailable (naming the endpoint and the
+    reason) or OSError (a port) when it cannot. `run()` then campaigns."""
+    config = fixed_ports(config)
+    etcd = Etcd(parse_endpoints(config.etcd))
+    try:
+        version = await etcd.check()
+        election = Election(etcd, f"{config.etcd_prefix}/leader", me(config), config.etcd_lease_s)
+        ha = HighlyAvailable(config, etcd, election, say)
+        await ha._stand_by()
+    except BaseException:
+        await etcd.close()
+        raise
+    say(f"etcd {version} at {etcd.endpoint}; standing by as {election.me.address}")
+    return ha
+
+
+__all__ = ["HighlyAvailable", "fixed_ports", "me", "start_ha"]

@@ -1,0 +1,110 @@
+"""Standby coordinators on a real etcd, in one process: two coordinators of one cluster, one leads and the
+other stands by (every call it gets is sent to the leader); workers given both addresses register with the
+leader; when the leader steps down the standby takes over, the workers register with it (their shards
+adopted, not reloaded), and a stream in flight resumes through the SDK with the tokens an undisturbed run
+gives."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+
+import grpc
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.ha.serve import HighlyAvailable, start_ha
+from shard_worker.registration import Registration
+from shard_worker.server import start_worker
+from shardline.client import Client
+from shardline.errors import Unavailable
+from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+PROMPT = [5, 17, 99, 3, 42, 8, 7]
+LEASE = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ha_config(store, etcd, prefix: str, jobs) -> CoordinatorConfig:
+    return CoordinatorConfig(store=store.root, model="tiny-llama", workers=2, port=free_port(), http=False,
+                             etcd=[etcd.url], etcd_prefix=prefix, etcd_lease_s=LEASE, jobs_dir=jobs,
+                             heartbeat_timeout_ms=5000)
+
+
+async def started(ha: HighlyAvailable) -> asyncio.Task[None]:
+    return asyncio.ensure_future(ha.run())
+
+
+async def register(worker, coordinators: str) -> asyncio.Task[None]:
+    registration = Registration(coordinators, worker.address, 2**30, forgotten=worker.servicer.lifecycle.end_all_sessions,
+                                held=worker.servicer.lifecycle.held, fence=worker.servicer.fence)
+    return asyncio.ensure_future(registration.run())
+
+
+def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(loop, store, etcd, tmp_path):
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    a = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "a")))
+    running = [loop.run(started(a))]
+    loop.run(asyncio.wait_for(a.became_leader.wait(), 10))
+    b = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "b")))
+    running.append(loop.run(started(b)))
+    both = f"{a.election.me.address},{b.election.me.address}"
+    workers = [loop.run(start_worker()) for _ in range(2)]
+    registrations = [loop.run(register(w, both)) for w in workers]
+    try:
+        # the standby answers every call UNAVAILABLE naming the leader, in its message and trailing metadata
+        with grpc.insecure_channel(b.election.me.address) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                coordinator_pb2_grpc.CoordinatorStub(ch).ListModels(coordinator_pb2.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert a.election.me.address in err.value.details() and "standby" in err.value.details()
+            assert ("shardline-leader", a.election.me.address) in tuple(err.value.trailing_metadata())
+        # the SDK given the standby first goes to the leader
+        with Client(f"{b.election.me.address},{a.election.me.address}", timeout=60) as client:
+            client.wait_ready(timeout=60)
+            reference = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
+            status_before = {w.address: (w.start_layer, w.end_layer) for w in client.cluster_status().workers}
+            chunks = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True, stream=True)
+            tokens = [t for t in next(chunks).token_ids]
+            stepped_down = time.monotonic()
+            loop.run(a.stop())  # the leader resigns: the standby leads at once, not a lease later
+            for chunk in chunks:
+                tokens.extend(chunk.token_ids)
+            took = time.monotonic() - stepped_down
+            assert tokens == reference.token_ids, "the resumed stream differs from an undisturbed run"
+            assert b.leaderships == 1 and b.election.epoch > 0
+            after = client.cluster_status()
+            # the same workers serve the same layers: adopted, not reloaded
+            assert {w.address: (w.start_layer, w.end_layer) for w in after.workers} == status_before
+            assert took < 15, took
+    finally:
+        for task in registrations:
+            task.cancel()
+        loop.run(b.stop())
+        loop.run(a.stop())
+        for task in running:
+            task.cancel()
+        for w in workers:
+            loop.run(w.stop(0))
+
+
+def test_an_etcd_that_does_not_answer_stops_the_start_naming_it(loop, store, tmp_path):
+    from coordinator.ha.etcd import EtcdUnavailable
+
+    config = CoordinatorConfig(store=store.root, model="tiny-llama", port=free_port(), http=False,
+                               etcd=[f"http://127.0.0.1:{free_port()}"], jobs_dir=tmp_path)
+    with pytest.raises(EtcdUnavailable, match=r"etcd at 127\.0\.0\.1:\d+: UNAVAILABLE"):
+        loop.run(start_ha(config))
+    # the port it would have served on is free again
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", config.port))
+    with pytest.raises(Unavailable):
+        with Client(f"127.0.0.1:{config.port}", timeout=2) as client:
+            client.list_models()
