@@ -43,8 +43,9 @@ async def started(ha: HighlyAvailable) -> asyncio.Task[None]:
 
 
 async def register(worker, coordinators: str) -> asyncio.Task[None]:
-    registration = Registration(coordinators, worker.address, 2**30, forgotten=worker.servicer.lifecycle.end_all_sessions,
-                                held=worker.servicer.lifecycle.held, fence=worker.servicer.fence)
+    lifecycle = worker.servicer.lifecycle
+    registration = Registration(coordinators, worker.address, 2**30, forgotten=lifecycle.end_all_sessions,
+                                held=lifecycle.held, fence=worker.servicer.fence)
     return asyncio.ensure_future(registration.run())
 
 
