@@ -41,8 +41,8 @@ def _root(version: bool = version_option()) -> None:
 def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
           port: int = typer.Option(0, min=0, max=65535, help="port (0 = a free one, printed on start)"),
           log_level: str = log_level_option(),
-          coordinator: str = typer.Option("", help="HOST:PORT of a coordinator to register with; it then sends "
-                                          "this worker its shard"),
+          coordinator: str = typer.Option("", help="HOST:PORT of a coordinator to register with (standbys: "
+                                          "A,B); it then sends this worker its shard"),
           advertise: str = typer.Option("", help="host the coordinator reaches this worker on",
                                         show_default="--host"),
           worker_memory_mb: int = memory_option(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import grpc
 
 from shard_worker.device import DeviceSettings, device_proto
 from shardline.errors import from_rpc_error
-from shardline.fencing import LEADER_CLUSTER_HEADER, Fence
+from shardline.fencing import LEADER_CLUSTER_HEADER, STANDBY_HEADER, Fence
 from shardline.server import channel
 from shardline.stream import LinkSettings
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 10.0
 MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
 ORPHANS_TIMEOUT_S = 10.0  # ending the sessions a forgotten worker holds, at most
+STALE_LEADER_S = 5.0  # a leader found unreachable this recently is not gone back to on a standby's word
 QUICK_RETRY_S = 0.5  # the longest pause between the first 20 tries to reach a coordinator that went away
 
 
@@ -36,6 +38,7 @@ class Registration:
         # takes the registration; a standby answers UNAVAILABLE naming the leader, which is tried next
         self.coordinators = [c.strip() for c in coordinator.split(",") if c.strip()] or [coordinator]
         self.coordinator = self.coordinators[0]
+        self.unreachable_at: dict[str, float] = {}  # when each coordinator last failed to answer
         self.address, self.memory_budget_bytes = address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
@@ -131,15 +134,21 @@ class Registration:
             return 0
 
     def _follow(self, err: grpc.RpcError) -> bool:
-        """After a failed call: the leader a standby named (True: try it at once), else the next coordinator
-        given (False: after the usual pause)."""
+        """After a failed call: the leader a standby named (True: try it at once), else, when this coordinator
+        could not be reached, the next one given (False: after the usual pause). A standby that names a leader
+        found unreachable in the last STALE_LEADER_S (its lease not lapsed yet) is waited at instead."""
         trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-        leader = next((str(value) for key, value in trailers or () if key == LEADER_CLUSTER_HEADER), "")
-        if leader and leader != self.coordinator:
+        pairs = [(str(key), str(value)) for key, value in trailers or ()]
+        leader = next((value for key, value in pairs if key == LEADER_CLUSTER_HEADER), "")
+        standby = any(key == STANDBY_HEADER for key, _ in pairs)
+        now = time.monotonic()
+        if not standby and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.unreachable_at[self.coordinator] = now
+        if leader and leader != self.coordinator and now - self.unreachable_at.get(leader, -1e9) >= STALE_LEADER_S:
             log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)
             self.coordinator = leader
             return True
-        if len(self.coordinators) > 1:
+        if not standby and len(self.coordinators) > 1:
             at = self.coordinators.index(self.coordinator) if self.coordinator in self.coordinators else -1
             self.coordinator = self.coordinators[(at + 1) % len(self.coordinators)]
         return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -15,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from shardline.client_calls import Unary
 from shardline.errors import answered
-from shardline.fencing import LEADER_HEADER
+from shardline.fencing import LEADER_HEADER, STANDBY_HEADER
 from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
 from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -27,6 +28,7 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
 TLSOption = bool | str | Path | ClientTLS | None
+STALE_LEADER_S = 5.0
 
 
 def _tls(tls: TLSOption, client_name: str) -> ClientTLS | None:
@@ -48,13 +50,15 @@ def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
     return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, settings.credentials(), options=options)
 
 
-def leader_of(err: grpc.RpcError) -> str:
-    """The leader's address a standby coordinator named in its answer (empty if none)."""
+def leader_of(err: grpc.RpcError) -> tuple[str, bool]:
+    """The leader's address a standby coordinator named in its answer (empty if none), and whether a standby
+    answered at all (it may know no leader yet)."""
     try:
         trailers: Any = err.trailing_metadata() or ()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - an error object without a call behind it
-        return ""
-    return next((str(value) for key, value in trailers if key == LEADER_HEADER), "")
+        return "", False
+    pairs = [(str(key), str(value)) for key, value in trailers]
+    return next((v for k, v in pairs if k == LEADER_HEADER), ""), any(k == STANDBY_HEADER for k, _ in pairs)
 
 
 class _Authorized:
@@ -90,6 +94,9 @@ class Connection:
         self._tls, self._client_name, self._api_key = tls, client_name, api_key
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._retired: list[Any] = []  # channels switched away from (calls may still be on them): closed with it
+        # when each coordinator was last found unreachable: a standby still naming a leader that just died (its
+        # lease not lapsed yet) is not followed back there for STALE_LEADER_S
+        self._unreachable_at: dict[str, float] = {}
         self._connect(self.endpoints[0])
 
     def _connect(self, target: str) -> None:
@@ -104,15 +111,19 @@ class Connection:
         go to the leader a standby named (True: call again at once, the standby did nothing with the call), or,
         with several coordinators and a connection that failed, to the next one (False: the caller's own retry
         rules apply). Only the first failure on a channel switches it."""
-        leader = leader_of(err) if err is not None else ""
+        leader, standby = leader_of(err) if err is not None else ("", False)
+        lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not standby)
+        if lost and used is self.channel:
+            self._unreachable_at[self._target] = time.monotonic()
+        if leader and time.monotonic() - self._unreachable_at.get(leader, float("-inf")) < STALE_LEADER_S:
+            leader = ""  # it was just unreachable: the standby's news is stale; wait here for the next leader
         if used is not self.channel:  # another call switched already
             return bool(leader)
         if leader and leader != self._target:
             self._retired.append(self.channel)
             self._connect(leader)
             return True
-        if len(self.endpoints) > 1 and (err is None or (err.code() == grpc.StatusCode.UNAVAILABLE
-                                                        and not answered(err))):
+        if lost and len(self.endpoints) > 1:  # a standby is waited at (the election ends soon); else the next
             at = self.endpoints.index(self._target) if self._target in self.endpoints else -1
             self._retired.append(self.channel)
             self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
