@@ -8,6 +8,7 @@ Requests name `name` (the default version) or `name@version`."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -86,6 +87,28 @@ def defaults_of(specs: list[DeploymentSpec]) -> dict[str, str]:
     for spec in specs:
         out.setdefault(spec.name, spec.version)
     return out
+
+
+def parse_endpoints(urls: list[str]) -> list[str]:
+    """`http://HOST:PORT` (or HOST:PORT) of each etcd member, comma-separated or repeated, as HOST:PORT targets;
+    ValueError naming a URL that is not one (https needs certificates this release does not take yet)."""
+    out: list[str] = []
+    for url in (u.strip() for given in urls for u in given.split(",")):
+        if not url:
+            continue
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"etcd endpoint {url!r}: give http://HOST:PORT (etcd's client URL)")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise ValueError(f"etcd endpoint {url!r}: the port is not a number from 1 to 65535") from None
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        out.append(f"{host}:{port}")
+    if not out:
+        raise ValueError("--etcd needs at least one endpoint (http://HOST:2379)")
+    return out
+
 
 
 class CoordinatorConfig(BaseModel):
@@ -238,8 +261,6 @@ class CoordinatorConfig(BaseModel):
     @model_validator(mode="after")
     def _security_fits(self) -> CoordinatorConfig:
         if self.etcd:
-            from coordinator.ha.etcd import parse_endpoints
-
             parse_endpoints(self.etcd)  # ValueError naming a URL that is not one
         if self.client_certs == "required" and self.certs_dir is None:
             raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")

@@ -65,10 +65,10 @@ class _Authorized:
     """A stub whose every call carries `authorization: Bearer <key>` (when there is a key), and `metadata`."""
 
     def __init__(self, stub: Any, api_key: str | None, target: str = "", tls: TLSOption = None,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), stacklevel: int = 3) -> None:
         if api_key and not tls and not is_loopback(target.rpartition(":")[0]):
             warnings.warn(f"the API key goes to {target} in plaintext: anyone on the network can read it "
-                          "(give tls=)", stacklevel=3)
+                          "(give tls=)", stacklevel=stacklevel)
         if api_key is not None and (not api_key or any(c.isspace() for c in api_key) or not api_key.isascii()):
             raise ValueError("api_key must be one word of ASCII characters")
         self._stub = stub
@@ -102,7 +102,7 @@ class Connection:
     def _connect(self, target: str) -> None:
         self.channel = _open(target, self._tls, self._client_name, self.aio)
         self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), self._api_key, target, self._tls,
-                                self._metadata)
+                                self._metadata, stacklevel=4)  # the warning names the caller of Client(...)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._target = target
 

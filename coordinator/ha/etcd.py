@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import grpc
 from aetcd import rpc  # type: ignore[import-untyped]
+
+from coordinator.config import parse_endpoints
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0  # one call to etcd: an election step, a lease refresh, a read or a write of fleet state
@@ -25,27 +26,6 @@ CALL_TIMEOUT_S = 2.0  # one call to etcd: an election step, a lease refresh, a r
 
 class EtcdUnavailable(Exception):
     """etcd cannot be used now: the message names the endpoint and the reason."""
-
-
-def parse_endpoints(urls: list[str]) -> list[str]:
-    """`http://HOST:PORT` (or HOST:PORT) of each etcd member, comma-separated or repeated, as HOST:PORT targets;
-    ValueError naming a URL that is not one (https needs certificates this release does not take yet)."""
-    out: list[str] = []
-    for url in (u.strip() for given in urls for u in given.split(",")):
-        if not url:
-            continue
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"etcd endpoint {url!r}: give http://HOST:PORT (etcd's client URL)")
-        try:
-            port = parts.port or 2379
-        except ValueError:
-            raise ValueError(f"etcd endpoint {url!r}: the port is not a number from 1 to 65535") from None
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        out.append(f"{host}:{port}")
-    if not out:
-        raise ValueError("--etcd needs at least one endpoint (http://HOST:2379)")
-    return out
 
 
 @dataclass(frozen=True)
@@ -175,4 +155,4 @@ async def connected(endpoints: list[str]) -> AsyncIterator[Etcd]:
         await etcd.close()
 
 
-__all__ = ["CALL_TIMEOUT_S", "Etcd", "EtcdUnavailable", "KeyValue", "connected", "parse_endpoints"]
+__all__ = ["CALL_TIMEOUT_S", "Etcd", "EtcdUnavailable", "KeyValue", "connected"]

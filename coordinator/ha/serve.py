@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.api.server import Coordinator, identity_of, start_coordinator
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, parse_endpoints
 from coordinator.ha.election import Election, Leader
-from coordinator.ha.etcd import Etcd, EtcdUnavailable, parse_endpoints
+from coordinator.ha.etcd import Etcd, EtcdUnavailable
 from coordinator.ha.standby import Standby, start_standby
 
 log = logging.getLogger(__name__)

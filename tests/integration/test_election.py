@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from coordinator.config import parse_endpoints
 from coordinator.ha.election import Election, Leader
-from coordinator.ha.etcd import Etcd, EtcdUnavailable, parse_endpoints
+from coordinator.ha.etcd import Etcd, EtcdUnavailable
 from coordinator.ha.local_etcd import LocalEtcd
 
 TTL = 2
