@@ -12,6 +12,7 @@ from coordinator.api import kserve
 from coordinator.api.servicer import CoordinatorServicer, RegistryServicer
 from coordinator.api.state_metrics import watch
 from coordinator.config import CoordinatorConfig
+from coordinator.fleet.durable import FleetState
 from coordinator.fleet.fleet import Fleet
 from coordinator.jobs.runner import JobRunner
 from coordinator.serving.result_cache import ResultCache
@@ -75,9 +76,10 @@ def rules() -> Rules:
 
 
 async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None] = log.info,
-                            epoch: str = "") -> Coordinator:
-    """The coordinator's servers, fleet and jobs, started; `epoch`: the leadership it serves in (standby
-    coordinators on etcd, coordinator/ha/serve.py), else a new one."""
+                            epoch: str = "", durable: FleetState | None = None) -> Coordinator:
+    """The coordinator's servers, fleet and jobs, started; `epoch`: the leadership it serves in, and `durable`
+    the fleet state its standbys share (standby coordinators on etcd, coordinator/ha/serve.py); else a new
+    epoch, and the fleet state beside its jobs."""
     identity = identity_of(config)
     if tracing.configure(config.otlp_endpoint, "shardline-coordinator"):
         log.info("tracing: one trace per request, exported with OTLP")
@@ -107,7 +109,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
 
     fleet: Fleet | None = None
     try:  # a fleet state that cannot be read (FleetStateError) stops the start here, holding nothing
-        fleet = Fleet(config, store, address, serving, say, identity, epoch=epoch)
+        fleet = Fleet(config, store, address, serving, say, identity, epoch=epoch, durable=durable)
         await fleet.start()
     except BaseException:
         if fleet is not None:

@@ -45,7 +45,7 @@ class Fleet:
     def __init__(self, config: CoordinatorConfig, store: ModelStore, parameters_address: str,
                  set_serving: Callable[[bool], Awaitable[None]], say: Callable[[str], None] = log.info,
                  identity: ClusterIdentity | None = None, metrics: CoordinatorMetrics | None = None,
-                 epoch: str = "") -> None:
+                 epoch: str = "", durable: FleetState | None = None) -> None:
         self.config, self.store, self.say = config, store, say
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self.registry = Registry(config.heartbeat_timeout_ms / 1000, epoch)
@@ -69,8 +69,11 @@ class Fleet:
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._started = time.monotonic()  # replicas wait a moment for the workers whose shards they adopt
-        self.durable: FleetState = opened(config.jobs_dir or config.store, config.initial_deployments()) \
-            if config.durable_fleet else Forgetful()  # run-time changes, committed before acknowledged
+        # run-time changes, committed before acknowledged: given (etcd, shared by standby coordinators), else
+        # SQLite beside the jobs
+        self.durable: FleetState = durable if durable is not None else \
+            opened(config.jobs_dir or config.store, config.initial_deployments()) if config.durable_fleet \
+            else Forgetful()
         self.admin = ModelAdmin(self)       # load, unload, scale and promote at run time
 
     # -- start and stop --------------------------------------------------------------------------------

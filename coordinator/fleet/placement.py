@@ -69,9 +69,12 @@ def choose_workers(manifest: Manifest, stages: int, free: list[WorkerRecord]) ->
 def place(wanted: list[Wanted], free: list[WorkerRecord], adopting: bool = False) -> Placement:
     """Each wanted replica on free workers: first on workers whose shards already tile its model (a restarted
     coordinator adopts them); else by memory. While `adopting` (just after a start), a replica some of whose
-    layers a free worker holds waits for the rest of its holders rather than be placed elsewhere."""
+    layers a free worker holds waits for the rest of its holders rather than be placed elsewhere, and a worker
+    that holds layers some wanted replica would adopt is placed nothing else."""
     out = Placement()
     pool = list(free)
+    adoptable = {(w.model, w.manifest.digest) for w in wanted if w.model}
+    reserved = [w for w in pool if adopting and w.held is not None and (w.held.model, w.held.digest) in adoptable]
     for want in wanted:
         if want.key in out.unplaced:
             continue  # a deployment whose earlier replica did not fit: its later ones would not either
@@ -88,7 +91,7 @@ def place(wanted: list[Wanted], free: list[WorkerRecord], adopting: bool = False
                                     "adopts them)"
             continue
         try:
-            chain = choose_workers(want.manifest, want.stages, pool)
+            chain = choose_workers(want.manifest, want.stages, [w for w in pool if w not in reserved])
         except PlanDoesNotFit as exc:
             need = sum(layer_costs(want.manifest))
             out.unplaced[want.key] = (f"{want.key} ({need / MiB:.1f} MiB of weights on {want.stages} workers) "

@@ -18,8 +18,6 @@ from typing import Any
 import grpc
 from aetcd import rpc  # type: ignore[import-untyped]
 
-from coordinator.config import parse_endpoints
-
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0  # one call to etcd: an election step, a lease refresh, a read or a write of fleet state
 

@@ -20,6 +20,7 @@ from coordinator.api.server import Coordinator, identity_of, start_coordinator
 from coordinator.config import CoordinatorConfig, parse_endpoints
 from coordinator.ha.election import Election, Leader
 from coordinator.ha.etcd import Etcd, EtcdUnavailable
+from coordinator.ha.fleet_state import EtcdFleetState
 from coordinator.ha.standby import Standby, start_standby
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,14 @@ class HighlyAvailable:
             if self.standby is not None:
                 await self.standby.stop()
                 self.standby = None
+            durable = EtcdFleetState(self.etcd.endpoints, self.config.etcd_prefix,
+                                     self.config.initial_deployments()) if self.config.durable_fleet else None
             try:
-                self.coordinator = await start_coordinator(self.config, self.say, epoch=f"etcd-{epoch}")
+                self.coordinator = await start_coordinator(self.config, self.say, epoch=f"etcd-{epoch}",
+                                                           durable=durable)
             except (ValueError, OSError) as exc:  # this machine cannot serve: let another lead
+                if durable is not None:
+                    durable.close()
                 log.error("elected, but cannot start serving: %s; stepping down", exc)
                 await self.election.resign()
                 await self._stand_by()

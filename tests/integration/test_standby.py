@@ -57,7 +57,7 @@ def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(l
     b = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "b")))
     running.append(loop.run(started(b)))
     both = f"{a.election.me.address},{b.election.me.address}"
-    workers = [loop.run(start_worker()) for _ in range(2)]
+    workers = [loop.run(start_worker()) for _ in range(3)]
     registrations = [loop.run(register(w, both)) for w in workers]
     try:
         # the standby answers every call UNAVAILABLE naming the leader, in its message and trailing metadata
@@ -70,6 +70,7 @@ def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(l
         # the SDK given the standby first goes to the leader
         with Client(f"{b.election.me.address},{a.election.me.address}", timeout=60) as client:
             client.wait_ready(timeout=60)
+            client.load_model("tiny-gpt2", workers=1)  # a run-time change: committed to etcd, not to A's disk
             reference = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
             status_before = {w.address: (w.start_layer, w.end_layer) for w in client.cluster_status().workers}
             chunks = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True, stream=True)
@@ -85,6 +86,8 @@ def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(l
             # the same workers serve the same layers: adopted, not reloaded
             assert {w.address: (w.start_layer, w.end_layer) for w in after.workers} == status_before
             assert took < 15, took
+            # the new leader serves the run-time change too: it read the fleet state from etcd
+            assert {(m.name, m.ready) for m in client.list_models()} == {("tiny-llama", True), ("tiny-gpt2", True)}
     finally:
         for task in registrations:
             task.cancel()

@@ -10,7 +10,7 @@ from coordinator.fleet.autoscaler import Pressure, decide
 from coordinator.fleet.deployments import check_replicas, resolve
 from coordinator.fleet.placement import Wanted, choose_workers, interleave, place
 from coordinator.fleet.planner import MiB, PlanDoesNotFit
-from coordinator.fleet.registry import WorkerRecord
+from coordinator.fleet.registry import LoadedShard, WorkerRecord
 from coordinator.store.models import Manifest, TensorInfo
 from shardline.errors import InvalidArgument, NotFound
 
@@ -50,6 +50,18 @@ def test_what_cannot_fit_is_reported_per_deployment_with_the_missing_mib():
     missing = "needs 3 workers and 1 are free, offering 10.0 MiB: 10.0 MiB and 2 workers missing"
     with pytest.raises(PlanDoesNotFit, match=missing):
         choose_workers(small, 3, workers(10))
+
+
+def test_while_adopting_a_worker_holding_a_wanted_models_layers_is_placed_nothing_else():
+    """Just after a start (standby takeover, restart), the holder of a's first stage registers first: b (which
+    would fit on it) waits rather than take it, and a waits for its other holder; without `adopting`, b takes it."""
+    a, b = manifest("a", 4, 10), manifest("b", 2, 10)
+    (holder,) = workers(300)
+    holder.held = LoadedShard("a", 0, 2, a.digest)
+    wanted = [Wanted("a@1", a, 2, "a"), Wanted("b@1", b, 1, "b")]
+    adopting = place(wanted, [holder], adopting=True)
+    assert adopting.placed == [] and "a@1" in adopting.waiting
+    assert [w.key for w, _ in place(wanted, [holder], adopting=False).placed] == ["b@1"]
 
 
 def test_names_versions_and_defaults():
