@@ -97,7 +97,7 @@ class Client(Connection):
         self.close()
 
     def close(self) -> None:
-        for channel in (*self._retired, self.channel):
+        for channel in (*self._route.retired, self.channel):
             channel.close()
 
     def _run(self, steps: Steps[T]) -> T:
@@ -300,7 +300,7 @@ class AsyncClient(Connection):
         await self.close()
 
     async def close(self) -> None:
-        for channel in (*self._retired, self.channel):
+        for channel in (*self._route.retired, self.channel):
             await channel.close(None)
 
     async def _run(self, steps: Steps[T]) -> T:

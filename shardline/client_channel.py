@@ -4,10 +4,12 @@ deadline. `shardline.client` says how to use them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -79,6 +81,21 @@ class _Authorized:
         return method if self._metadata is None else functools.partial(method, metadata=self._metadata)
 
 
+@dataclass
+class _Route:
+    """Which coordinator a client (and every view of it, with_api_key) talks to now: shared, so that one
+    view's switch to the leader is every view's."""
+
+    channel: Any
+    health: Any
+    target: str
+    retired: list[Any] = field(default_factory=list)  # switched away from; the oldest closed past MAX_RETIRED
+    unreachable_at: dict[str, float] = field(default_factory=dict)  # when each coordinator last failed to answer
+
+
+MAX_RETIRED = 4  # channels switched away from kept open (a call may still be on one); older ones are closed
+
+
 class Connection:
     """What both clients hold: a channel (blocking or asyncio), the Coordinator's stub with the key, the health
     stub, the default deadline."""
@@ -93,39 +110,67 @@ class Connection:
         self.timeout = timeout
         self._tls, self._client_name, self._api_key = tls, client_name, api_key
         self._metadata: tuple[tuple[str, str], ...] = ()
-        self._retired: list[Any] = []  # channels switched away from (calls may still be on them): closed with it
-        # when each coordinator was last found unreachable: a standby still naming a leader that just died (its
-        # lease not lapsed yet) is not followed back there for STALE_LEADER_S
-        self._unreachable_at: dict[str, float] = {}
-        self._connect(self.endpoints[0])
+        first = self.endpoints[0]
+        channel = _open(first, tls, client_name, self.aio)
+        self._route = _Route(channel, health_pb2_grpc.HealthStub(channel), first)
+        self._stub_on: Any = None
+        self._stub: Any = None
+        _ = self._authorized(stacklevel=4)  # the plaintext-key warning names the caller of Client(...)
+
+    @property
+    def channel(self) -> Any:
+        return self._route.channel
+
+    @property
+    def health(self) -> Any:
+        return self._route.health
+
+    @property
+    def _target(self) -> str:
+        return self._route.target
+
+    @property
+    def stub(self) -> Any:
+        return self._authorized()
+
+    def _authorized(self, stacklevel: int = 5) -> Any:
+        """This view's stub (its key and metadata) on the route's channel now."""
+        if self._stub_on is not self._route.channel:
+            self._stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self._route.channel), self._api_key,
+                                     self._route.target, self._tls, self._metadata, stacklevel=stacklevel)
+            self._stub_on = self._route.channel
+        return self._stub
 
     def _connect(self, target: str) -> None:
-        self.channel = _open(target, self._tls, self._client_name, self.aio)
-        self.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), self._api_key, target, self._tls,
-                                self._metadata, stacklevel=4)  # the warning names the caller of Client(...)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self._target = target
+        route = self._route
+        route.retired.append(route.channel)
+        while len(route.retired) > MAX_RETIRED:
+            closing = route.retired.pop(0).close()
+            if closing is not None:  # an asyncio channel's close is a coroutine
+                asyncio.ensure_future(closing)
+        route.channel = _open(target, self._tls, self._client_name, self.aio)
+        route.health = health_pb2_grpc.HealthStub(route.channel)
+        route.target = target
 
     def _switch(self, err: grpc.RpcError | None, used: Any) -> bool:
         """After a call on channel `used` failed with `err` (None: a health probe found no serving coordinator):
         go to the leader a standby named (True: call again at once, the standby did nothing with the call), or,
         with several coordinators and a connection that failed, to the next one (False: the caller's own retry
         rules apply). Only the first failure on a channel switches it."""
+        route = self._route
         leader, standby = leader_of(err) if err is not None else ("", False)
         lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not standby)
-        if lost and used is self.channel:
-            self._unreachable_at[self._target] = time.monotonic()
-        if leader and time.monotonic() - self._unreachable_at.get(leader, float("-inf")) < STALE_LEADER_S:
+        if lost and used is route.channel:
+            route.unreachable_at[route.target] = time.monotonic()
+        if leader and time.monotonic() - route.unreachable_at.get(leader, float("-inf")) < STALE_LEADER_S:
             leader = ""  # it was just unreachable: the standby's news is stale; wait here for the next leader
-        if used is not self.channel:  # another call switched already
+        if used is not route.channel:  # another call switched already
             return bool(leader)
-        if leader and leader != self._target:
-            self._retired.append(self.channel)
+        if leader and leader != route.target:
             self._connect(leader)
             return True
         if lost and len(self.endpoints) > 1:  # a standby is waited at (the election ends soon); else the next
-            at = self.endpoints.index(self._target) if self._target in self.endpoints else -1
-            self._retired.append(self.channel)
+            at = self.endpoints.index(route.target) if route.target in self.endpoints else -1
             self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
         return False
 
@@ -140,10 +185,9 @@ class Connection:
         """This client with another key (and `metadata`) on every call, over the same channel (no new
         connection): how a gateway passes each caller's key, request id and trace context on. Closing it closes
         the shared channel: close the original only. ValueError if the key is not one word of ASCII characters."""
-        view = copy.copy(self)
-        view._api_key, view._metadata = api_key, metadata
-        view.stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self.channel), api_key, self._target, self._tls,
-                                metadata)
+        view = copy.copy(self)  # shares the route: a switch to the leader is every view's
+        view._api_key, view._metadata, view._stub_on = api_key, metadata, None
+        _ = view._authorized(stacklevel=4)  # ValueError now for a key that is not one word of ASCII
         return view
 
     def _call(self, step: Unary) -> Any:

@@ -67,6 +67,11 @@ def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(l
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert a.election.me.address in err.value.details() and "standby" in err.value.details()
             assert ("shardline-leader", a.election.me.address) in tuple(err.value.trailing_metadata())
+        # a gateway's per-caller view of a client that a standby redirects: the client itself goes along
+        with Client(f"{b.election.me.address},{a.election.me.address}", timeout=60) as shared:
+            view = shared.with_api_key(None, (("x-request-id", "r1"),))
+            assert [m.name for m in view.list_models()] == ["tiny-llama"]
+            assert shared._target == view._target == a.election.me.address and shared.channel is view.channel
         # the SDK given the standby first goes to the leader
         with Client(f"{b.election.me.address},{a.election.me.address}", timeout=60) as client:
             client.wait_ready(timeout=60)
