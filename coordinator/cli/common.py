@@ -65,8 +65,8 @@ def _client(endpoint: str, timeout: float, api_key: str | None, certs_dir: Path 
     from shardline.limits import is_host_port
     from shardline.tls import TLSFilesError
 
-    if not is_host_port(endpoint):
-        _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
+    if not all(is_host_port(e.strip()) for e in endpoint.split(",")):
+        _fail(f"--endpoint must be HOST:PORT (standby coordinators: HOST:PORT,HOST:PORT), got {endpoint!r}")
     try:
         return Client(endpoint, timeout=timeout, api_key=api_key, tls=certs_dir, client_name=client_name)
     except (TLSFilesError, ValueError) as exc:

@@ -221,8 +221,8 @@ def http(endpoint: str = endpoint_option(),
     from shardline.tls import ClientTLS, TLSFilesError
 
     configure_logging(log_level)
-    if not is_host_port(endpoint):
-        _fail(f"--endpoint must be HOST:PORT, got {endpoint!r}")
+    if not all(is_host_port(e.strip()) for e in endpoint.split(",")):
+        _fail(f"--endpoint must be HOST:PORT (standby coordinators: HOST:PORT,HOST:PORT), got {endpoint!r}")
     if (tls_cert is None) != (tls_key is None):
         _fail("give --tls-cert and --tls-key together (HTTPS), or neither")
     if api_keys_file is not None and not api_keys_file.is_file():
