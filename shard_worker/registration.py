@@ -134,9 +134,9 @@ class Registration:
             return 0
 
     def _follow(self, err: grpc.RpcError) -> bool:
-        """After a failed call: the leader a standby named (True: try it at once), else, when this coordinator
-        could not be reached, the next one given (False: after the usual pause). A standby that names a leader
-        found unreachable in the last STALE_LEADER_S (its lease not lapsed yet) is waited at instead."""
+        """After a failed call: the leader a standby named (True: try it at once), else the next coordinator given
+        (False: after the usual pause). A leader found unreachable in the last STALE_LEADER_S (its lease not lapsed
+        yet, a standby still names it) is not gone back to."""
         trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
         pairs = [(str(key), str(value)) for key, value in trailers or ()]
         leader = next((value for key, value in pairs if key == LEADER_CLUSTER_HEADER), "")
@@ -148,7 +148,9 @@ class Registration:
             log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)
             self.coordinator = leader
             return True
-        if not standby and len(self.coordinators) > 1:
+        # the next one given: this one is unreachable, or a standby that knows no live leader (it may itself be cut
+        # off from etcd while the leader is elsewhere)
+        if len(self.coordinators) > 1 or self.coordinator not in self.coordinators:
             at = self.coordinators.index(self.coordinator) if self.coordinator in self.coordinators else -1
             self.coordinator = self.coordinators[(at + 1) % len(self.coordinators)]
         return False

@@ -329,11 +329,15 @@ class ApiKeys:
         return self.keys.get(KEYLESS)
 
     def caller(self, metadata: Mapping[str, str], auth: Mapping[str, list[bytes]]) -> KeyEntry | None:
-        """Who calls: the API key it sends, else the client certificate it presented, else a keyless caller;
-        None if it has no access (AuthError for a malformed authorization header)."""
+        """Who calls: the API key it sends, else the client certificate it presented (a certificate the file
+        does not name has no access, the node's included), else a keyless caller (the file's "keyless" role);
+        None if it has no access (AuthError for a malformed authorization header). Keyless callers share one
+        identity: their jobs, caches and quota are one tenant's, as every caller's are without a keys file."""
         if "authorization" in metadata:
             return self.role_of(bearer(metadata))
-        return self.of_certificate(auth) or self.keyless()
+        if auth.get("x509_common_name"):  # a certificate speaks for its caller: its entry, or no access
+            return self.of_certificate(auth)
+        return self.keyless()
 
 
 def bearer(metadata: Mapping[str, str]) -> str:
@@ -433,7 +437,7 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc,type-arg]
         """A keyless caller over TLS: its client certificate's entry in the keys file gives its role; a
         certificate the file does not name (or none) has no access."""
         keys = self.api_keys
-        entry = (keys.of_certificate(context.auth_context()) or keys.keyless()) if keys is not None else None
+        entry = keys.caller({}, context.auth_context()) if keys is not None else None
         if entry is None:
             raise _unauthenticated("this API needs a key (send 'authorization: Bearer <key>') or a client "
                                    "certificate the API keys file names (an entry with \"certificate\": its "

@@ -118,10 +118,14 @@ class Client(Connection):
             used = self.channel
             try:
                 serving = step.serving(self.health.Check(step.request, timeout=step.timeout))
-            except grpc.RpcError:
-                serving = False
-            if not serving:
-                self._switch(None, used)  # several coordinators: the next probe asks the next one
+            except grpc.RpcError as err:
+                self._switch(err, used)  # several coordinators: the next probe asks the next one
+                return False
+            if not serving and self._several():  # a standby, or a leader not ready yet: a standby names the leader
+                try:
+                    self.stub.ListModels(calls.LIST_MODELS, timeout=step.timeout)
+                except grpc.RpcError as err:
+                    self._switch(err, used)
             return serving
         used = self.channel
         try:
@@ -321,10 +325,14 @@ class AsyncClient(Connection):
             used = self.channel
             try:
                 serving = step.serving(await self.health.Check(step.request, timeout=step.timeout))
-            except grpc.RpcError:
-                serving = False
-            if not serving:
-                self._switch(None, used)
+            except grpc.RpcError as err:
+                self._switch(err, used)
+                return False
+            if not serving and self._several():
+                try:
+                    await self.stub.ListModels(calls.LIST_MODELS, timeout=step.timeout)
+                except grpc.RpcError as err:
+                    self._switch(err, used)
             return serving
         used = self.channel
         try:

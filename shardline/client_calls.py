@@ -90,6 +90,9 @@ class Stream:
 RESUME_WINDOW_S = 30.0  # how long a broken stream waits for its coordinator to be back (within its deadline)
 
 
+LIST_MODELS = coordinator_pb2.ListModelsRequest()  # the cheapest call: asked of a coordinator that is not serving
+
+
 class Resuming:
     """How a Generate stream survives its coordinator going away (a restart, a dropped connection): within the
     call's deadline, the request is sent again with the token ids already received (resume_token_ids), the

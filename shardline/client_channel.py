@@ -152,6 +152,10 @@ class Connection:
         route.health = health_pb2_grpc.HealthStub(route.channel)
         route.target = target
 
+    def _several(self) -> bool:
+        """Whether there is another coordinator to go to (several given, or a standby sent us off the list)."""
+        return len(self.endpoints) > 1 or self._route.target not in self.endpoints
+
     def _switch(self, err: grpc.RpcError | None, used: Any) -> bool:
         """After a call on channel `used` failed with `err` (None: a health probe found no serving coordinator):
         go to the leader a standby named (True: call again at once, the standby did nothing with the call), or,
@@ -169,7 +173,9 @@ class Connection:
         if leader and leader != route.target:
             self._connect(leader)
             return True
-        if lost and len(self.endpoints) > 1:  # a standby is waited at (the election ends soon); else the next
+        # the next one given: this one cannot be reached, or is a standby that knows no live leader (it may be cut
+        # off from etcd itself); or, when a standby sent us here, the ones given
+        if (lost or standby) and self._several():
             at = self.endpoints.index(route.target) if route.target in self.endpoints else -1
             self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
         return False

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.fleet.requests import plan_generation, plan_infer
 from coordinator.jobs.store import JobRow, NewItem
 from coordinator.wire import embed_request, generation_request
-from shardline.auth import KeyEntry
+from shardline.auth import KEYLESS, KeyEntry
 from shardline.errors import (
     InvalidArgument,
     NotFound,
@@ -92,6 +92,17 @@ class JobMethods:
         entry = self.key_of(context)
         return (entry.id, entry.role == "admin") if entry is not None else ("", False)
 
+    def owners(self, context: Any) -> tuple[tuple[str, ...], bool]:
+        """The owners whose jobs the caller sees (its id; and its name for jobs stored before jobs were owned by
+        ids: an upgrade keeps them its own), and whether it sees every job (an admin)."""
+        if self.api_keys is None:
+            return ("",), True
+        entry = self.key_of(context)
+        if entry is None:
+            return ("",), False
+        legacy = (entry.name,) if entry.id != KEYLESS else ()
+        return (entry.id, *legacy), entry.role == "admin"
+
     def key_of(self, context: Any) -> KeyEntry | None:
         """The caller's entry (its name, role and quotas): its API key's, else its client certificate's; None
         without keys."""
@@ -114,8 +125,8 @@ class JobMethods:
         if len(job_id) > MAX_JOB_ID_CHARS:
             raise InvalidArgument(f"job_id is {len(job_id)} characters; job ids have at most {MAX_JOB_ID_CHARS}")
         row = await self.jobs.job(job_id)
-        owner, admin = self.caller(context)
-        if not admin and row.owner != owner:  # another key's job: as if there were none
+        owners, admin = self.owners(context)
+        if not admin and row.owner not in owners:  # another key's job: as if there were none
             raise NotFound(f"no job {job_id!r} on this coordinator (`coordinator jobs status`, or ListJobs, shows "
                            "yours)")
         self.jobs.check_kept(row)
@@ -168,8 +179,8 @@ class JobMethods:
     async def ListJobs(self, request: Any, context: Any) -> coordinator_pb2.ListJobsResponse:
         if not 0 <= request.limit <= MAX_PAGE:
             raise InvalidArgument(f"limit must be between 0 and {MAX_PAGE}, got {request.limit}")
-        owner, admin = self.caller(context)
-        rows = await self.jobs.jobs(None if admin else owner, request.limit or 100)
+        owners, admin = self.owners(context)
+        rows = await self.jobs.jobs(None if admin else owners, request.limit or 100)
         return coordinator_pb2.ListJobsResponse(jobs=[job_info(r, self.jobs.message(r)) for r in rows])
 
     @grpc_errors

@@ -53,6 +53,7 @@ class Election:
         self.leader: Leader | None = None  # the last leader seen (itself, while it leads)
         self.lost = asyncio.Event()  # set when a leadership ends (deposed, or resigned)
         self.alive_until = 0.0  # monotonic time until which the lease is known alive (while leading)
+        self.refreshed = 0.0  # when the last grant or refresh etcd answered was sent
         self._keeper: asyncio.Task[None] | None = None
 
     async def current(self) -> Leader | None:
@@ -68,63 +69,87 @@ class Election:
         while stopping is None or not stopping.is_set():
             try:
                 if not self.lease:
+                    sent = time.monotonic()
                     self.lease = await self.etcd.grant(self.ttl_s)
+                    self.refreshed = sent
                 won, kv = await self.etcd.create(self.key, self.me.encode(), self.lease)
-                if kv is not None and won:
-                    self.epoch = kv.create_revision
-                    self.leader = Leader(self.me.address, self.me.cluster_address, self.epoch)
-                    self.lost = asyncio.Event()
-                    self.alive_until = time.monotonic() + self.ttl_s
-                    self._keeper = asyncio.create_task(self._keep(), name="shardline-lease")
-                    log.info("leading (epoch %d, lease %x, ttl %d s)", self.epoch, self.lease, self.ttl_s)
-                    return self.epoch
+                # a create whose answer was lost, tried again, finds the key under its own lease: won all the same
+                if kv is not None and (won or kv.lease == self.lease):
+                    sent = time.monotonic()  # the lease refreshed now: its life counted from a known send
+                    if await self.etcd.keep_alive(self.lease) > 0:
+                        self.refreshed = sent
+                        return self._won(kv.create_revision)
+                    self.lease = 0  # lapsed as we won: its key is gone with it; campaign again
+                    continue
                 self.leader = Leader.decode(kv.value, kv.create_revision) if kv is not None else None
                 # our own lease stays alive while we wait, so that it is ready when the key is free
+                sent = time.monotonic()
                 if await self.etcd.keep_alive(self.lease) <= 0:
                     self.lease = 0
+                else:
+                    self.refreshed = sent
             except EtcdUnavailable as exc:
+                self.leader = None  # not known while etcd cannot say: a standby says no leader rather than a stale one
+                if exc.code == "NOT_FOUND":  # our lease lapsed meanwhile (a pause, a partition): a new one next
+                    self.lease = 0
                 if time.monotonic() - last_log >= 60:
                     log.warning("cannot campaign for leadership: %s (trying again)", exc)
                     last_log = time.monotonic()
             await asyncio.sleep(self.poll_s)
         raise asyncio.CancelledError
 
+    def _won(self, epoch: int) -> int:
+        self.epoch = epoch
+        self.leader = Leader(self.me.address, self.me.cluster_address, epoch)
+        self.lost = asyncio.Event()
+        # alive from the last refresh that etcd took (sent then: etcd counts from later)
+        self.alive_until = self.refreshed + self.ttl_s
+        self._keeper = asyncio.create_task(self._keep(), name="shardline-lease")
+        log.info("leading (epoch %d, lease %x, ttl %d s)", epoch, self.lease, self.ttl_s)
+        return epoch
+
+    @property
+    def margin_s(self) -> float:
+        """How long before the lease could lapse a leader steps down: time to stop serving before a successor can
+        be elected."""
+        return min(1.0, self.ttl_s / 4)
+
     async def _keep(self) -> None:
         """Refresh the lease every ttl/3; set `lost` once it cannot be known alive. Alive is counted from when
-        a refresh was sent (etcd counts from when it got it: later), so this leader steps down no later than etcd
-        lets the lease lapse, also after a pause (SIGSTOP) that outlived it."""
-        self.alive_until = time.monotonic() + self.ttl_s
+        a refresh was sent (etcd counts from when it got it: later), and the leader steps down `margin_s` before
+        that runs out, so it has stopped serving before etcd can elect another, also after a pause (SIGSTOP)."""
         try:
             while True:
-                await asyncio.sleep(self.ttl_s / 3)
+                await asyncio.sleep(max(0.0, min(self.ttl_s / 3, self.alive_until - self.margin_s - time.monotonic())))
                 sent = time.monotonic()
-                if sent >= self.alive_until:
-                    log.error("stepping down: the lease was not refreshed for %d s (this process was paused, or "
-                              "etcd slow)", self.ttl_s)
+                left = self.alive_until - self.margin_s - sent
+                if left <= 0:
+                    log.error("stepping down: the lease was not refreshed for %.1f s (etcd cannot be reached, or this "
+                              "process was paused)", sent - (self.alive_until - self.ttl_s))
                     return
                 try:
-                    async with asyncio.timeout(self.alive_until - sent):
+                    async with asyncio.timeout(left):
                         ttl = await self.etcd.keep_alive(self.lease)
                 except (EtcdUnavailable, TimeoutError) as exc:
-                    if time.monotonic() >= self.alive_until:
-                        log.error("stepping down: the lease could not be refreshed for %d s (%s)", self.ttl_s,
-                                  exc or "no answer")
-                        return
-                    log.warning("refreshing the leader's lease failed: %s (deposed in %.1f s unless it succeeds)",
-                                exc, self.alive_until - time.monotonic())
+                    log.warning("refreshing the leader's lease failed: %s (stepping down in %.1f s unless it "
+                                "succeeds)", exc or "no answer", self.alive_until - self.margin_s - time.monotonic())
+                    await asyncio.sleep(min(0.1, max(0.0, self.alive_until - self.margin_s - time.monotonic())))
                     continue
                 if ttl <= 0:
                     log.error("stepping down: etcd says the leader's lease is gone")
                     return
+                self.refreshed = sent
                 self.alive_until = sent + ttl
         finally:
             self._deposed()
 
     def leading(self) -> bool:
-        """Whether this candidate may act as the leader now (its lease known alive): checked before serving."""
-        return bool(self.epoch) and time.monotonic() < self.alive_until
+        """Whether this candidate may act as the leader now (its lease known alive, with the margin)."""
+        return bool(self.epoch) and time.monotonic() < self.alive_until - self.margin_s
 
     def _deposed(self) -> None:
+        if self.leader is not None and self.leader.address == self.me.address:
+            self.leader = None  # never named as the leader once it is not
         self.epoch, self.lease, self.alive_until = 0, 0, 0.0
         self.lost.set()
 

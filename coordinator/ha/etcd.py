@@ -9,6 +9,7 @@ are tried in turn: a call that cannot reach one moves to the next.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,15 @@ CALL_TIMEOUT_S = 2.0  # one call to etcd: an election step, a lease refresh, a r
 
 
 class EtcdUnavailable(Exception):
-    """etcd cannot be used now: the message names the endpoint and the reason."""
+    """etcd cannot be used now: the message names the endpoint and the reason; `code` is the gRPC status's name
+    (NOT_FOUND for a lease that is gone, UNAVAILABLE or DEADLINE_EXCEEDED when no member answered)."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+TRANSPORT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -57,15 +66,17 @@ class Etcd:
             self._channel = grpc.aio.insecure_channel(self.endpoint)
         return self._channel
 
-    async def _failed(self, err: grpc.RpcError) -> EtcdUnavailable:
+    async def _failed(self, err: grpc.aio.AioRpcError) -> EtcdUnavailable:
         where = self.endpoint
-        if self._channel is not None:  # the next call dials the next member
-            await self._channel.close(None)
-            self._channel = None
-        self._at = (self._at + 1) % len(self.endpoints)
-        reason = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
-        code = err.code().name if isinstance(err, grpc.aio.AioRpcError) else "error"
-        return EtcdUnavailable(f"etcd at {where}: {code}: {reason}")
+        if err.code() in TRANSPORT and len(self.endpoints) > 1 and where == self.endpoint:
+            # no member answered here: the next call dials the next one (a call that is still in flight on this
+            # channel ends on its own deadline)
+            self._at = (self._at + 1) % len(self.endpoints)
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                asyncio.get_running_loop().call_later(self.timeout_s, lambda: asyncio.ensure_future(
+                    channel.close(None)))
+        return EtcdUnavailable(f"etcd at {where}: {err.code().name}: {err.details()}", err.code().name)
 
     async def _call(self, stub: str, method: str, request: Any, timeout_s: float | None = None) -> Any:
         channel = self._stubs()

@@ -80,9 +80,11 @@ class HighlyAvailable:
             if self.standby is not None:
                 await self.standby.stop()
                 self.standby = None
-            durable = EtcdFleetState(self.etcd.endpoints, self.config.etcd_prefix,
-                                     self.config.initial_deployments()) if self.config.durable_fleet else None
+            durable = EtcdFleetState(self.etcd.endpoints, self.config.etcd_prefix, self.config.initial_deployments(),
+                                     self.election.key, epoch) if self.config.durable_fleet else None
             try:
+                if durable is not None:
+                    await asyncio.to_thread(durable.load)  # off the loop: the lease's keeper runs meanwhile
                 self.coordinator = await start_coordinator(self.config, self.say, epoch=f"etcd-{epoch}",
                                                            durable=durable)
             except (ValueError, OSError) as exc:  # this machine cannot serve: let another lead
@@ -90,8 +92,8 @@ class HighlyAvailable:
                     durable.close()
                 log.error("elected, but cannot start serving: %s; stepping down", exc)
                 await self.election.resign()
-                await self._stand_by()
-                await asyncio.sleep(self.config.etcd_lease_s)
+                await self._stand_by_again()
+                await self._first(asyncio.ensure_future(asyncio.sleep(self.config.etcd_lease_s)))  # let another
                 continue
             self.leaderships += 1
             self.became_leader.set()
@@ -101,7 +103,18 @@ class HighlyAvailable:
             await self._stop_serving()
             if not self.stopping.is_set():
                 self.say(f"deposed (epoch {epoch} ended): standing by")
+                await self._stand_by_again()
+
+    async def _stand_by_again(self) -> None:
+        """The standby's ports bound again; a port still held (the coordinator's server closing) is retried each
+        second until it is free or the stop."""
+        while not self.stopping.is_set():
+            try:
                 await self._stand_by()
+                return
+            except OSError as exc:
+                log.warning("standing by again: %s (retrying in 1 s)", exc)
+                await self._first(asyncio.ensure_future(asyncio.sleep(1.0)))
 
     async def _first(self, task: asyncio.Future[Any]) -> bool:
         """Wait for `task` or the stop, whichever comes first; True if `task` finished (the other cancelled)."""

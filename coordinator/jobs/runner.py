@@ -178,8 +178,8 @@ class JobRunner:
         unfinished = await self._db(self.store.unfinished_count)
         return unfinished, sum(len(r.tasks) for r in self._running.values())
 
-    async def jobs(self, owner: str | None, limit: int) -> list[JobRow]:
-        return await self._db(self.opened().jobs, owner, limit)
+    async def jobs(self, owners: tuple[str, ...] | None, limit: int) -> list[JobRow]:
+        return await self._db(self.opened().jobs, owners, limit)
 
     async def items(self, job_id: str, offset: int, limit: int, max_bytes: int = 0) -> list[Any]:
         return await self._db(self.opened().items, job_id, offset, limit, max_bytes)

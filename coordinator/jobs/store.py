@@ -125,11 +125,14 @@ class JobStore:
         return JobRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
                       tuple(m for m in row[8].split(",") if m), row[9], counts, cached)
 
-    def jobs(self, owner: str | None, limit: int) -> list[JobRow]:
-        if owner is None:
+    def jobs(self, owners: tuple[str, ...] | None, limit: int) -> list[JobRow]:
+        """The newest jobs (of `owners`: None for every job)."""
+        if owners is None:
             ids = self.db.execute("SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
         else:
-            ids = self.db.execute("SELECT id FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?", (owner, limit))
+            marks = ",".join("?" * len(owners))
+            ids = self.db.execute(f"SELECT id FROM jobs WHERE owner IN ({marks}) ORDER BY created DESC LIMIT ?",  # noqa: S608 - only placeholders
+                                  (*owners, limit))
         rows = [self.job(i) for (i,) in ids.fetchall()]
         return [r for r in rows if r is not None]
 

@@ -108,7 +108,50 @@ def test_an_etcd_that_does_not_answer_is_named_with_the_reason(loop):
             await etcd.close()
 
     message = loop.run(run())
-    assert message.startswith("etcd at 127.0.0.1:1: ") and "UNAVAILABLE" in message or "DEADLINE" in message
+    assert message.startswith("etcd at 127.0.0.1:1: ") and ("UNAVAILABLE" in message or "DEADLINE" in message)
+
+
+def test_a_create_whose_answer_was_lost_is_won_and_a_lapsed_lease_is_replaced(loop, etcd):
+    """The key found under the candidate's own lease (its create committed, the answer lost) is a win; a lease
+    that lapsed while the candidate waited (NOT_FOUND) is replaced by a new one, not retried forever."""
+    async def run() -> None:
+        a, b = candidates(etcd.endpoint, "/t5/leader")
+        try:
+            a.lease = await a.etcd.grant(TTL)
+            won, kv = await a.etcd.create(a.key, a.me.encode(), a.lease)  # as if the reply never came
+            assert won
+            assert await asyncio.wait_for(a.campaign(), 3) == kv.create_revision and a.leading()
+            await a.resign()
+            b.lease = await b.etcd.grant(TTL)
+            await b.etcd.revoke(b.lease)  # lapsed while b was paused
+            assert await asyncio.wait_for(b.campaign(), 3) > kv.create_revision and b.leading()
+        finally:
+            await _close(a, b)
+
+    loop.run(run())
+
+
+def test_a_deposed_leader_names_no_leader(loop, tmp_path):
+    """Cut off from etcd, a leader steps down and, standing by, names nobody (not itself) as the leader."""
+    own = LocalEtcd.start(tmp_path / "etcd")
+    try:
+        a = Election(Etcd([own.endpoint], timeout_s=0.5), "/t6/leader", Leader("a:1", "a:2", 0), TTL)
+
+        async def lead_then_lose() -> None:
+            await asyncio.wait_for(a.campaign(), 5)
+            assert a.leader is not None and a.leader.address == "a:1"
+            own.kill()
+            await asyncio.wait_for(a.lost.wait(), TTL + 2)
+            assert a.leader is None
+            waiting = asyncio.create_task(a.campaign())
+            await asyncio.sleep(1.0)
+            assert a.leader is None and not waiting.done()
+            waiting.cancel()
+            await a.etcd.close()
+
+        loop.run(lead_then_lose())
+    finally:
+        own.stop()
 
 
 @pytest.mark.parametrize("urls, expected", [(["http://10.0.0.1:2379,http://10.0.0.2:2379"],

@@ -393,7 +393,8 @@ def assert_serving(secure) -> None:
 def test_a_client_certificate_has_the_role_the_keys_file_gives_its_name_and_loses_it_when_removed(
         loop, store, pki, tmp_path):
     """--client-certs required: alice's certificate is a client, carol's an admin, dave's (signed by the same CA,
-    named nowhere) nothing; a key sent beside a certificate decides. Removing alice's entry refuses her at once."""
+    named nowhere) nothing, even where keyless callers are served; a key sent beside a certificate decides.
+    Removing alice's entry refuses her at once."""
     c = pki["cluster"]
     for name in ("carol", "dave"):
         if not (c / f"client.{name}.crt").exists():
@@ -403,7 +404,8 @@ def test_a_client_certificate_has_the_role_the_keys_file_gives_its_name_and_lose
     entries = [{"name": "alice", "role": "client", "certificate": "alice"},
                {"name": "carol", "role": "admin", "certificate": "carol"},
                {"name": "ops", "role": "admin", "sha256": hash_key(admin)}]
-    keys.write_text(json.dumps({"keys": entries}))
+    # callers without a key are served as clients, but a certificate speaks for its caller: unnamed, no access
+    keys.write_text(json.dumps({"keys": entries, "keyless": "client"}))
     config = CoordinatorConfig(store=store.root, model="tiny-llama", port=0, cluster_port=0, certs_dir=c,
                                client_certs="required", api_keys=keys, jobs_dir=tmp_path / "jobs")
     coordinator = loop.run(start_coordinator(config))
@@ -417,7 +419,7 @@ def test_a_client_certificate_has_the_role_the_keys_file_gives_its_name_and_lose
             assert call(dave, COORDINATOR, "ListModels") == grpc.StatusCode.UNAUTHENTICATED
             bearer = (("authorization", f"Bearer {admin}"),)
             assert call(alice, COORDINATOR, "GetClusterStatus", bearer) == grpc.StatusCode.OK  # the key decides
-            keys.write_text(json.dumps({"keys": entries[1:]}))  # alice's entry removed
+            keys.write_text(json.dumps({"keys": entries[1:], "keyless": "client"}))  # alice's entry removed
             removed = time.monotonic()
             while call(alice, COORDINATOR, "ListModels") == grpc.StatusCode.OK:
                 assert time.monotonic() - removed < 1.5, "alice's certificate was still admitted"

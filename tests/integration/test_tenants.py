@@ -5,6 +5,7 @@ hit. Real coordinator with API keys on port 0, in-process workers."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import grpc
@@ -185,5 +186,10 @@ def test_a_new_key_given_a_revoked_keys_name_inherits_none_of_its_jobs(loop, sto
             gone.list_jobs()
         with Client(coordinator.address, api_key=admin, timeout=30) as ops:
             assert job_id in [j.job_id for j in ops.list_jobs()]
+        # a job stored before jobs were owned by key ids (its owner the key's name) stays its name's after an upgrade
+        with sqlite3.connect(tmp_path / "jobs" / "jobs.sqlite3") as db:
+            db.execute("UPDATE jobs SET owner = 'app' WHERE id = ?", (job_id,))
+        with Client(coordinator.address, api_key=new, timeout=30) as app:
+            assert [j.job_id for j in app.list_jobs()] == [job_id] and app.get_job(job_id).job_id == job_id
     finally:
         loop.run(coordinator.stop())

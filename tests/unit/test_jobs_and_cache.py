@@ -110,7 +110,7 @@ def test_the_job_store_keeps_results_and_expires_them(tmp_path):
         "cancelled", {"done": 1, "cancelled": 2}, 1, 250.0, ("m@1",))
     assert [(r.index, r.state, r.result) for r in store.items("job-1", 0, 10)] == [
         (0, "done", b"r0"), (1, "cancelled", None), (2, "cancelled", None)]
-    assert store.jobs("bob", 10) == [] and [r.job_id for r in store.jobs("alice", 10)] == ["job-1"]
+    assert store.jobs(("bob",), 10) == [] and [r.job_id for r in store.jobs(("alice",), 10)] == ["job-1"]
     assert store.expire(now=249.0) == 0 and store.expire(now=251.0) == 1
     assert store.job("job-1").state == "expired" and store.items("job-1", 0, 10) == []
     store.close()
