@@ -148,9 +148,9 @@ class Registration:
             log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)
             self.coordinator = leader
             return True
-        # the next one given: this one is unreachable, or a standby that knows no live leader (it may itself be cut
-        # off from etcd while the leader is elsewhere)
-        if len(self.coordinators) > 1 or self.coordinator not in self.coordinators:
+        # the next one given: this one is unreachable, or a standby that knows no leader at all (it may itself be
+        # cut off from etcd while the leader is elsewhere); a standby naming a leader just found dead is waited at
+        if (not standby or not leader) and (len(self.coordinators) > 1 or self.coordinator not in self.coordinators):
             at = self.coordinators.index(self.coordinator) if self.coordinator in self.coordinators else -1
             self.coordinator = self.coordinators[(at + 1) % len(self.coordinators)]
         return False

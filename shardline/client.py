@@ -97,7 +97,7 @@ class Client(Connection):
         self.close()
 
     def close(self) -> None:
-        for channel in (*self._route.retired, self.channel):
+        for channel in self._route.all_channels():
             channel.close()
 
     def _run(self, steps: Steps[T]) -> T:
@@ -304,7 +304,7 @@ class AsyncClient(Connection):
         await self.close()
 
     async def close(self) -> None:
-        for channel in (*self._route.retired, self.channel):
+        for channel in self._route.all_channels():
             await channel.close(None)
 
     async def _run(self, steps: Steps[T]) -> T:

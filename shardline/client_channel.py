@@ -4,7 +4,6 @@ deadline. `shardline.client` says how to use them."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import functools
 import time
@@ -84,16 +83,17 @@ class _Authorized:
 @dataclass
 class _Route:
     """Which coordinator a client (and every view of it, with_api_key) talks to now: shared, so that one
-    view's switch to the leader is every view's."""
+    view's switch to the leader is every view's. One channel per coordinator ever talked to, kept until the
+    client closes (a call may still be on one; their number is bounded by the coordinators)."""
 
     channel: Any
     health: Any
     target: str
-    retired: list[Any] = field(default_factory=list)  # switched away from; the oldest closed past MAX_RETIRED
+    channels: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # target -> (channel, health stub)
     unreachable_at: dict[str, float] = field(default_factory=dict)  # when each coordinator last failed to answer
 
-
-MAX_RETIRED = 4  # channels switched away from kept open (a call may still be on one); older ones are closed
+    def all_channels(self) -> list[Any]:
+        return [channel for channel, _ in self.channels.values()]
 
 
 class Connection:
@@ -113,6 +113,7 @@ class Connection:
         first = self.endpoints[0]
         channel = _open(first, tls, client_name, self.aio)
         self._route = _Route(channel, health_pb2_grpc.HealthStub(channel), first)
+        self._route.channels[first] = (channel, self._route.health)
         self._stub_on: Any = None
         self._stub: Any = None
         _ = self._authorized(stacklevel=4)  # the plaintext-key warning names the caller of Client(...)
@@ -143,13 +144,10 @@ class Connection:
 
     def _connect(self, target: str) -> None:
         route = self._route
-        route.retired.append(route.channel)
-        while len(route.retired) > MAX_RETIRED:
-            closing = route.retired.pop(0).close()
-            if closing is not None:  # an asyncio channel's close is a coroutine
-                asyncio.ensure_future(closing)
-        route.channel = _open(target, self._tls, self._client_name, self.aio)
-        route.health = health_pb2_grpc.HealthStub(route.channel)
+        if target not in route.channels:
+            channel = _open(target, self._tls, self._client_name, self.aio)
+            route.channels[target] = (channel, health_pb2_grpc.HealthStub(channel))
+        route.channel, route.health = route.channels[target]
         route.target = target
 
     def _several(self) -> bool:
@@ -162,20 +160,21 @@ class Connection:
         with several coordinators and a connection that failed, to the next one (False: the caller's own retry
         rules apply). Only the first failure on a channel switches it."""
         route = self._route
-        leader, standby = leader_of(err) if err is not None else ("", False)
+        named, standby = leader_of(err) if err is not None else ("", False)
         lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not standby)
         if lost and used is route.channel:
             route.unreachable_at[route.target] = time.monotonic()
-        if leader and time.monotonic() - route.unreachable_at.get(leader, float("-inf")) < STALE_LEADER_S:
-            leader = ""  # it was just unreachable: the standby's news is stale; wait here for the next leader
+        # a leader just found unreachable: the standby's news is stale (the lease not lapsed yet): wait here
+        leader = named if time.monotonic() - route.unreachable_at.get(named, float("-inf")) >= STALE_LEADER_S else ""
+        standby_alone = standby and not named  # a standby that knows no leader (it may be cut off from etcd)
         if used is not route.channel:  # another call switched already
             return bool(leader)
         if leader and leader != route.target:
             self._connect(leader)
             return True
-        # the next one given: this one cannot be reached, or is a standby that knows no live leader (it may be cut
-        # off from etcd itself); or, when a standby sent us here, the ones given
-        if (lost or standby) and self._several():
+        # the next one given: this one cannot be reached, or is a standby that knows no leader at all (it may be
+        # cut off from etcd itself); or, when a standby sent us here, the ones given
+        if (lost or standby_alone) and self._several():
             at = self.endpoints.index(route.target) if route.target in self.endpoints else -1
             self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
         return False
