@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -73,6 +73,9 @@ class WorkerMetrics:
         self.step_seconds = Histogram(f"{PREFIX}stage_step_duration_seconds", "Compute time of one step on this "
                                       "stage (every sequence of a micro-batch, on the compute thread)",
                                       buckets=STEP_BUCKETS, registry=self.registry)
+        self.fenced = Counter(f"{PREFIX}worker_fenced_calls", "Control calls refused because they came from a "
+                              "replaced coordinator (another epoch) or were meant for the process this address had "
+                              "before (shardline/fencing.py)", ["rpc"], registry=self.registry)
         self.retired: list[Metrics] = []  # the runtimes of shards this worker held before (see the module doc)
         self.server: MetricsServer | None = None
         self.registry.register(StageCollector(worker, self.retired))

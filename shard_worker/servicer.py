@@ -6,6 +6,7 @@ only moves bytes."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
@@ -25,7 +26,7 @@ from shard_worker.step_flow import Pending, StepFlow
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
 from shardline.codec import decode_tensor, dtype_from_enum, dtype_to_enum, fill_tensor
-from shardline.errors import InvalidArgument, ShardlineError, status_of
+from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError, status_of
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.fencing import Fence
 from shardline.limits import is_host_port
@@ -34,6 +35,7 @@ from shardline.tensor_wire import Beside, Parsed, TensorParser, serialize
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
 from shardline.wire_dtype import wire_dtype_from_enum
 
+log = logging.getLogger(__name__)
 OUTPUTS = {worker_pb2.OUTPUT_KIND_UNSPECIFIED: "tokens", worker_pb2.OUTPUT_KIND_TOKENS: "tokens",
            worker_pb2.OUTPUT_KIND_LOGITS: "logits", worker_pb2.OUTPUT_KIND_LAST_LOGITS: "last_logits",
            worker_pb2.OUTPUT_KIND_HIDDEN: "hidden"}
@@ -159,15 +161,20 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     def shard(self) -> Shard | None:
         return self.lifecycle.shard
 
-    def _fenced(self, context: Any) -> None:
+    def _fenced(self, context: Any, rpc: str) -> None:
         """A control call from a replaced coordinator, or meant for the worker this address had before, is
-        refused (FAILED_PRECONDITION)."""
-        self.fence.check({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        refused (FAILED_PRECONDITION), counted (shardline:worker_fenced_calls_total) and logged."""
+        try:
+            self.fence.check({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        except FailedPrecondition as exc:
+            self.metrics.fenced.labels(rpc).inc()
+            log.warning("refused %s: %s", rpc, exc.message)
+            raise
 
     # -- LoadShard -------------------------------------------------------------------------------------
     @rpc_errors
     async def LoadShard(self, request: Any, context: Any) -> AsyncIterator[worker_pb2.LoadShardProgress]:
-        self._fenced(context)
+        self._fenced(context, "LoadShard")
         spec, settings, wire_dtype = self._load_order(request)
         async with contextlib.aclosing(self.lifecycle.load(spec, settings, wire_dtype)) as progress:
             async for p in progress:
@@ -255,7 +262,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     # -- UnloadShard -----------------------------------------------------------------------------------
     @rpc_errors
     async def UnloadShard(self, request: Any, context: Any) -> worker_pb2.UnloadShardResponse:
-        self._fenced(context)
+        self._fenced(context, "UnloadShard")
         unloaded = await self.lifecycle.unload(request.model, self.relay.forget_peers)
         if unloaded is None:
             return worker_pb2.UnloadShardResponse()
@@ -265,7 +272,7 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     # -- Calibrate --------------------------------------------------------------------------------------
     @rpc_errors
     async def Calibrate(self, request: Any, context: Any) -> worker_pb2.CalibrateResponse:
-        self._fenced(context)
+        self._fenced(context, "Calibrate")
         if len(request.payload) > MAX_CALIBRATION_PAYLOAD:
             raise InvalidArgument(f"payload has {len(request.payload)} bytes; at most {MAX_CALIBRATION_PAYLOAD}")
         if not request.family:  # a link probe: the echo alone
@@ -278,14 +285,14 @@ class WorkerServicer(worker_pb2_grpc.ShardWorkerServicer):
     # -- EndSession / SetPeers / GetStatus -------------------------------------------------------------
     @rpc_errors
     async def EndSession(self, request: Any, context: Any) -> worker_pb2.EndSessionResponse:
-        self._fenced(context)
+        self._fenced(context, "EndSession")
         if any(not sid for sid in request.session_ids):
             raise InvalidArgument("session_ids holds an empty id")
         return worker_pb2.EndSessionResponse(ended=await self.lifecycle.end_sessions(list(request.session_ids)))
 
     @rpc_errors
     async def SetPeers(self, request: Any, context: Any) -> worker_pb2.SetPeersResponse:
-        self._fenced(context)
+        self._fenced(context, "SetPeers")
         addresses = list(request.addresses)
         if len(addresses) > MAX_PEERS:
             raise InvalidArgument(f"{len(addresses)} peers; a plan has at most {MAX_PEERS} workers")

@@ -29,7 +29,7 @@ from coordinator.fleet.worker_calls import status
 from coordinator.metrics import CoordinatorMetrics, model_label
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import Stream
-from coordinator.serving.textmodel import TextModel, TokenModel
+from coordinator.serving.textmodel import TokenModel, text_model
 from coordinator.store.models import ModelStore
 from coordinator.store.served import Served
 from shardline.auth import ClusterIdentity
@@ -117,7 +117,7 @@ class Fleet:
         try:
             manifest = self.store.manifest(spec.model)  # NotFound lists the store's models
             path = self.store.path(spec.model)
-            text: TokenModel = await asyncio.to_thread(TextModel, path) \
+            text: TokenModel = await asyncio.to_thread(text_model, path) \
                 if (path / "tokenizer_config.json").is_file() else TokenModel(path, spec.model)
         except BaseException:
             self._hold_served()  # let go of it again

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -22,9 +23,25 @@ from coordinator.ha.election import Election, Leader
 from coordinator.ha.etcd import Etcd, EtcdUnavailable
 from coordinator.ha.fleet_state import EtcdFleetState
 from coordinator.ha.standby import Standby, start_standby
+from coordinator.serving.textmodel import text_model
+from coordinator.store.models import ModelStore
 
 log = logging.getLogger(__name__)
 WILDCARD = {"0.0.0.0", "::", "[::]", ""}
+# settings that are each machine's own: every other one must be the same on every coordinator of a cluster
+HOST_LOCAL = {"host", "port", "advertise", "store", "parameters_address", "parameters_port", "jobs_dir", "etcd",
+              "metrics_port", "certs_dir", "cluster_port", "cluster_token_file", "api_keys", "insecure", "http",
+              "http_port", "otlp_endpoint", "log_prompts"}
+
+
+def shared_settings(config: CoordinatorConfig) -> dict[str, Any]:
+    """What must be the same on every coordinator of one cluster (a standby would serve otherwise)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in HOST_LOCAL}
+
+
+def differences(mine: dict[str, Any], leaders: dict[str, Any]) -> list[str]:
+    return [f"{k} ({json.dumps(mine.get(k))[:80]} here, {json.dumps(leaders.get(k))[:80]} on the leader)"
+            for k in sorted(set(mine) | set(leaders)) if mine.get(k) != leaders.get(k)]
 
 
 def _free_port(host: str) -> int:
@@ -65,6 +82,21 @@ class HighlyAvailable:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     leaderships: int = 0  # how many times this one was elected
     became_leader: asyncio.Event = field(default_factory=asyncio.Event)
+    warming: asyncio.Task[None] | None = None
+
+    async def warm_up(self) -> None:
+        """While standing by: load the configured models' tokenizers (coordinator/serving/textmodel.py keeps
+        them), so that taking over costs none of it (2.6 s for SmolLM2's, cold). A failure is the leader's to
+        report when it loads the model: logged here only."""
+        store = ModelStore(self.config.store)
+        for spec in self.config.initial_deployments():
+            path = store.path(spec.model) if store.has(spec.model) else None
+            if path is None or not (path / "tokenizer_config.json").is_file():
+                continue
+            try:
+                await asyncio.to_thread(text_model, path)
+            except Exception as exc:  # noqa: BLE001 - logged: the model's load reports it when elected
+                log.warning("standing by: %s's tokenizer could not be loaded ahead (%s)", spec.model, exc)
 
     async def _stand_by(self) -> None:
         election = self.election
@@ -77,6 +109,9 @@ class HighlyAvailable:
             if not await self._first(campaign):
                 return
             epoch = campaign.result()
+            with contextlib.suppress(EtcdUnavailable):  # the settings standbys must match: this leader's
+                await self.etcd.put(f"{self.config.etcd_prefix}/settings",
+                                    json.dumps(shared_settings(self.config), sort_keys=True).encode())
             if self.standby is not None:
                 await self.standby.stop()
                 self.standby = None
@@ -134,6 +169,8 @@ class HighlyAvailable:
 
     async def stop(self, drain: Callable[[], Awaitable[None]] | None = None) -> None:
         self.stopping.set()
+        if self.warming is not None:
+            self.warming.cancel()
         try:
             await self._stop_serving()
         finally:
@@ -152,11 +189,20 @@ async def start_ha(config: CoordinatorConfig, say: Callable[[str], None] = log.i
     try:
         version = await etcd.check()
         election = Election(etcd, f"{config.etcd_prefix}/leader", me(config), config.etcd_lease_s)
+        leader = await election.current()
+        stored = await etcd.get(f"{config.etcd_prefix}/settings")
+        if leader is not None and stored is not None:
+            differ = differences(shared_settings(config), json.loads(stored.value))
+            if differ:
+                raise ValueError(f"this coordinator's settings differ from those of the leader at {leader.address}: "
+                                 f"{'; '.join(differ)}. Give every coordinator of the cluster the same settings "
+                                 "(only host, ports, store, jobs_dir, certificates and keys files are each its own)")
         ha = HighlyAvailable(config, etcd, election, say)
         await ha._stand_by()
     except BaseException:
         await etcd.close()
         raise
+    ha.warming = asyncio.ensure_future(ha.warm_up())
     say(f"etcd {version} at {etcd.endpoint}; standing by as {election.me.address}")
     return ha
 

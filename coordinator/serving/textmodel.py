@@ -128,3 +128,23 @@ class TextStream:
         del self.ids[: self.read]  # what is before the new context is never decoded again
         self.read = len(self.ids)
         return text[len(context):]
+
+
+_LOADED: dict[tuple[str, tuple[tuple[str, int, int], ...]], TextModel] = {}
+MAX_LOADED = 16
+
+
+def text_model(path: Path) -> TextModel:
+    """The model's tokenizer, loaded once per process while its files stay as they are (a standby coordinator
+    loads them before it is elected, so taking over costs no tokenizer load: coordinator/ha/serve.py)."""
+    files = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.glob("*token*")
+                         if f.is_file()))
+    key = (str(path.resolve()), files)
+    found = _LOADED.get(key)
+    if found is None:
+        found = TextModel(path)
+        if len(_LOADED) >= MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = found
+    return found
+

@@ -74,6 +74,10 @@ def test_a_registered_worker_refuses_control_calls_of_another_epoch_or_meant_for
                     call()
         loop.run(end_sessions([worker.address], ["s1"], links))
         assert loop.run(unload_shard(record, MODEL, 30, links)).freed_weight_bytes > 0
+        # every refusal counted, by RPC (shardline:worker_fenced_calls_total on the worker's /metrics)
+        counted = {s.labels["rpc"]: s.value for m in worker.servicer.metrics.registry.collect()
+                   for s in m.samples if s.name == "shardline:worker_fenced_calls_total"}
+        assert counted == {"LoadShard": 2, "UnloadShard": 1, "SetPeers": 1, "EndSession": 1, "Calibrate": 1}
     finally:
         running.cancel()
         loop.run(worker.stop(0))

@@ -117,3 +117,24 @@ def test_an_etcd_that_does_not_answer_stops_the_start_naming_it(loop, store, tmp
     with pytest.raises(Unavailable):
         with Client(f"127.0.0.1:{config.port}", timeout=2) as client:
             client.list_models()
+
+
+def test_a_standby_whose_settings_differ_from_the_leaders_refuses_to_start_naming_them(loop, store, etcd, tmp_path):
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    a = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "a")))
+    running = loop.run(started(a))
+    try:
+        loop.run(asyncio.wait_for(a.became_leader.wait(), 10))
+        other = ha_config(store, etcd, prefix, tmp_path / "b").model_copy(update={"workers": 3,
+                                                                                 "max_tokens_limit": 99})
+        with pytest.raises(ValueError) as err:
+            loop.run(start_ha(other))
+        message = str(err.value)
+        assert "differ from those of the leader at " + a.election.me.address in message
+        assert "workers (3 here, 2 on the leader)" in message and "max_tokens_limit (99 here" in message
+        assert "port" not in message.split(": ", 1)[1].split(". ")[0]  # its own port is its own
+        same = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "c")))  # another port, same settings
+        loop.run(same.stop())
+    finally:
+        loop.run(a.stop())
+        running.cancel()

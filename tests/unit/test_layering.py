@@ -137,7 +137,7 @@ ROOMS_MAY_IMPORT = {
     "jobs": {"config", "fleet", "serving", "wire"},
     "wire": {"config", "serving"},
     "api": {"config", "fleet", "jobs", "metrics", "serving", "store", "wire"},
-    "ha": {"api", "config", "fleet"},  # standby coordinators: etcd, the election, a coordinator when elected
+    "ha": {"api", "config", "fleet", "serving", "store"},  # standby coordinators: etcd, the election, a leader
     "cli": {"api", "config", "fleet", "ha", "store"},
 }
 
