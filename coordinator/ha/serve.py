@@ -122,10 +122,11 @@ class HighlyAvailable:
                     await asyncio.to_thread(durable.load)  # off the loop: the lease's keeper runs meanwhile
                 self.coordinator = await start_coordinator(self.config, self.say, epoch=f"etcd-{epoch}",
                                                            durable=durable)
-            except (ValueError, OSError) as exc:  # this machine cannot serve: let another lead
+            except Exception as exc:  # noqa: BLE001 - this machine cannot serve (a port, a file, a bug): another leads
                 if durable is not None:
                     durable.close()
-                log.error("elected, but cannot start serving: %s; stepping down", exc)
+                log.error("elected, but cannot start serving: %s; stepping down", exc,
+                          exc_info=not isinstance(exc, ValueError | OSError))
                 await self.election.resign()
                 await self._stand_by_again()
                 await self._first(asyncio.ensure_future(asyncio.sleep(self.config.etcd_lease_s)))  # let another

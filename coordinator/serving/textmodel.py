@@ -4,6 +4,7 @@ incremental detokenization with stop sequences."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,9 @@ class TextStream:
 
 _LOADED: dict[tuple[str, tuple[tuple[str, int, int], ...]], TextModel] = {}
 MAX_LOADED = 16
+# one load at a time: transformers' first import is not safe from two threads at once (a standby's warm-up and
+# its first deployment as leader), and a second load of the same files waits for the first's result
+_LOADING = threading.Lock()
 
 
 def text_model(path: Path) -> TextModel:
@@ -140,11 +144,12 @@ def text_model(path: Path) -> TextModel:
     files = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.glob("*token*")
                          if f.is_file()))
     key = (str(path.resolve()), files)
-    found = _LOADED.get(key)
-    if found is None:
-        found = TextModel(path)
-        if len(_LOADED) >= MAX_LOADED:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = found
+    with _LOADING:
+        found = _LOADED.get(key)
+        if found is None:
+            found = TextModel(path)
+            if len(_LOADED) >= MAX_LOADED:
+                _LOADED.pop(next(iter(_LOADED)))
+            _LOADED[key] = found
     return found
 

@@ -128,3 +128,52 @@ def test_streams_survive_a_sigkill_of_the_leader_and_the_standby_adopts_the_work
     finally:
         pair.close()
         etcd.stop()
+
+
+def test_a_leader_paused_past_its_lease_serves_nothing_when_it_wakes_and_stands_by(store, tmp_path):
+    """SIGSTOP the leader for longer than its lease while 16 streams run: the standby takes over. SIGCONT the old
+    one: it steps down by itself (its lease is known lost), stands by, sending callers to the new leader, and the
+    streams finish with the undisturbed tokens."""
+    import grpc
+
+    from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    etcd = LocalEtcd.start(tmp_path / "etcd")
+    pair = Pair(store.root, tmp_path, etcd)
+    try:
+        with Client(pair.endpoint, timeout=30) as client:
+            client.wait_ready(timeout=180)
+        undisturbed, _ = asyncio.run(run_streams(pair.endpoint))
+        first = pair.leader()
+        assert first is not None
+        paused = pair.coordinators[pair.addresses.index(first.address)]
+
+        def pause_past_the_lease() -> None:
+            os.killpg(paused.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while (now := pair.leader()) is None or now.address == first.address:
+                assert time.monotonic() < deadline, "no standby took over"
+                time.sleep(0.2)
+            time.sleep(1.0)
+            os.killpg(paused.pid, signal.SIGCONT)
+
+        async def streams_with_a_pause() -> list[list[int]]:
+            loop = asyncio.get_running_loop()
+            tokens, _ = await run_streams(pair.endpoint, lambda: loop.run_in_executor(None, pause_past_the_lease))
+            return tokens
+
+        tokens = asyncio.run(streams_with_a_pause())
+        assert tokens == undisturbed
+        second = pair.leader()
+        assert second is not None and second.address != first.address and second.epoch > first.epoch
+        deadline = time.monotonic() + 20
+        while "stepping down" not in (tmp_path / "coordinators.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the paused leader never stepped down"
+            time.sleep(0.2)
+        with grpc.insecure_channel(first.address) as ch:  # the woken one stands by: it sends callers on
+            with pytest.raises(grpc.RpcError) as err:
+                coordinator_pb2_grpc.CoordinatorStub(ch).ListModels(coordinator_pb2.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and second.address in err.value.details()
+    finally:
+        pair.close()
+        etcd.stop()

@@ -138,3 +138,52 @@ def test_a_standby_whose_settings_differ_from_the_leaders_refuses_to_start_namin
     finally:
         loop.run(a.stop())
         running.cancel()
+
+
+def test_etcd_lost_and_back_the_stream_resumes_and_fleet_changes_are_refused_meanwhile(loop, store, tmp_path):
+    """etcd (its only member) killed while a stream runs: a fleet change is refused at once with UNAVAILABLE
+    naming etcd; the leader steps down once it cannot know its lease alive; with etcd back a leader is elected,
+    the workers register with it (their shards adopted, not loaded again) and the stream finishes with the
+    tokens of an undisturbed run."""
+    from coordinator.ha.local_etcd import LocalEtcd
+    from tests.e2e.test_coordinator_restart import loads
+
+    own = LocalEtcd.start(tmp_path / "etcd")
+    prefix = "/lost"
+    a = loop.run(start_ha(ha_config(store, own, prefix, tmp_path / "a")))
+    running = [loop.run(started(a))]
+    loop.run(asyncio.wait_for(a.became_leader.wait(), 10))
+    b = loop.run(start_ha(ha_config(store, own, prefix, tmp_path / "b")))
+    running.append(loop.run(started(b)))
+    both = f"{a.election.me.address},{b.election.me.address}"
+    workers = [loop.run(start_worker()) for _ in range(2)]
+    registrations = [loop.run(register(w, both)) for w in workers]
+    try:
+        with Client(both, timeout=120) as client:
+            client.wait_ready(timeout=60)
+            addresses = [w.address for w in client.cluster_status().workers]
+            before = loads(addresses)
+            reference = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
+            chunks = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True, stream=True)
+            tokens = list(next(chunks).token_ids)
+            own.kill()
+            with pytest.raises(Unavailable, match=r"etcd at 127\.0\.0\.1:\d+"):
+                client.promote_model("tiny-llama@1")  # a fleet change: committed to etcd, or refused
+            loop.run(asyncio.wait_for(a.election.lost.wait(), LEASE + 2))  # stepped down within its lease
+            time.sleep(1.0)
+            own.restart()
+            for chunk in chunks:
+                tokens.extend(chunk.token_ids)
+            assert tokens == reference.token_ids
+            assert loads(addresses) == before  # adopted by whichever leads now: nothing loaded again
+            assert a.leaderships + b.leaderships == 2  # a, then one of them again once etcd was back
+    finally:
+        for task in registrations:
+            task.cancel()
+        loop.run(b.stop())
+        loop.run(a.stop())
+        for task in running:
+            task.cancel()
+        for w in workers:
+            loop.run(w.stop(0))
+        own.stop()
