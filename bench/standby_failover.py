@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.coordinator_restart import KILL_AT, STREAMS, Watch, streams  # noqa: E402
 from bench.recovery import free_port  # noqa: E402
+from coordinator.ha.election import Leader  # noqa: E402
+from coordinator.ha.etcd import Etcd  # noqa: E402
 from coordinator.ha.local_etcd import LocalEtcd  # noqa: E402
 from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.store.models import ModelStore  # noqa: E402
@@ -57,6 +59,19 @@ def workers(endpoint: str) -> list[subprocess.Popen[bytes]]:
 def config_text(store: Path, port: int, jobs: Path, extra: str = "") -> str:
     return (f'store = "{store}"\nport = {port}\nmodel = "smollm2"\nworkers = 2\njobs_dir = "{jobs}"\n'
             f"result_cache_mb = 0\nhttp = false\n{extra}")
+
+
+def leader_address(etcd: LocalEtcd, prefix: str) -> str:
+    """The leader's public address, as etcd has it."""
+    async def ask() -> str:
+        client = Etcd([etcd.endpoint])
+        try:
+            kv = await client.get(f"{prefix}/leader")
+            return Leader.decode(kv.value, kv.create_revision).address if kv is not None else ""
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
 
 
 def steady(endpoint: str) -> tuple[float, float]:
@@ -137,9 +152,7 @@ def main() -> None:
             c.write_text(config_text(store.root, ha_port, tmp / f"ha-{lease}-{i}",
                                      f'etcd = ["{etcd.url}"]\netcd_prefix = "/bench{lease}"\netcd_lease_s = {lease}\n'))
             configs.append(c)
-        coordinators = [serve(configs[0])]
-        time.sleep(1.0)  # the first one leads
-        coordinators.append(serve(configs[1]))
+        coordinators = [serve(configs[0]), serve(configs[1])]  # etcd says which leads
         processes = [*coordinators, *workers(both)]
         try:
             reversed_endpoint = ",".join(reversed(both.split(",")))  # the SDK meets the standby first
@@ -147,11 +160,13 @@ def main() -> None:
             if not pair_steady[0]:
                 pair_steady = steady(reversed_endpoint)
 
-            def kill_leader(leader: subprocess.Popen[bytes] = coordinators[0]) -> None:
+            leads = ports.index(int(leader_address(etcd, f"/bench{lease}").rsplit(":", 1)[1]))
+
+            def kill_leader(leader: subprocess.Popen[bytes] = coordinators[leads]) -> None:
                 os.killpg(leader.pid, signal.SIGKILL)
                 leader.wait(10)
 
-            _, row = measured(both, f"127.0.0.1:{ports[1]}", undisturbed, kill_leader)
+            _, row = measured(both, f"127.0.0.1:{ports[1 - leads]}", undisturbed, kill_leader)
             rows.append((f"standby, lease {lease} s", row))
         finally:
             for p in processes:

@@ -61,7 +61,7 @@ from shardline.client_calls import (
     generate_request,
     infer_request,
 )
-from shardline.client_channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, Connection, TLSOption
+from shardline.client_channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, Connection, TLSOption, leader_of
 from shardline.client_types import (
     ClusterStatus,
     DeploymentStatus,
@@ -82,6 +82,13 @@ __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncC
 
 T = TypeVar("T")
 CONNECT_EACH_S = 1.0  # resuming with several coordinators: how long each is given to accept a connection
+STANDBY_PAUSE_S = 0.2  # a stream waiting at a standby for the election asks again this often (it costs nothing)
+
+
+def standby_pause(err: grpc.RpcError, pause: float | None) -> float | None:
+    """The pause before a stream asks again: at a standby (waiting for a new leader) no more than
+    STANDBY_PAUSE_S, so the stream resumes within that of the election; else the resume rules' own."""
+    return min(pause, STANDBY_PAUSE_S) if pause is not None and leader_of(err)[1] else pause
 
 
 class Client(Connection):
@@ -161,7 +168,7 @@ class Client(Connection):
             except grpc.RpcError as err:
                 # a standby named the leader: sent there at once; else the resume rules (and, with several
                 # coordinators, the next one when this one cannot be reached)
-                pause = 0.0 if self._switch(err, used) else resuming.after(err)
+                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming.after(err))
             finally:  # closed early: the coordinator frees the stream now, not at GC
                 responses.cancel()
             if pause is None:
@@ -365,7 +372,7 @@ class AsyncClient(Connection):
                     yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
-                pause = 0.0 if self._switch(err, used) else resuming.after(err)
+                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming.after(err))
             finally:
                 responses.cancel()
             if pause is None:
