@@ -85,10 +85,15 @@ CONNECT_EACH_S = 1.0  # resuming with several coordinators: how long each is giv
 STANDBY_PAUSE_S = 0.2  # a stream waiting at a standby for the election asks again this often (it costs nothing)
 
 
-def standby_pause(err: grpc.RpcError, pause: float | None) -> float | None:
-    """The pause before a stream asks again: at a standby (waiting for a new leader) no more than
-    STANDBY_PAUSE_S, so the stream resumes within that of the election; else the resume rules' own."""
-    return min(pause, STANDBY_PAUSE_S) if pause is not None and leader_of(err)[1] else pause
+def standby_pause(err: grpc.RpcError, resuming: calls.Resuming) -> float | None:
+    """The pause before a stream asks again (the resume rules'; None: the result is whole). At a standby
+    (waiting for a new leader) no more than STANDBY_PAUSE_S, and the next pauses start small again: the new
+    leader, not ready for a moment, is asked again soon, and the stream resumes within that of the election."""
+    pause = resuming.after(err)
+    if pause is None or not leader_of(err)[1]:
+        return pause
+    resuming.pause = min(resuming.pause, 0.05)
+    return min(pause, STANDBY_PAUSE_S)
 
 
 class Client(Connection):
@@ -168,7 +173,7 @@ class Client(Connection):
             except grpc.RpcError as err:
                 # a standby named the leader: sent there at once; else the resume rules (and, with several
                 # coordinators, the next one when this one cannot be reached)
-                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming.after(err))
+                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming)
             finally:  # closed early: the coordinator frees the stream now, not at GC
                 responses.cancel()
             if pause is None:
@@ -372,7 +377,7 @@ class AsyncClient(Connection):
                     yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
-                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming.after(err))
+                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming)
             finally:
                 responses.cancel()
             if pause is None:
