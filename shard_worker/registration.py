@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
 from shard_worker.device import DeviceSettings, device_proto
 from shardline.errors import from_rpc_error
-from shardline.fencing import LEADER_CLUSTER_HEADER, STANDBY_HEADER, Fence
+from shardline.fencing import Fence
+from shardline.leader import DeadLeaders, Redirect
 from shardline.server import channel
 from shardline.stream import LinkSettings
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 10.0
 MAX_BACKOFF_S = 5.0  # a coordinator that restarts is found again within this
 ORPHANS_TIMEOUT_S = 10.0  # ending the sessions a forgotten worker holds, at most
-STALE_LEADER_S = 5.0  # a leader found unreachable this recently is not gone back to on a standby's word
 QUICK_RETRY_S = 0.5  # the longest pause between the first 20 tries to reach a coordinator that went away
 
 
@@ -38,7 +36,7 @@ class Registration:
         # takes the registration; a standby answers UNAVAILABLE naming the leader, which is tried next
         self.coordinators = [c.strip() for c in coordinator.split(",") if c.strip()] or [coordinator]
         self.coordinator = self.coordinators[0]
-        self.unreachable_at: dict[str, float] = {}  # when each coordinator last failed to answer
+        self.dead = DeadLeaders()  # coordinators found unreachable (shardline/leader.py)
         self.address, self.memory_budget_bytes = address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
@@ -135,22 +133,20 @@ class Registration:
 
     def _follow(self, err: grpc.RpcError) -> bool:
         """After a failed call: the leader a standby named (True: try it at once), else the next coordinator given
-        (False: after the usual pause). A leader found unreachable in the last STALE_LEADER_S (its lease not lapsed
-        yet, a standby still names it) is not gone back to."""
-        trailers: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-        pairs = [(str(key), str(value)) for key, value in trailers or ()]
-        leader = next((value for key, value in pairs if key == LEADER_CLUSTER_HEADER), "")
-        standby = any(key == STANDBY_HEADER for key, _ in pairs)
-        now = time.monotonic()
-        if not standby and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            self.unreachable_at[self.coordinator] = now
-        if leader and leader != self.coordinator and now - self.unreachable_at.get(leader, -1e9) >= STALE_LEADER_S:
+        (False: after the usual pause). A leader found unreachable that a standby still names (its lease not lapsed
+        yet) is not gone back to (shardline/leader.py)."""
+        said = Redirect.of(err)
+        if not said.standby and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.dead.lost(self.coordinator)
+        leader = said.cluster_address
+        if leader and leader != self.coordinator and self.dead.fresh(leader, said.epoch):
             log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)
             self.coordinator = leader
             return True
         # the next one given: this one is unreachable, or a standby that knows no leader at all (it may itself be
         # cut off from etcd while the leader is elsewhere); a standby naming a leader just found dead is waited at
-        if (not standby or not leader) and (len(self.coordinators) > 1 or self.coordinator not in self.coordinators):
+        several = len(self.coordinators) > 1 or self.coordinator not in self.coordinators
+        if (not said.standby or not leader) and several:
             at = self.coordinators.index(self.coordinator) if self.coordinator in self.coordinators else -1
             self.coordinator = self.coordinators[(at + 1) % len(self.coordinators)]
         return False

@@ -61,7 +61,7 @@ from shardline.client_calls import (
     generate_request,
     infer_request,
 )
-from shardline.client_channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, Connection, TLSOption, leader_of
+from shardline.client_channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, Connection, TLSOption
 from shardline.client_types import (
     ClusterStatus,
     DeploymentStatus,
@@ -75,6 +75,7 @@ from shardline.client_types import (
 )
 from shardline.errors import DeadlineExceeded, from_rpc_error
 from shardline.jobs import JobItemResult, JobStatus
+from shardline.leader import Redirect
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
            "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Message", "ModelInfo", "PlanStage",
@@ -90,7 +91,7 @@ def standby_pause(err: grpc.RpcError, resuming: calls.Resuming) -> float | None:
     (waiting for a new leader) no more than STANDBY_PAUSE_S, and the next pauses start small again: the new
     leader, not ready for a moment, is asked again soon, and the stream resumes within that of the election."""
     pause = resuming.after(err)
-    if pause is None or not leader_of(err)[1]:
+    if pause is None or not Redirect.of(err).standby:
         return pause
     resuming.pause = min(resuming.pause, 0.05)
     return min(pause, STANDBY_PAUSE_S)

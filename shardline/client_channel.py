@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from shardline.client_calls import Unary
 from shardline.errors import answered
-from shardline.fencing import LEADER_HEADER, STANDBY_HEADER
+from shardline.leader import DeadLeaders, Redirect
 from shardline.limits import MAX_RESPONSE_BYTES, is_loopback
 from shardline.tls import ClientTLS
 from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -29,7 +28,6 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
 TLSOption = bool | str | Path | ClientTLS | None
-STALE_LEADER_S = 5.0
 
 
 def _tls(tls: TLSOption, client_name: str) -> ClientTLS | None:
@@ -49,17 +47,6 @@ def _open(target: str, tls: TLSOption, client_name: str, aio: bool) -> Any:
         return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(target, options=CHANNEL_OPTIONS)
     options = [*CHANNEL_OPTIONS, *settings.options()]
     return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, settings.credentials(), options=options)
-
-
-def leader_of(err: grpc.RpcError) -> tuple[str, bool]:
-    """The leader's address a standby coordinator named in its answer (empty if none), and whether a standby
-    answered at all (it may know no leader yet)."""
-    try:
-        trailers: Any = err.trailing_metadata() or ()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - an error object without a call behind it
-        return "", False
-    pairs = [(str(key), str(value)) for key, value in trailers]
-    return next((v for k, v in pairs if k == LEADER_HEADER), ""), any(k == STANDBY_HEADER for k, _ in pairs)
 
 
 class _Authorized:
@@ -90,7 +77,7 @@ class _Route:
     health: Any
     target: str
     channels: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # target -> (channel, health stub)
-    unreachable_at: dict[str, float] = field(default_factory=dict)  # when each coordinator last failed to answer
+    dead: DeadLeaders = field(default_factory=DeadLeaders)  # coordinators found unreachable (shardline/leader.py)
 
     def all_channels(self) -> list[Any]:
         return [channel for channel, _ in self.channels.values()]
@@ -160,13 +147,13 @@ class Connection:
         with several coordinators and a connection that failed, to the next one (False: the caller's own retry
         rules apply). Only the first failure on a channel switches it."""
         route = self._route
-        named, standby = leader_of(err) if err is not None else ("", False)
-        lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not standby)
+        said = Redirect.of(err) if err is not None else Redirect()
+        lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not said.standby)
         if lost and used is route.channel:
-            route.unreachable_at[route.target] = time.monotonic()
-        # a leader just found unreachable: the standby's news is stale (the lease not lapsed yet): wait here
-        leader = named if time.monotonic() - route.unreachable_at.get(named, float("-inf")) >= STALE_LEADER_S else ""
-        standby_alone = standby and not named  # a standby that knows no leader (it may be cut off from etcd)
+            route.dead.lost(route.target)
+        # a leader just found unreachable, still named (its lease not lapsed yet): stale news, wait here
+        leader = said.address if said.address and route.dead.fresh(said.address, said.epoch) else ""
+        standby_alone = said.standby and not said.address  # a standby that knows no leader (cut off from etcd?)
         if used is not route.channel:  # another call switched already
             return bool(leader)
         if leader and leader != route.target:

@@ -19,11 +19,7 @@ from dataclasses import dataclass, field
 from shardline.errors import FailedPrecondition
 
 EPOCH_HEADER = "shardline-coordinator-epoch"
-# a standby coordinator's answer (issue 29) names the leader in its trailing metadata: its public address, and
-# the address workers register on; the SDK and workers go there
-LEADER_HEADER = "shardline-leader"
-LEADER_CLUSTER_HEADER = "shardline-leader-cluster"
-STANDBY_HEADER = "shardline-standby"  # on every standby answer, whether or not it knows a leader
+
 WORKER_HEADER = "shardline-worker-identity"
 MAX_HEADER_CHARS = 128  # both are 32 hex digits; a longer one is named cut short
 MAX_RETIRED = 8

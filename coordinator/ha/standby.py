@@ -17,7 +17,7 @@ from coordinator.api import kserve
 from coordinator.config import CoordinatorConfig
 from coordinator.ha.election import Leader
 from shardline.auth import ClusterIdentity
-from shardline.fencing import LEADER_CLUSTER_HEADER, LEADER_HEADER, STANDBY_HEADER
+from shardline.leader import LEADER_CLUSTER_HEADER, LEADER_EPOCH_HEADER, LEADER_HEADER, STANDBY_HEADER
 from shardline.server import add_standard_services, bind, new_server, set_serving
 from shardline.v1 import coordinator_pb2
 
@@ -33,7 +33,8 @@ def redirect(leader: Leader | None) -> tuple[str, tuple[tuple[str, str], ...]]:
         return ("this coordinator is a standby and no leader is elected yet (etcd elects one within its lease): "
                 "try again in a second", ((STANDBY_HEADER, "1"),))
     return (f"this coordinator is a standby; the leader is {leader.address} (epoch {leader.epoch}): call it",
-            ((STANDBY_HEADER, "1"), (LEADER_HEADER, leader.address), (LEADER_CLUSTER_HEADER, leader.cluster_address)))
+            ((STANDBY_HEADER, "1"), (LEADER_HEADER, leader.address), (LEADER_CLUSTER_HEADER, leader.cluster_address),
+             (LEADER_EPOCH_HEADER, str(leader.epoch))))
 
 
 class _Refuse(grpc.GenericRpcHandler):  # type: ignore[type-arg]
