@@ -136,8 +136,11 @@ class Registration:
         (False: after the usual pause). A leader found unreachable that a standby still names (its lease not lapsed
         yet) is not gone back to (shardline/leader.py)."""
         said = Redirect.of(err)
-        if not said.standby and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            self.dead.lost(self.coordinator)
+        if said.standby:
+            self.dead.standing_by(self.coordinator)
+        lost = not said.standby and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        if lost and not self.dead.lost(self.coordinator):
+            return False  # a standby a moment ago: it is taking over; register with it again after the pause
         leader = said.cluster_address
         if leader and leader != self.coordinator and self.dead.fresh(leader, said.epoch):
             log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)

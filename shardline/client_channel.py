@@ -149,8 +149,10 @@ class Connection:
         route = self._route
         said = Redirect.of(err) if err is not None else Redirect()
         lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not said.standby)
+        if said.standby and used is route.channel:
+            route.dead.standing_by(route.target)
         if lost and used is route.channel:
-            route.dead.lost(route.target)
+            lost = route.dead.lost(route.target)  # False: a standby a moment ago, taking over: stay
         # a leader just found unreachable, still named (its lease not lapsed yet): stale news, wait here
         leader = said.address if said.address and route.dead.fresh(said.address, said.epoch) else ""
         standby_alone = said.standby and not said.address  # a standby that knows no leader (cut off from etcd?)

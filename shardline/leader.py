@@ -19,6 +19,7 @@ LEADER_CLUSTER_HEADER = "shardline-leader-cluster"
 LEADER_EPOCH_HEADER = "shardline-leader-epoch"
 STANDBY_HEADER = "shardline-standby"  # on every standby answer, whether or not it knows a leader
 DEAD_WINDOW_S = 60.0  # how long a leader found unreachable is remembered so
+TAKEOVER_S = 5.0  # a standby that stops answering this soon after it answered is taking over: waited for
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,20 @@ class DeadLeaders:
     clock: Callable[[], float] = time.monotonic
     lost_at: dict[str, float] = field(default_factory=dict)
     stale: dict[str, str] = field(default_factory=dict)  # address -> the epoch standbys named first after its loss
+    standby_at: dict[str, float] = field(default_factory=dict)  # address -> when it last answered as a standby
 
-    def lost(self, address: str) -> None:
-        """`address` could not be reached."""
+    def standing_by(self, address: str) -> None:
+        """`address` answered as a standby."""
+        self.standby_at[address] = self.clock()
+
+    def lost(self, address: str) -> bool:
+        """`address` could not be reached: True if it is lost (go elsewhere); False if it was a standby a moment
+        ago: most likely it is taking over (its standby ports close as its leader's open), so stay."""
+        if self.clock() - self.standby_at.get(address, float("-inf")) < TAKEOVER_S:
+            return False
         self.lost_at[address] = self.clock()
         self.stale.pop(address, None)
+        return True
 
     def fresh(self, address: str, epoch: str) -> bool:
         """Whether a standby naming `address` in `epoch` is worth following."""
@@ -61,4 +71,4 @@ class DeadLeaders:
 
 
 __all__ = ["DEAD_WINDOW_S", "LEADER_CLUSTER_HEADER", "LEADER_EPOCH_HEADER", "LEADER_HEADER", "STANDBY_HEADER",
-           "DeadLeaders", "Redirect"]
+           "TAKEOVER_S", "DeadLeaders", "Redirect"]

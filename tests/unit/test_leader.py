@@ -3,7 +3,7 @@ leadership at the same address is, and the memory of a loss fades."""
 
 from __future__ import annotations
 
-from shardline.leader import DEAD_WINDOW_S, DeadLeaders, Redirect
+from shardline.leader import DEAD_WINDOW_S, TAKEOVER_S, DeadLeaders, Redirect
 
 
 class Clock:
@@ -26,6 +26,16 @@ def test_a_dead_leader_named_in_its_old_epoch_is_stale_a_new_epoch_is_followed()
     dead.lost("a:1")
     clock.now += DEAD_WINDOW_S + 1
     assert dead.fresh("a:1", "9")  # long ago: whatever a standby says is news again
+
+
+def test_a_standby_that_stops_answering_is_taking_over_and_is_waited_for():
+    clock = Clock()
+    dead = DeadLeaders(clock)
+    dead.standing_by("b:1")
+    clock.now = 1.0
+    assert dead.lost("b:1") is False and dead.fresh("b:1", "5")  # its ports changing hands: not dead
+    clock.now = 1.0 + TAKEOVER_S
+    assert dead.lost("b:1") is True and not dead.fresh("b:1", "5")  # gone for good: dead
 
 
 def test_a_redirect_is_read_from_trailing_metadata():
