@@ -66,6 +66,8 @@ def test_a_leader_that_dies_without_a_word_is_replaced_once_its_lease_lapses(loo
     loop.run(run())
 
 
+@pytest.mark.chaos  # kills etcd: in the default suite once it passed 20 runs in a row
+@pytest.mark.slow
 def test_a_leader_cut_off_from_etcd_steps_down_within_its_lease(loop, tmp_path):
     own = LocalEtcd.start(tmp_path / "etcd")
     try:
@@ -131,6 +133,8 @@ def test_a_create_whose_answer_was_lost_is_won_and_a_lapsed_lease_is_replaced(lo
     loop.run(run())
 
 
+@pytest.mark.chaos  # kills etcd: in the default suite once it passed 20 runs in a row
+@pytest.mark.slow
 def test_a_deposed_leader_names_no_leader(loop, tmp_path):
     """Cut off from etcd, a leader steps down and, standing by, names nobody (not itself) as the leader."""
     own = LocalEtcd.start(tmp_path / "etcd")
