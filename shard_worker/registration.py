@@ -37,6 +37,7 @@ class Registration:
         self.coordinators = [c.strip() for c in coordinator.split(",") if c.strip()] or [coordinator]
         self.coordinator = self.coordinators[0]
         self.dead = DeadLeaders()  # coordinators found unreachable (shardline/leader.py)
+        self.followed = False  # the last failure sent this worker to a named leader (reset by an answer)
         self.address, self.memory_budget_bytes = address, memory_budget_bytes
         self.device = device or DeviceSettings()  # reported at registration: device, its memory, dtype, engine
         self.links = links or LinkSettings()
@@ -71,7 +72,7 @@ class Registration:
                     try:
                         if await self._beat(stub):
                             return
-                        failures, interval = 0, self.interval
+                        failures, interval, self.followed = 0, self.interval, False
                         if self.worker_id:  # forgotten: register again at once
                             await asyncio.sleep(interval)
                     except grpc.RpcError as err:
@@ -79,6 +80,7 @@ class Registration:
                         self._log_failure(err, failures)
                         if self._follow(err):  # a standby named the leader: go there now
                             break
+                        self.followed = False
                         # a coordinator that restarts is back within seconds: retry soon (0.1 s doubling up to
                         # QUICK_RETRY_S), and after 20 failures with an exponential backoff
                         backoff = min(interval, QUICK_RETRY_S, 0.1 * 2 ** (failures - 1)) if failures <= 20 \
@@ -142,9 +144,9 @@ class Registration:
         if lost and not self.dead.lost(self.coordinator):
             return False  # a standby a moment ago: it is taking over; register with it again after the pause
         leader = said.cluster_address
-        if leader and leader != self.coordinator and self.dead.fresh(leader, said.epoch):
+        if leader and leader != self.coordinator and self.dead.fresh(leader, said.epoch) and not self.followed:
             log.info("coordinator %s stands by; the leader is %s", self.coordinator, leader)
-            self.coordinator = leader
+            self.coordinator, self.followed = leader, True  # once in a row: standbys naming each other do not spin
             return True
         # the next one given: this one is unreachable, or a standby that knows no leader at all (it may itself be
         # cut off from etcd while the leader is elsewhere); a standby naming a leader just found dead is waited at

@@ -140,9 +140,9 @@ class Client(Connection):
                 except grpc.RpcError as err:
                     self._switch(err, used)
             return serving
-        used = self.channel
+        used, stub = self._authorized()
         try:
-            return self._call(step)
+            return self._call(step, stub)
         except grpc.RpcError as err:
             if not self._switch(err, used):
                 raise from_rpc_error(err) from err
@@ -154,35 +154,40 @@ class Client(Connection):
     def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
         resuming = calls.Resuming(call, result, call.timeout or self.timeout, several=len(self.endpoints) > 1)
+        used, stub = self._authorized()
         # started now, not at the first read: streams opened together run together
-        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining()))
+        chunks = self._chunks(resuming, used, self._generate(resuming.request(), resuming.remaining(), stub))
         if stream:
             return chunks
         for _ in chunks:
             pass
         return result
 
-    def _chunks(self, resuming: calls.Resuming, responses: Any) -> Iterator[GenerateChunk]:
+    def _chunks(self, resuming: calls.Resuming, used: Any, responses: Any) -> Iterator[GenerateChunk]:
         """The stream's chunks as they arrive; a stream that breaks resumes (calls.Resuming)."""
-        used = self.channel
+        redirected = False
         while True:
             try:
                 for response in responses:
                     resuming.resumed()
+                    redirected = False
                     yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
-                # a standby named the leader: sent there at once; else the resume rules (and, with several
-                # coordinators, the next one when this one cannot be reached)
-                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming)
+                # a standby named the leader: sent there at once (once in a row: standbys naming each other do not
+                # spin); else the resume rules (and, with several coordinators, the next one when this one cannot
+                # be reached)
+                follow = self._switch(err, used) and not redirected
+                redirected = follow
+                pause = 0.0 if follow else standby_pause(err, resuming)
             finally:  # closed early: the coordinator frees the stream now, not at GC
                 responses.cancel()
             if pause is None:
                 return
             time.sleep(pause)
             self._connected(resuming)
-            used = self.channel
-            responses = self._generate(resuming.request(), resuming.remaining())
+            used, stub = self._authorized()
+            responses = self._generate(resuming.request(), resuming.remaining(), stub)
 
     def _connected(self, resuming: calls.Resuming) -> None:
         """A coordinator reached again (a connection), within the break's window: with several, each is given
@@ -190,7 +195,7 @@ class Client(Connection):
         while True:
             ready = grpc.channel_ready_future(self.channel)
             try:
-                ready.result(timeout=min(resuming.window(), CONNECT_EACH_S if len(self.endpoints) > 1 else 1e9))
+                ready.result(timeout=min(resuming.window(), CONNECT_EACH_S if self._several() else 1e9))
                 return
             except grpc.FutureTimeoutError:
                 if resuming.window() <= 0.001:
@@ -347,9 +352,9 @@ class AsyncClient(Connection):
                 except grpc.RpcError as err:
                     self._switch(err, used)
             return serving
-        used = self.channel
+        used, stub = self._authorized()
         try:
-            return await self._call(step)
+            return await self._call(step, stub)
         except grpc.RpcError as err:
             if not self._switch(err, used):
                 raise from_rpc_error(err) from err
@@ -361,39 +366,43 @@ class AsyncClient(Connection):
     async def _stream(self, call: Stream, stream: bool) -> Any:
         result = GenerateResult()
         resuming = calls.Resuming(call, result, call.timeout or self.timeout, several=len(self.endpoints) > 1)
-        chunks = self._chunks(resuming, self._generate(resuming.request(), resuming.remaining()))
+        used, stub = self._authorized()
+        chunks = self._chunks(resuming, used, self._generate(resuming.request(), resuming.remaining(), stub))
         if stream:
             return chunks
         async for _ in chunks:
             pass
         return result
 
-    async def _chunks(self, resuming: calls.Resuming, responses: Any) -> AsyncIterator[GenerateChunk]:
+    async def _chunks(self, resuming: calls.Resuming, used: Any, responses: Any) -> AsyncIterator[GenerateChunk]:
         """As Client._chunks, awaited; closed early (aclose, a cancelled task), the call is cancelled at once."""
-        used = self.channel
+        redirected = False
         while True:
             try:
                 async for response in responses:
                     resuming.resumed()
+                    redirected = False
                     yield resuming.result.add(response)
                 return
             except grpc.RpcError as err:
-                pause = 0.0 if self._switch(err, used) else standby_pause(err, resuming)
+                follow = self._switch(err, used) and not redirected
+                redirected = follow
+                pause = 0.0 if follow else standby_pause(err, resuming)
             finally:
                 responses.cancel()
             if pause is None:
                 return
             await asyncio.sleep(pause)
             await self._connected(resuming)
-            used = self.channel
-            responses = self._generate(resuming.request(), resuming.remaining())
+            used, stub = self._authorized()
+            responses = self._generate(resuming.request(), resuming.remaining(), stub)
 
     async def _connected(self, resuming: calls.Resuming) -> None:
         """As Client._connected, awaited."""
         while True:
             try:
                 await asyncio.wait_for(self.channel.channel_ready(),
-                                       min(resuming.window(), CONNECT_EACH_S if len(self.endpoints) > 1 else 1e9))
+                                       min(resuming.window(), CONNECT_EACH_S if self._several() else 1e9))
                 return
             except TimeoutError:
                 if resuming.window() <= 0.001:

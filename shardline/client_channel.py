@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,20 +69,40 @@ class _Authorized:
         return method if self._metadata is None else functools.partial(method, metadata=self._metadata)
 
 
-@dataclass
-class _Route:
-    """Which coordinator a client (and every view of it, with_api_key) talks to now: shared, so that one
-    view's switch to the leader is every view's. One channel per coordinator ever talked to, kept until the
-    client closes (a call may still be on one; their number is bounded by the coordinators)."""
+@dataclass(frozen=True)
+class _Hop:
+    """The coordinator talked to now: replaced whole (one assignment), never changed in place."""
 
     channel: Any
     health: Any
     target: str
-    channels: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # target -> (channel, health stub)
+
+
+@dataclass
+class _Route:
+    """Which coordinator a client (and every view of it, with_api_key) talks to now: shared, so that one
+    view's switch to the leader is every view's. One channel per coordinator ever talked to, kept until the
+    client closes (a call may still be on one; their number is bounded by the coordinators). Switches are made
+    under `lock` (the blocking client is used from several threads)."""
+
+    hop: _Hop
+    channels: dict[str, _Hop] = field(default_factory=dict)  # target -> its hop
     dead: DeadLeaders = field(default_factory=DeadLeaders)  # coordinators found unreachable (shardline/leader.py)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def all_channels(self) -> list[Any]:
-        return [channel for channel, _ in self.channels.values()]
+        return [hop.channel for hop in self.channels.values()]
+
+
+GRPC_SCHEMES = re.compile(r"^(ipv4|ipv6|dns|unix|unix-abstract|vsock|xds):")
+
+
+def endpoints_of(target: str) -> list[str]:
+    """The coordinators a target names: comma-separated HOST:PORTs (standbys); a gRPC target with a scheme
+    (`ipv4:a:1,b:1`, `dns:///...`) is one, as gRPC reads it."""
+    if GRPC_SCHEMES.match(target):
+        return [target]
+    return [t.strip() for t in target.split(",") if t.strip()] or [target]
 
 
 class Connection:
@@ -93,53 +115,56 @@ class Connection:
                  api_key: str | None = None, tls: TLSOption = None, client_name: str = "") -> None:
         # several coordinators (comma-separated: standby coordinators, issue 29): the client talks to one at a
         # time, goes to the leader a standby names, and to the next one when its coordinator cannot be reached
-        self.endpoints = [t.strip() for t in target.split(",") if t.strip()] or [target]
+        self.endpoints = endpoints_of(target)
         self.timeout = timeout
         self._tls, self._client_name, self._api_key = tls, client_name, api_key
         self._metadata: tuple[tuple[str, str], ...] = ()
         first = self.endpoints[0]
         channel = _open(first, tls, client_name, self.aio)
-        self._route = _Route(channel, health_pb2_grpc.HealthStub(channel), first)
-        self._route.channels[first] = (channel, self._route.health)
-        self._stub_on: Any = None
-        self._stub: Any = None
+        hop = _Hop(channel, health_pb2_grpc.HealthStub(channel), first)
+        self._route = _Route(hop, {first: hop})
+        self._stub_pair: tuple[Any, Any] = (None, None)  # (the channel it was built on, this view's stub)
         _ = self._authorized(stacklevel=4)  # the plaintext-key warning names the caller of Client(...)
 
     @property
     def channel(self) -> Any:
-        return self._route.channel
+        return self._route.hop.channel
 
     @property
     def health(self) -> Any:
-        return self._route.health
+        return self._route.hop.health
 
     @property
     def _target(self) -> str:
-        return self._route.target
+        return self._route.hop.target
 
     @property
     def stub(self) -> Any:
-        return self._authorized()
+        return self._authorized()[1]
 
-    def _authorized(self, stacklevel: int = 5) -> Any:
-        """This view's stub (its key and metadata) on the route's channel now."""
-        if self._stub_on is not self._route.channel:
-            self._stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(self._route.channel), self._api_key,
-                                     self._route.target, self._tls, self._metadata, stacklevel=stacklevel)
-            self._stub_on = self._route.channel
-        return self._stub
+    def _authorized(self, stacklevel: int = 5) -> tuple[Any, Any]:
+        """(the channel, this view's stub on it: its key and metadata), for the route's coordinator now; read
+        once, so a call and the failure it reports name the same channel."""
+        hop = self._route.hop
+        built_on, stub = self._stub_pair
+        if built_on is not hop.channel:
+            stub = _Authorized(coordinator_pb2_grpc.CoordinatorStub(hop.channel), self._api_key, hop.target,
+                               self._tls, self._metadata, stacklevel=stacklevel)
+            self._stub_pair = (hop.channel, stub)
+        return hop.channel, stub
 
     def _connect(self, target: str) -> None:
+        """Talk to `target` from now on (under the route's lock)."""
         route = self._route
-        if target not in route.channels:
+        hop = route.channels.get(target)
+        if hop is None:
             channel = _open(target, self._tls, self._client_name, self.aio)
-            route.channels[target] = (channel, health_pb2_grpc.HealthStub(channel))
-        route.channel, route.health = route.channels[target]
-        route.target = target
+            hop = route.channels[target] = _Hop(channel, health_pb2_grpc.HealthStub(channel), target)
+        route.hop = hop
 
     def _several(self) -> bool:
         """Whether there is another coordinator to go to (several given, or a standby sent us off the list)."""
-        return len(self.endpoints) > 1 or self._route.target not in self.endpoints
+        return len(self.endpoints) > 1 or self._route.hop.target not in self.endpoints
 
     def _switch(self, err: grpc.RpcError | None, used: Any) -> bool:
         """After a call on channel `used` failed with `err` (None: a health probe found no serving coordinator):
@@ -148,25 +173,29 @@ class Connection:
         rules apply). Only the first failure on a channel switches it."""
         route = self._route
         said = Redirect.of(err) if err is not None else Redirect()
-        lost = err is None or (err.code() == grpc.StatusCode.UNAVAILABLE and not answered(err) and not said.standby)
-        if said.standby and used is route.channel:
-            route.dead.standing_by(route.target)
-        if lost and used is route.channel:
-            lost = route.dead.lost(route.target)  # False: a standby a moment ago, taking over: stay
-        # a leader just found unreachable, still named (its lease not lapsed yet): stale news, wait here
-        leader = said.address if said.address and route.dead.fresh(said.address, said.epoch) else ""
-        standby_alone = said.standby and not said.address  # a standby that knows no leader (cut off from etcd?)
-        if used is not route.channel:  # another call switched already
-            return bool(leader)
-        if leader and leader != route.target:
-            self._connect(leader)
-            return True
-        # the next one given: this one cannot be reached, or is a standby that knows no leader at all (it may be
-        # cut off from etcd itself); or, when a standby sent us here, the ones given
-        if (lost or standby_alone) and self._several():
-            at = self.endpoints.index(route.target) if route.target in self.endpoints else -1
-            self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
-        return False
+        code = getattr(err, "code", None)
+        lost = err is None or (callable(code) and code() == grpc.StatusCode.UNAVAILABLE and not answered(err)
+                               and not said.standby)
+        with route.lock:
+            hop = route.hop
+            if said.standby and used is hop.channel:
+                route.dead.standing_by(hop.target)
+            if lost and used is hop.channel:
+                lost = route.dead.lost(hop.target)  # False: a standby a moment ago, taking over: stay
+            # a leader just found unreachable, still named (its lease not lapsed yet): stale news, wait here
+            leader = said.address if said.address and route.dead.fresh(said.address, said.epoch) else ""
+            standby_alone = said.standby and not said.address  # a standby that knows no leader (cut off?)
+            if used is not hop.channel:  # another call switched already
+                return bool(leader)
+            if leader and leader != hop.target:
+                self._connect(leader)
+                return True
+            # the next one given: this one cannot be reached, or is a standby that knows no leader at all (it may
+            # be cut off from etcd itself); or, when a standby sent us here, the ones given
+            if (lost or standby_alone) and self._several():
+                at = self.endpoints.index(hop.target) if hop.target in self.endpoints else -1
+                self._connect(self.endpoints[(at + 1) % len(self.endpoints)])
+            return False
 
     def _unreachable(self) -> str:
         """Why the cluster does not answer, when it is one of the usual reasons (shardline/diagnose.py)."""
@@ -180,14 +209,15 @@ class Connection:
         connection): how a gateway passes each caller's key, request id and trace context on. Closing it closes
         the shared channel: close the original only. ValueError if the key is not one word of ASCII characters."""
         view = copy.copy(self)  # shares the route: a switch to the leader is every view's
-        view._api_key, view._metadata, view._stub_on = api_key, metadata, None
+        view._api_key, view._metadata, view._stub_pair = api_key, metadata, (None, None)
         _ = view._authorized(stacklevel=4)  # ValueError now for a key that is not one word of ASCII
         return view
 
-    def _call(self, step: Unary) -> Any:
-        """The step's RPC, started (a reply, or an awaitable one on an asyncio channel)."""
-        return getattr(self.stub, step.rpc)(step.request, timeout=step.timeout or self.timeout)
+    def _call(self, step: Unary, stub: Any = None) -> Any:
+        """The step's RPC, started (a reply, or an awaitable one on an asyncio channel), on `stub` (this view's
+        now if None)."""
+        return getattr(stub or self.stub, step.rpc)(step.request, timeout=step.timeout or self.timeout)
 
-    def _generate(self, request: coordinator_pb2.GenerateRequest, timeout: float) -> Any:
+    def _generate(self, request: coordinator_pb2.GenerateRequest, timeout: float, stub: Any = None) -> Any:
         """A Generate stream, started: its responses, iterable (blocking) or async-iterable (asyncio)."""
-        return self.stub.Generate(request, timeout=timeout)
+        return (stub or self.stub).Generate(request, timeout=timeout)

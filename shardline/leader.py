@@ -18,7 +18,9 @@ LEADER_HEADER = "shardline-leader"
 LEADER_CLUSTER_HEADER = "shardline-leader-cluster"
 LEADER_EPOCH_HEADER = "shardline-leader-epoch"
 STANDBY_HEADER = "shardline-standby"  # on every standby answer, whether or not it knows a leader
-DEAD_WINDOW_S = 60.0  # how long a leader found unreachable is remembered so
+# how long after a loss the first epoch standbys name for the lost leader is taken as stale news: longer than a
+# lease (default 3 s) takes to lapse; an epoch first heard later is a new leadership, followed
+DEAD_WINDOW_S = 15.0
 TAKEOVER_S = 5.0  # a standby that stops answering this soon after it answered is taking over: waited for
 
 
