@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.coordinator_restart import KILL_AT, STREAMS, Watch, streams  # noqa: E402
+from bench.coordinator_restart import Watch, streams  # noqa: E402
 from bench.recovery import free_port  # noqa: E402
 from coordinator.ha.election import Leader  # noqa: E402
 from coordinator.ha.etcd import Etcd  # noqa: E402
@@ -41,8 +41,6 @@ from coordinator.ha.local_etcd import LocalEtcd  # noqa: E402
 from coordinator.store.importer import builtin_gguf, import_gguf  # noqa: E402
 from coordinator.store.models import ModelStore  # noqa: E402
 from shardline.client import Client  # noqa: E402
-
-assert KILL_AT and STREAMS  # the same streams as the restart benchmark
 
 
 def serve(config: Path) -> subprocess.Popen[bytes]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +93,6 @@ class Etcd:
         reply = await self._call("KV", "Range", rpc.RangeRequest(key=key.encode()))
         return _kv(reply.kvs[0]) if reply.kvs else None
 
-    async def get_prefix(self, prefix: str) -> list[KeyValue]:
-        end = prefix.encode()[:-1] + bytes([prefix.encode()[-1] + 1])
-        reply = await self._call("KV", "Range", rpc.RangeRequest(key=prefix.encode(), range_end=end))
-        return [_kv(kv) for kv in reply.kvs]
-
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """The revision of the write."""
         reply = await self._call("KV", "Put", rpc.PutRequest(key=key.encode(), value=value, lease=lease))
@@ -155,13 +148,4 @@ class Etcd:
             self._channel = None
 
 
-@asynccontextmanager
-async def connected(endpoints: list[str]) -> AsyncIterator[Etcd]:
-    etcd = Etcd(endpoints)
-    try:
-        yield etcd
-    finally:
-        await etcd.close()
-
-
-__all__ = ["CALL_TIMEOUT_S", "Etcd", "EtcdUnavailable", "KeyValue", "connected"]
+__all__ = ["CALL_TIMEOUT_S", "Etcd", "EtcdUnavailable", "KeyValue"]

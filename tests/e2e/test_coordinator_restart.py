@@ -47,12 +47,13 @@ def loads(addresses: list[str]) -> dict[str, int]:
     return out
 
 
-async def run_streams(endpoint: str, kill=None) -> tuple[list[list[int]], list[int], list[float]]:
-    """The 8 streams' tokens and how often each resumed; with `kill`, called once every stream has 3
+async def run_streams(endpoint: str, kill=None,
+                      streams: int = STREAMS) -> tuple[list[list[int]], list[int], list[float]]:
+    """The streams' (8 unless `streams`) tokens and how often each resumed; with `kill`, called once every stream has 3
     tokens, also each stream's wait from the kill to its next token."""
-    counts = [0] * STREAMS
+    counts = [0] * streams
     killed_at: list[float] = []
-    waits = [0.0] * STREAMS
+    waits = [0.0] * streams
 
     async with AsyncClient(endpoint, timeout=120) as client:
         await client.wait_ready(timeout=60)
@@ -75,8 +76,8 @@ async def run_streams(endpoint: str, kill=None) -> tuple[list[list[int]], list[i
             killed_at.append(time.monotonic())
             kill()
 
-        results = await asyncio.gather(*(one(i) for i in range(STREAMS)), killer())
-    return [tokens for tokens, _ in results[:STREAMS]], counts, waits
+        results = await asyncio.gather(*(one(i) for i in range(streams)), killer())
+    return [tokens for tokens, _ in results[:streams]], counts, waits
 
 
 def test_streams_survive_a_coordinator_sigkill_and_the_workers_are_adopted(store, tmp_path):

@@ -20,7 +20,8 @@ from coordinator.ha.election import Leader
 from coordinator.ha.etcd import Etcd
 from coordinator.ha.local_etcd import LocalEtcd
 from shardline.client import Client
-from tests.e2e.test_coordinator_restart import loads, params, prompt
+from tests.e2e.test_coordinator_restart import loads
+from tests.e2e.test_coordinator_restart import run_streams as restart_streams
 from tests.e2e.test_join_and_generate import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.slow]
@@ -77,33 +78,9 @@ class Pair:
 
 
 async def run_streams(endpoint: str, kill=None) -> tuple[list[list[int]], list[float]]:
-    from shardline.client import AsyncClient
-
-    counts = [0] * STREAMS
-    killed_at: list[float] = []
-    waits = [0.0] * STREAMS
-    async with AsyncClient(endpoint, timeout=120) as client:
-        await client.wait_ready(timeout=60)
-
-        async def one(i: int) -> list[int]:
-            tokens: list[int] = []
-            async for chunk in await client.generate(prompt(i), stream=True, **params(i)):
-                if killed_at and not waits[i] and chunk.token_ids:
-                    waits[i] = time.monotonic() - killed_at[0]
-                tokens += chunk.token_ids
-                counts[i] = len(tokens)
-            return tokens
-
-        async def killer() -> None:
-            if kill is None:
-                return
-            while min(counts) < 3:
-                await asyncio.sleep(0.002)
-            killed_at.append(time.monotonic())
-            kill()
-
-        results = await asyncio.gather(*(one(i) for i in range(STREAMS)), killer())
-    return list(results[:STREAMS]), waits
+    """The 16 streams' tokens and, with `kill`, each one's wait from the kill to its next token."""
+    tokens, _, waits = await restart_streams(endpoint, kill, streams=STREAMS)
+    return tokens, waits
 
 
 def test_streams_survive_a_sigkill_of_the_leader_and_the_standby_adopts_the_workers(store, tmp_path):

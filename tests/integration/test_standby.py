@@ -10,6 +10,7 @@ import asyncio
 import socket
 import time
 import uuid
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -49,17 +50,37 @@ async def register(worker, coordinators: str) -> asyncio.Task[None]:
     return asyncio.ensure_future(registration.run())
 
 
-def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(loop, store, etcd, tmp_path):
-    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+@contextmanager
+def pair(loop, store, etcd, prefix: str, tmp_path, n_workers: int):
+    """Coordinators a (leading) and b (standing by) on `etcd`, and `n_workers` workers given both addresses
+    ("A,B", yielded with a and b); everything stopped at the end."""
     a = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "a")))
     running = [loop.run(started(a))]
-    loop.run(asyncio.wait_for(a.became_leader.wait(), 10))
-    b = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "b")))
-    running.append(loop.run(started(b)))
-    both = f"{a.election.me.address},{b.election.me.address}"
-    workers = [loop.run(start_worker()) for _ in range(3)]
-    registrations = [loop.run(register(w, both)) for w in workers]
+    workers, registrations = [], []
+    b = None
     try:
+        loop.run(asyncio.wait_for(a.became_leader.wait(), 10))
+        b = loop.run(start_ha(ha_config(store, etcd, prefix, tmp_path / "b")))
+        running.append(loop.run(started(b)))
+        both = f"{a.election.me.address},{b.election.me.address}"
+        workers = [loop.run(start_worker()) for _ in range(n_workers)]
+        registrations = [loop.run(register(w, both)) for w in workers]
+        yield a, b, both
+    finally:
+        for task in registrations:
+            task.cancel()
+        for ha in (b, a):
+            if ha is not None:
+                loop.run(ha.stop())
+        for task in running:
+            task.cancel()
+        for w in workers:
+            loop.run(w.stop(0))
+
+
+def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(loop, store, etcd, tmp_path):
+    prefix = f"/t-{uuid.uuid4().hex[:8]}"
+    with pair(loop, store, etcd, prefix, tmp_path, 3) as (a, b, both):
         # the standby answers every call UNAVAILABLE naming the leader, in its message and trailing metadata
         with grpc.insecure_channel(b.election.me.address) as ch:
             with pytest.raises(grpc.RpcError) as err:
@@ -93,15 +114,6 @@ def test_the_standby_sends_callers_to_the_leader_and_serves_once_it_steps_down(l
             assert took < 15, took
             # the new leader serves the run-time change too: it read the fleet state from etcd
             assert {(m.name, m.ready) for m in client.list_models()} == {("tiny-llama", True), ("tiny-gpt2", True)}
-    finally:
-        for task in registrations:
-            task.cancel()
-        loop.run(b.stop())
-        loop.run(a.stop())
-        for task in running:
-            task.cancel()
-        for w in workers:
-            loop.run(w.stop(0))
 
 
 def test_an_etcd_that_does_not_answer_stops_the_start_naming_it(loop, store, tmp_path):
@@ -152,40 +164,25 @@ def test_etcd_lost_and_back_the_stream_resumes_and_fleet_changes_are_refused_mea
 
     own = LocalEtcd.start(tmp_path / "etcd")
     prefix = "/lost"
-    a = loop.run(start_ha(ha_config(store, own, prefix, tmp_path / "a")))
-    running = [loop.run(started(a))]
-    loop.run(asyncio.wait_for(a.became_leader.wait(), 10))
-    b = loop.run(start_ha(ha_config(store, own, prefix, tmp_path / "b")))
-    running.append(loop.run(started(b)))
-    both = f"{a.election.me.address},{b.election.me.address}"
-    workers = [loop.run(start_worker()) for _ in range(2)]
-    registrations = [loop.run(register(w, both)) for w in workers]
     try:
-        with Client(both, timeout=120) as client:
-            client.wait_ready(timeout=60)
-            addresses = [w.address for w in client.cluster_status().workers]
-            before = loads(addresses)
-            reference = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
-            chunks = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True, stream=True)
-            tokens = list(next(chunks).token_ids)
-            own.kill()
-            with pytest.raises(Unavailable, match=r"etcd at 127\.0\.0\.1:\d+"):
-                client.promote_model("tiny-llama@1")  # a fleet change: committed to etcd, or refused
-            loop.run(asyncio.wait_for(a.election.lost.wait(), LEASE + 2))  # stepped down within its lease
-            time.sleep(1.0)
-            own.restart()
-            for chunk in chunks:
-                tokens.extend(chunk.token_ids)
-            assert tokens == reference.token_ids
-            assert loads(addresses) == before  # adopted by whichever leads now: nothing loaded again
-            assert a.leaderships + b.leaderships == 2  # a, then one of them again once etcd was back
+        with pair(loop, store, own, prefix, tmp_path, 2) as (a, b, both):
+            with Client(both, timeout=120) as client:
+                client.wait_ready(timeout=60)
+                addresses = [w.address for w in client.cluster_status().workers]
+                before = loads(addresses)
+                reference = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True)
+                chunks = client.generate(PROMPT, max_tokens=1500, temperature=0, ignore_eos=True, stream=True)
+                tokens = list(next(chunks).token_ids)
+                own.kill()
+                with pytest.raises(Unavailable, match=r"etcd at 127\.0\.0\.1:\d+"):
+                    client.promote_model("tiny-llama@1")  # a fleet change: committed to etcd, or refused
+                loop.run(asyncio.wait_for(a.election.lost.wait(), LEASE + 2))  # stepped down within its lease
+                time.sleep(1.0)
+                own.restart()
+                for chunk in chunks:
+                    tokens.extend(chunk.token_ids)
+                assert tokens == reference.token_ids
+                assert loads(addresses) == before  # adopted by whichever leads now: nothing loaded again
+                assert a.leaderships + b.leaderships == 2  # a, then one of them again once etcd was back
     finally:
-        for task in registrations:
-            task.cancel()
-        loop.run(b.stop())
-        loop.run(a.stop())
-        for task in running:
-            task.cancel()
-        for w in workers:
-            loop.run(w.stop(0))
         own.stop()
