@@ -7,14 +7,18 @@ Requests name `name` (the default version) or `name@version`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from coordinator.store.models import default_store
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES
 from shardline.wire_dtype import WIRE_DTYPES
+
+T = TypeVar("T")
 
 DEFAULT_VERSION = "1"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -204,6 +208,10 @@ class CoordinatorConfig(BaseModel):
     # jobs and the result cache (README "Jobs and the result cache")
     jobs_dir: Path | None = Field(None, description="where the jobs database lives (jobs.sqlite3); default: the "
                                   "store directory. One coordinator per directory")
+    jobs_db: str | None = Field(None, description="a PostgreSQL URL (postgresql://USER@HOST:5432/DB) for jobs that "
+                                "every coordinator of a cluster shares (standby coordinators): a new leader goes on "
+                                "with them. Give the password in PGPASSWORD or ~/.pgpass, not the URL. Default: "
+                                "SQLite in jobs_dir")
     durable_fleet: bool = Field(True, description="commit every run-time change (load, unload, scale, promote) "
                                 "to fleet-<digest of the configured deployments>.sqlite in jobs_dir (or the store) "
                                 "before acknowledging it, and replay them at start")
@@ -262,6 +270,10 @@ class CoordinatorConfig(BaseModel):
     def _security_fits(self) -> CoordinatorConfig:
         if self.etcd:
             parse_endpoints(self.etcd)  # ValueError naming a URL that is not one
+        if self.jobs_db is not None:
+            from coordinator.jobs.postgres import check_url
+
+            check_url(self.jobs_db)
         if self.client_certs == "required" and self.certs_dir is None:
             raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")
         if self.client_certs == "required" and self.api_keys is None:
@@ -292,4 +304,14 @@ def load_config(path: Path, **overrides: object) -> CoordinatorConfig:
         fields = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    return CoordinatorConfig(**{**fields, **overrides})
+    return checked(lambda: CoordinatorConfig(**{**fields, **overrides}), f"{path}: ")
+
+
+def checked(make: Callable[[], T], where: str = "") -> T:
+    """`make()`, with pydantic's multi-line report of what is wrong said as one ValueError line per setting."""
+    try:
+        return make()
+    except ValidationError as exc:
+        said = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()]
+        raise ValueError(where + "; ".join(said)) from None

@@ -49,6 +49,21 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """A real PostgreSQL server (tests/postgres.py), one per session; `jobs_db` gives each test a database."""
+    from tests.postgres import local_postgres
+
+    with local_postgres(tmp_path_factory.mktemp("postgres")) as pg:
+        yield pg
+
+
+@pytest.fixture
+def jobs_db(postgres) -> str:
+    """A new, empty PostgreSQL database: its URL."""
+    return postgres.database()
+
+
+@pytest.fixture(scope="session")
 def smollm2_store(store):
     from coordinator.store.importer import builtin_gguf, import_gguf
 

@@ -94,6 +94,8 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
                                                  show_default="/shardline/default"),
           etcd_lease_s: int | None = typer.Option(None, min=1, max=60, help="the leader's lease (s)",
                                                   show_default="3"),
+          jobs_db: str | None = typer.Option(None, "--jobs-db", help="PostgreSQL URL: jobs shared by the "
+                                             "coordinators", show_default="SQLite in the store"),
           ) -> None:
     """Run the coordinator alone; workers join with `shard-worker serve --coordinator HOST:PORT`."""
     from coordinator.config import load_config
@@ -110,6 +112,7 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
     given["log_prompts"] = log_prompts
     given["wire_dtype"], given["quantize"] = wire_dtype, quantize
     given["etcd_prefix"], given["etcd_lease_s"] = etcd_prefix, etcd_lease_s
+    given["jobs_db"] = jobs_db
     flags: dict[str, object] = {k: v for k, v in given.items() if v is not None}
     if etcd:
         flags["etcd"] = etcd
@@ -127,6 +130,9 @@ def serve(config_file: Path | None = typer.Option(None, "--config", help="a TOML
         _fail(str(exc))
         return
 
+    if config.jobs_db is not None and (failure := startup.check_jobs_db(config.jobs_db)):
+        _fail(failure)
+        return
     if config.etcd:
         asyncio.run(_serve_standby(config))
         return

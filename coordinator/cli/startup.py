@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli.common import _fail
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, checked
 from coordinator.store.models import ModelStore, default_store
 
 RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy, or seeded by the caller), "
@@ -36,7 +36,7 @@ QUANTIZE_HELP = "int8: weight-only int8 quantization of the layers' linear weigh
 
 def coordinator_config(store: Path | None, **fields: object) -> CoordinatorConfig:
     """The coordinator's config from a command's flags (in the default store unless one is given)."""
-    return CoordinatorConfig(store=store or default_store(), **fields)  # type: ignore[arg-type]
+    return checked(lambda: CoordinatorConfig(store=store or default_store(), **fields))  # type: ignore[arg-type]
 
 
 def resolve_model(model: str, store: Path | None) -> tuple[Path | None, str]:
@@ -122,6 +122,17 @@ def jobs_held(directory: Path) -> bool:
             return True
         fcntl.flock(f, fcntl.LOCK_UN)
     return False
+
+
+def check_jobs_db(url: str) -> str:
+    """Why the shared jobs database cannot be used (one line naming it), or "" when it answers."""
+    from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
+
+    try:
+        PostgresJobs(url).close()  # connects, and creates the tables the first time
+    except JobsUnavailable as exc:
+        return exc.message
+    return ""
 
 
 def check_ports(config: CoordinatorConfig) -> None:

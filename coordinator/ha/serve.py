@@ -36,7 +36,12 @@ HOST_LOCAL = {"host", "port", "advertise", "store", "parameters_address", "param
 
 def shared_settings(config: CoordinatorConfig) -> dict[str, Any]:
     """What must be the same on every coordinator of one cluster (a standby would serve otherwise)."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in HOST_LOCAL}
+    shared = {k: v for k, v in config.model_dump(mode="json").items() if k not in HOST_LOCAL}
+    if config.jobs_db is not None:  # compared (and stored in etcd) without a password
+        from coordinator.jobs.postgres import describe
+
+        shared["jobs_db"] = describe(config.jobs_db)
+    return shared
 
 
 def differences(mine: dict[str, Any], leaders: dict[str, Any]) -> list[str]:

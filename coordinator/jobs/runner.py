@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from coordinator.fleet.requests import generate, infer
-from coordinator.jobs.store import JobRow, JobsLocked, JobStore, NewItem
+from coordinator.jobs.store import JobRow, JobsLocked, JobStore, NewItem, SqliteJobs
 from coordinator.serving.request_log import MAX_REQUEST_ID_CHARS
 from coordinator.serving.result_cache import ResultCache
 from coordinator.wire import FINISH, embed_request, generation_request
@@ -57,6 +57,8 @@ STORE_RETRY_S = 600.0  # a result the job store cannot take is retried this long
 STORE_WAIT = "cannot store results"
 MAX_ITEM_WAIT_S = 3600.0  # an item the cluster cannot serve for this long fails with the last reason
 MAX_VERSION_WAIT_S = 300.0  # an item whose pinned version is not deployed waits this long for it
+RETRY_S = 2.0  # a job with items left that this runner could not finish (held elsewhere, not stored) tries again
+RENEW_EVERY_S = 2.0  # claims on shared jobs (coordinator/jobs/postgres.py) are renewed this often
 
 
 @dataclass
@@ -80,6 +82,7 @@ class JobRunner:
         config = fleet.config
         self.fleet, self.cache, self.directory = fleet, cache, directory
         self.concurrency, self.ttl_s = config.job_concurrency, config.job_result_ttl_s
+        self.url = config.jobs_db  # a PostgreSQL the coordinators share, or None: SQLite in `directory`
         self.store: JobStore | None = None
         self.off = "the job runner has not started"  # why jobs are off, while they are
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
@@ -88,21 +91,44 @@ class JobRunner:
         self._stopping = False
         self._wake = asyncio.Event()
         self._running: dict[str, Running] = {}
+        self._later: dict[str, float] = {}  # a job not to start again before (monotonic)
         self._task: asyncio.Task[None] | None = None
 
     # -- life -------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        try:
-            self.store = await self._db(JobStore, self.directory)
-        except (JobsLocked, OSError) as exc:
-            self.off = f"jobs are off on this coordinator: {exc}"
-            log.warning("%s", self.off)
-            return
-        self.off = ""
-        unfinished = await self._db(self.store.unfinished)
-        if unfinished:
-            log.info("jobs: %d unfinished job(s) in %s go on", len(unfinished), self.store.path)
+        """Open the store and start the runner. SQLite that cannot be opened turns jobs off on this coordinator
+        (said in every jobs call); a PostgreSQL that cannot be reached is tried again by the runner."""
+        if self.url is None:
+            try:
+                self.store = await self._db(SqliteJobs, self.directory)
+            except (JobsLocked, OSError) as exc:
+                self.off = f"jobs are off on this coordinator: {exc}"
+                log.warning("%s", self.off)
+                return
+        else:
+            from coordinator.jobs.postgres import describe
+
+            self.off = f"the jobs database {describe(self.url)} has not been reached yet"
+            await self._open_shared(first=True)
         self._task = asyncio.create_task(self._supervise(), name="job runner")
+
+    async def _open_shared(self, first: bool = False) -> None:
+        """Connect to the shared jobs database (PostgreSQL), trying again with back-off until it answers."""
+        from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
+
+        delay = 0.5
+        while self.store is None:
+            try:
+                self.store = await self._db(PostgresJobs, self.url)
+            except JobsUnavailable as exc:
+                self.off = exc.message
+                if first:
+                    log.warning("jobs: %s (trying again in the background)", exc.message)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+        self.off = ""
+        log.info("jobs: in %s, shared with this cluster's other coordinators", self.store.where)
 
     async def stop(self) -> None:
         """Stop every item in flight (they stay pending on disk: the next start runs them)."""
@@ -114,6 +140,10 @@ class JobRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.store is not None:
+            try:
+                await self._db(self.store.release)  # shared jobs: another coordinator may take them at once
+            except Exception as exc:  # noqa: BLE001 - the claims lapse by themselves
+                log.warning("jobs: claims not released (%s); they lapse by themselves", exc)
             await self._db(self.store.close)
             self.store = None
         self._thread.shutdown(wait=False)
@@ -204,12 +234,39 @@ class JobRunner:
     async def _supervise(self) -> None:
         while True:
             try:
-                await self._run()
+                if self.store is None:
+                    await self._open_shared()
+                    log.info("jobs: %d unfinished job(s) go on", len(await self._db(self.opened().unfinished)))
+                await self._serve()
             except asyncio.CancelledError:
                 raise
+            except Unavailable as exc:  # the shared jobs database is away: said, and tried again
+                log.warning("jobs: %s; the runner tries again in 1 s", exc.message)
+                await asyncio.sleep(1)
             except Exception:  # noqa: BLE001 - logged with its traceback; the runner goes on
                 log.exception("the job runner failed; it starts again in 1 s")
                 await asyncio.sleep(1)
+
+    async def _serve(self) -> None:
+        """The runner and the keeper of its claims, ended together when either fails (with its error)."""
+        tasks = [asyncio.create_task(self._run(), name="jobs: runner"),
+                 asyncio.create_task(self._keep_claims(), name="jobs: claims")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep_claims(self) -> None:
+        """Renew the claims of the items in flight (shared jobs; nothing to do on SQLite)."""
+        store = self.opened()
+        while self.url is not None:
+            await asyncio.sleep(RENEW_EVERY_S)
+            if any(r.tasks for r in self._running.values()):
+                await self._db(store.renew)
 
     async def _run(self) -> None:
         store = self.opened()
@@ -222,12 +279,14 @@ class JobRunner:
             self._wake.clear()
             started = False
             for job_id in await self._db(store.unfinished):
-                if job_id not in self._running:
+                if job_id not in self._running and self._later.get(job_id, 0.0) <= time.monotonic():
+                    self._later.pop(job_id, None)
                     await self._start(store, job_id)
                     started = True
             if not started:
+                wait = min([EXPIRY_EVERY_S, *(t - time.monotonic() for t in self._later.values())])
                 try:
-                    await asyncio.wait_for(self._wake.wait(), EXPIRY_EVERY_S)
+                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
                 except TimeoutError:
                     pass
 
@@ -245,9 +304,11 @@ class JobRunner:
                     break
                 for index, blob, seeded_here in batch:
                     await self._slots.acquire()
-                    if running.cancelled:
-                        self._slots.release()
-                        break
+                    if running.cancelled or not await self._db(store.claim, job_id, index):
+                        self._slots.release()  # cancelled, or another coordinator runs the item now
+                        if running.cancelled:
+                            break
+                        continue
                     task = asyncio.create_task(self._item(job_id, running, index, blob, seeded_here),
                                                name=f"{job_id}[{index}]")
                     running.tasks.add(task)
@@ -276,15 +337,19 @@ class JobRunner:
     async def _complete(self, job_id: str, running: Running) -> None:
         try:
             store = self.opened()
-            if not running.cancelled and not await self._db(store.pending, job_id, -1, 1):
-                row = await self._db(store.job, job_id)
-                failed = row.counts.get("failed", 0) if row is not None else 0
-                await self._db(store.finish, job_id, "completed", time.time(), self.ttl_s,
-                               f"{failed} item(s) failed" if failed else "")
-                log.info("job %s completed", job_id)
+            if running.cancelled:
+                return
+            if await self._db(store.remaining, job_id):  # an item whose result could not be stored, or one
+                self._later[job_id] = time.monotonic() + RETRY_S  # another coordinator holds: tried again
+                return
+            row = await self._db(store.job, job_id)
+            failed = row.counts.get("failed", 0) if row is not None else 0
+            await self._db(store.finish, job_id, "completed", time.time(), self.ttl_s,
+                           f"{failed} item(s) failed" if failed else "")
+            log.info("job %s completed", job_id)
         finally:
             self._running.pop(job_id, None)
-            self._wake.set()  # anything left pending (an item whose result could not be stored) runs again
+            self._wake.set()
 
     async def _item(self, job_id: str, running: Running, index: int, blob: bytes, seeded_here: bool) -> None:
         item = coordinator_pb2.JobItem.FromString(blob)
@@ -332,11 +397,13 @@ class JobRunner:
         blob, delay, give_up = result.SerializeToString(), 0.5, time.monotonic() + STORE_RETRY_S
         while True:
             try:
-                await self._db(self.opened().finish_item, job_id, index, state, blob, result.cached)
+                if not await self._db(self.opened().finish_item, job_id, index, state, blob, result.cached):
+                    log.warning("job %s: item %d was finished or taken by another coordinator meanwhile (this "
+                                "one's claim lapsed): its result here is dropped", job_id, index)
                 if running.waiting.startswith(STORE_WAIT):
                     running.waiting = ""
                 return
-            except (sqlite3.Error, OSError) as exc:
+            except (sqlite3.Error, OSError, Unavailable) as exc:
                 self.fleet.metrics.job_storage_errors.inc()
                 running.waiting = f"{STORE_WAIT} (retrying): {exc}"
                 log.warning("job %s: the result of item %d could not be stored (%s); retrying in %.1f s", job_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.jobs.store import JobsLocked, JobStore, NewItem
+from coordinator.jobs.store import JobsLocked, NewItem, SqliteJobs
 from coordinator.serving.generation import Plan
 from coordinator.serving.result_cache import CachedResult, ResultCache, cache_key, entry_bytes
 from shardline.errors import InvalidArgument
@@ -92,44 +92,59 @@ def test_the_cache_is_lru_and_bounded_in_bytes():
 
 
 def test_the_job_store_keeps_results_and_expires_them(tmp_path):
-    store = JobStore(tmp_path)
+    store = SqliteJobs(tmp_path)
     with pytest.raises(JobsLocked, match="another coordinator"):
-        JobStore(tmp_path)
+        SqliteJobs(tmp_path)
+    keeps_results_and_expires_them(store)
+    store.close()
+    reopened = SqliteJobs(tmp_path)  # the lock went with the first
+    assert reopened.job("job-1").state == "expired"
+    reopened.close()
+
+
+def keeps_results_and_expires_them(store):
+    """What every job store does (SQLite here, PostgreSQL in tests/integration/test_jobs_postgres.py)."""
     items = [NewItem(f"c{i}", coordinator_pb2.JobItem(custom_id=f"c{i}").SerializeToString(), i == 1)
              for i in range(3)]
     assert store.create("job-1", "alice", "label", items, ["m@1"], now=100.0, max_unfinished=1)
     assert not store.create("job-2", "alice", "", items, ["m@1"], now=101.0, max_unfinished=1)  # one is the limit
     assert store.unfinished() == ["job-1"] and store.unfinished_count() == 1
     assert [(i, s) for i, _, s in store.pending("job-1", -1, 10)] == [(0, False), (1, True), (2, False)]
-    store.finish_item("job-1", 0, "done", b"r0", cached=True)
-    store.finish_item("job-1", 0, "failed", b"again", cached=False)  # a finished item is never written again
-    assert [i for i, _, _ in store.pending("job-1", -1, 10)] == [1, 2]
+    assert store.pending("job-1", -1, 10)[0][1] == items[0].request
+    assert store.claim("job-1", 0)  # a runner claims an item before running it (SQLite: always its own)
+    assert store.finish_item("job-1", 0, "done", b"r0", cached=True)
+    assert not store.finish_item("job-1", 0, "failed", b"again", cached=False)  # a finished item: never again
+    assert [i for i, _, _ in store.pending("job-1", -1, 10)] == [1, 2] and store.remaining("job-1") == 2
+    assert store.result_bytes() == 2 and store.result_bytes("alice") == 2 and store.result_bytes("bob") == 0
     store.finish("job-1", "cancelled", now=200.0, ttl_s=50.0)
     row = store.job("job-1")
-    assert (row.state, row.counts, row.cached, row.expires, row.models) == (
-        "cancelled", {"done": 1, "cancelled": 2}, 1, 250.0, ("m@1",))
-    assert [(r.index, r.state, r.result) for r in store.items("job-1", 0, 10)] == [
-        (0, "done", b"r0"), (1, "cancelled", None), (2, "cancelled", None)]
+    assert (row.state, row.counts, row.cached, row.expires, row.models, row.label) == (
+        "cancelled", {"done": 1, "cancelled": 2}, 1, 250.0, ("m@1",), "label")
+    assert [(r.index, r.state, r.result, r.cached) for r in store.items("job-1", 0, 10)] == [
+        (0, "done", b"r0", True), (1, "cancelled", None, False), (2, "cancelled", None, False)]
     assert store.jobs(("bob",), 10) == [] and [r.job_id for r in store.jobs(("alice",), 10)] == ["job-1"]
+    assert [r.job_id for r in store.jobs(None, 10)] == ["job-1"] and store.unfinished_count() == 0
     assert store.expire(now=249.0) == 0 and store.expire(now=251.0) == 1
     assert store.job("job-1").state == "expired" and store.items("job-1", 0, 10) == []
-    store.close()
-    reopened = JobStore(tmp_path)  # the lock went with the first
-    assert reopened.job("job-1").state == "expired"
-    reopened.close()
 
 
-def test_a_page_of_large_results_stops_reading_at_its_byte_cap(tmp_path):
-    """Issue 28.5: with max_bytes the rows are read one by one and the page ends once their results pass it;
-    the next page starts where this one stopped."""
-    store = JobStore(tmp_path)
+def pages_stop_at_their_byte_cap(store):
     items = [NewItem(f"c{i}", coordinator_pb2.JobItem(custom_id=f"c{i}").SerializeToString(), False)
              for i in range(10)]
     assert store.create("job-1", "alice", "", items, ["m@1"], now=100.0, max_unfinished=1)
     for i in range(10):
-        store.finish_item("job-1", i, "done", bytes([i]) * 2**20, cached=False)  # 1 MiB each
+        assert store.claim("job-1", i)
+        assert store.finish_item("job-1", i, "done", bytes([i]) * 2**20, cached=False)  # 1 MiB each
     page = store.items("job-1", 0, 1000, max_bytes=int(2.5 * 2**20))
     assert [r.index for r in page] == [0, 1, 2]  # the third passes the cap: the page ends with it
+    assert [r.result[:1] for r in page] == [b"\x00", b"\x01", b"\x02"]
     assert [r.index for r in store.items("job-1", 3, 1000, max_bytes=int(2.5 * 2**20))] == [3, 4, 5]
     assert len(store.items("job-1", 0, 1000)) == 10  # without a cap: the limit alone
+
+
+def test_a_page_of_large_results_stops_reading_at_its_byte_cap(tmp_path):
+    """Issue 28.5: the sizes are read first and the page ends once their results pass max_bytes (the blobs past
+    it are never read); the next page starts where this one stopped."""
+    store = SqliteJobs(tmp_path)
+    pages_stop_at_their_byte_cap(store)
     store.close()

@@ -1,0 +1,119 @@
+"""Jobs on PostgreSQL (issue 29.5), against a real server the tests start (tests/postgres.py): the store does what
+the SQLite one does; items are claimed under a lease, so two coordinators never both run or finish one item, a
+deposed one's late result is refused, and a dead one's claims are taken when they lapse; a database that cannot
+be reached or refuses is said in one line naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from coordinator.jobs import postgres
+from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs, describe
+from coordinator.jobs.store import NewItem
+from shardline.v1 import coordinator_pb2
+from tests.unit.test_jobs_and_cache import keeps_results_and_expires_them, pages_stop_at_their_byte_cap
+
+
+def new_job(store: PostgresJobs, n: int) -> None:
+    items = [NewItem(f"c{i}", coordinator_pb2.JobItem(custom_id=f"c{i}").SerializeToString(), False)
+             for i in range(n)]
+    assert store.create("job-1", "alice", "", items, ["m@1"], now=100.0, max_unfinished=10)
+
+
+def test_the_postgres_store_does_what_the_sqlite_one_does(jobs_db):
+    store = PostgresJobs(jobs_db)
+    keeps_results_and_expires_them(store)
+    store.close()
+    again = PostgresJobs(jobs_db)  # a second coordinator (or a restart) finds what the first stored
+    assert again.job("job-1").state == "expired"
+    again.close()
+
+
+def test_a_page_of_large_results_stops_at_its_byte_cap_on_postgres(jobs_db):
+    store = PostgresJobs(jobs_db)
+    pages_stop_at_their_byte_cap(store)
+    store.close()
+
+
+def test_two_coordinators_never_run_or_finish_one_item(jobs_db):
+    a, b = PostgresJobs(jobs_db), PostgresJobs(jobs_db)
+    try:
+        new_job(a, 3)
+        assert a.claim("job-1", 0) and a.claim("job-1", 0)  # its own claim: taken again (renewed)
+        assert not b.claim("job-1", 0)  # held by a
+        assert [i for i, _, _ in b.pending("job-1", -1, 10)] == [1, 2]  # b is not offered a's item
+        assert not b.finish_item("job-1", 0, "done", b"b's", cached=False)  # nor may it write its result
+        assert a.finish_item("job-1", 0, "done", b"a's", cached=False)
+        assert not b.claim("job-1", 0)  # finished: nobody claims it again
+        assert not a.finish_item("job-1", 1, "done", b"unclaimed", cached=False)  # a claim comes first
+        assert b.claim("job-1", 1)
+        b.release()  # b stops: its claims go at once
+        assert a.claim("job-1", 1)
+        assert [r.result for r in a.items("job-1", 0, 3)] == [b"a's", None, None]
+        assert a.remaining("job-1") == 2 and b.remaining("job-1") == 2  # whoever holds them
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lapsed_claim_is_taken_and_the_late_result_of_its_old_holder_refused(jobs_db, monkeypatch):
+    """A deposed leader (paused past its claims) wakes up with a result: the item is its successor's now."""
+    monkeypatch.setattr(postgres, "CLAIM_S", 0.5)
+    old, new = PostgresJobs(jobs_db), PostgresJobs(jobs_db)
+    try:
+        new_job(old, 2)
+        assert old.claim("job-1", 0) and old.claim("job-1", 1)
+        assert not new.claim("job-1", 0)
+        old.renew()  # renewed: still its own half a second on
+        time.sleep(0.3)
+        assert not new.claim("job-1", 0)
+        time.sleep(0.6)  # not renewed: lapsed
+        assert [i for i, _, _ in new.pending("job-1", -1, 10)] == [0, 1]
+        assert new.claim("job-1", 0)
+        assert not old.finish_item("job-1", 0, "done", b"late", cached=False)  # refused: the item is new's
+        assert new.finish_item("job-1", 0, "done", b"new's", cached=False)
+        assert old.finish_item("job-1", 1, "done", b"lapsed, not taken", cached=False)  # nobody took it: kept
+        assert [r.result for r in new.items("job-1", 0, 2)] == [b"new's", b"lapsed, not taken"]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_the_unfinished_jobs_limit_holds_across_coordinators(jobs_db):
+    a, b = PostgresJobs(jobs_db), PostgresJobs(jobs_db)
+    try:
+        one = [NewItem("c", coordinator_pb2.JobItem(custom_id="c").SerializeToString(), False)]
+        assert a.create("job-a", "alice", "", one, ["m@1"], now=1.0, max_unfinished=1)
+        assert not b.create("job-b", "bob", "", one, ["m@1"], now=2.0, max_unfinished=1)
+        assert b.unfinished() == ["job-a"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_database_that_does_not_answer_or_refuses_is_named_in_one_line(jobs_db):
+    with pytest.raises(JobsUnavailable, match=r"the jobs database postgresql://127\.0\.0\.1:1/jobs cannot be "
+                                              r"reached: .*(refused|failed)"):
+        PostgresJobs("postgresql://127.0.0.1:1/jobs")
+    wrong_user = jobs_db.replace("postgresql://postgres:@", "postgresql://mallory:secret@")
+    with pytest.raises(JobsUnavailable, match=r'postgresql://mallory@.*cannot be reached: .*"mallory" does not '
+                                              "exist") as err:
+        PostgresJobs(wrong_user)
+    assert "secret" not in err.value.message  # a password never shows
+    assert describe("postgresql://u:pw@db.example:5433/jobs") == "postgresql://u@db.example:5433/jobs"
+
+
+@pytest.mark.parametrize("url, says", [
+    ("postgresql://127.0.0.1:1/jobs", "error: the jobs database postgresql://127.0.0.1:1/jobs cannot be reached"),
+    ("mysql://db/jobs", "jobs_db must be a postgresql:// URL"),
+])
+def test_serve_with_a_jobs_db_it_cannot_use_exits_1_in_one_line(url, says, store):
+    done = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--store", str(store.root), "--model",
+                           "tiny-llama", "--port", "0", "--no-http", "--jobs-db", url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
