@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -91,6 +91,29 @@ def defaults_of(specs: list[DeploymentSpec]) -> dict[str, str]:
     for spec in specs:
         out.setdefault(spec.name, spec.version)
     return out
+
+
+def database_name(url: str) -> str:
+    """The PostgreSQL database a URL names, as messages and other coordinators see it: never its password."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "postgresql://(a URL that does not parse)"
+    host = parts.hostname or parse_qs(parts.query).get("host", ["localhost"])[0]
+    user = f"{parts.username}@" if parts.username else ""
+    return f"postgresql://{user}{host}{port}{parts.path or '/'}"
+
+
+def check_database_url(url: str) -> str:
+    """The URL, or ValueError saying what is wrong with it."""
+    if urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"jobs_db must be a postgresql:// URL, not {url[:40]!r}")
+    try:
+        urlsplit(url).port  # noqa: B018 - parsed for its error
+    except ValueError as exc:
+        raise ValueError(f"jobs_db {database_name(url)}: {exc}") from None
+    return url
 
 
 def parse_endpoints(urls: list[str]) -> list[str]:
@@ -271,9 +294,7 @@ class CoordinatorConfig(BaseModel):
         if self.etcd:
             parse_endpoints(self.etcd)  # ValueError naming a URL that is not one
         if self.jobs_db is not None:
-            from coordinator.jobs.postgres import check_url
-
-            check_url(self.jobs_db)
+            check_database_url(self.jobs_db)
         if self.client_certs == "required" and self.certs_dir is None:
             raise ValueError("client_certs 'required' needs certs_dir (TLS): without TLS there is no certificate")
         if self.client_certs == "required" and self.api_keys is None:

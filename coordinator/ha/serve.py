@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.api.server import Coordinator, identity_of, start_coordinator
-from coordinator.config import CoordinatorConfig, parse_endpoints
+from coordinator.config import CoordinatorConfig, database_name, parse_endpoints
 from coordinator.ha.election import Election, Leader
 from coordinator.ha.etcd import Etcd, EtcdUnavailable
 from coordinator.ha.fleet_state import EtcdFleetState
@@ -38,9 +38,7 @@ def shared_settings(config: CoordinatorConfig) -> dict[str, Any]:
     """What must be the same on every coordinator of one cluster (a standby would serve otherwise)."""
     shared = {k: v for k, v in config.model_dump(mode="json").items() if k not in HOST_LOCAL}
     if config.jobs_db is not None:  # compared (and stored in etcd) without a password
-        from coordinator.jobs.postgres import describe
-
-        shared["jobs_db"] = describe(config.jobs_db)
+        shared["jobs_db"] = database_name(config.jobs_db)
     return shared
 
 

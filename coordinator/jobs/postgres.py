@@ -25,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
+from coordinator.config import database_name
 from coordinator.jobs.store import JobStore
 from shardline.errors import Unavailable
 
@@ -55,32 +55,9 @@ class JobsUnavailable(Unavailable):
     """The jobs database cannot be reached now."""
 
 
-def describe(url: str) -> str:
-    """The database a URL names, as messages show it (never its password)."""
-    try:
-        parts = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://(a URL that does not parse)"
-    host = str(parts.get("host") or "localhost")
-    port = f":{parts['port']}" if parts.get("port") else ""
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    return f"postgresql://{user}{host}{port}/{parts.get('dbname') or ''}"
-
-
-def check_url(url: str) -> str:
-    """The URL, or ValueError saying what is wrong with it."""
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ValueError(f"jobs_db must be a postgresql:// URL, not {url[:40]!r}")
-    try:
-        conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        raise ValueError(f"jobs_db {describe(url)} does not parse: {exc}") from exc
-    return url
-
-
 class PostgresJobs(JobStore):
     def __init__(self, url: str) -> None:
-        self.url, self.where = url, describe(url)
+        self.url, self.where = url, database_name(url)
         self.runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this runner's claims
         self._free = " AND (claimed_by = ? OR claimed_until < clock_timestamp())"
         self._free_args = self._mine_args = (self.runner,)
@@ -149,4 +126,4 @@ class PostgresJobs(JobStore):
                   (self.runner,))
 
 
-__all__ = ["CLAIM_S", "RENEW_EVERY_S", "JobsUnavailable", "PostgresJobs", "check_url", "describe"]
+__all__ = ["CLAIM_S", "RENEW_EVERY_S", "JobsUnavailable", "PostgresJobs"]

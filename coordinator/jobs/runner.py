@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from coordinator.config import database_name
 from coordinator.fleet.requests import generate, infer
 from coordinator.jobs.store import JobRow, JobsLocked, JobStore, NewItem, SqliteJobs
 from coordinator.serving.request_log import MAX_REQUEST_ID_CHARS
@@ -106,9 +107,7 @@ class JobRunner:
                 log.warning("%s", self.off)
                 return
         else:
-            from coordinator.jobs.postgres import describe
-
-            self.off = f"the jobs database {describe(self.url)} has not been reached yet"
+            self.off = f"the jobs database {database_name(self.url)} has not been reached yet"
             await self._open_shared(first=True)
         self._task = asyncio.create_task(self._supervise(), name="job runner")
 

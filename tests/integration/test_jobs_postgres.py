@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from coordinator.config import database_name
 from coordinator.jobs import postgres
-from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs, describe
+from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
 from coordinator.jobs.store import NewItem
 from shardline.v1 import coordinator_pb2
 from tests.unit.test_jobs_and_cache import keeps_results_and_expires_them, pages_stop_at_their_byte_cap
@@ -104,7 +105,8 @@ def test_a_database_that_does_not_answer_or_refuses_is_named_in_one_line(jobs_db
                                               "exist") as err:
         PostgresJobs(wrong_user)
     assert "secret" not in err.value.message  # a password never shows
-    assert describe("postgresql://u:pw@db.example:5433/jobs") == "postgresql://u@db.example:5433/jobs"
+    assert database_name("postgresql://u:pw@db.example:5433/jobs") == "postgresql://u@db.example:5433/jobs"
+    assert database_name("postgresql://u@/jobs?host=/run/pg") == "postgresql://u@/run/pg/jobs"
 
 
 @pytest.mark.parametrize("url, says", [

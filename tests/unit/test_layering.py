@@ -138,7 +138,7 @@ ROOMS_MAY_IMPORT = {
     "wire": {"config", "serving"},
     "api": {"config", "fleet", "jobs", "metrics", "serving", "store", "wire"},
     "ha": {"api", "config", "fleet", "serving", "store"},  # standby coordinators: etcd, the election, a leader
-    "cli": {"api", "config", "fleet", "ha", "store"},
+    "cli": {"api", "config", "fleet", "ha", "jobs", "store"},
 }
 
 
