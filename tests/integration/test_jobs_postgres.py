@@ -15,7 +15,9 @@ from coordinator.config import database_name
 from coordinator.jobs import postgres
 from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
 from coordinator.jobs.store import NewItem
+from shardline.client import Client
 from shardline.v1 import coordinator_pb2
+from tests.integration.test_jobs import cluster  # noqa: F401 - the fixture
 from tests.unit.test_jobs_and_cache import keeps_results_and_expires_them, pages_stop_at_their_byte_cap
 
 
@@ -119,3 +121,31 @@ def test_serve_with_a_jobs_db_it_cannot_use_exits_1_in_one_line(url, says, store
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and says in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_job_goes_on_under_the_next_coordinator_sharing_its_database(cluster, jobs_db, loop):
+    """A coordinator stops mid-job (its claims released); the next one, on the same database, finishes the job
+    with the interactive results, running only the items that had no result."""
+    from tests.integration.test_jobs import PROMPTS, items
+
+    greedy = dict(max_tokens=24, temperature=0, ignore_eos=True)
+    first = cluster(jobs_db=jobs_db, job_concurrency=2)
+    with Client(first.address, timeout=60) as client:
+        job_id = client.submit_job(items(PROMPTS[:24], **greedy))
+        deadline = time.monotonic() + 60
+        while client.get_job(job_id).done < 4:
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.02)
+    loop.run(first.stop())
+    reader = PostgresJobs(jobs_db)
+    done_first = reader.job(job_id).counts.get("done", 0)
+    reader.close()
+    assert 4 <= done_first < 24
+    second = cluster(jobs_db=jobs_db)
+    with Client(second.address, timeout=60) as client:
+        status = client.wait_job(job_id, timeout=120)
+        assert (status.state, status.done, status.failed) == ("completed", 24, 0)
+        ran = sum(r.requests for d in client.cluster_status().deployments for r in d.replicas)
+        assert ran == 24 - done_first  # only the items without a result ran again
+        interactive = [client.generate(p, **greedy).token_ids for p in PROMPTS[:24]]
+        assert [list(r.token_ids) for r in client.job_results(job_id)] == interactive
