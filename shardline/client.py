@@ -73,7 +73,7 @@ from shardline.client_types import (
     ReplicaStatus,
     WorkerStatus,
 )
-from shardline.errors import DeadlineExceeded, from_rpc_error
+from shardline.errors import DeadlineExceeded, ShardlineError, from_rpc_error
 from shardline.jobs import JobItemResult, JobStatus
 from shardline.leader import Redirect
 
@@ -118,7 +118,12 @@ class Client(Connection):
         try:
             step = next(steps)
             while True:
-                step = steps.send(self._do(step))
+                try:
+                    outcome = self._do(step)
+                except ShardlineError as exc:  # the call may wait it out (wait_job, across a failover)
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(outcome)
         except StopIteration as done:
             value: T = done.value
             return value
@@ -330,7 +335,12 @@ class AsyncClient(Connection):
         try:
             step = next(steps)
             while True:
-                step = steps.send(await self._do(step))
+                try:
+                    outcome = await self._do(step)
+                except ShardlineError as exc:
+                    step = steps.throw(exc)
+                    continue
+                step = steps.send(outcome)
         except StopIteration as done:
             value: T = done.value
             return value

@@ -9,7 +9,8 @@ anything is sent), yields the steps it needs, and turns the replies into its ret
 
 It does no I/O itself. A client drives it (`Client._run`, `AsyncClient._run`): it does each step, blocking or
 awaited, sends the outcome back in and returns what the call returns. The clients own the error mapping: a
-Unary step's grpc.RpcError is raised as its shardline.errors exception (from_rpc_error). So a call, its
+Unary step's grpc.RpcError is raised as its shardline.errors exception (from_rpc_error), into the call: one that
+waits (wait_job) may catch it and try again; any other lets it go on to its caller. So a call, its
 validation, paging and polling included, exists once, and the two clients cannot drift apart; both are thin
 methods over this table (tests/unit/test_client_table.py holds them to the same names and signatures).
 
@@ -357,7 +358,13 @@ def cancel_job(job_id: str, *, timeout: float | None = None) -> Steps[JobStatus]
 def wait_job(job_id: str, timeout: float = 3600.0, poll_s: float = 0.5) -> Steps[JobStatus]:
     deadline = time.monotonic() + timeout
     while True:
-        status = yield from get_job(job_id)
+        try:
+            status = yield from get_job(job_id)
+        except Unavailable:  # the coordinator restarts, or a standby takes over: asked again until the deadline
+            if time.monotonic() + poll_s >= deadline:
+                raise
+            yield Sleep(poll_s)
+            continue
         if status.finished:
             return status
         if time.monotonic() >= deadline:

@@ -32,7 +32,7 @@ LEASE_S = 3  # the default
 class Pair:
     """Two coordinators of one cluster on etcd, and workers given both addresses."""
 
-    def __init__(self, store: Path, directory: Path, etcd: LocalEtcd) -> None:
+    def __init__(self, store: Path, directory: Path, etcd: LocalEtcd, settings: str = "") -> None:
         self.etcd, self.directory = etcd, directory
         self.ports = [free_port(), free_port()]
         self.addresses = [f"127.0.0.1:{p}" for p in self.ports]
@@ -43,7 +43,7 @@ class Pair:
             config = directory / f"c{i}.toml"
             config.write_text(f'store = "{store}"\nmodel = "tiny-llama"\nport = {port}\nworkers = 3\n'
                               f'jobs_dir = "{directory / f"jobs{i}"}"\nhttp = false\nresult_cache_mb = 0\n'
-                              f'etcd = ["{etcd.url}"]\netcd_prefix = "/e2e"\n')
+                              f'etcd = ["{etcd.url}"]\netcd_prefix = "/e2e"\n{settings}')
             self.coordinators.append(subprocess.Popen(
                 [sys.executable, "-m", "coordinator.cli", "serve", "--config", str(config)],
                 stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True))

@@ -123,7 +123,7 @@ def test_serve_with_a_jobs_db_it_cannot_use_exits_1_in_one_line(url, says, store
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_a_job_goes_on_under_the_next_coordinator_sharing_its_database(cluster, jobs_db, loop):
+def test_a_job_goes_on_under_the_next_coordinator_sharing_its_database(cluster, jobs_db, loop):  # noqa: F811
     """A coordinator stops mid-job (its claims released); the next one, on the same database, finishes the job
     with the interactive results, running only the items that had no result."""
     from tests.integration.test_jobs import PROMPTS, items
