@@ -85,8 +85,9 @@ def host_port(host: str, port: int) -> str:
     return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def settings_beside(config: CoordinatorConfig, port: int) -> GatewaySettings:
-    """The gateway started with a coordinator (its gRPC port `port`): on the coordinator's host, under the same
+def settings_beside(config: CoordinatorConfig, port: int, *standbys: int) -> GatewaySettings:
+    """The gateway started with a coordinator (its gRPC port `port`; `standbys`: the ports of the others of a
+    cluster on this host, `launch --standby`, which its client follows): on the coordinator's host, under the same
     exposure rule; it dials the coordinator on that host (a wildcard bind: on `advertise`, else loopback).
     With the cluster's certificates it serves HTTPS with the server certificate (server.crt beside them; else,
     with a warning, the node certificate), and reaches the coordinator
@@ -96,7 +97,8 @@ def settings_beside(config: CoordinatorConfig, port: int) -> GatewaySettings:
     authenticated = config.api_keys is not None or config.client_certs == "required"
     check_exposure(config.host, tls, authenticated, config.insecure, "HTTP gateway")
     dial = (config.advertise or WILDCARDS[config.host]) if config.host in WILDCARDS else config.host
-    settings = GatewaySettings(host_port(dial, port), config.host, config.http_port,
+    target = ",".join(host_port(dial, p) for p in (port, *standbys))
+    settings = GatewaySettings(target, config.host, config.http_port,
                                max_body_bytes=config.max_http_body_bytes, api_keys=config.api_keys)
     if config.certs_dir is None:
         return settings
@@ -128,12 +130,12 @@ class ThreadedGateway(Gateway):
 STOP_MARGIN_S = 15.0  # beyond the grace: the server's own stop, and the channel's close
 
 
-async def start_beside(config: CoordinatorConfig, port: int) -> ThreadedGateway | None:
+async def start_beside(config: CoordinatorConfig, port: int, *standbys: int) -> ThreadedGateway | None:
     """The gateway of `coordinator serve` / `launch`, on its own thread (None with http off); OSError or
     ValueError if it cannot start (the port taken, the exposure rule)."""
     if not config.http:
         return None
-    settings = settings_beside(config, port)
+    settings = settings_beside(config, port, *standbys)
     thread = LoopThread("http gateway")
     try:
         gateway = await thread.run(start_gateway(settings), START_TIMEOUT_S)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -64,6 +65,10 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
            worker_compute_threads: int = typer.Option(0, min=0, help="torch's compute threads of each worker "
                                                       "process (shard-worker serve --compute-threads); 0 = torch's "
                                                       "default", show_default="0"),
+           standby: bool = typer.Option(False, help="two coordinators (PORT, PORT+1) on a local etcd: one leads, "
+                                        "the other takes over if it dies (README \"Standby coordinators\")"),
+           jobs_db: str | None = typer.Option(None, "--jobs-db", help="PostgreSQL URL: jobs the coordinators share",
+                                              show_default="SQLite in the store"),
            exit_when_ready: bool = typer.Option(False, help="stop once ready (for timing start-up)")) -> None:
     """Start a whole cluster on this machine: coordinator and parameter service, and shard workers as child
     processes (restarted if they die), each loaded with its planned layers; serve until Ctrl-C / SIGTERM,
@@ -83,7 +88,7 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
             http_port = 8000 if startup.port_free(host, 8000) else startup.free_port(host)
             if http_port != 8000:
                 print(f"port 8000 is taken (another cluster?): the HTTP API takes port {http_port}", flush=True)
-        if jobs_dir is None and startup.jobs_held(store or default_store()):
+        if jobs_dir is None and not standby and startup.jobs_held(store or default_store()):
             jobs_dir = (store or default_store()) / f"launch-{port}"
             print(f"another coordinator runs this store's jobs: this cluster keeps its jobs and run-time changes in "
                   f"{jobs_dir}", flush=True)
@@ -94,14 +99,20 @@ def launch(model: list[str] = typer.Option(["smollm2"], help="model name in the 
             cluster_port=cluster_port or 50053, api_keys=api_keys_file, insecure=insecure,
             result_cache_mb=result_cache_mb,
             http=http, http_port=http_port, log_prompts=log_prompts, prefix_cache=prefix_cache, jobs_dir=jobs_dir,
-            wire_dtype=wire_dtype, quantize=quantize, calibrate=calibrate)
+            wire_dtype=wire_dtype, quantize=quantize, calibrate=calibrate, jobs_db=jobs_db)
     except ValueError as exc:
         _fail(str(exc))
         return
     startup.check_ports(config)
+    if standby:
+        startup.check_ports(config.model_copy(update={"port": port + 1, "http": False, "metrics_port": None}))
+    if jobs_db is not None and (failure := startup.check_jobs_db(jobs_db)):
+        _fail(failure)
+        return
     asyncio.run(_launch(config, worker_memory_mb, spares, exit_when_ready, secure,
                         "DEBUG" if log_level.upper() == "DEBUG" else "WARNING",
-                        ("--compute-threads", str(worker_compute_threads)) if worker_compute_threads else ()))
+                        ("--compute-threads", str(worker_compute_threads)) if worker_compute_threads else (),
+                        standby))
 
 
 def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object]]:
@@ -124,7 +135,7 @@ def _deployments(names: list[str], replicas: list[str]) -> list[dict[str, object
 
 async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int, exit_when_ready: bool,
                   secure: bool = False, worker_log_level: str = "WARNING",
-                  worker_extra: tuple[str, ...] = ()) -> None:
+                  worker_extra: tuple[str, ...] = (), standby: bool = False) -> None:
     from coordinator.cli.launcher import LaunchSecurity, LocalCluster, preflight_plan, shared_memory_mb
     from coordinator.fleet.planner import PlanDoesNotFit
     from shardline.server import Signals
@@ -151,6 +162,13 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     config = security.config
     for line in security.lines:
         print(line, flush=True)
+    if standby:
+        try:
+            await _launch_standby(config, security, worker_memory_mb, spares, exit_when_ready, signals,
+                                  (*security.worker_args, *worker_extra), worker_log_level)
+        finally:
+            security.cleanup()
+        return
     if config.certs_dir is not None:
         print(f"workers register on port {config.cluster_port} (mutual TLS; --cluster-port to choose it)",
               flush=True)
@@ -209,6 +227,64 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             security.cleanup()  # the throwaway CA and keys never outlive the cluster
         if failed:
             _fail(failed)
+
+
+async def _launch_standby(config: CoordinatorConfig, security: Any, worker_memory_mb: int, spares: int,
+                          exit_when_ready: bool, signals: Any, worker_args: tuple[str, ...],
+                          worker_log_level: str) -> None:
+    """`launch --standby` (coordinator/cli/launch_standby.py): etcd, two coordinators, the workers, the gateway
+    in front of both; serve until Ctrl-C / SIGTERM."""
+    import tempfile
+
+    from coordinator.cli.launch_standby import StandbyCluster
+
+    jobs_root = config.jobs_dir or config.store / f"launch-{config.port}"
+    if config.jobs_db is None:
+        print(f"jobs: each coordinator keeps its own (in {jobs_root}/coordinator-N): a job stays with the "
+              "coordinator that took it; give --jobs-db postgresql://... to share them", flush=True)
+    with tempfile.TemporaryDirectory(prefix="shardline-standby-") as directory:
+        cluster = StandbyCluster(config, Path(directory), jobs_root, worker_memory_mb, spares, worker_args,
+                                 worker_log_level)
+        failed, gateway = "", None
+        try:
+            gateway = await startup.start_http(config, config.port, config.port + 1)
+            starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
+            stopping = asyncio.ensure_future(signals.first.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                print("stopped before ready", flush=True)
+                return
+            stopping.cancel()
+            try:
+                seconds = starting.result()
+            except (RuntimeError, ValueError, OSError) as exc:
+                failed = str(exc)
+                return
+            pids = cluster.pids()
+            leader = cluster.leader if cluster.leader is not None else 0
+            print(f"ready in {seconds:.1f} s: coordinators on {cluster.endpoint} (logs in {directory}); "
+                  f"{cluster.coordinators[leader].name} leads (pid {pids.get(leader)})", flush=True)
+            if gateway is not None:
+                print(f"OpenAI-compatible HTTP API on {gateway.url}, in front of both", flush=True)
+            if not exit_when_ready:
+                flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
+                print(f'try: coordinator generate "The capital of France is" --endpoint {cluster.endpoint}{flags}; '
+                      f"then kill {pids.get(leader)} (the leader): the other takes over within "
+                      f"{config.etcd_lease_s} s or so, and streams resume", flush=True)
+                print("serving; Ctrl-C to stop", flush=True)
+                await signals.first.wait()
+        finally:
+            print("stopping", flush=True)
+            try:
+                if gateway is not None:
+                    with contextlib.suppress(Exception):
+                        await gateway.stop()
+            finally:
+                with contextlib.suppress(Exception):
+                    await cluster.stop()
+            if failed:
+                _fail(failed)
 
 
 def curl_hint(url: str, config: CoordinatorConfig, key: str) -> str:

@@ -150,13 +150,13 @@ def check_ports(config: CoordinatorConfig) -> None:
             _fail(f"cannot listen on {config.host}:{port}: the port {why}; choose another with {flag}")
 
 
-async def start_http(config: CoordinatorConfig, port: int) -> Any:
+async def start_http(config: CoordinatorConfig, port: int, *standbys: int) -> Any:
     """The OpenAI-compatible HTTP gateway beside the coordinator (None with --no-http); a port or exposure
     problem ends the command with one line."""
     from coordinator.api.http_launch import start_beside
 
     try:
-        return await start_beside(config, port)
+        return await start_beside(config, port, *standbys)
     except OSError as exc:
         _fail(f"{exc}; choose another port with --http-port, or turn HTTP off with --no-http")
     except ValueError as exc:
