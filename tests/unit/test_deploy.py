@@ -26,6 +26,8 @@ from shardline.v1 import coordinator_pb2, parameters_pb2, worker_pb2
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
+KUBERNETES_HA = DEPLOY / "kubernetes-ha"  # standby coordinators on etcd, jobs on PostgreSQL
+VARIANTS = (KUBERNETES, KUBERNETES_HA)
 CERTS_SECRET = "shardline-certs"
 NODE_FILES = {"ca.crt", "node.crt", "node.key"}
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
@@ -38,49 +40,50 @@ Doc = dict[str, Any]
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _manifest_files() -> list[Path]:
-    return sorted(p for p in KUBERNETES.rglob("*") if p.suffix in (".yaml", ".yml"))
+def _manifest_files(root: Path = KUBERNETES) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
 @cache
-def _documents() -> tuple[tuple[str, Doc], ...]:
-    """(file:index, document) for every non-empty YAML document under deploy/kubernetes/."""
+def _documents(root: Path = KUBERNETES) -> tuple[tuple[str, Doc], ...]:
+    """(file:index, document) for every non-empty YAML document of one variant (deploy/kubernetes/ or
+    deploy/kubernetes-ha/)."""
     found = []
-    for path in _manifest_files():
+    for path in _manifest_files(root):
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc is not None:
                 found.append((f"{path.relative_to(ROOT)}:{i}", doc))
     return tuple(found)
 
 
-def _docs(kind: str) -> list[Doc]:
-    return [d for _, d in _documents() if d.get("kind") == kind]
+def _docs(kind: str, root: Path = KUBERNETES) -> list[Doc]:
+    return [d for _, d in _documents(root) if d.get("kind") == kind]
 
 
-def _one(kind: str, name: str) -> Doc:
-    matches = [d for d in _docs(kind) if d["metadata"]["name"] == name]
+def _one(kind: str, name: str, root: Path = KUBERNETES) -> Doc:
+    matches = [d for d in _docs(kind, root) if d["metadata"]["name"] == name]
     assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
     return matches[0]
 
 
-def _pod_templates() -> Iterator[tuple[Doc, Doc]]:
+def _pod_templates(root: Path = KUBERNETES) -> Iterator[tuple[Doc, Doc]]:
     """(workload, pod template) of every Deployment, StatefulSet, DaemonSet, Job."""
-    for _, doc in _documents():
+    for _, doc in _documents(root):
         if doc.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
             yield doc, doc["spec"]["template"]
         elif doc.get("kind") == "Pod":
             yield doc, doc
 
 
-def _containers() -> Iterator[tuple[Doc, Doc]]:
-    for _, template in _pod_templates():
+def _containers(root: Path = KUBERNETES) -> Iterator[tuple[Doc, Doc]]:
+    for _, template in _pod_templates(root):
         spec = template["spec"]
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             yield template, container
 
 
-def _container(workload: str) -> tuple[Doc, Doc]:
-    for doc, template in _pod_templates():
+def _container(workload: str, root: Path = KUBERNETES) -> tuple[Doc, Doc]:
+    for doc, template in _pod_templates(root):
         if doc["metadata"]["name"] == workload:
             (container,) = template["spec"]["containers"]
             return template, container
@@ -253,9 +256,9 @@ def test_manifests_are_there() -> None:
     _one("Service", "shardline-worker")
 
 
-@pytest.mark.parametrize("where", [w for w, _ in _documents()])
+@pytest.mark.parametrize("where", [w for root in VARIANTS for w, _ in _documents(root)])
 def test_every_document_validates_against_the_newest_kubernetes_schema(where: str) -> None:
-    doc = dict(_documents())[where]
+    doc = {w: d for root in VARIANTS for w, d in _documents(root)}[where]
     version = kubernetes_validate.validate(doc, latest_version(), strict=True)
     assert version == ".".join(latest_version().split(".")[:2])
 
@@ -283,9 +286,9 @@ def test_the_schema_check_catches_broken_documents() -> None:
 # ------------------------------------------------------------------------------------------------- flags
 
 
-def _command_lines() -> Iterator[tuple[str, list[str]]]:
-    """Every shardline command line in deploy/: containers, exec probes, the Dockerfile's CMD."""
-    for template, container in _containers():
+def _command_lines(root: Path = KUBERNETES) -> Iterator[tuple[str, list[str]]]:
+    """Every shardline command line of a variant: containers, exec probes, the Dockerfile's CMD."""
+    for template, container in _containers(root):
         where = f"{template['metadata']['labels']}/{container['name']}"
         yield where, _argv(container)
         for kind, probe in _probes(container):
@@ -294,28 +297,35 @@ def _command_lines() -> Iterator[tuple[str, list[str]]]:
     yield "deploy/Dockerfile CMD", _dockerfile_cmd()
 
 
-def test_every_flag_in_deploy_exists_on_the_cli() -> None:
+@pytest.mark.parametrize("root", VARIANTS, ids=lambda r: r.name)
+def test_every_flag_in_deploy_exists_on_the_cli(root: Path) -> None:
     missing = []
-    for where, argv in _command_lines():
+    for where, argv in _command_lines(root):
         program, sub = _program(argv)
         options = _options(_command(program, sub))
         missing += [f"{where}: `{program} {sub} {flag}`" for flag in _flag_names(argv) if flag not in options]
     assert not missing, "flags the CLI does not have:\n" + "\n".join(missing)
 
 
-def test_variables_in_args_are_defined() -> None:
-    for _, container in _containers():
+@pytest.mark.parametrize("root", VARIANTS, ids=lambda r: r.name)
+def test_variables_in_args_are_defined(root: Path) -> None:
+    for _, container in _containers(root):
         defined = {e["name"] for e in container.get("env", [])}
         used = set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", " ".join(_argv(container))))
         assert used <= defined, f"{container['name']} uses $({used - defined}) without defining it"
 
 
-def test_every_server_listens_securely() -> None:
+@pytest.mark.parametrize("root", VARIANTS, ids=lambda r: r.name)
+def test_every_server_listens_securely(root: Path) -> None:
     """A bind other machines can reach needs TLS (and, for the public API, API keys); --insecure never."""
-    for where, argv in _command_lines():
+    for where, argv in _command_lines(root):
+        flags = _flags(argv)
+        if _program(argv) == ("coordinator", "http"):  # the HTTP gateway alone: HTTPS, keys judged from the file
+            assert "--insecure" not in flags and flags.get("--tls-cert") and flags.get("--tls-key"), where
+            assert flags.get("--api-keys") == "/etc/shardline/keys/api-keys.json", where
+            continue
         if _program(argv)[1] != "serve":
             continue
-        flags = _flags(argv)
         assert "--insecure" not in flags, where
         assert flags.get("--certs-dir") == "/etc/shardline/certs", f"{where}: TLS from the mounted certificates"
         if _program(argv)[0] == "coordinator":
@@ -413,10 +423,13 @@ def test_the_create_node_command_names_every_host_the_pods_are_reached_on() -> N
                               "shardline-coordinator.default.svc.cluster.local", "localhost", "127.0.0.1"}, path.name
 
 
-def test_every_service_targets_a_declared_container_port() -> None:
-    for service in _docs("Service"):
+@pytest.mark.parametrize("root", VARIANTS, ids=lambda r: r.name)
+def test_every_service_targets_a_declared_container_port(root: Path) -> None:
+    for service in _docs("Service", root):
+        if service["spec"].get("type") == "ExternalName":  # etcd, PostgreSQL: the user's own
+            continue
         selector = service["spec"]["selector"]
-        containers = [c for template, c in _containers()
+        containers = [c for template, c in _containers(root)
                       if selector.items() <= template["metadata"]["labels"].items()]
         assert containers, f"Service {service['metadata']['name']} selects no pod"
         for p in service["spec"]["ports"]:
@@ -435,9 +448,10 @@ def _resolve_or_none(container: Doc, port: int | str) -> int | None:
 # ------------------------------------------------------------------------------------------------ probes
 
 
-def test_probes_ask_real_health_services_on_the_right_ports() -> None:
+@pytest.mark.parametrize("root", VARIANTS, ids=lambda r: r.name)
+def test_probes_ask_real_health_services_on_the_right_ports(root: Path) -> None:
     seen = 0
-    for _, container in _containers():
+    for _, container in _containers(root):
         argv = _argv(container)
         servers = _server_ports(argv)
         for kind, probe in _probes(container):
@@ -495,11 +509,12 @@ def _selects(policy: Doc, labels: dict[str, str]) -> bool:
     return bool(selector.get("matchLabels", {}).items() <= labels.items()) and not selector.get("matchExpressions")
 
 
-def _allowed(port: int, labels: dict[str, str], source: dict[str, str] | None) -> bool:
+def _allowed(port: int, labels: dict[str, str], source: dict[str, str] | None, root: Path = KUBERNETES) -> bool:
     """Whether the policies let a pod labelled `source` (None: anything that is not a pod of the cluster) reach
     `port` of a pod labelled `labels`. A pod no policy selects is open. A source's namespace is its NAMESPACE
     entry (HOME, shardline's own, when absent)."""
-    policies = [p for p in _docs("NetworkPolicy") if _selects(p, labels) and "Ingress" in p["spec"]["policyTypes"]]
+    policies = [p for p in _docs("NetworkPolicy", root)
+                if _selects(p, labels) and "Ingress" in p["spec"]["policyTypes"]]
     if not policies:
         return True
     for policy in policies:
@@ -576,11 +591,12 @@ def test_no_secret_in_deploy_carries_data() -> None:
                     f"{path.relative_to(ROOT)}: --from-file={source} would put a whole directory (ca.key too)"
 
 
-def test_no_manifest_mounts_ca_key() -> None:
+@pytest.mark.parametrize("root", VARIANTS, ids=lambda r: r.name)
+def test_no_manifest_mounts_ca_key(root: Path) -> None:
     mounted = 0
-    for _, doc in _documents():
+    for _, doc in _documents(root):
         assert "ca.key" not in json.dumps(doc), "ca.key belongs on the machine that creates certificates only"
-    for template, container in _containers():
+    for template, container in _containers(root):
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
@@ -599,14 +615,16 @@ def test_no_manifest_mounts_ca_key() -> None:
                 assert items, f"{mount['name']}: list the Secret's files, so that nothing else is ever mounted"
                 assert {i["key"] for i in items} == {i["path"] for i in items}
                 if secret["secretName"] == CERTS_SECRET:
-                    mounted += 1
+                    keys = {i["key"] for i in items}
                     assert mount["mountPath"] == "/etc/shardline/certs"
-                    assert {i["key"] for i in items} == NODE_FILES
+                    # the node's three files, or the CA alone (the HTTP gateway: it trusts, and holds no node key)
+                    assert keys == NODE_FILES or (keys == {"ca.crt"} and container["name"] == "http"), keys
+                    mounted += keys == NODE_FILES
                 files |= {i["key"] for i in items}
-            if mount["mountPath"] == "/etc/shardline/certs" and files != NODE_FILES:  # the coordinator's HTTPS key
-                assert files == NODE_FILES | {"server.crt", "server.key"}, files
+            if mount["mountPath"] == "/etc/shardline/certs" and files - {"ca.crt"} and files != NODE_FILES:
+                assert files == NODE_FILES | {"server.crt", "server.key"}, files  # the coordinator's HTTPS key
                 assert container["name"] == "coordinator", "only the coordinator holds the HTTPS key"
-    assert mounted == 2, "the coordinator and the workers mount the node certificates"
+    assert mounted == 2, "the coordinators and the workers mount the node certificates"
 
 
 # ---------------------------------------------------------------------------------------------- Dockerfile
@@ -632,7 +650,7 @@ def test_dockerfile_exposes_every_port_and_does_not_run_as_root() -> None:
     assert exposed == {config.port, 50052, config.cluster_port, worker_port, config.http_port, METRICS_PORT}
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
-    for template, _ in _containers():
+    for template, _ in (*_containers(KUBERNETES), *_containers(KUBERNETES_HA)):
         context = template["spec"].get("securityContext", {})
         assert context.get("runAsNonRoot") is True and context.get("runAsUser") == int(users[-1])
 
@@ -719,3 +737,98 @@ def test_the_commented_pod_discovery_scrapes_the_manifests_metrics_port() -> Non
         assert METRICS_PORT in _container_ports(container), f"{container['name']} declares no metrics port"
     for app in ("shardline-coordinator", "shardline-worker"):
         assert re.fullmatch(keep["regex"], app)
+
+
+# ------------------------------------------------------------------------------ standby coordinators (HA)
+
+
+def _env(container: Doc) -> dict[str, str]:
+    """A container's plain env values, $(VAR) of earlier ones expanded as Kubernetes does (the downward API's
+    left as $(VAR))."""
+    out: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            out[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: out.get(m.group(1), m.group(0)), e["value"])
+    return out
+
+
+def _expanded(container: Doc) -> list[str]:
+    env = _env(container)
+    return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in _argv(container)]
+
+
+def test_the_ha_variant_runs_two_coordinators_with_stable_names_and_the_gateway_apart() -> None:
+    coordinators = _one("StatefulSet", "shardline-coordinator", KUBERNETES_HA)
+    assert coordinators["spec"]["replicas"] == 2 and coordinators["spec"]["podManagementPolicy"] == "Parallel"
+    headless = _one("Service", coordinators["spec"]["serviceName"], KUBERNETES_HA)
+    assert headless["spec"].get("clusterIP") == "None" and headless["spec"].get("publishNotReadyAddresses") is True, \
+        "workers register with the leader by its pod name before it is Ready"
+    leader_only = _one("Service", "shardline-coordinator", KUBERNETES_HA)
+    assert not leader_only["spec"].get("publishNotReadyAddresses"), "the Service routes to the Ready one: the leader"
+    _, container = _container("shardline-coordinator", KUBERNETES_HA)
+    flags = _flags(_argv(container))
+    assert flags["--advertise"] == f"$(POD_NAME).{headless['metadata']['name']}.$(POD_NAMESPACE).svc.cluster.local"
+    assert "--no-http" in flags, "the HTTP API is the gateway Deployment's (serve --etcd serves none)"
+    assert _one("Deployment", "shardline-http", KUBERNETES_HA)["spec"]["replicas"] >= 2
+    # the standby's health services are all NOT_SERVING: alive is a TCP check, Ready is the leader's
+    assert "tcpSocket" in container["livenessProbe"] and "tcpSocket" in container["startupProbe"]
+    ready = _health_probe(container["readinessProbe"])
+    assert ready is not None and ready[1] == coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+def test_the_ha_coordinators_find_etcd_and_postgresql_and_the_password_is_in_no_url() -> None:
+    _, container = _container("shardline-coordinator", KUBERNETES_HA)
+    flags = _flags(_argv(container))
+    etcd = _host_port((flags["--etcd"] or "").removeprefix("http://"))
+    database = (flags["--jobs-db"] or "")
+    config = CoordinatorConfig(etcd=[flags["--etcd"] or ""], jobs_db=database)  # the CLI's checks accept them
+    assert config.jobs_db and re.match(r"postgresql://\w+@", database), "the user in the URL, not a password"
+    services = {s["metadata"]["name"]: s for s in _docs("Service", KUBERNETES_HA)}
+    assert services[etcd[0]]["spec"]["type"] == "ExternalName" and etcd[1] == 2379
+    assert services[database.split("@")[1].split(":")[0]]["spec"]["type"] == "ExternalName"
+    (password,) = [e for e in container["env"] if e["name"] == "PGPASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "shardline-postgres"
+
+
+def test_workers_and_the_gateway_are_given_every_coordinator() -> None:
+    coordinators = _one("StatefulSet", "shardline-coordinator", KUBERNETES_HA)
+    names = [f"shardline-coordinator-{i}.{coordinators['spec']['serviceName']}.$(POD_NAMESPACE).svc.cluster.local"
+             for i in range(coordinators["spec"]["replicas"])]
+    config = CoordinatorConfig()
+    _, worker = _container("shardline-worker", KUBERNETES_HA)
+    given = _flags(_expanded(worker))["--coordinator"] or ""
+    assert given.split(",") == [f"{n}:{config.cluster_port}" for n in names]
+    _, gateway = _container("shardline-http", KUBERNETES_HA)
+    gateway_flags = _flags(_expanded(gateway))
+    assert (gateway_flags["--endpoint"] or "").split(",") == [f"{n}:{config.port}" for n in names]
+    assert gateway_flags["--port"] == "8000" and {p["containerPort"] for p in gateway["ports"]} == {8000}
+
+
+def test_the_ha_create_node_command_covers_the_coordinators_names() -> None:
+    text = (KUBERNETES_HA / "shardline-ha.yaml").read_text().replace("\\\n#", " ")
+    match = re.search(r"coordinator certs create-node ([^\n`]*)", text)
+    assert match
+    hosts = {t for t in shlex.split(match.group(1)) if not t.startswith("--") and t != "certs"}
+    assert {"*.shardline-worker.default.svc.cluster.local", "*.shardline-coordinators.default.svc.cluster.local",
+            "localhost", "127.0.0.1"} <= hosts
+
+
+def test_the_ha_network_policies_allow_exactly_the_links_it_needs() -> None:
+    root = KUBERNETES_HA
+    coordinator = _container("shardline-coordinator", root)[0]["metadata"]["labels"]
+    worker = _container("shardline-worker", root)[0]["metadata"]["labels"]
+    gateway = _container("shardline-http", root)[0]["metadata"]["labels"]
+    other = {"app": "something-else"}
+    prometheus = {"app.kubernetes.io/name": "prometheus", NAMESPACE: "monitoring"}
+    config = CoordinatorConfig()
+    for source in (gateway, other, worker, None):
+        assert _allowed(config.port, coordinator, source, root)
+        assert _allowed(8000, gateway, source, root)
+    for port in (50052, config.cluster_port):
+        assert _allowed(port, coordinator, worker, root)
+        assert not _allowed(port, coordinator, gateway, root) and not _allowed(port, coordinator, None, root)
+        assert not _allowed(port, coordinator, coordinator, root), "the coordinators never call each other"
+    assert _allowed(50061, worker, coordinator, root) and not _allowed(50061, worker, gateway, root)
+    for labels in (coordinator, worker, gateway):
+        assert _allowed(METRICS_PORT, labels, prometheus, root) and not _allowed(METRICS_PORT, labels, other, root)
+        assert not _allowed(8080, labels, other, root)
