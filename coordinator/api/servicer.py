@@ -117,7 +117,8 @@ class CoordinatorServicer(AdminMethods, JobMethods, coordinator_pb2_grpc.Coordin
         unfinished, items = await jobs.counts()
         return coordinator_pb2.GetClusterStatusResponse(
             cache_entries=len(cache), cache_bytes=cache.bytes, cache_max_bytes=cache.max_bytes, cache_hits=cache.hits,
-            cache_misses=cache.misses, jobs_unfinished=unfinished, job_items_running=items, jobs_off=jobs.off,
+            cache_misses=cache.misses, jobs_unfinished=unfinished, job_items_running=items,
+            jobs_off=jobs.off or jobs.away,
             model=fleet.primary, ready=fleet.ready, state="draining" if fleet.draining else fleet.state,
             message=fleet.message, workers=workers, active_sessions=self.active_sessions,
             recoveries=fleet.recoveries, last_recovery_ms=last_ms, last_recovery=last,

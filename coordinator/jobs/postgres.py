@@ -30,8 +30,8 @@ from coordinator.config import database_name
 from coordinator.jobs.store import JobStore
 from shardline.errors import Unavailable
 
-CLAIM_S = 8.0  # an item's claim lasts this long unless renewed (a dead leader's items wait this long)
-RENEW_EVERY_S = 2.0
+CLAIM_S = 8.0  # an item's claim lasts this long unless renewed (every 2 s: runner.RENEW_EVERY_S); a dead
+# leader's items wait this long
 ADVISORY_LOCK = 0x5348_4A4F  # serializes job submissions (the unfinished-jobs limit) and the schema's creation
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -56,6 +56,8 @@ class JobsUnavailable(Unavailable):
 
 
 class PostgresJobs(JobStore):
+    claims = True
+
     def __init__(self, url: str) -> None:
         self.url, self.where = url, database_name(url)
         self.runner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # this runner's claims
@@ -126,4 +128,4 @@ class PostgresJobs(JobStore):
                   (self.runner,))
 
 
-__all__ = ["CLAIM_S", "RENEW_EVERY_S", "JobsUnavailable", "PostgresJobs"]
+__all__ = ["CLAIM_S", "JobsUnavailable", "PostgresJobs"]

@@ -86,6 +86,7 @@ class JobRunner:
         self.url = config.jobs_db  # a PostgreSQL the coordinators share, or None: SQLite in `directory`
         self.store: JobStore | None = None
         self.off = "the job runner has not started"  # why jobs are off, while they are
+        self.away = ""  # why the shared jobs database cannot be reached, when it was last asked and could not be
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
         self._slots = asyncio.Semaphore(self.concurrency)
         self._infer_slot = asyncio.Semaphore(1)  # embedding items run one at a time (Infer has no lower priority)
@@ -106,6 +107,7 @@ class JobRunner:
                 self.off = f"jobs are off on this coordinator: {exc}"
                 log.warning("%s", self.off)
                 return
+            self.off = ""
         else:
             self.off = f"the jobs database {database_name(self.url)} has not been reached yet"
             await self._open_shared(first=True)
@@ -204,8 +206,14 @@ class JobRunner:
         """Jobs unfinished, and their items in flight now (0, 0 while jobs are off)."""
         if self.store is None:
             return 0, 0
-        unfinished = await self._db(self.store.unfinished_count)
-        return unfinished, sum(len(r.tasks) for r in self._running.values())
+        running = sum(len(r.tasks) for r in self._running.values())
+        try:
+            unfinished = await self._db(self.store.unfinished_count)
+        except Unavailable as exc:  # the shared database is away: the status says so, and nothing else fails
+            self.away = exc.message
+            return 0, running
+        self.away = ""
+        return unfinished, running
 
     async def jobs(self, owners: tuple[str, ...] | None, limit: int) -> list[JobRow]:
         return await self._db(self.opened().jobs, owners, limit)
@@ -262,7 +270,7 @@ class JobRunner:
     async def _keep_claims(self) -> None:
         """Renew the claims of the items in flight (shared jobs; nothing to do on SQLite)."""
         store = self.opened()
-        while self.url is not None:
+        while store.claims:
             await asyncio.sleep(RENEW_EVERY_S)
             if any(r.tasks for r in self._running.values()):
                 await self._db(store.renew)
@@ -303,7 +311,7 @@ class JobRunner:
                     break
                 for index, blob, seeded_here in batch:
                     await self._slots.acquire()
-                    if running.cancelled or not await self._db(store.claim, job_id, index):
+                    if running.cancelled or (store.claims and not await self._db(store.claim, job_id, index)):
                         self._slots.release()  # cancelled, or another coordinator runs the item now
                         if running.cancelled:
                             break

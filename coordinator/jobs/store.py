@@ -81,6 +81,7 @@ class JobStore:
     runs (`_run`), how a transaction is held (`_transaction`) and how items are claimed."""
 
     where = ""  # the database, as messages name it
+    claims = False  # whether items are claimed (a database shared by coordinators): `claim` is then called
 
     def _run(self, sql: str, args: Sequence[object] = ()) -> Any:
         """Execute `sql` (`?` placeholders); a cursor to iterate."""

@@ -149,3 +149,33 @@ def test_a_job_goes_on_under_the_next_coordinator_sharing_its_database(cluster, 
         assert ran == 24 - done_first  # only the items without a result ran again
         interactive = [client.generate(p, **greedy).token_ids for p in PROMPTS[:24]]
         assert [list(r.token_ids) for r in client.job_results(job_id)] == interactive
+
+
+def test_a_jobs_database_that_goes_away_is_said_and_jobs_go_on_when_it_is_back(cluster, tmp_path):  # noqa: F811
+    """PostgreSQL stopped under a running coordinator: job calls answer UNAVAILABLE naming the database, the
+    cluster's status says why (and serves), generation goes on; started again, jobs work without a restart."""
+    from shardline.errors import Unavailable
+    from tests.integration.test_jobs import PROMPTS, items
+    from tests.postgres import LocalPostgres
+
+    greedy = dict(max_tokens=4, temperature=0, ignore_eos=True)
+    pg = LocalPostgres(tmp_path / "pg")
+    try:
+        coordinator = cluster(jobs_db=pg.database())
+        with Client(coordinator.address, timeout=30) as client:
+            first = client.submit_job(items(PROMPTS[:3], **greedy))
+            assert client.wait_job(first, timeout=60).done == 3
+            pg.stop()
+            for _ in range(2):  # its connection ended by the server's stop; then none can be made
+                with pytest.raises(Unavailable, match=r"the jobs database postgresql://postgres@/tmp/.*/t_\w+ "
+                                                      r"cannot be reached: \w+"):
+                    client.submit_job(items(PROMPTS[:2], **greedy))
+            status = client.cluster_status()
+            assert "cannot be reached" in status.jobs_off and status.ready
+            assert len(client.generate(PROMPTS[0], **greedy).token_ids) == 4  # serving goes on
+            pg = LocalPostgres(tmp_path / "pg")
+            again = client.submit_job(items(PROMPTS[:2], **greedy))
+            assert client.wait_job(again, timeout=60).done == 2
+            assert client.get_job(first).done == 3 and client.cluster_status().jobs_off == ""
+    finally:
+        pg.stop()
