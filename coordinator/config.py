@@ -94,24 +94,27 @@ def defaults_of(specs: list[DeploymentSpec]) -> dict[str, str]:
 
 
 def database_name(url: str) -> str:
-    """The PostgreSQL database a URL names, as messages and other coordinators see it: never its password."""
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "postgresql://(a URL that does not parse)"
-    host = parts.hostname or parse_qs(parts.query).get("host", ["localhost"])[0]
-    user = f"{parts.username}@" if parts.username else ""
-    return f"postgresql://{user}{host}{port}{parts.path or '/'}"
+    """The PostgreSQL database a URL names, as messages and other coordinators see it: never its password. Its
+    hosts as given (libpq takes several: `postgresql://u@h1:5432,h2:5432/db`)."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    hosts = hosts or parse_qs(parts.query).get("host", ["localhost"])[0]
+    return f"postgresql://{user + '@' if user else ''}{hosts}{parts.path or '/'}"
 
 
 def check_database_url(url: str) -> str:
-    """The URL, or ValueError saying what is wrong with it."""
-    if urlsplit(url).scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"jobs_db must be a postgresql:// URL, not {url[:40]!r}")
+    """The URL, or ValueError saying what is wrong with it (libpq's own parser, where psycopg is installed)."""
+    scheme = urlsplit(url).scheme
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"jobs_db must be a postgresql:// URL, not one of scheme {scheme[:20]!r}")
     try:
-        urlsplit(url).port  # noqa: B018 - parsed for its error
-    except ValueError as exc:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # the server checks it when it connects (and says psycopg is missing)
+        return url
+    try:
+        conninfo_to_dict(url)
+    except Exception as exc:  # noqa: BLE001 - libpq's reason, said
         raise ValueError(f"jobs_db {database_name(url)}: {exc}") from None
     return url
 

@@ -360,9 +360,11 @@ def wait_job(job_id: str, timeout: float = 3600.0, poll_s: float = 0.5) -> Steps
     while True:
         try:
             status = yield from get_job(job_id)
-        except Unavailable:  # the coordinator restarts, or a standby takes over: asked again until the deadline
+        except (Unavailable, DeadlineExceeded) as exc:  # the coordinator restarts, or a standby takes over (a
+            # paused leader does not answer): asked again until the deadline
             if time.monotonic() + poll_s >= deadline:
-                raise
+                raise DeadlineExceeded(f"job {job_id}: no answer on it within {timeout:.0f} s (the last: "
+                                       f"{exc.message})") from exc
             yield Sleep(poll_s)
             continue
         if status.finished:

@@ -234,6 +234,7 @@ async def _launch_standby(config: CoordinatorConfig, security: Any, worker_memor
                           worker_log_level: str) -> None:
     """`launch --standby` (coordinator/cli/launch_standby.py): etcd, two coordinators, the workers, the gateway
     in front of both; serve until Ctrl-C / SIGTERM."""
+    import shutil
     import tempfile
 
     from coordinator.cli.launch_standby import StandbyCluster
@@ -242,49 +243,57 @@ async def _launch_standby(config: CoordinatorConfig, security: Any, worker_memor
     if config.jobs_db is None:
         print(f"jobs: each coordinator keeps its own (in {jobs_root}/coordinator-N): a job stays with the "
               "coordinator that took it; give --jobs-db postgresql://... to share them", flush=True)
-    with tempfile.TemporaryDirectory(prefix="shardline-standby-") as directory:
-        cluster = StandbyCluster(config, Path(directory), jobs_root, worker_memory_mb, spares, worker_args,
-                                 worker_log_level)
-        failed, gateway = "", None
+    directory = tempfile.mkdtemp(prefix="shardline-standby-")  # the logs: removed after a clean stop only
+    cluster = StandbyCluster(config, Path(directory), jobs_root, worker_memory_mb, spares, worker_args,
+                             worker_log_level)
+    failed, gateway = "", None
+    try:
+        gateway = await startup.start_http(config, config.port, config.port + 1)
+        starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
+        stopping = asyncio.ensure_future(signals.first.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting  # what it had started is recorded: the stop below ends it
+            print("stopped before ready", flush=True)
+            return
+        stopping.cancel()
         try:
-            gateway = await startup.start_http(config, config.port, config.port + 1)
-            starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
+            seconds = starting.result()
+        except (RuntimeError, ValueError, OSError) as exc:
+            failed = str(exc)
+            return
+        pids = cluster.pids()
+        leader = cluster.leader if cluster.leader is not None else 0
+        print(f"ready in {seconds:.1f} s: coordinators on {cluster.endpoint} (logs in {directory}); "
+              f"{cluster.coordinators[leader].name} leads (pid {pids.get(leader)})", flush=True)
+        if gateway is not None:
+            print(f"OpenAI-compatible HTTP API on {gateway.url}, in front of both", flush=True)
+        if not exit_when_ready:
+            flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
+            print(f'try: coordinator generate "The capital of France is" --endpoint {cluster.endpoint}{flags}; '
+                  f"then kill {pids.get(leader)} (the leader): the other takes over within "
+                  f"{config.etcd_lease_s} s or so, and streams resume", flush=True)
+            print("serving; Ctrl-C to stop", flush=True)
             stopping = asyncio.ensure_future(signals.first.wait())
-            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():
-                starting.cancel()
-                print("stopped before ready", flush=True)
-                return
+            gave_up = asyncio.ensure_future(cluster.ended.wait())
+            await asyncio.wait({stopping, gave_up}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
-            try:
-                seconds = starting.result()
-            except (RuntimeError, ValueError, OSError) as exc:
-                failed = str(exc)
-                return
-            pids = cluster.pids()
-            leader = cluster.leader if cluster.leader is not None else 0
-            print(f"ready in {seconds:.1f} s: coordinators on {cluster.endpoint} (logs in {directory}); "
-                  f"{cluster.coordinators[leader].name} leads (pid {pids.get(leader)})", flush=True)
+            gave_up.cancel()
+            failed = cluster.gave_up
+    finally:
+        print("stopping", flush=True)
+        try:
             if gateway is not None:
-                print(f"OpenAI-compatible HTTP API on {gateway.url}, in front of both", flush=True)
-            if not exit_when_ready:
-                flags = f" --certs-dir {config.certs_dir}" if config.certs_dir is not None else ""
-                print(f'try: coordinator generate "The capital of France is" --endpoint {cluster.endpoint}{flags}; '
-                      f"then kill {pids.get(leader)} (the leader): the other takes over within "
-                      f"{config.etcd_lease_s} s or so, and streams resume", flush=True)
-                print("serving; Ctrl-C to stop", flush=True)
-                await signals.first.wait()
-        finally:
-            print("stopping", flush=True)
-            try:
-                if gateway is not None:
-                    with contextlib.suppress(Exception):
-                        await gateway.stop()
-            finally:
                 with contextlib.suppress(Exception):
-                    await cluster.stop()
-            if failed:
-                _fail(failed)
+                    await gateway.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await cluster.stop()
+        if failed:
+            _fail(f"{failed} (the logs are kept in {directory})")
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def curl_hint(url: str, config: CoordinatorConfig, key: str) -> str:

@@ -105,8 +105,10 @@ class StandbyCluster:
     processes: list[WorkerProcess] = field(default_factory=list)
     leader: int | None = None  # the coordinator that said it leads, last
     gave_up: str = ""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set when it gave up (gave_up says why)
     restarts: int = 0
     _supervisor: asyncio.Task[None] | None = None
+    _etcd_starting: asyncio.Future[LocalEtcd] | None = None
     _say: Callable[[str], None] = print
 
     @property
@@ -145,7 +147,8 @@ class StandbyCluster:
         try:
             c.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "coordinator.cli", "serve", "--config", str(c.config_file),
-                "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE, stderr=out, start_new_session=True)
+                "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE, stderr=out, start_new_session=True,
+                limit=2**20)
         finally:
             out.close()
         c.forwarding = asyncio.create_task(self._forward(c), name=f"{c.name}: its lines")
@@ -153,28 +156,36 @@ class StandbyCluster:
     async def _forward(self, c: Coordinator) -> None:
         """Pass on what the coordinator says about leading; note which one leads."""
         assert c.process is not None and c.process.stdout is not None  # noqa: S101 - started with a pipe
-        with open(c.log_file, "a") as log_file:
-            while line := (await c.process.stdout.readline()).decode(errors="replace"):
-                log_file.write(line)
-                log_file.flush()
-                if line.startswith("leading"):
-                    self.leader = c.index
-                elif line.startswith("deposed") and self.leader == c.index:
-                    self.leader = None
-                if line.startswith(SAID):
-                    self._say(f"{c.name} (pid {c.process.pid}): {line.strip()}")
+        stdout = c.process.stdout
+        try:
+            with open(c.log_file, "a") as log_file:
+                while line := (await stdout.readline()).decode(errors="replace"):
+                    log_file.write(line)
+                    log_file.flush()
+                    if line.startswith("leading"):
+                        self.leader = c.index
+                    elif line.startswith("deposed") and self.leader == c.index:
+                        self.leader = None
+                    if line.startswith(SAID):
+                        self._say(f"{c.name} (pid {c.process.pid}): {line.strip()}")
+        except (ValueError, OSError) as exc:  # a line past the limit, a full disk: the pipe is still drained,
+            log.warning("%s: its output is no longer read (%s)", c.name, exc)  # or the child would block on it
+            while await stdout.read(65536):
+                pass
 
     async def start(self, say: Callable[[str], None] = print, ready_timeout_s: float = 600.0) -> float:
         """etcd, the coordinators and the workers, until the cluster serves; the seconds it took. RuntimeError
         saying what failed."""
         began, self._say = time.perf_counter(), say
-        self.etcd = await asyncio.to_thread(LocalEtcd.start, self.directory / "etcd")
+        # shielded: a stop during its start still finds it (and stops it)
+        self._etcd_starting = asyncio.ensure_future(asyncio.to_thread(LocalEtcd.start, self.directory / "etcd"))
+        self.etcd = await asyncio.shield(self._etcd_starting)
         say(f"etcd at {self.etcd.url} (pid {self.etcd.process.pid}; its data in {self.etcd.data_dir})")
         self._plan()
         for c in self.coordinators:
             await self._start_coordinator(c)
         needed = sum(d.replicas * d.workers for d in self.config.initial_deployments()) + self.spares
-        self.processes = list(await asyncio.gather(*(self._spawn() for _ in range(needed))))
+        await asyncio.gather(*(self._spawn_recorded() for _ in range(needed)))
         deadline = time.monotonic() + ready_timeout_s
         async with self.client(timeout=10) as client:
             while True:
@@ -194,6 +205,10 @@ class StandbyCluster:
                 await asyncio.sleep(0.25)
         self._supervisor = asyncio.create_task(self._supervise(say), name="standby launch: supervisor")
         return time.perf_counter() - began
+
+    async def _spawn_recorded(self) -> None:
+        """A worker, in `processes` as soon as it runs (a stop meanwhile ends it too)."""
+        self.processes.append(await self._spawn())
 
     def _spawn(self) -> Any:
         c = self.config
@@ -217,6 +232,7 @@ class StandbyCluster:
                         if self._crash_loop(recent, why, say):
                             return
                         say(f"{why}; starting it again (it stands by)")
+                        await asyncio.sleep(backoff(recent))
                         await self._start_coordinator(c)
                 for dead in [p for p in self.processes if p.process.returncode is not None]:
                     self.processes.remove(dead)
@@ -224,6 +240,7 @@ class StandbyCluster:
                     if self._crash_loop(recent, why, say):
                         return
                     say(f"{why}; restarting it")
+                    await asyncio.sleep(backoff(recent))
                     self.processes.append(await self._spawn())
                     self.restarts += 1
             except Exception:  # noqa: BLE001 - the supervisor itself must not die silently
@@ -239,6 +256,7 @@ class StandbyCluster:
         self.gave_up = (f"processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, the last: "
                         f"{why}); not restarting them any more: see the logs in {self.directory}")
         say(f"error: {self.gave_up}")
+        self.ended.set()
         return True
 
     def pids(self) -> dict[int, int]:
@@ -249,6 +267,8 @@ class StandbyCluster:
         etcd."""
         if self._supervisor is not None:
             self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor  # a child it was starting is recorded (or never started) before the stop
         running = [c for c in self.coordinators if c.process is not None and c.process.returncode is None]
         for c in running:
             with contextlib.suppress(ProcessLookupError):
@@ -265,8 +285,16 @@ class StandbyCluster:
             if c.forwarding is not None:
                 c.forwarding.cancel()
         await stop_processes(self.processes)
+        if self.etcd is None and self._etcd_starting is not None:
+            with contextlib.suppress(Exception):
+                self.etcd = await self._etcd_starting
         if self.etcd is not None:
             await asyncio.to_thread(self.etcd.stop)
+
+
+def backoff(recent: collections.deque[float]) -> float:
+    """Before starting a process again: nothing the first time in a while, then 1, 2, 4 ... up to 10 s."""
+    return min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0.0
 
 
 def tail(path: Path, lines: int = 3) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli.common import _fail
-from coordinator.config import CoordinatorConfig, checked
+from coordinator.config import CoordinatorConfig, checked, database_name
 from coordinator.store.models import ModelStore, default_store
 
 RESULT_CACHE_HELP = ("MiB of answers to repeated deterministic requests (greedy, or seeded by the caller), "
@@ -126,12 +126,18 @@ def jobs_held(directory: Path) -> bool:
 
 def check_jobs_db(url: str) -> str:
     """Why the shared jobs database cannot be used (one line naming it), or "" when it answers."""
-    from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
+    try:
+        import psycopg
 
+        from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
+    except ImportError as exc:
+        return f"--jobs-db needs psycopg ({exc}): install shardline's ha extra (pip install '.[ha]')"
     try:
         PostgresJobs(url).close()  # connects, and creates the tables the first time
     except JobsUnavailable as exc:
         return exc.message
+    except psycopg.Error as exc:  # it answered, and refused (no right to create the tables, say)
+        return f"the jobs database {database_name(url)} refused: {' '.join(str(exc).split())}"
     return ""
 
 

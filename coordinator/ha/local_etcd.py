@@ -68,7 +68,7 @@ class LocalEtcd:
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"shardline={peer}", "--log-level", "warn"],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # Ctrl-C reaches its owner, not it
         out.close()
         local = cls(process, data_dir, client_port, peer_port, host)
         local.wait_ready()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -47,8 +48,12 @@ CREATE TABLE IF NOT EXISTS items (
   PRIMARY KEY (job, idx));
 CREATE INDEX IF NOT EXISTS items_claimed ON items (claimed_by) WHERE state = 'pending';
 """
-LIMITS = {"connect_timeout": 5, "options": "-c statement_timeout=10000", "keepalives": 1, "keepalives_idle": 5,
-          "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 10000}
+# the server ends a statement after 10 s, a wait for a lock after 5 s, and a transaction left open (its client
+# cut off between statements) after 15 s, so that a lost coordinator holds no row or lock for long
+LIMITS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+          "keepalives_count": 3, "tcp_user_timeout": 10000,
+          "options": "-c statement_timeout=10000 -c lock_timeout=5000 -c idle_in_transaction_session_timeout=15000"}
+DOWN_S = 1.0  # after a failed connection, calls fail at once for this long (a status call waits on no connect)
 
 
 class JobsUnavailable(Unavailable):
@@ -65,25 +70,34 @@ class PostgresJobs(JobStore):
         self._free_args = self._mine_args = (self.runner,)
         self._mine = " AND claimed_by = ?"
         self._db: psycopg.Connection[Any] | None = None
+        self._down: tuple[float, JobsUnavailable] | None = None  # when the last connection attempt failed
         with self._transaction(write_lock=True):  # two coordinators starting at once create it once
             self._run(SCHEMA)
 
     def _unavailable(self, exc: Exception) -> JobsUnavailable:
+        """The error said as a person reads it. The server's own (a statement timed out, a lock not granted, a
+        deadlock: it has an SQLSTATE) keeps the connection; any other drops it (the next call connects again)."""
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # libpq's first line says it all, after its "connection to server at ... failed:" (the rest: hints)
+        reason = " ".join(lines[0].rsplit(" failed: ", 1)[-1].split()) if lines else type(exc).__name__
+        if getattr(exc, "sqlstate", None) and self._db is not None and not self._db.broken:
+            return JobsUnavailable(f"the jobs database {self.where} is busy: {reason} (tried again later)")
         if self._db is not None:
             with contextlib.suppress(psycopg.Error):
                 self._db.close()
             self._db = None
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        # libpq's first line says it all, after its "connection to server at ... failed:" (the rest: hints)
-        reason = " ".join(lines[0].rsplit(" failed: ", 1)[-1].split()) if lines else type(exc).__name__
         return JobsUnavailable(f"the jobs database {self.where} cannot be reached: {reason}")
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._db is None or self._db.closed or self._db.broken:
+            if self._down is not None and time.monotonic() - self._down[0] < DOWN_S:
+                raise self._down[1]
             try:
                 self._db = psycopg.connect(self.url, autocommit=True, **LIMITS)  # type: ignore[arg-type]
+                self._down = None
             except psycopg.OperationalError as exc:
-                raise self._unavailable(exc) from exc
+                self._down = (time.monotonic(), self._unavailable(exc))
+                raise self._down[1] from exc
         return self._db
 
     def _run(self, sql: str, args: Sequence[object] = ()) -> Any:
@@ -99,9 +113,11 @@ class PostgresJobs(JobStore):
             raise self._unavailable(exc) from exc
 
     @contextlib.contextmanager
-    def _transaction(self, write_lock: bool = False) -> Iterator[None]:
+    def _transaction(self, write_lock: bool = False, snapshot: bool = False) -> Iterator[None]:
         try:
             with self._connection().transaction():
+                if snapshot:  # its reads see one state of the database
+                    self._run("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 if write_lock:
                     self._run("SELECT pg_advisory_xact_lock(?)", (ADVISORY_LOCK,))
                 yield

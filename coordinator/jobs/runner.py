@@ -60,6 +60,7 @@ MAX_ITEM_WAIT_S = 3600.0  # an item the cluster cannot serve for this long fails
 MAX_VERSION_WAIT_S = 300.0  # an item whose pinned version is not deployed waits this long for it
 RETRY_S = 2.0  # a job with items left that this runner could not finish (held elsewhere, not stored) tries again
 RENEW_EVERY_S = 2.0  # claims on shared jobs (coordinator/jobs/postgres.py) are renewed this often
+STOP_DB_S = 5.0  # a stop waits this long for the store to release its claims and close
 
 
 @dataclass
@@ -99,7 +100,8 @@ class JobRunner:
     # -- life -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Open the store and start the runner. SQLite that cannot be opened turns jobs off on this coordinator
-        (said in every jobs call); a PostgreSQL that cannot be reached is tried again by the runner."""
+        (said in every jobs call); a shared PostgreSQL is connected to by the runner, in the background (a
+        coordinator that takes over serves at once; job calls answer UNAVAILABLE until it is reached)."""
         if self.url is None:
             try:
                 self.store = await self._db(SqliteJobs, self.directory)
@@ -108,26 +110,32 @@ class JobRunner:
                 log.warning("%s", self.off)
                 return
             self.off = ""
+            if unfinished := await self._db(self.store.unfinished):
+                log.info("jobs: %d unfinished job(s) in %s go on", len(unfinished), self.store.where)
         else:
             self.off = f"the jobs database {database_name(self.url)} has not been reached yet"
-            await self._open_shared(first=True)
         self._task = asyncio.create_task(self._supervise(), name="job runner")
 
-    async def _open_shared(self, first: bool = False) -> None:
+    async def _open_shared(self) -> None:
         """Connect to the shared jobs database (PostgreSQL), trying again with back-off until it answers."""
         from coordinator.jobs.postgres import JobsUnavailable, PostgresJobs
 
-        delay = 0.5
+        delay, said = 0.5, False
         while self.store is None:
             try:
-                self.store = await self._db(PostgresJobs, self.url)
+                store = await self._db(PostgresJobs, self.url)
             except JobsUnavailable as exc:
                 self.off = exc.message
-                if first:
-                    log.warning("jobs: %s (trying again in the background)", exc.message)
-                    return
+                if not said:
+                    log.warning("jobs: %s (trying again every few seconds)", exc.message)
+                    said = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            if self._stopping:  # stopped while it connected
+                await self._db(store.close)
+                return
+            self.store = store
         self.off = ""
         log.info("jobs: in %s, shared with this cluster's other coordinators", self.store.where)
 
@@ -141,12 +149,12 @@ class JobRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.store is not None:
-            try:
-                await self._db(self.store.release)  # shared jobs: another coordinator may take them at once
+            store, self.store = self.store, None
+            try:  # shared jobs: another coordinator may take them at once; bounded, as a stop must be
+                await asyncio.wait_for(self._db(store.release), STOP_DB_S)
+                await asyncio.wait_for(self._db(store.close), STOP_DB_S)
             except Exception as exc:  # noqa: BLE001 - the claims lapse by themselves
-                log.warning("jobs: claims not released (%s); they lapse by themselves", exc)
-            await self._db(self.store.close)
-            self.store = None
+                log.warning("jobs: the store was not closed cleanly (%s); claims lapse by themselves", exc)
         self._thread.shutdown(wait=False)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
@@ -154,6 +162,8 @@ class JobRunner:
 
     def opened(self) -> JobStore:
         if self.store is None:
+            if self.url is not None and not self._stopping:  # not reached yet: the same code as an outage
+                raise Unavailable(self.off)
             raise FailedPrecondition(self.off or "jobs are off on this coordinator")
         return self.store
 
@@ -225,6 +235,7 @@ class JobRunner:
         """Stop the job: items in flight end now (their streams leave the batch and their KV caches are
         freed on every stage), pending items are cancelled."""
         store = self.opened()
+        self._later.pop(job_id, None)
         running = self._running.get(job_id)
         if running is not None:
             running.cancelled = True
@@ -273,7 +284,10 @@ class JobRunner:
         while store.claims:
             await asyncio.sleep(RENEW_EVERY_S)
             if any(r.tasks for r in self._running.values()):
-                await self._db(store.renew)
+                try:
+                    await self._db(store.renew)
+                except Unavailable as exc:  # a blip: the claims hold CLAIM_S (8 s), the next renewal may pass
+                    log.warning("jobs: claims not renewed (%s); trying again in %.0f s", exc.message, RENEW_EVERY_S)
 
     async def _run(self) -> None:
         store = self.opened()
@@ -285,13 +299,16 @@ class JobRunner:
                 next_expiry = time.monotonic() + EXPIRY_EVERY_S
             self._wake.clear()
             started = False
-            for job_id in await self._db(store.unfinished):
+            unfinished = await self._db(store.unfinished)
+            self._later = {j: t for j, t in self._later.items() if j in unfinished}  # finished or cancelled: gone
+            for job_id in unfinished:
                 if job_id not in self._running and self._later.get(job_id, 0.0) <= time.monotonic():
                     self._later.pop(job_id, None)
                     await self._start(store, job_id)
                     started = True
             if not started:
-                wait = min([EXPIRY_EVERY_S, *(t - time.monotonic() for t in self._later.values())])
+                now = time.monotonic()
+                wait = min([EXPIRY_EVERY_S, *(t - now for t in self._later.values() if t > now)])
                 try:
                     await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
                 except TimeoutError:
@@ -311,7 +328,8 @@ class JobRunner:
                     break
                 for index, blob, seeded_here in batch:
                     await self._slots.acquire()
-                    if running.cancelled or (store.claims and not await self._db(store.claim, job_id, index)):
+                    if running.cancelled or (store.claims and not await self._db(store.claim, job_id, index)) \
+                            or running.cancelled:  # (again: a cancel may come while the claim is made)
                         self._slots.release()  # cancelled, or another coordinator runs the item now
                         if running.cancelled:
                             break

@@ -90,8 +90,9 @@ class JobStore:
     def _run_many(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         raise NotImplementedError
 
-    def _transaction(self, write_lock: bool = False) -> contextlib.AbstractContextManager[None]:
-        """One transaction; with `write_lock`, the only writer from its start (a count checked in it holds)."""
+    def _transaction(self, write_lock: bool = False, snapshot: bool = False) -> contextlib.AbstractContextManager[None]:
+        """One transaction; with `write_lock`, the only writer from its start (a count checked in it holds);
+        with `snapshot`, its reads see one state (SQLite's always do)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -205,6 +206,10 @@ class JobStore:
     def items(self, job_id: str, offset: int, limit: int, max_bytes: int = 0) -> list[ItemRow]:
         """Up to `limit` items from `offset`; with `max_bytes`, no more once their results pass that many bytes
         (the sizes are read first: a page of large results never reads the blobs past its cap)."""
+        with self._transaction(snapshot=True):  # the sizes and the blobs of one state (an expiry may come between)
+            return self._items(job_id, offset, limit, max_bytes)
+
+    def _items(self, job_id: str, offset: int, limit: int, max_bytes: int) -> list[ItemRow]:
         rows = self._run("SELECT idx, custom_id, state, cached, COALESCE(LENGTH(result), -1) FROM items "
                          "WHERE job = ? AND idx >= ? ORDER BY idx LIMIT ?", (job_id, offset, limit)).fetchall()
         size = 0
@@ -267,7 +272,7 @@ class SqliteJobs(JobStore):
         self.db.executemany(sql, rows)
 
     @contextlib.contextmanager
-    def _transaction(self, write_lock: bool = False) -> Iterator[None]:
+    def _transaction(self, write_lock: bool = False, snapshot: bool = False) -> Iterator[None]:
         # a new job commits with synchronous=FULL (an acknowledged SubmitJob survives a power loss); the
         # pragma is set outside the transaction, which it applies to
         if write_lock:

@@ -44,7 +44,8 @@ def test_launch_standby_survives_a_sigkill_of_its_leader(store):
     port = two_free_ports()
     launcher = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "launch", "--standby", "--model",
                                  "tiny-llama", "--store", str(store.root), "--workers", "2", "--port", str(port),
-                                 "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # a group of its own: Ctrl-C below is the terminal's
     out: list[str] = []
     threading.Thread(target=lambda: out.extend(iter(launcher.stdout.readline, "")), daemon=True).start()
     children: list[psutil.Process] = []
@@ -66,13 +67,20 @@ def test_launch_standby_survives_a_sigkill_of_its_leader(store):
         assert httpx.get(f"{http}/models", timeout=30).status_code == 200  # the gateway follows the new leader
         children = psutil.Process(launcher.pid).children(recursive=True)
     finally:
-        launcher.send_signal(signal.SIGTERM)
+        os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C in its terminal: the whole foreground group
         try:
             code = launcher.wait(90)
         except subprocess.TimeoutExpired:
             launcher.kill()
             raise
     assert code == 0, "".join(out)
+    assert not any("etcd" in line and "Unavailable" in line for line in out), "etcd went first"
     time.sleep(0.5)
-    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"left running: {[c.cmdline() for c in left]}"
+    assert not [c.pid for c in children if running(c)], "children left running"
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -5,8 +5,10 @@ be reached or refuses is said in one line naming it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -63,18 +65,46 @@ def test_two_coordinators_never_run_or_finish_one_item(jobs_db):
         b.close()
 
 
+def test_of_runners_claiming_one_item_at_the_same_moment_exactly_one_gets_it(jobs_db):
+    stores = [PostgresJobs(jobs_db) for _ in range(6)]
+    try:
+        new_job(stores[0], 1)
+        start = threading.Barrier(len(stores))
+
+        def claim(store: PostgresJobs) -> bool:
+            start.wait(10)
+            return store.claim("job-1", 0)
+
+        with concurrent.futures.ThreadPoolExecutor(len(stores)) as pool:
+            claimed = list(pool.map(claim, stores))
+        assert sorted(claimed) == [False] * (len(stores) - 1) + [True]
+        finish = threading.Barrier(len(stores))
+
+        def commit(store: PostgresJobs) -> bool:
+            finish.wait(10)
+            return store.finish_item("job-1", 0, "done", store.runner.encode(), cached=False)
+
+        with concurrent.futures.ThreadPoolExecutor(len(stores)) as pool:
+            committed = list(pool.map(commit, stores))
+        assert committed == claimed  # only the holder's result is written
+        holder = stores[claimed.index(True)]
+        assert [r.result for r in holder.items("job-1", 0, 1)] == [holder.runner.encode()]
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_a_lapsed_claim_is_taken_and_the_late_result_of_its_old_holder_refused(jobs_db, monkeypatch):
     """A deposed leader (paused past its claims) wakes up with a result: the item is its successor's now."""
-    monkeypatch.setattr(postgres, "CLAIM_S", 0.5)
+    monkeypatch.setattr(postgres, "CLAIM_S", 1.5)
     old, new = PostgresJobs(jobs_db), PostgresJobs(jobs_db)
     try:
         new_job(old, 2)
         assert old.claim("job-1", 0) and old.claim("job-1", 1)
         assert not new.claim("job-1", 0)
-        old.renew()  # renewed: still its own half a second on
-        time.sleep(0.3)
+        old.renew()  # renewed: still its own 1.5 s on
         assert not new.claim("job-1", 0)
-        time.sleep(0.6)  # not renewed: lapsed
+        time.sleep(2.0)  # not renewed: lapsed
         assert [i for i, _, _ in new.pending("job-1", -1, 10)] == [0, 1]
         assert new.claim("job-1", 0)
         assert not old.finish_item("job-1", 0, "done", b"late", cached=False)  # refused: the item is new's
