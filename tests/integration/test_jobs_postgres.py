@@ -204,7 +204,14 @@ def test_a_jobs_database_that_goes_away_is_said_and_jobs_go_on_when_it_is_back(c
             assert "cannot be reached" in status.jobs_off and status.ready
             assert len(client.generate(PROMPTS[0], **greedy).token_ids) == 4  # serving goes on
             pg = LocalPostgres(tmp_path / "pg")
-            again = client.submit_job(items(PROMPTS[:2], **greedy))
+            deadline = time.monotonic() + 5  # UNAVAILABLE says: try again (a failed connect is not retried
+            while True:  # for a second, so that status calls do not queue on connects)
+                try:
+                    again = client.submit_job(items(PROMPTS[:2], **greedy))
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline, "jobs did not come back with the database"
+                    time.sleep(0.2)
             assert client.wait_job(again, timeout=60).done == 2
             assert client.get_job(first).done == 3 and client.cluster_status().jobs_off == ""
     finally:
