@@ -102,7 +102,7 @@ async def start_coordinator(config: CoordinatorConfig, say: Callable[[str], None
     # registry's messages on the same port are small too
     server = new_server(Guard(rules(), identity, api_keys, hint), max_receive_bytes=config.max_request_bytes,
                         max_send_bytes=MAX_RESPONSE_BYTES)
-    health = add_standard_services(server, [SERVICE, REGISTRY])
+    health = add_standard_services(server, [SERVICE, REGISTRY, kserve.SERVICE])  # reflection: grpcurl sees all
 
     async def serving(on: bool) -> None:
         await set_serving(health, [SERVICE, kserve.SERVICE], on)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,31 @@ async def ensure_model(store: ModelStore, model: str) -> None:
         import_hf_dir,
     )
 
+    began = time.perf_counter()
     if model == BUILTIN:
-        print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once)", flush=True)
-        await asyncio.to_thread(import_gguf, store, builtin_gguf(), model)
+        print(f"importing the built-in SmolLM2-135M-Instruct into {store.root} (once): dequantizing its GGUF "
+              "file", flush=True)
+        await asyncio.to_thread(import_gguf, store, builtin_gguf(), model, ImportLines())
     elif model == BUILTIN_ENCODER:
         print(f"importing the built-in all-MiniLM-L6-v2 into {store.root} (once)", flush=True)
-        await asyncio.to_thread(import_hf_dir, store, builtin_encoder_dir(), model)
+        await asyncio.to_thread(import_hf_dir, store, builtin_encoder_dir(), model, ImportLines())
     else:
         _fail(f"model {model!r} is not in the store {store.root} (models: {store.models() or 'none'}); "
               "add it with `coordinator import`")
+    print(f"  imported in {time.perf_counter() - began:.1f} s", flush=True)
+
+
+class ImportLines:
+    """An import's progress as launch shows loading: a line at each quarter of the bytes written."""
+
+    def __init__(self) -> None:
+        self.shown = 0
+
+    def __call__(self, written: int, total: int) -> None:
+        percent = 100 * written // total if total else 100
+        if percent // 25 > self.shown // 25:
+            self.shown = percent
+            print(f"  writing its weights: {percent:3d}% of {total / 2**20:.0f} MiB", flush=True)
 
 
 async def drain_unless_stopped(drain: Any, grace_s: float, signals: Any) -> None:

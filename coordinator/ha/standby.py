@@ -68,7 +68,7 @@ async def start_standby(config: CoordinatorConfig, identity: ClusterIdentity,
     """Bind the coordinator's ports (public, and with TLS the cluster port) and refuse every call there."""
     server = new_server()
     server.add_generic_rpc_handlers((_Refuse(leader),))
-    health = add_standard_services(server, [COORDINATOR, REGISTRY])
+    health = add_standard_services(server, [COORDINATOR, REGISTRY, kserve.SERVICE])
     bind(server, config.host, config.port,
          identity.server_credentials(require_client_cert=config.client_certs == "required"))
     if identity.tls:

@@ -7,6 +7,8 @@ complete, so a failed import never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -15,7 +17,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from shardline.families import FAMILY_NAMES, FamilyNames, names_for_model_type
 
 log = logging.getLogger(__name__)
 
+Progress = Callable[[int, int], None]  # (bytes written, bytes in all): an importer's progress, to its caller
 BUILTIN = "smollm2"
 SHARD_BYTES = 512 * 1024 * 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
@@ -68,7 +71,8 @@ class StoreWriter:
     """Writes one model into a temporary directory of the store, in safetensors shards of about
     SHARD_BYTES, and moves it into place on `commit()`."""
 
-    def __init__(self, store: ModelStore, name: str, family: FamilyNames, config: Any, total_bytes: int = 0):
+    def __init__(self, store: ModelStore, name: str, family: FamilyNames, config: Any, total_bytes: int = 0,
+                 progress: Progress | None = None):
         self.store, self.name, self.family, self.config = store, check_model_name(name), family, config
         store.root.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".importing-{name}-", dir=store.root))
@@ -76,8 +80,10 @@ class StoreWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._files = 0
+        # the caller's own display (launch's lines), else a bar on a terminal
+        self.progress, self.total_bytes, self.written = progress, total_bytes, 0
         self._progress = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=f"import {name}",
-                              disable=None, leave=False)
+                              disable=True if progress is not None else None, leave=False)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.family.placement(name)  # raises for names the family does not know
@@ -103,12 +109,18 @@ class StoreWriter:
                 shape=list(tensor.shape), size_bytes=tensor.nbytes, sha256=digest, part=place.part,
                 layer=place.layer, file=file, offset_bytes=offsets[name]))
             self._progress.update(tensor.nbytes)
+            self.written += tensor.nbytes
+            if self.progress is not None:
+                self.progress(self.written, self.total_bytes)
         self._pending.clear()
         self._pending_bytes = 0
 
     def commit(self, tokenizer_dir: Path | None = None) -> Manifest:
         self._flush()
         self._progress.close()
+        if self.progress is not None:  # done (the estimate may count bytes never written: tied, headers)
+            done = max(self.total_bytes, self.written)
+            self.progress(done, done)
         if tokenizer_dir is not None:
             for file in TOKENIZER_FILES:
                 if (tokenizer_dir / file).is_file():
@@ -149,8 +161,9 @@ def _data_offsets(path: Path) -> dict[str, int]:
 
 
 def _write(store: ModelStore, name: str, family: FamilyNames, config: Any,
-           tensors: Iterator[tuple[str, torch.Tensor]], total_bytes: int, tokenizer_dir: Path | None) -> Manifest:
-    writer = StoreWriter(store, name, family, config, total_bytes)
+           tensors: Iterator[tuple[str, torch.Tensor]], total_bytes: int, tokenizer_dir: Path | None,
+           progress: Progress | None = None) -> Manifest:
+    writer = StoreWriter(store, name, family, config, total_bytes, progress)
     try:
         skip = set(family.tied) if family.is_tied(config) else set()
         for tensor_name, tensor in tensors:
@@ -162,8 +175,32 @@ def _write(store: ModelStore, name: str, family: FamilyNames, config: Any,
         raise
 
 
-def import_gguf(store: ModelStore, path: Path, name: str) -> Manifest:
-    """Dequantize a GGUF file with transformers and store it as float32 safetensors."""
+@contextlib.contextmanager
+def quiet(on: bool) -> Iterator[None]:
+    """transformers' progress bars off (its own switch, and the GGUF reader's bar, which ignores it), so that
+    the caller's display is the only one; as they were afterwards."""
+    if not on:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, bar = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bar is not None:
+        setattr(gguf_utils, "tqdm", functools.partial(bar, disable=True))  # noqa: B010 - not exported
+    try:
+        yield
+    finally:
+        if bar is not None:
+            setattr(gguf_utils, "tqdm", bar)  # noqa: B010
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def import_gguf(store: ModelStore, path: Path, name: str, progress: Progress | None = None) -> Manifest:
+    """Dequantize a GGUF file with transformers and store it as float32 safetensors. With `progress`, the
+    bytes written are reported to it (transformers' own bars stay off: one display)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file():
@@ -172,8 +209,9 @@ def import_gguf(store: ModelStore, path: Path, name: str) -> Manifest:
         if f.read(4) != b"GGUF":
             raise ImportFailed(f"{path}: not a GGUF file (bad magic bytes)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with quiet(progress is not None):
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
         raise ImportFailed(f"{path}: cannot read GGUF ({type(exc).__name__}: {exc})") from exc
     family = _family_or_fail(model.config.model_type, path)
@@ -181,10 +219,10 @@ def import_gguf(store: ModelStore, path: Path, name: str) -> Manifest:
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
         return _write(store, name, family, model.config, iter(state.items()),
-                      sum(t.nbytes for t in state.values()), Path(tok_dir))
+                      sum(t.nbytes for t in state.values()), Path(tok_dir), progress)
 
 
-def import_hf_dir(store: ModelStore, path: Path, name: str) -> Manifest:
+def import_hf_dir(store: ModelStore, path: Path, name: str, progress: Progress | None = None) -> Manifest:
     """Copy a local Hugging Face directory (config.json + *.safetensors) into the store."""
     from safetensors import safe_open
 
@@ -223,7 +261,7 @@ def import_hf_dir(store: ModelStore, path: Path, name: str) -> Manifest:
             except Exception as exc:
                 raise ImportFailed(f"{file}: cannot read safetensors ({exc})") from exc
 
-    return _write(store, name, family, config, tensors(), total, path)
+    return _write(store, name, family, config, tensors(), total, path, progress)
 
 
 def _check_safetensors(file: Path) -> None:

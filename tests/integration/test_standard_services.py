@@ -25,6 +25,22 @@ def test_reflection_and_health(workers, parameters):
     assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_coordinator_offers_every_api_it_serves_to_reflection(loop, store, parameters, tmp_path):
+    """grpcurl lists the coordinator's services: its own, the worker registry, and KServe v2 (issue 34.11)."""
+    from coordinator.api.server import start_coordinator
+    from coordinator.config import CoordinatorConfig
+
+    coordinator = loop.run(start_coordinator(CoordinatorConfig(
+        store=store.root, model="tiny-llama", workers=1, port=0, parameters_address=parameters.address,
+        jobs_dir=tmp_path, http=False)))
+    try:
+        found = services(coordinator.address)
+        assert {"shardline.v1.Coordinator", "shardline.v1.WorkerRegistry", "inference.GRPCInferenceService",
+                "grpc.health.v1.Health"} <= found, found
+    finally:
+        loop.run(coordinator.stop())
+
+
 def test_a_busy_port_is_an_error_not_a_shared_listener(loop, workers):
     from shard_worker.server import start_worker
 
