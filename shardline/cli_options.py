@@ -73,4 +73,5 @@ def hidden_alias(name: str, default: Any = None) -> Any:
 
 
 def endpoint_option(help: str = ENDPOINT_HELP) -> Any:
-    return typer.Option(DEFAULT_ENDPOINT, "--endpoint", help=help)
+    """--endpoint, or $SHARDLINE_ENDPOINT (a cluster on another port: set it once, as SHARDLINE_API_KEY)."""
+    return typer.Option(DEFAULT_ENDPOINT, "--endpoint", help=help, envvar="SHARDLINE_ENDPOINT", show_envvar=False)
