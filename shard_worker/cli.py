@@ -27,7 +27,8 @@ from shardline.limits import MemoryBoundTooSmall
 from shardline.server import Keepalive, check_exposure
 from shardline.stream import LinkSettings
 
-app = typer_app("shardline shard worker: hosts a contiguous range of a model's layers for a coordinator.")
+app = typer_app("shardline shard worker: hosts a contiguous range of a model's layers for a coordinator.",
+                epilog=examples("shard-worker serve --coordinator 127.0.0.1:50051", "shard-worker serve --help"))
 
 
 @app.callback()

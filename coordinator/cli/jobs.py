@@ -14,7 +14,9 @@ import typer
 from coordinator.cli.common import API_KEY_OPTION, CLIENT_CERTS_DIR, CLIENT_NAME, _connected, _fail
 from shardline.cli_options import endpoint_option, examples, typer_app
 
-jobs = typer_app("Asynchronous jobs: a file of requests run in the background; results fetched later.")
+jobs = typer_app("Asynchronous jobs: a file of requests run in the background; results fetched later.",
+                 epilog=examples("coordinator jobs submit prompts.jsonl --wait", "coordinator jobs status",
+                                 "coordinator jobs results JOB_ID -o out.jsonl"))
 ENDPOINT = endpoint_option()
 TIMEOUT = typer.Option(30, help="deadline of each call, in seconds")
 

@@ -15,7 +15,9 @@ from coordinator.cli.standalone import http, parameters, serve
 from shardline.cli_options import examples, typer_app, version_option
 
 app = typer_app("shardline coordinator: import models, launch a local cluster or serve one, and use it (generate, "
-                "embed, status, models, jobs).")
+                "embed, status, models, jobs).",
+                epilog=examples("coordinator launch", 'coordinator generate "The capital of France is" --temperature 0',
+                                "coordinator status", "coordinator <command> --help"))
 
 
 @app.callback()

@@ -23,8 +23,14 @@ from shardline.auth import ROLES, hash_key, new_api_key, parse_keys
 from shardline.cli_options import examples, typer_app
 from shardline.tls import CA_CERT, NODE_CERT, NODE_KEY, write_private
 
-certs = typer_app("the cluster's CA, node and client certificates (TLS on every link)")
-api_keys = typer_app("API keys for the public API, stored hashed, each with a role (client or admin)")
+certs = typer_app("the cluster's CA, node and client certificates (TLS on every link)",
+                  epilog=examples("coordinator certs create-ca --certs-dir ./certs",
+                                  "coordinator certs create-node --certs-dir ./certs node1 localhost 127.0.0.1",
+                                  "coordinator certs create-client --certs-dir ./certs alice"))
+api_keys = typer_app("API keys for the public API, stored hashed, each with a role (client or admin)",
+                     epilog=examples("coordinator api-keys create my-app --role client --file keys.json",
+                                     "coordinator api-keys list --file keys.json",
+                                     "coordinator api-keys revoke my-app --file keys.json"))
 
 CERTS_DIR = typer.Option(..., "--certs-dir", help="the certificates directory")
 CA_KEY = typer.Option(None, "--ca-key", help="the CA's key, if kept outside the certificates directory")
