@@ -224,7 +224,9 @@ class LocalCluster:
         if self.config.metrics_port and self.config.metrics_port + needed + self.spares > 65535:
             raise ValueError(f"--metrics-port {self.config.metrics_port}: its {needed + self.spares} workers take the "
                              "ports after it, beyond 65535; choose a lower one (or 0: free ports)")
-        spawning = [self._spawn(self._worker_metrics_port(i)) for i in range(needed + self.spares)]
+        # the workers the plan needs first; the spares once those have registered, so that the plan takes the
+        # first ones and the metrics ports P+1 .. P+needed are the serving workers', the spares' after them
+        spawning = [self._spawn(self._worker_metrics_port(i)) for i in range(needed)]
         coordinator, *processes = await asyncio.gather(start_coordinator(self.config, say), *spawning,
                                                        return_exceptions=True)
         self.processes = [p for p in processes if isinstance(p, WorkerProcess)]
@@ -238,8 +240,11 @@ class LocalCluster:
             raise failed[0]
         fleet = coordinator.fleet
         shown, loading_bytes = -1, 0
+        spares: asyncio.Future[list[WorkerProcess | BaseException]] | None = None
         deadline = time.monotonic() + self.config.load_timeout_s + 120  # registration, then the loads
         while fleet.state != "failed" and not fleet.settled:  # every replica placed and loaded, or failed
+            if spares is None and (len(fleet.registry.workers) >= needed or fleet.state != "waiting for workers"):
+                spares = self._spawn_spares(needed)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {self.config.load_timeout_s + 120:.0f} s: {fleet.state} "
                                    f"({fleet.message})")
@@ -255,12 +260,23 @@ class LocalCluster:
                     say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
             if any(p.process.returncode is not None for p in self.processes):
                 raise RuntimeError("a shard worker exited during start-up")
+        if spares is None:
+            spares = self._spawn_spares(needed)
+        spawned = await spares
+        self.processes += [p for p in spawned if isinstance(p, WorkerProcess)]
+        failed = [p for p in spawned if isinstance(p, BaseException)]
+        if failed:
+            raise failed[0]
         if fleet.state == "failed":
             raise RuntimeError(fleet.message)
         loaded = loading_bytes or sum(s.weight_bytes for r in fleet.replicas for s in r.stages)
         say(f"  loading weights: 100% of {loaded / 2**20:.0f} MiB")
         self._supervisor = asyncio.create_task(self._supervise(say))
         return time.perf_counter() - began
+
+    def _spawn_spares(self, needed: int) -> asyncio.Future[list[WorkerProcess | BaseException]]:
+        return asyncio.gather(*(self._spawn(self._worker_metrics_port(needed + i)) for i in range(self.spares)),
+                              return_exceptions=True)
 
     async def _supervise(self, say: Callable[[str], None]) -> None:
         """Restart worker processes that die, with backoff; give up on a crash loop."""
