@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -90,9 +91,50 @@ def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str])
     """gRPC health checking (every service starts NOT_SERVING) and server reflection."""
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server, pool=reflection_pool(names))
     return health_servicer
+
+
+SPEC_NAMES = {"shardline.kserve": "inference"}  # a package of ours -> the one its service is served under
+
+
+def renamed(message: Any, old: str, new: str) -> None:
+    """Every type reference (`.package.Type`) in a descriptor proto, from one package to another, in place."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for item in value if field.is_repeated else [value]:
+                renamed(item, old, new)
+        elif field.type == field.TYPE_STRING and not field.is_repeated and value.startswith(old):
+            setattr(message, field.name, new + value[len(old):])
+
+
+def reflection_pool(names: list[str]) -> descriptor_pool.DescriptorPool:
+    """What reflection describes: the files of the served services (and what they import), with KServe's under
+    the specification's package (`inference`), the name its methods are served at; ours is another
+    (protos/shardline/kserve/grpc_predict_v2.proto says why). A pool of its own: the default one keeps ours."""
+    default, pool = descriptor_pool.Default(), descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        if proto.package in SPEC_NAMES:
+            renamed(proto, f".{proto.package}.", f".{SPEC_NAMES[proto.package]}.")
+            proto.package = SPEC_NAMES[proto.package]
+        pool.Add(proto)
+        added.add(file.name)
+
+    ours = {spec: package for package, spec in SPEC_NAMES.items()}
+    for name in names:
+        package, _, service = name.rpartition(".")
+        with contextlib.suppress(KeyError):
+            add(default.FindFileContainingSymbol(f"{ours.get(package, package)}.{service}"))
+    return pool
 
 
 async def set_serving(health_servicer: Any, service_names: Iterable[str],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -26,7 +27,8 @@ def test_reflection_and_health(workers, parameters):
 
 
 def test_the_coordinator_offers_every_api_it_serves_to_reflection(loop, store, parameters, tmp_path):
-    """grpcurl lists the coordinator's services: its own, the worker registry, and KServe v2 (issue 34.11)."""
+    """grpcurl lists and describes the coordinator's services: its own, the worker registry, and KServe v2
+    (issue 34.11)."""
     from coordinator.api.server import start_coordinator
     from coordinator.config import CoordinatorConfig
 
@@ -37,6 +39,15 @@ def test_the_coordinator_offers_every_api_it_serves_to_reflection(loop, store, p
         found = services(coordinator.address)
         assert {"shardline.v1.Coordinator", "shardline.v1.WorkerRegistry", "inference.GRPCInferenceService",
                 "grpc.health.v1.Health"} <= found, found
+        # and each is described (grpcurl describe), KServe's under the specification's package
+        described = descriptor_pool.DescriptorPool(
+            ProtoReflectionDescriptorDatabase(grpc.insecure_channel(coordinator.address)))
+        infer = described.FindServiceByName("inference.GRPCInferenceService").methods_by_name["ModelInfer"]
+        assert (infer.input_type.full_name, infer.output_type.full_name) == (
+            "inference.ModelInferRequest", "inference.ModelInferResponse")
+        assert "inputs" in infer.input_type.fields_by_name
+        generate = described.FindServiceByName("shardline.v1.Coordinator").methods_by_name["Generate"]
+        assert generate.input_type.full_name == "shardline.v1.GenerateRequest"
     finally:
         loop.run(coordinator.stop())
 
