@@ -57,7 +57,7 @@ def store_table(store: Any) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
                        enumerate(zip(row, widths, strict=True))).rstrip() for row in [header, *rows]]
-    lines.append(f"store: {store.root}")
+    lines.append(f"store: {store.root} (what a running cluster serves: `coordinator models list`)")
     if tied:
         lines.append("* LOADED is more than SIZE: the tied embedding is loaded twice, by the first stage (input "
                      "embedding) and by the last (output head), as plans count it")
