@@ -18,7 +18,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 MEMORY_HELP = "memory each worker process may use in all, in MiB (runtime included; README: Memory)"
 MEMORY_DEFAULT = "80% of available"
-ENDPOINT_HELP = "the coordinator's HOST:PORT"
+ENDPOINT_HELP = "the coordinator's HOST:PORT (or $SHARDLINE_ENDPOINT)"
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 
 

@@ -123,17 +123,20 @@ def reflection_pool(names: list[str]) -> descriptor_pool.DescriptorPool:
             add(dependency)
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
-        if proto.package in SPEC_NAMES:
-            renamed(proto, f".{proto.package}.", f".{SPEC_NAMES[proto.package]}.")
-            proto.package = SPEC_NAMES[proto.package]
+        for package, spec in SPEC_NAMES.items():  # in every file: one that imports KServe's refers to it too
+            renamed(proto, f".{package}.", f".{spec}.")
+            if proto.package == package:
+                proto.package = spec
         pool.Add(proto)
         added.add(file.name)
 
     ours = {spec: package for package, spec in SPEC_NAMES.items()}
     for name in names:
         package, _, service = name.rpartition(".")
-        with contextlib.suppress(KeyError):
+        try:
             add(default.FindFileContainingSymbol(f"{ours.get(package, package)}.{service}"))
+        except KeyError:  # listed, but reflection cannot describe it: said, not fatal
+            log.warning("reflection: no descriptor for %s (its _pb2 module is not imported)", name)
     return pool
 
 

@@ -82,6 +82,7 @@ async def stop_processes(processes: list[WorkerProcess], timeout: float = 8.0) -
             await p.process.wait()
 
 
+SPARES_AFTER_S = 30.0  # spares start once the planned workers registered, or this long after the start at most
 CRASH_LOOP_RESTARTS = 5      # more restarts than this within CRASH_LOOP_WINDOW_S: stop restarting
 CRASH_LOOP_WINDOW_S = 60.0
 
@@ -174,6 +175,7 @@ class LocalCluster:
     restarts: int = 0
     gave_up: str = ""
     _supervisor: asyncio.Task[None] | None = None
+    _spares: asyncio.Future[list[None | BaseException]] | None = None
 
     def _spawn(self, metrics_port: int | None = None) -> Awaitable[WorkerProcess]:
         c = self.config
@@ -238,13 +240,26 @@ class LocalCluster:
         failed = [p for p in processes if isinstance(p, BaseException)]
         if failed:
             raise failed[0]
-        fleet = coordinator.fleet
+        try:
+            return await self._until_ready(say, began, needed)
+        except BaseException:
+            if self._spares is not None:  # spares starting: each is recorded as it listens; the stop ends them
+                self._spares.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._spares
+            raise
+
+    async def _until_ready(self, say: Callable[[str], None], began: float, needed: int) -> float:
+        assert self.coordinator is not None  # noqa: S101 - started by the caller
+        fleet = self.coordinator.fleet
         shown, loading_bytes = -1, 0
-        spares: asyncio.Future[list[WorkerProcess | BaseException]] | None = None
         deadline = time.monotonic() + self.config.load_timeout_s + 120  # registration, then the loads
+        # a planned worker that never registers (stuck, refused) is not waited for forever: the spares then start
+        spares_by = time.monotonic() + SPARES_AFTER_S
         while fleet.state != "failed" and not fleet.settled:  # every replica placed and loaded, or failed
-            if spares is None and (len(fleet.registry.workers) >= needed or fleet.state != "waiting for workers"):
-                spares = self._spawn_spares(needed)
+            if self._spares is None and (len(fleet.registry.workers) >= needed or time.monotonic() > spares_by
+                                         or fleet.state != "waiting for workers"):
+                self._spares = self._spawn_spares(needed)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {self.config.load_timeout_s + 120:.0f} s: {fleet.state} "
                                    f"({fleet.message})")
@@ -260,23 +275,30 @@ class LocalCluster:
                     say(f"  loading weights: {percent:3d}% of {total / 2**20:.0f} MiB")
             if any(p.process.returncode is not None for p in self.processes):
                 raise RuntimeError("a shard worker exited during start-up")
-        if spares is None:
-            spares = self._spawn_spares(needed)
-        spawned = await spares
-        self.processes += [p for p in spawned if isinstance(p, WorkerProcess)]
-        failed = [p for p in spawned if isinstance(p, BaseException)]
-        if failed:
-            raise failed[0]
         if fleet.state == "failed":
             raise RuntimeError(fleet.message)
+        if self._spares is None:
+            self._spares = self._spawn_spares(needed)
+        failed = [p for p in await self._spares if isinstance(p, BaseException)]
+        if failed:
+            raise failed[0]
+        registered_by = time.monotonic() + SPARES_AFTER_S  # "ready ... and N spares": registered, as said
+        while len(fleet.registry.workers) < needed + self.spares:
+            if time.monotonic() > registered_by:
+                say(f"  {needed + self.spares - len(fleet.registry.workers)} spare(s) not registered yet")
+                break
+            await asyncio.sleep(0.05)
         loaded = loading_bytes or sum(s.weight_bytes for r in fleet.replicas for s in r.stages)
         say(f"  loading weights: 100% of {loaded / 2**20:.0f} MiB")
         self._supervisor = asyncio.create_task(self._supervise(say))
         return time.perf_counter() - began
 
-    def _spawn_spares(self, needed: int) -> asyncio.Future[list[WorkerProcess | BaseException]]:
-        return asyncio.gather(*(self._spawn(self._worker_metrics_port(needed + i)) for i in range(self.spares)),
-                              return_exceptions=True)
+    def _spawn_spares(self, needed: int) -> asyncio.Future[list[None | BaseException]]:
+        """The spares, each in `processes` as soon as it listens (a stop meanwhile ends it)."""
+        async def one(i: int) -> None:
+            self.processes.append(await self._spawn(self._worker_metrics_port(needed + i)))
+
+        return asyncio.gather(*(one(i) for i in range(self.spares)), return_exceptions=True)
 
     async def _supervise(self, say: Callable[[str], None]) -> None:
         """Restart worker processes that die, with backoff; give up on a crash loop."""

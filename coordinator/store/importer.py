@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,27 +176,41 @@ def _write(store: ModelStore, name: str, family: FamilyNames, config: Any,
         raise
 
 
+_QUIET = threading.Lock()
+_quiet_count = 0
+_quiet_saved: tuple[bool, Any] = (True, None)
+
+
 @contextlib.contextmanager
 def quiet(on: bool) -> Iterator[None]:
     """transformers' progress bars off (its own switch, and the GGUF reader's bar, which ignores it), so that
-    the caller's display is the only one; as they were afterwards."""
+    the caller's display is the only one; as they were once the last import that asked is done (imports run
+    on threads: counted under a lock)."""
+    global _quiet_count, _quiet_saved
     if not on:
         yield
         return
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
-    bars, bar = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
-    hf_logging.disable_progress_bar()
-    if bar is not None:
-        setattr(gguf_utils, "tqdm", functools.partial(bar, disable=True))  # noqa: B010 - not exported
+    with _QUIET:
+        if _quiet_count == 0:
+            _quiet_saved = (hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None))
+            hf_logging.disable_progress_bar()
+            if _quiet_saved[1] is not None:
+                setattr(gguf_utils, "tqdm", functools.partial(_quiet_saved[1], disable=True))  # noqa: B010
+        _quiet_count += 1
     try:
         yield
     finally:
-        if bar is not None:
-            setattr(gguf_utils, "tqdm", bar)  # noqa: B010
-        if bars:
-            hf_logging.enable_progress_bar()
+        with _QUIET:
+            _quiet_count -= 1
+            if _quiet_count == 0:
+                bars, bar = _quiet_saved
+                if bar is not None:
+                    setattr(gguf_utils, "tqdm", bar)  # noqa: B010 - not exported
+                if bars:
+                    hf_logging.enable_progress_bar()
 
 
 def import_gguf(store: ModelStore, path: Path, name: str, progress: Progress | None = None) -> Manifest:
