@@ -202,8 +202,11 @@ def health(endpoint: str = typer.Option("127.0.0.1:50051", help="HOST:PORT of an
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                               timeout=timeout)
-        except grpc.RpcError as err:
-            _fail(f"{endpoint}: {err.code().name}: {err.details()}")
+        except grpc.RpcError as err:  # one line saying why: nothing listens, TLS on one side only, another CA
+            from coordinator.cli.common import explain
+            from shardline.errors import from_rpc_error
+
+            _fail(f"{endpoint}: {explain(from_rpc_error(err), endpoint, certs_dir)}")
             return
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{endpoint} {service or '(server)'}: {status}")

@@ -60,3 +60,26 @@ def test_a_busy_port_is_an_error_not_a_shared_listener(loop, workers):
 
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{worker.port}"):
         loop.run(start_worker("127.0.0.1", worker.port))
+
+
+def test_coordinator_health_says_in_one_line_why_it_cannot_ask(workers, tmp_path):
+    """Issue 34.1: the probe tells a closed port and TLS on one side only apart, instead of gRPC's own words."""
+    import subprocess
+    import sys
+
+    from tests.e2e.test_join_and_generate import free_port
+
+    def health(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", "health", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    closed = health("--endpoint", f"127.0.0.1:{free_port()}")
+    assert closed.returncode == 1 and "nothing listens there" in closed.stderr, closed.stderr
+    made = subprocess.run([sys.executable, "-m", "coordinator.cli", "certs", "create-ca", "--certs-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    (worker,) = workers(1)  # plaintext
+    mismatch = health("--endpoint", worker.address, "--certs-dir", str(tmp_path))
+    assert mismatch.returncode == 1 and "speaks plaintext, not TLS" in mismatch.stderr, mismatch.stderr
+    for result in (closed, mismatch):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
