@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -178,18 +179,12 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
     gateway = None
     try:
         gateway = await startup.start_http(config, config.port)  # answers 503 until the cluster serves
-        starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
-        stopping = asyncio.ensure_future(signals.first.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            print("stopped before ready", flush=True)
-            return
-        stopping.cancel()
         try:
-            seconds = starting.result()
+            seconds = await _started(cluster.start(say=lambda line: print(line, flush=True)), signals)
         except (RuntimeError, ValueError, OSError) as exc:
             failed = str(exc)
+            return
+        if seconds is None:
             return
         fleet = cluster.coordinator.fleet if cluster.coordinator else None
         keys = [d.key for d in fleet.deployments.values()] if fleet is not None else [config.model]
@@ -229,6 +224,22 @@ async def _launch(config: CoordinatorConfig, worker_memory_mb: int, spares: int,
             _fail(failed)
 
 
+async def _started(start: Coroutine[Any, Any, float], signals: Any) -> float | None:
+    """The cluster's start, until ready (its seconds) or the first signal (None: "stopped before ready"; what
+    it had started is recorded by then, so the caller's stop ends it). Its errors are raised."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(signals.first.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        print("stopped before ready", flush=True)
+        return None
+    stopping.cancel()
+    return starting.result()
+
+
 async def _launch_standby(config: CoordinatorConfig, security: Any, worker_memory_mb: int, spares: int,
                           exit_when_ready: bool, signals: Any, worker_args: tuple[str, ...],
                           worker_log_level: str) -> None:
@@ -249,20 +260,12 @@ async def _launch_standby(config: CoordinatorConfig, security: Any, worker_memor
     failed, gateway = "", None
     try:
         gateway = await startup.start_http(config, config.port, config.port + 1)
-        starting = asyncio.ensure_future(cluster.start(say=lambda line: print(line, flush=True)))
-        stopping = asyncio.ensure_future(signals.first.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await starting  # what it had started is recorded: the stop below ends it
-            print("stopped before ready", flush=True)
-            return
-        stopping.cancel()
         try:
-            seconds = starting.result()
+            seconds = await _started(cluster.start(say=lambda line: print(line, flush=True)), signals)
         except (RuntimeError, ValueError, OSError) as exc:
             failed = str(exc)
+            return
+        if seconds is None:
             return
         pids = cluster.pids()
         leader = cluster.leader if cluster.leader is not None else 0

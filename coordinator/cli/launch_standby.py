@@ -12,7 +12,6 @@ took it (said at start)."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -26,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.cli.launcher import (
-    CRASH_LOOP_RESTARTS,
     CRASH_LOOP_WINDOW_S,
+    Exits,
     WorkerProcess,
     spawn_worker,
     stop_processes,
@@ -220,7 +219,7 @@ class StandbyCluster:
     async def _supervise(self, say: Callable[[str], None]) -> None:
         """Start again what dies (a coordinator stands by when it comes back), with back-off; give up on a
         crash loop."""
-        recent: collections.deque[float] = collections.deque()
+        exits = Exits()
         while not self.gave_up:
             await asyncio.sleep(0.2)
             try:
@@ -229,31 +228,28 @@ class StandbyCluster:
                         why = f"{c.name} exited with code {c.process.returncode}"
                         if self.leader == c.index:
                             self.leader = None
-                        if self._crash_loop(recent, why, say):
+                        if self._crash_loop(exits, why, say):
                             return
                         say(f"{why}; starting it again (it stands by)")
-                        await asyncio.sleep(backoff(recent))
+                        await asyncio.sleep(exits.backoff())
                         await self._start_coordinator(c)
                 for dead in [p for p in self.processes if p.process.returncode is not None]:
                     self.processes.remove(dead)
                     why = f"worker {dead.address} exited with code {dead.process.returncode}"
-                    if self._crash_loop(recent, why, say):
+                    if self._crash_loop(exits, why, say):
                         return
                     say(f"{why}; restarting it")
-                    await asyncio.sleep(backoff(recent))
+                    await asyncio.sleep(exits.backoff())
                     self.processes.append(await self._spawn())
                     self.restarts += 1
             except Exception:  # noqa: BLE001 - the supervisor itself must not die silently
                 log.exception("supervision failed once; it goes on")
 
-    def _crash_loop(self, recent: collections.deque[float], why: str, say: Callable[[str], None]) -> bool:
-        now = time.monotonic()
-        recent.append(now)
-        while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
-            recent.popleft()
-        if len(recent) <= CRASH_LOOP_RESTARTS:
+    def _crash_loop(self, exits: Exits, why: str, say: Callable[[str], None]) -> bool:
+        """Count the exit; on a crash loop, give up (said, and the launcher ends)."""
+        if not exits.add():
             return False
-        self.gave_up = (f"processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, the last: "
+        self.gave_up = (f"processes keep dying ({len(exits)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, the last: "
                         f"{why}); not restarting them any more: see the logs in {self.directory}")
         say(f"error: {self.gave_up}")
         self.ended.set()
@@ -290,11 +286,6 @@ class StandbyCluster:
                 self.etcd = await self._etcd_starting
         if self.etcd is not None:
             await asyncio.to_thread(self.etcd.stop)
-
-
-def backoff(recent: collections.deque[float]) -> float:
-    """Before starting a process again: nothing the first time in a while, then 1, 2, 4 ... up to 10 s."""
-    return min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0.0
 
 
 def tail(path: Path, lines: int = 3) -> str:

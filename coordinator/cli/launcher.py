@@ -88,6 +88,29 @@ CRASH_LOOP_WINDOW_S = 60.0
 
 
 @dataclass
+class Exits:
+    """A supervisor's record of the processes that died lately: whether it is a crash loop, and the back-off
+    before the next start (both launchers' supervisors)."""
+
+    recent: collections.deque[float] = field(default_factory=collections.deque)
+
+    def add(self) -> bool:
+        """One more exit; True when it makes a crash loop (more than CRASH_LOOP_RESTARTS in the window)."""
+        now = time.monotonic()
+        self.recent.append(now)
+        while self.recent and now - self.recent[0] > CRASH_LOOP_WINDOW_S:
+            self.recent.popleft()
+        return len(self.recent) > CRASH_LOOP_RESTARTS
+
+    def backoff(self) -> float:
+        """Before starting a process again: nothing the first time in a while, then 1, 2, 4 ... up to 10 s."""
+        return min(10.0, 0.5 * 2 ** (len(self.recent) - 1)) if len(self.recent) > 1 else 0.0
+
+    def __len__(self) -> int:
+        return len(self.recent)
+
+
+@dataclass
 class LaunchSecurity:
     """What `launch` secures its processes with: the config's own certificates or token, else a throwaway
     CA and certificates (`secure`), else a random cluster token; files of its own live in `private` (0700),
@@ -302,32 +325,28 @@ class LocalCluster:
 
     async def _supervise(self, say: Callable[[str], None]) -> None:
         """Restart worker processes that die, with backoff; give up on a crash loop."""
-        recent: collections.deque[float] = collections.deque()
+        exits = Exits()
         while not self.gave_up:
             await asyncio.sleep(0.2)
             try:
-                await self._restart_dead(recent, say)
+                await self._restart_dead(exits, say)
             except Exception:  # noqa: BLE001 - the supervisor itself must not die silently
                 log.exception("worker supervision failed once; it goes on")
 
-    async def _restart_dead(self, recent: collections.deque[float], say: Callable[[str], None]) -> None:
+    async def _restart_dead(self, exits: Exits, say: Callable[[str], None]) -> None:
         """Report each worker process that exited, and start another in its place (it joins as a spare)."""
         for dead in [p for p in self.processes if p.process.returncode is not None]:
             self.processes.remove(dead)
             why = f"its process exited with code {dead.process.returncode}"
             if self.coordinator is not None:
                 self.coordinator.fleet.report_dead(dead.address, why)
-            now = time.monotonic()
-            recent.append(now)
-            while recent and now - recent[0] > CRASH_LOOP_WINDOW_S:
-                recent.popleft()
-            if len(recent) > CRASH_LOOP_RESTARTS:
-                self.gave_up = (f"worker processes keep dying ({len(recent)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, "
+            if exits.add():
+                self.gave_up = (f"worker processes keep dying ({len(exits)} exits in {CRASH_LOOP_WINDOW_S:.0f} s, "
                                 f"the last one: {why}); not restarting them any more: see the workers' log")
                 say(f"error: {self.gave_up}")
                 return
             say(f"worker {dead.address}: {why}; restarting it")
-            await asyncio.sleep(min(10.0, 0.5 * 2 ** (len(recent) - 1)) if len(recent) > 1 else 0)
+            await asyncio.sleep(exits.backoff())
             try:
                 self.processes.append(await self._spawn(dead.metrics_port))
                 self.restarts += 1
