@@ -20,6 +20,7 @@ from shard_worker.device import init_thread, to_device
 from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.prefix_cache import PrefixStore, check_hashes
 from shard_worker.sampling import Sampling, sample
+from shard_worker.scoring import PromptScorer, SequenceScores, TokenScore, adjust, changes_logits, scores
 from shard_worker.stage import Packing, Stage
 from shard_worker.wire import check_hidden, decode_hidden, encode_hidden, raw_from_torch
 from shardline.codec import RawTensor
@@ -38,6 +39,7 @@ class Slice:
     sampling: Sampling = field(default_factory=Sampling)
     prefix_blocks: tuple[bytes, ...] = ()  # chain hashes of the session's full blocks (shard_worker/prefix_cache.py)
     prefix_tokens: int = 0  # a new session's positions [0, prefix_tokens) come from the prefix store
+    ids: tuple[int, ...] | None = None  # the slice's own ids, when the last stage needs them (Sampling.needs_ids)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class StepResult:
     errors: list[tuple[str, ShardlineError]] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)  # indexes of the sequences that went through
     scale: RawTensor | None = None  # with an int8 `tensor`: its per-row scale (ForwardRequest.hidden_scale)
+    scores: list[SequenceScores] | None = None  # one per token id, when a sequence asked for log probabilities
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,10 @@ class StageRuntime:
         self.headroom_bytes, self.budget_bytes = headroom_bytes, budget_bytes
         self.sessions: dict[str, SessionCache] = {}
         self.prefix = PrefixStore(pool)  # prompt prefixes kept in the free KV blocks (README "Prefix cache")
+        # the last stage's sessions whose sampling needs their ids (penalties, prompt log probabilities): every
+        # id fed so far, and the prompt rows whose next id comes with the next slice (shard_worker/scoring.py)
+        self.history: dict[str, list[int]] = {}
+        self.prompts = PromptScorer()
         self.last_step: dict[str, float] = {}  # session id -> monotonic time of its last step
         # recently ended sessions: a step for one of them (a late step released by a link that had stalled)
         # must not create its cache again. Session ids are never reused: a replay takes a new one.
@@ -143,6 +150,8 @@ class StageRuntime:
         for sid in session_ids:
             cache = self.sessions.pop(sid, None)
             self.last_step.pop(sid, None)
+            self.history.pop(sid, None)
+            self.prompts.forget(sid)
             if cache is not None:
                 cache.release()
                 freed += 1
@@ -157,6 +166,8 @@ class StageRuntime:
             cache.release()
         self.sessions.clear()
         self.last_step.clear()
+        self.history.clear()
+        self.prompts.clear()
         self.ended.clear()
         self.prefix.clear()
         self.closed = True
@@ -222,11 +233,7 @@ class StageRuntime:
         if stage.max_positions and seq.start + seq.count > stage.max_positions:
             raise InvalidArgument(f"{where} ends at position {seq.start + seq.count}, beyond the model's "
                                   f"{stage.max_positions} positions")
-        s = seq.sampling
-        if not (math.isfinite(s.temperature) and math.isfinite(s.top_p)) or s.temperature < 0 or s.top_k < 0 \
-                or not 0.0 <= s.top_p <= 1.0:
-            raise InvalidArgument(f"{where}.sampling is out of range (finite temperature >= 0, top_k >= 0, "
-                                  f"0 <= top_p <= 1): {s}")
+        self._check_sampling(where, seq)
         if token_ids is not None:
             bad = [t for t in token_ids if not 0 <= t < stage.vocab_size]
             if bad:
@@ -255,6 +262,33 @@ class StageRuntime:
                                   f"{seq.session_id!r}, whose cache holds {cache.length} positions")
         cache.reserve(seq.start + seq.count)  # ResourceExhausted when the pool is short: nothing taken
         return cache
+
+    def _check_sampling(self, where: str, seq: Slice) -> None:
+        s, vocab = seq.sampling, self.stage.vocab_size
+        floats = (s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty)
+        if not all(math.isfinite(v) for v in floats) or s.temperature < 0 or s.top_k < 0 \
+                or not 0.0 <= s.top_p <= 1.0 or not 0.0 <= s.min_p <= 1.0 or s.repetition_penalty <= 0:
+            raise InvalidArgument(f"{where}.sampling is out of range (finite temperature >= 0, top_k >= 0, "
+                                  f"0 <= top_p <= 1, 0 <= min_p <= 1, repetition_penalty > 0): {s}")
+        for k in (s.logprobs, s.prompt_logprobs):
+            if k is not None and not 0 <= k <= vocab:
+                raise InvalidArgument(f"{where}.sampling asks for {k} best log probabilities; 0 .. {vocab}")
+        bad = next((i for i, b in s.logit_bias if not 0 <= i < vocab or not math.isfinite(b)), None)
+        if bad is not None:
+            raise InvalidArgument(f"{where}.sampling.logit_bias: id {bad} is outside the vocabulary [0, {vocab}) "
+                                  "or its bias is not finite")
+        if seq.ids is not None:
+            if len(seq.ids) != seq.count:
+                raise InvalidArgument(f"{where}.token_ids holds {len(seq.ids)} ids for {seq.count} positions")
+            if any(not 0 <= t < vocab for t in seq.ids):
+                raise InvalidArgument(f"{where}.token_ids: an id is outside the vocabulary [0, {vocab})")
+        if self.stage.is_last and s.needs_ids:
+            if seq.ids is None:
+                raise InvalidArgument(f"{where}.token_ids is empty: penalties and prompt log probabilities need "
+                                      "the slice's ids")
+            if seq.start and seq.session_id not in self.history:
+                raise InvalidArgument(f"{where}: penalties and prompt log probabilities need the session's ids "
+                                      f"from position 0; this stage has none for {seq.session_id!r}")
 
     def _check_prefix(self, where: str, seq: Slice) -> None:
         if not self.stage.causal:
@@ -333,6 +367,8 @@ class StageRuntime:
                 self.last_step[seq.session_id] = now
                 if seq.prefix_blocks:
                     self.prefix.save(cache, list(seq.prefix_blocks), seq.start + seq.count)
+                if self.stage.is_last and seq.sampling.needs_ids and seq.ids is not None:
+                    self.history.setdefault(seq.session_id, [])[seq.start:] = seq.ids
         else:
             for cache in caches:
                 cache.release()
@@ -364,16 +400,40 @@ class StageRuntime:
         if output == "last_logits":
             return StepResult(tensor=raw_from_torch(logits), errors=errors, kept=kept)
         positions = [s.start + s.count for s in sequences]
-        sampled = sample(logits, [s.sampling for s in sequences], positions)
+        params = [s.sampling for s in sequences]
+        adjusted = logits
+        if any(changes_logits(p) for p in params):
+            adjusted = torch.stack([adjust(row, p, self.history.get(seq.session_id, ())) if changes_logits(p)
+                                    else row.float() for row, p, seq in zip(logits, params, sequences, strict=True)])
+        sampled = sample(adjusted, params, positions)
+        asked = any(p.logprobs is not None or p.prompt_logprobs is not None for p in params)
         tokens: list[int] = []
         still: list[int] = []
-        for i, seq, token in zip(kept, sequences, sampled, strict=True):
+        scored: list[SequenceScores] = []
+        for j, (i, seq, token) in enumerate(zip(kept, sequences, sampled, strict=True)):
             if isinstance(token, ShardlineError):  # this sequence's sampling failed: its neighbours go on
                 errors.append((seq.session_id, token))
-            else:
-                tokens.append(token)
-                still.append(i)
-        return StepResult(token_ids=tokens, errors=errors, kept=still)
+                self.prompts.forget(seq.session_id)
+                continue
+            tokens.append(token)
+            still.append(i)
+            if asked:
+                scored.append(self._scores(seq, token, logits[j], out, int(last_rows[j]) - seq.count + 1))
+        return StepResult(token_ids=tokens, errors=errors, kept=still, scores=scored if asked else None)
+
+    def _scores(self, seq: Slice, token: int, logits: torch.Tensor, out: torch.Tensor, row: int) -> SequenceScores:
+        """A sequence's log probabilities: of its sampled id (from its last row's logits), and of the prompt
+        ids in this slice (its rows of `out`, from `row`)."""
+        s = seq.sampling
+        sampled: TokenScore | None = None
+        if s.logprobs is not None:
+            row_logprobs = torch.log_softmax(logits.float(), dim=-1).unsqueeze(0)
+            sampled = scores(row_logprobs, [seq.start + seq.count], [token], s.logprobs)[0]
+        prompt: list[TokenScore] = []
+        if s.prompt_logprobs is not None and seq.ids is not None and seq.start < s.prompt_tokens:
+            prompt = self.prompts.score(seq.session_id, seq.start, seq.ids, s,
+                                        lambda first, upto: self.stage.logits(out[row + first: row + upto]))
+        return SequenceScores(sampled, tuple(prompt))
 
 
 T = TypeVar("T")

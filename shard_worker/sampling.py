@@ -1,4 +1,5 @@
-"""Turning the last token's logits into a token id, per request: greedy, temperature, top-k, top-p.
+"""Turning the last token's logits into a token id, per request: greedy, temperature, top-k, top-p, min-p
+(the logit biases and penalties before them: shard_worker/scoring.py).
 
 Sampling is seeded by (seed, position), not by a generator that lives in the session, so the same request
 gives the same tokens however it is batched, and a cache rebuilt elsewhere samples the same way.
@@ -19,6 +20,23 @@ class Sampling:
     top_k: int = 0            # 0 = no limit
     top_p: float = 1.0        # 1 = no limit
     seed: int = 0
+    min_p: float = 0.0        # 0 = no limit
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None         # the sampled id's log probability and this many best (None: not asked)
+    prompt_logprobs: int | None = None  # each prompt id's, and this many best at its position
+    prompt_tokens: int = 0    # positions [0, prompt_tokens) are the prompt
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
+    @property
+    def needs_ids(self) -> bool:
+        """The last stage needs the sequence's ids (each slice carries its own)."""
+        return self.penalized or self.prompt_logprobs is not None
 
 
 def sample_one(logits: torch.Tensor, params: Sampling, position: int) -> int:
@@ -37,6 +55,8 @@ def sample_one(logits: torch.Tensor, params: Sampling, position: int) -> int:
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if params.min_p > 0.0:  # transformers' MinPLogitsWarper: relative to the best id's probability
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     # on the logits' device: a seed gives the same tokens on the same kind of device
     generator = torch.Generator(device=logits.device).manual_seed((params.seed * 1_000_003 + position) % (2**63))
     return int(torch.multinomial(probs, 1, generator=generator))

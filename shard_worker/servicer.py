@@ -22,6 +22,7 @@ from shard_worker.quantize import quantization_from_enum, quantization_to_enum
 from shard_worker.relay import Relay
 from shard_worker.runtime import KVSettings, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
+from shard_worker.scoring import SequenceScores, TokenScore
 from shard_worker.step_flow import Pending, StepFlow
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
@@ -49,14 +50,34 @@ def step_from_proto(req: worker_pb2.ForwardRequest, hidden_data: memoryview | No
     """`hidden_data`: the hidden tensor's payload when it was received beside the message (FORWARD_PARSER)."""
     if req.output not in OUTPUTS:
         raise InvalidArgument(f"output {req.output} is not a known OutputKind")
-    sequences = [Slice(s.session_id, s.start_position, s.num_tokens,
-                       Sampling(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p or 1.0, s.sampling.seed),
-                       tuple(s.prefix_blocks), s.prefix_tokens)
+    sequences = [Slice(s.session_id, s.start_position, s.num_tokens, sampling_from_proto(s.sampling),
+                       tuple(s.prefix_blocks), s.prefix_tokens, tuple(s.token_ids) if s.token_ids else None)
                  for s in req.sequences]
     hidden = decode_tensor(req.hidden, "hidden", hidden_data) if req.HasField("hidden") else None
     scale = decode_tensor(req.hidden_scale, "hidden_scale") if req.HasField("hidden_scale") else None
     return Step(sequences, list(req.token_ids) if req.token_ids else None, hidden, OUTPUTS[req.output],
                 hidden_scale=scale, send_on=bool(req.route))
+
+
+def sampling_from_proto(p: worker_pb2.SamplingParams) -> Sampling:
+    return Sampling(p.temperature, p.top_k, p.top_p or 1.0, p.seed, min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty,
+                    presence_penalty=p.presence_penalty, logit_bias=tuple(sorted(p.logit_bias.items())),
+                    logprobs=p.logprobs if p.HasField("logprobs") else None,
+                    prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+                    prompt_tokens=p.prompt_tokens)
+
+
+def token_logprob(t: TokenScore) -> worker_pb2.TokenLogprob:
+    return worker_pb2.TokenLogprob(position=t.position, token_id=t.token_id, logprob=t.logprob,
+                                   top_ids=[i for i, _ in t.top], top_logprobs=[v for _, v in t.top])
+
+
+def sequence_logprobs(s: SequenceScores) -> worker_pb2.SequenceLogprobs:
+    out = worker_pb2.SequenceLogprobs(prompt=[token_logprob(t) for t in s.prompt])
+    if s.sampled is not None:
+        out.sampled.CopyFrom(token_logprob(s.sampled))
+    return out
 
 
 def sequence_errors(errors: list[tuple[str, ShardlineError]]) -> list[worker_pb2.SequenceError]:
@@ -72,7 +93,8 @@ def response_from_result(step_id: int, result: StepResult,
                          failed: list[worker_pb2.SequenceError]) -> Beside[worker_pb2.ForwardResponse]:
     """The response, its tensor (logits, hidden states) kept beside it until it goes on the wire."""
     response = worker_pb2.ForwardResponse(step_id=step_id, token_ids=result.token_ids or [],
-                                          sequence_errors=[*failed, *sequence_errors(result.errors)])
+                                          sequence_errors=[*failed, *sequence_errors(result.errors)],
+                                          logprobs=[sequence_logprobs(s) for s in result.scores or ()])
     return Beside(response, RESPONSE_TENSOR, result.tensor)
 
 
