@@ -14,7 +14,7 @@ tables; the core never holds a protobuf message.
 from __future__ import annotations
 
 from coordinator.serving.embedding import EmbedRequest, Pooling
-from coordinator.serving.generation import FinishReason, GenerationRequest, Piece
+from coordinator.serving.generation import FinishReason, GenerationRequest, Logprob, Piece
 from shardline.codec import decode_tensor
 from shardline.errors import InvalidArgument
 from shardline.v1 import coordinator_pb2
@@ -34,7 +34,18 @@ def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         prompt_ids=tuple(r.prompt_token_ids),
         top_p=r.top_p if r.HasField("top_p") else None, seed=r.seed if r.HasField("seed") else None,
         stop=tuple(r.stop), min_tokens=r.min_tokens if r.HasField("min_tokens") else 0, ignore_eos=r.ignore_eos,
-        resume_ids=tuple(r.resume_token_ids), stop_ids=tuple(r.stop_token_ids))
+        resume_ids=tuple(r.resume_token_ids), stop_ids=tuple(r.stop_token_ids),
+        logprobs=r.logprobs if r.HasField("logprobs") else None,
+        prompt_logprobs=r.prompt_logprobs if r.HasField("prompt_logprobs") else None,
+        logit_bias=tuple(sorted(r.logit_bias.items())),
+        repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else None,
+        frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty, min_p=r.min_p)
+
+
+def token_logprob(t: Logprob) -> coordinator_pb2.TokenLogprob:
+    return coordinator_pb2.TokenLogprob(
+        token_id=t.token_id, token=t.token, logprob=t.logprob,
+        top=[coordinator_pb2.TopLogprob(token_id=i, token=text, logprob=lp) for i, text, lp in t.top])
 
 
 def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
@@ -45,6 +56,10 @@ def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
                                                 model=piece.model)
     if piece.seed is not None:
         response.seed = piece.seed
+    if piece.logprobs:
+        response.logprobs.extend(token_logprob(t) for t in piece.logprobs)
+    if piece.prompt_logprobs:
+        response.prompt_logprobs.extend(token_logprob(t) for t in piece.prompt_logprobs)
     if piece.model:  # the first message
         response.prompt_tokens = piece.prompt_tokens
     if piece.finish_reason:

@@ -20,11 +20,12 @@ from shard_worker.device import init_thread, to_device
 from shard_worker.kv_cache import KVPool, SessionCache
 from shard_worker.prefix_cache import PrefixStore, check_hashes
 from shard_worker.sampling import Sampling, sample
-from shard_worker.scoring import PromptScorer, SequenceScores, TokenScore, adjust, changes_logits, scores
+from shard_worker.scoring import PromptScorer, SequenceScores, adjust, changes_logits, scores
 from shard_worker.stage import Packing, Stage
 from shard_worker.wire import check_hidden, decode_hidden, encode_hidden, raw_from_torch
 from shardline.codec import RawTensor
 from shardline.errors import FailedPrecondition, InvalidArgument, NotFound, ShardlineError
+from shardline.scores import TokenScore
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUTS = ("tokens", "logits", "last_logits", "hidden")

@@ -14,18 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from shard_worker.sampling import Sampling
+from shardline.scores import TokenScore
 
 SCORE_ROWS = 64  # prompt rows turned into vocabulary-wide log probabilities at a time (memory: rows x vocab)
-
-
-@dataclass(frozen=True)
-class TokenScore:
-    """One id's log probability at `position`, and the `k` best ids there, best first."""
-
-    position: int
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

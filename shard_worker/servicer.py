@@ -22,7 +22,7 @@ from shard_worker.quantize import quantization_from_enum, quantization_to_enum
 from shard_worker.relay import Relay
 from shard_worker.runtime import KVSettings, Slice, StageRuntime, Step, StepResult
 from shard_worker.sampling import Sampling
-from shard_worker.scoring import SequenceScores, TokenScore
+from shard_worker.scoring import SequenceScores
 from shard_worker.step_flow import Pending, StepFlow
 from shard_worker.weights import Progress, ShardSpec
 from shardline import tracing
@@ -31,6 +31,7 @@ from shardline.errors import FailedPrecondition, InvalidArgument, ShardlineError
 from shardline.errors import grpc_errors as rpc_errors
 from shardline.fencing import Fence
 from shardline.limits import is_host_port
+from shardline.scores import TokenScore
 from shardline.stream import LinkSettings
 from shardline.tensor_wire import Beside, Parsed, TensorParser, serialize
 from shardline.v1 import tensor_pb2, worker_pb2, worker_pb2_grpc
@@ -68,15 +69,15 @@ def sampling_from_proto(p: worker_pb2.SamplingParams) -> Sampling:
                     prompt_tokens=p.prompt_tokens)
 
 
-def token_logprob(t: TokenScore) -> worker_pb2.TokenLogprob:
-    return worker_pb2.TokenLogprob(position=t.position, token_id=t.token_id, logprob=t.logprob,
+def scored_token(t: TokenScore) -> worker_pb2.ScoredToken:
+    return worker_pb2.ScoredToken(position=t.position, token_id=t.token_id, logprob=t.logprob,
                                    top_ids=[i for i, _ in t.top], top_logprobs=[v for _, v in t.top])
 
 
 def sequence_logprobs(s: SequenceScores) -> worker_pb2.SequenceLogprobs:
-    out = worker_pb2.SequenceLogprobs(prompt=[token_logprob(t) for t in s.prompt])
+    out = worker_pb2.SequenceLogprobs(prompt=[scored_token(t) for t in s.prompt])
     if s.sampled is not None:
-        out.sampled.CopyFrom(token_logprob(s.sampled))
+        out.sampled.CopyFrom(scored_token(s.sampled))
     return out
 
 

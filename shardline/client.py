@@ -68,6 +68,7 @@ from shardline.client_types import (
     Embeddings,
     GenerateChunk,
     GenerateResult,
+    Logprob,
     ModelInfo,
     PlanStage,
     ReplicaStatus,
@@ -78,7 +79,7 @@ from shardline.jobs import JobItemResult, JobStatus
 from shardline.leader import Redirect
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
-           "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Message", "ModelInfo", "PlanStage",
+           "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Logprob", "Message", "ModelInfo", "PlanStage",
            "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
 
 T = TypeVar("T")

@@ -181,17 +181,32 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                      max_tokens: int | None = None, temperature: float | None = None, top_k: int = 0,
                      top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
                      min_tokens: int | None = None, ignore_eos: bool = False,
-                     stop_token_ids: Iterable[int] = ()) -> coordinator_pb2.GenerateRequest:
+                     stop_token_ids: Iterable[int] = (), logprobs: int | None = None,
+                     prompt_logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
+                     repetition_penalty: float | None = None, frequency_penalty: float = 0.0,
+                     presence_penalty: float = 0.0, min_p: float = 0.0) -> coordinator_pb2.GenerateRequest:
     """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
     without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
     and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
-    token (run to max_tokens); `stop_token_ids`: token ids that end the stream too (ignore_eos or not)."""
+    token (run to max_tokens); `stop_token_ids`: token ids that end the stream too (ignore_eos or not).
+    `logprobs=k`: each new token's log probability and the k likeliest (`result.logprobs`); `prompt_logprobs=k`:
+    the prompt's tokens' too (`result.prompt_logprobs`, from the second token). `logit_bias` ({id: bias}),
+    `repetition_penalty`, `frequency_penalty`, `presence_penalty` and `min_p` change the logits before sampling
+    (README "Log probabilities, penalties and biases")."""
     chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
             else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
     request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
                                               top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
-                                              stop_token_ids=list(stop_token_ids))
+                                              stop_token_ids=list(stop_token_ids), logit_bias=dict(logit_bias or {}),
+                                              frequency_penalty=frequency_penalty,
+                                              presence_penalty=presence_penalty, min_p=min_p)
+    if logprobs is not None:
+        request.logprobs = logprobs
+    if prompt_logprobs is not None:
+        request.prompt_logprobs = prompt_logprobs
+    if repetition_penalty is not None:
+        request.repetition_penalty = repetition_penalty
     if min_tokens is not None:
         request.min_tokens = min_tokens
     if max_tokens is not None:

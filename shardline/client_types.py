@@ -13,6 +13,21 @@ from shardline.v1 import coordinator_pb2
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token's log probability (of the model's own logits), its text alone, and the likeliest tokens at its
+    position as (token id, text, log probability), best first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+    @classmethod
+    def of(cls, t: coordinator_pb2.TokenLogprob) -> Logprob:
+        return cls(t.token_id, t.token, t.logprob, tuple((x.token_id, x.token, x.logprob) for x in t.top))
+
+
+@dataclass(frozen=True)
 class GenerateChunk:
     text: str
     token_ids: list[int]
@@ -20,6 +35,10 @@ class GenerateChunk:
     prompt_tokens: int = 0            # on the first chunk and the last (usage)
     completion_tokens: int = 0        # usage, on the last chunk only (a stream's total, as GenerateResult's)
     model: str = ""                   # on the first chunk: the version serving it, "name@version"
+    # logprobs=k: one per token id; the last chunk's may end with the id that ended the stream (end-of-sequence
+    # or a stop id), which is not among the token ids
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: on the first chunk with ids
 
 
 @dataclass
@@ -33,6 +52,8 @@ class GenerateResult:
     model: str = ""       # the version that served it, "name@version"
     seed: int | None = None  # the seed a sampled stream sampled with
     resumed: int = 0      # times the stream broke and went on (its coordinator restarted, say)
+    logprobs: list[Logprob] = field(default_factory=list)  # logprobs=k: as GenerateChunk's, all of them
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: from the prompt's 2nd token
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
         if response.model and not self.model:  # the first message's; a resumed stream's names the same
@@ -41,10 +62,14 @@ class GenerateResult:
         finish = FINISH.get(response.finish_reason)
         usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish \
             else (response.prompt_tokens, 0)
-        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage, model=response.model)
+        chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage, model=response.model,
+                              logprobs=[Logprob.of(t) for t in response.logprobs],
+                              prompt_logprobs=[Logprob.of(t) for t in response.prompt_logprobs])
         self.cached = self.cached or response.cached
         self.text += chunk.text
         self.token_ids += chunk.token_ids
+        self.logprobs += chunk.logprobs
+        self.prompt_logprobs = self.prompt_logprobs or chunk.prompt_logprobs
         if finish:
             self.finish_reason = finish
             self.prompt_tokens, self.completion_tokens = usage

@@ -15,6 +15,7 @@ from coordinator.serving.pipeline import RECOVERABLE, Pipeline
 from coordinator.serving.policy import SchedulingPolicy
 from coordinator.serving.streams import Release, Sampling, StepOutcome, StepPlan, StreamEvents
 from shardline.errors import Internal, ShardlineError, Unavailable, code_from_number, error_for_code
+from shardline.scores import TokenScore
 from shardline.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -22,23 +23,35 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=4096)  # built once per request's values, not once per slice per step
 def sampling_proto(sampling: Sampling) -> worker_pb2.SamplingParams:
-    return worker_pb2.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
-                                     top_p=sampling.top_p, seed=sampling.seed)
+    s = sampling
+    return worker_pb2.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                     min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+                                     frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+                                     logit_bias=dict(s.logit_bias), logprobs=s.logprobs,
+                                     prompt_logprobs=s.prompt_logprobs, prompt_tokens=s.prompt_tokens)
 
 
 def step_request(plan: StepPlan) -> tuple[list[worker_pb2.SequenceSlice], list[int]]:
-    """A plan as the chain takes it: one slice per sequence, and every slice's ids packed in order."""
+    """A plan as the chain takes it: one slice per sequence (with its own ids when the last stage needs
+    them), and every slice's ids packed in order."""
     sequences = [worker_pb2.SequenceSlice(session_id=p.session_id, start_position=p.position, num_tokens=p.tokens,
                                           sampling=sampling_proto(p.stream.sampling), traceparent=p.stream.trace,
-                                          prefix_blocks=list(p.prefix_blocks), prefix_tokens=p.prefix_tokens)
+                                          prefix_blocks=list(p.prefix_blocks), prefix_tokens=p.prefix_tokens,
+                                          token_ids=p.ids if p.stream.sampling.needs_ids else ())
                  for p in plan.slices]
     return sequences, [t for p in plan.slices for t in p.ids]
+
+
+def token_score(t: worker_pb2.ScoredToken) -> TokenScore:
+    return TokenScore(t.position, t.token_id, t.logprob, tuple(zip(t.top_ids, t.top_logprobs, strict=True)))
 
 
 def step_outcome(response: worker_pb2.ForwardResponse) -> StepOutcome:
     errors = {e.session_id: error_for_code(code_from_number(e.error.code), e.error.message)
               for e in response.sequence_errors}
-    return StepOutcome(tuple(response.token_ids), errors)
+    scores = tuple((token_score(s.sampled) if s.HasField("sampled") else None,
+                    tuple(token_score(t) for t in s.prompt)) for s in response.logprobs)
+    return StepOutcome(tuple(response.token_ids), errors, scores)
 
 
 class Scheduler:

@@ -13,12 +13,14 @@ import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TypedDict
 
 from coordinator.config import CoordinatorConfig
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import TOKEN_WAIT_S, Sampling, Stream, StreamState
 from coordinator.serving.textmodel import TextStream, TokenModel
 from shardline.errors import InvalidArgument, Unavailable
+from shardline.scores import TokenScore
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 # top_p may be as small as float32's smallest normal number: a tiny top_p keeps only the likeliest token
@@ -51,6 +53,13 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] = ()
     resume_ids: tuple[int, ...] = ()  # a broken stream's tokens already received: it goes on after them
     stop_ids: tuple[int, ...] = ()    # token ids that end the stream, besides end-of-sequence
+    logprobs: int | None = None       # each new token's log probability, and this many likeliest
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_p: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,21 @@ class Plan:
         return (frozenset() if self.ignore_eos else text.stop_ids) | self.stop_ids
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log probability, with its text alone, and the likeliest tokens at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+def logprob(score: TokenScore, text: TokenModel) -> Logprob:
+    return Logprob(score.token_id, text.token_text(score.token_id), score.logprob,
+                   tuple((i, text.token_text(i), lp) for i, lp in score.top))
+
+
 @dataclass
 class Piece:
     text: str
@@ -84,6 +108,10 @@ class Piece:
     cached: bool = False  # answered from the result cache
     model: str = ""       # the first piece only: the version serving it, "name@version" (a resume names it)
     seed: int | None = None  # the first piece only, sampled streams: the seed (a resume sends it)
+    # with logprobs: one per token id, and on the last piece the id that ended the stream (end-of-sequence or a
+    # stop id, not in token_ids) after them
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # the first piece with tokens, when asked
 
 
 def utf8_bytes(text: str) -> int:
@@ -142,6 +170,28 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
         bound = "max_tokens" if req.max_tokens is not None else f"{limit} (max_tokens_limit)"
         raise InvalidArgument(f"min_tokens must be between 0 and {bound}, got {req.min_tokens}")
     check_sampling(req.temperature, req.top_p, req.top_k)
+    check_scoring(req, config)
+
+
+def check_scoring(req: GenerationRequest, config: CoordinatorConfig) -> None:
+    """Log probabilities, penalties and biases: in range, bounded."""
+    for name, k in (("logprobs", req.logprobs), ("prompt_logprobs", req.prompt_logprobs)):
+        if k is not None and not 0 <= k <= config.max_logprobs:
+            raise InvalidArgument(f"{name} must be between 0 and {config.max_logprobs} (max_logprobs), got {k}")
+    if len(req.logit_bias) > config.max_logit_bias:
+        raise InvalidArgument(f"logit_bias holds {len(req.logit_bias)} entries; the limit is {config.max_logit_bias} "
+                              "(max_logit_bias)")
+    bad = next((i for i, b in req.logit_bias if not (math.isfinite(b) and -100 <= b <= 100)), None)
+    if bad is not None:
+        raise InvalidArgument(f"logit_bias[{bad}] must be between -100 and 100")
+    if req.repetition_penalty is not None and not (math.isfinite(req.repetition_penalty)
+                                                   and 0 < req.repetition_penalty <= 10):
+        raise InvalidArgument(f"repetition_penalty must be in (0, 10] (1 = none), got {req.repetition_penalty!r}")
+    for name, value in (("frequency_penalty", req.frequency_penalty), ("presence_penalty", req.presence_penalty)):
+        if not (math.isfinite(value) and -2 <= value <= 2):
+            raise InvalidArgument(f"{name} must be between -2 and 2, got {value!r}")
+    if not (math.isfinite(req.min_p) and 0 <= req.min_p <= 1):
+        raise InvalidArgument(f"min_p must be between 0 and 1, got {req.min_p!r}")
 
 
 def check_sampling(temperature: float | None, top_p: float | None, top_k: int) -> None:
@@ -176,6 +226,9 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
     if bad_stop is not None:
         raise InvalidArgument(f"stop_token_ids[{bad_stop}] is {req.stop_ids[bad_stop]}, outside the model's "
                               f"vocabulary [0, {vocab})")
+    bad_bias = next((i for i, _ in req.logit_bias if not 0 <= i < vocab), None)
+    if bad_bias is not None:
+        raise InvalidArgument(f"logit_bias names token id {bad_bias}, outside the model's vocabulary [0, {vocab})")
     if req.stop and text.tokenizer is None:
         raise InvalidArgument("stop sequences need the model's tokenizer, and this model has none")
     if not ids:
@@ -202,7 +255,11 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
     sampling = Sampling(
         temperature=1.0 if req.temperature is None else req.temperature, top_k=req.top_k,
         top_p=1.0 if req.top_p is None else req.top_p,
-        seed=req.seed if req.seed is not None else random.getrandbits(63))
+        seed=req.seed if req.seed is not None else random.getrandbits(63), min_p=req.min_p,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+        logit_bias=tuple(sorted(req.logit_bias)), logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs,
+        prompt_tokens=len(ids))
     plan = Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos,
                 stop_ids=frozenset(req.stop_ids))
     return resumed(plan, req.resume_ids, text) if req.resume_ids else plan
@@ -249,31 +306,52 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     texts = plan.texts or TextStream(text, plan.stop)
     finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)
     prompt_tokens = len(plan.prompt_ids)
+    taken = 0  # tokens this stream produced (its log probabilities: stream.scores[taken - 1])
     try:
         while True:
             token = await next_token(stream, token_wait_s)
             if isinstance(token, BaseException):
                 raise token
+            if token is not None:
+                taken += 1
+            scored = scores_of(stream, taken, text, token is not None)
             if token is None or (token in stop_ids and produced >= plan.min_tokens):
                 finished = True
-                yield Piece(texts.flush(), [], FinishReason.STOP, prompt_tokens, produced)
+                yield Piece(texts.flush(), [], FinishReason.STOP, prompt_tokens, produced, **scored)
                 return
             produced += 1
             piece = texts.push(token, match=produced > plan.min_tokens)
             if texts.stopped:
                 finished = True
-                yield Piece(piece, [token], FinishReason.STOP, prompt_tokens, produced)
+                yield Piece(piece, [token], FinishReason.STOP, prompt_tokens, produced, **scored)
                 return
             if produced == plan.max_tokens:
                 finished = True
-                yield Piece(piece + texts.flush(), [token], FinishReason.LENGTH, prompt_tokens, produced)
+                yield Piece(piece + texts.flush(), [token], FinishReason.LENGTH, prompt_tokens, produced, **scored)
                 return
-            yield Piece(piece, [token])
+            yield Piece(piece, [token], **scored)
     finally:
         if finished:
             stream.stop()  # ended here (a stop sequence): finished, not cancelled; a no-op once it ended
         else:
             stream.cancel()  # its caller went away (a no-op once it ended)
+
+
+class Scored(TypedDict, total=False):
+    logprobs: list[Logprob]
+    prompt_logprobs: list[Logprob]
+
+
+def scores_of(stream: Stream, taken: int, text: TokenModel, new: bool) -> Scored:
+    """The log probabilities a piece carries, when asked: of the token just taken (`new`), and the prompt's
+    with the first."""
+    s, out = stream.sampling, Scored()
+    if s.logprobs is not None and new:
+        out["logprobs"] = [logprob(stream.scores[taken - 1], text)]
+    if s.prompt_logprobs is not None and taken == 1 and new:
+        out["prompt_logprobs"] = [logprob(stream.prompt_scores[p], text) for p in range(1, s.prompt_tokens)
+                                  if p in stream.prompt_scores]
+    return out
 
 
 async def next_token(stream: Stream, wait_s: float) -> int | BaseException | None:

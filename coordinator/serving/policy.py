@@ -143,7 +143,8 @@ class SchedulingPolicy:
             raise ResourceExhausted(f"the cluster is at capacity ({running}, {len(self.waiting)} waiting); "
                                     "try again later")
         stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
-                        background=background, trace=trace, queued_at=self.clock(), tenant=tenant, share=share)
+                        background=background, trace=trace, queued_at=self.clock(), tenant=tenant, share=share,
+                        no_prefix=sampling.needs_ids)  # the last stage needs every id from position 0
         self._enqueue(stream)
         self.admit()
         return stream
@@ -434,10 +435,12 @@ class SchedulingPolicy:
         token until the prompt is all fed), its stop, or its failure. Slices whose stream was preempted,
         rewound or stopped since the plan are stale and change nothing."""
         tokens = iter(outcome.tokens)
+        scores = iter(outcome.scores)
         for piece in plan.slices:
             stream, n = piece.stream, piece.tokens
             error = outcome.errors.get(piece.session_id)
             token = next(tokens, None) if error is None else None  # consumed for stale slices too
+            sampled, prompt = next(scores, (None, ())) if error is None else (None, ())
             if stream.session_id != piece.session_id or stream.done:
                 continue  # preempted (or stopped) while the step ran: the result is stale
             if token is None:
@@ -450,8 +453,15 @@ class SchedulingPolicy:
             stream.prefix_tokens = 0
             stream.position += n
             del stream.pending[:n]
+            for score in prompt:  # a replay scores the prompt again: the same values
+                stream.prompt_scores[score.position] = score
             if stream.pending:
                 continue  # mid-prefill: this chunk's sample is not the next token
+            if stream.sampling.logprobs is not None:
+                if sampled is None:
+                    stream.stop(Internal("the last stage reported no log probabilities (is it an older worker?)"))
+                    continue
+                stream.scores.append(sampled)
             stream.produced += 1
             stream.ids.append(token)
             stream.tokens.put_nowait(token)

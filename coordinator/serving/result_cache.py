@@ -56,6 +56,7 @@ class Key:
     min_tokens: int
     ignore_eos: bool
     stop_ids: frozenset[int] = frozenset()
+    adjusted: tuple[object, ...] = ()  # min_p, the penalties and the logit bias
 
 
 def cache_key(deployment_uid: str, plan: Plan, seed: int | None, tenant: str = "") -> Key | None:
@@ -64,8 +65,11 @@ def cache_key(deployment_uid: str, plan: Plan, seed: int | None, tenant: str = "
     s = plan.sampling
     if s.temperature != 0 and seed is None:
         return None
+    if s.logprobs is not None or s.prompt_logprobs is not None:
+        return None  # the cache keeps text and ids, not log probabilities
     return Key(tenant, deployment_uid, array.array("q", plan.prompt_ids).tobytes(), plan.max_tokens, s.temperature,
-               s.top_k, s.top_p, seed, plan.stop, plan.min_tokens, plan.ignore_eos, plan.stop_ids)
+               s.top_k, s.top_p, seed, plan.stop, plan.min_tokens, plan.ignore_eos, plan.stop_ids,
+               (s.min_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty, s.logit_bias))
 
 
 def entry_bytes(key: Key, result: CachedResult) -> int:

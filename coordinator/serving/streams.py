@@ -13,6 +13,7 @@ from typing import Protocol
 
 from coordinator.transitions import moved
 from shardline.errors import ShardlineError
+from shardline.scores import TokenScore
 
 TOKEN_WAIT_S = 900.0  # the default bound on a request's wait for its next token or step (config token_wait_s)
 
@@ -46,6 +47,21 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias), sorted by id
+    logprobs: int | None = None         # each new token's log probability and this many likeliest
+    prompt_logprobs: int | None = None  # the prompt's tokens' too
+    prompt_tokens: int = 0              # the prompt's length (frequency and presence penalties count the rest)
+
+    @property
+    def needs_ids(self) -> bool:
+        """The last stage needs the sequence's ids: every slice carries its own, and the session starts at
+        position 0 (never from the prefix store)."""
+        return (self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+                or self.prompt_logprobs is not None)
 
 
 @dataclass(eq=False)
@@ -81,6 +97,8 @@ class Stream:
     tenant: str = ""    # whose prompt: its prefix blocks are this tenant's alone (serving/prefix.py)
     share: str = ""     # whose share of the replica it uses: its caller's API key ("" = the keyless callers')
     vstart: float = 0.0  # its virtual start tag in the fair queue (policy.py `_fair_insert`)
+    scores: list[TokenScore] = field(default_factory=list)  # each produced token's log probabilities (asked)
+    prompt_scores: dict[int, TokenScore] = field(default_factory=dict)  # the prompt's, by position (asked)
 
     def __post_init__(self) -> None:
         self.pending = list(self.ids)
@@ -175,6 +193,8 @@ class StepOutcome:
 
     tokens: tuple[int, ...]
     errors: dict[str, ShardlineError] = field(default_factory=dict)
+    # with log probabilities asked: per token, the sampled id's (or None) and the prompt's scored in the step
+    scores: tuple[tuple[TokenScore | None, tuple[TokenScore, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ class TokenModel:
     def decode(self, ids: list[int]) -> str:
         return ""
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone (log probabilities name their tokens with it)."""
+        return ""
+
 
 class TextModel(TokenModel):
     def __init__(self, path: Path) -> None:
@@ -57,6 +61,7 @@ class TextModel(TokenModel):
         if not (path / "tokenizer_config.json").is_file():
             raise FailedPrecondition(f"model at {path} has no tokenizer: it cannot serve text")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._token_texts: dict[int, str] = {}
         super().__init__(path)
 
     def encode(self, prompt: str) -> list[int]:
@@ -87,6 +92,14 @@ class TextModel(TokenModel):
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            if len(self._token_texts) >= 65_536:
+                self._token_texts.clear()
+            text = self._token_texts[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
 
 
 class TextStream:

@@ -265,7 +265,7 @@ class ForwardResponse(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[SequenceLogprobs]
     def __init__(self, step_id: _Optional[int] = ..., error: _Optional[_Union[_tensor_pb2.ErrorStatus, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sequence_errors: _Optional[_Iterable[_Union[SequenceError, _Mapping]]] = ..., logprobs: _Optional[_Iterable[_Union[SequenceLogprobs, _Mapping]]] = ...) -> None: ...
 
-class TokenLogprob(_message.Message):
+class ScoredToken(_message.Message):
     __slots__ = ("position", "token_id", "logprob", "top_ids", "top_logprobs")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -283,9 +283,9 @@ class SequenceLogprobs(_message.Message):
     __slots__ = ("sampled", "prompt")
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
-    sampled: TokenLogprob
-    prompt: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, sampled: _Optional[_Union[TokenLogprob, _Mapping]] = ..., prompt: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    sampled: ScoredToken
+    prompt: _containers.RepeatedCompositeFieldContainer[ScoredToken]
+    def __init__(self, sampled: _Optional[_Union[ScoredToken, _Mapping]] = ..., prompt: _Optional[_Iterable[_Union[ScoredToken, _Mapping]]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_ids",)
