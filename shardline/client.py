@@ -79,8 +79,8 @@ from shardline.jobs import JobItemResult, JobStatus
 from shardline.leader import Redirect
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
-           "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Logprob", "Message", "ModelInfo", "PlanStage",
-           "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
+           "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Logprob", "Message", "ModelInfo",
+           "PlanStage", "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
 
 T = TypeVar("T")
 CONNECT_EACH_S = 1.0  # resuming with several coordinators: how long each is given to accept a connection
