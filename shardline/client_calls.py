@@ -190,7 +190,7 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
     and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
     token (run to max_tokens); `stop_token_ids`: token ids that end the stream too (ignore_eos or not).
     `logprobs=k`: each new token's log probability and the k likeliest (`result.logprobs`); `prompt_logprobs=k`:
-    the prompt's tokens' too (`result.prompt_logprobs`, from the second token). `logit_bias` ({id: bias}),
+    the prompt's tokens' too (`result.prompt_logprobs`; the first has None). `logit_bias` ({id: bias}),
     `repetition_penalty`, `frequency_penalty`, `presence_penalty` and `min_p` change the logits before sampling
     (README "Log probabilities, penalties and biases")."""
     chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)

@@ -19,12 +19,13 @@ class Logprob:
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing comes before it)
     top: tuple[tuple[int, str, float], ...] = ()
 
     @classmethod
     def of(cls, t: coordinator_pb2.TokenLogprob) -> Logprob:
-        return cls(t.token_id, t.token, t.logprob, tuple((x.token_id, x.token, x.logprob) for x in t.top))
+        return cls(t.token_id, t.token, t.logprob if t.HasField("logprob") else None,
+                   tuple((x.token_id, x.token, x.logprob) for x in t.top))
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class GenerateResult:
     seed: int | None = None  # the seed a sampled stream sampled with
     resumed: int = 0      # times the stream broke and went on (its coordinator restarted, say)
     logprobs: list[Logprob] = field(default_factory=list)  # logprobs=k: as GenerateChunk's, all of them
-    prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: from the prompt's 2nd token
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: every prompt token's
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
         if response.model and not self.model:  # the first message's; a resumed stream's names the same

@@ -46,10 +46,19 @@ from coordinator.api.openai_requests import (
     embedding_call,
     parse_json,
 )
-from coordinator.api.openai_responses import Answer, embeddings, model_entry, model_id, models, usage
+from coordinator.api.openai_responses import (
+    Answer,
+    chat_logprobs,
+    completion_logprobs,
+    embeddings,
+    model_entry,
+    model_id,
+    models,
+    usage,
+)
 from coordinator.serving.request_log import REQUEST_ID_KEY, check_request_id
 from shardline import __version__, tracing
-from shardline.client import DEFAULT_TIMEOUT_S, SERVICE, AsyncClient, GenerateChunk
+from shardline.client import DEFAULT_TIMEOUT_S, SERVICE, AsyncClient, GenerateChunk, Logprob
 from shardline.errors import InvalidArgument, ShardlineError
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES
 from shardline.tls import ClientTLS
@@ -183,7 +192,10 @@ class Routes:
             if not call.stream:
                 r = started
                 answer = replace(answer, model=call.model or r.model)  # no model asked: the version that served
-                return _json(answer.whole(r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens))
+                echoed = echo_text(call, r.prompt_logprobs)
+                scored = scored_tokens(call, chat, r.prompt_logprobs, r.logprobs, len(r.token_ids))
+                return _json(answer.whole(echoed + r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
+                                          logprobs_object(chat, scored)))
             try:
                 first = await unless_gone(request, anext(started))
             except BaseException:
@@ -205,10 +217,16 @@ class Routes:
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             first, prompt_tokens, completion = True, 0, 0
             try:
+                offset = 0  # where the chunk's text starts in the whole text (completions' text_offset)
                 while True:
                     completion += len(chunk.token_ids)
                     prompt_tokens = prompt_tokens or chunk.prompt_tokens
-                    event = answer.chunk(chunk.text, chunk.finish_reason, first, call.include_usage)
+                    text = (echo_text(call, chunk.prompt_logprobs) if first else "") + chunk.text
+                    scored = scored_tokens(call, answer.chat, chunk.prompt_logprobs if first else [], chunk.logprobs,
+                                           len(chunk.token_ids))
+                    event = answer.chunk(text, chunk.finish_reason, first, call.include_usage,
+                                         logprobs_object(answer.chat, scored, offset))
+                    offset += len(text)
                     if call.continuous_usage:  # every chunk says the usage so far (vLLM's extension)
                         event["usage"] = usage(prompt_tokens, completion)
                     yield _event(event)
@@ -237,6 +255,29 @@ class Routes:
             raise ApiError(400, f"dimensions is {call.dimensions}; this model's embeddings have {width} (they "
                            "cannot be shortened)", param="dimensions")
         return _json(embeddings(call.model, found.vectors, found.tokens, call.base64))
+
+
+def echo_text(call: GenerationCall, prompt: list[Logprob]) -> str:
+    """With echo, the prompt's text: as sent, or (token ids) its tokens' texts joined."""
+    if not call.echo:
+        return ""
+    return call.prompt if isinstance(call.prompt, str) else "".join(t.token for t in prompt)
+
+
+def scored_tokens(call: GenerationCall, chat: bool, prompt: list[Logprob], new: list[Logprob],
+                  tokens: int) -> list[Logprob] | None:
+    """The tokens an answer's logprobs list (None: none asked): with echo, the prompt's first; a chat's stop at
+    its tokens, a completion's keeps the token that ended it (as evaluation harnesses expect one generated
+    token per call)."""
+    if not call.logprobs:
+        return None
+    return (list(prompt) if call.echo else []) + (new[:tokens] if chat else new)
+
+
+def logprobs_object(chat: bool, scored: list[Logprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    if scored is None:
+        return None
+    return chat_logprobs(scored) if chat else completion_logprobs(scored, offset)
 
 
 async def unless_gone(request: Request, work: Awaitable[T]) -> T:

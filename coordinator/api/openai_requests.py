@@ -2,7 +2,7 @@
 
 What is checked here is only what JSON itself leaves open: each field's type (a 400 naming the field), the
 shapes OpenAI allows (a prompt as text or token ids, a stop as one string or several), and the fields this
-server cannot honour (n > 1, logprobs, tools, penalties: refused by name rather than silently ignored, since
+server cannot honour (n > 1, tools, response_format: refused by name rather than silently ignored, since
 they change the output). The values themselves (ranges, limits, the model) are the coordinator's to check,
 on the same path as a gRPC request, so the two APIs cannot disagree. Fields that change nothing a caller
 gets back (`user`, `metadata`, ...) are accepted and ignored; a field this server does not know is refused,
@@ -114,6 +114,8 @@ class GenerationCall:
     stream: bool = False
     include_usage: bool = False                  # stream_options.include_usage
     continuous_usage: bool = False               # stream_options.continuous_usage_stats: usage on every chunk
+    logprobs: bool = False                       # the answer carries log probabilities (params["logprobs"])
+    echo: bool = False                           # /v1/completions: the prompt comes back before the completion
     names: Mapping[str, str] = field(default_factory=dict)  # gRPC field -> the caller's, for errors' `param`
 
 
@@ -141,16 +143,16 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
         "min_tokens": body.integer("min_tokens"),
         "ignore_eos": bool(body.boolean("ignore_eos")),
         "stop_token_ids": _stop_token_ids(body.raw("stop_token_ids")),
+        "repetition_penalty": body.number("repetition_penalty"),
+        "frequency_penalty": body.number("frequency_penalty") or 0.0,
+        "presence_penalty": body.number("presence_penalty") or 0.0,
+        "min_p": body.number("min_p") or 0.0,
+        "logit_bias": _logit_bias(body.raw("logit_bias")),
     }
     body.unsupported("skip_special_tokens", lambda v: v is True, "special tokens are always left out of the text")
     body.unsupported("spaces_between_special_tokens", lambda v: v is True, "the tokenizer's own spacing is kept")
     body.unsupported("include_stop_str_in_output", lambda v: v is False, "a stop sequence is left out of the text")
-    body.unsupported("repetition_penalty", lambda v: v == 1, "no penalties: leave it 1")
-    body.unsupported("min_p", lambda v: v == 0, "no min_p filter: leave it 0")
     body.unsupported("n", lambda v: v == 1, "one choice per request: n must be 1")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        body.unsupported(penalty, lambda v: v == 0, "no penalties: leave it 0")
-    body.unsupported("logit_bias", lambda v: v == {}, "no logit bias")
     stream = bool(body.boolean("stream"))
     options = body.raw("stream_options")
     include_usage = continuous = False
@@ -167,6 +169,24 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
         include_usage = bool(options.get("include_usage"))
         continuous = include_usage and bool(options.get("continuous_usage_stats"))  # as vLLM: with include_usage
     return params, stream, include_usage, continuous
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's {"token id": bias} (ids as strings, as JSON keys are)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(f"logit_bias must be an object of token id -> bias, got {type_name(value)}", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids, got {key[:20]!r}", "logit_bias") from None
+        if not -(2**63) <= token < 2**63 or isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise invalid(f"logit_bias[{key[:20]!r}] must be a number for a token id", "logit_bias")
+        out[token] = float(bias)
+    return out
 
 
 def _stop_token_ids(value: Any) -> list[int]:
@@ -190,7 +210,8 @@ def _stop(value: Any) -> list[str]:
 
 def _names(**renamed: str) -> dict[str, str]:
     """The gRPC API's field names (which the coordinator's messages start with) -> the caller's."""
-    same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens", "stop_token_ids")
+    same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens", "stop_token_ids",
+            "logprobs", "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p")
     return {**{n: n for n in same}, **renamed}
 
 
@@ -200,13 +221,17 @@ def completion_call(data: dict[str, Any]) -> GenerationCall:
     if "prompt" not in data:
         raise invalid("prompt is required", "prompt")
     prompt = _prompt(body.raw("prompt"))
-    body.unsupported("logprobs", lambda v: False, "no log probabilities")
-    body.unsupported("echo", lambda v: v is False, "the prompt is not echoed: echo must be false")
+    logprobs = body.integer("logprobs")  # the likeliest tokens at each position (0: the chosen one's alone)
+    echo = bool(body.boolean("echo"))
+    params["logprobs"] = logprobs
+    if echo and (logprobs is not None or not isinstance(prompt, str)):  # a prompt of ids: its text from its tokens
+        params["prompt_logprobs"] = logprobs or 0
     body.unsupported("best_of", lambda v: v == 1, "one candidate per request: best_of must be 1")
     body.unsupported("suffix", lambda v: v == "", "no insertion: suffix must be empty")
     body.finish()
     return GenerationCall(params["model"], params, prompt=prompt, stream=stream, include_usage=include_usage,
-                          continuous_usage=continuous, names=_names(prompt="prompt", prompt_token_ids="prompt"))
+                          continuous_usage=continuous, logprobs=logprobs is not None, echo=echo,
+                          names=_names(prompt="prompt", prompt_token_ids="prompt", prompt_logprobs="logprobs"))
 
 
 def _prompt(value: Any) -> str | list[int]:
@@ -241,8 +266,10 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
     if "messages" not in data:
         raise invalid("messages is required", "messages")
     messages = _messages(body.raw("messages"))
-    body.unsupported("logprobs", lambda v: v is False, "no log probabilities: logprobs must be false")
-    body.unsupported("top_logprobs", lambda v: v == 0, "no log probabilities")
+    logprobs, top = bool(body.boolean("logprobs")), body.integer("top_logprobs")
+    if top is not None and not logprobs:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+    params["logprobs"] = (top or 0) if logprobs else None
     body.unsupported("response_format", lambda v: v == {"type": "text"}, "text answers only")
     for tools in ("tools", "functions"):
         body.unsupported(tools, lambda v: v == [], "no tool calls")
@@ -253,8 +280,9 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
         body.unsupported(name, lambda v: False, "this server runs the model as it is")
     body.finish()
     return GenerationCall(params["model"], params, messages=messages, stream=stream, include_usage=include_usage,
-                          continuous_usage=continuous,
-                          names=_names(prompt="messages", messages="messages", max_tokens=limit))
+                          continuous_usage=continuous, logprobs=logprobs,
+                          names=_names(prompt="messages", messages="messages", max_tokens=limit,
+                                       logprobs="top_logprobs"))
 
 
 def _messages(value: Any) -> list[tuple[str, str]]:

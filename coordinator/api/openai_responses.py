@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shardline.client import ModelInfo
+from shardline.client import Logprob, ModelInfo
 
 OWNER = "shardline"
 
@@ -33,10 +33,10 @@ class Answer:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
-              ) -> dict[str, Any]:
+    def whole(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         """The non-streamed response, with its usage."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
             head = self._head("chat.completion")
@@ -45,10 +45,11 @@ class Answer:
             head = self._head("text_completion")
         return {**head, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool, include_usage: bool) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None, first: bool, include_usage: bool,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         """One streamed piece; a chat's first one also says the role. With include_usage every chunk has
         `usage: null`, as OpenAI sends them, and `usage_chunk` ends the stream with the totals."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
@@ -62,6 +63,28 @@ class Answer:
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(kind), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_logprobs(entries: Sequence[Logprob], offset: int = 0) -> dict[str, Any]:
+    """/v1/completions' logprobs: parallel lists of the tokens, their log probabilities (null for a prompt's
+    first token), the likeliest at each position ({token: log probability}) and where each token starts in
+    the text (from `offset`)."""
+    offsets = []
+    for t in entries:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in entries], "token_logprobs": [t.logprob for t in entries],
+            "top_logprobs": [None if t.logprob is None else {text: lp for _, text, lp in t.top} for t in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: Sequence[Logprob]) -> dict[str, Any]:
+    """/v1/chat/completions' logprobs: each token with its UTF-8 bytes and its likeliest alternatives."""
+    def one(token: str, lp: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**one(t.token, t.logprob), "top_logprobs": [one(text, lp) for _, text, lp in t.top]}
+                        for t in entries], "refusal": None}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

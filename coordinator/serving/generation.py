@@ -89,7 +89,7 @@ class Logprob:
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing comes before it)
     top: tuple[tuple[int, str, float], ...] = ()
 
 
@@ -349,8 +349,9 @@ def scores_of(stream: Stream, taken: int, text: TokenModel, new: bool) -> Scored
     if s.logprobs is not None and new:
         out["logprobs"] = [logprob(stream.scores[taken - 1], text)]
     if s.prompt_logprobs is not None and taken == 1 and new:
-        out["prompt_logprobs"] = [logprob(stream.prompt_scores[p], text) for p in range(1, s.prompt_tokens)
-                                  if p in stream.prompt_scores]
+        first = stream.ids[0]
+        out["prompt_logprobs"] = [Logprob(first, text.token_text(first), None)] + [
+            logprob(stream.prompt_scores[p], text) for p in range(1, s.prompt_tokens) if p in stream.prompt_scores]
     return out
 
 

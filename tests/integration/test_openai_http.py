@@ -198,8 +198,12 @@ def error_of(response: httpx.Response, status: int) -> dict:
     ({"temperature": True}, "temperature", "must be a number, got a boolean"),
     ({"stop": [1]}, "stop", "stop must be a string or an array of strings"),
     ({"n": 2}, "n", "n must be 1"),
-    ({"logprobs": 2}, "logprobs", "logprobs is not supported"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "no penalties"),
+    ({"logprobs": 21}, "logprobs", "logprobs must be between 0 and 20 (max_logprobs)"),
+    ({"logprobs": 21, "echo": True}, "logprobs", "between 0 and 20 (max_logprobs)"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "presence_penalty must be between -2 and 2"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "logit_bias keys must be token ids"),
+    ({"logit_bias": {"5": 200}}, "logit_bias", "between -100 and 100"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias", "outside the model's vocabulary"),
     ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
     ({"prompt": [1, 2**40]}, "prompt", "prompt[1] must be a token id"),
     ({"frobnicate": 1}, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
@@ -207,8 +211,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
     # vLLM's extensions: honoured, or refused by name where the value would change the answer
     ({"skip_special_tokens": False}, "skip_special_tokens", "special tokens are always left out of the text"),
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output", "left out of the text"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty", "no penalties"),
-    ({"min_p": 0.1}, "min_p", "no min_p filter"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty must be in (0, 10]"),
+    ({"min_p": 1.5}, "min_p", "min_p must be between 0 and 1"),
     ({"stop_token_ids": [1, "x"]}, "stop_token_ids", "stop_token_ids must be an array of token ids"),
     ({"stop_token_ids": [10**6]}, "stop_token_ids", "stop_token_ids[0] is 1000000, outside the model's vocabulary"),
 ])
@@ -284,8 +288,11 @@ def test_stop_token_ids_end_the_stream_ignore_eos_or_not(cluster, http):
 def test_chat_fields_it_cannot_honour_are_400_and_harmless_ones_are_ignored(oai, http):
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model=MODEL, messages=messages, logprobs=True)
-    assert err.value.param == "logprobs"
+        oai.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=50)
+    assert err.value.param == "top_logprobs" and "max_logprobs" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, messages=messages, top_logprobs=2)
+    assert err.value.param == "top_logprobs" and "logprobs: true" in err.value.message
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=MODEL, messages=messages, tools=tools)
@@ -621,3 +628,74 @@ def test_coordinator_http_runs_alone_in_front_of_a_coordinator(cluster):
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(models.path(MODEL), dtype=torch.float32).eval()
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(http, reference):
+    """lm-evaluation-harness's `local-completions` body for a log-likelihood (token ids, echo, logprobs 1,
+    max_tokens 1): one entry per prompt token and one for the generated token, equal to transformers'
+    log_softmax of the same logits."""
+    import torch
+
+    ids = [1, 504, 3575, 282, 4649, 314, 253, 1345, 30]
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0, "seed": 1}
+    answer = http.post("/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for pos in range(1, len(ids) + 1):
+        row = ref[pos - 1]
+        token = ids[pos] if pos < len(ids) else int(torch.argmax(row))
+        assert abs(lp["token_logprobs"][pos] - row[token]) < 1e-4
+        (best,) = lp["top_logprobs"][pos].values()
+        assert abs(best - row.max()) < 1e-4
+    assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())  # greedy: lm-eval's is_greedy holds
+    assert choice["text"].startswith("".join(lp["tokens"][:len(ids)]))  # the prompt's text, echoed
+    assert lp["text_offset"][1] == len(lp["tokens"][0])
+
+
+def test_chat_logprobs_through_the_official_client(oai, cluster):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    answer = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=3, extra_body={"ignore_eos": True})
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == 6
+    sdk = cluster["sdk"].chat(messages, model=MODEL, max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in sdk.logprobs], abs=1e-6)
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob  # greedy: the likeliest
+        assert bytes(c.bytes).decode() == c.token
+    streamed = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    tokens = [c.token for chunk in streamed for choice in chunk.choices if choice.logprobs
+              for c in choice.logprobs.content]
+    assert tokens == [c.token for c in content]
+
+
+def test_penalties_and_bias_over_http_are_the_sdks(http, cluster):
+    sdk = cluster["sdk"]
+    plain = sdk.generate(PROMPT, model=MODEL, max_tokens=16, temperature=0, ignore_eos=True).token_ids
+    bias = {plain[0]: -100.0}
+    params = {"repetition_penalty": 1.5, "frequency_penalty": 1.0, "presence_penalty": 0.5, "min_p": 0.1}
+    want = sdk.generate(PROMPT, model=MODEL, max_tokens=16, temperature=0, ignore_eos=True, logit_bias=bias,
+                        **params).token_ids
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {str(k): v for k, v in bias.items()}, **params}
+    answer = http.post("/completions", json=body).json()
+    assert answer["usage"]["completion_tokens"] == 16
+    assert want[0] != plain[0] and want != plain  # the bias and the penalties changed the answer
+    again = sdk.generate(PROMPT, model=MODEL, max_tokens=16, temperature=0, ignore_eos=True, logit_bias=bias,
+                         logprobs=0, **params)
+    assert again.token_ids == want and [t.token_id for t in again.logprobs] == want
+    assert answer["choices"][0]["text"] == again.text

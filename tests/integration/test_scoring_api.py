@@ -39,8 +39,9 @@ def test_logprobs_of_prompt_and_tokens_equal_transformers_log_softmax(smollm2_cl
         assert [t[0] for t in lp.top] == torch.topk(row, 5).indices.tolist()
         assert lp.top[0][0] == token  # greedy: the likeliest
         assert lp.token == tokenizer.decode([token])
-    assert [p.token_id for p in result.prompt_logprobs] == ids[1:]
-    for pos, p in enumerate(result.prompt_logprobs, start=1):
+    assert [p.token_id for p in result.prompt_logprobs] == ids
+    assert result.prompt_logprobs[0].logprob is None  # nothing comes before the first
+    for pos, p in enumerate(result.prompt_logprobs[1:], start=1):
         assert abs(p.logprob - ref[pos - 1, ids[pos]]) < 1e-4 and len(p.top) == 1
 
 
