@@ -8,9 +8,10 @@ import pytest
 from coordinator.jobs.store import JobsLocked, NewItem, SqliteJobs
 from coordinator.serving.generation import Plan
 from coordinator.serving.result_cache import CachedResult, ResultCache, cache_key, entry_bytes
+from coordinator.serving.streams import Sampling
 from shardline.errors import InvalidArgument
 from shardline.jobs import item_from_dict, items_from_jsonl
-from shardline.v1 import coordinator_pb2, worker_pb2
+from shardline.v1 import coordinator_pb2
 
 
 def test_job_lines_of_every_kind():
@@ -54,8 +55,10 @@ def test_a_dict_item_without_a_line():
 
 
 def plan(ids=(1, 2, 3), temperature=0.0, seed=0, **kv):
-    sampling = worker_pb2.SamplingParams(temperature=temperature, top_k=kv.pop("top_k", 0),
-                                         top_p=kv.pop("top_p", 1.0), seed=seed)
+    adjusted = {k: kv.pop(k) for k in ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                                       "logit_bias", "logprobs") if k in kv}
+    sampling = Sampling(temperature=temperature, top_k=kv.pop("top_k", 0), top_p=kv.pop("top_p", 1.0), seed=seed,
+                        **adjusted)
     return Plan(list(ids), kv.pop("max_tokens", 8), sampling, kv.pop("stop", ()), **kv)
 
 
@@ -66,9 +69,13 @@ def test_the_key_holds_every_value_that_decides_the_output():
               cache_key("d1", plan(max_tokens=9), None), cache_key("d1", plan(top_k=5), None),
               cache_key("d1", plan(top_p=0.5), None), cache_key("d1", plan(stop=("x",)), None),
               cache_key("d1", plan(min_tokens=2), None), cache_key("d1", plan(ignore_eos=True), None),
-              cache_key("d1", plan(), 7), cache_key("d1", plan(temperature=0.5, seed=7), 7)]
+              cache_key("d1", plan(), 7), cache_key("d1", plan(temperature=0.5, seed=7), 7),
+              cache_key("d1", plan(min_p=0.1), None), cache_key("d1", plan(repetition_penalty=1.2), None),
+              cache_key("d1", plan(frequency_penalty=0.5), None), cache_key("d1", plan(presence_penalty=0.5), None),
+              cache_key("d1", plan(logit_bias=((5, 1.0),)), None)]
     assert base not in others and len(set(others)) == len(others)
     assert cache_key("d1", plan(temperature=0.5, seed=123), None) is None  # sampled, seed not the caller's
+    assert cache_key("d1", plan(logprobs=2), None) is None  # the cache keeps no log probabilities
 
 
 def test_the_cache_is_lru_and_bounded_in_bytes():
