@@ -186,6 +186,8 @@ class CoordinatorConfig(BaseModel):
     max_logprobs: int = Field(20, ge=0, le=1000, description="likeliest tokens a request may ask for at each "
                               "position (logprobs, prompt_logprobs)")
     max_logit_bias: int = Field(1024, ge=0, description="entries of one request's logit_bias")
+    max_grammar_bytes: int = Field(64 * 1024, ge=1, description="UTF-8 bytes of one request's json_schema, "
+                                   "regex or grammar (structured output)")
     max_infer_batch: int = Field(1024, ge=1, description="inputs one Infer may carry")
     max_infer_tokens: int = Field(262_144, ge=1, description="tokens of one Infer, all its inputs together")
     infer_micro_batch: int = Field(32, ge=1, description="inputs per micro-batch of an Infer")

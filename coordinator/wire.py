@@ -13,6 +13,7 @@ tables; the core never holds a protobuf message.
 
 from __future__ import annotations
 
+from coordinator.serving.constraints import GrammarKind, Structure
 from coordinator.serving.embedding import EmbedRequest, Pooling
 from coordinator.serving.generation import FinishReason, GenerationRequest, Logprob, Piece
 from shardline.codec import decode_tensor
@@ -39,7 +40,19 @@ def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         prompt_logprobs=r.prompt_logprobs if r.HasField("prompt_logprobs") else None,
         logit_bias=tuple(sorted(r.logit_bias.items())),
         repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else None,
-        frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty, min_p=r.min_p)
+        frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty, min_p=r.min_p,
+        structure=structure(r))
+
+
+def structure(r: coordinator_pb2.GenerateRequest) -> Structure | None:
+    """Structured output's one field, if any (two are refused, naming them)."""
+    given = [Structure(kind, spec) for kind, spec, on in (
+        (GrammarKind.JSON_SCHEMA, r.json_schema, bool(r.json_schema)), (GrammarKind.JSON_OBJECT, "", r.json_object),
+        (GrammarKind.REGEX, r.regex, bool(r.regex)), (GrammarKind.GRAMMAR, r.grammar, bool(r.grammar))) if on]
+    if len(given) > 1:
+        raise InvalidArgument(f"send at most one of json_schema, json_object, regex and grammar, not "
+                              f"{' and '.join(s.field for s in given)}")
+    return given[0] if given else None
 
 
 def token_logprob(t: Logprob) -> coordinator_pb2.TokenLogprob:

@@ -41,6 +41,7 @@ class Slice:
     prefix_blocks: tuple[bytes, ...] = ()  # chain hashes of the session's full blocks (shard_worker/prefix_cache.py)
     prefix_tokens: int = 0  # a new session's positions [0, prefix_tokens) come from the prefix store
     ids: tuple[int, ...] | None = None  # the slice's own ids, when the last stage needs them (Sampling.needs_ids)
+    allowed: bytes = b""  # structured output: the ids its sample may take, a bitmask (SequenceSlice.allowed_tokens)
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,11 @@ class StageRuntime:
         if bad is not None:
             raise InvalidArgument(f"{where}.sampling.logit_bias: id {bad} is outside the vocabulary [0, {vocab}) "
                                   "or its bias is not finite")
+        if seq.allowed and (len(seq.allowed) % 4 or len(seq.allowed) > 4 * (vocab // 32 + 1)):
+            raise InvalidArgument(f"{where}.allowed_tokens is {len(seq.allowed)} bytes: 32-bit words, at most one "
+                                  f"bit per id of the vocabulary of {vocab}")
+        if seq.allowed and not any(seq.allowed):
+            raise InvalidArgument(f"{where}.allowed_tokens allows no token id")
         if seq.ids is not None:
             if len(seq.ids) != seq.count:
                 raise InvalidArgument(f"{where}.token_ids holds {len(seq.ids)} ids for {seq.count} positions")
@@ -402,11 +408,13 @@ class StageRuntime:
             return StepResult(tensor=raw_from_torch(logits), errors=errors, kept=kept)
         positions = [s.start + s.count for s in sequences]
         params = [s.sampling for s in sequences]
-        adjusted = logits
-        if any(changes_logits(p) for p in params):
-            adjusted = torch.stack([adjust(row, p, self.history.get(seq.session_id, ())) if changes_logits(p)
-                                    else row.float() for row, p, seq in zip(logits, params, sequences, strict=True)])
-        sampled = sample(adjusted, params, positions)
+        adjusted, finite = logits, None
+        if any(changes_logits(p) or seq.allowed for p, seq in zip(params, sequences, strict=True)):
+            adjusted = torch.stack([adjust(row, p, self.history.get(seq.session_id, ()), seq.allowed)
+                                    if changes_logits(p) or seq.allowed else row.float()
+                                    for row, p, seq in zip(logits, params, sequences, strict=True)])
+            finite = torch.isfinite(logits).all(dim=-1).tolist()  # the model's own: a mask's -inf is no fault
+        sampled = sample(adjusted, params, positions, finite)
         asked = any(p.logprobs is not None or p.prompt_logprobs is not None for p in params)
         tokens: list[int] = []
         still: list[int] = []

@@ -62,11 +62,14 @@ def sample_one(logits: torch.Tensor, params: Sampling, position: int) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -> list[int | ShardlineError]:
+def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int],
+           finite: list[bool] | None = None) -> list[int | ShardlineError]:
     """One token id per row of [B, vocab] logits; `positions` is the position each sampled token takes. A row
     that cannot be sampled (its logits hold NaN or inf, its values fail) gets an error instead: the other
-    rows are unaffected."""
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    rows are unaffected. `finite`: each row's model logits were finite (given when `logits` were masked, where
+    -inf marks an id never to sample)."""
+    if finite is None:
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
     if all(finite) and all(p.temperature <= 0.0 for p in params):
         return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]  # one copy from the device
     out: list[int | ShardlineError] = []

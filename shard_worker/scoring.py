@@ -29,11 +29,22 @@ def changes_logits(s: Sampling) -> bool:
     return bool(s.logit_bias) or s.penalized
 
 
-def adjust(row: torch.Tensor, s: Sampling, history: Sequence[int]) -> torch.Tensor:
+def allowed_ids(bits: bytes, vocab: int, device: torch.device) -> torch.Tensor:
+    """A bitmask of 32-bit little-endian words (bit j of word i: id 32 i + j) as a bool tensor [vocab]."""
+    words = torch.frombuffer(bytearray(bits), dtype=torch.int32).to(device)
+    unpacked = ((words.unsqueeze(1) >> torch.arange(32, device=device)) & 1).flatten().bool()
+    out = torch.zeros(vocab, dtype=torch.bool, device=device)
+    n = min(vocab, unpacked.numel())
+    out[:n] = unpacked[:n]
+    return out
+
+
+def adjust(row: torch.Tensor, s: Sampling, history: Sequence[int], allowed: bytes = b"") -> torch.Tensor:
     """One sequence's logits [vocab] after its logit bias, repetition penalty, then frequency and presence
     penalties; `history` is every id at the positions before the one being sampled (prompt, then output).
     Biases and the repetition penalty are transformers' SequenceBiasLogitsProcessor (one-id sequences) and
-    RepetitionPenaltyLogitsProcessor; frequency and presence are OpenAI's, over the output ids only."""
+    RepetitionPenaltyLogitsProcessor; frequency and presence are OpenAI's, over the output ids only. Ids
+    outside `allowed` (structured output's mask, when given) are -inf: never sampled."""
     out = row.float().clone()
     if s.logit_bias:
         ids = torch.tensor([i for i, _ in s.logit_bias], device=out.device)
@@ -46,6 +57,8 @@ def adjust(row: torch.Tensor, s: Sampling, history: Sequence[int]) -> torch.Tens
     if (s.frequency_penalty or s.presence_penalty) and output:
         ids, counts = torch.unique(torch.tensor(list(output), device=out.device), return_counts=True)
         out[ids] -= s.frequency_penalty * counts.to(out.dtype) + s.presence_penalty
+    if allowed:
+        out = out.masked_fill(~allowed_ids(allowed, out.shape[-1], out.device), float("-inf"))
     return out
 
 

@@ -20,6 +20,7 @@ request (a `Stream`); each client reads it with its own kind of iterator, throug
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -184,7 +185,9 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                      stop_token_ids: Iterable[int] = (), logprobs: int | None = None,
                      prompt_logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
                      repetition_penalty: float | None = None, frequency_penalty: float = 0.0,
-                     presence_penalty: float = 0.0, min_p: float = 0.0) -> coordinator_pb2.GenerateRequest:
+                     presence_penalty: float = 0.0, min_p: float = 0.0,
+                     json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
+                     regex: str | None = None, grammar: str | None = None) -> coordinator_pb2.GenerateRequest:
     """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
     without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
     and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
@@ -192,7 +195,8 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
     `logprobs=k`: each new token's log probability and the k likeliest (`result.logprobs`); `prompt_logprobs=k`:
     the prompt's tokens' too (`result.prompt_logprobs`; the first has None). `logit_bias` ({id: bias}),
     `repetition_penalty`, `frequency_penalty`, `presence_penalty` and `min_p` change the logits before sampling
-    (README "Log probabilities, penalties and biases")."""
+    (README "Log probabilities, penalties and biases"). Structured output, one of: `json_schema` (a dict or JSON
+    text), `json_object=True`, `regex`, `grammar` (Lark, llguidance's dialect) (README "Structured output")."""
     chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
             else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
@@ -200,7 +204,10 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                                               top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
                                               stop_token_ids=list(stop_token_ids), logit_bias=dict(logit_bias or {}),
                                               frequency_penalty=frequency_penalty,
-                                              presence_penalty=presence_penalty, min_p=min_p)
+                                              presence_penalty=presence_penalty, min_p=min_p,
+                                              json_schema=json_schema if isinstance(json_schema, str | None)
+                                              else json.dumps(json_schema), json_object=json_object,
+                                              regex=regex, grammar=grammar)
     if logprobs is not None:
         request.logprobs = logprobs
     if prompt_logprobs is not None:

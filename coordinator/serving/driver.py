@@ -13,7 +13,7 @@ import logging
 from coordinator.serving.chain import end_sessions
 from coordinator.serving.pipeline import RECOVERABLE, Pipeline
 from coordinator.serving.policy import SchedulingPolicy
-from coordinator.serving.streams import Release, Sampling, StepOutcome, StepPlan, StreamEvents
+from coordinator.serving.streams import Release, Sampling, Slice, StepOutcome, StepPlan, StreamEvents
 from shardline.errors import Internal, ShardlineError, Unavailable, code_from_number, error_for_code
 from shardline.scores import TokenScore
 from shardline.v1 import worker_pb2
@@ -37,9 +37,19 @@ def step_request(plan: StepPlan) -> tuple[list[worker_pb2.SequenceSlice], list[i
     sequences = [worker_pb2.SequenceSlice(session_id=p.session_id, start_position=p.position, num_tokens=p.tokens,
                                           sampling=sampling_proto(p.stream.sampling), traceparent=p.stream.trace,
                                           prefix_blocks=list(p.prefix_blocks), prefix_tokens=p.prefix_tokens,
-                                          token_ids=p.ids if p.stream.sampling.needs_ids else ())
+                                          token_ids=p.ids if p.stream.sampling.needs_ids else (),
+                                          allowed_tokens=allowed(p))
                  for p in plan.slices]
     return sequences, [t for p in plan.slices for t in p.ids]
+
+
+def allowed(piece: Slice) -> bytes:
+    """Structured output: the tokens the slice's sample may take, when that sample is the stream's next token
+    (the slice feeds the rest of what is pending: not a prompt chunk before the last)."""
+    stream = piece.stream
+    if stream.constraint is None or len(stream.pending) != piece.tokens:
+        return b""
+    return stream.constraint.mask()
 
 
 def token_score(t: worker_pb2.ScoredToken) -> TokenScore:

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import TypedDict
 
 from coordinator.config import CoordinatorConfig
+from coordinator.serving.constraints import Constraint, Structure, compile_grammar
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import TOKEN_WAIT_S, Sampling, Stream, StreamState
 from coordinator.serving.textmodel import TextStream, TokenModel
@@ -60,6 +61,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     min_p: float = 0.0
+    structure: Structure | None = None  # structured output: a JSON schema, JSON object, regex or grammar
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Plan:
     resumed: tuple[int, ...] = ()
     texts: TextStream | None = None
     stop_ids: frozenset[int] = frozenset()  # the caller's (stop_token_ids): they end the stream, ignore_eos or not
+    constraint: Constraint | None = None  # structured output's matcher (it has read `resumed`)
+    structure: Structure | None = None
 
     def ending(self, text: TokenModel) -> frozenset[int]:
         """The token ids that end this stream: end-of-sequence (unless ignore_eos) and the caller's."""
@@ -192,6 +196,9 @@ def check_scoring(req: GenerationRequest, config: CoordinatorConfig) -> None:
             raise InvalidArgument(f"{name} must be between -2 and 2, got {value!r}")
     if not (math.isfinite(req.min_p) and 0 <= req.min_p <= 1):
         raise InvalidArgument(f"min_p must be between 0 and 1, got {req.min_p!r}")
+    if req.structure is not None and (n := utf8_bytes(req.structure.spec)) > config.max_grammar_bytes:
+        raise InvalidArgument(f"{req.structure.field} is {n} bytes; the limit is {config.max_grammar_bytes} "
+                              "(max_grammar_bytes)")
 
 
 def check_sampling(temperature: float | None, top_p: float | None, top_k: int) -> None:
@@ -260,8 +267,12 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
         logit_bias=tuple(sorted(req.logit_bias)), logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs,
         prompt_tokens=len(ids))
+    constraint = None
+    if req.structure is not None:
+        guidance = text.guidance()
+        constraint = Constraint(guidance, compile_grammar(req.structure, guidance))
     plan = Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos,
-                stop_ids=frozenset(req.stop_ids))
+                stop_ids=frozenset(req.stop_ids), constraint=constraint, structure=req.structure)
     return resumed(plan, req.resume_ids, text) if req.resume_ids else plan
 
 
@@ -284,6 +295,13 @@ def resumed(plan: Plan, ids: tuple[int, ...], text: TokenModel) -> Plan:
         texts.push(token, match=i + 1 > plan.min_tokens)
         if texts.stopped:
             raise InvalidArgument(f"resume_token_ids[{i}] completes a stop sequence: that stream had finished")
+        if plan.constraint is not None:
+            if not plan.constraint.consume(token):
+                raise InvalidArgument(f"resume_token_ids[{i}] is {token}, which the output's "
+                                      f"{plan.structure.field if plan.structure else 'grammar'} does not allow there")
+            if plan.constraint.finished:
+                raise InvalidArgument(f"resume_token_ids[{i}] completes the structured output: that stream had "
+                                      "finished")
     return replace(plan, resumed=tuple(ids), texts=texts)
 
 
@@ -302,7 +320,7 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
     stream = scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
                                      plan.max_tokens - produced, stop_ids,
                                      min_tokens=max(plan.min_tokens - produced, 0), background=background,
-                                     trace=trace, tenant=tenant, share=share)
+                                     trace=trace, tenant=tenant, share=share, constraint=plan.constraint)
     texts = plan.texts or TextStream(text, plan.stop)
     finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)
     prompt_tokens = len(plan.prompt_ids)

@@ -48,6 +48,7 @@ from collections.abc import Callable
 
 from coordinator.serving.prefix import PrefixIndex, blocks_to_name, start_past_prefix
 from coordinator.serving.streams import (
+    Constraint,
     Effects,
     KVBudget,
     NoEffects,
@@ -132,7 +133,7 @@ class SchedulingPolicy:
 
     def submit(self, session_id: str, prompt: list[int], sampling: Sampling, max_tokens: int,
                stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False, trace: str = "",
-               tenant: str = "", share: str = "") -> Stream:
+               tenant: str = "", share: str = "", constraint: Constraint | None = None) -> Stream:
         """Queue a stream; interactive streams beyond `max_queued` waiting are refused (background ones are
         bounded by their submitter)."""
         self.check_fits(len(prompt), max_tokens)
@@ -144,7 +145,8 @@ class SchedulingPolicy:
                                     "try again later")
         stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
                         background=background, trace=trace, queued_at=self.clock(), tenant=tenant, share=share,
-                        no_prefix=sampling.needs_ids)  # the last stage needs every id from position 0
+                        no_prefix=sampling.needs_ids,  # the last stage needs every id from position 0
+                        constraint=constraint)
         self._enqueue(stream)
         self.admit()
         return stream
@@ -462,10 +464,16 @@ class SchedulingPolicy:
                     stream.stop(Internal("the last stage reported no log probabilities (is it an older worker?)"))
                     continue
                 stream.scores.append(sampled)
+            if stream.constraint is not None and not stream.constraint.consume(token):
+                stream.stop(Internal(f"the last stage sampled {token}, which the output's grammar does not allow "
+                                     "(is it an older worker?)"))
+                continue
             stream.produced += 1
             stream.ids.append(token)
             stream.tokens.put_nowait(token)
             stops = stream.produced > stream.min_tokens and token in stream.stop_ids  # EOS only after min_tokens
+            if stream.constraint is not None and stream.constraint.finished:
+                stops = True  # the structured output is complete: nothing but its end can follow
             if stops or stream.produced >= stream.max_tokens:
                 stream.stop()
             else:

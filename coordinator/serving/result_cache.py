@@ -69,7 +69,7 @@ def cache_key(deployment_uid: str, plan: Plan, seed: int | None, tenant: str = "
         return None  # the cache keeps text and ids, not log probabilities
     return Key(tenant, deployment_uid, array.array("q", plan.prompt_ids).tobytes(), plan.max_tokens, s.temperature,
                s.top_k, s.top_p, seed, plan.stop, plan.min_tokens, plan.ignore_eos, plan.stop_ids,
-               (s.min_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty, s.logit_bias))
+               (s.min_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty, s.logit_bias, plan.structure))
 
 
 def entry_bytes(key: Key, result: CachedResult) -> int:

@@ -97,6 +97,7 @@ class Stream:
     tenant: str = ""    # whose prompt: its prefix blocks are this tenant's alone (serving/prefix.py)
     share: str = ""     # whose share of the replica it uses: its caller's API key ("" = the keyless callers')
     vstart: float = 0.0  # its virtual start tag in the fair queue (policy.py `_fair_insert`)
+    constraint: Constraint | None = None  # structured output: what it may produce next (serving/constraints.py)
     scores: list[TokenScore] = field(default_factory=list)  # each produced token's log probabilities (asked)
     prompt_scores: dict[int, TokenScore] = field(default_factory=dict)  # the prompt's, by position (asked)
 
@@ -204,6 +205,20 @@ class Release:
     sessions: tuple[str, ...]
     blocks: int
     kv: KVBudget | None
+
+
+class Constraint(Protocol):
+    """Structured output's matcher, as the scheduler uses it (coordinator/serving/constraints.py)."""
+
+    def mask(self) -> bytes:
+        """The token ids allowed next, a bitmask."""
+
+    def consume(self, token: int) -> bool:
+        """Feed a produced token; False when it was not allowed."""
+
+    @property
+    def finished(self) -> bool:
+        """Nothing can follow: the output is complete."""
 
 
 class Effects(Protocol):
