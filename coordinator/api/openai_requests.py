@@ -2,7 +2,7 @@
 
 What is checked here is only what JSON itself leaves open: each field's type (a 400 naming the field), the
 shapes OpenAI allows (a prompt as text or token ids, a stop as one string or several), and the fields this
-server cannot honour (n > 1, tools, response_format: refused by name rather than silently ignored, since
+server cannot honour (n > 1, tools: refused by name rather than silently ignored, since
 they change the output). The values themselves (ranges, limits, the model) are the coordinator's to check,
 on the same path as a gRPC request, so the two APIs cannot disagree. Fields that change nothing a caller
 gets back (`user`, `metadata`, ...) are accepted and ignored; a field this server does not know is refused,
@@ -12,6 +12,7 @@ as OpenAI refuses it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +149,7 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
         "presence_penalty": body.number("presence_penalty") or 0.0,
         "min_p": body.number("min_p") or 0.0,
         "logit_bias": _logit_bias(body.raw("logit_bias")),
+        **_structure(body.raw("response_format"), body.raw("structured_outputs")),
     }
     body.unsupported("skip_special_tokens", lambda v: v is True, "special tokens are always left out of the text")
     body.unsupported("spaces_between_special_tokens", lambda v: v is True, "the tokenizer's own spacing is kept")
@@ -169,6 +171,54 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
         include_usage = bool(options.get("include_usage"))
         continuous = include_usage and bool(options.get("continuous_usage_stats"))  # as vLLM: with include_usage
     return params, stream, include_usage, continuous
+
+
+def _structure(response_format: Any, structured: Any) -> dict[str, Any]:
+    """Structured output as the SDK takes it, from OpenAI's response_format ({"type": "json_schema",
+    "json_schema": {"schema": ...}} or {"type": "json_object"}) or vLLM's structured_outputs ({"json": ...},
+    {"regex": ...}, {"grammar": ...}, {"choice": [...]}, {"json_object": true}); at most one of them."""
+    out: dict[str, Any] = {}
+    if response_format is not None:
+        if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+            raise invalid("response_format must be an object with a type", "response_format")
+        kind = response_format["type"]
+        if kind == "json_object":
+            out["json_object"] = True
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise invalid("response_format.json_schema must be an object whose schema is a JSON schema object",
+                              "response_format")
+            out["json_schema"] = json.dumps(spec.get("schema", {}))  # no schema: any JSON value
+        elif kind != "text":
+            raise invalid(f"response_format.type {kind[:40]!r} is not one of text, json_object, json_schema",
+                          "response_format")
+    if structured is not None:
+        if not isinstance(structured, dict):
+            raise invalid(f"structured_outputs must be an object, got {type_name(structured)}", "structured_outputs")
+        given = {k: v for k, v in structured.items() if v not in (None, False)}
+        unknown = sorted(set(given) - {"json", "regex", "grammar", "choice", "json_object"})
+        if unknown:
+            raise invalid(f"structured_outputs.{unknown[0][:40]} is not supported by this server (json, regex, "
+                          "grammar, choice, json_object)", "structured_outputs")
+        if len(given) > 1 or (given and out):
+            raise invalid("give one structured output: one of structured_outputs' fields, or response_format",
+                          "structured_outputs")
+        for key, value in given.items():
+            if key == "json":
+                out["json_schema"] = value if isinstance(value, str) else json.dumps(value)
+            elif key == "choice":
+                if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                    raise invalid("structured_outputs.choice must be an array of non-empty strings",
+                                  "structured_outputs")
+                out["regex"] = "|".join(re.escape(c) for c in value)
+            elif key == "json_object":
+                out["json_object"] = True
+            elif not isinstance(value, str):
+                raise invalid(f"structured_outputs.{key} must be a string", "structured_outputs")
+            else:
+                out[key] = value
+    return out
 
 
 def _logit_bias(value: Any) -> dict[int, float]:
@@ -212,7 +262,9 @@ def _names(**renamed: str) -> dict[str, str]:
     """The gRPC API's field names (which the coordinator's messages start with) -> the caller's."""
     same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens", "stop_token_ids",
             "logprobs", "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p")
-    return {**{n: n for n in same}, **renamed}
+    structure = {"json_schema": "response_format", "json_object": "response_format", "regex": "structured_outputs",
+                 "grammar": "structured_outputs"}
+    return {**{n: n for n in same}, **structure, **renamed}
 
 
 def completion_call(data: dict[str, Any]) -> GenerationCall:
@@ -270,7 +322,6 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
     if top is not None and not logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     params["logprobs"] = (top or 0) if logprobs else None
-    body.unsupported("response_format", lambda v: v == {"type": "text"}, "text answers only")
     for tools in ("tools", "functions"):
         body.unsupported(tools, lambda v: v == [], "no tool calls")
     for choice in ("tool_choice", "function_call"):

@@ -699,3 +699,29 @@ def test_penalties_and_bias_over_http_are_the_sdks(http, cluster):
                          logprobs=0, **params)
     assert again.token_ids == want and [t.token_id for t in again.logprobs] == want
     assert answer["choices"][0]["text"] == again.text
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
+          "properties": {"city": {"type": "string", "maxLength": 10}, "rank": {"type": "integer", "minimum": 1,
+                                                                            "maximum": 9}}}
+
+
+def test_response_format_and_structured_outputs_through_the_official_client(oai):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
+    for seed in range(3):
+        answer = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A city?"}],
+                                             max_tokens=200, temperature=0.8, seed=seed, response_format=fmt)
+        assert answer.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answer.choices[0].message.content), SCHEMA)
+    picked = oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=4,
+                                    extra_body={"structured_outputs": {"choice": ["Paris", "Lyon (Rhône)"]}})
+    assert picked.choices[0].text in ("Paris", "Lyon (Rhône)")
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                    response_format={"type": "json_schema", "json_schema": {"schema": {"type": 7}}})
+    assert err.value.param == "response_format" and "cannot be compiled" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model=MODEL, prompt=PROMPT, extra_body={"structured_outputs": {"regex": "(?=x)"}})
+    assert err.value.param == "structured_outputs"
