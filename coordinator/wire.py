@@ -15,21 +15,26 @@ from __future__ import annotations
 
 from coordinator.serving.constraints import GrammarKind, Structure
 from coordinator.serving.embedding import EmbedRequest, Pooling
-from coordinator.serving.generation import FinishReason, GenerationRequest, Logprob, Piece
+from coordinator.serving.generation import FinishReason, GenerationRequest, Logprob, Piece, Turn
+from coordinator.serving.tools import Tool, ToolCall
 from shardline.codec import decode_tensor
 from shardline.errors import InvalidArgument
 from shardline.v1 import coordinator_pb2
 
 FINISH = {FinishReason.NONE: coordinator_pb2.FINISH_REASON_UNSPECIFIED,
           FinishReason.LENGTH: coordinator_pb2.FINISH_REASON_LENGTH,
-          FinishReason.STOP: coordinator_pb2.FINISH_REASON_STOP}
+          FinishReason.STOP: coordinator_pb2.FINISH_REASON_STOP,
+          FinishReason.TOOL_CALLS: coordinator_pb2.FINISH_REASON_TOOL_CALLS}
 POOLING = {coordinator_pb2.POOLING_UNSPECIFIED: Pooling.MEAN, coordinator_pb2.POOLING_MEAN: Pooling.MEAN,
            coordinator_pb2.POOLING_CLS: Pooling.CLS}
 
 
 def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
-        model=r.model, prompt=r.prompt, messages=tuple((m.role, m.content) for m in r.messages),
+        model=r.model, prompt=r.prompt,
+        messages=tuple(Turn(m.role, m.content, tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                            m.tool_call_id) for m in r.messages),
+        tools=tuple(Tool(t.name, t.description, t.parameters or "{}") for t in r.tools), tool_choice=r.tool_choice,
         max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
         temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
         prompt_ids=tuple(r.prompt_token_ids),
@@ -71,6 +76,9 @@ def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
         response.seed = piece.seed
     if piece.logprobs:
         response.logprobs.extend(token_logprob(t) for t in piece.logprobs)
+    if piece.tool_calls:
+        response.tool_calls.extend(coordinator_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                                   for c in piece.tool_calls)
     if piece.prompt_logprobs:
         response.prompt_logprobs.extend(token_logprob(t) for t in piece.prompt_logprobs)
     if piece.model:  # the first message

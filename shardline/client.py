@@ -72,6 +72,7 @@ from shardline.client_types import (
     ModelInfo,
     PlanStage,
     ReplicaStatus,
+    ToolCall,
     WorkerStatus,
 )
 from shardline.errors import DeadlineExceeded, ShardlineError, from_rpc_error
@@ -80,7 +81,7 @@ from shardline.leader import Redirect
 
 __all__ = ["CHANNEL_OPTIONS", "DEFAULT_TIMEOUT_S", "POOLING", "SERVICE", "AsyncClient", "Client", "ClusterStatus",
            "DeploymentStatus", "Embeddings", "GenerateChunk", "GenerateResult", "Logprob", "Message", "ModelInfo",
-           "PlanStage", "ReplicaStatus", "TLSOption", "WorkerStatus", "generate_request", "infer_request"]
+           "PlanStage", "ReplicaStatus", "TLSOption", "ToolCall", "WorkerStatus", "generate_request", "infer_request"]
 
 T = TypeVar("T")
 CONNECT_EACH_S = 1.0  # resuming with several coordinators: how long each is given to accept a connection

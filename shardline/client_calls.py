@@ -45,7 +45,7 @@ from shardline.jobs import JobItemResult, JobStatus, as_item, items_from_jsonl
 from shardline.v1 import coordinator_pb2
 
 SERVICE = "shardline.v1.Coordinator"
-Message = Mapping[str, str] | tuple[str, str]
+Message = Mapping[str, Any] | tuple[str, str]
 T = TypeVar("T")
 
 
@@ -187,7 +187,9 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                      repetition_penalty: float | None = None, frequency_penalty: float = 0.0,
                      presence_penalty: float = 0.0, min_p: float = 0.0,
                      json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
-                     regex: str | None = None, grammar: str | None = None) -> coordinator_pb2.GenerateRequest:
+                     regex: str | None = None, grammar: str | None = None,
+                     tools: Sequence[Mapping[str, Any]] = (),
+                     tool_choice: str | Mapping[str, Any] = "") -> coordinator_pb2.GenerateRequest:
     """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
     without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
     and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
@@ -196,9 +198,11 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
     the prompt's tokens' too (`result.prompt_logprobs`; the first has None). `logit_bias` ({id: bias}),
     `repetition_penalty`, `frequency_penalty`, `presence_penalty` and `min_p` change the logits before sampling
     (README "Log probabilities, penalties and biases"). Structured output, one of: `json_schema` (a dict or JSON
-    text), `json_object=True`, `regex`, `grammar` (Lark, llguidance's dialect) (README "Structured output")."""
-    chat = [coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, Mapping)
-            else coordinator_pb2.ChatMessage(role=m[0], content=m[1]) for m in messages]
+    text), `json_object=True`, `regex`, `grammar` (Lark, llguidance's dialect) (README "Structured output").
+    `tools` (chat): OpenAI's tool objects, or {"name", "description", "parameters"}; `tool_choice`: "auto", "none",
+    "required", a tool's name or OpenAI's {"type": "function", "function": {"name": ...}}; the calls come back
+    in `result.tool_calls` (README "Tool calls")."""
+    chat = [chat_message(m) for m in messages]
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
     request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
                                               top_k=top_k, stop=list(stop), ignore_eos=ignore_eos,
@@ -207,7 +211,9 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                                               presence_penalty=presence_penalty, min_p=min_p,
                                               json_schema=json_schema if isinstance(json_schema, str | None)
                                               else json.dumps(json_schema), json_object=json_object,
-                                              regex=regex, grammar=grammar)
+                                              regex=regex, grammar=grammar, tools=[tool_proto(t) for t in tools],
+                                              tool_choice=tool_choice if isinstance(tool_choice, str)
+                                              else str(tool_choice.get("function", {}).get("name", "")))
     if logprobs is not None:
         request.logprobs = logprobs
     if prompt_logprobs is not None:
@@ -225,6 +231,29 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
     if seed is not None:
         request.seed = seed
     return request
+
+
+def chat_message(m: Message) -> coordinator_pb2.ChatMessage:
+    """A message as a (role, content) pair or a mapping; a mapping may hold an assistant's tool_calls (OpenAI's
+    shape, or {"id", "name", "arguments"}) or a tool message's tool_call_id."""
+    if not isinstance(m, Mapping):
+        return coordinator_pb2.ChatMessage(role=m[0], content=m[1])
+    calls = []
+    for c in m.get("tool_calls") or ():
+        f = c.get("function", c)
+        arguments = f.get("arguments", "{}")
+        calls.append(coordinator_pb2.ToolCall(id=c.get("id", ""), name=f.get("name", ""),
+                                              arguments=arguments if isinstance(arguments, str)
+                                              else json.dumps(arguments)))
+    return coordinator_pb2.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
+                                       tool_call_id=m.get("tool_call_id") or "")
+
+
+def tool_proto(t: Mapping[str, Any]) -> coordinator_pb2.Tool:
+    f = t.get("function", t)
+    parameters = f.get("parameters", {})
+    return coordinator_pb2.Tool(name=f.get("name", ""), description=f.get("description") or "",
+                                parameters=parameters if isinstance(parameters, str) else json.dumps(parameters))
 
 
 POOLING = {"mean": coordinator_pb2.POOLING_MEAN, "cls": coordinator_pb2.POOLING_CLS}

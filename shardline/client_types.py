@@ -29,6 +29,15 @@ class Logprob:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model wrote: the function's name and its arguments (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class GenerateChunk:
     text: str
     token_ids: list[int]
@@ -40,6 +49,7 @@ class GenerateChunk:
     # or a stop id), which is not among the token ids
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: on the first chunk with ids
+    tool_calls: list[ToolCall] = field(default_factory=list)  # with tools: the calls completed here (not in text)
 
 
 @dataclass
@@ -55,6 +65,7 @@ class GenerateResult:
     resumed: int = 0      # times the stream broke and went on (its coordinator restarted, say)
     logprobs: list[Logprob] = field(default_factory=list)  # logprobs=k: as GenerateChunk's, all of them
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: every prompt token's
+    tool_calls: list[ToolCall] = field(default_factory=list)  # with tools: every call (finish_reason "tool_calls")
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
         if response.model and not self.model:  # the first message's; a resumed stream's names the same
@@ -65,11 +76,13 @@ class GenerateResult:
             else (response.prompt_tokens, 0)
         chunk = GenerateChunk(response.text, list(response.token_ids), finish, *usage, model=response.model,
                               logprobs=[Logprob.of(t) for t in response.logprobs],
-                              prompt_logprobs=[Logprob.of(t) for t in response.prompt_logprobs])
+                              prompt_logprobs=[Logprob.of(t) for t in response.prompt_logprobs],
+                              tool_calls=[ToolCall(c.id, c.name, c.arguments) for c in response.tool_calls])
         self.cached = self.cached or response.cached
         self.text += chunk.text
         self.token_ids += chunk.token_ids
         self.logprobs += chunk.logprobs
+        self.tool_calls += chunk.tool_calls
         self.prompt_logprobs = self.prompt_logprobs or chunk.prompt_logprobs
         if finish:
             self.finish_reason = finish

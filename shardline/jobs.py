@@ -28,7 +28,8 @@ from shardline.v1 import coordinator_pb2
 
 FINISHED = ("completed", "cancelled", "expired")
 OPENAI_BODY = ("model", "messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop")
-FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop"}
+FINISH = {coordinator_pb2.FINISH_REASON_LENGTH: "length", coordinator_pb2.FINISH_REASON_STOP: "stop",
+          coordinator_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 
 
 def item_from_dict(obj: Any, line: int = 0) -> coordinator_pb2.JobItem:

@@ -195,7 +195,7 @@ class Routes:
                 echoed = echo_text(call, r.prompt_logprobs)
                 scored = scored_tokens(call, chat, r.prompt_logprobs, r.logprobs, len(r.token_ids))
                 return _json(answer.whole(echoed + r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                                          logprobs_object(chat, scored)))
+                                          logprobs_object(chat, scored), r.tool_calls))
             try:
                 first = await unless_gone(request, anext(started))
             except BaseException:
@@ -215,7 +215,7 @@ class Routes:
         first event is an error event (the status went out with the first). A client that goes away cancels
         the gRPC stream (closing `chunks` cancels its call)."""
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
-            first, prompt_tokens, completion = True, 0, 0
+            first, prompt_tokens, completion, called = True, 0, 0, 0
             try:
                 offset = 0  # where the chunk's text starts in the whole text (completions' text_offset)
                 while True:
@@ -225,7 +225,8 @@ class Routes:
                     scored = scored_tokens(call, answer.chat, chunk.prompt_logprobs if first else [], chunk.logprobs,
                                            len(chunk.token_ids))
                     event = answer.chunk(text, chunk.finish_reason, first, call.include_usage,
-                                         logprobs_object(answer.chat, scored, offset))
+                                         logprobs_object(answer.chat, scored, offset), chunk.tool_calls, called)
+                    called += len(chunk.tool_calls)
                     offset += len(text)
                     if call.continuous_usage:  # every chunk says the usage so far (vLLM's extension)
                         event["usage"] = usage(prompt_tokens, completion)

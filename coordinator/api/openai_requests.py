@@ -111,7 +111,7 @@ class GenerationCall:
     model: str
     params: dict[str, Any]                       # the SDK's generate_request keywords
     prompt: str | list[int] = ""                 # /v1/completions
-    messages: list[tuple[str, str]] = field(default_factory=list)  # /v1/chat/completions
+    messages: list[dict[str, Any]] = field(default_factory=list)  # /v1/chat/completions (the SDK's shape)
     stream: bool = False
     include_usage: bool = False                  # stream_options.include_usage
     continuous_usage: bool = False               # stream_options.continuous_usage_stats: usage on every chunk
@@ -261,7 +261,8 @@ def _stop(value: Any) -> list[str]:
 def _names(**renamed: str) -> dict[str, str]:
     """The gRPC API's field names (which the coordinator's messages start with) -> the caller's."""
     same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens", "stop_token_ids",
-            "logprobs", "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p")
+            "logprobs", "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "tools",
+            "tool_choice")
     structure = {"json_schema": "response_format", "json_object": "response_format", "regex": "structured_outputs",
                  "grammar": "structured_outputs"}
     return {**{n: n for n in same}, **structure, **renamed}
@@ -322,10 +323,11 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
     if top is not None and not logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     params["logprobs"] = (top or 0) if logprobs else None
-    for tools in ("tools", "functions"):
-        body.unsupported(tools, lambda v: v == [], "no tool calls")
-    for choice in ("tool_choice", "function_call"):
-        body.unsupported(choice, lambda v: v in ("none", "auto"), "no tool calls")
+    params["tools"] = _tools(body.raw("tools"))
+    params["tool_choice"] = _tool_choice(body.raw("tool_choice"))
+    body.unsupported("functions", lambda v: v == [], "the deprecated functions: send tools")
+    body.unsupported("function_call", lambda v: v in ("none", "auto"), "the deprecated function_call: send "
+                     "tool_choice")
     body.unsupported("modalities", lambda v: v == ["text"], "text only")
     for name in ("audio", "reasoning_effort", "verbosity", "web_search_options"):
         body.unsupported(name, lambda v: False, "this server runs the model as it is")
@@ -336,7 +338,36 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
                                        logprobs="top_logprobs"))
 
 
-def _messages(value: Any) -> list[tuple[str, str]]:
+def _tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's tools: [{"type": "function", "function": {"name", "description", "parameters"}}]."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid(f"tools must be an array, got {type_name(value)}", "tools")
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise invalid(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", "tools")
+        f = tool["function"]
+        if not isinstance(f.get("name"), str) or not isinstance(f.get("parameters", {}), dict) \
+                or not isinstance(f.get("description", ""), str | None):
+            raise invalid(f"tools[{i}].function needs a name (a string); parameters must be a JSON schema object",
+                          "tools")
+    return value
+
+
+def _tool_choice(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value  # auto, none, required (the coordinator names what else is wrong)
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
+        return str(value["function"]["name"])
+    raise invalid("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
+                  "{\"name\": ...}}", "tool_choice")
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise invalid("messages must be a non-empty array of {role, content} objects", "messages")
     out = []
@@ -348,13 +379,28 @@ def _messages(value: Any) -> list[tuple[str, str]]:
         if not isinstance(role, str):
             raise invalid(f"{where}.role must be a string, got {type_name(role)}", "messages")
         for key, item in message.items():
-            if key not in ("role", "content", "name") and item is not None:
-                raise invalid(f"{where}.{key} is not supported by this server (text chat only: no tool calls)",
+            if key not in ("role", "content", "name", "tool_calls", "tool_call_id", "refusal") and item is not None:
+                raise invalid(f"{where}.{key} is not supported by this server (text chat and tool calls)",
                               "messages")
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise invalid(f"{where}.name must be a string, got {type_name(message['name'])}", "messages")
-        out.append((ROLES.get(role, role), _content(message.get("content"), f"{where}.content")))
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(_is_call(c) for c in calls):
+            raise invalid(f"{where}.tool_calls must be an array of {{id, type, function: {{name, arguments}}}}",
+                          "messages")
+        if not isinstance(message.get("tool_call_id") or "", str):
+            raise invalid(f"{where}.tool_call_id must be a string", "messages")
+        content = message.get("content")
+        out.append({"role": ROLES.get(role, role), "tool_calls": calls, "tool_call_id": message.get("tool_call_id"),
+                    "content": "" if content is None and (calls or role == "tool") else
+                    _content(content, f"{where}.content")})
     return out
+
+
+def _is_call(c: Any) -> bool:
+    """OpenAI's {id, type, function: {name, arguments (JSON text)}}."""
+    f = c.get("function") if isinstance(c, dict) else None
+    return isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments", ""), str)
 
 
 def _content(value: Any, where: str) -> str:

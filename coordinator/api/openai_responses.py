@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from shardline.client import Logprob, ModelInfo
+from shardline.client import Logprob, ModelInfo, ToolCall
 
 OWNER = "shardline"
 
@@ -34,11 +34,13 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def whole(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+              logprobs: dict[str, Any] | None = None, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
         """The non-streamed response, with its usage."""
         choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                choice["message"]["tool_calls"] = [tool_call(c) for c in calls]
             head = self._head("chat.completion")
         else:
             choice["text"] = text
@@ -46,12 +48,16 @@ class Answer:
         return {**head, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(self, text: str, finish_reason: str | None, first: bool, include_usage: bool,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One streamed piece; a chat's first one also says the role. With include_usage every chunk has
-        `usage: null`, as OpenAI sends them, and `usage_chunk` ends the stream with the totals."""
+              logprobs: dict[str, Any] | None = None, calls: Sequence[ToolCall] = (), called: int = 0
+              ) -> dict[str, Any]:
+        """One streamed piece; a chat's first one also says the role, and one that completes tool calls carries
+        them whole (`called`: how many came before). With include_usage every chunk has `usage: null`, as OpenAI
+        sends them, and `usage_chunk` ends the stream with the totals."""
         choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+            if calls:
+                choice["delta"]["tool_calls"] = [{"index": called + i, **tool_call(c)} for i, c in enumerate(calls)]
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
             choice["text"] = text
@@ -63,6 +69,10 @@ class Answer:
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(kind), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def tool_call(c: ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
 
 
 def completion_logprobs(entries: Sequence[Logprob], offset: int = 0) -> dict[str, Any]:

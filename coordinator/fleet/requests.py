@@ -31,6 +31,7 @@ from coordinator.serving.generation import (
     check_parameters,
     prepare,
     run,
+    with_tool_calls,
 )
 from coordinator.serving.request_log import RequestRecord, prompt_json
 from coordinator.serving.result_cache import CachedResult, Key, ResultCache, cache_key
@@ -77,7 +78,7 @@ async def generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, ses
     model = fleet.label(req.model)
     record = RequestRecord(session_id, "generate", model, client_id, background=background)
     if fleet.config.log_prompts:
-        record.prompt = prompt_json(req.prompt if not req.messages else [list(m) for m in req.messages])
+        record.prompt = prompt_json(req.prompt if not req.messages else [list(m[:2]) for m in req.messages])
     try:
         async with contextlib.aclosing(_generate(fleet, cache, req, session_id, background, trace,
                                                  tenant, share)) as pieces, \
@@ -103,7 +104,8 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     fleet.serving(deployment)  # not ready: say so before the prompt is even read
     plan = await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
     # a resumed stream's result is only its tail: neither answered from the cache nor put in it
-    key = None if plan.resumed else cache_key(deployment.uid, plan, req.seed, tenant)
+    # (nor a chat with tools: the cache keeps text, not the calls taken out of it)
+    key = None if plan.resumed or plan.tool_calls else cache_key(deployment.uid, plan, req.seed, tenant)
     hit = cache.get(key)
     seed = plan.sampling.seed if plan.sampling.temperature else None
     if hit is not None:
@@ -114,7 +116,8 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     first = True
     async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace,
                                        tenant, fleet.config.token_wait_s, share)) as produced, \
-            contextlib.aclosing(remembered(produced, cache, key)) as pieces:
+            contextlib.aclosing(remembered(produced, cache, key)) as kept, \
+            contextlib.aclosing(with_tool_calls(kept) if plan.tool_calls else kept) as pieces:
         async for piece in pieces:
             if first:  # what a resume names (this version, this seed), and the prompt's size
                 piece.model, piece.seed, first = deployment.key, seed, False

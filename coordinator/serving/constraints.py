@@ -87,6 +87,17 @@ def compile_grammar(structure: Structure, tokenizer: Any) -> str:
     return grammar
 
 
+def schema_error(schema: dict[str, Any]) -> str:
+    """Why llguidance cannot follow a JSON schema ("" when it can), without a tokenizer."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as exc:
+        return str(exc)[:300]
+    return " ".join(llguidance.LLMatcher.validate_grammar(grammar, limits=_limits()).split())[:300]
+
+
 class Constraint:
     """One stream's matcher: the tokens it allows next (a bitmask, one bit per token id, in 32-bit
     little-endian words), and the tokens the stream produced fed to it."""

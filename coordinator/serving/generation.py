@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 from coordinator.config import CoordinatorConfig
-from coordinator.serving.constraints import Constraint, Structure, compile_grammar
+from coordinator.serving.constraints import Constraint, GrammarKind, Structure, compile_grammar
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import TOKEN_WAIT_S, Sampling, Stream, StreamState
 from coordinator.serving.textmodel import TextStream, TokenModel
+from coordinator.serving.tools import CallStream, Tool, ToolCall, check_tools, forced_grammar, template_tools
 from shardline.errors import InvalidArgument, Unavailable
 from shardline.scores import TokenScore
 
@@ -36,13 +37,23 @@ class FinishReason(StrEnum):
     NONE = ""
     STOP = "stop"      # the end-of-sequence token or a stop sequence
     LENGTH = "length"  # max_tokens reached
+    TOOL_CALLS = "tool_calls"  # it stopped after calling tools
+
+
+class Turn(NamedTuple):
+    """One chat message: (role, content), and an assistant's tool calls or the call a tool's message answers."""
+
+    role: str
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     model: str = ""
     prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = ()
+    messages: tuple[Turn | tuple[str, str], ...] = ()
     max_tokens: int | None = None
     temperature: float | None = None
     top_k: int = 0
@@ -62,6 +73,8 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     min_p: float = 0.0
     structure: Structure | None = None  # structured output: a JSON schema, JSON object, regex or grammar
+    tools: tuple[Tool, ...] = ()        # chat only: offered to the model's template (serving/tools.py)
+    tool_choice: str = ""               # "" / auto, none, required, or a tool's name
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class Plan:
     stop_ids: frozenset[int] = frozenset()  # the caller's (stop_token_ids): they end the stream, ignore_eos or not
     constraint: Constraint | None = None  # structured output's matcher (it has read `resumed`)
     structure: Structure | None = None
+    tool_calls: bool = False  # the text is searched for tool calls (tools given, tool_choice not "none")
 
     def ending(self, text: TokenModel) -> frozenset[int]:
         """The token ids that end this stream: end-of-sequence (unless ignore_eos) and the caller's."""
@@ -116,6 +130,7 @@ class Piece:
     # stop id, not in token_ids) after them
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # the first piece with tokens, when asked
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed in this piece (not in `text`)
 
 
 def utf8_bytes(text: str) -> int:
@@ -152,7 +167,7 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
     if len(req.stop) > config.max_stop_sequences:
         raise InvalidArgument(f"stop holds {len(req.stop)} sequences; the limit is {config.max_stop_sequences} "
                               "(max_stop_sequences)")
-    size = utf8_bytes(req.prompt) + sum(utf8_bytes(content) for _, content in req.messages)
+    size = utf8_bytes(req.prompt) + sum(utf8_bytes(m[1]) for m in req.messages)
     if size > config.max_prompt_bytes:
         name = "prompt" if req.prompt else "messages (their contents together)"
         raise InvalidArgument(f"{name} is {size} bytes; the limit is {config.max_prompt_bytes} (max_prompt_bytes)")
@@ -161,9 +176,13 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
             raise InvalidArgument(f"stop[{i}] is empty")
         if (n := utf8_bytes(s)) > config.max_stop_bytes:
             raise InvalidArgument(f"stop[{i}] is {n} bytes; the limit is {config.max_stop_bytes} (max_stop_bytes)")
-    for i, (role, _) in enumerate(req.messages):
-        if role not in ("system", "user", "assistant"):
-            raise InvalidArgument(f"messages[{i}].role {shown(role)} must be system, user or assistant")
+    for i, m in enumerate(req.messages):
+        if m[0] not in ("system", "user", "assistant", "tool"):
+            raise InvalidArgument(f"messages[{i}].role {shown(m[0])} must be system, user, assistant or tool")
+    if req.tools or req.tool_choice:
+        if not req.messages:
+            raise InvalidArgument("tools are offered in chat: send messages, not a prompt")
+        check_tools(req.tools, req.tool_choice)
     limit = config.max_tokens_limit
     if len(req.resume_ids) >= limit:  # the count bound; `resumed` checks them against max_tokens
         raise InvalidArgument(f"resume_token_ids holds {len(req.resume_ids)} tokens; a stream produces at most "
@@ -227,7 +246,8 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
             raise InvalidArgument(f"prompt_token_ids[{bad}] is {ids[bad]}, outside the model's vocabulary "
                                   f"[0, {text.vocab_size})")
     else:
-        ids = text.encode_chat(list(req.messages)) if req.messages else text.encode(req.prompt)
+        offered = template_tools(req.tools) if req.tools and req.tool_choice != "none" else None
+        ids = text.encode_chat([Turn(*m) for m in req.messages], offered) if req.messages else text.encode(req.prompt)
     vocab = text.vocab_size or 2**31
     bad_stop = next((i for i, t in enumerate(req.stop_ids) if not 0 <= t < vocab), None)
     if bad_stop is not None:
@@ -267,12 +287,17 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
         frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
         logit_bias=tuple(sorted(req.logit_bias)), logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs,
         prompt_tokens=len(ids))
-    constraint = None
-    if req.structure is not None:
+    structure, constraint = req.structure, None
+    if (forced := forced_grammar(req.tools, req.tool_choice)) is not None:
+        if structure is not None:
+            raise InvalidArgument(f"tool_choice {req.tool_choice!r} forces a tool call: send no {structure.field}")
+        structure = Structure(GrammarKind.GRAMMAR, forced)
+    if structure is not None:
         guidance = text.guidance()
-        constraint = Constraint(guidance, compile_grammar(req.structure, guidance))
+        constraint = Constraint(guidance, compile_grammar(structure, guidance))
     plan = Plan(ids, max_tokens, sampling, req.stop, req.min_tokens, req.ignore_eos,
-                stop_ids=frozenset(req.stop_ids), constraint=constraint, structure=req.structure)
+                stop_ids=frozenset(req.stop_ids), constraint=constraint, structure=structure,
+                tool_calls=bool(req.tools) and req.tool_choice != "none")
     return resumed(plan, req.resume_ids, text) if req.resume_ids else plan
 
 
@@ -371,6 +396,19 @@ def scores_of(stream: Stream, taken: int, text: TokenModel, new: bool) -> Scored
         out["prompt_logprobs"] = [Logprob(first, text.token_text(first), None)] + [
             logprob(stream.prompt_scores[p], text) for p in range(1, s.prompt_tokens) if p in stream.prompt_scores]
     return out
+
+
+async def with_tool_calls(pieces: AsyncIterator[Piece]) -> AsyncGenerator[Piece, None]:
+    """`pieces` with the tool calls taken out of their text as they complete (serving/tools.py); a stream that
+    called tools and stopped says tool_calls."""
+    calls = CallStream()
+    async for piece in pieces:
+        piece.text, piece.tool_calls = calls.push(piece.text)
+        if piece.finish_reason:
+            piece.text += calls.flush()[0]
+            if calls.calls and piece.finish_reason is FinishReason.STOP:
+                piece.finish_reason = FinishReason.TOOL_CALLS
+        yield piece
 
 
 async def next_token(stream: Stream, wait_s: float) -> int | BaseException | None:

@@ -40,7 +40,7 @@ class TokenModel:
     def encode(self, prompt: str) -> list[int]:
         raise self._no_text()
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[Any], tools: list[dict[str, Any]] | None = None) -> list[int]:
         raise self._no_text()
 
     def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:
@@ -74,11 +74,26 @@ class TextModel(TokenModel):
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
-        if not self.tokenizer.chat_template:
+    def encode_chat(self, messages: list[Any], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """`messages`: chat turns (generation.Turn); `tools` (OpenAI's shape) go to the template, which must
+        take them."""
+        template = self.tokenizer.chat_template
+        if not template:
             raise InvalidArgument("messages: this model has no chat template; send a prompt instead")
-        ids = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                                 add_generation_prompt=True, tokenize=True)
+        if tools and "tools" not in template:
+            raise InvalidArgument(f"tools: model {self.name!r}'s chat template does not take tools (the model was "
+                                  "not taught to call them); send no tools, or serve a model whose template does")
+        conversation = []
+        for m in messages:
+            turn: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                turn["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": _arguments(c.arguments)}} for c in m.tool_calls]
+            if m.tool_call_id:
+                turn["tool_call_id"] = m.tool_call_id
+            conversation.append(turn)
+        ids = self.tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
+                                                 tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:
@@ -116,6 +131,14 @@ class TextModel(TokenModel):
             if len(self._token_texts) >= 65_536:
                 self._token_texts.clear()
             text = self._token_texts[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as templates take them: the JSON value (text that is not JSON stays text)."""
+    try:
+        return json.loads(text)
+    except ValueError:
         return text
 
 
