@@ -186,6 +186,7 @@ class CoordinatorConfig(BaseModel):
     max_logprobs: int = Field(20, ge=0, le=1000, description="likeliest tokens a request may ask for at each "
                               "position (logprobs, prompt_logprobs)")
     max_logit_bias: int = Field(1024, ge=0, description="entries of one request's logit_bias")
+    max_choices: int = Field(16, ge=1, le=256, description="choices one request may ask for (n)")
     max_grammar_bytes: int = Field(64 * 1024, ge=1, description="UTF-8 bytes of one request's json_schema, "
                                    "regex or grammar (structured output)")
     max_infer_batch: int = Field(1024, ge=1, description="inputs one Infer may carry")

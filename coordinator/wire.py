@@ -35,6 +35,7 @@ def generation_request(r: coordinator_pb2.GenerateRequest) -> GenerationRequest:
         messages=tuple(Turn(m.role, m.content, tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
                             m.tool_call_id) for m in r.messages),
         tools=tuple(Tool(t.name, t.description, t.parameters or "{}") for t in r.tools), tool_choice=r.tool_choice,
+        n=r.n or 1,
         max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
         temperature=r.temperature if r.HasField("temperature") else None, top_k=r.top_k,
         prompt_ids=tuple(r.prompt_token_ids),
@@ -71,7 +72,7 @@ def generate_response(piece: Piece) -> coordinator_pb2.GenerateResponse:
     version serving it and its seed (what a resume sends back)."""
     response = coordinator_pb2.GenerateResponse(text=piece.text, token_ids=piece.token_ids,
                                                 finish_reason=FINISH[piece.finish_reason], cached=piece.cached,
-                                                model=piece.model)
+                                                model=piece.model, index=piece.index)
     if piece.seed is not None:
         response.seed = piece.seed
     if piece.logprobs:

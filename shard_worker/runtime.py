@@ -42,6 +42,7 @@ class Slice:
     prefix_tokens: int = 0  # a new session's positions [0, prefix_tokens) come from the prefix store
     ids: tuple[int, ...] | None = None  # the slice's own ids, when the last stage needs them (Sampling.needs_ids)
     allowed: bytes = b""  # structured output: the ids its sample may take, a bitmask (SequenceSlice.allowed_tokens)
+    fork_from: str = ""  # a new session starting as a copy of this one's positions [0, start)
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,8 @@ class StageRuntime:
         if not stage.causal:
             return stage.new_session(self.pool)
         cache = self.sessions.get(seq.session_id)
+        if cache is None and seq.fork_from:
+            return self._fork(where, seq)
         if cache is None and seq.prefix_tokens:
             cache = stage.new_session(self.pool)
             self.prefix.start(where, cache, list(seq.prefix_blocks), seq.prefix_tokens, seq.start + seq.count)
@@ -263,6 +266,27 @@ class StageRuntime:
             raise InvalidArgument(f"{where}.start_position {seq.start} does not follow session "
                                   f"{seq.session_id!r}, whose cache holds {cache.length} positions")
         cache.reserve(seq.start + seq.count)  # ResourceExhausted when the pool is short: nothing taken
+        return cache
+
+    def _fork(self, where: str, seq: Slice) -> SessionCache:
+        """A new session holding a copy of `fork_from`'s positions [0, start) (another choice of its prompt)."""
+        parent = self.sessions.get(seq.fork_from)
+        if parent is None:
+            raise NotFound(f"{where}.fork_from {seq.fork_from!r} is not held on this stage (ended, or the worker "
+                           "restarted): send the whole prefill")
+        if seq.prefix_tokens or seq.start > parent.length or seq.start == 0:
+            raise InvalidArgument(f"{where}: a fork starts within its parent's {parent.length} positions, after 0, "
+                                  f"and not from the prefix store (start_position {seq.start})")
+        cache = self.stage.new_session(self.pool)
+        cache.reserve(seq.start + seq.count)  # ResourceExhausted when the pool is short: nothing taken
+        try:
+            for layer in range(len(cache.keys)):
+                cache.keys[layer][:, : seq.start] = parent.keys[layer][:, : seq.start]
+                cache.values[layer][:, : seq.start] = parent.values[layer][:, : seq.start]
+        except BaseException:
+            cache.release()  # not yet one of the step's caches
+            raise
+        cache.length = seq.start
         return cache
 
     def _check_sampling(self, where: str, seq: Slice) -> None:
@@ -293,7 +317,7 @@ class StageRuntime:
             if seq.ids is None:
                 raise InvalidArgument(f"{where}.token_ids is empty: penalties and prompt log probabilities need "
                                       "the slice's ids")
-            if seq.start and seq.session_id not in self.history:
+            if seq.start and seq.session_id not in self.history and seq.fork_from not in self.history:
                 raise InvalidArgument(f"{where}: penalties and prompt log probabilities need the session's ids "
                                       f"from position 0; this stage has none for {seq.session_id!r}")
 
@@ -375,6 +399,8 @@ class StageRuntime:
                 if seq.prefix_blocks:
                     self.prefix.save(cache, list(seq.prefix_blocks), seq.start + seq.count)
                 if self.stage.is_last and seq.sampling.needs_ids and seq.ids is not None:
+                    if seq.fork_from and seq.session_id not in self.history:
+                        self.history[seq.session_id] = self.history.get(seq.fork_from, [])[: seq.start]
                     self.history.setdefault(seq.session_id, [])[seq.start:] = seq.ids
         else:
             for cache in caches:

@@ -53,7 +53,7 @@ def step_from_proto(req: worker_pb2.ForwardRequest, hidden_data: memoryview | No
         raise InvalidArgument(f"output {req.output} is not a known OutputKind")
     sequences = [Slice(s.session_id, s.start_position, s.num_tokens, sampling_from_proto(s.sampling),
                        tuple(s.prefix_blocks), s.prefix_tokens, tuple(s.token_ids) if s.token_ids else None,
-                       s.allowed_tokens)
+                       s.allowed_tokens, s.fork_from)
                  for s in req.sequences]
     hidden = decode_tensor(req.hidden, "hidden", hidden_data) if req.HasField("hidden") else None
     scale = decode_tensor(req.hidden_scale, "hidden_scale") if req.HasField("hidden_scale") else None

@@ -159,7 +159,7 @@ class Client(Connection):
             raise from_rpc_error(err) from err
 
     def _stream(self, call: Stream, stream: bool) -> Any:
-        result = GenerateResult()
+        result = GenerateResult.of(call.request)
         resuming = calls.Resuming(call, result, call.timeout or self.timeout, several=len(self.endpoints) > 1)
         used, stub = self._authorized()
         # started now, not at the first read: streams opened together run together
@@ -376,7 +376,7 @@ class AsyncClient(Connection):
             raise from_rpc_error(err) from err
 
     async def _stream(self, call: Stream, stream: bool) -> Any:
-        result = GenerateResult()
+        result = GenerateResult.of(call.request)
         resuming = calls.Resuming(call, result, call.timeout or self.timeout, several=len(self.endpoints) > 1)
         used, stub = self._authorized()
         chunks = self._chunks(resuming, used, self._generate(resuming.request(), resuming.remaining(), stub))

@@ -144,6 +144,8 @@ class Resuming:
         already (the last message arrived, the status did not), or the error to raise."""
         if self.result.finish_reason:
             return None
+        if self.call.request.n > 1:  # several choices are not resumed: the error is the caller's to see
+            raise from_rpc_error(err)
         code, details = err.code(), err.details() or ""
         if self.broke and code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.gone(details)
@@ -189,7 +191,7 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                      json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
                      regex: str | None = None, grammar: str | None = None,
                      tools: Sequence[Mapping[str, Any]] = (),
-                     tool_choice: str | Mapping[str, Any] = "") -> coordinator_pb2.GenerateRequest:
+                     tool_choice: str | Mapping[str, Any] = "", n: int = 1) -> coordinator_pb2.GenerateRequest:
     """The request for generate/chat. `prompt` is text, or token ids (prompt_token_ids: any model, even one
     without a tokenizer, which answers token ids and empty text). `min_tokens`: the end-of-sequence token
     and stop sequences count only after this many tokens; `ignore_eos`: the end-of-sequence token is just a
@@ -201,7 +203,8 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
     text), `json_object=True`, `regex`, `grammar` (Lark, llguidance's dialect) (README "Structured output").
     `tools` (chat): OpenAI's tool objects, or {"name", "description", "parameters"}; `tool_choice`: "auto", "none",
     "required", a tool's name or OpenAI's {"type": "function", "function": {"name": ...}}; the calls come back
-    in `result.tool_calls` (README "Tool calls")."""
+    in `result.tool_calls` (README "Tool calls"). `n`: several choices of the prompt, prefilled once, choice i
+    seeded with seed + i: `result.choices`, and each chunk's `index`."""
     chat = [chat_message(m) for m in messages]
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", [int(t) for t in prompt])
     request = coordinator_pb2.GenerateRequest(model=model, prompt=text, prompt_token_ids=ids, messages=chat,
@@ -211,7 +214,7 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                                               presence_penalty=presence_penalty, min_p=min_p,
                                               json_schema=json_schema if isinstance(json_schema, str | None)
                                               else json.dumps(json_schema), json_object=json_object,
-                                              regex=regex, grammar=grammar, tools=[tool_proto(t) for t in tools],
+                                              regex=regex, grammar=grammar, tools=[tool_proto(t) for t in tools], n=n,
                                               tool_choice=tool_choice if isinstance(tool_choice, str)
                                               else str(tool_choice.get("function", {}).get("name", "")))
     if logprobs is not None:

@@ -3,7 +3,7 @@ read from its reply proto. `shardline.client` exports them all; import them from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -50,6 +50,7 @@ class GenerateChunk:
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: on the first chunk with ids
     tool_calls: list[ToolCall] = field(default_factory=list)  # with tools: the calls completed here (not in text)
+    index: int = 0  # n > 1: the choice it belongs to
 
 
 @dataclass
@@ -66,11 +67,21 @@ class GenerateResult:
     logprobs: list[Logprob] = field(default_factory=list)  # logprobs=k: as GenerateChunk's, all of them
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # prompt_logprobs=k: every prompt token's
     tool_calls: list[ToolCall] = field(default_factory=list)  # with tools: every call (finish_reason "tool_calls")
+    # n > 1: each choice's result (text, ids, finish reason, seed, ...); then this one holds the model, the
+    # prompt's tokens, the completion tokens of all, and a finish reason once every choice has one
+    choices: list[GenerateResult] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, request: coordinator_pb2.GenerateRequest) -> GenerateResult:
+        return cls(choices=[cls() for _ in range(request.n)] if request.n > 1 else [])
 
     def add(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
+        if self.choices:
+            return self._add_choice(response)
         if response.model and not self.model:  # the first message's; a resumed stream's names the same
             self.model = response.model
-            self.seed = response.seed if response.HasField("seed") else None
+        if response.HasField("seed") and self.seed is None:  # its first message's (each choice's own)
+            self.seed = response.seed
         finish = FINISH.get(response.finish_reason)
         usage = (response.usage.prompt_tokens, response.usage.completion_tokens) if finish \
             else (response.prompt_tokens, 0)
@@ -87,6 +98,19 @@ class GenerateResult:
         if finish:
             self.finish_reason = finish
             self.prompt_tokens, self.completion_tokens = usage
+        return chunk
+
+    def _add_choice(self, response: coordinator_pb2.GenerateResponse) -> GenerateChunk:
+        if not 0 <= response.index < len(self.choices):
+            raise ValueError(f"the response names choice {response.index} of {len(self.choices)}")
+        choice = self.choices[response.index]
+        chunk = replace(choice.add(response), index=response.index)
+        self.model = self.model or choice.model
+        self.prompt_tokens = self.prompt_tokens or choice.prompt_tokens
+        self.cached = self.cached or choice.cached
+        self.completion_tokens = sum(c.completion_tokens for c in self.choices)
+        if all(c.finish_reason for c in self.choices):
+            self.finish_reason = chunk.finish_reason
         return chunk
 
 

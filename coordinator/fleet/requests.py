@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coordinator.metrics import status_name
+from coordinator.serving.choices import choice_plans, run_choices
 from coordinator.serving.embedding import (
     EmbedRequest,
     Pooling,
@@ -104,8 +105,8 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
     fleet.serving(deployment)  # not ready: say so before the prompt is even read
     plan = await asyncio.to_thread(prepare, req, deployment.text, fleet.config)
     # a resumed stream's result is only its tail: neither answered from the cache nor put in it
-    # (nor a chat with tools: the cache keeps text, not the calls taken out of it)
-    key = None if plan.resumed or plan.tool_calls else cache_key(deployment.uid, plan, req.seed, tenant)
+    # (nor a chat with tools, nor several choices: the cache keeps one text, not calls or choices)
+    key = None if plan.resumed or plan.tool_calls or req.n > 1 else cache_key(deployment.uid, plan, req.seed, tenant)
     hit = cache.get(key)
     seed = plan.sampling.seed if plan.sampling.temperature else None
     if hit is not None:
@@ -114,13 +115,17 @@ async def _generate(fleet: Fleet, cache: ResultCache, req: GenerationRequest, se
         return
     _, scheduler = fleet.route(deployment)
     first = True
-    async with contextlib.aclosing(run(scheduler, deployment.text, plan, session_id, background, trace,
-                                       tenant, fleet.config.token_wait_s, share)) as produced, \
+    running = run(scheduler, deployment.text, plan, session_id, background, trace, tenant,
+                  fleet.config.token_wait_s, share) if req.n == 1 else \
+        run_choices(scheduler, deployment.text, choice_plans(plan, req.n), session_id, background, trace, tenant,
+                    fleet.config.token_wait_s, share)
+    async with contextlib.aclosing(running) as produced, \
             contextlib.aclosing(remembered(produced, cache, key)) as kept, \
             contextlib.aclosing(with_tool_calls(kept) if plan.tool_calls else kept) as pieces:
         async for piece in pieces:
             if first:  # what a resume names (this version, this seed), and the prompt's size
-                piece.model, piece.seed, first = deployment.key, seed, False
+                piece.model, first = deployment.key, False
+                piece.seed = seed if req.n == 1 else piece.seed  # (each choice's first piece names its own)
                 piece.prompt_tokens = len(plan.prompt_ids)
             yield piece
 

@@ -115,6 +115,12 @@ class Constraint:
                 raise Internal(f"the output's grammar failed: {self._matcher.get_error()[:300]}")
         return self._mask
 
+    def copy(self) -> Constraint:
+        """Another stream's matcher in this one's state (another choice of the same request)."""
+        twin = Constraint.__new__(Constraint)
+        twin._matcher, twin._mask = self._matcher.deep_copy(), self._mask
+        return twin
+
     def consume(self, token: int) -> bool:
         """Feed a produced token; False when the grammar does not allow it (it cannot go on)."""
         self._mask = None

@@ -38,7 +38,7 @@ def step_request(plan: StepPlan) -> tuple[list[worker_pb2.SequenceSlice], list[i
                                           sampling=sampling_proto(p.stream.sampling), traceparent=p.stream.trace,
                                           prefix_blocks=list(p.prefix_blocks), prefix_tokens=p.prefix_tokens,
                                           token_ids=p.ids if p.stream.sampling.needs_ids else (),
-                                          allowed_tokens=allowed(p))
+                                          allowed_tokens=allowed(p), fork_from=p.fork_from)
                  for p in plan.slices]
     return sequences, [t for p in plan.slices for t in p.ids]
 

@@ -8,6 +8,7 @@ the event loop). Every error names the field and the limit, and the config field
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -75,6 +76,7 @@ class GenerationRequest:
     structure: Structure | None = None  # structured output: a JSON schema, JSON object, regex or grammar
     tools: tuple[Tool, ...] = ()        # chat only: offered to the model's template (serving/tools.py)
     tool_choice: str = ""               # "" / auto, none, required, or a tool's name
+    n: int = 1                          # choices of the same prompt (serving/choices.py)
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class Piece:
     logprobs: list[Logprob] = field(default_factory=list)
     prompt_logprobs: list[Logprob] = field(default_factory=list)  # the first piece with tokens, when asked
     tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed in this piece (not in `text`)
+    index: int = 0  # the choice it belongs to (n > 1)
 
 
 def utf8_bytes(text: str) -> int:
@@ -194,6 +197,10 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
         raise InvalidArgument(f"min_tokens must be between 0 and {bound}, got {req.min_tokens}")
     check_sampling(req.temperature, req.top_p, req.top_k)
     check_scoring(req, config)
+    if not 1 <= req.n <= config.max_choices:
+        raise InvalidArgument(f"n must be between 1 and {config.max_choices} (max_choices), got {req.n}")
+    if req.n > 1 and req.resume_ids:
+        raise InvalidArgument("resume_token_ids resumes one stream: send n = 1")
 
 
 def check_scoring(req: GenerationRequest, config: CoordinatorConfig) -> None:
@@ -334,18 +341,35 @@ async def run(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: st
               background: bool = False, trace: str = "", tenant: str = "",
               token_wait_s: float = TOKEN_WAIT_S, share: str = "") -> AsyncGenerator[Piece, None]:
     """The request's tokens as the scheduler produces them, turned into pieces of text as they become
-    final; the stream leaves the running batch when this generator ends, however it ends.
+    final; the stream leaves the running batch when this generator ends, however it ends."""
+    stream = submit(scheduler, text, plan, session_id, background, trace, tenant, share)
+    async with contextlib.aclosing(produce(stream, text, plan, token_wait_s)) as pieces:
+        async for piece in pieces:
+            yield piece
+
+
+def submit(scheduler: Scheduler, text: TokenModel, plan: Plan, session_id: str, background: bool = False,
+           trace: str = "", tenant: str = "", share: str = "", fork_of: Stream | None = None) -> Stream:
+    """The plan's stream, queued in the scheduler (`fork_of`: a sibling choice of the same prompt, whose cache
+    it starts as a copy of)."""
+    produced = len(plan.resumed)  # a resumed stream goes on after the tokens its caller holds
+    return scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
+                                   plan.max_tokens - produced, plan.ending(text),
+                                   min_tokens=max(plan.min_tokens - produced, 0), background=background,
+                                   trace=trace, tenant=tenant, share=share, constraint=plan.constraint,
+                                   fork_of=fork_of)
+
+
+async def produce(stream: Stream, text: TokenModel, plan: Plan,
+                  token_wait_s: float = TOKEN_WAIT_S) -> AsyncGenerator[Piece, None]:
+    """A submitted stream's tokens as pieces of text; the stream leaves the batch when this ends.
 
     End-of-sequence ids (none with `ignore_eos`), the caller's stop ids and stop sequences count only once
     `min_tokens` tokens were produced; before that, such an id is just a token. A stream that gets no token for
     `token_wait_s` (a step, a heal or an interactive queue that never moves) fails with UNAVAILABLE saying
     where it waited; a job's item waiting in the queue for its turn waits on."""
     stop_ids = plan.ending(text)
-    produced = len(plan.resumed)  # a resumed stream goes on after the tokens its caller holds
-    stream = scheduler.policy.submit(session_id, plan.prompt_ids + list(plan.resumed), plan.sampling,
-                                     plan.max_tokens - produced, stop_ids,
-                                     min_tokens=max(plan.min_tokens - produced, 0), background=background,
-                                     trace=trace, tenant=tenant, share=share, constraint=plan.constraint)
+    produced = len(plan.resumed)
     texts = plan.texts or TextStream(text, plan.stop)
     finished = False  # the last piece was made (a stop sequence or max_tokens seen here, or the stream's end)
     prompt_tokens = len(plan.prompt_ids)
@@ -399,10 +423,11 @@ def scores_of(stream: Stream, taken: int, text: TokenModel, new: bool) -> Scored
 
 
 async def with_tool_calls(pieces: AsyncIterator[Piece]) -> AsyncGenerator[Piece, None]:
-    """`pieces` with the tool calls taken out of their text as they complete (serving/tools.py); a stream that
-    called tools and stopped says tool_calls."""
-    calls = CallStream()
+    """`pieces` with the tool calls taken out of their text as they complete (serving/tools.py), choice by
+    choice; a choice that called tools and stopped says tool_calls."""
+    streams: dict[int, CallStream] = {}
     async for piece in pieces:
+        calls = streams.setdefault(piece.index, CallStream())
         piece.text, piece.tool_calls = calls.push(piece.text)
         if piece.finish_reason:
             piece.text += calls.flush()[0]

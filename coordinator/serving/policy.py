@@ -133,7 +133,8 @@ class SchedulingPolicy:
 
     def submit(self, session_id: str, prompt: list[int], sampling: Sampling, max_tokens: int,
                stop_ids: frozenset[int], min_tokens: int = 0, background: bool = False, trace: str = "",
-               tenant: str = "", share: str = "", constraint: Constraint | None = None) -> Stream:
+               tenant: str = "", share: str = "", constraint: Constraint | None = None,
+               fork_of: Stream | None = None) -> Stream:
         """Queue a stream; interactive streams beyond `max_queued` waiting are refused (background ones are
         bounded by their submitter)."""
         self.check_fits(len(prompt), max_tokens)
@@ -145,8 +146,8 @@ class SchedulingPolicy:
                                     "try again later")
         stream = Stream(session_id, list(prompt), sampling, max_tokens, stop_ids, min_tokens=min_tokens,
                         background=background, trace=trace, queued_at=self.clock(), tenant=tenant, share=share,
-                        no_prefix=sampling.needs_ids,  # the last stage needs every id from position 0
-                        constraint=constraint)
+                        no_prefix=sampling.needs_ids or fork_of is not None,  # (the last stage needs every id)
+                        constraint=constraint, fork_of=fork_of)
         self._enqueue(stream)
         self.admit()
         return stream
@@ -383,7 +384,10 @@ class SchedulingPolicy:
     def prepare(self, group: int) -> bool:
         """Between two of the group's steps: drop its finished streams (their caches are ended on every
         stage), admit waiting streams; True when the group has streams to step."""
-        finished = [s for s in self.groups[group] if s.done]
+        # a choice that finished is kept (its cache held) while a sibling waits to start as a copy of it
+        sources = {id(s.fork_of) for g in (*self.groups, self.waiting, self.background) for s in g
+                   if s.fork_of and not s.done}
+        finished = [s for s in self.groups[group] if s.done and id(s) not in sources]
         if finished:
             # between this group's steps, so no step of theirs is still in the pipeline
             self.groups[group] = [s for s in self.groups[group] if not s.done]
@@ -398,6 +402,7 @@ class SchedulingPolicy:
         within the step's token budget, the background share and the KV blocks (taken here, preempting when
         short). Empty when nothing can run now (every member waits for blocks being released)."""
         planned: list[tuple[Stream, int, str]] = []
+        forks: dict[str, str] = {}  # a choice's session id -> the session it starts as a copy of
         budget = self.max_step_tokens
         # interactive streams first; within each priority, the callers take turns (fair share, issue 28.2)
         members = interleaved(sorted(self.groups[group], key=lambda s: s.background))
@@ -411,11 +416,20 @@ class SchedulingPolicy:
             if stream.position == 0 and stream.prefix_hashes is None and self.prefixes is not None \
                     and not stream.no_prefix:
                 start_past_prefix(stream, self.prefixes)
-            n = min(len(stream.pending), self.prefill_chunk, budget, extra if stream.background else budget)
+            fork = self._fork(stream) if stream.fork_of is not None and stream.position == 0 else ""
+            if fork is None:
+                continue  # its sibling's prompt is not in the cache yet: it waits
+            start = len(stream.pending) - 1 if fork else stream.position  # a fork feeds the prompt's last id only
+            n = min(len(stream.pending) - start + stream.position, self.prefill_chunk, budget,
+                    extra if stream.background else budget)
             if stream.done or n <= 0 or stream not in self.groups[group]:
                 continue
-            if not self._take_blocks(stream, stream.position + n):
+            if not self._take_blocks(stream, start + n):
                 continue  # waits for KV blocks (or was preempted itself)
+            if fork:
+                stream.position = start
+                del stream.pending[:-1]
+                forks[stream.session_id] = fork
             planned.append((stream, n, stream.session_id))
             budget -= n
             if stream.background:
@@ -424,8 +438,24 @@ class SchedulingPolicy:
                 break
         # a stream planned early may have been preempted to make room for a later one
         return StepPlan(group, tuple(
-            Slice(s, sid, s.position, tuple(s.pending[:n]), tuple(blocks_to_name(s, n, self.prefixes)), s.prefix_tokens)
+            Slice(s, sid, s.position, tuple(s.pending[:n]), tuple(blocks_to_name(s, n, self.prefixes)), s.prefix_tokens,
+                  forks.get(sid, ""))
             for s, n, sid in planned if s.session_id == sid))
+
+    def _fork(self, stream: Stream) -> str | None:
+        """A choice not started yet whose sibling (`fork_of`) prefilled the same prompt: once the sibling's whole
+        prompt is in its cache on every stage (its answer came back), the choice starts as a copy of it and feeds
+        only the prompt's last id (to sample its own first token). Returns the session to copy; None: wait; "":
+        the sibling ended, so the choice prefills on its own."""
+        sibling, prompt = stream.fork_of, len(stream.pending)
+        if sibling is None or sibling.state in (StreamState.FAILED, StreamState.CANCELLED) or prompt < 2 \
+                or stream.done:
+            stream.fork_of = None
+            return ""
+        if sibling.state not in (StreamState.RUNNING, StreamState.FINISHED) or sibling.position < prompt \
+                or sibling.prefix_tokens:
+            return None  # (a finished sibling's cache is held while this waits: `prepare`)
+        return sibling.session_id
 
     def step_failed(self, plan: StepPlan, error: BaseException) -> None:
         """The step's message was refused as a whole (its fault, not the chain's): every stream of it hears."""
@@ -453,6 +483,7 @@ class SchedulingPolicy:
             if self.prefixes is not None and piece.prefix_blocks:
                 self.prefixes.add(list(piece.prefix_blocks))
             stream.prefix_tokens = 0
+            stream.fork_of = None  # started: a replay prefills on its own
             stream.position += n
             del stream.pending[:n]
             for score in prompt:  # a replay scores the prompt again: the same values
@@ -489,7 +520,10 @@ class SchedulingPolicy:
         worker restarted) or a stage short of KV blocks is the cluster's state, not the request's: the stream
         is preempted and replays. Anything else is the request's own fault: it ends with that error, alone."""
         stream = piece.stream
-        if isinstance(error, NotFound) and stream.prefix_tokens and self.prefixes is not None:
+        if isinstance(error, NotFound) and piece.fork_from:
+            stream.fork_of = None  # its sibling's cache is gone: it replays with the whole prefill (not a failure)
+            log.info("%s: %s; it prefills on its own", stream.request_id, error)
+        elif isinstance(error, NotFound) and stream.prefix_tokens and self.prefixes is not None:
             # a stage no longer holds the prefix: forget it; the stream replays with the whole prefill.
             # The cluster's cache, not the request's failure: it never counts against MAX_FAILURES
             self.prefixes.forget(list(piece.prefix_blocks))

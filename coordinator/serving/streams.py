@@ -98,6 +98,7 @@ class Stream:
     share: str = ""     # whose share of the replica it uses: its caller's API key ("" = the keyless callers')
     vstart: float = 0.0  # its virtual start tag in the fair queue (policy.py `_fair_insert`)
     constraint: Constraint | None = None  # structured output: what it may produce next (serving/constraints.py)
+    fork_of: Stream | None = None  # another choice of the same prompt: it starts as a copy of that one's cache
     scores: list[TokenScore] = field(default_factory=list)  # each produced token's log probabilities (asked)
     prompt_scores: dict[int, TokenScore] = field(default_factory=dict)  # the prompt's, by position (asked)
 
@@ -173,6 +174,7 @@ class Slice:
     ids: tuple[int, ...]
     prefix_blocks: tuple[bytes, ...] = ()  # block hashes named to the stages (coordinator/serving/prefix.py)
     prefix_tokens: int = 0                 # the session starts with this many positions from the prefix store
+    fork_from: str = ""                    # the session starts as a copy of this session (another choice's)
 
     @property
     def tokens(self) -> int:

@@ -163,7 +163,7 @@ class LoadShardProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., tensor: _Optional[str] = ...) -> None: ...
 
 class SequenceSlice(_message.Message):
-    __slots__ = ("session_id", "start_position", "num_tokens", "sampling", "traceparent", "prefix_blocks", "prefix_tokens", "token_ids", "allowed_tokens")
+    __slots__ = ("session_id", "start_position", "num_tokens", "sampling", "traceparent", "prefix_blocks", "prefix_tokens", "token_ids", "allowed_tokens", "fork_from")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class SequenceSlice(_message.Message):
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FORK_FROM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_position: int
     num_tokens: int
@@ -182,7 +183,8 @@ class SequenceSlice(_message.Message):
     prefix_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     allowed_tokens: bytes
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., prefix_blocks: _Optional[_Iterable[bytes]] = ..., prefix_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., allowed_tokens: _Optional[bytes] = ...) -> None: ...
+    fork_from: str
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., traceparent: _Optional[str] = ..., prefix_blocks: _Optional[_Iterable[bytes]] = ..., prefix_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., allowed_tokens: _Optional[bytes] = ..., fork_from: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "logit_bias", "logprobs", "prompt_logprobs", "prompt_tokens")

@@ -116,3 +116,27 @@ def test_penalties_without_the_slices_ids_are_refused_naming_them(chain):
     assert "token_ids" in error_of(response).message
     response = chain.step([sliced("bad-bias", 0, [1, 2], logit_bias={10**9: 1.0})], [1, 2])
     assert "logit_bias" in error_of(response).message
+
+
+def test_a_fork_copies_its_parents_prompt_and_samples_as_a_whole_prefill_would(chain):
+    from tests.helpers import worker_stub
+
+    prompt = [5, 17, 3, 99, 42, 7, 1, 8, 9, 10, 11]
+    sampled = dict(temperature=1.3, seed=21)
+    whole, _ = run(chain, "fork-whole", prompt, 6, **sampled)
+    run(chain, "fork-parent", prompt, 1, seed=20, temperature=1.3)
+    prefill = [worker_stub(a).GetStatus(worker_pb2.GetStatusRequest()).metrics.prefill_tokens for a in chain.addresses]
+    piece = seq("fork-child", len(prompt) - 1, 1, **sampled)
+    piece.fork_from = "fork-parent"
+    response = chain.step([piece], prompt[-1:])
+    assert not response.sequence_errors, error_of(response).message
+    out = [response.token_ids[0]]
+    while len(out) < 6:
+        response = chain.step([seq("fork-child", len(prompt) + len(out) - 1, 1, **sampled)], out[-1:])
+        out.append(response.token_ids[0])
+    assert out == whole  # the copied prompt is the computed one
+    after = [worker_stub(a).GetStatus(worker_pb2.GetStatusRequest()).metrics.prefill_tokens for a in chain.addresses]
+    assert after == prefill  # the fork computed no prompt chunk
+    gone = seq("fork-orphan", len(prompt) - 1, 1)
+    gone.fork_from = "no-such-session"
+    assert "fork_from" in error_of(chain.step([gone], prompt[-1:])).message
