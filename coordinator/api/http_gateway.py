@@ -48,17 +48,20 @@ from coordinator.api.openai_requests import (
 )
 from coordinator.api.openai_responses import (
     Answer,
-    chat_logprobs,
-    completion_logprobs,
+    Choice,
+    echo_text,
     embeddings,
+    logprobs_object,
     model_entry,
     model_id,
     models,
+    result_choices,
+    scored_tokens,
     usage,
 )
 from coordinator.serving.request_log import REQUEST_ID_KEY, check_request_id
 from shardline import __version__, tracing
-from shardline.client import DEFAULT_TIMEOUT_S, SERVICE, AsyncClient, GenerateChunk, Logprob
+from shardline.client import DEFAULT_TIMEOUT_S, SERVICE, AsyncClient, GenerateChunk
 from shardline.errors import InvalidArgument, ShardlineError
 from shardline.limits import DEFAULT_MAX_REQUEST_BYTES
 from shardline.tls import ClientTLS
@@ -192,10 +195,7 @@ class Routes:
             if not call.stream:
                 r = started
                 answer = replace(answer, model=call.model or r.model)  # no model asked: the version that served
-                echoed = echo_text(call, r.prompt_logprobs)
-                scored = scored_tokens(call, chat, r.prompt_logprobs, r.logprobs, len(r.token_ids))
-                return _json(answer.whole(echoed + r.text, r.finish_reason, r.prompt_tokens, r.completion_tokens,
-                                          logprobs_object(chat, scored), r.tool_calls))
+                return _json(answer.whole(result_choices(answer, call, r), r.prompt_tokens, r.completion_tokens))
             try:
                 first = await unless_gone(request, anext(started))
             except BaseException:
@@ -215,24 +215,26 @@ class Routes:
         first event is an error event (the status went out with the first). A client that goes away cancels
         the gRPC stream (closing `chunks` cancels its call)."""
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
-            first, prompt_tokens, completion, called = True, 0, 0, 0
+            prompt_tokens, completion, prompt = 0, 0, list(chunk.prompt_logprobs)
+            choices = [Choice() for _ in range(call.n)]  # each choice's own place in its text and its calls
             try:
-                offset = 0  # where the chunk's text starts in the whole text (completions' text_offset)
                 while True:
                     completion += len(chunk.token_ids)
                     prompt_tokens = prompt_tokens or chunk.prompt_tokens
-                    text = (echo_text(call, chunk.prompt_logprobs) if first else "") + chunk.text
-                    scored = scored_tokens(call, answer.chat, chunk.prompt_logprobs if first else [], chunk.logprobs,
+                    prompt = prompt or list(chunk.prompt_logprobs)  # the first choice's, for the others' echo
+                    c = choices[chunk.index]
+                    text = (echo_text(call, prompt) if c.first else "") + chunk.text
+                    scored = scored_tokens(call, answer.chat, prompt if c.first else [], chunk.logprobs,
                                            len(chunk.token_ids))
-                    event = answer.chunk(text, chunk.finish_reason, first, call.include_usage,
-                                         logprobs_object(answer.chat, scored, offset), chunk.tool_calls, called)
-                    called += len(chunk.tool_calls)
-                    offset += len(text)
+                    event = answer.chunk(text, chunk.finish_reason, c.first, call.include_usage,
+                                         logprobs_object(answer.chat, scored, c.offset), chunk.tool_calls, c.called,
+                                         chunk.index)
+                    c.called, c.offset, c.first = c.called + len(chunk.tool_calls), c.offset + len(text), False
+                    c.done = bool(chunk.finish_reason)
                     if call.continuous_usage:  # every chunk says the usage so far (vLLM's extension)
                         event["usage"] = usage(prompt_tokens, completion)
                     yield _event(event)
-                    first = False
-                    if chunk.finish_reason:
+                    if all(c.done for c in choices):
                         break
                     chunk = await anext(chunks)
             except ShardlineError as exc:
@@ -241,7 +243,7 @@ class Routes:
             except StopAsyncIteration:  # pragma: no cover - the coordinator always ends with a finish reason
                 log.warning("a generation stream ended without a finish reason")
             if call.include_usage:
-                yield _event(answer.usage_chunk(chunk.prompt_tokens, chunk.completion_tokens))
+                yield _event(answer.usage_chunk(prompt_tokens, completion))
             yield DONE
 
     async def embeddings(self, request: Request) -> Response:
@@ -256,29 +258,6 @@ class Routes:
             raise ApiError(400, f"dimensions is {call.dimensions}; this model's embeddings have {width} (they "
                            "cannot be shortened)", param="dimensions")
         return _json(embeddings(call.model, found.vectors, found.tokens, call.base64))
-
-
-def echo_text(call: GenerationCall, prompt: list[Logprob]) -> str:
-    """With echo, the prompt's text: as sent, or (token ids) its tokens' texts joined."""
-    if not call.echo:
-        return ""
-    return call.prompt if isinstance(call.prompt, str) else "".join(t.token for t in prompt)
-
-
-def scored_tokens(call: GenerationCall, chat: bool, prompt: list[Logprob], new: list[Logprob],
-                  tokens: int) -> list[Logprob] | None:
-    """The tokens an answer's logprobs list (None: none asked): with echo, the prompt's first; a chat's stop at
-    its tokens, a completion's keeps the token that ended it (as evaluation harnesses expect one generated
-    token per call)."""
-    if not call.logprobs:
-        return None
-    return (list(prompt) if call.echo else []) + (new[:tokens] if chat else new)
-
-
-def logprobs_object(chat: bool, scored: list[Logprob] | None, offset: int = 0) -> dict[str, Any] | None:
-    if scored is None:
-        return None
-    return chat_logprobs(scored) if chat else completion_logprobs(scored, offset)
 
 
 async def unless_gone(request: Request, work: Awaitable[T]) -> T:

@@ -117,6 +117,8 @@ class GenerationCall:
     continuous_usage: bool = False               # stream_options.continuous_usage_stats: usage on every chunk
     logprobs: bool = False                       # the answer carries log probabilities (params["logprobs"])
     echo: bool = False                           # /v1/completions: the prompt comes back before the completion
+    n: int = 1                                   # choices answered
+    best_of: int = 0                             # /v1/completions: choices made, of which the n best are answered
     names: Mapping[str, str] = field(default_factory=dict)  # gRPC field -> the caller's, for errors' `param`
 
 
@@ -154,7 +156,7 @@ def _common(body: Body, max_tokens_field: str) -> tuple[dict[str, Any], bool, bo
     body.unsupported("skip_special_tokens", lambda v: v is True, "special tokens are always left out of the text")
     body.unsupported("spaces_between_special_tokens", lambda v: v is True, "the tokenizer's own spacing is kept")
     body.unsupported("include_stop_str_in_output", lambda v: v is False, "a stop sequence is left out of the text")
-    body.unsupported("n", lambda v: v == 1, "one choice per request: n must be 1")
+    params["n"] = body.integer("n", 1) or 1
     stream = bool(body.boolean("stream"))
     options = body.raw("stream_options")
     include_usage = continuous = False
@@ -262,7 +264,7 @@ def _names(**renamed: str) -> dict[str, str]:
     """The gRPC API's field names (which the coordinator's messages start with) -> the caller's."""
     same = ("model", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "max_tokens", "stop_token_ids",
             "logprobs", "logit_bias", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "tools",
-            "tool_choice")
+            "tool_choice", "n")
     structure = {"json_schema": "response_format", "json_object": "response_format", "regex": "structured_outputs",
                  "grammar": "structured_outputs"}
     return {**{n: n for n in same}, **structure, **renamed}
@@ -279,11 +281,20 @@ def completion_call(data: dict[str, Any]) -> GenerationCall:
     params["logprobs"] = logprobs
     if echo and (logprobs is not None or not isinstance(prompt, str)):  # a prompt of ids: its text from its tokens
         params["prompt_logprobs"] = logprobs or 0
-    body.unsupported("best_of", lambda v: v == 1, "one candidate per request: best_of must be 1")
+    n, best_of = params["n"], body.integer("best_of", 1) or 0
+    if best_of and best_of < n:
+        raise invalid(f"best_of ({best_of}) must be at least n ({n})", "best_of")
+    if best_of > n:
+        if stream:
+            raise invalid("best_of cannot be streamed (the best are known at the end): send stream false", "best_of")
+        params["n"] = best_of
+        if logprobs is None:
+            params["logprobs"] = 0  # the ranking's, not answered
     body.unsupported("suffix", lambda v: v == "", "no insertion: suffix must be empty")
     body.finish()
     return GenerationCall(params["model"], params, prompt=prompt, stream=stream, include_usage=include_usage,
-                          continuous_usage=continuous, logprobs=logprobs is not None, echo=echo,
+                          continuous_usage=continuous, logprobs=logprobs is not None, echo=echo, n=n,
+                          best_of=best_of,
                           names=_names(prompt="prompt", prompt_token_ids="prompt", prompt_logprobs="logprobs"))
 
 
@@ -333,7 +344,7 @@ def chat_call(data: dict[str, Any]) -> GenerationCall:
         body.unsupported(name, lambda v: False, "this server runs the model as it is")
     body.finish()
     return GenerationCall(params["model"], params, messages=messages, stream=stream, include_usage=include_usage,
-                          continuous_usage=continuous, logprobs=logprobs,
+                          continuous_usage=continuous, logprobs=logprobs, n=params["n"],
                           names=_names(prompt="messages", messages="messages", max_tokens=limit,
                                        logprobs="top_logprobs"))
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from shardline.client import Logprob, ModelInfo, ToolCall
+from coordinator.api.openai_requests import GenerationCall
+from shardline.client import GenerateResult, Logprob, ModelInfo, ToolCall
 
 OWNER = "shardline"
 
@@ -33,27 +34,30 @@ class Answer:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
-              logprobs: dict[str, Any] | None = None, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
-        """The non-streamed response, with its usage."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
+               calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+        """One choice of the non-streamed response."""
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text or (None if calls else "")}
             if calls:
                 choice["message"]["tool_calls"] = [tool_call(c) for c in calls]
-            head = self._head("chat.completion")
         else:
             choice["text"] = text
-            head = self._head("text_completion")
-        return {**head, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        return choice
+
+    def whole(self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """The non-streamed response, with its usage."""
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(self, text: str, finish_reason: str | None, first: bool, include_usage: bool,
-              logprobs: dict[str, Any] | None = None, calls: Sequence[ToolCall] = (), called: int = 0
-              ) -> dict[str, Any]:
-        """One streamed piece; a chat's first one also says the role, and one that completes tool calls carries
-        them whole (`called`: how many came before). With include_usage every chunk has `usage: null`, as OpenAI
-        sends them, and `usage_chunk` ends the stream with the totals."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
+              logprobs: dict[str, Any] | None = None, calls: Sequence[ToolCall] = (), called: int = 0,
+              index: int = 0) -> dict[str, Any]:
+        """One streamed piece of choice `index`; a chat's first one also says the role, and one that completes
+        tool calls carries them whole (`called`: how many came before). With include_usage every chunk has
+        `usage: null`, as OpenAI sends them, and `usage_chunk` ends the stream with the totals."""
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
             if calls:
@@ -69,6 +73,63 @@ class Answer:
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(kind), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+@dataclass
+class Choice:
+    """A streamed choice's state: whether its first event went out, where its next text starts (completions'
+    text_offset), the tool calls it made, whether it finished."""
+
+    first: bool = True
+    offset: int = 0
+    called: int = 0
+    done: bool = False
+
+
+def echo_text(call: GenerationCall, prompt: Sequence[Logprob]) -> str:
+    """With echo, the prompt's text: as sent, or (token ids) its tokens' texts joined."""
+    if not call.echo:
+        return ""
+    return call.prompt if isinstance(call.prompt, str) else "".join(t.token for t in prompt)
+
+
+def scored_tokens(call: GenerationCall, chat: bool, prompt: Sequence[Logprob], new: Sequence[Logprob],
+                  tokens: int) -> list[Logprob] | None:
+    """The tokens an answer's logprobs list (None: none asked): with echo, the prompt's first; a chat's stop at
+    its tokens, a completion's keeps the token that ended it (as evaluation harnesses expect one generated
+    token per call)."""
+    if not call.logprobs:
+        return None
+    return (list(prompt) if call.echo else []) + list(new[:tokens] if chat else new)
+
+
+def logprobs_object(chat: bool, scored: list[Logprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    if scored is None:
+        return None
+    return chat_logprobs(scored) if chat else completion_logprobs(scored, offset)
+
+
+def best(results: Sequence[GenerateResult], n: int) -> list[GenerateResult]:
+    """best_of: the n results with the highest log probability per token (OpenAI's rule), best first."""
+    def per_token(r: GenerateResult) -> float:
+        scores = [t.logprob for t in r.logprobs[:len(r.token_ids)] if t.logprob is not None]
+        return sum(scores) / len(scores) if scores else float("-inf")
+
+    return sorted(results, key=per_token, reverse=True)[:n]
+
+
+def result_choices(answer: Answer, call: GenerationCall, r: GenerateResult) -> list[dict[str, Any]]:
+    """The non-streamed answer's choices (n, or the best n of best_of)."""
+    results = r.choices or [r]
+    if call.best_of > call.n:
+        results = best(results, call.n)
+    prompt = results[0].prompt_logprobs or next((c.prompt_logprobs for c in r.choices if c.prompt_logprobs), [])
+    out = []
+    for index, c in enumerate(results):
+        scored = scored_tokens(call, answer.chat, prompt, c.logprobs, len(c.token_ids))
+        out.append(answer.choice(index, echo_text(call, prompt) + c.text, c.finish_reason,
+                                 logprobs_object(answer.chat, scored), c.tool_calls))
+    return out
 
 
 def tool_call(c: ToolCall) -> dict[str, Any]:

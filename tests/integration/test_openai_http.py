@@ -197,7 +197,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
     ({"max_tokens": "ten"}, "max_tokens", "max_tokens must be an integer, got a string"),
     ({"temperature": True}, "temperature", "must be a number, got a boolean"),
     ({"stop": [1]}, "stop", "stop must be a string or an array of strings"),
-    ({"n": 2}, "n", "n must be 1"),
+    ({"n": 17}, "n", "n must be between 1 and 16 (max_choices)"),
+    ({"n": 2, "best_of": 1}, "best_of", "best_of (1) must be at least n (2)"),
     ({"logprobs": 21}, "logprobs", "logprobs must be between 0 and 20 (max_logprobs)"),
     ({"logprobs": 21, "echo": True}, "logprobs", "between 0 and 20 (max_logprobs)"),
     ({"presence_penalty": 2.5}, "presence_penalty", "presence_penalty must be between -2 and 2"),
@@ -725,3 +726,40 @@ def test_response_format_and_structured_outputs_through_the_official_client(oai)
     with pytest.raises(openai.BadRequestError) as err:
         oai.completions.create(model=MODEL, prompt=PROMPT, extra_body={"structured_outputs": {"regex": "(?=x)"}})
     assert err.value.param == "structured_outputs"
+
+
+def test_n_choices_and_best_of_through_the_official_client(oai, cluster):
+    sdk = cluster["sdk"]
+    singles = [sdk.generate(PROMPT, model=MODEL, max_tokens=8, temperature=1.0, seed=30 + i, ignore_eos=True).text
+               for i in range(3)]
+    several = oai.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=8, temperature=1.0, seed=30,
+                                     extra_body={"ignore_eos": True})
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert [c.text for c in several.choices] == singles
+    assert several.usage.completion_tokens == 24
+    streamed = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                           max_tokens=6, temperature=1.0, seed=5, stream=True,
+                                           extra_body={"ignore_eos": True})
+    texts = ["", ""]
+    finished = set()
+    for event in streamed:
+        for choice in event.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    whole = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                        max_tokens=6, temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    assert texts == [c.message.content for c in whole.choices] and finished == {0, 1} and texts[0] != texts[1]
+    best = oai.completions.create(model=MODEL, prompt=PROMPT, n=2, best_of=4, max_tokens=8, temperature=1.0, seed=30,
+                                  logprobs=0, extra_body={"ignore_eos": True})
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in best.choices]
+    assert len(best.choices) == 2 and means[0] >= means[1]
+    four = sdk.generate(PROMPT, model=MODEL, n=4, max_tokens=8, temperature=1.0, seed=30, ignore_eos=True, logprobs=0)
+    ranked = sorted((sum(t.logprob for t in c.logprobs[:8]) / 8 for c in four.choices), reverse=True)
+    assert means == pytest.approx(ranked[:2], abs=1e-5)  # the best two of the same four
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model=MODEL, prompt=PROMPT, n=3, best_of=2)
+    assert err.value.param == "best_of"
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model=MODEL, prompt=PROMPT, n=40)
+    assert err.value.param == "n" and "max_choices" in err.value.message
