@@ -14,8 +14,12 @@ Generate models (task generate), as Triton's LLM backends (vLLM, TensorRT-LLM) t
   INT32, min_tokens INT32, temperature FP32, top_p FP32, top_k INT32, seed UINT64 (or INT64), ignore_eos
   BOOL, stream BOOL, each [1]; stop BYTES [-1] (stop sequences); sampling_parameters BYTES [1], a JSON object
   with any of max_tokens, min_tokens, temperature, top_p, top_k, seed, stop (a string or a list) and
-  ignore_eos (a value given both as an input and in the JSON is refused).
-- output: text_output BYTES, shape [1] (or [1, 1] when text_input was [1, 1]).
+  ignore_eos (a value given both as an input and in the JSON is refused), and, named as vLLM's SamplingParams
+  (which Triton's vLLM backend passes on) name them, logprobs (k), repetition_penalty, frequency_penalty,
+  presence_penalty, min_p and logit_bias ({"token id": bias}): the native API's meaning and checks.
+- output: text_output BYTES, shape [1] (or [1, 1] when text_input was [1, 1]); with logprobs, also logprobs
+  BYTES [1]: JSON, for each token of the response's text, {token_id, token, logprob, top: [{token_id, token,
+  logprob}, ...]}.
 - ModelInfer answers the whole text. ModelStreamInfer answers one response per piece of text when the
   request asks to stream (the request parameter `stream` = true, or the input `stream` = true), else one
   response with the whole text. Every stream response carries the parameter `triton_final_response`, true
@@ -65,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -79,6 +84,7 @@ from coordinator.api.kserve_inputs import (
     EMBED_INPUTS,
     EMBEDDINGS,
     GENERATE_INPUTS,
+    LOGPROBS_OUTPUT,
     TEXT_OUTPUT,
     bool_parameter,
     check_outputs,
@@ -91,7 +97,7 @@ from coordinator.api.quotas import charge
 from coordinator.api.servicer import CoordinatorServicer
 from coordinator.fleet.requests import generate, infer
 from coordinator.serving.embedding import EmbedRequest
-from coordinator.serving.generation import GenerationRequest, Piece
+from coordinator.serving.generation import GenerationRequest, Logprob, Piece
 from coordinator.serving.request_log import MAX_REQUEST_ID_CHARS, request_id_of
 from coordinator.store.models import ModelTask
 from shardline import tracing
@@ -157,10 +163,14 @@ class Job:
         r = self.request
         return pb.ModelInferResponse(model_name=self.name, model_version=self.version, id=r.id)
 
-    def text(self, text: str, last: Piece | None = None, final: bool | None = None) -> pb.ModelInferResponse:
+    def text(self, text: str, last: Piece | None = None, final: bool | None = None,
+             logprobs: list[Logprob] | None = None) -> pb.ModelInferResponse:
         response = self.response()
         response.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=self.shape)
         response.raw_output_contents.append(bytes_tensor([text.encode("utf-8", "replace")]))
+        if cast(GenerationRequest, self.native).logprobs is not None:  # asked (sampling_parameters.logprobs)
+            response.outputs.add(name=LOGPROBS_OUTPUT, datatype="BYTES", shape=[1])
+            response.raw_output_contents.append(bytes_tensor([logprobs_json(logprobs or [])]))
         p = response.parameters
         if last is not None:
             p["finish_reason"].string_param = last.finish_reason
@@ -170,6 +180,14 @@ class Job:
         if final is not None:
             p["triton_final_response"].bool_param = final
         return response
+
+
+def logprobs_json(logprobs: list[Logprob]) -> bytes:
+    """The `logprobs` output: for each token of the response's text, its id, text and log probability, and the
+    likeliest tokens at its position (JSON, as Triton's vLLM backend sends its log probabilities as text)."""
+    return json.dumps([{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+                        "top": [{"token_id": i, "token": text, "logprob": lp} for i, text, lp in t.top]}
+                       for t in logprobs]).encode()
 
 
 def final_only(request: Any, version: str = "") -> pb.ModelInferResponse:
@@ -242,7 +260,7 @@ class KServeServicer:
             check_outputs(request, (EMBEDDINGS,), label)
             return Job(request, name, version, infer_request(model, read_inputs(request, EMBED_INPUTS, label)),
                        empty_final=empty_final, context=context, method=method)
-        check_outputs(request, (TEXT_OUTPUT,), label)
+        check_outputs(request, (TEXT_OUTPUT, LOGPROBS_OUTPUT), label)
         inputs = read_inputs(request, GENERATE_INPUTS, label)
         stream = bool_parameter(request.parameters, "stream") or bool("stream" in inputs and
                                                                        inputs["stream"].values[0])
@@ -272,11 +290,13 @@ class KServeServicer:
 
     async def whole(self, job: Job, final: bool | None) -> pb.ModelInferResponse:
         texts: list[str] = []
+        logprobs: list[Logprob] = []
         last: Piece | None = None
         async for piece in self.pieces(job):
             texts.append(piece.text)
+            logprobs += piece.logprobs
             last = piece
-        return job.text("".join(texts), last, final)
+        return job.text("".join(texts), last, final, logprobs)
 
     async def embed(self, job: Job, final: bool | None) -> pb.ModelInferResponse:
         with self.core.quotas.admitted(self.core.key_of(job.context)) as usage:
@@ -307,7 +327,8 @@ class KServeServicer:
             else:
                 async for piece in self.pieces(job):
                     last = bool(piece.finish_reason)
-                    yield job.text(piece.text, piece if last else None, last and not job.empty_final)
+                    yield job.text(piece.text, piece if last else None, last and not job.empty_final,
+                                   piece.logprobs)
             if job.empty_final:
                 yield final_only(request, job.version)
 

@@ -48,7 +48,7 @@ EMBED_INPUTS: dict[str, Spec] = {
     "pooling": Spec(("BYTES",), (1,)),
     "truncate": Spec(("BOOL",), (1,)),
 }
-TEXT_OUTPUT, EMBEDDINGS = "text_output", "embeddings"
+TEXT_OUTPUT, EMBEDDINGS, LOGPROBS_OUTPUT = "text_output", "embeddings", "logprobs"
 
 # how the values of each datatype travel: their contents field, and a raw item (BYTES: length-prefixed)
 CONTENTS = {"BYTES": "bytes_contents", "BOOL": "bool_contents", "INT32": "int_contents",
@@ -59,6 +59,10 @@ RAW: dict[str, np.dtype[Any]] = {"BOOL": np.dtype("u1"), "INT32": np.dtype("<i4"
 # sampling fields: the input or JSON key, and the GenerateRequest field's kind (for messages and JSON types)
 SAMPLING = {"max_tokens": "int32", "min_tokens": "int32", "temperature": "float", "top_p": "float",
             "top_k": "int32", "seed": "uint64", "stop": "strings", "ignore_eos": "bool"}
+# sampling_parameters only, with the names vLLM's SamplingParams (and so Triton's vLLM backend) gives them
+SCORING = {"logprobs": "int32", "repetition_penalty": "float", "frequency_penalty": "float",
+           "presence_penalty": "float", "min_p": "float", "logit_bias": "bias"}
+KINDS = {**SAMPLING, **SCORING}
 
 
 # ---- tensors in ---------------------------------------------------------------------------------------
@@ -199,9 +203,9 @@ def sampling_json(tensor: Tensor) -> dict[str, Any]:
         raise InvalidArgument("sampling_parameters must be a JSON object")
     out: dict[str, Any] = {}
     for key, value in data.items():
-        kind = SAMPLING.get(key)
+        kind = KINDS.get(key)
         if kind is None:
-            raise InvalidArgument(f"sampling_parameters: unknown key {shown(key)}; known: {', '.join(SAMPLING)}")
+            raise InvalidArgument(f"sampling_parameters: unknown key {shown(key)}; known: {', '.join(KINDS)}")
         if value is None:
             continue
         if kind == "strings" and isinstance(value, str):
@@ -210,10 +214,13 @@ def sampling_json(tensor: Tensor) -> dict[str, Any]:
               "uint64": isinstance(value, int) and not isinstance(value, bool),
               "float": isinstance(value, int | float) and not isinstance(value, bool),
               "bool": isinstance(value, bool),
-              "strings": isinstance(value, list) and all(isinstance(s, str) for s in value)}[kind]
+              "strings": isinstance(value, list) and all(isinstance(s, str) for s in value),
+              "bias": isinstance(value, dict) and all(_is_id(k) and isinstance(b, int | float)
+                                                      and not isinstance(b, bool) for k, b in value.items())}[kind]
         if not ok:
             expected = {"int32": "an integer", "uint64": "an integer", "float": "a number", "bool": "true or false",
-                        "strings": "a string or a list of strings"}[kind]
+                        "strings": "a string or a list of strings",
+                        "bias": 'an object of token id -> bias ({"50256": -100})'}[kind]
             raise InvalidArgument(f"sampling_parameters.{key} must be {expected}, got {shown(json.dumps(value))}")
         out[key] = value
     return out
@@ -223,10 +230,17 @@ def sampling_json(tensor: Tensor) -> dict[str, Any]:
 BOUNDS = {"int32": (-2**31, 2**31 - 1), "uint64": (0, 2**64 - 1)}
 
 
+def _is_id(key: str) -> bool:
+    return key.lstrip("-").isdigit() and -2**63 <= int(key) < 2**63
+
+
 def fitted(key: str, value: Any) -> Any:
     """`value` as the native request's field would hold it: an integer within its bounds, a float rounded to
     float32 (the native field's type; overflowing to infinity, which the core refuses)."""
-    kind = SAMPLING[key]
+    kind = KINDS[key]
+    if kind == "bias":
+        with np.errstate(over="ignore"):  # a bias past float32 is infinite, which the core refuses
+            return tuple(sorted((int(k), float(np.float32(b))) for k, b in value.items()))
     if kind in BOUNDS:
         low, high = BOUNDS[kind]
         if not low <= value <= high:

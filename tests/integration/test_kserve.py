@@ -200,6 +200,27 @@ def test_streamed_and_whole_generations_equal_the_sdks_greedy_text(cluster, clie
     assert client.infer("tok", batched).as_numpy("text_output").shape == (1, 1)
 
 
+def test_logprobs_penalties_and_bias_in_sampling_parameters_equal_the_sdks(cluster, client):
+    """Named as vLLM's SamplingParams names them (Triton's vLLM backend passes them on); the log probabilities come
+    back in an output of their own, as JSON."""
+    _, sdk = cluster
+    params = dict(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2, min_p=0.05)
+    expected = sdk.generate(PROMPT, model="tok", **GREEDY, logprobs=2, logit_bias={13: -100.0}, **params)
+    sampling = json.dumps({**GREEDY, **params, "logprobs": 2, "logit_bias": {"13": -100}}).encode()
+    result = client.infer("tok", [text_input(PROMPT), scalar("sampling_parameters", sampling, "BYTES", object)])
+    assert text_of(result) == expected.text
+    scores = json.loads(result.as_numpy("logprobs")[0])
+    assert [t["token_id"] for t in scores] == expected.token_ids
+    assert [t["logprob"] for t in scores] == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-6)
+    # the model's own likeliest (the penalties changed which one was picked, not these)
+    assert all(len(t["top"]) == 2 and t["top"][0]["logprob"] >= t["top"][1]["logprob"] >= -1e9 for t in scores)
+    plain = sdk.generate(PROMPT, model="tok", **GREEDY)
+    assert plain.text != expected.text  # the penalties changed the answer
+    with pytest.raises(InferenceServerException, match="logit_bias must be an object of token id"):
+        client.infer("tok", [text_input(PROMPT), scalar("sampling_parameters", b'{"logit_bias": [1]}', "BYTES",
+                                                        object)])
+
+
 def test_requests_on_one_stream_run_together_and_a_cancelled_stream_frees_them(cluster, client):
     coordinator, sdk = cluster
     prompts = {"a": PROMPT, "b": "Once upon a time", "c": "def add(a, b):"}
