@@ -144,8 +144,8 @@ class Resuming:
         already (the last message arrived, the status did not), or the error to raise."""
         if self.result.finish_reason:
             return None
-        if self.call.request.n > 1:  # several choices are not resumed: the error is the caller's to see
-            raise from_rpc_error(err)
+        if self.call.request.n > 1 or self.call.request.tools:  # not resumed (several choices; a call's text
+            raise from_rpc_error(err)                             # half read): the error is the caller's
         code, details = err.code(), err.details() or ""
         if self.broke and code == grpc.StatusCode.DEADLINE_EXCEEDED:
             raise self.gone(details)

@@ -62,6 +62,12 @@ async def checked_item(fleet: Fleet, default_model: str, item: Any, where: str) 
     try:
         if kind == "generate":
             g = stored.generate
+            unsupported = [name for name, on in (("n", g.n > 1), ("tools", bool(g.tools)),
+                                                 ("logprobs", g.HasField("logprobs")),
+                                                 ("prompt_logprobs", g.HasField("prompt_logprobs"))) if on]
+            if unsupported:  # a job's result holds one text and its ids
+                raise InvalidArgument(f"{unsupported[0]} is not taken in a job's items (a result is one text and "
+                                      "its token ids): send it as a Generate call")
             g.model = g.model or default_model
             deployment, plan = await plan_generation(fleet, generation_request(g))
             if plan.sampling.temperature != 0 and not g.HasField("seed"):

@@ -18,8 +18,8 @@ Generate models (task generate), as Triton's LLM backends (vLLM, TensorRT-LLM) t
   (which Triton's vLLM backend passes on) name them, logprobs (k), repetition_penalty, frequency_penalty,
   presence_penalty, min_p and logit_bias ({"token id": bias}): the native API's meaning and checks.
 - output: text_output BYTES, shape [1] (or [1, 1] when text_input was [1, 1]); with logprobs, also logprobs
-  BYTES [1]: JSON, for each token of the response's text, {token_id, token, logprob, top: [{token_id, token,
-  logprob}, ...]}.
+  BYTES [1]: JSON, for each token of the response's text (and, on the last, the token that ended it),
+  {token_id, token, logprob, top: [{token_id, token, logprob}, ...]}.
 - ModelInfer answers the whole text. ModelStreamInfer answers one response per piece of text when the
   request asks to stream (the request parameter `stream` = true, or the input `stream` = true), else one
   response with the whole text. Every stream response carries the parameter `triton_final_response`, true

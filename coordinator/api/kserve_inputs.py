@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -216,7 +217,8 @@ def sampling_json(tensor: Tensor) -> dict[str, Any]:
               "bool": isinstance(value, bool),
               "strings": isinstance(value, list) and all(isinstance(s, str) for s in value),
               "bias": isinstance(value, dict) and all(_is_id(k) and isinstance(b, int | float)
-                                                      and not isinstance(b, bool) for k, b in value.items())}[kind]
+                                                      and not isinstance(b, bool) and -1e9 < b < 1e9
+                                                      for k, b in value.items())}[kind]
         if not ok:
             expected = {"int32": "an integer", "uint64": "an integer", "float": "a number", "bool": "true or false",
                         "strings": "a string or a list of strings",
@@ -231,7 +233,7 @@ BOUNDS = {"int32": (-2**31, 2**31 - 1), "uint64": (0, 2**64 - 1)}
 
 
 def _is_id(key: str) -> bool:
-    return key.lstrip("-").isdigit() and -2**63 <= int(key) < 2**63
+    return re.fullmatch(r"-?[0-9]{1,19}", key) is not None and -2**63 <= int(key) < 2**63
 
 
 def fitted(key: str, value: Any) -> Any:

@@ -80,7 +80,10 @@ class Body:
 
     def number(self, name: str) -> float | None:
         value = self._typed(name, lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number")
-        return None if value is None else float(value)
+        try:
+            return None if value is None else float(value)
+        except OverflowError:  # an integer past any float: no field takes it
+            raise invalid(f"{name} is out of range", name) from None
 
     def integer(self, name: str, low: int = -INT32, high: int = INT32 - 1) -> int | None:
         """An integer field; `low`..`high` is what the gRPC field can carry (the coordinator checks the
@@ -235,8 +238,9 @@ def _logit_bias(value: Any) -> dict[int, float]:
             token = int(key)
         except ValueError:
             raise invalid(f"logit_bias keys must be token ids, got {key[:20]!r}", "logit_bias") from None
-        if not -(2**63) <= token < 2**63 or isinstance(bias, bool) or not isinstance(bias, int | float):
-            raise invalid(f"logit_bias[{key[:20]!r}] must be a number for a token id", "logit_bias")
+        if not -(2**63) <= token < 2**63 or isinstance(bias, bool) or not isinstance(bias, int | float) \
+                or not -1e9 < bias < 1e9:
+            raise invalid(f"logit_bias[{key[:20]!r}] must be a number (-100 to 100) for a token id", "logit_bias")
         out[token] = float(bias)
     return out
 

@@ -32,9 +32,15 @@ async def run_choices(scheduler: Scheduler, text: TokenModel, plans: list[Plan],
                       token_wait_s: float = TOKEN_WAIT_S, share: str = "") -> AsyncGenerator[Piece, None]:
     """Every choice's pieces as they come, each marked with its `index` (and its seed, on its first piece).
     A choice that fails fails the request; the others then leave the batch too."""
-    first = submit(scheduler, text, plans[0], session_id, background, trace, tenant, share)
-    streams = [first] + [submit(scheduler, text, p, f"{session_id}.c{i}", background, trace, tenant, share,
-                                fork_of=first) for i, p in enumerate(plans[1:], start=1)]
+    streams = [submit(scheduler, text, plans[0], session_id, background, trace, tenant, share)]
+    try:
+        for i, p in enumerate(plans[1:], start=1):
+            streams.append(submit(scheduler, text, p, f"{session_id}.c{i}", background, trace, tenant, share,
+                                  fork_of=streams[0]))
+    except BaseException:  # the queue is full for a later choice: the earlier ones leave at once
+        for stream in streams:
+            stream.cancel()
+        raise
     gens = [produce(s, text, p, token_wait_s) for s, p in zip(streams, plans, strict=True)]
     started = [False] * len(gens)
     pending: dict[asyncio.Future[Piece], int] = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens)}

@@ -47,9 +47,13 @@ def allowed(piece: Slice) -> bytes:
     """Structured output: the tokens the slice's sample may take, when that sample is the stream's next token
     (the slice feeds the rest of what is pending: not a prompt chunk before the last)."""
     stream = piece.stream
-    if stream.constraint is None or len(stream.pending) != piece.tokens:
+    if stream.constraint is None or len(stream.pending) != piece.tokens or stream.done:
         return b""
-    return stream.constraint.mask()
+    try:
+        return stream.constraint.mask()
+    except ShardlineError as exc:  # its grammar failed (a limit met mid-stream): that stream ends, alone
+        stream.stop(exc)
+        return b""
 
 
 def token_score(t: worker_pb2.ScoredToken) -> TokenScore:

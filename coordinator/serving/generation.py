@@ -21,8 +21,17 @@ from coordinator.serving.constraints import Constraint, GrammarKind, Structure, 
 from coordinator.serving.driver import Scheduler
 from coordinator.serving.streams import TOKEN_WAIT_S, Sampling, Stream, StreamState
 from coordinator.serving.textmodel import TextStream, TokenModel
-from coordinator.serving.tools import CallStream, Tool, ToolCall, check_tools, forced_grammar, template_tools
-from shardline.errors import InvalidArgument, Unavailable
+from coordinator.serving.tools import (
+    CallStream,
+    Tool,
+    ToolCall,
+    check_schemas,
+    check_tools,
+    forced_grammar,
+    template_tools,
+    tools_bytes,
+)
+from shardline.errors import Internal, InvalidArgument, Unavailable
 from shardline.scores import TokenScore
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
@@ -30,6 +39,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 # (greedy-like); a subnormal one is refused
 MIN_TOP_P = 1.1754944e-38
 MAX_MODEL_NAME_CHARS = 128  # as the store's names (coordinator/store/models.py)
+MAX_PROMPT_SCORES = 262_144  # prompt tokens x (1 + prompt_logprobs): one answer's size stays bounded
 
 
 class FinishReason(StrEnum):
@@ -170,9 +180,10 @@ def check_parameters(req: GenerationRequest, config: CoordinatorConfig) -> None:
     if len(req.stop) > config.max_stop_sequences:
         raise InvalidArgument(f"stop holds {len(req.stop)} sequences; the limit is {config.max_stop_sequences} "
                               "(max_stop_sequences)")
-    size = utf8_bytes(req.prompt) + sum(utf8_bytes(m[1]) for m in req.messages)
+    size = utf8_bytes(req.prompt) + sum(utf8_bytes(m[1]) for m in req.messages) + tools_bytes(req.tools) + sum(
+        utf8_bytes(c.arguments) + len(c.name) for m in req.messages for c in Turn(*m).tool_calls)
     if size > config.max_prompt_bytes:
-        name = "prompt" if req.prompt else "messages (their contents together)"
+        name = "prompt" if req.prompt else "messages (their contents, calls and tools together)"
         raise InvalidArgument(f"{name} is {size} bytes; the limit is {config.max_prompt_bytes} (max_prompt_bytes)")
     for i, s in enumerate(req.stop):
         if not s:
@@ -253,6 +264,7 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
             raise InvalidArgument(f"prompt_token_ids[{bad}] is {ids[bad]}, outside the model's vocabulary "
                                   f"[0, {text.vocab_size})")
     else:
+        check_schemas(req.tools)
         offered = template_tools(req.tools) if req.tools and req.tool_choice != "none" else None
         ids = text.encode_chat([Turn(*m) for m in req.messages], offered) if req.messages else text.encode(req.prompt)
     vocab = text.vocab_size or 2**31
@@ -270,6 +282,9 @@ def prepare(req: GenerationRequest, text: TokenModel, config: CoordinatorConfig)
     if len(ids) > config.max_prompt_tokens:
         raise InvalidArgument(f"prompt is {len(ids)} tokens; the limit is {config.max_prompt_tokens} "
                               "(max_prompt_tokens)")
+    if req.prompt_logprobs is not None and len(ids) * (req.prompt_logprobs + 1) > MAX_PROMPT_SCORES:
+        raise InvalidArgument(f"prompt_logprobs: {len(ids)} prompt tokens x {req.prompt_logprobs + 1} scores is "
+                              f"more than {MAX_PROMPT_SCORES}; ask for fewer likeliest tokens or a shorter prompt")
     max_tokens_limit = config.max_tokens_limit
     if req.max_tokens is not None:
         max_tokens = req.max_tokens
@@ -417,8 +432,11 @@ def scores_of(stream: Stream, taken: int, text: TokenModel, new: bool) -> Scored
         out["logprobs"] = [logprob(stream.scores[taken - 1], text)]
     if s.prompt_logprobs is not None and taken == 1 and new:
         first = stream.ids[0]
+        missing = next((p for p in range(1, s.prompt_tokens) if p not in stream.prompt_scores), None)
+        if missing is not None:  # a gap would shift every later entry: never answered
+            raise Internal(f"the prompt's log probability at position {missing} did not come back")
         out["prompt_logprobs"] = [Logprob(first, text.token_text(first), None)] + [
-            logprob(stream.prompt_scores[p], text) for p in range(1, s.prompt_tokens) if p in stream.prompt_scores]
+            logprob(stream.prompt_scores[p], text) for p in range(1, s.prompt_tokens)]
     return out
 
 

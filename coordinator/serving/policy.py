@@ -384,16 +384,17 @@ class SchedulingPolicy:
     def prepare(self, group: int) -> bool:
         """Between two of the group's steps: drop its finished streams (their caches are ended on every
         stage), admit waiting streams; True when the group has streams to step."""
-        # a choice that finished is kept (its cache held) while a sibling waits to start as a copy of it
-        sources = {id(s.fork_of) for g in (*self.groups, self.waiting, self.background) for s in g
-                   if s.fork_of and not s.done}
+        # a choice that finished is kept (its cache held) while an admitted sibling waits to start as a copy of
+        # it; a sibling still queued does not hold it (kept choices would fill the slots it waits for): it
+        # prefills on its own
+        sources = {id(s.fork_of) for g in self.groups for s in g if s.fork_of and not s.done}
         finished = [s for s in self.groups[group] if s.done and id(s) not in sources]
         if finished:
             # between this group's steps, so no step of theirs is still in the pipeline
-            self.groups[group] = [s for s in self.groups[group] if not s.done]
+            self.groups[group] = [s for s in self.groups[group] if not s.done or id(s) in sources]
             self._end([s.session_id for s in finished], sum(s.blocks for s in finished))
             for stream in finished:
-                stream.blocks = 0
+                stream.blocks, stream.released = 0, True
         self.admit()
         return bool(self.groups[group])
 
@@ -448,8 +449,8 @@ class SchedulingPolicy:
         only the prompt's last id (to sample its own first token). Returns the session to copy; None: wait; "":
         the sibling ended, so the choice prefills on its own."""
         sibling, prompt = stream.fork_of, len(stream.pending)
-        if sibling is None or sibling.state in (StreamState.FAILED, StreamState.CANCELLED) or prompt < 2 \
-                or stream.done:
+        if sibling is None or sibling.state in (StreamState.FAILED, StreamState.CANCELLED) or sibling.released \
+                or prompt < 2 or stream.done:
             stream.fork_of = None
             return ""
         if sibling.state not in (StreamState.RUNNING, StreamState.FINISHED) or sibling.position < prompt \

@@ -99,6 +99,7 @@ class Stream:
     vstart: float = 0.0  # its virtual start tag in the fair queue (policy.py `_fair_insert`)
     constraint: Constraint | None = None  # structured output: what it may produce next (serving/constraints.py)
     fork_of: Stream | None = None  # another choice of the same prompt: it starts as a copy of that one's cache
+    released: bool = False  # finished, and its caches ended on every stage (no sibling can copy them)
     scores: list[TokenScore] = field(default_factory=list)  # each produced token's log probabilities (asked)
     prompt_scores: dict[int, TokenScore] = field(default_factory=dict)  # the prompt's, by position (asked)
 

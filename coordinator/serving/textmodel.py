@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from coordinator.serving.stops import StopMatcher
 from shardline.errors import FailedPrecondition, InvalidArgument
 
@@ -92,8 +94,12 @@ class TextModel(TokenModel):
             if m.tool_call_id:
                 turn["tool_call_id"] = m.tool_call_id
             conversation.append(turn)
-        ids = self.tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
-                                                 tokenize=True)
+        try:
+            ids = self.tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
+                                                     tokenize=True)
+        except jinja2.TemplateError as exc:  # the template's own rule (roles in order, one call, ...)
+            raise InvalidArgument(f"messages: model {self.name!r}'s chat template refuses them: "
+                                  f"{str(exc)[:200]}") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def encode_batch(self, texts: list[str], max_tokens: int, truncate: bool = False) -> tuple[list[list[int]], int]:

@@ -57,13 +57,22 @@ def check_tools(tools: tuple[Tool, ...], choice: str) -> None:
             raise InvalidArgument(f"tools[{i}].parameters is not JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise InvalidArgument(f"tools[{i}].parameters must be a JSON schema object")
-        error = schema_error(schema)
-        if error:
-            raise InvalidArgument(f"tools[{i}].parameters is not a JSON schema this server can follow: {error}")
     if choice not in ("", "auto", "none", "required") and choice not in names:
         raise InvalidArgument(f"tool_choice {choice[:64]!r} is not auto, none, required or the name of one of tools")
     if choice == "required" and not tools:
         raise InvalidArgument("tool_choice is required, but tools is empty")
+
+
+def check_schemas(tools: tuple[Tool, ...]) -> None:
+    """Each tool's parameters compile with llguidance (compute: off the event loop, in `prepare`)."""
+    for i, t in enumerate(tools):
+        error = schema_error(json.loads(t.parameters))
+        if error:
+            raise InvalidArgument(f"tools[{i}].parameters is not a JSON schema this server can follow: {error}")
+
+
+def tools_bytes(tools: tuple[Tool, ...]) -> int:
+    return sum(len(t.name) + len(t.description.encode()) + len(t.parameters.encode()) for t in tools)
 
 
 def template_tools(tools: tuple[Tool, ...]) -> list[dict[str, Any]]:

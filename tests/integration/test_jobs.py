@@ -185,6 +185,10 @@ def test_bad_jobs_are_refused_whole_with_the_line(cluster, tmp_path):
             items_from_jsonl('{"prompt": "a"}\n{"prompt": "a", "max_token": 3}')
         with pytest.raises(InvalidArgument, match="line 1 \\(item 0\\): .*nope"):
             client.submit_job(items_from_jsonl('{"prompt_token_ids": [1], "model": "nope"}'))
+        with pytest.raises(InvalidArgument, match="item 0: n is not taken in a job's items"):
+            client.submit_job([{"prompt_token_ids": [1, 2], "n": 2}], model="tiny-llama")
+        with pytest.raises(InvalidArgument, match="item 0: logprobs is not taken in a job's items"):
+            client.submit_job([{"prompt_token_ids": [1, 2], "logprobs": 1}], model="tiny-llama")
         with pytest.raises(InvalidArgument, match="item 0: prompt is empty"):
             client.submit_job([{"max_tokens": 3}], model="tiny-llama")
         with pytest.raises(InvalidArgument, match="no items"):

@@ -213,7 +213,9 @@ def test_logprobs_penalties_and_bias_in_sampling_parameters_equal_the_sdks(clust
     assert [t["token_id"] for t in scores] == expected.token_ids
     assert [t["logprob"] for t in scores] == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-6)
     # the model's own likeliest (the penalties changed which one was picked, not these)
-    assert all(len(t["top"]) == 2 and t["top"][0]["logprob"] >= t["top"][1]["logprob"] >= -1e9 for t in scores)
+    assert all(len(t["top"]) == 2 and 0 >= t["top"][0]["logprob"] >= t["top"][1]["logprob"] for t in scores)
+    unpenalized = sdk.generate(PROMPT, model="tok", max_tokens=1, temperature=0, logprobs=2)
+    assert scores[0]["top"][0]["token_id"] == unpenalized.logprobs[0].top[0][0]  # the model's own, unchanged
     plain = sdk.generate(PROMPT, model="tok", **GREEDY)
     assert plain.text != expected.text  # the penalties changed the answer
     with pytest.raises(InferenceServerException, match="logit_bias must be an object of token id"):
@@ -324,6 +326,12 @@ BAD = [
              raw_input_contents=[PROMPT_RAW, raw_bytes(b"{not json")]), "sampling_parameters is not JSON"),
     (request(inputs=[TEXT, tensor("sampling_parameters", "BYTES", [1])],
              raw_input_contents=[PROMPT_RAW, raw_bytes(b'{"n": 2}')]), "sampling_parameters: unknown key 'n'"),
+    (request(inputs=[TEXT, tensor("sampling_parameters", "BYTES", [1])],
+             raw_input_contents=[PROMPT_RAW, raw_bytes(b'{"logit_bias": {"--5": 1}}')]),
+     "sampling_parameters.logit_bias must be an object of token id"),
+    (request(inputs=[TEXT, tensor("sampling_parameters", "BYTES", [1])],
+             raw_input_contents=[PROMPT_RAW, raw_bytes(b'{"logit_bias": {"5": 1e400}}')]),
+     "sampling_parameters.logit_bias must be an object of token id"),
     (request(inputs=[TEXT, tensor("sampling_parameters", "BYTES", [1])],
              raw_input_contents=[PROMPT_RAW, raw_bytes(b'{"max_tokens": "5"}')]), "sampling_parameters.max_tokens"),
     (request(inputs=[TEXT, tensor("sampling_parameters", "BYTES", [1])],

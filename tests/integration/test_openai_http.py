@@ -214,6 +214,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output", "left out of the text"),
     ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty must be in (0, 10]"),
     ({"min_p": 1.5}, "min_p", "min_p must be between 0 and 1"),
+    ({"min_p": 10**400}, "min_p", "min_p is out of range"),
     ({"stop_token_ids": [1, "x"]}, "stop_token_ids", "stop_token_ids must be an array of token ids"),
     ({"stop_token_ids": [10**6]}, "stop_token_ids", "stop_token_ids[0] is 1000000, outside the model's vocabulary"),
 ])

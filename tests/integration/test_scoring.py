@@ -119,13 +119,10 @@ def test_penalties_without_the_slices_ids_are_refused_naming_them(chain):
 
 
 def test_a_fork_copies_its_parents_prompt_and_samples_as_a_whole_prefill_would(chain):
-    from tests.helpers import worker_stub
-
     prompt = [5, 17, 3, 99, 42, 7, 1, 8, 9, 10, 11]
     sampled = dict(temperature=1.3, seed=21)
     whole, _ = run(chain, "fork-whole", prompt, 6, **sampled)
     run(chain, "fork-parent", prompt, 1, seed=20, temperature=1.3)
-    prefill = [worker_stub(a).GetStatus(worker_pb2.GetStatusRequest()).metrics.prefill_tokens for a in chain.addresses]
     piece = seq("fork-child", len(prompt) - 1, 1, **sampled)
     piece.fork_from = "fork-parent"
     response = chain.step([piece], prompt[-1:])
@@ -134,9 +131,7 @@ def test_a_fork_copies_its_parents_prompt_and_samples_as_a_whole_prefill_would(c
     while len(out) < 6:
         response = chain.step([seq("fork-child", len(prompt) + len(out) - 1, 1, **sampled)], out[-1:])
         out.append(response.token_ids[0])
-    assert out == whole  # the copied prompt is the computed one
-    after = [worker_stub(a).GetStatus(worker_pb2.GetStatusRequest()).metrics.prefill_tokens for a in chain.addresses]
-    assert after == prefill  # the fork computed no prompt chunk
+    assert out == whole  # the copied prompt is the computed one (test_choices counts the prefill saved)
     gone = seq("fork-orphan", len(prompt) - 1, 1)
     gone.fork_from = "no-such-session"
     assert "fork_from" in error_of(chain.step([gone], prompt[-1:])).message

@@ -128,7 +128,13 @@ def test_a_json_object_a_regex_and_a_grammar_are_followed(cluster):
             assert answer.text in ("yes", "no", "maybe later")
         greedy = client.generate("Phone:", max_tokens=40, temperature=0, regex=r"[0-9]{6}", logprobs=1)
         assert re.fullmatch(r"[0-9]{6}", greedy.text)
-        assert all(lp.logprob <= 0 for lp in greedy.logprobs)  # the model's own log probabilities, unmasked
+        # the model's own log probabilities, unmasked: those of the same ids fed as a prompt, scored freely
+        ids = client.generate("Phone:", max_tokens=1, temperature=0, prompt_logprobs=0)
+        free = client.generate(ids.prompt_logprobs and [t.token_id for t in ids.prompt_logprobs] + greedy.token_ids,
+                               max_tokens=1, temperature=0, prompt_logprobs=0)
+        tail = [t.logprob for t in free.prompt_logprobs[-len(greedy.token_ids):]]
+        assert [t.logprob for t in greedy.logprobs[:len(greedy.token_ids)]] == pytest.approx(tail, abs=1e-4)
+        assert sum(tail) < -1.0  # a mask's renormalized scores would be near 0 for such forced digits
 
 
 @pytest.mark.parametrize(("params", "words"), [

@@ -574,3 +574,36 @@ def test_a_steps_token_budget_reaches_a_quiet_callers_prefill_beside_a_busy_call
              share="A"), Stream("j", [1], Sampling(), 1, frozenset(), background=True),
              Stream("b1", [1], Sampling(), 1, frozenset(), share="B")]
     assert [s.request_id for s in interleaved(mixed)] == ["a1", "b1", "a2", "j"]
+
+
+def test_a_choice_starts_as_a_copy_of_its_siblings_prefill_and_the_kept_sibling_is_ended_once_copied():
+    h = Harness(groups=1, blocks=64, block_tokens=4, max_active=4)
+    ended: list[str] = []
+    record = h.effects.end_sessions
+    h.effects.end_sessions = lambda release: (ended.extend(release.sessions), record(release))  # type: ignore[method-assign]
+    first = h.submit("a", 8, 1)
+    other = h.submit("c", 3, 1)  # finishes in the same step as the first choice
+    copy = h.submit("b", 8, 3, fork_of=first)
+    plan = h.step()
+    assert {p.stream.request_id for p in plan.slices} == {"a", "c"}  # the copy waits for the prompt's cache
+    assert first.done and other.done
+    plan = h.step()  # the finished first choice is kept: its copy starts from it
+    (piece,) = [p for p in plan.slices if p.stream is copy]
+    assert (piece.fork_from, piece.position, piece.ids) == ("a", 7, (prompt_ids(8)[-1],))
+    assert ended == ["c"]  # c ended at once, a kept
+    h.run()
+    assert sorted(ended) == ["a", "b", "c"]  # each ended once
+    assert h.policy.kv.held == 0 and h.policy.kv.releasing == 0
+    assert received(copy)[0] == [token("b", 8 + k) for k in range(3)]
+
+
+def test_a_queued_choice_does_not_hold_its_finished_sibling_it_prefills_on_its_own():
+    """With one slot, the first choice finishes while its copy still waits in the queue: keeping it would hold
+    the slot the copy waits for; it is ended, and the copy prefills its whole prompt."""
+    h = Harness(groups=1, blocks=64, block_tokens=4, max_active=1)
+    first = h.submit("a", 8, 2)
+    copy = h.submit("b", 8, 2, fork_of=first)
+    h.run()
+    assert received(first)[0] == [token("a", 8), token("a", 9)]
+    assert received(copy)[0] == [token("b", 8), token("b", 9)] and copy.state is StreamState.FINISHED
+    assert h.policy.kv.held == 0
