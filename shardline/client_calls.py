@@ -217,22 +217,12 @@ def generate_request(prompt: str | Sequence[int] = "", messages: Sequence[Messag
                                               regex=regex, grammar=grammar, tools=[tool_proto(t) for t in tools], n=n,
                                               tool_choice=tool_choice if isinstance(tool_choice, str)
                                               else str(tool_choice.get("function", {}).get("name", "")))
-    if logprobs is not None:
-        request.logprobs = logprobs
-    if prompt_logprobs is not None:
-        request.prompt_logprobs = prompt_logprobs
-    if repetition_penalty is not None:
-        request.repetition_penalty = repetition_penalty
-    if min_tokens is not None:
-        request.min_tokens = min_tokens
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if temperature is not None:
-        request.temperature = temperature
-    if top_p is not None:
-        request.top_p = top_p
-    if seed is not None:
-        request.seed = seed
+    optional = {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "repetition_penalty": repetition_penalty,
+                "min_tokens": min_tokens, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                "seed": seed}
+    for name, value in optional.items():  # proto3 optional fields: unset unless given
+        if value is not None:
+            setattr(request, name, value)
     return request
 
 

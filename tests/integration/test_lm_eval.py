@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 import torch
 
 from coordinator.api.http_launch import settings_beside, start_gateway
-from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from shard_worker.server import start_worker
-from shardline.client import Client
-from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+from tests.clusters import registered
 
 ITEMS = [
     ("What is the capital of France?", ["Paris", "Berlin", "Madrid"], 0),
@@ -35,19 +31,10 @@ TASK = "shardline_mc"
 def gateway(loop, smollm2_store, parameters):
     config = CoordinatorConfig(store=smollm2_store.root, model="smollm2", workers=2, port=0, http_port=0,
                                parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000)
-    coordinator = loop.run(start_coordinator(config))
-    workers = [loop.run(start_worker()) for _ in range(2)]
-    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
-    for w in workers:
-        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
-    with Client(coordinator.address, timeout=120) as sdk:
-        sdk.wait_ready(timeout=120)
-    http = loop.run(start_gateway(settings_beside(config, coordinator.server.port)))
-    yield http.url
-    loop.run(http.stop())
-    for w in workers:
-        loop.run(w.stop(0))
-    loop.run(coordinator.stop())
+    with registered(loop, config, 2) as (coordinator, _):
+        http = loop.run(start_gateway(settings_beside(config, coordinator.server.port)))
+        yield http.url
+        loop.run(http.stop())
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,16 @@ import json
 import re
 import time
 
-import grpc
 import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
-from shard_worker.server import start_worker
 from shardline.client import AsyncClient, Client
 from shardline.errors import InvalidArgument
-from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
+from shardline.v1 import worker_pb2
 from tests.chaos import streams
+from tests.clusters import registered, text_llama
 from tests.helpers import worker_stub
 
 MODEL = "sg-llama"
@@ -35,28 +33,11 @@ PROMPTS = [f"Describe person number {i} as JSON:" for i in range(100)]
 def cluster(loop, store, parameters, tmp_path_factory):
     """A small random Llama that speaks text (SmolLM2's tokenizer) on 2 workers: what it writes is noise, so
     only the grammar makes it valid."""
-    from coordinator.store.importer import builtin_gguf, import_random, random_config
-
-    if not store.has(MODEL):
-        gguf = builtin_gguf()
-        tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tokenizer_dir)
-        import_random(store, MODEL, random_config("llama", hidden=64, layers=2, heads=4, vocab=49152,
-                                                  positions=4096, bos_token_id=1, eos_token_id=2), seed=11,
-                      tokenizer_dir=tokenizer_dir)
+    text_llama(store, MODEL, tmp_path_factory, seed=11)
     config = CoordinatorConfig(store=store.root, model=MODEL, workers=2, port=0, max_tokens_limit=4096,
                                parameters_address=parameters.address, heartbeat_timeout_ms=3_600_000)
-    coordinator = loop.run(start_coordinator(config))
-    workers = [loop.run(start_worker()) for _ in range(2)]
-    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
-    for w in workers:
-        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
-    with Client(coordinator.address, timeout=120) as sdk:
-        sdk.wait_ready(timeout=120)
-    yield coordinator, workers
-    for w in workers:
-        loop.run(w.stop(0))
-    loop.run(coordinator.stop())
+    with registered(loop, config, 2) as running:
+        yield running
 
 
 def valid(text: str) -> dict:

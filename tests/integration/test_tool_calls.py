@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import jsonschema
 import openai
 import pytest
 
 from coordinator.api.http_launch import settings_beside, start_gateway
-from coordinator.api.server import start_coordinator
 from coordinator.config import CoordinatorConfig
 from coordinator.serving.tools import CallStream
-from shard_worker.server import start_worker
-from shardline.client import Client
-from shardline.v1 import coordinator_pb2, coordinator_pb2_grpc
+from tests.clusters import registered, text_llama
 
 MODEL, PLAIN = "tool-llama", "plain-llama"
 TEMPLATE = """{%- if tools %}<|im_start|>system
@@ -65,37 +61,15 @@ ASK = [{"role": "user", "content": "What will the weather be in Paris?"}]
 
 @pytest.fixture(scope="module")
 def gateway(loop, store, parameters, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from coordinator.store.importer import builtin_gguf, import_random, random_config
-
-    gguf = builtin_gguf()
-    for name, template in ((MODEL, TEMPLATE), (PLAIN, None)):
-        if not store.has(name):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            if template:
-                tokenizer.chat_template = template
-            tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-            tokenizer.save_pretrained(tokenizer_dir)
-            import_random(store, name, random_config("llama", hidden=64, layers=2, heads=4, vocab=49152,
-                                                     positions=4096, bos_token_id=1, eos_token_id=2), seed=13,
-                          tokenizer_dir=tokenizer_dir)
+    text_llama(store, MODEL, tmp_path_factory, seed=13, template=TEMPLATE)
+    text_llama(store, PLAIN, tmp_path_factory, seed=13)
     config = CoordinatorConfig(store=store.root, port=0, http_port=0, parameters_address=parameters.address,
                                deployments=[{"name": MODEL, "workers": 1}, {"name": PLAIN, "workers": 1}],
                                heartbeat_timeout_ms=3_600_000)
-    coordinator = loop.run(start_coordinator(config))
-    workers = [loop.run(start_worker()) for _ in range(2)]
-    registry = coordinator_pb2_grpc.WorkerRegistryStub(grpc.insecure_channel(coordinator.address))
-    for w in workers:
-        registry.RegisterWorker(coordinator_pb2.RegisterWorkerRequest(address=w.address, memory_budget_bytes=2**30))
-    with Client(coordinator.address, timeout=120) as sdk:
-        sdk.wait_ready(timeout=120)
-    http = loop.run(start_gateway(settings_beside(config, coordinator.server.port)))
-    yield http.url
-    loop.run(http.stop())
-    for w in workers:
-        loop.run(w.stop(0))
-    loop.run(coordinator.stop())
+    with registered(loop, config, 2) as (coordinator, _):
+        http = loop.run(start_gateway(settings_beside(config, coordinator.server.port)))
+        yield http.url
+        loop.run(http.stop())
 
 
 @pytest.fixture(scope="module")
